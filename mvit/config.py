@@ -1,0 +1,251 @@
+"""Typed model configuration.
+
+A preset is written in the compact stage grammar of pySlowFast (``DIM_MUL``, ``HEAD_MUL``,
+``POOL_Q_STRIDE``, ``POOL_KV_STRIDE_ADAPTIVE``, ``POOL_KVQ_KERNEL``) as an :class:`MViTConfig`;
+:meth:`MViTConfig.block_specs` expands it into one explicit :class:`BlockSpec` per block (as
+torchvision's ``MSBlockConfig``), which is all the model reads. The expansion reproduces the
+reference code's arithmetic exactly (``round_width``, the adaptive K/V stride rule, floor
+division of the grid at Q-pooling blocks), so that parameter shapes match its checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+Triple = tuple[int, int, int]
+PoolMode = Literal["conv", "avg", "max"]
+
+
+def round_width(width: float, multiplier: float, min_width: int = 1, divisor: int = 1) -> int:
+    """pySlowFast's channel rounding: nearest multiple of ``divisor``, never below 90%."""
+    if not multiplier:
+        return int(width)
+    width *= multiplier
+    min_width = min_width or divisor
+    width_out = max(min_width, int(width + divisor / 2) // divisor * divisor)
+    if width_out < 0.9 * width:
+        width_out += divisor
+    return int(width_out)
+
+
+def _prod(values) -> int:
+    return math.prod(values)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Everything one MultiScaleBlock needs, explicit (no config lookups inside the model)."""
+
+    dim_in: int
+    dim_out: int
+    attn_dim: int  # dim_out with MViTv2's dim_mul_in_att, else dim_in
+    num_heads: int
+    kernel_q: Triple
+    stride_q: Triple
+    kernel_kv: Triple
+    stride_kv: Triple
+    input_thw: Triple  # token grid at the preset's input size (sizes the rel-pos tables)
+    drop_path: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.attn_dim // self.num_heads
+
+    @property
+    def pool_q(self) -> bool:
+        return _prod(self.kernel_q) > 1 or _prod(self.stride_q) > 1
+
+    @property
+    def pool_kv(self) -> bool:
+        return _prod(self.kernel_kv) > 1 or _prod(self.stride_kv) > 1
+
+    @property
+    def pool_skip(self) -> bool:
+        return _prod(self.stride_q) > 1
+
+    @property
+    def kernel_skip(self) -> Triple:
+        return tuple(s + 1 if s > 1 else s for s in self.stride_q)  # type: ignore[return-value]
+
+    @property
+    def padding_skip(self) -> Triple:
+        return tuple(k // 2 for k in self.kernel_skip)  # type: ignore[return-value]
+
+    @property
+    def padding_q(self) -> Triple:
+        return tuple(k // 2 for k in self.kernel_q)  # type: ignore[return-value]
+
+    @property
+    def padding_kv(self) -> Triple:
+        return tuple(k // 2 for k in self.kernel_kv)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class MViTConfig:
+    """A whole model in the reference repositories' stage grammar.
+
+    Block indices in ``dim_mul``, ``head_mul`` and ``pool_q_stride`` are 0-based block numbers,
+    as in pySlowFast's YAML files. All spatial triples are (t, h, w); image models use t = 1.
+    """
+
+    name: str = "custom"
+    num_classes: int = 400
+    input_size: Triple = (16, 224, 224)  # (frames, height, width)
+    in_chans: int = 3
+    patch_kernel: Triple = (3, 7, 7)
+    patch_stride: Triple = (2, 4, 4)
+    patch_padding: Triple = (1, 3, 3)
+    patch_2d: bool = False  # image models: Conv2d patch embedding, (B, C, H, W) input
+    embed_dim: int = 96
+    num_heads: int = 1
+    depth: int = 16
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    dim_mul: tuple[tuple[int, float], ...] = ((1, 2.0), (3, 2.0), (14, 2.0))
+    head_mul: tuple[tuple[int, float], ...] = ((1, 2.0), (3, 2.0), (14, 2.0))
+    pool_q_stride: tuple[tuple[int, int, int, int], ...] = ((1, 1, 2, 2), (3, 1, 2, 2), (14, 1, 2, 2))
+    pool_kvq_kernel: Optional[Triple] = (3, 3, 3)  # None: kernel = stride + 1 where stride > 1
+    pool_kv_stride_adaptive: Optional[Triple] = (1, 8, 8)
+    pool_kv_stride: tuple[tuple[int, int, int, int], ...] = ()  # explicit, when not adaptive
+    pool_mode: PoolMode = "conv"
+    cls_embed: bool = True
+    abs_pos: Literal["separate", "joint", "none"] = "separate"
+    rel_pos_spatial: bool = False
+    rel_pos_temporal: bool = False
+    rel_pos_zero_init: bool = False
+    residual_pooling: bool = False
+    dim_mul_in_att: bool = False
+    drop_path_rate: float = 0.2
+    head_dropout: float = 0.5
+    norm_eps: float = 1e-6
+    # Blocks whose K/V pooling is switched off even though the grammar gives it (old pySlowFast
+    # checkpoints built kernel = stride + 1, so stride-1 blocks had no K/V pooling; SlowFast#456).
+    no_kv_pool_blocks: tuple[int, ...] = ()
+
+    def replace(self, **changes) -> "MViTConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def patch_grid(self) -> Triple:
+        """Token grid after patch embedding at ``input_size``."""
+        return tuple(  # type: ignore[return-value]
+            (s + 2 * p - k) // st + 1
+            for s, k, st, p in zip(self.input_size, self.patch_kernel, self.patch_stride, self.patch_padding)
+        )
+
+    @property
+    def head_pool(self) -> str:
+        return "cls" if self.cls_embed else "mean"
+
+    def validate(self) -> None:
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+        for name in ("input_size", "patch_kernel", "patch_stride", "patch_padding"):
+            value = getattr(self, name)
+            if len(value) != 3:
+                raise ValueError(f"{name} must be a (t, h, w) triple, got {value!r}")
+        if self.patch_2d and (self.input_size[0] != 1 or self.patch_kernel[0] != 1 or self.patch_stride[0] != 1):
+            raise ValueError("patch_2d models need input_size, patch_kernel and patch_stride with t = 1")
+        if self.pool_mode not in ("conv", "avg", "max"):
+            raise ValueError(f"pool_mode must be 'conv', 'avg' or 'max', got {self.pool_mode!r}")
+        if self.abs_pos not in ("separate", "joint", "none"):
+            raise ValueError(f"abs_pos must be 'separate', 'joint' or 'none', got {self.abs_pos!r}")
+        for entry in list(self.dim_mul) + list(self.head_mul):
+            if not 0 <= entry[0] <= self.depth:
+                raise ValueError(f"dim_mul/head_mul block index {entry[0]} outside 0..{self.depth}")
+        for entry in list(self.pool_q_stride) + list(self.pool_kv_stride):
+            if not 0 <= entry[0] < self.depth or len(entry) != 4:
+                raise ValueError(f"pool stride entry {entry!r} must be (block < {self.depth}, t, h, w)")
+        if any(s < 1 for s in self.patch_grid):
+            raise ValueError(f"input_size {self.input_size} is too small for the patch embedding")
+
+    def block_specs(self) -> list[BlockSpec]:
+        """Expand the stage grammar into one explicit spec per block (pySlowFast's rules)."""
+        self.validate()
+        depth = self.depth
+        dim_mul = [1.0] * (depth + 1)
+        head_mul = [1.0] * (depth + 1)
+        for i, mul in self.dim_mul:
+            dim_mul[i] = mul
+        for i, mul in self.head_mul:
+            head_mul[i] = mul
+
+        def default_kernel(stride: Triple) -> Triple:
+            if self.pool_kvq_kernel is not None:
+                return tuple(self.pool_kvq_kernel)  # type: ignore[return-value]
+            return tuple(s + 1 if s > 1 else s for s in stride)  # type: ignore[return-value]
+
+        none: Triple = (1, 1, 1)
+        stride_q: list[Optional[Triple]] = [None] * depth
+        for i, *s in self.pool_q_stride:
+            stride_q[i] = tuple(s)  # type: ignore[assignment]
+        kernel_q = [default_kernel(s) if s is not None else none for s in stride_q]
+
+        stride_kv: list[Optional[Triple]] = [None] * depth
+        if self.pool_kv_stride_adaptive is not None:
+            current = list(self.pool_kv_stride_adaptive)
+            for i in range(depth):
+                if stride_q[i] is not None:
+                    current = [max(c // s, 1) for c, s in zip(current, stride_q[i])]
+                stride_kv[i] = tuple(current)  # type: ignore[assignment]
+        else:
+            for i, *s in self.pool_kv_stride:
+                stride_kv[i] = tuple(s)  # type: ignore[assignment]
+        kernel_kv = [default_kernel(s) if s is not None else none for s in stride_kv]
+        for i in self.no_kv_pool_blocks:
+            kernel_kv[i] = none
+            stride_kv[i] = none
+
+        if depth > 1:
+            drop_path = [self.drop_path_rate * i / (depth - 1) for i in range(depth)]
+        else:
+            drop_path = [0.0]
+        specs = []
+        embed_dim = self.embed_dim
+        num_heads = self.num_heads
+        thw = self.patch_grid
+        for i in range(depth):
+            num_heads = round_width(num_heads, head_mul[i])
+            if self.dim_mul_in_att:
+                dim_out = round_width(embed_dim, dim_mul[i], divisor=round_width(num_heads, head_mul[i]))
+            else:
+                dim_out = round_width(embed_dim, dim_mul[i + 1], divisor=round_width(num_heads, head_mul[i + 1]))
+            attn_dim = dim_out if self.dim_mul_in_att else embed_dim
+            if attn_dim % num_heads:
+                raise ValueError(f"block {i}: attention dim {attn_dim} is not divisible by {num_heads} heads")
+            specs.append(
+                BlockSpec(
+                    dim_in=embed_dim,
+                    dim_out=dim_out,
+                    attn_dim=attn_dim,
+                    num_heads=num_heads,
+                    kernel_q=kernel_q[i],
+                    stride_q=stride_q[i] or none,
+                    kernel_kv=kernel_kv[i],
+                    stride_kv=stride_kv[i] or none,
+                    input_thw=thw,
+                    drop_path=drop_path[i],
+                )
+            )
+            if stride_q[i] is not None:
+                thw = tuple(max(s // st, 1) for s, st in zip(thw, stride_q[i]))  # type: ignore[assignment]
+            embed_dim = dim_out
+        return specs
+
+    def rel_pos_lengths(self, spec: BlockSpec) -> tuple[int, int]:
+        """(spatial, temporal) rel-pos table lengths of a block, as the reference code sizes them."""
+        t, h, w = spec.input_thw
+        size = max(h, w)
+        q_size = size // spec.stride_q[1]
+        kv_size = size // spec.stride_kv[1]
+        return 2 * max(q_size, kv_size) - 1, 2 * t - 1
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(MViTConfig)]
+
+
+__all__ = ["BlockSpec", "MViTConfig", "round_width", "field_names"]

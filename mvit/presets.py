@@ -1,0 +1,188 @@
+"""The published models, written in the reference repositories' stage grammar.
+
+Each preset cites where its settings come from. ``PAPER_FIGURES`` holds the papers' (and, where
+it has the model, torchvision's) parameter and GFLOP counts: multiply-adds, one view, at the
+preset's input size. ``tests/test_presets.py`` checks every preset against them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .config import MViTConfig
+
+
+def _q_stride_every_block(depth: int, pooled: dict[int, tuple[int, int, int]]):
+    """MViTv2 lists every block in POOL_Q_STRIDE (stride 1 where not pooling), so Q is pooled
+    (a stride-1 conv + LayerNorm) at every block."""
+    return tuple((i, *pooled.get(i, (1, 1, 1))) for i in range(depth))
+
+
+_V1_VIDEO = MViTConfig(
+    # pySlowFast configs/Kinetics/MVIT_B_16x4_CONV.yaml; torchvision mvit_v1_b.
+    name="mvit_b_16x4",
+    num_classes=400,
+    input_size=(16, 224, 224),
+    abs_pos="separate",
+    drop_path_rate=0.2,
+    head_dropout=0.5,
+)
+
+_V2_VIDEO = MViTConfig(
+    # pySlowFast configs/Kinetics/MVITv2_S_16x4.yaml; torchvision mvit_v2_s.
+    name="mvitv2_s_16x4",
+    num_classes=400,
+    input_size=(16, 224, 224),
+    pool_q_stride=_q_stride_every_block(16, {1: (1, 2, 2), 3: (1, 2, 2), 14: (1, 2, 2)}),
+    abs_pos="none",
+    rel_pos_spatial=True,
+    rel_pos_temporal=True,
+    residual_pooling=True,
+    dim_mul_in_att=True,
+    drop_path_rate=0.2,
+    head_dropout=0.5,
+)
+
+_V2_IMAGE = MViTConfig(
+    # facebookresearch/mvit configs/MVITv2_{T,S,B}.yaml (mean-pooled head, no class token).
+    name="mvitv2_s_image",
+    num_classes=1000,
+    input_size=(1, 224, 224),
+    patch_kernel=(1, 7, 7),
+    patch_stride=(1, 4, 4),
+    patch_padding=(0, 3, 3),
+    patch_2d=True,
+    depth=16,
+    pool_q_stride=_q_stride_every_block(16, {1: (1, 2, 2), 3: (1, 2, 2), 14: (1, 2, 2)}),
+    pool_kvq_kernel=(1, 3, 3),
+    pool_kv_stride_adaptive=(1, 4, 4),
+    cls_embed=False,
+    abs_pos="none",
+    rel_pos_spatial=True,
+    residual_pooling=True,
+    dim_mul_in_att=True,
+    drop_path_rate=0.1,
+    head_dropout=0.0,
+)
+
+_B24_MUL = ((2, 2.0), (5, 2.0), (21, 2.0))
+
+PRESETS: dict[str, MViTConfig] = {
+    "mvit_b_16x4": _V1_VIDEO,
+    "mvit_b_32x3": _V1_VIDEO.replace(name="mvit_b_32x3", input_size=(32, 224, 224), drop_path_rate=0.3),
+    "mvit_b_64x3": _V1_VIDEO.replace(name="mvit_b_64x3", input_size=(64, 224, 224), drop_path_rate=0.3),
+    # pySlowFast configs/Kinetics/MVIT_B_32x3_CONV.yaml (DEPTH 24): MViT-B-24, Kinetics-600.
+    "mvit_b24_32x3": _V1_VIDEO.replace(
+        name="mvit_b24_32x3",
+        num_classes=600,
+        input_size=(32, 224, 224),
+        depth=24,
+        dim_mul=_B24_MUL,
+        head_mul=_B24_MUL,
+        pool_q_stride=((2, 1, 2, 2), (5, 1, 2, 2), (21, 1, 2, 2)),
+        drop_path_rate=0.3,
+    ),
+    # MViT paper, Table 3 (a) / Sec. 4: MViT-S, a shallower MViT-B (10 blocks: 1-2-5-2).
+    "mvit_s_16x4": _V1_VIDEO.replace(
+        name="mvit_s_16x4",
+        depth=10,
+        dim_mul=((1, 2.0), (3, 2.0), (8, 2.0)),
+        head_mul=((1, 2.0), (3, 2.0), (8, 2.0)),
+        pool_q_stride=((1, 1, 2, 2), (3, 1, 2, 2), (8, 1, 2, 2)),
+        drop_path_rate=0.1,
+    ),
+    # pySlowFast configs/ImageNet/MVIT_B_16_CONV.yaml: MViT-B-16 on ImageNet-1K.
+    "mvit_b16_image": _V1_VIDEO.replace(
+        name="mvit_b16_image",
+        num_classes=1000,
+        input_size=(1, 224, 224),
+        patch_kernel=(1, 7, 7),
+        patch_stride=(1, 4, 4),
+        patch_padding=(0, 3, 3),
+        patch_2d=True,
+        pool_kvq_kernel=(1, 3, 3),
+        pool_kv_stride_adaptive=(1, 4, 4),
+        abs_pos="joint",
+        drop_path_rate=0.1,
+        head_dropout=0.0,
+    ),
+    "mvitv2_s_16x4": _V2_VIDEO,
+    # pySlowFast configs/Kinetics/MVITv2_B_32x3.yaml.
+    "mvitv2_b_32x3": _V2_VIDEO.replace(
+        name="mvitv2_b_32x3",
+        input_size=(32, 224, 224),
+        depth=24,
+        dim_mul=_B24_MUL,
+        head_mul=_B24_MUL,
+        pool_q_stride=_q_stride_every_block(24, {2: (1, 2, 2), 5: (1, 2, 2), 21: (1, 2, 2)}),
+        drop_path_rate=0.3,
+    ),
+    "mvitv2_t_image": _V2_IMAGE.replace(
+        name="mvitv2_t_image",
+        depth=10,
+        dim_mul=((1, 2.0), (3, 2.0), (8, 2.0)),
+        head_mul=((1, 2.0), (3, 2.0), (8, 2.0)),
+        pool_q_stride=_q_stride_every_block(10, {1: (1, 2, 2), 3: (1, 2, 2), 8: (1, 2, 2)}),
+    ),
+    "mvitv2_s_image": _V2_IMAGE,
+    "mvitv2_b_image": _V2_IMAGE.replace(
+        name="mvitv2_b_image",
+        depth=24,
+        dim_mul=_B24_MUL,
+        head_mul=_B24_MUL,
+        pool_q_stride=_q_stride_every_block(24, {2: (1, 2, 2), 5: (1, 2, 2), 21: (1, 2, 2)}),
+        drop_path_rate=0.3,
+    ),
+    # Not a paper model: small enough to train on two CPU cores in minutes (the built-in task),
+    # yet every MViT mechanism is present (Q pooling twice, adaptive K/V strides, skip pooling,
+    # channel expansion, class token, separate space-time position embeddings).
+    "mvit_tiny": MViTConfig(
+        name="mvit_tiny",
+        num_classes=4,
+        input_size=(8, 32, 32),
+        patch_kernel=(3, 5, 5),
+        patch_stride=(2, 4, 4),
+        patch_padding=(1, 2, 2),
+        embed_dim=32,
+        num_heads=1,
+        depth=4,
+        dim_mul=((1, 2.0), (3, 2.0)),
+        head_mul=((1, 2.0), (3, 2.0)),
+        pool_q_stride=((1, 1, 2, 2), (3, 1, 2, 2)),
+        pool_kv_stride_adaptive=(1, 2, 2),
+        drop_path_rate=0.1,
+        head_dropout=0.0,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class PaperFigures:
+    gflops: float  # multiply-adds, one view
+    params_m: float
+    source: str
+    exact_params: Optional[int] = None  # torchvision's count, where it has the model
+    exact_gflops: Optional[float] = None
+
+
+PAPER_FIGURES: dict[str, PaperFigures] = {
+    "mvit_s_16x4": PaperFigures(32.9, 26.1, "MViT paper, Table 3 (K400)"),
+    "mvit_b_16x4": PaperFigures(70.5, 36.6, "MViT paper, Table 3 (K400); torchvision mvit_v1_b", 36_610_672, 70.599),
+    "mvit_b_32x3": PaperFigures(170.0, 36.6, "MViT paper, Table 3 (K400)"),
+    "mvit_b_64x3": PaperFigures(455.0, 36.6, "MViT paper, Table 3 (K400)"),
+    "mvit_b24_32x3": PaperFigures(236.0, 52.9, "MViT paper, Table 4 (K600)"),
+    "mvit_b16_image": PaperFigures(7.8, 37.0, "MViT paper, Table 10 (IN-1K)"),
+    "mvitv2_s_16x4": PaperFigures(64.0, 34.5, "MViTv2 paper, Table 5 (K400); torchvision mvit_v2_s", 34_537_744, 64.224),
+    "mvitv2_b_32x3": PaperFigures(225.0, 51.2, "MViTv2 paper, Table 5 (K400)"),
+    "mvitv2_t_image": PaperFigures(4.7, 24.0, "MViTv2 paper, Table 2 (IN-1K)"),
+    "mvitv2_s_image": PaperFigures(7.0, 35.0, "MViTv2 paper, Table 2 (IN-1K)"),
+    "mvitv2_b_image": PaperFigures(10.2, 52.0, "MViTv2 paper, Table 2 (IN-1K)"),
+}
+
+
+def get_preset(name: str) -> MViTConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}") from None

@@ -1,0 +1,35 @@
+"""Fused ops for MViT's pooling attention.
+
+Each op has the signature of its plain-PyTorch reference in :mod:`mvit_kernels.reference` and is
+checked against it in the tests:
+
+- :func:`pool3d` (C++/CUDA): pooling of attention tensors with fused LayerNorm.
+- :func:`pool_residual_add` (C++/CUDA): the block's max-pooled skip fused with the residual add.
+- :func:`pooling_attention`: attention over pooled q, k, v with MViTv2's decomposed
+  rel-pos bias and residual pooling (Triton on CUDA, SDPA elsewhere).
+"""
+
+from . import reference
+from ._extension import has_cuda_kernels
+from ._extension import load as load_extension
+from .pool3d import pool3d
+from .pool_residual_add import pool_residual_add
+from .pooling_attention import pooling_attention
+
+
+def require_fused() -> None:
+    """Raise a clear error if the fused ops cannot run here (extension not built)."""
+    from ._extension import require
+
+    require()
+
+
+__all__ = [
+    "reference",
+    "pool3d",
+    "pool_residual_add",
+    "pooling_attention",
+    "require_fused",
+    "load_extension",
+    "has_cuda_kernels",
+]

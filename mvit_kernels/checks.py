@@ -1,0 +1,171 @@
+"""Argument validation shared by the reference ops and the fused ops.
+
+Both paths raise the same errors for the same bad input, so a user who switches ``fused`` on
+or off never meets a different failure mode. Every message names the argument and what was
+expected.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+POOL_MODES = ("max", "avg", "conv")
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def triple(value, name: str) -> tuple[int, int, int]:
+    """Normalize an int or a length-3 sequence of ints to a tuple of three ints."""
+    if isinstance(value, int):
+        return (value, value, value)
+    try:
+        items = tuple(int(v) for v in value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int or a sequence of 3 ints, got {value!r}") from None
+    if len(items) != 3:
+        raise ValueError(f"{name} must have 3 entries (t, h, w), got {len(items)}: {value!r}")
+    return items  # type: ignore[return-value]
+
+
+def pool_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Conv/pool output length with floor rounding (ceil_mode=False)."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def check_window(kernel, stride, padding) -> tuple[tuple[int, int, int], ...]:
+    kernel = triple(kernel, "kernel")
+    stride = triple(stride, "stride")
+    padding = triple(padding, "padding")
+    for axis, k, s, p in zip("thw", kernel, stride, padding):
+        if k < 1:
+            raise ValueError(f"kernel[{axis}] must be >= 1, got {k}")
+        if s < 1:
+            raise ValueError(f"stride[{axis}] must be >= 1, got {s}")
+        if p < 0 or 2 * p > k:
+            raise ValueError(f"padding[{axis}] must be in [0, kernel//2] = [0, {k // 2}], got {p}")
+    return kernel, stride, padding
+
+
+def check_thw(thw: Sequence[int], num_tokens: int, has_cls: bool, name: str = "x") -> tuple[int, int, int]:
+    thw = triple(thw, "thw")
+    if any(s < 1 for s in thw):
+        raise ValueError(f"thw must be positive, got {thw}")
+    expected = thw[0] * thw[1] * thw[2] + (1 if has_cls else 0)
+    if num_tokens != expected:
+        cls = " + 1 class token" if has_cls else ""
+        raise ValueError(
+            f"{name} has {num_tokens} tokens but thw={thw}{cls} implies {expected}"
+        )
+    return thw
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+
+
+def check_same(t: Optional[torch.Tensor], ref: torch.Tensor, name: str, ref_name: str) -> None:
+    if t is None:
+        return
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+
+
+def check_pool3d_args(
+    x: torch.Tensor,
+    thw,
+    kernel,
+    stride,
+    padding,
+    mode: str,
+    weight: Optional[torch.Tensor],
+    has_cls: bool,
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+):
+    """Validate pool3d's arguments; return (thw, kernel, stride, padding) as tuples."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a 4-D tensor (B, heads, N, d), got {shape}")
+    check_float(x, "x")
+    if mode not in POOL_MODES:
+        raise ValueError(f"mode must be one of {POOL_MODES}, got {mode!r}")
+    kernel, stride, padding = check_window(kernel, stride, padding)
+    thw = check_thw(thw, x.shape[2], has_cls)
+    for axis, size, k, p in zip("thw", thw, kernel, padding):
+        if size + 2 * p < k:
+            raise ValueError(
+                f"kernel[{axis}]={k} is larger than the padded input ({size} + 2*{p}); no output"
+            )
+    d = x.shape[3]
+    if mode == "conv":
+        if weight is None:
+            raise ValueError("mode='conv' needs weight of shape (d, 1, kT, kH, kW)")
+        expected = (d, 1) + kernel
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"weight must have shape {expected} (d, 1, *kernel), got {tuple(weight.shape)}")
+        check_same(weight, x, "weight", "x")
+    elif weight is not None:
+        raise ValueError(f"weight is only used with mode='conv', got mode={mode!r}")
+    if (norm_weight is None) != (norm_bias is None):
+        raise ValueError("norm_weight and norm_bias must be given together")
+    for t, name in ((norm_weight, "norm_weight"), (norm_bias, "norm_bias")):
+        if t is not None:
+            if tuple(t.shape) != (d,):
+                raise ValueError(f"{name} must have shape ({d},) to normalize over d, got {tuple(t.shape)}")
+            check_same(t, x, name, "x")
+    return thw, kernel, stride, padding
+
+
+def check_pool_residual_add_args(x, thw, kernel, stride, padding, branch, scale, has_cls):
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a 3-D tensor (B, N, C), got {shape}")
+    check_float(x, "x")
+    kernel, stride, padding = check_window(kernel, stride, padding)
+    thw = check_thw(thw, x.shape[1], has_cls)
+    for axis, size, k, p in zip("thw", thw, kernel, padding):
+        if size + 2 * p < k:
+            raise ValueError(f"kernel[{axis}]={k} is larger than the padded input ({size} + 2*{p})")
+    out_thw = tuple(pool_output_size(s, k, st, p) for s, k, st, p in zip(thw, kernel, stride, padding))
+    n_out = out_thw[0] * out_thw[1] * out_thw[2] + (1 if has_cls else 0)
+    expected = (x.shape[0], n_out, x.shape[2])
+    if not isinstance(branch, torch.Tensor) or tuple(branch.shape) != expected:
+        got = tuple(branch.shape) if isinstance(branch, torch.Tensor) else type(branch).__name__
+        raise ValueError(f"branch must have shape {expected} (the pooled x), got {got}")
+    check_same(branch, x, "branch", "x")
+    if scale is not None:
+        if tuple(scale.shape) != (x.shape[0],):
+            raise ValueError(f"scale must have shape ({x.shape[0]},) (one factor per sample), got {tuple(scale.shape)}")
+        check_same(scale, x, "scale", "x")
+    return thw, kernel, stride, padding, out_thw
+
+
+def check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w):
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D tensor (B, heads, N, d), got {shape}")
+    check_float(q, "q")
+    check_same(k, q, "k", "q")
+    check_same(v, q, "v", "q")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, heads and head_dim"
+        )
+    thw_q = check_thw(thw_q, q.shape[2], has_cls, "q")
+    thw_kv = check_thw(thw_kv, k.shape[2], has_cls, "k")
+    if (rel_pos_h is None) != (rel_pos_w is None):
+        raise ValueError("rel_pos_h and rel_pos_w must be given together")
+    d = q.shape[3]
+    for t, name in ((rel_pos_t, "rel_pos_t"), (rel_pos_h, "rel_pos_h"), (rel_pos_w, "rel_pos_w")):
+        if t is not None:
+            if t.dim() != 2 or t.shape[1] != d:
+                raise ValueError(f"{name} must have shape (L, {d}), got {tuple(t.shape)}")
+            check_same(t, q, name, "q")
+    return thw_q, thw_kv

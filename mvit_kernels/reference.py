@@ -1,0 +1,180 @@
+"""Plain-PyTorch reference implementations of every fused op.
+
+These are the ground truth: ``MViT(fused=False)`` runs them, and every kernel is tested against
+them. They are written for clarity, not speed; each follows the reference repositories
+(pySlowFast ``attention_pool`` / ``cal_rel_pos_*``, torchvision ``Pool`` / ``_add_rel_pos``)
+operation by operation.
+
+Layouts:
+- attention tensors: (B, heads, N, d) with N = T*H*W (+ 1 with a class token in front);
+- token tensors: (B, N, C).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .checks import check_attention_args, check_pool3d_args, check_pool_residual_add_args
+
+
+def pool3d(
+    x: torch.Tensor,
+    thw: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    mode: str,
+    weight: Optional[torch.Tensor] = None,
+    has_cls: bool = True,
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Pool the token grid of every head, then LayerNorm over d.
+
+    x: (B, heads, N, d). mode: "max", "avg" (count_include_pad=True, as AvgPool3d's default) or
+    "conv" (depthwise Conv3d, weight (d, 1, kT, kH, kW) shared across heads, no bias). The class
+    token is split off, passed through unpooled, concatenated back in front, and normalized with
+    the rest. Returns (y (B, heads, N', d), thw_out).
+    """
+    thw, kernel, stride, padding = check_pool3d_args(
+        x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias
+    )
+    B, heads, _, d = x.shape
+    if has_cls:
+        cls_tok, tokens = x[:, :, :1], x[:, :, 1:]
+    else:
+        tokens = x
+    grid = tokens.reshape(B * heads, *thw, d).permute(0, 4, 1, 2, 3)
+    if mode == "max":
+        pooled = F.max_pool3d(grid, kernel, stride, padding)
+    elif mode == "avg":
+        pooled = F.avg_pool3d(grid, kernel, stride, padding, count_include_pad=True)
+    else:
+        pooled = F.conv3d(grid, weight, None, stride, padding, groups=d)
+    thw_out = tuple(int(s) for s in pooled.shape[2:])
+    y = pooled.reshape(B, heads, d, -1).transpose(2, 3)
+    if has_cls:
+        y = torch.cat((cls_tok, y), dim=2)
+    if norm_weight is not None:
+        y = F.layer_norm(y, (d,), norm_weight, norm_bias, eps)
+    return y, thw_out  # type: ignore[return-value]
+
+
+def pool_residual_add(
+    x: torch.Tensor,
+    thw: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    branch: torch.Tensor,
+    scale: Optional[torch.Tensor] = None,
+    has_cls: bool = True,
+) -> torch.Tensor:
+    """The block's skip path and residual add: ``maxpool_skip(x) + scale * branch``.
+
+    x: (B, N, C) tokens; branch: (B, N', C) on the pooled grid; scale: (B,) per-sample factor
+    (the stochastic-depth mask divided by the keep probability) or None for 1.
+    """
+    check_pool_residual_add_args(x, thw, kernel, stride, padding, branch, scale, has_cls)
+    skip, _ = pool3d(x.unsqueeze(1), thw, kernel, stride, padding, "max", has_cls=has_cls)
+    skip = skip.squeeze(1)
+    if scale is not None:
+        branch = branch * scale.view(-1, 1, 1)
+    return skip + branch
+
+
+def interpolate_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
+    """Resize a (L, d) relative-position table to (length, d) by linear interpolation, as the
+    reference code does when a block sees a grid other than the one it was built for."""
+    if table.shape[0] == length:
+        return table
+    resized = F.interpolate(table.t().unsqueeze(0), size=length, mode="linear")
+    return resized.squeeze(0).t()
+
+
+def rel_pos_index(q_size: int, k_size: int) -> torch.Tensor:
+    """(q_size, k_size) indices into a table of length 2*max(q_size, k_size) - 1.
+
+    When q and k grids differ, the coarser one's coordinates are scaled up so that both span
+    the same extent (MViTv2, Sec. 3.1)."""
+    q_ratio = max(k_size / q_size, 1.0)
+    k_ratio = max(q_size / k_size, 1.0)
+    dist = torch.arange(q_size)[:, None] * q_ratio - torch.arange(k_size)[None, :] * k_ratio
+    dist = dist + (k_size - 1) * k_ratio
+    return dist.long()
+
+
+def rel_pos_table_length(q_size: int, k_size: int) -> int:
+    return 2 * max(q_size, k_size) - 1
+
+
+def decomposed_rel_pos(
+    q: torch.Tensor,
+    thw_q: Sequence[int],
+    thw_kv: Sequence[int],
+    rel_pos_t: Optional[torch.Tensor],
+    rel_pos_h: Optional[torch.Tensor],
+    rel_pos_w: Optional[torch.Tensor],
+    has_cls: bool,
+) -> torch.Tensor:
+    """The MViTv2 bias added to the (unnormalized) attention logits between grid tokens.
+
+    bias[b, n, (qt,qh,qw), (kt,kh,kw)] = q . Rt[qt,kt] + q . Rh[qh,kh] + q . Rw[qw,kw]
+    with q the pooled (unscaled) query. Returns (B, heads, Tq*Hq*Wq, Tk*Hk*Wk).
+    """
+    qt, qh, qw = thw_q
+    kt, kh, kw = thw_kv
+    B, heads, _, d = q.shape
+    r_q = q[:, :, 1:] if has_cls else q
+    r_q = r_q.reshape(B, heads, qt, qh, qw, d)
+    bias = q.new_zeros(B, heads, qt, qh, qw, kt, kh, kw)
+    if rel_pos_h is not None:
+        Rh = interpolate_rel_pos(rel_pos_h, rel_pos_table_length(qh, kh))[rel_pos_index(qh, kh).to(q.device)]
+        Rw = interpolate_rel_pos(rel_pos_w, rel_pos_table_length(qw, kw))[rel_pos_index(qw, kw).to(q.device)]
+        rel_h = torch.einsum("bythwc,hkc->bythwk", r_q, Rh)
+        rel_w = torch.einsum("bythwc,wkc->bythwk", r_q, Rw)
+        bias = bias + rel_h[:, :, :, :, :, None, :, None] + rel_w[:, :, :, :, :, None, None, :]
+    if rel_pos_t is not None:
+        Rt = interpolate_rel_pos(rel_pos_t, rel_pos_table_length(qt, kt))[rel_pos_index(qt, kt).to(q.device)]
+        rel_t = torch.einsum("bythwc,tkc->bythwk", r_q, Rt)
+        bias = bias + rel_t[:, :, :, :, :, :, None, None]
+    return bias.reshape(B, heads, qt * qh * qw, kt * kh * kw)
+
+
+def pooling_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    thw_q: Sequence[int],
+    thw_kv: Sequence[int],
+    has_cls: bool = True,
+    rel_pos_t: Optional[torch.Tensor] = None,
+    rel_pos_h: Optional[torch.Tensor] = None,
+    rel_pos_w: Optional[torch.Tensor] = None,
+    residual_pooling: bool = False,
+) -> torch.Tensor:
+    """softmax(q k^T * d^-1/2 [+ decomposed rel-pos]) v [+ q], merged to (B, N_q, heads*d).
+
+    q (B, heads, N_q, d), k and v (B, heads, N_kv, d), all already pooled and normalized.
+    The residual pooling connection (MViTv2) adds q to every grid token's output; the class
+    token's output is left as is (pySlowFast / torchvision ``residual_with_cls_embed=False``).
+    """
+    thw_q, thw_kv = check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w)
+    B, heads, n_q, d = q.shape
+    attn = (q * d**-0.5) @ k.transpose(-2, -1)
+    if rel_pos_t is not None or rel_pos_h is not None:
+        bias = decomposed_rel_pos(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+        s = 1 if has_cls else 0
+        attn = torch.cat((attn[:, :, :s], torch.cat((attn[:, :, s:, :s], attn[:, :, s:, s:] + bias), dim=3)), dim=2)
+    attn = attn.softmax(dim=-1)
+    out = attn @ v
+    if residual_pooling:
+        if has_cls:
+            out = torch.cat((out[:, :, :1], out[:, :, 1:] + q[:, :, 1:]), dim=2)
+        else:
+            out = out + q
+    return out.transpose(1, 2).reshape(B, n_q, heads * d)
