@@ -128,13 +128,17 @@ class MViTConfig:
     def replace(self, **changes) -> "MViTConfig":
         return dataclasses.replace(self, **changes)
 
-    @property
-    def patch_grid(self) -> Triple:
-        """Token grid after patch embedding at ``input_size``."""
+    def grid_for(self, input_size: Triple) -> Triple:
+        """Token grid after patch embedding of an input of ``input_size`` (T, H, W)."""
         return tuple(  # type: ignore[return-value]
             (s + 2 * p - k) // st + 1
-            for s, k, st, p in zip(self.input_size, self.patch_kernel, self.patch_stride, self.patch_padding)
+            for s, k, st, p in zip(input_size, self.patch_kernel, self.patch_stride, self.patch_padding)
         )
+
+    @property
+    def patch_grid(self) -> Triple:
+        """Token grid after patch embedding at the preset's ``input_size``."""
+        return self.grid_for(self.input_size)
 
     @property
     def head_pool(self) -> str:
