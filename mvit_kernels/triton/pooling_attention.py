@@ -1,0 +1,466 @@
+"""Triton kernels for pooling attention: flash-style forward and backward with MViTv2's
+decomposed relative-position bias and the residual pooling connection.
+
+Layouts: q (B, heads, N_q, d), k/v (B, heads, N_kv, d), last dim contiguous; the output and its
+gradient are (B, N_q, heads*d), the layout the output projection reads.
+
+The rel-pos bias of grid query m against grid key n is rel_t[m, kt(n)] + rel_h[m, kh(n)] +
+rel_w[m, kw(n)], with rel_a[m, j] = q[m] . R_a[idx_a[a(m), j]] (``reference.rel_pos_index``).
+Each query row therefore needs only KT+KH+KW numbers ("rel", a few dozen), not N_kv. The kernels
+keep them packed in one (BLOCK_M, R_PAD) tile, columns [0,KT) t, [KT,KT+KH) h, [KT+KH, ...) w, and
+expand them to the (BLOCK_M, BLOCK_N) score tile with a single one-hot matrix product
+rel @ onehot, onehot[j, n] = 1 where column j is one of key n's three coordinates. The same
+one-hot product, transposed, reduces dS to the rel gradient in the backward. The score matrix and
+the bias are never written to memory; only the log-sum-exp (and, when a gradient is needed, the
+rel tile, R_PAD floats a row) are stored for the backward.
+
+Class token (has_cls): row 0 and column 0 get no bias (their rel row / one-hot column is zero)
+and row 0 gets no residual.
+
+Softmax runs in base 2 (exp2 with log2(e) folded into the scale); ``lse`` is stored in base 2.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _rel_tile(
+    q, R, IDX_T, IDX_H, IDX_W, offs_m, offs_d, d_mask, N_Q, D,
+    QH, QW, KT, KH, KW,
+    HAS_CLS: tl.constexpr, HAS_T: tl.constexpr, HAS_HW: tl.constexpr, BLOCK_M: tl.constexpr,
+    R_PAD: tl.constexpr,
+):
+    """rel[m, j] = q[m] . R[idx[a(m), j]] for the query tile (zero on class/out-of-range rows)."""
+    g = offs_m - HAS_CLS
+    row_ok = (g >= 0) & (offs_m < N_Q)
+    g = tl.where(row_ok, g, 0)
+    qt = g // (QH * QW)
+    qh = (g // QW) % QH
+    qw = g % QW
+    cols = tl.arange(0, R_PAD)
+    qf = q.to(tl.float32)
+    rel = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+    ld_mask = row_ok[:, None] & d_mask[None, :]
+    if HAS_T:
+        for j in range(KT):
+            ridx = tl.load(IDX_T + qt * KT + j, mask=row_ok, other=0)
+            r = tl.load(R + ridx[:, None] * D + offs_d[None, :], mask=ld_mask, other=0.0).to(tl.float32)
+            rel = tl.where(cols[None, :] == j, tl.sum(qf * r, 1)[:, None], rel)
+    if HAS_HW:
+        for j in range(KH):
+            ridx = tl.load(IDX_H + qh * KH + j, mask=row_ok, other=0)
+            r = tl.load(R + ridx[:, None] * D + offs_d[None, :], mask=ld_mask, other=0.0).to(tl.float32)
+            rel = tl.where(cols[None, :] == KT + j, tl.sum(qf * r, 1)[:, None], rel)
+        for j in range(KW):
+            ridx = tl.load(IDX_W + qw * KW + j, mask=row_ok, other=0)
+            r = tl.load(R + ridx[:, None] * D + offs_d[None, :], mask=ld_mask, other=0.0).to(tl.float32)
+            rel = tl.where(cols[None, :] == KT + KH + j, tl.sum(qf * r, 1)[:, None], rel)
+    return rel
+
+
+@triton.jit
+def _key_onehot(offs_n, N_KV, KT, KH, KW, HAS_CLS: tl.constexpr, R_PAD: tl.constexpr):
+    """(R_PAD, BLOCK_N) float one-hot: 1 where rel column j is one of key n's coordinates."""
+    g = offs_n - HAS_CLS
+    ok = (g >= 0) & (offs_n < N_KV)
+    g = tl.where(ok, g, 0)
+    kt = g // (KH * KW)
+    kh = (g // KW) % KH
+    kw = g % KW
+    cols = tl.arange(0, R_PAD)[:, None]
+    hit = (cols == kt[None, :]) | (cols == KT + kh[None, :]) | (cols == KT + KH + kw[None, :])
+    return tl.where(hit & ok[None, :], 1.0, 0.0).to(tl.float32)
+
+
+@triton.jit
+def pooling_attention_fwd_kernel(
+    Q, K, V, R, IDX_T, IDX_H, IDX_W, Out, Lse, Rel,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    H, N_Q, N_KV, D, sm_scale,
+    QH, QW, KT, KH, KW,
+    HAS_CLS: tl.constexpr, HAS_REL: tl.constexpr, HAS_T: tl.constexpr, HAS_HW: tl.constexpr,
+    RESIDUAL: tl.constexpr, STORE_REL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    d_mask = offs_d < D
+    m_mask = offs_m < N_Q
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+        mask=m_mask[:, None] & d_mask[None, :], other=0.0,
+    )
+    if HAS_REL:
+        rel = _rel_tile(q, R, IDX_T, IDX_H, IDX_W, offs_m, offs_d, d_mask, N_Q, D, QH, QW, KT, KH, KW,
+                        HAS_CLS, HAS_T, HAS_HW, BLOCK_M, R_PAD)
+        if STORE_REL:
+            cols = tl.arange(0, R_PAD)
+            tl.store(Rel + (pid_bh * N_Q + offs_m[:, None]) * R_PAD + cols[None, :], rel, mask=m_mask[:, None])
+        rel = rel * 1.4426950408889634
+    qk_scale = sm_scale * 1.4426950408889634
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for start_n in range(0, N_KV, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N_KV
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if HAS_REL:
+            s += tl.dot(rel, _key_onehot(offs_n, N_KV, KT, KH, KW, HAS_CLS, R_PAD))
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    if RESIDUAL:
+        grid_row = (offs_m - HAS_CLS) >= 0
+        out += tl.where(grid_row[:, None], q.to(tl.float32), 0.0)
+    tl.store(
+        Out + (b * N_Q + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :],
+        out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :],
+    )
+    tl.store(Lse + pid_bh * N_Q + offs_m, m_i + tl.log2(l_i), mask=m_mask)
+
+
+@triton.jit
+def pooling_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, Rel, DK, DV,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    H, N_Q, N_KV, D, sm_scale,
+    KT, KH, KW,
+    HAS_CLS: tl.constexpr, HAS_REL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """One program per key tile; loops over all query tiles (the long axis)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    d_mask = offs_d < D
+    n_mask = offs_n < N_KV
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    if HAS_REL:
+        onehot = _key_onehot(offs_n, N_KV, KT, KH, KW, HAS_CLS, R_PAD)
+        cols = tl.arange(0, R_PAD)
+    qk_scale = sm_scale * 1.4426950408889634
+    q_base = Q + b * stride_qb + h * stride_qh
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    for start_m in range(0, N_Q, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < N_Q
+        qm_mask = m_mask[:, None] & d_mask[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=qm_mask, other=0.0)
+        do = tl.load(DO + (b * N_Q + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :], mask=qm_mask, other=0.0)
+        lse = tl.load(Lse + pid_bh * N_Q + offs_m, mask=m_mask, other=float("inf"))
+        delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=m_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if HAS_REL:
+            rel = tl.load(Rel + (pid_bh * N_Q + offs_m[:, None]) * R_PAD + cols[None, :], mask=m_mask[:, None], other=0.0)
+            s += tl.dot(rel * 1.4426950408889634, onehot)
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    dk = dk * sm_scale
+    out_off = (pid_bh * N_KV + offs_n[:, None]) * D + offs_d[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def pooling_attention_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, Rel, R, IDX_T, IDX_H, IDX_W, DQ, DRel,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    H, N_Q, N_KV, D, sm_scale,
+    QH, QW, KT, KH, KW,
+    HAS_CLS: tl.constexpr, HAS_REL: tl.constexpr, HAS_T: tl.constexpr, HAS_HW: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """One program per query tile: dq (attention + rel-pos + residual terms) and d rel."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    d_mask = offs_d < D
+    m_mask = offs_m < N_Q
+    qm_mask = m_mask[:, None] & d_mask[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=qm_mask, other=0.0)
+    do = tl.load(DO + (b * N_Q + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :], mask=qm_mask, other=0.0)
+    lse = tl.load(Lse + pid_bh * N_Q + offs_m, mask=m_mask, other=float("inf"))
+    delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=m_mask, other=0.0)
+    if HAS_REL:
+        cols = tl.arange(0, R_PAD)
+        rel2 = tl.load(Rel + (pid_bh * N_Q + offs_m[:, None]) * R_PAD + cols[None, :], mask=m_mask[:, None], other=0.0)
+        rel2 = rel2 * 1.4426950408889634
+        drel = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for start_n in range(0, N_KV, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N_KV
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if HAS_REL:
+            onehot = _key_onehot(offs_n, N_KV, KT, KH, KW, HAS_CLS, R_PAD)
+            s += tl.dot(rel2, onehot)
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+        if HAS_REL:
+            drel += tl.dot(ds, tl.trans(onehot))
+    dq = dq * sm_scale
+    grid_row = ((offs_m - HAS_CLS) >= 0) & m_mask
+    if HAS_REL:
+        # d rel[m, j] flows to q[m] through R[idx[a(m), j]]: the same gather as the forward.
+        drel = tl.where(grid_row[:, None], drel, 0.0)
+        tl.store(DRel + (pid_bh * N_Q + offs_m[:, None]) * R_PAD + cols[None, :], drel, mask=m_mask[:, None])
+        g = tl.where(grid_row, offs_m - HAS_CLS, 0)
+        qt = g // (QH * QW)
+        qh = (g // QW) % QH
+        qw = g % QW
+        ld_mask = grid_row[:, None] & d_mask[None, :]
+        if HAS_T:
+            for j in range(KT):
+                ridx = tl.load(IDX_T + qt * KT + j, mask=grid_row, other=0)
+                r = tl.load(R + ridx[:, None] * D + offs_d[None, :], mask=ld_mask, other=0.0).to(tl.float32)
+                dq += tl.sum(tl.where(cols[None, :] == j, drel, 0.0), 1)[:, None] * r
+        if HAS_HW:
+            for j in range(KH):
+                ridx = tl.load(IDX_H + qh * KH + j, mask=grid_row, other=0)
+                r = tl.load(R + ridx[:, None] * D + offs_d[None, :], mask=ld_mask, other=0.0).to(tl.float32)
+                dq += tl.sum(tl.where(cols[None, :] == KT + j, drel, 0.0), 1)[:, None] * r
+            for j in range(KW):
+                ridx = tl.load(IDX_W + qw * KW + j, mask=grid_row, other=0)
+                r = tl.load(R + ridx[:, None] * D + offs_d[None, :], mask=ld_mask, other=0.0).to(tl.float32)
+                dq += tl.sum(tl.where(cols[None, :] == KT + KH + j, drel, 0.0), 1)[:, None] * r
+    if RESIDUAL:
+        dq += tl.where(grid_row[:, None], do.to(tl.float32), 0.0)
+    tl.store(DQ + (pid_bh * N_Q + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qm_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: configuration rule and launchers (plain tensors in, tensors out; no autograd here).
+# ---------------------------------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+from typing import Optional, Sequence  # noqa: E402
+
+import torch  # noqa: E402
+
+#: head_dim is padded to the next of these (tl.arange needs a power of two); larger heads fall
+#: back to SDPA.
+D_PADS = (16, 32, 64, 128)
+#: The packed rel tile holds KT+KH+KW columns; 64 covers MViT-B's widest kv grid (8x14x14 -> 36).
+R_PADS = (16, 32, 64)
+KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    block_m: int  # query rows per tile (the long axis: L_q up to 25,089)
+    block_n: int  # keys per tile (L_kv is short: 393 or 1,569)
+    num_warps: int
+    num_stages: int
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def select_config(kernel: str, dtype: torch.dtype, d_pad: int) -> AttentionConfig:
+    """The one rule that picks tiles (no autotune: the interpreter cannot run it, and the AOT test
+    compiles exactly what this returns). Same rule for sm_80 and sm_90; the AOT test checks both.
+
+    Forward: a 128-row query tile streams the few short key tiles; 16-bit inputs keep q, the
+    fp32 accumulator and one 128x64 score tile in registers (8 warps at head 128). The backward
+    holds two fp32 accumulators (dk+dv, or dq+d rel) so it uses 64x64 tiles. fp32 inputs (the
+    interpreter tests, or a user's fp32 model) halve the tiles to keep the same register budget.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if d_pad not in D_PADS:
+        raise ValueError(f"d_pad must be one of {D_PADS}, got {d_pad}")
+    wide = d_pad >= 128
+    if dtype == torch.float32:
+        if kernel == "fwd":
+            return AttentionConfig(64, 32, 4, 2)
+        return AttentionConfig(32, 32, 4, 1)
+    if kernel == "fwd":
+        return AttentionConfig(128, 64, 8 if wide else 4, 2 if wide else 3)
+    return AttentionConfig(64, 64, 8 if wide else 4, 2)
+
+
+def supports(q: torch.Tensor, thw_kv: Sequence[int], has_rel: bool) -> bool:
+    """Whether the Triton kernels cover this call (else the caller falls back to SDPA)."""
+    if q.dtype not in DTYPES or q.shape[-1] > D_PADS[-1]:
+        return False
+    if has_rel and sum(thw_kv) > R_PADS[-1]:
+        return False
+    return True
+
+
+def rel_index(q_size: int, k_size: int, device) -> torch.Tensor:
+    from ..reference import rel_pos_index
+
+    return rel_pos_index(q_size, k_size).to(device=device, dtype=torch.int32).contiguous()
+
+
+class RelTables:
+    """The interpolated tables concatenated into one (L, d) fp32 array, and the per-axis gather
+    indices (q_size, k_size) into it (``reference.rel_pos_index`` plus the table's offset)."""
+
+    def __init__(self, q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w):
+        dev = q.device
+        self.has_t = rel_pos_t is not None
+        self.has_hw = rel_pos_h is not None
+        self.has_rel = self.has_t or self.has_hw
+        self.lengths = []
+        tables, offset = [], 0
+        dummy_idx = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.idx = [dummy_idx, dummy_idx, dummy_idx]
+        self.local_idx = [None, None, None]
+        for axis, table in enumerate((rel_pos_t, rel_pos_h, rel_pos_w)):
+            if table is None:
+                continue
+            local = rel_index(thw_q[axis], thw_kv[axis], dev)
+            self.local_idx[axis] = local
+            self.idx[axis] = local + offset
+            tables.append(table.float())
+            offset += table.shape[0]
+        self.table = torch.cat(tables).contiguous() if tables else torch.zeros(1, device=dev)
+        self.r_pad = next_pow2(sum(thw_kv)) if self.has_rel else 16
+
+
+def _check_last_dim(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def forward(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling, store_rel):
+    """Returns out (B, N_q, heads*d), lse (B, heads, N_q) fp32 base 2, rel (B, heads, N_q, R_PAD)
+    fp32 (empty unless store_rel and a rel-pos table is given)."""
+    q, k, v = (_check_last_dim(t) for t in (q, k, v))
+    B, H, n_q, D = q.shape
+    n_kv = k.shape[2]
+    tabs = RelTables(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w)
+    d_pad = next_pow2(D)
+    cfg = select_config("fwd", q.dtype, d_pad)
+    out = torch.empty(B, n_q, H * D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, n_q, device=q.device, dtype=torch.float32)
+    store_rel = bool(store_rel and tabs.has_rel)
+    rel = torch.empty((B, H, n_q, tabs.r_pad) if store_rel else (0,), device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(n_q, cfg.block_m), B * H)
+    pooling_attention_fwd_kernel[grid](
+        q, k, v, tabs.table, *tabs.idx, out, lse, rel,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        H, n_q, n_kv, D, D**-0.5,
+        thw_q[1], thw_q[2], *thw_kv,
+        HAS_CLS=bool(has_cls), HAS_REL=tabs.has_rel, HAS_T=tabs.has_t, HAS_HW=tabs.has_hw,
+        RESIDUAL=bool(residual_pooling), STORE_REL=store_rel,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_PAD=d_pad, R_PAD=tabs.r_pad,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse, rel
+
+
+def backward(dout, q, k, v, out, lse, rel, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling):
+    """Returns dq, dk, dv (B, heads, N, d) and d rel (B, heads, N_q, R_PAD) fp32 (zero rows for
+    the class token; empty without rel-pos)."""
+    q, k, v = (_check_last_dim(t) for t in (q, k, v))
+    dout = dout.contiguous()
+    B, H, n_q, D = q.shape
+    n_kv = k.shape[2]
+    s = 1 if has_cls else 0
+    tabs = RelTables(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w)
+    d_pad = next_pow2(D)
+    # delta = rowsum(dO * O_attn), O_attn the softmax output before the residual q is added.
+    o_attn = out.view(B, n_q, H, D).float()
+    if residual_pooling:
+        o_attn = torch.cat((o_attn[:, :s], o_attn[:, s:] - q[:, :, s:].transpose(1, 2).float()), dim=1)
+    delta = (dout.view(B, n_q, H, D).float() * o_attn).sum(-1).transpose(1, 2).contiguous()
+    dq = torch.empty(B, H, n_q, D, device=q.device, dtype=q.dtype)
+    dk = torch.empty(B, H, n_kv, D, device=q.device, dtype=k.dtype)
+    dv = torch.empty(B, H, n_kv, D, device=q.device, dtype=v.dtype)
+    drel = torch.empty((B, H, n_q, tabs.r_pad) if tabs.has_rel else (0,), device=q.device, dtype=torch.float32)
+    if not tabs.has_rel:
+        rel = drel
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    flags = dict(HAS_CLS=bool(has_cls), HAS_REL=tabs.has_rel, D_PAD=d_pad, R_PAD=tabs.r_pad)
+    cfg = select_config("bwd_dkdv", q.dtype, d_pad)
+    pooling_attention_bwd_dkdv_kernel[(triton.cdiv(n_kv, cfg.block_n), B * H)](
+        q, k, v, dout, lse, delta, rel, dk, dv, *strides,
+        H, n_q, n_kv, D, D**-0.5, *thw_kv,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+    )
+    cfg = select_config("bwd_dq", q.dtype, d_pad)
+    pooling_attention_bwd_dq_kernel[(triton.cdiv(n_q, cfg.block_m), B * H)](
+        q, k, v, dout, lse, delta, rel, tabs.table, *tabs.idx, dq, drel, *strides,
+        H, n_q, n_kv, D, D**-0.5, thw_q[1], thw_q[2], *thw_kv,
+        HAS_T=tabs.has_t, HAS_HW=tabs.has_hw, RESIDUAL=bool(residual_pooling),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+    )
+    return dq, dk, dv, drel
+
+
+def rel_table_grads(drel, q, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w):
+    """Gradients of the (interpolated) tables from d rel: for axis a,
+    dR_a[idx_a[i, j]] += sum over grid rows m with a(m) = i of drel[m, col_a(j)] * q[m].
+    The contraction is one einsum per axis (what the reference's einsum backward costs), then a
+    scatter-add of (q_size*k_size) rows into the table."""
+    B, H, n_q, D = q.shape
+    s = 1 if has_cls else 0
+    qt, qh, qw = thw_q
+    kt, kh, kw = thw_kv
+    dr = drel[:, :, s:].reshape(B, H, qt, qh, qw, -1)
+    qg = q[:, :, s:].reshape(B, H, qt, qh, qw, D).float()
+    grads = []
+    spans = ((0, kt, "bnthwj,bnthwc->tjc"), (kt, kh, "bnthwj,bnthwc->hjc"), (kt + kh, kw, "bnthwj,bnthwc->wjc"))
+    for axis, (table, (start, size, eq)) in enumerate(zip((rel_pos_t, rel_pos_h, rel_pos_w), spans)):
+        if table is None:
+            grads.append(None)
+            continue
+        g = torch.einsum(eq, dr[..., start:start + size], qg)
+        idx = rel_index(thw_q[axis], thw_kv[axis], q.device).long()
+        dtable = torch.zeros(table.shape, device=q.device, dtype=torch.float32)
+        dtable.index_add_(0, idx.reshape(-1), g.reshape(-1, D))
+        grads.append(dtable.to(table.dtype))
+    return grads
