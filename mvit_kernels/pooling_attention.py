@@ -1,10 +1,21 @@
 """Pooling attention, fused path.
 
-softmax(q k^T d^-1/2 + rel-pos bias) v (+ q), merged to (B, N_q, heads*d). On CPU tensors (and
-on CUDA where the Triton kernel does not apply) this runs
-``torch.nn.functional.scaled_dot_product_attention``: the decomposed rel-pos bias is passed as
-an additive mask, so the score matrix is formed inside SDPA's kernel rather than by separate
-matmul/softmax ops.
+softmax(q k^T d^-1/2 + rel-pos bias) v (+ q), merged to (B, N_q, heads*d).
+
+- CUDA tensors: the Triton kernels of :mod:`mvit_kernels.triton.pooling_attention` (flash-style,
+  the decomposed rel-pos bias computed in-kernel from KT+KH+KW numbers per query row, residual
+  pooling in the epilogue, output written as (B, N_q, heads*d)). Configurations the kernels do not
+  cover (dtype, head_dim > 128, kv grid with T+H+W > 64) fall back to SDPA.
+- CPU tensors: ``torch.nn.functional.scaled_dot_product_attention`` with the rel-pos bias passed
+  as an additive mask. :func:`triton_pooling_attention` forces the Triton path (on CPU tensors it
+  needs ``TRITON_INTERPRET=1``; the tests use it that way).
+
+Registration: ``torch.library.custom_op`` (not ``triton_op`` + ``wrap_triton``). Both trace under
+``torch.compile`` on a GPU, but only ``custom_op`` also compiles under the Triton interpreter
+(DESIGN.md §3: with ``triton_op`` fake tensors reach the interpreter), so only ``custom_op`` lets
+the CPU CI prove ``torch.compile(fullgraph=True)``, ``opcheck`` and the FLOP formulas. The cost
+is that Inductor sees the kernel as an opaque op instead of fusing around it, which it would not
+do for an attention kernel anyway.
 """
 
 from __future__ import annotations
@@ -13,9 +24,16 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from . import reference
 from .checks import check_attention_args
+
+try:
+    from .triton import pooling_attention as _kernels
+except ImportError:  # no Triton in this environment: SDPA everywhere
+    _kernels = None
 
 
 def _sdpa_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling):
@@ -36,18 +54,209 @@ def _sdpa_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_
     return out.transpose(1, 2).reshape(B, n_q, heads * d)
 
 
-def pooling_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+# ------------------------------------------------------------------------------------------
+# The registered ops. Tables given to the ops are already interpolated to 2*max(q, k) - 1 rows
+# (in torch, so autograd handles the interpolation's backward).
+# ------------------------------------------------------------------------------------------
+
+
+def _rel_pad(thw_kv: Sequence[int]) -> int:
+    return max(16, 1 << (max(sum(thw_kv), 1) - 1).bit_length())
+
+
+@torch.library.custom_op("mvit_kernels::pooling_attention_triton", mutates_args=())
+def _fwd_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rel_pos_t: Optional[Tensor],
+    rel_pos_h: Optional[Tensor],
+    rel_pos_w: Optional[Tensor],
+    thw_q: Sequence[int],
+    thw_kv: Sequence[int],
+    has_cls: bool,
+    residual_pooling: bool,
+    store_rel: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (out (B, N_q, heads*d), lse (B, heads, N_q) fp32, rel (B, heads, N_q, R_PAD) fp32
+    or empty); lse and rel are what the backward needs."""
+    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+        return _kernels.forward(
+            q, k, v, list(thw_q), list(thw_kv), has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling, store_rel
+        )
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling, store_rel):
+    B, H, n_q, D = q.shape
+    has_rel = rel_pos_t is not None or rel_pos_h is not None
+    out = q.new_empty(B, n_q, H * D)
+    lse = q.new_empty(B, H, n_q, dtype=torch.float32)
+    rel_shape = (B, H, n_q, _rel_pad(thw_kv)) if (store_rel and has_rel) else (0,)
+    return out, lse, q.new_empty(rel_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("mvit_kernels::pooling_attention_triton_backward", mutates_args=())
+def _bwd_op(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    rel: Tensor,
+    rel_pos_t: Optional[Tensor],
+    rel_pos_h: Optional[Tensor],
+    rel_pos_w: Optional[Tensor],
+    thw_q: Sequence[int],
+    thw_kv: Sequence[int],
+    has_cls: bool,
+    residual_pooling: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, d rel); the tables' gradients are formed from d rel in torch."""
+    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+        return _kernels.backward(
+            dout, q, k, v, out, lse, rel, list(thw_q), list(thw_kv), has_cls,
+            rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling,
+        )
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dout, q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling):
+    B, H, n_q, D = q.shape
+    has_rel = rel_pos_t is not None or rel_pos_h is not None
+    drel_shape = (B, H, n_q, _rel_pad(thw_kv)) if has_rel else (0,)
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+        q.new_empty(drel_shape, dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling, _ = inputs
+    out, lse, rel = output
+    ctx.save_for_backward(q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w)
+    ctx.args = (list(thw_q), list(thw_kv), bool(has_cls), bool(residual_pooling))
+
+
+def _backward(ctx, dout, _dlse, _drel):
+    q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w = ctx.saved_tensors
+    thw_q, thw_kv, has_cls, residual_pooling = ctx.args
+    if (rel_pos_t is not None or rel_pos_h is not None) and rel.numel() == 0:
+        raise RuntimeError("pooling_attention_triton: backward needs the rel tile; call with store_rel=True")
+    dq, dk, dv, drel = _bwd_op(
+        dout, q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling
+    )
+    dt = dh = dw = None
+    if rel_pos_t is not None or rel_pos_h is not None:
+        dt, dh, dw = _kernels.rel_table_grads(drel, q, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w)
+    return dq, dk, dv, dt, dh, dw, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ------------------------------------------------------------------------------------------
+# FLOP formulas: what FlopCounterMode counts for the reference path, so fused and reference
+# models report the same FLOPs. Reference forward: q k^T and attn v (2 bmm) plus one einsum per
+# rel-pos axis (q . R over the grid rows, K_axis columns). Reference backward: 2 bmm per
+# forward bmm, 2 per einsum. The backward op covers the attention bmms and the rel-pos term of
+# dq; the tables' einsum runs in torch (rel_table_grads) and is counted there.
+# ------------------------------------------------------------------------------------------
+
+
+def _rel_flops(q_shape, thw_q, thw_kv, has_t: bool, has_hw: bool) -> int:
+    B, H, _, D = q_shape
+    n_grid = thw_q[0] * thw_q[1] * thw_q[2]
+    cols = (thw_kv[0] if has_t else 0) + ((thw_kv[1] + thw_kv[2]) if has_hw else 0)
+    return 2 * B * H * n_grid * D * cols
+
+
+@register_flop_formula(torch.ops.mvit_kernels.pooling_attention_triton)
+def _fwd_flops(q_shape, k_shape, v_shape, t_shape, h_shape, w_shape, thw_q, thw_kv, *args, out_shape=None, **kwargs) -> int:
+    B, H, n_q, D = q_shape
+    n_kv = k_shape[2]
+    return 2 * (2 * B * H * n_q * n_kv * D) + _rel_flops(q_shape, thw_q, thw_kv, t_shape is not None, h_shape is not None)
+
+
+@register_flop_formula(torch.ops.mvit_kernels.pooling_attention_triton_backward)
+def _bwd_flops(dout_shape, q_shape, k_shape, v_shape, out_shape_, lse_shape, rel_shape, t_shape, h_shape, w_shape,
+               thw_q, thw_kv, *args, out_shape=None, **kwargs) -> int:
+    B, H, n_q, D = q_shape
+    n_kv = k_shape[2]
+    return 4 * (2 * B * H * n_q * n_kv * D) + _rel_flops(q_shape, thw_q, thw_kv, t_shape is not None, h_shape is not None)
+
+
+# ------------------------------------------------------------------------------------------
+# Public entry points
+# ------------------------------------------------------------------------------------------
+
+
+def triton_pooling_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
     thw_q: Sequence[int],
     thw_kv: Sequence[int],
     has_cls: bool = True,
-    rel_pos_t: Optional[torch.Tensor] = None,
-    rel_pos_h: Optional[torch.Tensor] = None,
-    rel_pos_w: Optional[torch.Tensor] = None,
+    rel_pos_t: Optional[Tensor] = None,
+    rel_pos_h: Optional[Tensor] = None,
+    rel_pos_w: Optional[Tensor] = None,
     residual_pooling: bool = False,
-) -> torch.Tensor:
+) -> Tensor:
+    """The Triton path, whatever the device (CPU tensors need ``TRITON_INTERPRET=1``). Same
+    contract as :func:`mvit_kernels.reference.pooling_attention`."""
+    if _kernels is None:
+        raise RuntimeError("triton_pooling_attention needs Triton, which is not installed")
+    thw_q, thw_kv = check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w)
+    if not _kernels.supports(q, thw_kv, rel_pos_t is not None or rel_pos_h is not None):
+        raise ValueError(
+            f"the Triton kernel does not cover dtype={q.dtype}, head_dim={q.shape[-1]} (max 128), "
+            f"kv grid {thw_kv} with rel-pos (T+H+W max 64)"
+        )
+    tables = []
+    for axis, table in enumerate((rel_pos_t, rel_pos_h, rel_pos_w)):
+        if table is not None:
+            table = reference.interpolate_rel_pos(table, reference.rel_pos_table_length(thw_q[axis], thw_kv[axis]))
+        tables.append(table)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, *tables)
+    )
+    out, _, _ = _fwd_op(q, k, v, *tables, list(thw_q), list(thw_kv), bool(has_cls), bool(residual_pooling), needs_grad)
+    return out
+
+
+def uses_triton(q: Tensor, thw_kv: Sequence[int], has_rel: bool) -> bool:
+    """The dispatch rule of :func:`pooling_attention`: Triton on CUDA where the kernels apply."""
+    return _kernels is not None and q.is_cuda and _kernels.supports(q, thw_kv, has_rel)
+
+
+def pooling_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    thw_q: Sequence[int],
+    thw_kv: Sequence[int],
+    has_cls: bool = True,
+    rel_pos_t: Optional[Tensor] = None,
+    rel_pos_h: Optional[Tensor] = None,
+    rel_pos_w: Optional[Tensor] = None,
+    residual_pooling: bool = False,
+) -> Tensor:
     """Same contract as :func:`mvit_kernels.reference.pooling_attention`."""
     thw_q, thw_kv = check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w)
+    if uses_triton(q, thw_kv, rel_pos_t is not None or rel_pos_h is not None):
+        return triton_pooling_attention(
+            q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling
+        )
     return _sdpa_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling)

@@ -362,6 +362,10 @@ class RelTables:
         for axis, table in enumerate((rel_pos_t, rel_pos_h, rel_pos_w)):
             if table is None:
                 continue
+            length = 2 * max(thw_q[axis], thw_kv[axis]) - 1
+            if table.shape[0] != length:
+                # The gather indexes rows up to length-1: a shorter table would read out of bounds.
+                raise ValueError(f"rel-pos table {'thw'[axis]} must be interpolated to {length} rows, got {table.shape[0]}")
             local = rel_index(thw_q[axis], thw_kv[axis], dev)
             self.local_idx[axis] = local
             self.idx[axis] = local + offset
