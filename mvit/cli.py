@@ -12,7 +12,7 @@ import sys
 from typing import Optional, Sequence
 
 # module paths of the subcommands, in the order `mvit --help` shows them
-SUBCOMMANDS = ("mvit.flops",)
+SUBCOMMANDS = ("mvit.flops", "mvit.train", "mvit.evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ division of the grid at Q-pooling blocks), so that parameter shapes match its ch
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -29,6 +30,15 @@ def round_width(width: float, multiplier: float, min_width: int = 1, divisor: in
     if width_out < 0.9 * width:
         width_out += divisor
     return int(width_out)
+
+
+def _tuples(values: dict) -> dict:
+    """JSON gives lists where the config holds tuples (nested for the stage grammar)."""
+
+    def conv(v):
+        return tuple(conv(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+    return {k: conv(v) for k, v in values.items()}
 
 
 def _prod(values) -> int:
@@ -126,7 +136,21 @@ class MViTConfig:
     no_kv_pool_blocks: tuple[int, ...] = ()
 
     def replace(self, **changes) -> "MViTConfig":
-        return dataclasses.replace(self, **changes)
+        unknown = set(changes) - set(field_names())
+        if unknown:
+            raise ValueError(f"unknown MViTConfig field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **_tuples(changes))
+
+    def to_dict(self) -> dict:
+        """Plain types only (lists for tuples), for JSON and checkpoints."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data) -> "MViTConfig":
+        unknown = set(data) - set(field_names())
+        if unknown:
+            raise ValueError(f"unknown MViTConfig field(s): {', '.join(sorted(unknown))}")
+        return cls(**_tuples(dict(data)))
 
     def grid_for(self, input_size: Triple) -> Triple:
         """Token grid after patch embedding of an input of ``input_size`` (T, H, W)."""
@@ -163,6 +187,8 @@ class MViTConfig:
         for entry in list(self.pool_q_stride) + list(self.pool_kv_stride):
             if not 0 <= entry[0] < self.depth or len(entry) != 4:
                 raise ValueError(f"pool stride entry {entry!r} must be (block < {self.depth}, t, h, w)")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if any(s < 1 for s in self.patch_grid):
             raise ValueError(f"input_size {self.input_size} is too small for the patch embedding")
 

@@ -50,9 +50,8 @@ class Pool(nn.Module):
         weight = self.weight
         if self.norm is not None:
             norm_w, norm_b = self.norm.weight, self.norm.bias
-        if fused:
-            # Under autocast the activations may be bf16 while the parameters stay fp32.
-            weight, norm_w, norm_b = (None if t is None else t.to(x.dtype) for t in (weight, norm_w, norm_b))
+        # Under autocast the activations may be bf16 while the parameters stay fp32.
+        weight, norm_w, norm_b = (None if t is None else t.to(x.dtype) for t in (weight, norm_w, norm_b))
         return _ops(fused).pool3d(
             x, thw, self.kernel, self.stride, self.padding, self.mode, weight, has_cls, norm_w, norm_b, self.eps
         )
@@ -104,9 +103,7 @@ class MultiScaleAttention(nn.Module):
         if self.pool_k is not None:
             k, thw_kv = self.pool_k(k, thw, self.has_cls, fused)
             v, _ = self.pool_v(v, thw, self.has_cls, fused)
-        tables = (self.rel_pos_t, self.rel_pos_h, self.rel_pos_w)
-        if fused:
-            tables = tuple(None if t is None else t.to(q.dtype) for t in tables)
+        tables = tuple(None if t is None else t.to(q.dtype) for t in (self.rel_pos_t, self.rel_pos_h, self.rel_pos_w))
         out = _ops(fused).pooling_attention(
             q, k, v, thw_q, thw_kv, self.has_cls, *tables, residual_pooling=self.residual_pooling
         )

@@ -1,0 +1,234 @@
+"""Checkpoint converters: torchvision and pySlowFast / facebookresearch/mvit weights into :class:`MViT`.
+
+- torchvision ``mvit_v1_b`` / ``mvit_v2_s`` state_dicts (``source="torchvision"``);
+- pySlowFast model-zoo checkpoints (``source="pyslowfast"``): fused ``qkv`` or separate
+  ``q``/``k``/``v`` projections, ``model_state`` nesting, DDP ``module.`` prefixes, and the older
+  MViT-B checkpoints whose stride-1 blocks have no K/V pooling (SlowFast#456): those blocks are
+  detected from the missing keys and built without K/V pooling;
+- facebookresearch/mvit image checkpoints (``source="mvit"``): same layout with 2-D convs.
+
+Every converter maps names and shapes, then checks the result against the model's own
+state_dict: missing, unexpected or mis-shaped keys raise one error that lists all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Mapping, Optional, Union
+
+import torch
+
+from .config import MViTConfig
+from .model import MViT
+from .presets import get_preset
+
+StateDict = dict[str, torch.Tensor]
+SOURCES = ("mvit_kernels", "torchvision", "pyslowfast", "mvit")
+
+
+class CheckpointMismatchError(ValueError):
+    """The converted state_dict does not fit the model; the message lists every problem."""
+
+
+def _unwrap(checkpoint: Mapping) -> StateDict:
+    """The state_dict inside a checkpoint file (pySlowFast nests it under 'model_state')."""
+    for key in ("model_state", "model", "state_dict", "model_ema"):
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            checkpoint = checkpoint[key]
+            break
+    state = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+# --- torchvision ------------------------------------------------------------------------------
+
+_TV_RULES = [
+    (r"^conv_proj\.", "patch_embed.proj."),
+    (r"^blocks\.(\d+)\.attn\.project\.0\.", r"blocks.\1.attn.proj."),
+    (r"^blocks\.(\d+)\.attn\.pool_([qkv])\.pool\.weight$", r"blocks.\1.attn.pool_\2.weight"),
+    (r"^blocks\.(\d+)\.attn\.pool_([qkv])\.norm_act\.0\.", r"blocks.\1.attn.pool_\2.norm."),
+    (r"^blocks\.(\d+)\.mlp\.0\.", r"blocks.\1.mlp.fc1."),
+    (r"^blocks\.(\d+)\.mlp\.3\.", r"blocks.\1.mlp.fc2."),
+    (r"^blocks\.(\d+)\.project\.", r"blocks.\1.proj."),
+    (r"^head\.1\.", "head.projection."),
+]
+_TV_POS = {
+    "pos_encoding.class_token": "cls_token",
+    "pos_encoding.spatial_pos": "pos_embed_spatial",
+    "pos_encoding.temporal_pos": "pos_embed_temporal",
+    "pos_encoding.class_pos": "pos_embed_class",
+}
+
+
+def _rename(key: str, rules) -> str:
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+def convert_torchvision(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """torchvision ``MViT`` names and shapes -> this project's."""
+    out: StateDict = {}
+    for key, value in _unwrap(state).items():
+        if key in _TV_POS:
+            # torchvision keeps (C,) / (L, C) tables; here they are (1, 1, C) / (1, L, C).
+            out[_TV_POS[key]] = value.reshape(1, -1, value.shape[-1])
+        else:
+            out[_rename(key, _TV_RULES)] = value
+    return out
+
+
+def torchvision_config(state: Mapping[str, torch.Tensor]) -> MViTConfig:
+    """The preset a torchvision state_dict was built from (v2 has rel-pos tables)."""
+    state = _unwrap(state)
+    name = "mvitv2_s_16x4" if any("rel_pos" in k for k in state) else "mvit_b_16x4"
+    cfg = get_preset(name)
+    head = state.get("head.1.weight")
+    if head is not None:
+        cfg = cfg.replace(num_classes=head.shape[0])
+    spatial = state.get("pos_encoding.spatial_pos")
+    temporal = state.get("pos_encoding.temporal_pos")
+    if spatial is not None and temporal is not None:
+        side = int(round(spatial.shape[0] ** 0.5))
+        t, h, w = cfg.patch_grid
+        if (temporal.shape[0], side) != (t, h):
+            cfg = cfg.replace(input_size=(temporal.shape[0] * 2, side * 4, side * 4))
+    return cfg
+
+
+# --- pySlowFast / facebookresearch/mvit -------------------------------------------------------
+
+_PYSF_RULES = [
+    (r"^blocks\.(\d+)\.attn\.norm_([qkv])\.", r"blocks.\1.attn.pool_\2.norm."),
+]
+
+
+def convert_pyslowfast(state: Mapping[str, torch.Tensor], cfg: Optional[MViTConfig] = None) -> StateDict:
+    """pySlowFast (and facebookresearch/mvit) names and shapes -> this project's.
+
+    Separate ``q``/``k``/``v`` projections are concatenated into ``qkv``; 2-D pooling convs of the
+    image repository become (d, 1, 1, kH, kW); a 3-D patch conv with one frame loads into a
+    2-D patch embedding."""
+    src = _unwrap(state)
+    out: StateDict = {}
+    for key, value in src.items():
+        m = re.match(r"^blocks\.(\d+)\.attn\.([qkv])\.(weight|bias)$", key)
+        if m:
+            continue  # merged below
+        new = _rename(key, _PYSF_RULES)
+        if re.match(r"^blocks\.\d+\.attn\.pool_[qkv]\.weight$", new) and value.dim() == 4:
+            value = value.unsqueeze(2)  # Conv2d (d, 1, kH, kW) -> (d, 1, 1, kH, kW)
+        out[new] = value
+    blocks = {int(m.group(1)) for k in src for m in [re.match(r"^blocks\.(\d+)\.attn\.q\.weight$", k)] if m}
+    for b in sorted(blocks):
+        for part in ("weight", "bias"):
+            pieces = [src.get(f"blocks.{b}.attn.{n}.{part}") for n in "qkv"]
+            if all(p is not None for p in pieces):
+                out[f"blocks.{b}.attn.qkv.{part}"] = torch.cat(pieces, dim=0)
+            elif any(p is not None for p in pieces):
+                missing = [n for n, p in zip("qkv", pieces) if p is None]
+                raise CheckpointMismatchError(
+                    f"block {b}: separate q/k/v projection is missing {', '.join(missing)}.{part}"
+                )
+    if cfg is not None and cfg.patch_2d:
+        w = out.get("patch_embed.proj.weight")
+        if w is not None and w.dim() == 5 and w.shape[2] == 1:
+            out["patch_embed.proj.weight"] = w.squeeze(2)
+    return out
+
+
+def pyslowfast_config(state: Mapping[str, torch.Tensor], cfg: MViTConfig) -> MViTConfig:
+    """Adapt a preset to what a pySlowFast checkpoint holds: the number of classes, and the
+    blocks of old checkpoints that have no K/V pooling (SlowFast#456)."""
+    src = _unwrap(state)
+    head = src.get("head.projection.weight")
+    if head is not None and head.shape[0] != cfg.num_classes:
+        cfg = cfg.replace(num_classes=head.shape[0])
+    # A block that exists in the checkpoint but has no pool_k although the grammar gives it K/V
+    # pooling was built by the old kernel = stride + 1 rule (stride 1 -> no pooling).
+    no_kv = tuple(
+        i
+        for i, spec in enumerate(cfg.block_specs())
+        if spec.pool_kv
+        and cfg.pool_mode == "conv"
+        and f"blocks.{i}.attn.pool_k.weight" not in src
+        and f"blocks.{i}.norm1.weight" in src
+    )
+    if no_kv:
+        cfg = cfg.replace(no_kv_pool_blocks=tuple(sorted(set(cfg.no_kv_pool_blocks) | set(no_kv))))
+    return cfg
+
+
+# --- checking and loading ---------------------------------------------------------------------
+
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise one error listing every missing, unexpected and mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state)
+        if tuple(expected[k].shape) != tuple(state[k].shape)
+    )
+    if missing or unexpected or misshaped:
+        parts = [f"{source} checkpoint does not fit the model {getattr(model, 'cfg', None) and model.cfg.name}:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)):
+            if items:
+                parts.append(f"  {title} ({len(items)}): " + ", ".join(items))
+        raise CheckpointMismatchError("\n".join(parts))
+
+
+def from_pretrained(
+    path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
+    source: str = "mvit_kernels",
+    preset: Union[str, MViTConfig, None] = None,
+    fused: bool = False,
+    **overrides,
+) -> MViT:
+    """Build an :class:`MViT` and load weights into it.
+
+    source: "mvit_kernels" (this project's own checkpoints, e.g. from ``mvit train``),
+    "torchvision" (``mvit_v1_b`` / ``mvit_v2_s``; the preset is inferred), "pyslowfast" or
+    "mvit" (facebookresearch/mvit image models): these two need ``preset`` naming the
+    architecture (e.g. "mvit_b_16x4", "mvitv2_s_image"); the class count is read from the head.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        if not os.path.exists(path_or_state_dict):
+            raise FileNotFoundError(f"checkpoint not found: {path_or_state_dict}")
+        raw = torch.load(path_or_state_dict, map_location="cpu", weights_only=False)
+    else:
+        raw = path_or_state_dict
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"expected a state_dict or a checkpoint dict, got {type(raw).__name__}")
+
+    cfg: Optional[MViTConfig] = get_preset(preset) if isinstance(preset, str) else preset
+    if source == "torchvision":
+        cfg = cfg or torchvision_config(raw)
+        state = convert_torchvision(raw)
+    elif source in ("pyslowfast", "mvit"):
+        if cfg is None:
+            raise ValueError(f"source={source!r} needs preset=... naming the architecture of the checkpoint")
+        cfg = pyslowfast_config(raw, cfg)
+        state = convert_pyslowfast(raw, cfg)
+    else:
+        stored = raw.get("config")
+        if isinstance(stored, Mapping):
+            stored = MViTConfig.from_dict(stored)
+        cfg = cfg or (stored if isinstance(stored, MViTConfig) else None)
+        if cfg is None:
+            raise ValueError("this checkpoint stores no config: pass preset=...")
+        state = _unwrap(raw)
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    model = MViT(cfg, fused=fused)
+    check_state_dict(model, state, source)
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,88 @@
+"""Which samples each rank reads (and in which order), and which frames each clip takes.
+
+``TrainSampler``: a per-epoch permutation (seeded by ``seed + epoch``, identical on all ranks),
+each index repeated ``repeats`` times (repeated augmentation: the copies land on different ranks
+and get different augmentations), padded to a multiple of the world size and dealt round-robin.
+Each rank then keeps ``ceil(len(dataset) / world)`` items so an epoch stays one pass over the data
+(DeiT's RASampler keeps the same count). It yields ``(index, sample_seed)`` pairs; datasets draw a
+sample's augmentation from its seed alone, so results do not depend on which DataLoader worker
+loads it, and ``start`` skips the items already consumed (mid-epoch resume).
+
+``shard_indices``: evaluation sharding without padding, so every video is counted exactly once.
+
+``clip_frame_indices``: pySlowFast's clip sampling, T frames every tau frames at the target frame
+rate, mapped to the source frame rate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import Sampler
+
+
+class TrainSampler(Sampler):
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1, repeats: int = 1,
+                 seed: int = 0, shuffle: bool = True):
+        if repeats < 1:
+            raise ValueError(f"repeated augmentation count must be >= 1, got {repeats}")
+        if length < 1:
+            raise ValueError("the training set is empty")
+        self.length, self.rank, self.world_size = length, rank, world_size
+        self.repeats, self.seed, self.shuffle = repeats, seed, shuffle
+        self.epoch, self.start = 0, 0
+        self.per_rank = math.ceil(length / world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def epoch_items(self) -> list[tuple[int, int]]:
+        """This rank's (index, sample_seed) list for the current epoch, before skipping ``start``."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.length, generator=g) if self.shuffle else torch.arange(self.length)
+        order = order.repeat_interleave(self.repeats).tolist()
+        total = math.ceil(len(order) / self.world_size) * self.world_size
+        order += order[: total - len(order)]
+        mine = list(range(self.rank, total, self.world_size))[: self.per_rank]
+        # the sample seed is the global position in this epoch's list: unique per copy and epoch
+        return [(order[p], (self.seed, self.epoch, p).__hash__() & 0x7FFFFFFF) for p in mine]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.epoch_items()[self.start:])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+def shard_indices(length: int, rank: int, world_size: int) -> list[int]:
+    """Rank ``rank``'s share of ``range(length)``: strided, no padding, disjoint, complete."""
+    return list(range(rank, length, world_size))
+
+
+def clip_frame_indices(num_frames: int, frames: int, stride: int, source_fps: float,
+                       target_fps: Optional[float], clip_idx: int, num_clips: int,
+                       rng: Optional[torch.Generator] = None) -> list[int]:
+    """Frame indices of one clip of ``frames`` frames, ``stride`` apart at ``target_fps``.
+
+    The clip spans ``frames * stride * source_fps / target_fps`` source frames (pySlowFast
+    ``get_start_end_idx``). ``clip_idx == -1``: random start (training); otherwise clip
+    ``clip_idx`` of ``num_clips`` uniformly spaced clips from the first to the last possible
+    start (one clip: the centre). Indices are ``linspace(start, end, frames)`` truncated and
+    clamped to the video, so short videos repeat frames.
+    """
+    if num_frames < 1:
+        raise ValueError("video has no frames")
+    ratio = 1.0 if not target_fps else source_fps / target_fps
+    span = frames * stride * ratio
+    delta = max(num_frames - span, 0.0)
+    if clip_idx == -1:
+        start = float(torch.rand((), generator=rng)) * delta
+    elif num_clips == 1:
+        start = delta / 2.0
+    else:
+        start = delta * clip_idx / (num_clips - 1)
+    end = start + span - 1.0
+    idx = torch.linspace(start, end, frames).long().clamp_(0, num_frames - 1)
+    return idx.tolist()

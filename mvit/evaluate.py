@@ -1,0 +1,191 @@
+"""``mvit eval``: multi-view testing.
+
+Each video is scored by the average of the softmax (sigmoid for multi-label) over all its views
+(K temporal clips x 1 or 3 spatial crops). Under DDP every rank scores a disjoint, unpadded share
+of the videos, and rank 0 gathers (video index, scores) pairs: each video counts exactly once.
+Reports top-1 / top-5 (single-label) or mAP (multi-label), optionally with each view's frames
+shuffled (the MViT paper's Table 9 test of whether a model uses temporal order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .training import distributed as dist_utils
+
+
+def aggregate_views(view_logits: torch.Tensor, multi_label: bool = False) -> torch.Tensor:
+    """(videos, views, classes) logits -> (videos, classes) mean of per-view probabilities."""
+    probs = view_logits.float().sigmoid() if multi_label else view_logits.float().softmax(-1)
+    return probs.mean(1)
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict:
+    order = np.argsort(-scores, axis=1, kind="stable")
+    out = {}
+    for k in ks:
+        hit = (order[:, : min(k, scores.shape[1])] == labels[:, None]).any(1)
+        out[f"top{k}"] = 100.0 * float(hit.mean()) if len(labels) else 0.0
+    return out
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Mean over classes with at least one positive of the average precision (Charades mAP)."""
+    aps = []
+    for c in range(scores.shape[1]):
+        pos = targets[:, c] > 0
+        if not pos.any():
+            continue
+        order = np.argsort(-scores[:, c], kind="stable")
+        hits = pos[order]
+        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        aps.append(float((precision * hits).sum() / hits.sum()))
+    return 100.0 * float(np.mean(aps)) if aps else 0.0
+
+
+def shuffle_views(views: torch.Tensor, video_index: int, seed: int = 0) -> torch.Tensor:
+    """Permute the frames (dim 2 of (V, C, T, H, W)) of each view, reproducibly per video."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + video_index)
+    perm = torch.stack([torch.randperm(views.shape[2], generator=g) for _ in range(views.shape[0])])
+    return torch.stack([v[:, p] for v, p in zip(views, perm)])
+
+
+def _collate(batch):
+    idx = [b[0] for b in batch]
+    views = torch.stack([b[1] for b in batch])
+    labels = [b[2] for b in batch]
+    return idx, views, labels
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, dataset, indices, shuffle_frames: bool):
+        self.dataset, self.indices, self.shuffle_frames = dataset, indices, shuffle_frames
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        j = self.indices[i]
+        views, label = self.dataset[j]
+        if self.shuffle_frames:
+            views = shuffle_views(views, j)
+        return j, views, label
+
+
+@torch.no_grad()
+def score_videos(model: Callable, dataset, rank: int, world_size: int, device, batch_size: int = 8,
+                 workers: int = 0, multi_label: bool = False, autocast=None,
+                 shuffle_frames: bool = False) -> list[tuple[int, np.ndarray, object]]:
+    """This rank's (video index, aggregated scores, label) triples."""
+    from .data.samplers import shard_indices
+
+    subset = _Indexed(dataset, shard_indices(len(dataset), rank, world_size), shuffle_frames)
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    out = []
+    ctx = autocast or contextlib.nullcontext
+    for idx, views, labels in loader:
+        b, v = views.shape[:2]
+        with ctx():
+            logits = model(views.flatten(0, 1).to(device, non_blocking=True))
+        scores = aggregate_views(logits.view(b, v, -1), multi_label).cpu().numpy()
+        for i, s, y in zip(idx, scores, labels):
+            out.append((i, s, y.numpy() if torch.is_tensor(y) else int(y)))
+    return out
+
+
+def metrics_from_scores(triples: list, multi_label: bool) -> dict:
+    triples = sorted(triples, key=lambda t: t[0])
+    ids = [t[0] for t in triples]
+    if len(set(ids)) != len(ids):
+        raise RuntimeError("a video was scored more than once")
+    if not triples:
+        return {"videos": 0}
+    scores = np.stack([t[1] for t in triples])
+    if multi_label:
+        return {"mAP": mean_average_precision(scores, np.stack([t[2] for t in triples])), "videos": len(ids)}
+    labels = np.array([t[2] for t in triples])
+    return {**topk_accuracy(scores, labels), "videos": len(ids)}
+
+
+def evaluate(model: torch.nn.Module, dataset, info, batch_size: int = 8, workers: int = 0,
+             multi_label: bool = False, autocast=None, shuffle_frames: bool = False) -> dict:
+    """Scores ``dataset`` across all ranks; every rank gets the same metrics."""
+    was_training = model.training
+    model.eval()
+    try:
+        mine = score_videos(model, dataset, info.rank, info.world_size, info.device, batch_size, workers,
+                            multi_label, autocast, shuffle_frames)
+    finally:
+        model.train(was_training)
+    gathered = dist_utils.all_gather_object(mine)
+    return metrics_from_scores([t for part in gathered for t in part], multi_label)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="multi-view evaluation of a checkpoint",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint written by `mvit train`")
+    p.add_argument("--val-csv", help="pySlowFast list (default: the synthetic task if trained on it)")
+    p.add_argument("--data-root", help="class folders ROOT/val/<class>/ (or prefix of CSV paths)")
+    p.add_argument("--image-folders", action="store_true")
+    p.add_argument("--test-clips", type=int, default=None, help="temporal views K (default 10 video, 1 synthetic)")
+    p.add_argument("--test-crops", type=int, default=None, choices=(1, 3), help="spatial views (default 3 video)")
+    p.add_argument("--sampling-rate", type=int, default=None)
+    p.add_argument("--target-fps", type=float, default=None)
+    p.add_argument("--shuffle-frames", action="store_true", help="shuffle each view's frames")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights stored in the checkpoint")
+    p.add_argument("--batch-size", type=int, default=8, help="videos per batch per rank")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
+    p.add_argument("--fused", action="store_true")
+    p.add_argument("--report", help="JSON report path (default: next to the checkpoint)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    dist_utils.run_guarded(lambda: main(args))
+    return 0
+
+
+def main(args: argparse.Namespace) -> dict:
+    from . import MViT
+    from .data import build_eval_dataset
+    from .train import _autocast
+    from .training import checkpoint as ckpt
+
+    if not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    state = ckpt.load(args.checkpoint)
+    if "model_config" not in state:
+        raise ValueError(f"{args.checkpoint} is not a checkpoint written by `mvit train`")
+    info = dist_utils.init(args.device)
+    model = MViT(state["model_config"], fused=args.fused)
+    if args.ema:
+        if not state.get("ema"):
+            raise ValueError("--ema: the checkpoint holds no EMA weights")
+        model.load_state_dict(state["ema"])
+    else:
+        model.load_state_dict(state["model"])
+    model.to(info.device).eval()
+    dataset, multi_label, workers = build_eval_dataset(args, state)
+    autocast, _ = _autocast(info.device, args.precision)
+    metrics = evaluate(model, dataset, info, args.batch_size, workers, multi_label, autocast, args.shuffle_frames)
+    report = {"checkpoint": os.path.abspath(args.checkpoint), "shuffle_frames": args.shuffle_frames,
+              "ema": args.ema, "views_per_video": getattr(dataset, "views_per_video", 1), **metrics}
+    if info.is_main:
+        path = args.report or os.path.splitext(args.checkpoint)[0] + (
+            "_eval_shuffled.json" if args.shuffle_frames else "_eval.json")
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+        print(json.dumps(report))
+    dist_utils.cleanup()
+    return report

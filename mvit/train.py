@@ -1,0 +1,411 @@
+"""``mvit train``: the training loop (one process, or one per GPU/CPU rank under torchrun).
+
+With no data arguments it trains ``mvit_tiny`` on the built-in synthetic motion task
+(:mod:`mvit.data.synthetic`) with the settings in ``SYNTHETIC_RECIPE``, then evaluates it with
+the frames in order and shuffled. Otherwise every default is the papers' recipe
+(``PAPER_RECIPE``: MViT / MViTv2 Kinetics training as in pySlowFast), each overridable by a flag.
+
+Reproducibility: the global torch RNG is reseeded at every optimizer step from (seed, rank, step),
+and every sample's augmentation is drawn from its own seed (see ``TrainSampler``), so resuming
+from a mid-epoch checkpoint replays exactly the losses of the uninterrupted run. The RNG states
+are saved in checkpoints too (per rank) and restored on resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .training import checkpoint as ckpt
+from .training import distributed as dist_utils
+from .training.ema import ModelEMA
+from .training.logs import JsonLog, plot_curves
+from .training.mixup import MixupCutmix, soft_target_cross_entropy
+from .training.optim import WarmupCosine, build_optimizer
+
+# The papers' recipe (MViT paper A.1 / MViTv2 paper, pySlowFast MVIT*_CONV configs).
+PAPER_RECIPE = dict(
+    epochs=200, warmup_epochs=30.0, batch_size=64, base_lr=1.6e-3, min_lr=1e-6, weight_decay=0.05,
+    label_smoothing=0.1, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,
+    rand_augment="m7-n4", random_erasing=0.25, repeated_aug=2, clip_grad=1.0, drop_path=None,
+    flip=True, eval_every=5,
+)
+
+# The built-in synthetic task: small, fast, and motion direction must survive augmentation (no
+# flips, no RandAugment geometry, no mixing that blends two directions into one clip).
+SYNTHETIC_RECIPE = dict(
+    epochs=8, warmup_epochs=1.0, batch_size=64, base_lr=8e-3, min_lr=1e-5, weight_decay=0.05,
+    label_smoothing=0.1, mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5,
+    rand_augment="none", random_erasing=0.0, repeated_aug=1, clip_grad=1.0, drop_path=None,
+    flip=False, eval_every=1,
+)
+SYNTHETIC_TRAIN_LENGTH = 8192
+SYNTHETIC_VAL_LENGTH = 1024
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a model (no data arguments: the built-in synthetic motion task)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data (none given: built-in synthetic task)")
+    d.add_argument("--train-csv", help="pySlowFast list: one 'path label' per line")
+    d.add_argument("--val-csv", help="pySlowFast list for validation")
+    d.add_argument("--data-root", help="class folders: ROOT/train/<class>/<video>, ROOT/val/... "
+                   "(also the prefix of relative paths in CSV files)")
+    d.add_argument("--image-folders", action="store_true",
+                   help="DATA_ROOT holds images (ImageNet layout) for an image preset")
+    d.add_argument("--multi-label", action="store_true",
+                   help="labels are comma-separated class ids (Charades): BCE loss, mAP")
+    d.add_argument("--num-classes", type=int, help="default: from the data")
+    d.add_argument("--num-frames", type=int, help="frames per clip T (default: the preset's)")
+    d.add_argument("--sampling-rate", type=int, default=4, help="tau: frames between samples")
+    d.add_argument("--target-fps", type=float, default=30.0, help="frame rate tau is counted at")
+    d.add_argument("--crop-size", type=int, help="default: the preset's")
+    d.add_argument("--jitter-scales", type=int, nargs=2, default=None,
+                   help="train short-side scale range (default 256 320 at 224 crop, scaled)")
+    d.add_argument("--test-clips", type=int, default=1, help="temporal views at validation")
+    d.add_argument("--test-crops", type=int, default=1, choices=(1, 3), help="spatial views at validation")
+    d.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4; 0 synthetic)")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default="mvit_tiny")
+    m.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the preset's)")
+    m.add_argument("--finetune", help="initialize from this checkpoint; a head of another size is re-made")
+    m.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise LR decay (1 = off)")
+    m.add_argument("--fused", action="store_true", help="use the fused kernels (needs the built extension)")
+    m.add_argument("--compile", action="store_true", help="torch.compile the model")
+    m.add_argument("--checkpoint-activations", action="store_true", help="recompute blocks in backward")
+
+    o = p.add_argument_group("optimization (defaults: the papers' recipe; synthetic: SYNTHETIC_RECIPE)")
+    o.add_argument("--epochs", type=int)
+    o.add_argument("--warmup-epochs", type=float)
+    o.add_argument("--batch-size", type=int, help="global clips per optimizer step (all ranks, all micro-batches)")
+    o.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation micro-batches")
+    o.add_argument("--base-lr", type=float, help="LR for a global batch of 512 (scaled linearly)")
+    o.add_argument("--min-lr", type=float)
+    o.add_argument("--weight-decay", type=float)
+    o.add_argument("--label-smoothing", type=float)
+    o.add_argument("--mixup", type=float, help="mixup alpha (0 = off)")
+    o.add_argument("--cutmix", type=float, help="cutmix alpha (0 = off)")
+    o.add_argument("--mixup-prob", type=float)
+    o.add_argument("--mixup-switch-prob", type=float)
+    o.add_argument("--rand-augment", help="'mM-nN' (e.g. m7-n4) or 'none'")
+    o.add_argument("--random-erasing", type=float, help="probability (0 = off)")
+    o.add_argument("--repeated-aug", type=int, help="repeated augmentation copies (1 = off)")
+    o.add_argument("--clip-grad", type=float, help="max gradient L2 norm (0 = off)")
+    o.add_argument("--no-flip", dest="flip", action="store_const", const=False, default=None)
+    o.add_argument("--ema-decay", type=float, default=0.0, help="EMA of weights (0 = off), e.g. 0.9999")
+    o.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="autocast dtype (auto: bf16 on GPU, fp32 on CPU); fp16 uses a GradScaler")
+    o.add_argument("--seed", type=int, default=0)
+
+    r = p.add_argument_group("run")
+    r.add_argument("--output-dir", help="default: runs/<preset>[_synthetic]")
+    r.add_argument("--resume", help="a checkpoint path, or 'auto' (latest valid one in the output dir)")
+    r.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps (0: per epoch)")
+    r.add_argument("--keep-ckpts", type=int, default=3)
+    r.add_argument("--eval-every", type=int, help="validate every N epochs (and after the last)")
+    r.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    r.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (0: leave)")
+    r.add_argument("--dist-timeout", type=float, default=600.0, help="seconds before a collective fails")
+    r.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def resolve_recipe(args: argparse.Namespace) -> dict:
+    """Flags given explicitly win; the rest come from the synthetic or the paper recipe."""
+    synthetic = not (args.train_csv or args.data_root)
+    base = SYNTHETIC_RECIPE if synthetic else PAPER_RECIPE
+    recipe = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
+    recipe["synthetic"] = synthetic
+    return recipe
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    step: int = 0
+    epoch_pos: int = 0  # samples of the current epoch this rank has consumed
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 7_919 + step) & 0x7FFF_FFFF_FFFF
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext, precision
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return (lambda: torch.autocast(device.type, dtype=dtype)), precision
+
+
+def run(args: argparse.Namespace) -> int:
+    dist_utils.run_guarded(lambda: train(args))
+    return 0
+
+
+def train(args: argparse.Namespace) -> dict:
+    from .data import build_datasets
+    from .evaluate import evaluate
+    from . import build_model
+
+    t_start = time.time()
+    recipe = resolve_recipe(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.accum_steps < 1:
+        raise ValueError("--accum-steps must be >= 1")
+    info = dist_utils.init(args.device, args.dist_timeout)
+    micro, rem = divmod(recipe["batch_size"], info.world_size * args.accum_steps)
+    if rem or micro < 1:
+        raise ValueError(
+            f"--batch-size {recipe['batch_size']} is not divisible by world size {info.world_size} x "
+            f"--accum-steps {args.accum_steps}")
+
+    data = build_datasets(args, recipe)
+    out_dir = args.output_dir or os.path.join("runs", args.preset + ("_synthetic" if recipe["synthetic"] else ""))
+    overrides = {"num_classes": data.num_classes}
+    if data.input_size is not None:
+        overrides["input_size"] = data.input_size
+    if recipe["drop_path"] is not None:
+        overrides["drop_path_rate"] = recipe["drop_path"]
+    model = build_model(args.preset, fused=args.fused, checkpoint_activations=args.checkpoint_activations,
+                        **overrides)
+    if args.finetune:
+        _load_finetune(model, args.finetune, info.is_main)
+    model.to(info.device)
+
+    global_batch = recipe["batch_size"]
+    lr = recipe["base_lr"] * global_batch / 512.0
+    optimizer = build_optimizer(model, lr, recipe["weight_decay"], args.layer_decay)
+    from .data.samplers import TrainSampler
+
+    sampler = TrainSampler(len(data.train), info.rank, info.world_size, recipe["repeated_aug"], args.seed)
+    steps_per_epoch = len(sampler) // (micro * args.accum_steps)
+    if steps_per_epoch < 1:
+        raise ValueError(f"the training set ({len(data.train)} samples) is smaller than one batch per rank")
+    total_steps = recipe["epochs"] * steps_per_epoch
+    sched = WarmupCosine(lr, total_steps, int(recipe["warmup_epochs"] * steps_per_epoch),
+                         start_lr=min(1e-6, lr), end_lr=min(recipe["min_lr"], lr))
+    autocast, precision = _autocast(info.device, args.precision)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
+    ema = ModelEMA(model, args.ema_decay) if args.ema_decay > 0 else None
+    mix = MixupCutmix(data.num_classes, recipe["mixup"], recipe["cutmix"], recipe["mixup_prob"],
+                      recipe["mixup_switch_prob"], recipe["label_smoothing"])
+
+    state = TrainState()
+    log = JsonLog(os.path.join(out_dir, "log.jsonl") if info.is_main else None)
+    resumed = _maybe_resume(args, out_dir, model, optimizer, sched, scaler, ema, state, info)
+    if info.is_main and not resumed and os.path.exists(os.path.join(out_dir, "log.jsonl")):
+        os.unlink(os.path.join(out_dir, "log.jsonl"))
+
+    net = model
+    if args.compile:
+        net = torch.compile(net)
+    if info.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if info.is_main:
+        log.write(kind="config", preset=args.preset, world_size=info.world_size, micro_batch=micro,
+                  accum_steps=args.accum_steps, global_batch=global_batch, lr=lr, steps_per_epoch=steps_per_epoch,
+                  precision=precision, **{k: v for k, v in recipe.items()})
+
+    def save(tag_epoch: int) -> None:
+        rngs = dist_utils.all_gather_object(_rng_state())
+        if info.is_main:
+            obj = {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
+                "epoch": state.epoch, "step": state.step, "sampler": {"epoch": state.epoch, "position": state.epoch_pos},
+                "rng": rngs, "world_size": info.world_size, "preset": args.preset,
+                "num_classes": data.num_classes, "model_config": model.cfg, "classes": data.classes,
+                "args": vars(args) | {"func": None}, "recipe": recipe,
+            }
+            ckpt.atomic_save(obj, os.path.join(out_dir, ckpt.checkpoint_name(tag_epoch, state.step)))
+            ckpt.prune(out_dir, args.keep_ckpts)
+        dist_utils.barrier()
+
+    multi_label = data.multi_label
+    max_steps = args.max_steps or total_steps
+    last_metrics: dict = {}
+    show = info.is_main and not args.no_progress
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    while state.epoch < recipe["epochs"] and state.step < max_steps:
+        model.train()
+        sampler.set_epoch(state.epoch, state.epoch_pos)
+        loader = torch.utils.data.DataLoader(
+            data.train, batch_size=micro, sampler=sampler, num_workers=data.workers, drop_last=True,
+            pin_memory=info.device.type == "cuda", persistent_workers=False)
+        remaining = (len(sampler) // micro) // args.accum_steps
+        bar = tqdm(total=remaining, desc=f"epoch {state.epoch + 1}/{recipe['epochs']}", leave=True,
+                   dynamic_ncols=True, file=sys.stderr) if show and tqdm else None
+        it = iter(loader)
+        t_last, clips_since = time.time(), 0
+        for _ in range(remaining):
+            if state.step >= max_steps:
+                break
+            torch.manual_seed(_step_seed(args.seed, info.rank, state.step))
+            cur_lr = sched.apply(optimizer, state.step)
+            loss_sum = 0.0
+            for k in range(args.accum_steps):
+                x, y = next(it)
+                x = x.to(info.device, non_blocking=True)
+                y = y.to(info.device, non_blocking=True)
+                x, target, _, _ = mix(x, y)
+                sync = k == args.accum_steps - 1 or not info.distributed
+                ctx = contextlib.nullcontext() if sync else net.no_sync()
+                with ctx:
+                    with autocast():
+                        logits = net(x)
+                    if multi_label:
+                        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+                    else:
+                        loss = soft_target_cross_entropy(logits, target)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss.item()} at step {state.step}")
+                    scaler.scale(loss / args.accum_steps).backward()
+                loss_sum += loss.item() / args.accum_steps
+            if recipe["clip_grad"] > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip_grad"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema:
+                ema.update(model)
+            state.step += 1
+            state.epoch_pos += micro * args.accum_steps
+            clips_since += global_batch
+            if info.is_main:
+                log.write(kind="train", epoch=state.epoch, step=state.step, loss=loss_sum, lr=cur_lr)
+            if bar:
+                now = time.time()
+                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{cur_lr:.2e}",
+                                clips_s=f"{clips_since / max(now - t_last, 1e-9):.0f}")
+                if now - t_last > 5:
+                    t_last, clips_since = now, 0
+                bar.update(1)
+            if args.ckpt_every and state.step % args.ckpt_every == 0:
+                save(state.epoch)
+        if bar:
+            bar.close()
+        del it, loader
+        epoch_done = state.epoch_pos >= steps_per_epoch * micro * args.accum_steps
+        if epoch_done:
+            state.epoch += 1
+            state.epoch_pos = 0
+        finished = state.epoch >= recipe["epochs"] or state.step >= max_steps
+        if data.val is not None and (finished or (epoch_done and state.epoch % recipe["eval_every"] == 0)):
+            eval_model = ema.module if ema else model
+            last_metrics = evaluate(eval_model, data.val, info, batch_size=max(1, micro), workers=data.workers,
+                                    multi_label=multi_label, autocast=autocast)
+            if info.is_main:
+                log.write(kind="val", epoch=state.epoch, step=state.step, **last_metrics)
+                print(f"epoch {state.epoch}: " + _fmt(last_metrics), file=sys.stderr, flush=True)
+        save(state.epoch)
+
+    result = {"val": last_metrics, "steps": state.step, "epochs": state.epoch}
+    if recipe["synthetic"] and data.val is not None:
+        shuffled = evaluate(ema.module if ema else model, data.val, info, batch_size=max(1, micro),
+                            workers=data.workers, multi_label=False, autocast=autocast, shuffle_frames=True)
+        result["val_shuffled_frames"] = shuffled
+    result["wall_s"] = round(time.time() - t_start, 1)
+    if info.is_main:
+        log.write(kind="result", **result)
+        with open(os.path.join(out_dir, "result.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        try:
+            plot_curves(os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "curves.png"))
+        except Exception as exc:  # a plot must never fail a finished run
+            print(f"warning: could not plot curves: {exc}", file=sys.stderr)
+        line = f"done: {state.epoch} epochs, {state.step} steps, {result['wall_s']:.0f} s"
+        if last_metrics:
+            line += "; validation " + _fmt(last_metrics)
+        if "val_shuffled_frames" in result:
+            line += "; with frames shuffled " + _fmt(result["val_shuffled_frames"])
+        print(line)
+        print(f"checkpoints, log.jsonl, curves.png, result.json in {out_dir}")
+    dist_utils.cleanup()
+    return result
+
+
+def _fmt(metrics: dict) -> str:
+    if "mAP" in metrics:
+        return f"mAP {metrics['mAP']:.2f} ({metrics['videos']} videos)"
+    return f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% ({metrics['videos']} videos)"
+
+
+def _load_finetune(model, path: str, verbose: bool) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--finetune checkpoint not found: {path}")
+    state = ckpt.load(path)
+    weights = state.get("model", state)
+    own = model.state_dict()
+    dropped = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
+    weights = {k: v for k, v in weights.items() if k in own and k not in dropped}
+    missing, _ = model.load_state_dict(weights, strict=False)
+    if verbose:
+        print(f"fine-tuning from {path}: re-initialized {sorted(set(missing) | set(dropped))}", file=sys.stderr)
+
+
+def _maybe_resume(args, out_dir, model, optimizer, sched, scaler, ema, state: TrainState, info) -> bool:
+    if not args.resume:
+        return False
+    if args.resume == "auto":
+        found = ckpt.latest_valid(out_dir)
+        if found is None:
+            if info.is_main:
+                print(f"--resume auto: no checkpoint in {out_dir}, starting fresh", file=sys.stderr)
+            return False
+        path, obj = found
+    else:
+        if not os.path.exists(args.resume):
+            raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
+        path, obj = args.resume, ckpt.load(args.resume)
+    model.load_state_dict(obj["model"])
+    optimizer.load_state_dict(obj["optimizer"])
+    sched.load_state_dict(obj["scheduler"])
+    scaler.load_state_dict(obj["scaler"])
+    if ema is not None and obj.get("ema") is not None:
+        ema.load_state_dict(obj["ema"])
+    state.epoch, state.step = obj["epoch"], obj["step"]
+    state.epoch_pos = obj["sampler"]["position"]
+    rngs = obj.get("rng") or []
+    if obj.get("world_size") == info.world_size and info.rank < len(rngs):
+        _set_rng_state(rngs[info.rank])
+    if info.is_main:
+        print(f"resumed from {path} (epoch {state.epoch}, step {state.step})", file=sys.stderr)
+    return True

@@ -1,0 +1,100 @@
+"""Process group setup from torchrun's environment, and failing fast instead of hanging.
+
+``torchrun`` (single node or ``--nnodes``) sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT;
+without them the job runs as a single process. NCCL on GPUs, gloo on CPU. Collectives get a
+timeout, and :func:`run_guarded` turns an exception on any rank into a logged error and a
+non-zero exit of that process, which makes torchrun stop the other ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def run_guarded(fn: Callable[[], int]) -> int:
+    """Run ``fn``; in a multi-process job an exception is printed with the rank and the process
+    exits non-zero at once (``os._exit``) rather than waiting in a collective the failed rank will
+    never join. Single-process errors propagate (the CLI prints ValueError as one line)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return fn()
+    rank = os.environ.get("RANK", "?")
+    try:
+        return fn()
+    except BaseException as exc:  # includes KeyboardInterrupt: never leave peers hanging
+        if isinstance(exc, SystemExit) and not exc.code:
+            raise
+        msg = f"[rank {rank}] failed: {type(exc).__name__}: {exc}"
+        if not isinstance(exc, (ValueError, FileNotFoundError)):
+            msg += "\n" + traceback.format_exc()
+        print(msg, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2 if isinstance(exc, (ValueError, FileNotFoundError)) else 1)

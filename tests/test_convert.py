@@ -1,0 +1,137 @@
+"""Checkpoint converters against the source models (torchvision) and hand-built layouts
+(pySlowFast). Tolerance: fp32 max abs difference <= 1e-5 on the logits."""
+
+import pytest
+import torch
+import torchvision
+
+from mvit import build_model
+from mvit.convert import CheckpointMismatchError, convert_torchvision, from_pretrained
+
+ATOL = 1e-5
+
+
+@pytest.mark.parametrize(
+    "builder, num_classes",
+    [(torchvision.models.video.mvit_v1_b, 400), (torchvision.models.video.mvit_v2_s, 11)],
+)
+def test_torchvision_weights_give_the_same_outputs(builder, num_classes):
+    torch.manual_seed(0)
+    source = builder(num_classes=num_classes).eval()
+    model = from_pretrained(source.state_dict(), source="torchvision").eval()
+    assert model.cfg.num_classes == num_classes
+    x = torch.randn(1, 3, 16, 224, 224)
+    with torch.no_grad():
+        expected, got = source(x), model(x)
+    assert (expected - got).abs().max().item() <= ATOL
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in source.parameters())
+
+
+def test_torchvision_checkpoint_file_and_wrong_preset(tmp_path):
+    torch.manual_seed(1)
+    source = torchvision.models.video.mvit_v2_s(num_classes=5)
+    path = tmp_path / "tv.pth"
+    torch.save(source.state_dict(), path)
+    model = from_pretrained(path, source="torchvision")
+    assert model.cfg.name == "mvitv2_s_16x4"
+    with pytest.raises(CheckpointMismatchError) as info:
+        from_pretrained(path, source="torchvision", preset="mvit_b_16x4")
+    message = str(info.value)
+    assert "missing keys" in message and "pos_embed_spatial" in message
+    assert "unexpected keys" in message and "rel_pos_h" in message
+    assert "mis-shaped keys" in message and "head.projection.weight" in message
+
+
+def _to_pyslowfast_layout(model, separate_qkv=False, drop_kv_blocks=()):
+    """Write a state_dict by hand in pySlowFast's key layout (model_state nesting, norm_q/k/v
+    beside pool_q/k/v, head.projection), as its model zoo files hold them."""
+    out = {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if len(parts) == 6 and parts[2] == "attn" and parts[3].startswith("pool_") and parts[4] == "norm":
+            # blocks.i.attn.pool_q.norm.weight -> blocks.i.attn.norm_q.weight
+            key = f"blocks.{parts[1]}.attn.norm_{parts[3][-1]}.{parts[5]}"
+        if separate_qkv and key.endswith(("attn.qkv.weight", "attn.qkv.bias")):
+            prefix, part = key.rsplit(".qkv.", 1)
+            for name, chunk in zip("qkv", value.chunk(3, dim=0)):
+                out[f"{prefix}.{name}.{part}"] = chunk.clone()
+            continue
+        out[key] = value.clone()
+    for b in drop_kv_blocks:
+        for key in [k for k in out if k.startswith(f"blocks.{b}.attn.") and ("_k." in k or "_v." in k)]:
+            del out[key]
+    return {"model_state": {f"module.{k}": v for k, v in out.items()}, "epoch": 3}
+
+
+@pytest.mark.parametrize("separate_qkv", [False, True])
+def test_pyslowfast_layout_loads_into_the_same_model(separate_qkv):
+    torch.manual_seed(2)
+    source = build_model("mvit_tiny", num_classes=6).eval()
+    checkpoint = _to_pyslowfast_layout(source, separate_qkv=separate_qkv)
+    assert "blocks.0.attn.norm_k.weight" in {k[len("module."):] for k in checkpoint["model_state"]}
+    model = from_pretrained(checkpoint, source="pyslowfast", preset="mvit_tiny").eval()
+    assert model.cfg.num_classes == 6
+    x = torch.randn(2, 3, 8, 32, 32)
+    with torch.no_grad():
+        assert (source(x) - model(x)).abs().max().item() <= ATOL
+
+
+def test_old_pyslowfast_checkpoints_without_kv_pooling_in_the_last_blocks():
+    """SlowFast#456: stride-1 blocks of old checkpoints have no K/V pooling at all."""
+    torch.manual_seed(3)
+    last = (2, 3)  # mvit_tiny's blocks whose K/V stride has shrunk to 1
+    source = build_model("mvit_tiny", no_kv_pool_blocks=last).eval()
+    assert all(source.blocks[b].attn.pool_k is None for b in last)
+    checkpoint = _to_pyslowfast_layout(source)
+    model = from_pretrained(checkpoint, source="pyslowfast", preset="mvit_tiny").eval()
+    assert model.cfg.no_kv_pool_blocks == last
+    x = torch.randn(1, 3, 8, 32, 32)
+    with torch.no_grad():
+        assert (source(x) - model(x)).abs().max().item() <= ATOL
+
+
+def test_pyslowfast_errors_list_every_bad_key():
+    source = build_model("mvit_tiny")
+    checkpoint = _to_pyslowfast_layout(source)
+    state = checkpoint["model_state"]
+    del state["module.norm.weight"]
+    state["module.extra.weight"] = torch.zeros(1)
+    state["module.blocks.0.mlp.fc1.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointMismatchError) as info:
+        from_pretrained(checkpoint, source="pyslowfast", preset="mvit_tiny")
+    message = str(info.value)
+    assert "missing keys (1): norm.weight" in message
+    assert "unexpected keys (1): extra.weight" in message
+    assert "blocks.0.mlp.fc1.weight: checkpoint (3, 3)" in message
+
+
+def test_pyslowfast_needs_a_preset_and_sources_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="needs preset"):
+        from_pretrained({}, source="pyslowfast")
+    with pytest.raises(ValueError, match="source must be one of"):
+        from_pretrained({}, source="timm")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        from_pretrained(tmp_path / "nope.pyth", source="pyslowfast", preset="mvit_tiny")
+
+
+def test_image_repository_layout_with_2d_convs():
+    """facebookresearch/mvit stores Conv2d pooling weights (d, 1, kH, kW)."""
+    torch.manual_seed(4)
+    source = build_model("mvitv2_t_image", num_classes=3, input_size=(1, 64, 64)).eval()
+    checkpoint = _to_pyslowfast_layout(source)
+    state = checkpoint["model_state"]
+    for key in [k for k in state if k.endswith(("pool_q.weight", "pool_k.weight", "pool_v.weight"))]:
+        state[key] = state[key].squeeze(2)
+    model = from_pretrained(checkpoint, source="mvit", preset="mvitv2_t_image", input_size=(1, 64, 64)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (source(x) - model(x)).abs().max().item() <= ATOL
+
+
+def test_convert_torchvision_reshapes_position_tables():
+    source = torchvision.models.video.mvit_v1_b()
+    state = convert_torchvision(source.state_dict())
+    assert state["cls_token"].shape == (1, 1, 96)
+    assert state["pos_embed_spatial"].shape == (1, 56 * 56, 96)
+    assert state["pos_embed_temporal"].shape == (1, 8, 96)
+    assert state["head.projection.weight"].shape == (400, 768)

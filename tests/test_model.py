@@ -1,0 +1,148 @@
+"""The reference model: shapes, variants, other input sizes, checkpointing, errors, init."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mvit import build_model
+from mvit.presets import get_preset
+
+V2_TINY = dict(
+    abs_pos="none",
+    rel_pos_spatial=True,
+    rel_pos_temporal=True,
+    residual_pooling=True,
+    dim_mul_in_att=True,
+    pool_q_stride=tuple((i, 1, 2, 2) if i in (1, 3) else (i, 1, 1, 1) for i in range(4)),
+)
+
+
+def _video(b=2, t=8, s=32):
+    return torch.randn(b, 3, t, s, s)
+
+
+@pytest.mark.parametrize("mode", ["conv", "avg", "max"])
+@pytest.mark.parametrize("cls_embed", [True, False])
+def test_v1_variants_run_and_train(mode, cls_embed):
+    torch.manual_seed(0)
+    model = build_model("mvit_tiny", pool_mode=mode, cls_embed=cls_embed, num_classes=5)
+    out = model(_video())
+    assert out.shape == (2, 5)
+    out.sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert (model.blocks[0].attn.pool_k.weight is not None) == (mode == "conv")
+
+
+def test_v2_tiny_has_rel_pos_and_residual_pooling():
+    torch.manual_seed(0)
+    model = build_model("mvit_tiny", **V2_TINY)
+    names = {n for n, _ in model.named_parameters()}
+    assert "blocks.0.attn.rel_pos_t" in names and "blocks.0.attn.rel_pos_h" in names
+    assert "pos_embed_spatial" not in names
+    assert model(_video()).shape == (2, 4)
+
+
+def test_joint_position_embedding_and_image_input():
+    model = build_model("mvit_b16_image", input_size=(1, 64, 64), num_classes=3, depth=4,
+                        dim_mul=((1, 2.0),), head_mul=((1, 2.0),), pool_q_stride=((1, 1, 2, 2),))
+    assert model.pos_embed.shape == (1, 1 + 16 * 16, 96)
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    assert out.shape == (2, 3)
+    # (B, C, 1, H, W) is accepted too
+    torch.testing.assert_close(model.eval()(x.unsqueeze(2)), model.eval()(x))
+
+
+def test_other_input_sizes_interpolate_position_embeddings():
+    """A 12-frame 40x40 input into the 8x32x32 tiny model (pytorchvideo#180 failed here)."""
+    model = build_model("mvit_tiny").eval()
+    out = model(_video(b=1, t=12, s=40))
+    assert out.shape == (1, 4)
+    v2 = build_model("mvit_tiny", **V2_TINY).eval()
+    assert torch.isfinite(v2(_video(b=1, t=12, s=48))).all()
+
+
+def test_separate_embedding_resize_equals_resizing_the_joint_table():
+    """pySlowFast resizes the summed (T*H*W) table trilinearly; resizing each factor is equal."""
+    torch.manual_seed(0)
+    model = build_model("mvit_tiny")
+    t, h, w = model.grid
+    C = model.cfg.embed_dim
+    joint = (model.pos_embed_temporal[:, :, None, :] + model.pos_embed_spatial[:, None, :, :]).reshape(1, t, h, w, C)
+    new = (6, 10, 7)
+    expected = F.interpolate(joint.permute(0, 4, 1, 2, 3), size=new, mode="trilinear")
+    expected = expected.permute(0, 2, 3, 4, 1).reshape(1, -1, C)
+    got = model._position_embedding(new)[:, 1:]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_give_clear_errors():
+    model = build_model("mvit_tiny")
+    with pytest.raises(ValueError, match=r"video model: input must be \(B, C, T, H, W\)"):
+        model(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="3 channels"):
+        model(torch.randn(2, 4, 8, 32, 32))
+    with pytest.raises(ValueError, match="batch is empty"):
+        model(torch.randn(0, 3, 8, 32, 32))
+    image = build_model("mvitv2_t_image", input_size=(1, 64, 64))
+    with pytest.raises(ValueError, match="image model"):
+        image(torch.randn(2, 3, 4, 64, 64))
+    with pytest.raises(ValueError, match="too small for the patch embedding"):
+        build_model("mvit_tiny", input_size=(8, 3, 3), patch_padding=(1, 0, 0))
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        build_model("mvit_tiny", drop_path_rate=1.0)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = build_model("mvit_tiny", drop_path_rate=0.0)
+    ckpt = build_model("mvit_tiny", drop_path_rate=0.0, checkpoint_activations=True)
+    ckpt.load_state_dict(model.state_dict())
+    x = _video()
+    model(x).square().sum().backward()
+    ckpt(x).square().sum().backward()
+    for (name, a), b in zip(model.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bf16_autocast_with_checkpointing_runs():
+    model = build_model("mvit_tiny", checkpoint_activations=True, **V2_TINY)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(_video())
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_stochastic_depth_is_per_sample_in_training_only():
+    torch.manual_seed(0)
+    model = build_model("mvit_tiny", drop_path_rate=0.5)
+    x = _video(b=4)
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+    model.train()
+    assert not torch.allclose(model(x), model(x))
+
+
+def test_initialization_follows_the_reference_repositories():
+    torch.manual_seed(0)
+    model = build_model("mvit_b_16x4", depth=2, dim_mul=(), head_mul=(), pool_q_stride=())
+    qkv = model.blocks[0].attn.qkv
+    assert abs(qkv.weight.std().item() - 0.02) < 0.002
+    assert torch.count_nonzero(qkv.bias) == 0
+    assert torch.all(model.blocks[0].norm1.weight == 1) and torch.count_nonzero(model.norm.bias) == 0
+    assert abs(model.pos_embed_spatial.std().item() - 0.02) < 0.002
+
+
+def test_no_weight_decay_names():
+    names = build_model("mvit_tiny").no_weight_decay()
+    assert {"cls_token", "pos_embed_spatial", "pos_embed_temporal", "pos_embed_class"} <= names
+    v2 = build_model("mvit_tiny", **V2_TINY).no_weight_decay()
+    assert "blocks.0.attn.rel_pos_h" in v2
+
+
+def test_specs_are_explicit_per_block():
+    model = build_model("mvit_b_16x4", depth=2, dim_mul=(), head_mul=(), pool_q_stride=())
+    assert len(model.specs) == 2 and model.specs == get_preset("mvit_b_16x4").replace(
+        depth=2, dim_mul=(), head_mul=(), pool_q_stride=()
+    ).block_specs()

@@ -1,0 +1,106 @@
+"""The reference ops against the reference repositories' code (torchvision's ``Pool`` and
+``_add_rel_pos``, which follow pySlowFast) and their argument checks."""
+
+import pytest
+import torch
+import torch.nn as nn
+from torchvision.models.video import mvit as tv_mvit
+
+from mvit_kernels import reference
+
+
+@pytest.mark.parametrize("thw", [(2, 5, 7), (1, 4, 4)])
+@pytest.mark.parametrize("stride", [(1, 1, 1), (1, 2, 2), (2, 3, 1)])
+def test_pool3d_conv_with_norm_matches_torchvision_pool(thw, stride):
+    torch.manual_seed(0)
+    B, heads, d = 2, 3, 8
+    kernel, padding = (3, 3, 3), (1, 1, 1)
+    x = torch.randn(B, heads, 1 + thw[0] * thw[1] * thw[2], d)
+    conv = nn.Conv3d(d, d, kernel, stride, padding, groups=d, bias=False)
+    norm = nn.LayerNorm(d, eps=1e-6)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    expected, expected_thw = tv_mvit.Pool(conv, norm)(x, thw)
+    got, got_thw = reference.pool3d(x, thw, kernel, stride, padding, "conv", conv.weight, True, norm.weight, norm.bias)
+    assert got_thw == tuple(expected_thw)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_pool3d_max_avg_without_class_token(mode):
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 3 * 5 * 5, 4)
+    pool = nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)) if mode == "max" else nn.AvgPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1))
+    grid = x.reshape(4, 3, 5, 5, 4).permute(0, 4, 1, 2, 3)
+    expected = pool(grid).reshape(2, 2, 4, -1).transpose(2, 3)
+    got, thw = reference.pool3d(x, (3, 5, 5), (1, 3, 3), (1, 2, 2), (0, 1, 1), mode, has_cls=False)
+    assert thw == (3, 3, 3)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("q_thw, k_thw", [((2, 4, 4), (2, 4, 4)), ((2, 4, 4), (2, 2, 2)), ((4, 7, 7), (2, 4, 4))])
+def test_decomposed_rel_pos_matches_torchvision(q_thw, k_thw):
+    torch.manual_seed(0)
+    B, heads, d = 2, 2, 8
+    q = torch.randn(B, heads, 1 + q_thw[0] * q_thw[1] * q_thw[2], d)
+    k = torch.randn(B, heads, 1 + k_thw[0] * k_thw[1] * k_thw[2], d)
+    # tables deliberately of another length than the grids need: exercises the interpolation
+    rel_h, rel_w, rel_t = torch.randn(9, d), torch.randn(9, d), torch.randn(5, d)
+    attn = q @ k.transpose(-2, -1)
+    expected = tv_mvit._add_rel_pos(attn.clone(), q, q_thw, k_thw, rel_h, rel_w, rel_t)
+    bias = reference.decomposed_rel_pos(q, q_thw, k_thw, rel_t, rel_h, rel_w, has_cls=True)
+    got = attn.clone()
+    got[:, :, 1:, 1:] += bias
+    torch.testing.assert_close(got, expected)
+
+
+def test_pooling_attention_residual_pooling_matches_torchvision_formula():
+    torch.manual_seed(0)
+    B, heads, d = 2, 2, 8
+    q = torch.randn(B, heads, 1 + 2 * 3 * 3, d)
+    k = torch.randn(B, heads, 1 + 2 * 2 * 2, d)
+    v = torch.randn_like(k)
+    attn = ((q * d**-0.5) @ k.transpose(-2, -1)).softmax(-1)
+    x = attn @ v
+    x[:, :, 1:] += q[:, :, 1:]  # torchvision _add_shortcut, residual_with_cls_embed=False
+    expected = x.transpose(1, 2).reshape(B, -1, heads * d)
+    got = reference.pooling_attention(q, k, v, (2, 3, 3), (2, 2, 2), True, residual_pooling=True)
+    torch.testing.assert_close(got, expected)
+
+
+def test_pool_residual_add_is_maxpool_plus_scaled_branch():
+    torch.manual_seed(0)
+    x = torch.randn(3, 1 + 2 * 5 * 5, 6)
+    branch = torch.randn(3, 1 + 2 * 3 * 3, 6)
+    scale = torch.tensor([0.0, 2.0, 1.0])
+    out = reference.pool_residual_add(x, (2, 5, 5), (1, 3, 3), (1, 2, 2), (0, 1, 1), branch, scale)
+    skip = tv_mvit.Pool(nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)), None)(x, (2, 5, 5))[0]
+    torch.testing.assert_close(out, skip + scale.view(3, 1, 1) * branch)
+
+
+def test_reference_ops_reject_bad_input_with_named_arguments():
+    x = torch.randn(2, 1, 1 + 2 * 4 * 4, 8)
+    w = torch.randn(8, 1, 3, 3, 3)
+    ok = dict(thw=(2, 4, 4), kernel=3, stride=(1, 2, 2), padding=1, mode="conv", weight=w)
+    with pytest.raises(ValueError, match=r"x must be a 4-D tensor"):
+        reference.pool3d(x[0], **ok)
+    with pytest.raises(ValueError, match=r"x has 33 tokens but thw=\(2, 4, 5\)"):
+        reference.pool3d(x, **{**ok, "thw": (2, 4, 5)})
+    with pytest.raises(ValueError, match=r"stride\[h\] must be >= 1"):
+        reference.pool3d(x, **{**ok, "stride": (1, 0, 1)})
+    with pytest.raises(ValueError, match=r"padding\[t\] must be in \[0, kernel//2\]"):
+        reference.pool3d(x, **{**ok, "padding": (2, 1, 1)})
+    with pytest.raises(ValueError, match=r"weight must have shape \(8, 1, 3, 3, 3\)"):
+        reference.pool3d(x, **{**ok, "weight": torch.randn(8, 1, 3, 3)})
+    with pytest.raises(ValueError, match=r"norm_weight must have shape \(8,\)"):
+        reference.pool3d(x, **ok, norm_weight=torch.ones(4), norm_bias=torch.zeros(4))
+    with pytest.raises(TypeError, match="weight has dtype torch.float64"):
+        reference.pool3d(x, **{**ok, "weight": w.double()})
+    with pytest.raises(TypeError, match="x must be float32"):
+        reference.pool3d(x.int(), **ok)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        reference.pool3d(x, **{**ok, "mode": "median"})
+    with pytest.raises(ValueError, match=r"branch must have shape \(2, 9, 8\)"):
+        reference.pool_residual_add(x[:, 0], (2, 4, 4), (1, 3, 3), (1, 2, 2), (0, 1, 1), torch.randn(2, 33, 8))
+    with pytest.raises(ValueError, match="rel_pos_h and rel_pos_w must be given together"):
+        reference.pooling_attention(x, x, x, (2, 4, 4), (2, 4, 4), rel_pos_h=torch.randn(7, 8))
