@@ -1,0 +1,238 @@
+"""The Triton pooling-attention kernels (run by the Triton interpreter on CPU tensors, float32)
+against ``mvit_kernels.reference.pooling_attention``: forward and every gradient (q, k, v and the
+rel-pos tables), the registered op (opcheck, torch.compile, FLOP formulas) and a tiny MViTv2."""
+
+import importlib
+import os
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mvit_kernels import reference
+from mvit_kernels.triton import pooling_attention as kernels
+
+# The module, not the function of the same name that mvit_kernels exports.
+pa = importlib.import_module("mvit_kernels.pooling_attention")
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors need the Triton interpreter"
+)
+
+# float32; the interpreter's tl.dot is a numpy fp32 matmul. Observed errors are ~1e-5 at these
+# sizes (the rel-pos table gradients sum over many rows, hence the rtol).
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def make_inputs(B, heads, d, thw_q, thw_kv, has_cls, rel, table_extra=0, strided=False, seed=0):
+    """rel: "none", "hw" (spatial), "t" (temporal only), "thw" (both). table_extra != 0 gives
+    tables of another length, which the op interpolates."""
+    g = torch.Generator().manual_seed(seed)
+    s = 1 if has_cls else 0
+    n_q = thw_q[0] * thw_q[1] * thw_q[2] + s
+    n_kv = thw_kv[0] * thw_kv[1] * thw_kv[2] + s
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    if strided:  # views of one (B, N, 3, heads, d) buffer, as the model's qkv split makes them
+        assert n_q == n_kv
+        qkv = rand(B, n_q, 3, heads, d).permute(2, 0, 3, 1, 4)
+        q = qkv[0].detach().requires_grad_()
+        k = qkv[1].detach().requires_grad_()
+        v = qkv[2].detach().requires_grad_()
+    else:
+        q, k, v = (rand(B, heads, n, d).requires_grad_() for n in (n_q, n_kv, n_kv))
+    length = [2 * max(a, b) - 1 + table_extra for a, b in zip(thw_q, thw_kv)]
+    tables = [None, None, None]
+    if rel in ("t", "thw"):
+        tables[0] = rand(length[0], d).requires_grad_()
+    if rel in ("hw", "thw"):
+        tables[1] = rand(length[1], d).requires_grad_()
+        tables[2] = rand(length[2], d).requires_grad_()
+    return q, k, v, tables
+
+
+# (B, heads, d, thw_q, thw_kv, has_cls, rel, residual). Pairs cover q stride 1/2 (grids that
+# differ either way), kv strides 1/2/4/8, odd T/H/W, heads 1..8, head_dim 96 (padded to 128) and
+# small ones, and query counts past one tile (the fp32 forward tile is 64 rows).
+CASES = [
+    (2, 2, 16, (2, 3, 5), (2, 2, 3), True, "thw", True),     # kv stride 2 (odd sizes)
+    (1, 1, 96, (1, 4, 4), (1, 2, 2), False, "hw", False),    # head 96, no class token
+    (1, 3, 32, (3, 5, 5), (3, 5, 5), True, "none", True),    # kv stride 1, no rel-pos
+    (1, 4, 96, (1, 8, 8), (1, 1, 1), True, "thw", True),     # kv stride 8
+    (2, 8, 16, (3, 7, 7), (3, 2, 2), True, "hw", False),     # kv stride 4, 8 heads
+    (1, 2, 96, (3, 7, 9), (3, 4, 5), False, "thw", True),    # odd grid, stride 2, no cls
+    (1, 2, 32, (2, 3, 3), (2, 5, 5), True, "thw", True),     # q stride 2 vs kv stride 1 (q coarser)
+    (1, 2, 16, (4, 2, 2), (2, 2, 2), True, "t", False),      # temporal table only
+    (1, 1, 16, (2, 9, 9), (2, 3, 3), True, "hw", True),      # 163 queries: 3 query tiles
+    (3, 5, 64, (1, 5, 3), (1, 3, 2), False, "none", False),  # batch 3, 5 heads, no extras
+    (1, 1, 8, (1, 1, 1), (1, 1, 1), True, "thw", True),      # one grid token, head 8 -> 16
+]
+
+
+def ids(case):
+    B, heads, d, tq, tkv, cls, rel, res = case
+    return f"B{B}h{heads}d{d}-q{'x'.join(map(str, tq))}-kv{'x'.join(map(str, tkv))}-{'cls' if cls else 'nocls'}-{rel}-{'res' if res else 'nores'}"
+
+
+def check_against_reference(q, k, v, tables, thw_q, thw_kv, has_cls, residual):
+    args = (q, k, v, thw_q, thw_kv, has_cls, *tables)
+    expected = reference.pooling_attention(*args, residual_pooling=residual)
+    got = pa.triton_pooling_attention(*args, residual_pooling=residual)
+    torch.testing.assert_close(got, expected, **TOL)
+    grad_out = torch.randn_like(expected)
+    inputs = [t for t in (q, k, v, *tables) if t is not None]
+    names = [n for n, t in zip("q k v rel_pos_t rel_pos_h rel_pos_w".split(), (q, k, v, *tables)) if t is not None]
+    want = torch.autograd.grad(expected, inputs, grad_out)
+    have = torch.autograd.grad(got, inputs, grad_out)
+    for name, w, h in zip(names, want, have):
+        torch.testing.assert_close(h, w, **TOL, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_forward_and_gradients_match_reference(case):
+    B, heads, d, thw_q, thw_kv, has_cls, rel, residual = case
+    q, k, v, tables = make_inputs(B, heads, d, thw_q, thw_kv, has_cls, rel)
+    check_against_reference(q, k, v, tables, thw_q, thw_kv, has_cls, residual)
+
+
+def test_interpolated_tables():
+    # Tables built for another grid are linearly resized in torch before the kernel.
+    thw_q, thw_kv = (2, 5, 5), (2, 3, 3)
+    q, k, v, tables = make_inputs(1, 2, 16, thw_q, thw_kv, True, "thw", table_extra=4)
+    check_against_reference(q, k, v, tables, thw_q, thw_kv, True, True)
+
+
+def test_strided_views_as_the_model_passes_them():
+    thw = (2, 3, 3)
+    q, k, v, tables = make_inputs(2, 3, 16, thw, thw, True, "hw", strided=True)
+    assert not q.is_contiguous()
+    check_against_reference(q, k, v, tables, thw, thw, True, True)
+
+
+def test_no_grad_skips_the_rel_tile():
+    thw_q, thw_kv = (1, 3, 3), (1, 2, 2)
+    q, k, v, tables = make_inputs(1, 1, 16, thw_q, thw_kv, True, "hw")
+    with torch.no_grad():
+        out, lse, rel = pa._fwd_op(q, k, v, *tables[:1], *[kernels_interp(t, a, b) for t, a, b in
+                                   zip(tables[1:], thw_q[1:], thw_kv[1:])], list(thw_q), list(thw_kv), True, False, False)
+    assert rel.numel() == 0 and lse.shape == (1, 1, 10)
+    torch.testing.assert_close(
+        out, reference.pooling_attention(q, k, v, thw_q, thw_kv, True, *tables), **TOL
+    )
+
+
+def kernels_interp(table, q_size, k_size):
+    return reference.interpolate_rel_pos(table, reference.rel_pos_table_length(q_size, k_size))
+
+
+def op_args(case, store_rel=True):
+    B, heads, d, thw_q, thw_kv, has_cls, rel, residual = case
+    q, k, v, tables = make_inputs(B, heads, d, thw_q, thw_kv, has_cls, rel)
+    return (q, k, v, *tables, list(thw_q), list(thw_kv), has_cls, residual, store_rel)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=ids)
+def test_opcheck(case):
+    torch.library.opcheck(pa._fwd_op, op_args(case))
+
+
+def test_opcheck_backward_op():
+    q, k, v, t, h, w, thw_q, thw_kv, has_cls, residual, _ = op_args(CASES[0])
+    out, lse, rel = pa._fwd_op(q, k, v, t, h, w, thw_q, thw_kv, has_cls, residual, True)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(
+        pa._bwd_op, (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), rel.detach(), t.detach(), h.detach(),
+                     w.detach(), thw_q, thw_kv, has_cls, residual),
+    )
+
+
+def test_torch_compile_fullgraph():
+    B, heads, d, thw_q, thw_kv, has_cls, rel, residual = CASES[0]
+    q, k, v, tables = make_inputs(B, heads, d, thw_q, thw_kv, has_cls, rel)
+
+    def attention_block(q, k, v, t, h, w):
+        out = pa.triton_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, t, h, w, residual_pooling=residual)
+        return (out * 2.0).sum()
+
+    compiled = torch.compile(attention_block, fullgraph=True, backend="aot_eager")
+    inputs = [q, k, v, *tables]
+    got = compiled(*inputs)
+    got_grads = torch.autograd.grad(got, inputs)
+    want = attention_block(*inputs)
+    want_grads = torch.autograd.grad(want, inputs)
+    torch.testing.assert_close(got, want, **TOL)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[7]], ids=ids)
+def test_flop_formulas_count_what_the_reference_counts(case):
+    B, heads, d, thw_q, thw_kv, has_cls, rel, residual = case
+    q, k, v, tables = make_inputs(B, heads, d, thw_q, thw_kv, has_cls, rel)
+    counts = []
+    for fn in (reference.pooling_attention, pa.triton_pooling_attention):
+        with FlopCounterMode(display=False) as counter:
+            fn(q, k, v, thw_q, thw_kv, has_cls, *tables, residual_pooling=residual).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+
+
+def test_dispatch_rule():
+    q = torch.randn(1, 1, 5, 16)
+    # CPU tensors take SDPA; the Triton path is only taken on CUDA.
+    assert not pa.uses_triton(q, (1, 2, 2), True)
+    assert kernels.supports(q, (1, 2, 2), True)
+    assert not kernels.supports(q.double(), (1, 2, 2), True)
+    assert not kernels.supports(torch.randn(1, 1, 5, 160), (1, 2, 2), False)
+    assert not kernels.supports(q, (8, 28, 29), True)  # rel tile wider than 64
+    assert kernels.supports(q, (8, 28, 29), False)
+    with pytest.raises(ValueError, match="does not cover"):
+        pa.triton_pooling_attention(q.double(), q.double(), q.double(), (1, 2, 2), (1, 2, 2), True)
+
+
+def test_config_rule_covers_every_dtype_and_head_pad():
+    for kernel in kernels.KERNELS:
+        for dtype in kernels.DTYPES:
+            for d_pad in kernels.D_PADS:
+                cfg = kernels.select_config(kernel, dtype, d_pad)
+                assert cfg.block_m >= 16 and cfg.block_n >= 16
+    assert kernels.next_pow2(96) == 128 and kernels.next_pow2(8) == 16
+
+
+def test_tiny_mvitv2_through_the_triton_attention(monkeypatch):
+    from mvit import build_model
+    from mvit import model as model_module
+
+    torch.manual_seed(0)
+    model = build_model(
+        "mvit_tiny", rel_pos_spatial=True, rel_pos_temporal=True, residual_pooling=True,
+        dim_mul_in_att=True, abs_pos="none",
+    ).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(std=0.5)
+    x = torch.randn(1, 3, *model.cfg.input_size)
+
+    def run():
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want, want_grads = run()
+    calls = []
+
+    def triton_attention(*args, **kwargs):
+        calls.append(1)
+        return pa.triton_pooling_attention(*args, **kwargs)
+
+    monkeypatch.setattr(model_module.reference, "pooling_attention", triton_attention)
+    got, got_grads = run()
+    assert len(calls) == len(model.blocks)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
