@@ -1,0 +1,91 @@
+"""Parameters and GFLOPs of every preset beside the papers' figures.
+
+    python bench/flops.py            # writes bench/results/flops.md and flops.json
+
+GFLOPs are multiply-adds for one view (the papers' convention), counted on the meta device by
+``mvit.flops.count_model``. The "fused" column counts the same model with ``fused=True``: the
+project's ops register FLOP formulas equal to what the reference path executes, so the two
+columns agree unless a kernel skips work (the pooled projection skips tokens no window reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mvit_kernels  # noqa: E402
+from mvit.flops import count_model  # noqa: E402
+from mvit.presets import PAPER_FIGURES, PRESETS, get_preset  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _fused_gflops(name: str):
+    """None where the fused model cannot be counted here (extension not built)."""
+    try:
+        return round(count_model(get_preset(name), fused=True).gflops, 3)
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=RESULTS, help="results folder")
+    args = parser.parse_args()
+    fused_ok = mvit_kernels.load_extension()
+    rows = []
+    for name in PRESETS:
+        count = count_model(get_preset(name))
+        fig = PAPER_FIGURES.get(name)
+        row = {
+            "preset": name,
+            "input": "x".join(str(s) for s in count.input_size),
+            "params": count.params,
+            "gflops": round(count.gflops, 3),
+            "gflops_fused": _fused_gflops(name) if fused_ok else None,
+            "paper_params_m": fig.params_m if fig else None,
+            "paper_gflops": fig.gflops if fig else None,
+            "source": fig.source if fig else "not a paper model",
+        }
+        if fig:
+            row["params_diff_pct"] = round(100 * (count.params / 1e6 - fig.params_m) / fig.params_m, 2)
+            row["gflops_diff_pct"] = round(100 * (count.gflops - fig.gflops) / fig.gflops, 2)
+        rows.append(row)
+
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    lines = [
+        f"# Parameters and GFLOPs (multiply-adds, one view) — {stamp}, torch {torch.__version__}, {platform.machine()}",
+        "",
+        "| preset | input T×H×W | params | paper params | Δ | GFLOPs | fused GFLOPs | paper GFLOPs | Δ | source |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        paper_p = f"{r['paper_params_m']} M" if r["paper_params_m"] else "—"
+        paper_g = f"{r['paper_gflops']}" if r["paper_gflops"] else "—"
+        dp = f"{r['params_diff_pct']:+.2f}%" if "params_diff_pct" in r else ""
+        dg = f"{r['gflops_diff_pct']:+.2f}%" if "gflops_diff_pct" in r else ""
+        fused = f"{r['gflops_fused']:.3f}" if isinstance(r["gflops_fused"], float) else "n/a"
+        lines.append(
+            f"| {r['preset']} | {r['input']} | {r['params'] / 1e6:.2f} M | {paper_p} | {dp} | {r['gflops']:.3f} | "
+            f"{fused} | {paper_g} | {dg} | {r['source']} |"
+        )
+    text = "\n".join(lines) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "flops.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, "flops.json"), "w") as f:
+        json.dump({"date": stamp, "torch": torch.__version__, "rows": rows}, f, indent=2)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

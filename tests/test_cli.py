@@ -1,0 +1,40 @@
+"""The `mvit` command: `mvit flops` output and its argument errors."""
+
+import json
+import subprocess
+import sys
+
+from mvit.cli import main
+
+
+def test_flops_prints_params_gflops_and_stages(capsys):
+    assert main(["flops", "--preset", "mvit_b_16x4"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: 36,610,672" in out
+    assert "GFLOPs (multiply-adds): 70.599" in out
+    # four stages: blocks 0, 1-2, 3-13, 14-15
+    for blocks in (" 0 ", " 1-2 ", " 3-13 ", " 14-15 "):
+        assert blocks in out
+    assert "torchvision: 70.599 GFLOPs" in out
+
+
+def test_flops_other_input_size_and_json(capsys):
+    assert main(["flops", "--preset", "mvit_b_16x4", "--input-size", "32", "256", "256", "--json"]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    assert result["input_size"] == [32, 256, 256]
+    assert result["params"] == 36_610_672  # parameters do not depend on the input size
+    assert result["gflops"] > 2 * 70.599
+
+
+def test_unknown_preset_exits_2_with_one_line(capsys):
+    assert main(["flops", "--preset", "mvit_xl"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'mvit_xl'" in err and "Traceback" not in err
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run(
+        [sys.executable, "-m", "mvit", "flops", "--preset", "mvitv2_s_16x4"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "GFLOPs (multiply-adds): 64.224" in proc.stdout
