@@ -77,6 +77,9 @@ def add_parser(subparsers) -> None:
                    help="train short-side scale range (default 256 320 at 224 crop, scaled)")
     d.add_argument("--test-clips", type=int, default=1, help="temporal views at validation")
     d.add_argument("--test-crops", type=int, default=1, choices=(1, 3), help="spatial views at validation")
+    d.add_argument("--synthetic-size", type=int, nargs=2, metavar=("TRAIN", "VAL"),
+                   default=(SYNTHETIC_TRAIN_LENGTH, SYNTHETIC_VAL_LENGTH),
+                   help="clips per epoch and validation clips of the synthetic task")
     d.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4; 0 synthetic)")
 
     m = p.add_argument_group("model")

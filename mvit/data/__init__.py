@@ -51,14 +51,13 @@ def build_datasets(args, recipe: dict) -> DataBundle:
     cfg = get_preset(args.preset)  # unknown preset: ValueError before any data is touched
     if recipe["synthetic"]:
         from .synthetic import SyntheticMotion
-        from ..train import SYNTHETIC_TRAIN_LENGTH, SYNTHETIC_VAL_LENGTH
-
         if cfg.patch_2d:
             raise ValueError(f"the built-in synthetic task is a video task; {args.preset} is an image preset")
         t = args.num_frames or cfg.input_size[0]
         s = args.crop_size or cfg.input_size[1]
-        train = SyntheticMotion("train", SYNTHETIC_TRAIN_LENGTH, t, s, seed=args.seed)
-        val = SingleView(SyntheticMotion("val", SYNTHETIC_VAL_LENGTH, t, s, seed=args.seed))
+        n_train, n_val = args.synthetic_size
+        train = SyntheticMotion("train", n_train, t, s, seed=args.seed)
+        val = SingleView(SyntheticMotion("val", n_val, t, s, seed=args.seed)) if n_val > 0 else None
         return DataBundle(train, val, SyntheticMotion.num_classes, SyntheticMotion.classes, False,
                           (t, s, s), 0 if args.workers is None else args.workers)
 
@@ -70,3 +69,44 @@ def build_datasets(args, recipe: dict) -> DataBundle:
     from .video import build_video_datasets
 
     return build_video_datasets(args, recipe, cfg, workers)
+
+
+def build_eval_dataset(args, state: dict):
+    """The evaluation dataset for ``mvit eval``: the synthetic validation split when the checkpoint
+    was trained on it and no data is given, else videos / images from the arguments.
+    Returns (dataset, multi_label, workers)."""
+    import argparse
+
+    from .synthetic import SyntheticMotion
+
+    cfg = state["model_config"]
+    train_args = state.get("args") or {}
+    recipe = state.get("recipe") or {}
+    workers = 4 if args.workers is None else args.workers
+    if not (args.val_csv or args.data_root):
+        if not recipe.get("synthetic"):
+            raise ValueError("give --val-csv or --data-root (the checkpoint was not trained on the synthetic task)")
+        t, s = cfg.input_size[0], cfg.input_size[1]
+        ds = SingleView(SyntheticMotion("val", (train_args.get("synthetic_size") or (0, 1024))[1], t, s,
+                                        seed=train_args.get("seed", 0)))
+        return ds, False, 0 if args.workers is None else args.workers
+    multi = bool(train_args.get("multi_label"))
+    if args.image_folders or cfg.patch_2d:
+        from .image import IMAGE_EXTENSIONS, ImageFolderDataset
+        from .video import class_folders
+
+        items = class_folders(args.data_root, "val", IMAGE_EXTENSIONS, state.get("classes"))[0]
+        return ImageFolderDataset(items, cfg.input_size[1], False), False, workers
+    from .video import ClipSpec, VideoDataset, class_folders, read_csv
+
+    if args.val_csv:
+        items = read_csv(args.val_csv, args.data_root, multi)
+    else:
+        if not os.path.isdir(args.data_root):
+            raise FileNotFoundError(f"--data-root not found: {args.data_root}")
+        items = class_folders(args.data_root, "val", classes=state.get("classes"))[0]
+    fps = args.target_fps if args.target_fps is not None else train_args.get("target_fps", 30.0)
+    spec = ClipSpec(frames=cfg.input_size[0], crop=cfg.input_size[1],
+                    stride=args.sampling_rate or train_args.get("sampling_rate", 4), target_fps=fps or None,
+                    test_clips=args.test_clips or 10, test_crops=args.test_crops or 3)
+    return VideoDataset(items, spec, False, cfg.num_classes, multi), multi, workers

@@ -1,0 +1,92 @@
+"""Image folders (ImageNet layout: ROOT/train/<class>/<image>, ROOT/val/<class>/<image>) for the
+image presets. Samples are (3, 1, H, W) clips of one frame, so the rest of the pipeline is shared.
+
+Train: random resized crop (scale 0.08-1), flip, RandAugment, normalization, random erasing (the
+MViT/DeiT ImageNet recipe). Val: resize to crop/0.875 on the short side, centre crop.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.utils.data import Dataset
+
+from . import transforms as T
+from .video import class_folders
+
+log = logging.getLogger("mvit.data")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def read_image(path: str) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    return decode_image(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8
+
+
+class ImageFolderDataset(Dataset):
+    def __init__(self, items, crop: int, train: bool, rand_augment=None, erasing: float = 0.0,
+                 flip: bool = True, max_retries: int = 10):
+        self.items, self.crop, self.train = items, crop, train
+        self.rand_augment, self.erasing, self.flip, self.max_retries = rand_augment, erasing, flip, max_retries
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key):
+        from .video import index_seed
+
+        index, seed = key if isinstance(key, tuple) else (key, index_seed(key))
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(self.max_retries + 1):
+            path, label = self.items[index]
+            try:
+                img = read_image(path)
+                break
+            except Exception as exc:
+                log.warning("unreadable image %s (%s); using another sample", path, exc)
+                index = int(torch.randint(0, len(self.items), (1,), generator=gen))
+        else:
+            raise RuntimeError(f"{self.max_retries + 1} images in a row could not be read")
+        x = self._transform(img[None], gen, seed)  # (1, 3, H, W)
+        x = x.permute(1, 0, 2, 3).contiguous()  # (3, 1, H, W)
+        return (x, label) if self.train else (x[None], label)
+
+    def _transform(self, img: torch.Tensor, gen, seed: int) -> torch.Tensor:
+        if not self.train:
+            img = T.short_side_scale(img, round(self.crop / 0.875))
+            return T.normalize(T.uniform_crop(img, self.crop, 1), IMAGENET_MEAN, IMAGENET_STD)
+        from torchvision.transforms import v2
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            img = v2.RandomResizedCrop(self.crop, scale=(0.08, 1.0), antialias=True)(img)
+            if self.flip:
+                img = T.random_flip(img, 0.5, gen)
+            if self.rand_augment:
+                img = T.rand_augment(img, *self.rand_augment)
+            x = T.normalize(img, IMAGENET_MEAN, IMAGENET_STD)
+            return T.random_erasing(x, self.erasing)
+
+
+def build_image_datasets(args, recipe: dict, cfg, workers: int):
+    import os
+
+    from . import DataBundle
+
+    if not args.data_root:
+        raise ValueError("image training needs --data-root with train/ (and val/) class folders")
+    if not os.path.isdir(args.data_root):
+        raise FileNotFoundError(f"--data-root not found: {args.data_root}")
+    train_items, classes = class_folders(args.data_root, "train", IMAGE_EXTENSIONS)
+    has_val = os.path.isdir(os.path.join(args.data_root, "val"))
+    val_items = class_folders(args.data_root, "val", IMAGE_EXTENSIONS, classes)[0] if has_val else None
+    crop = args.crop_size or cfg.input_size[1]
+    ra = T.parse_rand_augment(recipe.get("rand_augment"))
+    train = ImageFolderDataset(train_items, crop, True, ra, recipe.get("random_erasing", 0.0),
+                               bool(recipe.get("flip", True)))
+    val = ImageFolderDataset(val_items, crop, False) if val_items else None
+    return DataBundle(train, val, args.num_classes or len(classes), classes, False, (1, crop, crop), workers)

@@ -1,0 +1,244 @@
+"""Video datasets: pySlowFast ``path label`` lists or class folders, decoded with PyAV.
+
+PyAV is an optional extra (``pip install -e .[video]``) imported only when a video is decoded.
+Decoding happens in DataLoader workers. A video that cannot be read is logged and replaced by
+another sample (chosen from the sample's seed, so the run stays reproducible).
+
+Training clip: T frames every tau frames at ``target_fps`` from a random start
+(:func:`~mvit.data.samplers.clip_frame_indices`), random short-side scale in ``jitter``, random
+crop, horizontal flip, RandAugment, normalization, random erasing. Test views: K uniformly spaced
+clips x 1 (centre) or 3 (left/centre/right) crops after scaling the short side to the crop size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from . import transforms as T
+from .samplers import clip_frame_indices
+from .synthetic import MEAN, STD
+
+log = logging.getLogger("mvit.data")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
+Label = Union[int, tuple[int, ...]]
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise ImportError("reading videos needs PyAV: pip install -e .[video]  (or: pip install av)") from None
+    return av
+
+
+def decode_frames(path: str, indices_for: "callable") -> tuple[np.ndarray, list[int]]:
+    """Decode the frames ``indices_for(num_frames, fps)`` asks for, as uint8 (len, H, W, 3).
+
+    The frame count comes from the container when it knows it (then decoding stops at the last
+    needed frame), otherwise from a full decode.
+    """
+    av = _av()
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 30)
+        n = stream.frames
+        frames: list[np.ndarray] = []
+        if n and n > 0:
+            wanted = indices_for(n, fps)
+            last = max(wanted)
+            for i, frame in enumerate(container.decode(stream)):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if i >= last:
+                    break
+        else:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            wanted = indices_for(len(frames), fps)
+    if not frames:
+        raise ValueError(f"no frames decoded from {path}")
+    # the container may overstate its frame count: clamp to what was decoded
+    wanted = [min(i, len(frames) - 1) for i in wanted]
+    return np.stack([frames[i] for i in wanted]), wanted
+
+
+def read_csv(path: str, root: Optional[str] = None, multi_label: bool = False) -> list[tuple[str, Label]]:
+    """pySlowFast list: ``path label`` per line (space or comma... label field last; multi-label:
+    comma-separated class ids). Relative paths are taken relative to ``root``."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"list file not found: {path}")
+    items = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.rsplit(None, 1)
+            if len(parts) != 2:
+                raise ValueError(f"{path}:{n}: expected 'path label', got {line!r}")
+            vid, lab = parts
+            try:
+                label: Label = tuple(int(c) for c in lab.split(",")) if multi_label else int(lab)
+            except ValueError:
+                raise ValueError(f"{path}:{n}: label {lab!r} is not an integer") from None
+            if root and not os.path.isabs(vid):
+                vid = os.path.join(root, vid)
+            items.append((vid, label))
+    if not items:
+        raise ValueError(f"{path} lists no videos")
+    return items
+
+
+def class_folders(root: str, split: str, extensions=VIDEO_EXTENSIONS,
+                  classes: Optional[Sequence[str]] = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """ROOT/<split>/<class>/<file> -> items and the sorted class names."""
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"data folder not found: {folder}")
+    classes = list(classes) if classes else sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if not classes:
+        raise ValueError(f"{folder} has no class folders")
+    items = []
+    for label, name in enumerate(classes):
+        sub = os.path.join(folder, name)
+        if not os.path.isdir(sub):
+            continue
+        for fn in sorted(os.listdir(sub)):
+            if fn.lower().endswith(extensions):
+                items.append((os.path.join(sub, fn), label))
+    if not items:
+        raise ValueError(f"no files with extensions {extensions} under {folder}")
+    return items, classes
+
+
+@dataclass
+class ClipSpec:
+    frames: int = 16
+    stride: int = 4
+    target_fps: Optional[float] = 30.0
+    crop: int = 224
+    jitter: tuple[int, int] = (256, 320)
+    flip: bool = True
+    rand_augment: Optional[tuple[int, int]] = None  # (magnitude, ops)
+    erasing: float = 0.0
+    test_clips: int = 1
+    test_crops: int = 1
+
+
+class VideoDataset(Dataset):
+    """``train=True``: one augmented clip per sample; else all test views of a video, (V, 3, T, H, W)."""
+
+    def __init__(self, items: list, spec: ClipSpec, train: bool, num_classes: int,
+                 multi_label: bool = False, max_retries: int = 10):
+        self.items, self.spec, self.train = items, spec, train
+        self.num_classes, self.multi_label, self.max_retries = num_classes, multi_label, max_retries
+
+    @property
+    def views_per_video(self) -> int:
+        return 1 if self.train else self.spec.test_clips * self.spec.test_crops
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _target(self, label: Label):
+        if not self.multi_label:
+            return int(label)
+        t = torch.zeros(self.num_classes)
+        t[list(label)] = 1.0
+        return t
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, index_seed(key))
+        gen = torch.Generator().manual_seed(seed)
+        for attempt in range(self.max_retries + 1):
+            path, label = self.items[index]
+            try:
+                x = self._load(path, gen, seed)
+                return x, self._target(label)
+            except ImportError:
+                raise
+            except Exception as exc:
+                log.warning("unreadable video %s (%s: %s); using another sample", path, type(exc).__name__, exc)
+                index = int(torch.randint(0, len(self.items), (1,), generator=gen))
+        raise RuntimeError(f"{self.max_retries + 1} videos in a row could not be read; last: {path}")
+
+    def _load(self, path: str, gen: torch.Generator, seed: int) -> torch.Tensor:
+        s = self.spec
+        if self.train:
+            def wanted(n, fps):
+                return clip_frame_indices(n, s.frames, s.stride, fps, s.target_fps, -1, 1, gen)
+
+            frames, _ = decode_frames(path, wanted)
+            clip = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, C, H, W) uint8
+            clip = T.random_short_side_scale(clip, *s.jitter, gen=gen)
+            clip = T.random_crop(clip, s.crop, gen)
+            if s.flip:
+                clip = T.random_flip(clip, 0.5, gen)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)  # torchvision's transforms draw from the global RNG
+                if s.rand_augment:
+                    clip = T.rand_augment(clip, *s.rand_augment)
+                clip = T.normalize(clip, MEAN, STD)
+                clip = T.random_erasing(clip, s.erasing)
+            return clip.permute(1, 0, 2, 3).contiguous()  # (C, T, H, W)
+
+        def wanted(n, fps):
+            return [i for k in range(s.test_clips)
+                    for i in clip_frame_indices(n, s.frames, s.stride, fps, s.target_fps, k, s.test_clips)]
+
+        frames, _ = decode_frames(path, wanted)
+        clips = torch.from_numpy(frames).permute(0, 3, 1, 2).split(s.frames)
+        views = []
+        for clip in clips:
+            clip = T.short_side_scale(clip, s.crop)
+            for c in ([1] if s.test_crops == 1 else [0, 1, 2]):
+                views.append(T.normalize(T.uniform_crop(clip, s.crop, c), MEAN, STD).permute(1, 0, 2, 3))
+        return torch.stack(views)
+
+
+def index_seed(index: int) -> int:
+    return (index * 2_654_435_761) & 0x7FFFFFFF
+
+
+def _spec(args, recipe: dict, cfg, train: bool, test_clips: int, test_crops: int) -> ClipSpec:
+    from .transforms import parse_rand_augment
+
+    frames = args.num_frames or cfg.input_size[0]
+    crop = args.crop_size or cfg.input_size[1]
+    jitter = tuple(args.jitter_scales) if getattr(args, "jitter_scales", None) else (
+        round(crop * 256 / 224), round(crop * 320 / 224))
+    return ClipSpec(frames=frames, stride=args.sampling_rate, target_fps=args.target_fps or None, crop=crop,
+                    jitter=jitter, flip=bool(recipe.get("flip", True)),
+                    rand_augment=parse_rand_augment(recipe.get("rand_augment")) if train else None,
+                    erasing=recipe.get("random_erasing", 0.0) if train else 0.0,
+                    test_clips=test_clips, test_crops=test_crops)
+
+
+def build_video_datasets(args, recipe: dict, cfg, workers: int):
+    from . import DataBundle
+
+    multi = bool(args.multi_label)
+    classes = None
+    if args.train_csv:
+        train_items = read_csv(args.train_csv, args.data_root, multi)
+        val_items = read_csv(args.val_csv, args.data_root, multi) if args.val_csv else None
+    else:
+        if not os.path.isdir(args.data_root):
+            raise FileNotFoundError(f"--data-root not found: {args.data_root}")
+        train_items, classes = class_folders(args.data_root, "train")
+        val_dir = os.path.join(args.data_root, "val")
+        val_items = class_folders(args.data_root, "val", classes=classes)[0] if os.path.isdir(val_dir) else None
+    labels = [l for _, lab in train_items for l in (lab if multi else (lab,))]
+    num_classes = args.num_classes or (len(classes) if classes else max(labels) + 1)
+    if max(labels) >= num_classes or min(labels) < 0:
+        raise ValueError(f"labels must lie in [0, {num_classes}); found {min(labels)}..{max(labels)}")
+    train = VideoDataset(train_items, _spec(args, recipe, cfg, True, 1, 1), True, num_classes, multi)
+    val = (VideoDataset(val_items, _spec(args, recipe, cfg, False, args.test_clips, args.test_crops), False,
+                        num_classes, multi) if val_items else None)
+    spec = train.spec
+    return DataBundle(train, val, num_classes, classes, multi, (spec.frames, spec.crop, spec.crop), workers)
