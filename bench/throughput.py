@@ -1,0 +1,265 @@
+"""Inference and training throughput, step time and peak memory of every variant, side by side.
+
+    python bench/throughput.py --models mvit_b_16x4 --batch-sizes 1 --modes infer   # CPU target
+    python bench/throughput.py                                                     # GPU: all
+
+Variants (same weights everywhere; torchvision's through the converter):
+  ours-fused, ours-ref        this project with fused=True / fused=False
+  ours-ref-sdpa               the reference path with SDPA in place of its matmul attention
+  torchvision                 torchvision mvit_v1_b / mvit_v2_s (eager)
+  each of the above "+compile": torch.compile of the same module
+Timing: warm-up excluded, the median of --repeats timed runs, spread (min-max) printed. GPU runs
+use bf16 autocast; CPU runs float32 with --threads threads. Ratios are against torchvision eager
+and against the best peer (the fastest variant that is not ours) measured in the same run.
+Writes bench/results/throughput_<device>.md/.json and a PNG of throughput against batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mvit_kernels  # noqa: E402
+from mvit import build_model  # noqa: E402
+from mvit_kernels.pooling_attention import _sdpa_pooling_attention  # noqa: E402
+from mvit_kernels import reference  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TORCHVISION = {"mvit_b_16x4": "mvit_v1_b", "mvitv2_s_16x4": "mvit_v2_s"}
+
+
+@contextlib.contextmanager
+def sdpa_in_reference():
+    """Swap the reference's matmul attention for the SDPA formulation (same math)."""
+    original = reference.pooling_attention
+
+    def sdpa(q, k, v, thw_q, thw_kv, has_cls=True, rel_pos_t=None, rel_pos_h=None, rel_pos_w=None,
+             residual_pooling=False):
+        return _sdpa_pooling_attention(
+            q, k, v, tuple(thw_q), tuple(thw_kv), has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling
+        )
+
+    reference.pooling_attention = sdpa
+    try:
+        yield
+    finally:
+        reference.pooling_attention = original
+
+
+def _torchvision_model(name: str, state):
+    import torchvision
+
+    from mvit.convert import convert_torchvision
+
+    tv = getattr(torchvision.models.video, TORCHVISION[name])()
+    # Load our weights into torchvision's model by inverting the converter's mapping: the
+    # converter is tested to give identical logits, so the two run the same function.
+    ours_from_tv = convert_torchvision(tv.state_dict())
+    inverse = {}
+    tv_keys = list(tv.state_dict().keys())
+    for tv_key, our_key in zip(tv_keys, ours_from_tv.keys()):
+        inverse[tv_key] = state[our_key].reshape(tv.state_dict()[tv_key].shape)
+    tv.load_state_dict(inverse)
+    return tv
+
+
+def _variants(name: str, device: torch.device, want: set[str]):
+    base = build_model(name).to(device)
+    state = base.state_dict()
+    variants = {}
+    if mvit_kernels.load_extension():
+        variants["ours-fused"] = (lambda: build_model(name, fused=True).to(device), None)
+    variants["ours-ref"] = (lambda: build_model(name).to(device), None)
+    variants["ours-ref-sdpa"] = (lambda: build_model(name).to(device), sdpa_in_reference)
+    if name in TORCHVISION:
+        variants["torchvision"] = (lambda: _torchvision_model(name, state).to(device), None)
+    out = {}
+    for key, (make, ctx) in variants.items():
+        for compiled in (False, True):
+            label = key + ("+compile" if compiled else "")
+            if want and label not in want:
+                continue
+            out[label] = (make, ctx, compiled, state if key.startswith("ours") else None)
+    return out
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(name, label, spec, device, batch, mode, warmup, repeats, dtype_ctx):
+    make, ctx, compiled, state = spec
+    model = make()
+    if state is not None:
+        model.load_state_dict(state)
+    cfg = build_model(name).cfg
+    shape = (batch, 3) + ((cfg.input_size[1], cfg.input_size[2]) if cfg.patch_2d else tuple(cfg.input_size))
+    x = torch.randn(shape, device=device)
+    target = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    run_model = torch.compile(model) if compiled else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if mode == "train" else None
+
+    def step():
+        if mode == "infer":
+            with torch.no_grad(), dtype_ctx():
+                run_model(x)
+        else:
+            with dtype_ctx():
+                loss = torch.nn.functional.cross_entropy(run_model(x).float(), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    model.train(mode == "train")
+    with (ctx() if ctx else contextlib.nullcontext()):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = _time(step, device, warmup, repeats)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    del model, run_model, opt
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    med = statistics.median(times)
+    return {
+        "model": name,
+        "variant": label,
+        "mode": mode,
+        "batch": batch,
+        "step_s": med,
+        "min_s": min(times),
+        "max_s": max(times),
+        "clips_per_s": batch / med,
+        "peak_gib": peak,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mvit_b_16x4", "mvitv2_s_16x4", "mvit_b16_image"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=None)
+    parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    parser.add_argument("--variants", nargs="*", default=[], help="only these labels (default: all)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+        dtype_ctx = contextlib.nullcontext
+        batches = args.batch_sizes or [1]
+        device_name = f"CPU {platform.processor() or platform.machine()}, {args.threads} threads, float32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        dtype_ctx = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+        batches = args.batch_sizes or [1, 8, 32]
+        device_name = f"{torch.cuda.get_device_name()}, bf16 autocast"
+
+    rows = []
+    for name in args.models:
+        variants = _variants(name, device, set(args.variants))
+        for mode in args.modes:
+            for batch in batches:
+                for label, spec in variants.items():
+                    try:
+                        row = measure(name, label, spec, device, batch, mode, args.warmup, args.repeats, dtype_ctx)
+                    except torch.cuda.OutOfMemoryError:
+                        row = {"model": name, "variant": label, "mode": mode, "batch": batch, "error": "OOM"}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+
+    lines = [
+        f"# Throughput — {device_name}; torch {torch.__version__}; "
+        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}",
+        "",
+        "Median of the timed runs (warm-up excluded), spread = min–max. Ratios: against torchvision eager "
+        "(× tv) and against the best peer that is not this project (× best peer), same model/mode/batch.",
+        "",
+        "| model | mode | batch | variant | step (ms) | spread (ms) | clips/s | peak GiB | × tv | × best peer |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['variant']} | {r['error']} | | | | | |")
+            continue
+        group = [g for g in rows if "error" not in g and (g["model"], g["mode"], g["batch"]) == (r["model"], r["mode"], r["batch"])]
+        tv = next((g for g in group if g["variant"] == "torchvision"), None)
+        peers = [g for g in group if not g["variant"].startswith("ours")]
+        best = min(peers, key=lambda g: g["step_s"]) if peers else None
+        x_tv = f"{tv['step_s'] / r['step_s']:.2f}" if tv else "—"
+        x_best = f"{best['step_s'] / r['step_s']:.2f}" if best else "—"
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "—"
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['batch']} | {r['variant']} | {1000 * r['step_s']:.1f} | "
+            f"{1000 * r['min_s']:.1f}–{1000 * r['max_s']:.1f} | {r['clips_per_s']:.2f} | {peak} | {x_tv} | {x_best} |"
+        )
+    text = "\n".join(lines) + "\n"
+    tag = "gpu" if device.type == "cuda" else "cpu"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"throughput_{tag}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, f"throughput_{tag}.json"), "w") as f:
+        json.dump({"device": device_name, "torch": torch.__version__, "rows": rows}, f, indent=2)
+    _plot(rows, os.path.join(args.out, f"throughput_{tag}.png"))
+    print(text)
+    return 0
+
+
+def _plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    groups = sorted({(r["model"], r["mode"]) for r in rows if "error" not in r})
+    if not groups:
+        return
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, (model, mode) in zip(axes[0], groups):
+        for variant in sorted({r["variant"] for r in rows}):
+            pts = sorted((r["batch"], r["clips_per_s"]) for r in rows
+                         if "error" not in r and (r["model"], r["mode"], r["variant"]) == (model, mode, variant))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
+        ax.set_title(f"{model} {mode}")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("clips/s")
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
