@@ -2,9 +2,11 @@
 
 Every clip shows a textured square crossing a cluttered, static background in one of four
 directions (the class: right, left, down, up), with a random start, speed, size, texture and
-colours. Any single frame is a square somewhere on clutter, and the set of positions it visits is
-the same for opposite directions, so only the ORDER of the frames tells the class: with the
-frames shuffled a model can do no better than chance (the MViT paper's Table 9, in miniature).
+colours. Any single frame is a square somewhere on clutter, and the positions a square visits
+have the same distribution for opposite directions (start and speed are uniform, and the path
+of one direction is the mirror of the other), so only the ORDER of the frames tells the class:
+with the frames shuffled a model can do no better than chance (the MViT paper's Table 9, in
+miniature).
 
 Clips are generated in-process from a seed, so the task needs no download and is reproducible:
 sample ``i`` of a split is a pure function of ``(seed, split, i)`` (and, for training, of the
@@ -80,18 +82,17 @@ class SyntheticMotion(Dataset):
 
     Indices may be ints or ``(index, sample_seed)`` pairs (what the training sampler yields): with a
     sample seed the clip is drawn from it, so a training epoch sees new clips every time.
-    ``shuffle_frames`` permutes each clip's frames (a fixed permutation per sample).
     """
 
     num_classes = len(CLASSES)
     classes = CLASSES
 
     def __init__(self, split: str = "train", length: int = 8192, frames: int = 8, size: int = 32,
-                 seed: int = 0, shuffle_frames: bool = False):
+                 seed: int = 0):
         if split not in _SPLIT_IDS:
             raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
         self.split, self.length, self.frames, self.size = split, length, frames, size
-        self.seed, self.shuffle_frames = seed, shuffle_frames
+        self.seed = seed
         self.mean = torch.tensor(MEAN).view(3, 1, 1, 1)
         self.std = torch.tensor(STD).view(3, 1, 1, 1)
 
@@ -107,7 +108,5 @@ class SyntheticMotion(Dataset):
         rng = np.random.default_rng(entropy)
         label = self.label(index)
         clip = render_clip(rng, label, self.frames, self.size)
-        if self.shuffle_frames:
-            clip = clip[rng.permutation(self.frames)]
         x = torch.from_numpy(np.ascontiguousarray(clip)).permute(3, 0, 1, 2)  # (3, T, H, W)
         return (x - self.mean) / self.std, label

@@ -1,0 +1,130 @@
+"""Video data: exact frame indices of the clip samplers (tiny lossless videos made with PyAV, the
+frame index drawn into the pixels), test views, corrupt files, list formats, the train sampler."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mvit.data.samplers import TrainSampler, clip_frame_indices, shard_indices
+from mvit.data.synthetic import MEAN, STD
+
+av = pytest.importorskip("av")
+from mvit.data.video import ClipSpec, VideoDataset, class_folders, decode_frames, read_csv  # noqa: E402
+
+STEP = 6  # pixel value = STEP * frame index
+
+
+def make_video(path, num_frames=40, fps=30, h=24, w=32, codec="ffv1"):
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = w, h
+        stream.pix_fmt = "yuv444p" if codec == "ffv1" else "yuv420p"
+        for i in range(num_frames):
+            img = np.full((h, w, 3), STEP * i, dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return str(path)
+
+
+def frame_ids(clip):
+    """(C, T, H, W) normalized clip -> the frame index written into each frame."""
+    pixels = (clip * STD[0] + MEAN[0]) * 255.0
+    return [int(round(float(pixels[:, t].mean()) / STEP)) for t in range(clip.shape[1])]
+
+
+def test_index_math():
+    # span = 4 frames x stride 2 x (30 / 15) = 16 source frames
+    assert clip_frame_indices(100, 4, 2, 30, 15, 0, 1) == [42, 47, 52, 57]
+    assert [clip_frame_indices(100, 4, 2, 30, 15, k, 3)[0] for k in range(3)] == [0, 42, 84]
+    # short video: indices clamp (and repeat)
+    assert clip_frame_indices(5, 4, 4, 30, 30, 0, 1) == [0, 4, 4, 4]
+    g = torch.Generator().manual_seed(0)
+    idx = clip_frame_indices(100, 8, 4, 30, 30, -1, 1, g)
+    assert 0 <= idx[0] <= 100 - 32 and np.all(np.diff(idx) >= 4) and np.all(np.diff(idx) <= 5)
+
+
+def test_decoder_reads_the_frames_asked_for(tmp_path):
+    path = make_video(tmp_path / "v.mkv")
+    frames, wanted = decode_frames(path, lambda n, fps: [0, 3, 39])
+    assert wanted == [0, 3, 39]
+    assert [int(round(f.mean() / STEP)) for f in frames] == [0, 3, 39]
+
+
+def test_test_views_take_exactly_these_frames(tmp_path):
+    path = make_video(tmp_path / "v.mkv", num_frames=40)
+    spec = ClipSpec(frames=4, stride=2, target_fps=30, crop=16, test_clips=2, test_crops=3)
+    views, label = VideoDataset([(path, 3)], spec, train=False, num_classes=5)[0]
+    assert label == 3 and views.shape == (6, 3, 4, 16, 16)
+    # clip 0 starts at 0, clip 1 at 40 - 8 = 32; span 8 -> linspace(s, s + 7, 4) truncated
+    expected = [[0, 2, 4, 7]] * 3 + [[32, 34, 36, 39]] * 3
+    assert [frame_ids(v) for v in views] == expected
+
+
+def test_target_fps_stretches_the_clip(tmp_path):
+    path = make_video(tmp_path / "v.mkv", num_frames=40, fps=30)
+    spec = ClipSpec(frames=4, stride=2, target_fps=15, crop=16, test_clips=1, test_crops=1)
+    views, _ = VideoDataset([(path, 0)], spec, train=False, num_classes=1)[0]
+    assert frame_ids(views[0]) == [12, 17, 22, 27]  # span 16, centred: start 12
+
+
+def test_train_clip_is_reproducible_and_ordered(tmp_path):
+    path = make_video(tmp_path / "v.mkv", num_frames=40)
+    spec = ClipSpec(frames=4, stride=3, target_fps=30, crop=16, jitter=(16, 20), flip=True)
+    ds = VideoDataset([(path, 1)], spec, train=True, num_classes=2)
+    a, _ = ds[(0, 123)]
+    b, _ = ds[(0, 123)]
+    assert a.shape == (3, 4, 16, 16) and torch.equal(a, b)
+    ids = frame_ids(a)
+    assert all(3 <= d <= 4 for d in np.diff(ids)), ids
+    starts = {frame_ids(ds[(0, s)][0])[0] for s in range(8)}
+    assert len(starts) > 1  # the start is random across samples
+
+
+def test_corrupt_video_is_logged_and_replaced(tmp_path, caplog):
+    good = make_video(tmp_path / "good.mkv", num_frames=12)
+    bad = tmp_path / "bad.mkv"
+    bad.write_bytes(b"\x1aE\xdf\xa3 not really a video" * 10)
+    spec = ClipSpec(frames=4, stride=1, target_fps=None, crop=16, jitter=(16, 16), flip=False)
+    ds = VideoDataset([(str(bad), 0), (good, 1)], spec, train=True, num_classes=2)
+    with caplog.at_level(logging.WARNING, logger="mvit.data"):
+        clip, label = ds[(0, 5)]
+    assert label == 1 and clip.shape == (3, 4, 16, 16)
+    assert "unreadable video" in caplog.text and "bad.mkv" in caplog.text
+
+
+def test_lists_and_class_folders(tmp_path):
+    for cls in ("jump", "run"):
+        os.makedirs(tmp_path / "train" / cls)
+        (tmp_path / "train" / cls / "a.mp4").write_bytes(b"")
+    items, classes = class_folders(str(tmp_path), "train")
+    assert classes == ["jump", "run"] and [l for _, l in items] == [0, 1]
+    csv = tmp_path / "train.csv"
+    csv.write_text("x/a.mp4 3\n/abs/b.mp4 0\n")
+    assert read_csv(str(csv), "/root") == [("/root/x/a.mp4", 3), ("/abs/b.mp4", 0)]
+    csv.write_text("x/a.mp4 1,4\n")
+    assert read_csv(str(csv), multi_label=True) == [("x/a.mp4", (1, 4))]
+
+
+def test_train_sampler_sharding_repeats_and_resume():
+    n, world = 10, 2
+    samplers = [TrainSampler(n, r, world, repeats=2, seed=1) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(3)
+    parts = [s.epoch_items() for s in samplers]
+    assert all(len(p) == 5 for p in parts)  # one pass of the data per epoch over all ranks
+    seeds = [seed for p in parts for _, seed in p]
+    assert len(set(seeds)) == len(seeds)  # repeated copies get different augmentation seeds
+    samplers[0].set_epoch(3, start=2)
+    assert list(samplers[0]) == parts[0][2:] and len(samplers[0]) == 3
+    samplers[0].set_epoch(4)
+    assert samplers[0].epoch_items() != parts[0]
+    # repeats=1: a permutation of the whole set split across ranks
+    plain = [TrainSampler(n, r, world, repeats=1, seed=1).epoch_items() for r in range(world)]
+    assert sorted(i for p in plain for i, _ in p) == list(range(n))
+    assert sorted(shard_indices(7, 0, 3) + shard_indices(7, 1, 3) + shard_indices(7, 2, 3)) == list(range(7))

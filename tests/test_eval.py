@@ -1,0 +1,75 @@
+"""Multi-view aggregation, top-k and mAP against hand computations; DDP sharding counts every
+video exactly once."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mvit.evaluate import (aggregate_views, mean_average_precision, metrics_from_scores, score_videos,
+                           shuffle_views, topk_accuracy)
+
+
+def test_average_of_softmax_over_views_by_hand():
+    logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(3.0), 0.0]],  # softmax (.25,.75), (.75,.25)
+                           [[0.0, 0.0], [0.0, math.log(4.0)]]])            # (.5,.5), (.2,.8)
+    probs = aggregate_views(logits)
+    assert torch.allclose(probs, torch.tensor([[0.5, 0.5], [0.35, 0.65]]))
+    sig = aggregate_views(torch.zeros(1, 3, 2), multi_label=True)
+    assert torch.allclose(sig, torch.full((1, 2), 0.5))
+
+
+def test_topk_by_hand():
+    scores = np.array([[0.1, 0.5, 0.2, 0.2], [0.7, 0.1, 0.1, 0.1], [0.1, 0.2, 0.3, 0.4]])
+    labels = np.array([1, 2, 1])
+    acc = topk_accuracy(scores, labels, ks=(1, 2, 5))
+    assert acc["top1"] == pytest.approx(100 / 3)
+    assert acc["top2"] == pytest.approx(100 / 3)  # video 1's label 2 ties at rank 2-4: stable order puts it 3rd
+    assert acc["top5"] == 100.0  # k capped at the number of classes
+
+
+def test_map_by_hand():
+    scores = np.array([[0.9, 0.1], [0.8, 0.7], [0.1, 0.6]])
+    targets = np.array([[1, 0], [0, 1], [1, 0]])
+    # class 0: ranking v0(+), v1(-), v2(+): AP = (1/1 + 2/3) / 2; class 1: v1(+) first: AP = 1
+    assert mean_average_precision(scores, targets) == pytest.approx(100 * ((1 + 2 / 3) / 2 + 1) / 2)
+
+
+class _Videos(torch.utils.data.Dataset):
+    """Video i has 3 views; its label is i % 4."""
+
+    def __len__(self):
+        return 11
+
+    def __getitem__(self, i):
+        torch.manual_seed(i)
+        return torch.randn(3, 3, 2, 4, 4), i % 4
+
+
+class _Model(torch.nn.Module):
+    def forward(self, x):  # (B, 3, T, H, W) -> 4 logits, deterministic per view
+        return x.flatten(1)[:, :4] * 3
+
+
+def test_ddp_shards_count_each_video_once_and_match_hand_average():
+    ds, model = _Videos(), _Model()
+    single = score_videos(model, ds, 0, 1, "cpu", batch_size=4)
+    shards = [score_videos(model, ds, r, 3, "cpu", batch_size=2) for r in range(3)]
+    merged = [t for s in shards for t in s]
+    assert sorted(i for i, _, _ in merged) == list(range(11))  # 11 videos over 3 ranks: no padding
+    assert metrics_from_scores(merged, False) == metrics_from_scores(single, False)
+    for i, s, y in merged:
+        views, label = ds[i]
+        by_hand = model(views).softmax(-1).mean(0).numpy()
+        assert np.allclose(s, by_hand, atol=1e-6) and y == label
+    with pytest.raises(RuntimeError, match="more than once"):
+        metrics_from_scores(merged + merged[:1], False)
+    assert metrics_from_scores(merged, False)["videos"] == 11
+
+
+def test_shuffle_views_permutes_frames_reproducibly():
+    views = torch.arange(8.0).view(1, 1, 8, 1, 1).expand(2, 3, 8, 1, 1).contiguous()
+    a, b = shuffle_views(views, 7), shuffle_views(views, 7)
+    assert torch.equal(a, b)
+    assert sorted(a[0, 0, :, 0, 0].tolist()) == list(range(8)) and not torch.equal(a, views)
