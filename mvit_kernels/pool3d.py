@@ -1,7 +1,108 @@
-"""pool3d, fused path (placeholder until the C++/CUDA op lands: see issue 3)."""
+"""pool3d, fused path: the C++/CUDA op ``torch.ops.mvit_kernels.pool3d``.
 
-from . import reference
+Pools the T*H*W token grid of every head (max | avg | depthwise conv) and applies the optional
+LayerNorm over d in one pass, directly in the (B, heads, N, d) layout: no reshape, transpose or
+contiguous copy (x may be a strided view such as q/k/v sliced out of the qkv projection, as long
+as d is contiguous). Kernels: csrc/cpu/pool_ops_cpu.cpp and csrc/cuda/pool_ops_cuda.cu, with the
+index math shared in csrc/pool3d_common.h; the schema is in csrc/ops.cpp.
+
+Registered here, on the C++ op: autograd (its backward is the C++ op ``pool3d_backward``), fake
+implementations of both ops (so ``torch.compile(fullgraph=True)`` traces through them) and FLOP
+formulas (conv mode counts like the reference's depthwise ``F.conv3d``; max/avg/norm count 0, as
+FlopCounterMode counts nothing for the reference's pooling and LayerNorm).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from . import _extension
+from .checks import check_pool3d_args, pool_output_size
+
+_extension.load()  # registers torch.ops.mvit_kernels.* when the extension is built
 
 
-def pool3d(*args, **kwargs):
-    raise NotImplementedError("fused pool3d is not built yet")
+def _out_thw(thw: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int]) -> tuple[int, int, int]:
+    return tuple(pool_output_size(s, k, st, p) for s, k, st, p in zip(thw, kernel, stride, padding))  # type: ignore[return-value]
+
+
+def pool3d(
+    x: Tensor,
+    thw: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    mode: str,
+    weight: Optional[Tensor] = None,
+    has_cls: bool = True,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, tuple[int, int, int]]:
+    """Same contract as :func:`mvit_kernels.reference.pool3d`; returns (y, thw_out)."""
+    thw, kernel, stride, padding = check_pool3d_args(
+        x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias
+    )
+    _extension.require()
+    y = torch.ops.mvit_kernels.pool3d(
+        x, list(thw), list(kernel), list(stride), list(padding), mode, weight, has_cls, norm_weight, norm_bias, float(eps)
+    )
+    return y, _out_thw(thw, kernel, stride, padding)
+
+
+if _extension.load():
+
+    @torch.library.register_fake("mvit_kernels::pool3d")
+    def _pool3d_fake(x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps):
+        t, h, w = _out_thw(thw, kernel, stride, padding)
+        B, heads, _, d = x.shape
+        return x.new_empty((B, heads, t * h * w + (1 if has_cls else 0), d))
+
+    @torch.library.register_fake("mvit_kernels::pool3d_backward")
+    def _pool3d_backward_fake(grad_y, x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps):
+        d = x.shape[3]
+        grad_w = x.new_empty(weight.shape) if mode == "conv" else x.new_empty((0,))
+        norm_shape = (d,) if norm_weight is not None else (0,)
+        return x.new_empty(x.shape), grad_w, x.new_empty(norm_shape), x.new_empty(norm_shape)
+
+    def _setup_context(ctx, inputs, output):
+        x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps = inputs
+        ctx.save_for_backward(x, weight, norm_weight, norm_bias)
+        ctx.window = (thw, kernel, stride, padding, mode, has_cls, eps)
+
+    def _backward(ctx, grad_y):
+        x, weight, norm_weight, norm_bias = ctx.saved_tensors
+        thw, kernel, stride, padding, mode, has_cls, eps = ctx.window
+        grad_x, grad_w, grad_nw, grad_nb = torch.ops.mvit_kernels.pool3d_backward(
+            grad_y, x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps
+        )
+        if weight is None:
+            grad_w = None
+        if norm_weight is None:
+            grad_nw = grad_nb = None
+        return grad_x, None, None, None, None, None, grad_w, None, grad_nw, grad_nb, None
+
+    torch.library.register_autograd("mvit_kernels::pool3d", _backward, setup_context=_setup_context)
+
+    def _conv_flops(x_shape, thw, kernel, stride, padding, mode) -> int:
+        if mode != "conv":
+            return 0
+        B, heads, _, d = x_shape
+        t, h, w = _out_thw(thw, kernel, stride, padding)
+        # FlopCounterMode's count for F.conv3d(grid, weight (d, 1, *kernel), groups=d) on
+        # (B*heads, d, T, H, W): 2 * batch * out_positions * c_out * (c_in/groups) * prod(kernel).
+        return 2 * B * heads * t * h * w * d * kernel[0] * kernel[1] * kernel[2]
+
+    @register_flop_formula(torch.ops.mvit_kernels.pool3d)
+    def _pool3d_flops(x_shape, thw, kernel, stride, padding, mode, *args, out_shape=None, **kwargs) -> int:
+        return _conv_flops(x_shape, thw, kernel, stride, padding, mode)
+
+    @register_flop_formula(torch.ops.mvit_kernels.pool3d_backward)
+    def _pool3d_backward_flops(grad_shape, x_shape, thw, kernel, stride, padding, mode, *args, out_shape=None, **kwargs) -> int:
+        # As the reference's convolution_backward counts it: grad_input and grad_weight, each
+        # the forward's count.
+        return 2 * _conv_flops(x_shape, thw, kernel, stride, padding, mode)

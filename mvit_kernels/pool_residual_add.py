@@ -1,5 +1,79 @@
-"""pool_residual_add, fused path (placeholder until the C++/CUDA op lands: see issue 3)."""
+"""pool_residual_add, fused path: the C++/CUDA op ``torch.ops.mvit_kernels.pool_residual_add``.
+
+out = maxpool_skip(x) + scale[:, None, None] * branch in one pass over the output: each output
+token takes the max over its window of x and adds the (scaled) branch; the pooled skip is never
+materialized. The class token is passed through unpooled. Kernels: csrc/cpu/pool_ops_cpu.cpp and
+csrc/cuda/pool_ops_cuda.cu (index math shared with pool3d in csrc/pool3d_common.h).
+
+Registered here: autograd (backward op ``pool_residual_add_backward``: gradients to x, branch
+and scale; max routes to the first arg-max as PyTorch does), fake implementations and FLOP
+formulas (0: FlopCounterMode counts nothing for the reference's max pooling and add).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from . import _extension
+from .checks import check_pool_residual_add_args
+
+_extension.load()
 
 
-def pool_residual_add(*args, **kwargs):
-    raise NotImplementedError("fused pool_residual_add is not built yet")
+def pool_residual_add(
+    x: Tensor,
+    thw: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    branch: Tensor,
+    scale: Optional[Tensor] = None,
+    has_cls: bool = True,
+) -> Tensor:
+    """Same contract as :func:`mvit_kernels.reference.pool_residual_add`."""
+    thw, kernel, stride, padding, _ = check_pool_residual_add_args(
+        x, thw, kernel, stride, padding, branch, scale, has_cls
+    )
+    _extension.require()
+    return torch.ops.mvit_kernels.pool_residual_add(
+        x, list(thw), list(kernel), list(stride), list(padding), branch, scale, has_cls
+    )
+
+
+if _extension.load():
+
+    @torch.library.register_fake("mvit_kernels::pool_residual_add")
+    def _fake(x, thw, kernel, stride, padding, branch, scale, has_cls):
+        return branch.new_empty(branch.shape)
+
+    @torch.library.register_fake("mvit_kernels::pool_residual_add_backward")
+    def _backward_fake(grad_out, x, thw, kernel, stride, padding, branch, scale, has_cls):
+        grad_scale = x.new_empty((x.shape[0],)) if scale is not None else x.new_empty((0,))
+        return x.new_empty(x.shape), branch.new_empty(branch.shape), grad_scale
+
+    def _setup_context(ctx, inputs, output):
+        x, thw, kernel, stride, padding, branch, scale, has_cls = inputs
+        ctx.save_for_backward(x, branch, scale)
+        ctx.window = (thw, kernel, stride, padding, has_cls)
+
+    def _backward(ctx, grad_out):
+        x, branch, scale = ctx.saved_tensors
+        thw, kernel, stride, padding, has_cls = ctx.window
+        grad_x, grad_branch, grad_scale = torch.ops.mvit_kernels.pool_residual_add_backward(
+            grad_out, x, thw, kernel, stride, padding, branch, scale, has_cls
+        )
+        return grad_x, None, None, None, None, grad_branch, grad_scale if scale is not None else None, None
+
+    torch.library.register_autograd("mvit_kernels::pool_residual_add", _backward, setup_context=_setup_context)
+
+    @register_flop_formula(torch.ops.mvit_kernels.pool_residual_add)
+    def _flops(*args, out_shape=None, **kwargs) -> int:
+        return 0
+
+    @register_flop_formula(torch.ops.mvit_kernels.pool_residual_add_backward)
+    def _backward_flops(*args, out_shape=None, **kwargs) -> int:
+        return 0

@@ -1,0 +1,464 @@
+// CPU implementations of pool3d and pool_residual_add (forward and backward).
+//
+// Structure (the CUDA file csrc/cuda/pool_ops_cuda.cu has the same one):
+// - forward: one pass over output rows (parallel), the window loop from pool3d_common.h, an
+//   inner loop over the d contiguous channels that the compiler vectorizes, LayerNorm on the
+//   row in registers/cache, one write;
+// - backward: (1) over output rows: recompute the pooled row (and its arg-max), LayerNorm
+//   backward -> dp, the gradient w.r.t. the pooled values, plus per-chunk partial sums of the
+//   norm/conv parameter gradients; (2) over input rows: gather dx from the dp of the outputs
+//   whose windows cover the row (no atomics, each dx written once); (3) sum the partials.
+// Accumulation is in at::opmath_type (float for half/bfloat16/float, double for double).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "pool3d_common.h"
+#include "pool_args.h"
+
+namespace mvit {
+namespace {
+
+// Rows of a (B, heads, N, d) tensor with unit channel stride.
+struct Rows {
+  int64_t sB, sH, sN;
+};
+
+// Splits [0, n) into nchunks contiguous ranges processed in parallel; f(chunk, lo, hi).
+template <class F>
+void parallel_chunks(int64_t n, int64_t nchunks, const F& f) {
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t ch = cb; ch < ce; ++ch) f(ch, n * ch / nchunks, n * (ch + 1) / nchunks);
+  });
+}
+
+int64_t num_chunks(int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>(n, 4 * at::get_num_threads()));
+}
+
+// Pools one output grid row o of one (batch, head) slab xb into acc[0:d]; with idx, also the
+// arg-max input grid index per channel (mode max).
+template <class scalar_t, class acc_t>
+void pool_row(const scalar_t* xb, int64_t sN, const PoolGeom& g, int64_t o, int64_t d, PoolMode mode,
+              const acc_t* wT, acc_t* acc, int32_t* idx) {
+  if (mode == kMax) {
+    for (int64_t c = 0; c < d; ++c) acc[c] = -std::numeric_limits<acc_t>::infinity();
+    if (idx != nullptr) {
+      for (int64_t c = 0; c < d; ++c) idx[c] = -1;
+      for_each_window_input(g, o, [&](int64_t, int64_t i) {
+        const scalar_t* xi = xb + (g.cls + i) * sN;
+        for (int64_t c = 0; c < d; ++c) {
+          const acc_t v = static_cast<acc_t>(xi[c]);
+          if (max_takes(v, acc[c])) {
+            acc[c] = v;
+            idx[c] = static_cast<int32_t>(i);
+          }
+        }
+      });
+    } else {
+      for_each_window_input(g, o, [&](int64_t, int64_t i) {
+        const scalar_t* xi = xb + (g.cls + i) * sN;
+        for (int64_t c = 0; c < d; ++c) {
+          const acc_t v = static_cast<acc_t>(xi[c]);
+          acc[c] = max_takes(v, acc[c]) ? v : acc[c];
+        }
+      });
+    }
+  } else {
+    for (int64_t c = 0; c < d; ++c) acc[c] = acc_t(0);
+    if (mode == kAvg) {
+      for_each_window_input(g, o, [&](int64_t, int64_t i) {
+        const scalar_t* xi = xb + (g.cls + i) * sN;
+        for (int64_t c = 0; c < d; ++c) acc[c] += static_cast<acc_t>(xi[c]);
+      });
+      // count_include_pad=True: with padding <= kernel/2 and floor rounding every window lies
+      // inside the padded input, so the divisor is always the kernel volume.
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(g.kernel_volume());
+      for (int64_t c = 0; c < d; ++c) acc[c] *= inv;
+    } else {
+      for_each_window_input(g, o, [&](int64_t k, int64_t i) {
+        const scalar_t* xi = xb + (g.cls + i) * sN;
+        const acc_t* wk = wT + k * d;
+        for (int64_t c = 0; c < d; ++c) acc[c] += wk[c] * static_cast<acc_t>(xi[c]);
+      });
+    }
+  }
+}
+
+// The depthwise weight (d, 1, kT, kH, kW) as (K, d) in acc_t, so window loops read it along d.
+template <class scalar_t, class acc_t>
+std::vector<acc_t> transpose_weight(const c10::optional<at::Tensor>& weight, int64_t d, int64_t K) {
+  std::vector<acc_t> wT;
+  if (!weight.has_value() || !weight->defined()) return wT;
+  const at::Tensor w = weight->contiguous();
+  const scalar_t* wp = w.data_ptr<scalar_t>();
+  wT.resize(K * d);
+  for (int64_t c = 0; c < d; ++c)
+    for (int64_t k = 0; k < K; ++k) wT[k * d + c] = static_cast<acc_t>(wp[c * K + k]);
+  return wT;
+}
+
+template <class acc_t>
+void row_moments(const acc_t* v, int64_t d, double eps, acc_t* mean, acc_t* rstd) {
+  acc_t s = 0;
+  for (int64_t c = 0; c < d; ++c) s += v[c];
+  const acc_t m = s / d;
+  acc_t q = 0;
+  for (int64_t c = 0; c < d; ++c) q += (v[c] - m) * (v[c] - m);
+  *mean = m;
+  *rstd = acc_t(1) / std::sqrt(q / d + static_cast<acc_t>(eps));
+}
+
+at::Tensor pool3d_cpu(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayRef kernel, at::IntArrayRef stride,
+                      at::IntArrayRef padding, c10::string_view mode_str, const c10::optional<at::Tensor>& weight,
+                      bool has_cls, const c10::optional<at::Tensor>& norm_weight,
+                      const c10::optional<at::Tensor>& norm_bias, double eps) {
+  const PoolMode mode = parse_pool_mode(std::string(mode_str));
+  TORCH_CHECK(x_in.dim() == 4, "mvit_kernels.pool3d: x must be a 4-D tensor (B, heads, N, d), got ", x_in.sizes());
+  const PoolGeom g = make_pool_geom(thw, kernel, stride, padding, has_cls, x_in.size(2), "mvit_kernels.pool3d");
+  const at::Tensor x = check_pool3d_tensors(x_in, mode, weight, g, norm_weight, norm_bias);
+  const int64_t B = x.size(0), heads = x.size(1), d = x.size(3), n_out = out_tokens(g);
+  at::Tensor y = at::empty({B, heads, n_out, d}, x.options());
+  if (y.numel() == 0) return y;
+  const bool norm = norm_weight.has_value() && norm_weight->defined();
+  const Rows xr{x.stride(0), x.stride(1), x.stride(2)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mvit_pool3d_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t K = g.kernel_volume();
+    const std::vector<acc_t> wT = transpose_weight<scalar_t, acc_t>(weight, d, K);
+    std::vector<acc_t> gamma(d, acc_t(1)), beta(d, acc_t(0));
+    if (norm) {
+      const at::Tensor nw = norm_weight->contiguous(), nb = norm_bias->contiguous();
+      for (int64_t c = 0; c < d; ++c) {
+        gamma[c] = static_cast<acc_t>(nw.data_ptr<scalar_t>()[c]);
+        beta[c] = static_cast<acc_t>(nb.data_ptr<scalar_t>()[c]);
+      }
+    }
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const int64_t rows = B * heads * n_out;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / (K * d) + 1), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(d);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = r % n_out, bh = r / n_out;
+        const scalar_t* xb = xp + (bh / heads) * xr.sB + (bh % heads) * xr.sH;
+        if (n < g.cls) {
+          for (int64_t c = 0; c < d; ++c) acc[c] = static_cast<acc_t>(xb[c]);
+        } else {
+          pool_row<scalar_t, acc_t>(xb, xr.sN, g, n - g.cls, d, mode, wT.data(), acc.data(), nullptr);
+        }
+        scalar_t* yr = yp + r * d;
+        if (norm) {
+          acc_t mean, rstd;
+          row_moments(acc.data(), d, eps, &mean, &rstd);
+          for (int64_t c = 0; c < d; ++c) yr[c] = static_cast<scalar_t>((acc[c] - mean) * rstd * gamma[c] + beta[c]);
+        } else {
+          for (int64_t c = 0; c < d; ++c) yr[c] = static_cast<scalar_t>(acc[c]);
+        }
+      }
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayRef kernel,
+    at::IntArrayRef stride, at::IntArrayRef padding, c10::string_view mode_str,
+    const c10::optional<at::Tensor>& weight, bool has_cls, const c10::optional<at::Tensor>& norm_weight,
+    const c10::optional<at::Tensor>& norm_bias, double eps) {
+  const PoolMode mode = parse_pool_mode(std::string(mode_str));
+  TORCH_CHECK(x_in.dim() == 4, "mvit_kernels.pool3d_backward: x must be a 4-D tensor (B, heads, N, d), got ",
+              x_in.sizes());
+  const PoolGeom g = make_pool_geom(thw, kernel, stride, padding, has_cls, x_in.size(2), "mvit_kernels.pool3d");
+  const at::Tensor x = check_pool3d_tensors(x_in, mode, weight, g, norm_weight, norm_bias);
+  const int64_t B = x.size(0), heads = x.size(1), N = x.size(2), d = x.size(3), n_out = out_tokens(g);
+  TORCH_CHECK(grad_y_in.sizes() == at::IntArrayRef({B, heads, n_out, d}),
+              "mvit_kernels.pool3d_backward: grad_y must have shape ", at::IntArrayRef({B, heads, n_out, d}),
+              ", got ", grad_y_in.sizes());
+  check_like(grad_y_in, x, "grad_y", "mvit_kernels.pool3d_backward");
+  const at::Tensor grad_y = grad_y_in.contiguous();
+  const bool norm = norm_weight.has_value() && norm_weight->defined();
+  const int64_t K = g.kernel_volume();
+
+  at::Tensor grad_x = at::empty({B, heads, N, d}, x.options());
+  at::Tensor grad_w = mode == kConv ? at::zeros_like(*weight, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
+  at::Tensor grad_nw = norm ? at::zeros({d}, x.options()) : at::empty({0}, x.options());
+  at::Tensor grad_nb = norm ? at::zeros({d}, x.options()) : at::empty({0}, x.options());
+  if (B * heads == 0) return {grad_x, grad_w, grad_nw, grad_nb};
+  const Rows xr{x.stride(0), x.stride(1), x.stride(2)};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mvit_pool3d_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<acc_t> wT = transpose_weight<scalar_t, acc_t>(weight, d, K);
+    std::vector<acc_t> gamma(d, acc_t(1));
+    if (norm) {
+      const at::Tensor nw = norm_weight->contiguous();
+      for (int64_t c = 0; c < d; ++c) gamma[c] = static_cast<acc_t>(nw.data_ptr<scalar_t>()[c]);
+    }
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = grad_y.data_ptr<scalar_t>();
+    const int64_t rows_out = B * heads * n_out, grid_out = g.out_grid();
+    std::vector<acc_t> dp(rows_out * d);
+    std::vector<int32_t> argmax(mode == kMax ? B * heads * grid_out * d : 0);
+
+    // (1) dp and the parameter-gradient partials, per chunk of output rows.
+    const int64_t nchunks = num_chunks(rows_out);
+    const int64_t part = (mode == kConv ? K * d : 0) + (norm ? 2 * d : 0);
+    std::vector<acc_t> partials(nchunks * part, acc_t(0));
+    parallel_chunks(rows_out, nchunks, [&](int64_t ch, int64_t lo, int64_t hi) {
+      std::vector<acc_t> v(d), gx(d);
+      acc_t* pw = partials.data() + ch * part;
+      acc_t* pnw = pw + (mode == kConv ? K * d : 0);
+      acc_t* pnb = pnw + d;
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t n = r % n_out, bh = r / n_out;
+        const scalar_t* xb = xp + (bh / heads) * xr.sB + (bh % heads) * xr.sH;
+        const scalar_t* gr = gp + r * d;
+        acc_t* dpr = dp.data() + r * d;
+        if (n < g.cls) {
+          for (int64_t c = 0; c < d; ++c) v[c] = static_cast<acc_t>(xb[c]);
+        } else {
+          int32_t* idx = mode == kMax ? argmax.data() + (bh * grid_out + n - g.cls) * d : nullptr;
+          pool_row<scalar_t, acc_t>(xb, xr.sN, g, n - g.cls, d, mode, wT.data(), v.data(), idx);
+        }
+        if (norm) {
+          acc_t mean, rstd;
+          row_moments(v.data(), d, eps, &mean, &rstd);
+          acc_t sum_g = 0, sum_gx = 0;
+          for (int64_t c = 0; c < d; ++c) {
+            const acc_t dy = static_cast<acc_t>(gr[c]);
+            const acc_t xhat = (v[c] - mean) * rstd;
+            const acc_t gc = dy * gamma[c];
+            v[c] = xhat;
+            gx[c] = gc;
+            sum_g += gc;
+            sum_gx += gc * xhat;
+            pnw[c] += dy * xhat;
+            pnb[c] += dy;
+          }
+          const acc_t mean_g = sum_g / d, mean_gx = sum_gx / d;
+          for (int64_t c = 0; c < d; ++c) dpr[c] = layer_norm_grad(gx[c], v[c], rstd, mean_g, mean_gx);
+        } else {
+          for (int64_t c = 0; c < d; ++c) dpr[c] = static_cast<acc_t>(gr[c]);
+        }
+        if (mode == kConv && n >= g.cls) {
+          for_each_window_input(g, n - g.cls, [&](int64_t k, int64_t i) {
+            const scalar_t* xi = xb + (g.cls + i) * xr.sN;
+            acc_t* pk = pw + k * d;
+            for (int64_t c = 0; c < d; ++c) pk[c] += dpr[c] * static_cast<acc_t>(xi[c]);
+          });
+        }
+      }
+    });
+
+    // (2) dx by gathering over the outputs that cover each input row.
+    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    const acc_t inv_k = acc_t(1) / static_cast<acc_t>(K);
+    at::parallel_for(0, B * heads * N, std::max<int64_t>(1, 4096 / (K * d) + 1), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(d);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = r % N, bh = r / N;
+        scalar_t* out = gxp + r * d;
+        const acc_t* dpb = dp.data() + bh * n_out * d;
+        if (n < g.cls) {
+          for (int64_t c = 0; c < d; ++c) out[c] = static_cast<scalar_t>(dpb[c]);
+          continue;
+        }
+        const int64_t i = n - g.cls;
+        for (int64_t c = 0; c < d; ++c) acc[c] = acc_t(0);
+        for_each_covering_output(g, i, [&](int64_t k, int64_t o) {
+          const acc_t* dpo = dpb + (g.cls + o) * d;
+          if (mode == kMax) {
+            const int32_t* idx = argmax.data() + (bh * grid_out + o) * d;
+            for (int64_t c = 0; c < d; ++c) acc[c] += idx[c] == i ? dpo[c] : acc_t(0);
+          } else if (mode == kAvg) {
+            for (int64_t c = 0; c < d; ++c) acc[c] += dpo[c];
+          } else {
+            const acc_t* wk = wT.data() + k * d;
+            for (int64_t c = 0; c < d; ++c) acc[c] += dpo[c] * wk[c];
+          }
+        });
+        const acc_t f = mode == kAvg ? inv_k : acc_t(1);
+        for (int64_t c = 0; c < d; ++c) out[c] = static_cast<scalar_t>(acc[c] * f);
+      }
+    });
+
+    // (3) parameter gradients: sum the per-chunk partials (fixed order: deterministic).
+    if (part > 0) {
+      std::vector<acc_t> total(part, acc_t(0));
+      for (int64_t ch = 0; ch < nchunks; ++ch)
+        for (int64_t j = 0; j < part; ++j) total[j] += partials[ch * part + j];
+      if (mode == kConv) {
+        scalar_t* gw = grad_w.data_ptr<scalar_t>();
+        for (int64_t c = 0; c < d; ++c)
+          for (int64_t k = 0; k < K; ++k) gw[c * K + k] = static_cast<scalar_t>(total[k * d + c]);
+      }
+      if (norm) {
+        const acc_t* tn = total.data() + (mode == kConv ? K * d : 0);
+        scalar_t* gnw = grad_nw.data_ptr<scalar_t>();
+        scalar_t* gnb = grad_nb.data_ptr<scalar_t>();
+        for (int64_t c = 0; c < d; ++c) {
+          gnw[c] = static_cast<scalar_t>(tn[c]);
+          gnb[c] = static_cast<scalar_t>(tn[d + c]);
+        }
+      }
+    }
+  });
+  return {grad_x, grad_w, grad_nw, grad_nb};
+}
+
+// ------------------------------------------------------------------------------------------
+// pool_residual_add: x (B, N, C) viewed as one head; the pooled skip is never materialized.
+// ------------------------------------------------------------------------------------------
+
+at::Tensor pool_residual_add_cpu(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayRef kernel,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, const at::Tensor& branch_in,
+                                 const c10::optional<at::Tensor>& scale_in, bool has_cls) {
+  TORCH_CHECK(x_in.dim() == 3, "mvit_kernels.pool_residual_add: x must be a 3-D tensor (B, N, C), got ", x_in.sizes());
+  const PoolGeom g = make_pool_geom(thw, kernel, stride, padding, has_cls, x_in.size(1), "mvit_kernels.pool_residual_add");
+  check_pool_residual_add_tensors(x_in, branch_in, scale_in, g);
+  const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor branch = branch_in.contiguous();
+  const bool has_scale = scale_in.has_value() && scale_in->defined();
+  const int64_t B = x.size(0), C = x.size(2), n_out = out_tokens(g);
+  at::Tensor out = at::empty({B, n_out, C}, x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mvit_pool_residual_add_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> s(B, acc_t(1));
+    if (has_scale) {
+      const at::Tensor sc = scale_in->contiguous();
+      for (int64_t b = 0; b < B; ++b) s[b] = static_cast<acc_t>(sc.data_ptr<scalar_t>()[b]);
+    }
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* bp = branch.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t sB = x.stride(0), sN = x.stride(1);
+    at::parallel_for(0, B * n_out, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(C);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / n_out, n = r % n_out;
+        const scalar_t* xb = xp + b * sB;
+        if (n < g.cls) {
+          for (int64_t c = 0; c < C; ++c) acc[c] = static_cast<acc_t>(xb[c]);
+        } else {
+          pool_row<scalar_t, acc_t>(xb, sN, g, n - g.cls, C, kMax, nullptr, acc.data(), nullptr);
+        }
+        const scalar_t* br = bp + r * C;
+        scalar_t* orow = op + r * C;
+        const acc_t sb = s[b];
+        for (int64_t c = 0; c < C; ++c) orow[c] = static_cast<scalar_t>(acc[c] + sb * static_cast<acc_t>(br[c]));
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayRef kernel,
+    at::IntArrayRef stride, at::IntArrayRef padding, const at::Tensor& branch_in,
+    const c10::optional<at::Tensor>& scale_in, bool has_cls) {
+  const char* op = "mvit_kernels.pool_residual_add_backward";
+  TORCH_CHECK(x_in.dim() == 3, op, ": x must be a 3-D tensor (B, N, C), got ", x_in.sizes());
+  const PoolGeom g = make_pool_geom(thw, kernel, stride, padding, has_cls, x_in.size(1), op);
+  check_pool_residual_add_tensors(x_in, branch_in, scale_in, g);
+  TORCH_CHECK(grad_in.sizes() == branch_in.sizes(), op, ": grad_out must have shape ", branch_in.sizes(), ", got ",
+              grad_in.sizes());
+  check_like(grad_in, x_in, "grad_out", op);
+  const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor branch = branch_in.contiguous();
+  const at::Tensor grad = grad_in.contiguous();
+  const bool has_scale = scale_in.has_value() && scale_in->defined();
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), n_out = out_tokens(g), grid_out = g.out_grid();
+  at::Tensor grad_x = at::empty({B, N, C}, x.options());
+  at::Tensor grad_branch = at::empty({B, n_out, C}, x.options());
+  at::Tensor grad_scale = has_scale ? at::zeros({B}, x.options()) : at::empty({0}, x.options());
+  if (B == 0) return {grad_x, grad_branch, grad_scale};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mvit_pool_residual_add_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> s(B, acc_t(1));
+    if (has_scale) {
+      const at::Tensor sc = scale_in->contiguous();
+      for (int64_t b = 0; b < B; ++b) s[b] = static_cast<acc_t>(sc.data_ptr<scalar_t>()[b]);
+    }
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* bp = branch.data_ptr<scalar_t>();
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    scalar_t* gbp = grad_branch.data_ptr<scalar_t>();
+    const int64_t sB = x.stride(0), sN = x.stride(1);
+    std::vector<int32_t> argmax(B * grid_out * C);
+
+    // (1) per output row: grad_branch = scale * g, arg-max of the window, grad_scale partials.
+    const int64_t rows_out = B * n_out;
+    const int64_t nchunks = num_chunks(rows_out);
+    std::vector<acc_t> partials(has_scale ? nchunks * B : 0, acc_t(0));
+    parallel_chunks(rows_out, nchunks, [&](int64_t ch, int64_t lo, int64_t hi) {
+      std::vector<acc_t> tmp(C);
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t b = r / n_out, n = r % n_out;
+        const scalar_t* gr = gp + r * C;
+        const acc_t sb = s[b];
+        for (int64_t c = 0; c < C; ++c) gbp[r * C + c] = static_cast<scalar_t>(sb * static_cast<acc_t>(gr[c]));
+        if (has_scale) {
+          const scalar_t* br = bp + r * C;
+          acc_t dot = 0;
+          for (int64_t c = 0; c < C; ++c) dot += static_cast<acc_t>(gr[c]) * static_cast<acc_t>(br[c]);
+          partials[ch * B + b] += dot;
+        }
+        if (n >= g.cls) {
+          pool_row<scalar_t, acc_t>(xp + b * sB, sN, g, n - g.cls, C, kMax, nullptr, tmp.data(),
+                                    argmax.data() + (b * grid_out + n - g.cls) * C);
+        }
+      }
+    });
+
+    // (2) dx: gather the gradients of the outputs whose arg-max is this row.
+    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, B * N, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(C);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / N, n = r % N;
+        scalar_t* out = gxp + r * C;
+        const scalar_t* gb = gp + b * n_out * C;
+        if (n < g.cls) {
+          for (int64_t c = 0; c < C; ++c) out[c] = gb[c];
+          continue;
+        }
+        const int64_t i = n - g.cls;
+        for (int64_t c = 0; c < C; ++c) acc[c] = acc_t(0);
+        for_each_covering_output(g, i, [&](int64_t, int64_t o) {
+          const scalar_t* go = gb + (g.cls + o) * C;
+          const int32_t* idx = argmax.data() + (b * grid_out + o) * C;
+          for (int64_t c = 0; c < C; ++c) acc[c] += idx[c] == i ? static_cast<acc_t>(go[c]) : acc_t(0);
+        });
+        for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(acc[c]);
+      }
+    });
+
+    if (has_scale) {
+      scalar_t* gsp = grad_scale.data_ptr<scalar_t>();
+      for (int64_t b = 0; b < B; ++b) {
+        acc_t t = 0;
+        for (int64_t ch = 0; ch < nchunks; ++ch) t += partials[ch * B + b];
+        gsp[b] = static_cast<scalar_t>(t);
+      }
+    }
+  });
+  return {grad_x, grad_branch, grad_scale};
+}
+
+}  // namespace
+}  // namespace mvit
+
+TORCH_LIBRARY_IMPL(mvit_kernels, CPU, m) {
+  m.impl("pool3d", &mvit::pool3d_cpu);
+  m.impl("pool3d_backward", &mvit::pool3d_backward_cpu);
+  m.impl("pool_residual_add", &mvit::pool_residual_add_cpu);
+  m.impl("pool_residual_add_backward", &mvit::pool_residual_add_backward_cpu);
+}
