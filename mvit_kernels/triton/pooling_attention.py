@@ -307,27 +307,42 @@ def next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-def select_config(kernel: str, dtype: torch.dtype, d_pad: int) -> AttentionConfig:
-    """The one rule that picks tiles (no autotune: the interpreter cannot run it, and the AOT test
-    compiles exactly what this returns). Same rule for sm_80 and sm_90; the AOT test checks both.
+def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90) -> AttentionConfig:
+    """The one rule that picks tiles, by kernel, dtype, padded head dim and compute capability
+    (no autotune: the interpreter cannot run it, and the AOT test compiles exactly what this
+    returns for sm_80 and sm_90; the interpreter uses the sm_90 rule).
 
-    Forward: a 128-row query tile streams the few short key tiles; 16-bit inputs keep q, the
-    fp32 accumulator and one 128x64 score tile in registers (8 warps at head 128). The backward
-    holds two fp32 accumulators (dk+dv, or dq+d rel) so it uses 64x64 tiles. fp32 inputs (the
-    interpreter tests, or a user's fp32 model) halve the tiles to keep the same register budget.
+    Forward: a 128-row query tile streams the few short key tiles (L_kv is 393 or 1,569 while
+    L_q reaches 25,089); q, the fp32 accumulator, the packed rel tile and a 128x64 score tile
+    live in registers, which takes 8 warps from head 64 up. The backward holds two fp32
+    accumulators (dk+dv, or dq+d rel): 64x64 tiles, narrowed to 32 rows where the AOT figures
+    showed spills (dk/dv at head 128; dq on sm_80 from head 64, where mma.sync needs more
+    registers than sm_90's wgmma). fp32 inputs halve the tiles to stay in the same budget.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if d_pad not in D_PADS:
         raise ValueError(f"d_pad must be one of {D_PADS}, got {d_pad}")
-    wide = d_pad >= 128
+    if cc not in (80, 90):
+        cc = 80 if cc < 90 else 90
     if dtype == torch.float32:
         if kernel == "fwd":
-            return AttentionConfig(64, 32, 4, 2)
+            return AttentionConfig(64, 32, 8 if d_pad >= 128 else 4, 2)
         return AttentionConfig(32, 32, 4, 1)
     if kernel == "fwd":
-        return AttentionConfig(128, 64, 8 if wide else 4, 2 if wide else 3)
-    return AttentionConfig(64, 64, 8 if wide else 4, 2)
+        return AttentionConfig(128, 64, 8 if d_pad >= 64 else 4, 2 if d_pad >= 128 else 3)
+    warps = 8 if d_pad >= 128 else 4
+    if kernel == "bwd_dkdv":
+        return AttentionConfig(32 if d_pad >= 128 else 64, 64, warps, 2)
+    return AttentionConfig(32 if (cc == 80 and d_pad >= 64) else 64, 64, warps, 2)
+
+
+def device_cc(t: torch.Tensor) -> int:
+    """Compute capability major*10 for the config rule (the sm_90 rule under the interpreter)."""
+    if t.is_cuda:
+        major, _ = torch.cuda.get_device_capability(t.device)
+        return 80 if major < 9 else 90
+    return 90
 
 
 def supports(q: torch.Tensor, thw_kv: Sequence[int], has_rel: bool) -> bool:
@@ -387,7 +402,7 @@ def forward(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, re
     n_kv = k.shape[2]
     tabs = RelTables(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w)
     d_pad = next_pow2(D)
-    cfg = select_config("fwd", q.dtype, d_pad)
+    cfg = select_config("fwd", q.dtype, d_pad, device_cc(q))
     out = torch.empty(B, n_q, H * D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, n_q, device=q.device, dtype=torch.float32)
     store_rel = bool(store_rel and tabs.has_rel)
@@ -429,13 +444,13 @@ def backward(dout, q, k, v, out, lse, rel, thw_q, thw_kv, has_cls, rel_pos_t, re
         rel = drel
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     flags = dict(HAS_CLS=bool(has_cls), HAS_REL=tabs.has_rel, D_PAD=d_pad, R_PAD=tabs.r_pad)
-    cfg = select_config("bwd_dkdv", q.dtype, d_pad)
+    cfg = select_config("bwd_dkdv", q.dtype, d_pad, device_cc(q))
     pooling_attention_bwd_dkdv_kernel[(triton.cdiv(n_kv, cfg.block_n), B * H)](
         q, k, v, dout, lse, delta, rel, dk, dv, *strides,
         H, n_q, n_kv, D, D**-0.5, *thw_kv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )
-    cfg = select_config("bwd_dq", q.dtype, d_pad)
+    cfg = select_config("bwd_dq", q.dtype, d_pad, device_cc(q))
     pooling_attention_bwd_dq_kernel[(triton.cdiv(n_q, cfg.block_m), B * H)](
         q, k, v, dout, lse, delta, rel, tabs.table, *tabs.idx, dq, drel, *strides,
         H, n_q, n_kv, D, D**-0.5, thw_q[1], thw_q[2], *thw_kv,

@@ -1,0 +1,207 @@
+"""Ahead-of-time compilation of every Triton kernel config the dispatcher can pick, for sm_80 and
+sm_90, without a GPU; reads registers / spills / shared memory from the cubin with the cuobjdump
+that ships in the Triton wheel.
+
+Runs with the interpreter off (``TRITON_INTERPRET=0``; under the interpreter ``@triton.jit``
+functions cannot be compiled), so callers in an interpreter process use a subprocess:
+``python -m mvit_kernels.triton.aot [--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+#: Per-block shared memory limits (opt-in maximum) in bytes.
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+TARGETS = (80, 90)
+#: STACK is the per-thread stack frame, where ptxas puts spilled registers (cuobjdump's LOCAL
+#: counts explicit local arrays, which these kernels have none of, so it is checked too). Up to
+#: 16 bytes (four 32-bit values, touched outside the inner loop in the configs that show it,
+#: sm_80 at the register ceiling) costs nothing measurable; the configs that spilled more (184 to
+#: 1,240 bytes before their tiles were narrowed) are exactly what this bound catches.
+STACK_LIMIT = 16
+
+_TL_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+# Argument kinds per kernel: "p:<dtype>" pointer, "i" int32, "f" fp32, "c" constexpr.
+_SIGS = {
+    "fwd": [
+        ("Q", "*q"), ("K", "*q"), ("V", "*q"), ("R", "*fp32"), ("IDX_T", "*i32"), ("IDX_H", "*i32"),
+        ("IDX_W", "*i32"), ("Out", "*q"), ("Lse", "*fp32"), ("Rel", "*fp32"),
+    ],
+    "bwd_dkdv": [
+        ("Q", "*q"), ("K", "*q"), ("V", "*q"), ("DO", "*q"), ("Lse", "*fp32"), ("Delta", "*fp32"),
+        ("Rel", "*fp32"), ("DK", "*q"), ("DV", "*q"),
+    ],
+    "bwd_dq": [
+        ("Q", "*q"), ("K", "*q"), ("V", "*q"), ("DO", "*q"), ("Lse", "*fp32"), ("Delta", "*fp32"),
+        ("Rel", "*fp32"), ("R", "*fp32"), ("IDX_T", "*i32"), ("IDX_H", "*i32"), ("IDX_W", "*i32"),
+        ("DQ", "*q"), ("DRel", "*fp32"),
+    ],
+}
+_STRIDES = ["stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
+            "stride_vb", "stride_vh", "stride_vn"]
+
+
+def _kernel(name):
+    from . import pooling_attention as k
+
+    return {
+        "fwd": k.pooling_attention_fwd_kernel,
+        "bwd_dkdv": k.pooling_attention_bwd_dkdv_kernel,
+        "bwd_dq": k.pooling_attention_bwd_dq_kernel,
+    }[name]
+
+
+def all_configs():
+    """Every (kernel, dtype, d_pad) the dispatcher can launch, with the config select_config
+    gives it. Each is compiled with every feature on and the widest rel tile (R_PAD 64): the
+    worst case for registers and shared memory of that tile config."""
+    import torch
+
+    from . import pooling_attention as k
+
+    out = []
+    for kernel in k.KERNELS:
+        for dtype in k.DTYPES:
+            for d_pad in k.D_PADS:
+                for cc in TARGETS:
+                    cfg = k.select_config(kernel, dtype, d_pad, cc)
+                    out.append(dict(kernel=kernel, dtype=str(dtype).replace("torch.", ""), d_pad=d_pad,
+                                    r_pad=k.R_PADS[-1], cc=cc, **vars(cfg)))
+    return out
+
+
+def compile_one(entry: dict, cc: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    fn = _kernel(entry["kernel"])
+    q = _TL_DTYPE[entry["dtype"]]
+    signature, attrs = {}, {}
+    for name, ty in _SIGS[entry["kernel"]]:
+        signature[name] = ty.replace("*q", "*" + q)
+    for name in fn.arg_names:
+        if name in signature:
+            continue
+        if name == "sm_scale":
+            signature[name] = "fp32"
+        elif name.isupper() and name not in ("H", "N_Q", "N_KV", "D", "QH", "QW", "KT", "KH", "KW"):
+            signature[name] = "constexpr"
+        else:
+            signature[name] = "i32"
+    # What the launcher specializes at MViT shapes: 16-byte aligned pointers, strides and head
+    # dim multiples of 16 (d = 96).
+    for i, name in enumerate(fn.arg_names):
+        if signature[name].startswith("*") or name.startswith("stride") or name == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    constexprs = dict(
+        HAS_CLS=True, HAS_REL=True, HAS_T=True, HAS_HW=True, RESIDUAL=True, STORE_REL=True,
+        BLOCK_M=entry["block_m"], BLOCK_N=entry["block_n"], D_PAD=entry["d_pad"], R_PAD=entry["r_pad"],
+    )
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    t0 = time.time()
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", cc, 32),
+        options=dict(num_warps=entry["num_warps"], num_stages=entry["num_stages"]),
+    )
+    seconds = time.time() - t0
+    usage = resource_usage(compiled.asm["cubin"])
+    entry = {k: v for k, v in entry.items() if k != "cc"}
+    return dict(entry, target=f"sm_{cc}", compile_s=round(seconds, 2), shared_triton=compiled.metadata.shared, **usage)
+
+
+def cuobjdump_path() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([cuobjdump_path(), "--dump-resource-usage", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL|CONSTANT\[\d+\]|TEXTURE|SURFACE|SAMPLER):(\d+)", text))
+    return dict(reg=int(fields["REG"]), stack=int(fields["STACK"]), shared=int(fields["SHARED"]), local=int(fields["LOCAL"]))
+
+
+def _job(args):
+    entry, cc = args
+    return compile_one(entry, cc)
+
+
+def compile_all(workers: int = 2) -> list[dict]:
+    jobs = [(e, e["cc"]) for e in all_configs()]
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(_job, jobs))
+
+
+def check(row: dict) -> list[str]:
+    """Problems with one compiled config (empty when it is fine)."""
+    cc = int(row["target"].split("_")[1])
+    smem = max(row["shared"], row["shared_triton"])
+    problems = []
+    if row["local"] > 0:
+        problems.append(f"spills: LOCAL={row['local']}")
+    if row["stack"] > STACK_LIMIT:
+        problems.append(f"STACK={row['stack']} > {STACK_LIMIT}")
+    if smem > SMEM_LIMIT[cc]:
+        problems.append(f"shared {smem} B > {SMEM_LIMIT[cc]} B")
+    return problems
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "# Triton pooling-attention kernels: AOT resource usage",
+        "",
+        "Every config `select_config` can pick, compiled without a GPU (`python -m mvit_kernels.triton.aot`),",
+        "all features on and the widest rel tile (R_PAD 64). REG/STACK/LOCAL/SHARED from `cuobjdump",
+        f"--dump-resource-usage`; shared is the larger of cuobjdump's static figure and Triton's dynamic",
+        f"`metadata.shared`. Limits: LOCAL 0, STACK <= {STACK_LIMIT} B, shared <= 163 KB (sm_80) / 227 KB (sm_90).",
+        "",
+        "| kernel | dtype | d_pad | BLOCK_M | BLOCK_N | warps | stages | target | REG | STACK | LOCAL | shared (B) | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        smem = max(r["shared"], r["shared_triton"])
+        ok = "; ".join(check(r)) or "yes"
+        lines.append(
+            f"| {r['kernel']} | {r['dtype']} | {r['d_pad']} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | "
+            f"{r['num_stages']} | {r['target']} | {r['reg']} | {r['stack']} | {r['local']} | {smem} | {ok} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the rows as JSON here")
+    parser.add_argument("--markdown", help="write the Markdown table here")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("run with TRITON_INTERPRET unset or 0 (the interpreter cannot compile)", file=sys.stderr)
+        return 2
+    rows = compile_all(args.workers)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(rows))
+    print(markdown(rows))
+    return 1 if any(check(r) for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

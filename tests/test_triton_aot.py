@@ -1,0 +1,57 @@
+"""Every Triton kernel config the dispatcher can pick compiles for sm_80 and sm_90 without a GPU,
+without spills and within the target's shared memory. Writes the resource table that
+bench/bench_attention.py reads (bench/results/triton_resources.{md,json})."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+@pytest.fixture(scope="module")
+def rows():
+    pytest.importorskip("triton")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    # The interpreter (set for the other tests by conftest.py) cannot compile: use a subprocess.
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "mvit_kernels.triton.aot",
+         "--json", str(RESULTS / "triton_resources.json"), "--markdown", str(RESULTS / "triton_resources.md")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode in (0, 1), proc.stderr[-4000:]
+    return json.loads((RESULTS / "triton_resources.json").read_text())
+
+
+def test_every_dispatchable_config_was_compiled(rows):
+    from mvit_kernels.triton import aot
+
+    compiled = {(r["kernel"], r["dtype"], r["d_pad"], r["target"]) for r in rows}
+    wanted = {(e["kernel"], e["dtype"], e["d_pad"], f"sm_{e['cc']}") for e in aot.all_configs()}
+    assert wanted == compiled
+    assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
+
+
+def test_no_spills_and_shared_memory_within_limits(rows):
+    from mvit_kernels.triton import aot
+
+    problems = [f"{r['kernel']} {r['dtype']} d_pad={r['d_pad']} {r['target']}: {p}" for r in rows for p in aot.check(r)]
+    assert not problems, "\n".join(problems)
+
+
+def test_config_rule_matches_compiled_tiles(rows):
+    import torch
+
+    from mvit_kernels.triton import pooling_attention as kernels
+
+    for r in rows:
+        cfg = kernels.select_config(r["kernel"], getattr(torch, r["dtype"]), r["d_pad"], int(r["target"][3:]))
+        assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) == (
+            r["block_m"], r["block_n"], r["num_warps"], r["num_stages"]
+        )
