@@ -1,0 +1,290 @@
+"""Pooling attention at the MViT-B 16x4 block shapes: a byte/FLOP floor model of the fused Triton
+kernels against the reference path's separate ops (always), and, when CUDA is available, measured
+forward+backward times of the Triton kernel, the reference and the SDPA path in bf16.
+
+    python bench/bench_attention.py [--batch 1] [--preset mvit_b_16x4] [--out bench/results]
+
+Writes attention_model.{md,json} (and attention_bench.{md,json} on CUDA) under --out, and prints the
+AOT resource table (bench/results/triton_resources.md, made by tests/test_triton_aot.py or
+``python -m mvit_kernels.triton.aot``).
+
+The model (per clip, bf16 = 2 bytes, fp32 statistics = 4 bytes; H100: 3.0 TB/s, 790 TFLOP/s):
+- floor(op) = max(bytes / bandwidth, FLOPs / peak); separate ops run one after another, so the
+  reference path's floor is the sum over its ops; a fused kernel is one op.
+- Fused forward reads q, k, v once and writes out (+ lse, + the rel tile when training): the
+  k/v tiles every query tile re-reads are 0.1-0.8 MB per head and stay in L2. Its tensor-core
+  work includes the one-hot expansion of the rel tile (2*N_q*N_kv*R_PAD per head), reported as
+  "executed" FLOPs next to the FLOPs the reference counts.
+- Fused backward (flash recompute, two kernels): dk/dv kernel (S, dV, dP, dK) + dq kernel (S, dP,
+  dQ, d rel): 7 matmuls of N_q x N_kv x d in all and 3 one-hot products, plus delta =
+  rowsum(dO * O) and the tables' einsum in torch.
+- Reference forward, op by op as reference.pooling_attention runs them: scale q, q k^T (writes
+  S), the bias (zeros, three broadcast adds over N_q x N_kv, each a full read+write), the slice
+  add and two concatenations of S, softmax, P v, the residual concat and the head merge copy.
+  Reference backward: each op reads its output gradient and its saved inputs and writes its
+  input gradients (bytes = out + 2 x inputs), matmuls cost 2x their forward FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BANDWIDTH = 3.0e12  # bytes/s, H100 device copy (DESIGN.md §6)
+PEAK = 790e12  # FLOP/s, H100 bf16 matrix product
+BF16 = 2
+FP32 = 4
+
+
+def pool_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def block_shapes(preset: str, batch: int) -> list[dict]:
+    """Per-block attention shapes from the preset's explicit block specs (what
+    ``build_model(preset).specs`` holds) and the pooling grid arithmetic."""
+    from mvit.presets import get_preset
+
+    cfg = get_preset(preset)
+    shapes = []
+    for i, spec in enumerate(cfg.block_specs()):
+        thw = spec.input_thw
+        thw_q = tuple(pool_size(s, k, st, p) for s, k, st, p in zip(thw, spec.kernel_q, spec.stride_q, spec.padding_q)) if spec.pool_q else thw
+        thw_kv = tuple(pool_size(s, k, st, p) for s, k, st, p in zip(thw, spec.kernel_kv, spec.stride_kv, spec.padding_kv)) if spec.pool_kv else thw
+        shapes.append(dict(
+            block=i, batch=batch, heads=spec.num_heads, d=spec.head_dim, thw_q=thw_q, thw_kv=thw_kv,
+            n_q=math.prod(thw_q) + 1, n_kv=math.prod(thw_kv) + 1, has_cls=True,
+            rel_pos=bool(cfg.rel_pos_spatial), rel_t=bool(cfg.rel_pos_temporal), residual=bool(cfg.residual_pooling),
+        ))
+    return shapes
+
+
+def floor_s(nbytes: float, flops: float) -> float:
+    return max(nbytes / BANDWIDTH, flops / PEAK)
+
+
+def fused_model(s: dict, rel: bool, train: bool) -> dict:
+    B, H, d, nq, nkv = s["batch"], s["heads"], s["d"], s["n_q"], s["n_kv"]
+    ngrid = nq - 1
+    kt, kh, kw = s["thw_kv"]
+    rcols = kt + kh + kw if rel else 0
+    rpad = max(16, 1 << (rcols - 1).bit_length()) if rel else 0
+    q = B * H * nq * d * BF16
+    kv = B * H * nkv * d * BF16
+    lse = B * H * nq * FP32
+    reltile = B * H * nq * rpad * FP32 if (rel and train) else 0
+    attn = 2 * B * H * nq * nkv * d
+    relf = 2 * B * H * ngrid * d * rcols
+    onehot = 2 * B * H * nq * nkv * rpad
+    fwd = dict(bytes=q + 2 * kv + q + lse + reltile, flops=2 * attn + relf, executed=2 * attn + relf + onehot)
+    # delta: read out, dout, q (residual), write delta; dkdv: read q, k, v, dout, lse, delta, rel,
+    # write dk, dv; dq: read q, k, v, dout, lse, delta, rel, write dq, drel; tables: read drel, q.
+    delta = 3 * q + lse
+    dkdv = q + 2 * kv + q + 2 * lse + reltile + 2 * kv
+    dq = q + 2 * kv + q + 2 * lse + reltile + q + reltile
+    tables = reltile + q if rel else 0
+    # dk/dv kernel: S, dV, dP, dK (4 matmuls) + the one-hot bias; dq kernel: S, dP, dQ (3) + the
+    # one-hot bias and its transpose for d rel + the rel gather into dq; tables: one einsum.
+    dkdv_exec = 4 * attn + onehot
+    dq_exec = 3 * attn + 2 * onehot + relf
+    bwd_flops = 4 * attn + 2 * relf
+    bwd_exec = dkdv_exec + dq_exec + relf
+    bwd = dict(bytes=delta + dkdv + dq + tables, flops=bwd_flops, executed=bwd_exec)
+    return dict(
+        fwd_bytes=fwd["bytes"], fwd_flops=fwd["flops"], fwd_exec_flops=fwd["executed"],
+        fwd_floor_s=floor_s(fwd["bytes"], fwd["executed"]),
+        bwd_bytes=bwd["bytes"], bwd_flops=bwd["flops"], bwd_exec_flops=bwd["executed"],
+        bwd_floor_s=floor_s(delta, 0) + floor_s(dkdv, dkdv_exec) + floor_s(dq, dq_exec) + floor_s(tables, relf),
+    )
+
+
+def reference_ops(s: dict, rel: bool) -> list[tuple[str, float, float, float]]:
+    """(op, input bytes, output bytes, FLOPs) for each separate op of the reference forward."""
+    B, H, d, nq, nkv = s["batch"], s["heads"], s["d"], s["n_q"], s["n_kv"]
+    ngrid, nkgrid = nq - 1, nkv - 1
+    kt, kh, kw = s["thw_kv"]
+    q = B * H * nq * d * BF16
+    kv = B * H * nkv * d * BF16
+    S = B * H * nq * nkv * BF16
+    bias = B * H * ngrid * nkgrid * BF16
+    ops = [
+        ("q * scale", q, q, 0),
+        ("q @ k^T", q + kv, S, 2 * B * H * nq * nkv * d),
+    ]
+    if rel:
+        axes = [("t", kt)] if s["rel_t"] else []
+        axes += [("h", kh), ("w", kw)]
+        ops.append(("bias = zeros", 0, bias, 0))
+        for name, k in axes:
+            small = B * H * ngrid * k * BF16
+            ops.append((f"einsum rel_{name}", q, small, 2 * B * H * ngrid * d * k))
+            ops.append((f"bias += rel_{name}", bias + small, bias, 0))
+        ops.append(("S[grid] + bias", 2 * bias, bias, 0))
+        ops.append(("cat (columns)", bias + B * H * ngrid * BF16, bias, 0))
+        ops.append(("cat (rows)", S, S, 0))
+    ops += [
+        ("softmax", S, S, 0),
+        ("P @ v", S + kv, q, 2 * B * H * nq * nkv * d),
+    ]
+    if s["residual"]:
+        ops.append(("out + q (cat)", 2 * q, q, 0))
+    ops.append(("merge heads (copy)", q, q, 0))
+    return ops
+
+
+def reference_model(s: dict, rel: bool) -> dict:
+    ops = reference_ops(s, rel)
+    fwd_bytes = sum(i + o for _, i, o, _ in ops)
+    fwd_flops = sum(f for *_, f in ops)
+    bwd_bytes = sum(o + 2 * i for _, i, o, _ in ops)
+    return dict(
+        fwd_bytes=fwd_bytes, fwd_flops=fwd_flops,
+        fwd_floor_s=sum(floor_s(i + o, f) for _, i, o, f in ops),
+        bwd_bytes=bwd_bytes, bwd_flops=2 * fwd_flops,
+        bwd_floor_s=sum(floor_s(o + 2 * i, 2 * f) for _, i, o, f in ops),
+        ops=len(ops),
+    )
+
+
+def model_table(shapes: list[dict], rel: bool) -> tuple[str, list[dict]]:
+    rows = []
+    for s in shapes:
+        f = fused_model(s, rel, train=True)
+        r = reference_model(s, rel)
+        rows.append(dict(shape=s, fused=f, reference=r))
+    us = 1e6
+    lines = [
+        f"| block | heads | L_q | L_kv | grid kv | fused fwd MB | fused fwd GFLOP (exec) | fused fwd floor us | ref fwd MB | ref fwd floor us | fused bwd floor us | ref bwd floor us | fwd+bwd speedup floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    tot = dict(ff=0.0, rf=0.0, fb=0.0, rb=0.0)
+    for row in rows:
+        s, f, r = row["shape"], row["fused"], row["reference"]
+        tot["ff"] += f["fwd_floor_s"]
+        tot["rf"] += r["fwd_floor_s"]
+        tot["fb"] += f["bwd_floor_s"]
+        tot["rb"] += r["bwd_floor_s"]
+        lines.append(
+            f"| {s['block']} | {s['heads']} | {s['n_q']} | {s['n_kv']} | {'x'.join(map(str, s['thw_kv']))} | "
+            f"{f['fwd_bytes'] / 1e6:.1f} | {f['fwd_flops'] / 1e9:.2f} ({f['fwd_exec_flops'] / 1e9:.2f}) | {f['fwd_floor_s'] * us:.1f} | "
+            f"{r['fwd_bytes'] / 1e6:.1f} | {r['fwd_floor_s'] * us:.1f} | {f['bwd_floor_s'] * us:.1f} | {r['bwd_floor_s'] * us:.1f} | "
+            f"{(r['fwd_floor_s'] + r['bwd_floor_s']) / (f['fwd_floor_s'] + f['bwd_floor_s']):.1f}x |"
+        )
+    lines.append(
+        f"| all 16 | | | | | | | {tot['ff'] * us:.0f} | | {tot['rf'] * us:.0f} | {tot['fb'] * us:.0f} | {tot['rb'] * us:.0f} | "
+        f"{(tot['rf'] + tot['rb']) / (tot['ff'] + tot['fb']):.1f}x |"
+    )
+    return "\n".join(lines) + "\n", rows
+
+
+def bench_cuda(shapes: list[dict], rel: bool) -> tuple[str, list[dict]]:
+    import importlib
+
+    import torch
+    from triton.testing import do_bench
+
+    from mvit_kernels import reference
+
+    pa = importlib.import_module("mvit_kernels.pooling_attention")
+
+    def sdpa(q, k, v, thw_q, thw_kv, has_cls, t, h, w, residual_pooling):
+        return pa._sdpa_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, t, h, w, residual_pooling)
+    results = []
+    seen = set()
+    for s in shapes:
+        key = (s["heads"], s["d"], s["thw_q"], s["thw_kv"])
+        if key in seen:
+            continue
+        seen.add(key)
+        B, H, d = s["batch"], s["heads"], s["d"]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        mk = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+        q, k, v = mk(B, H, s["n_q"], d), mk(B, H, s["n_kv"], d), mk(B, H, s["n_kv"], d)
+        tabs = [None, None, None]
+        if rel:
+            L = [2 * max(a, b) - 1 for a, b in zip(s["thw_q"], s["thw_kv"])]
+            tabs = [mk(L[0], d) * 0.1 if s["rel_t"] else None, mk(L[1], d) * 0.1, mk(L[2], d) * 0.1]
+            tabs = [None if t is None else t.detach().requires_grad_() for t in tabs]
+        args = (q, k, v, s["thw_q"], s["thw_kv"], True, *tabs)
+        row = dict(block=s["block"], heads=H, n_q=s["n_q"], n_kv=s["n_kv"])
+        for name, fn in (("triton", pa.triton_pooling_attention), ("reference", reference.pooling_attention),
+                         ("sdpa", sdpa)):
+            def step():
+                out = fn(*args, residual_pooling=s["residual"])
+                out.backward(torch.ones_like(out))
+            try:
+                row[name + "_ms"] = do_bench(step, warmup=5, rep=50)
+            except Exception as exc:  # report, do not hide, a path that fails at a shape
+                row[name + "_ms"] = None
+                row[name + "_error"] = repr(exc)[:200]
+        results.append(row)
+    lines = ["| block | heads | L_q | L_kv | triton ms | reference ms | sdpa ms | ref/triton | sdpa/triton |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        t, ref, sd = r.get("triton_ms"), r.get("reference_ms"), r.get("sdpa_ms")
+        ratio = lambda a: f"{a / t:.2f}x" if (a and t) else "n/a"
+        fmt = lambda a: f"{a:.3f}" if a else "fail"
+        lines.append(f"| {r['block']} | {r['heads']} | {r['n_q']} | {r['n_kv']} | {fmt(t)} | {fmt(ref)} | {fmt(sd)} | {ratio(ref)} | {ratio(sd)} |")
+    return "\n".join(lines) + "\n", results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="pooling attention: byte/FLOP model and benchmark")
+    parser.add_argument("--preset", default="mvit_b_16x4")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--no-rel-pos", action="store_true", help="model without the MViTv2 rel-pos bias")
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shapes = block_shapes(args.preset, args.batch)
+    # MViT-B (v1) has no rel-pos; the kernels' main customer is MViTv2, so model both unless told.
+    sections, payload = [], {"preset": args.preset, "batch": args.batch, "bandwidth": BANDWIDTH, "peak_flops": PEAK}
+    for rel in ([False] if args.no_rel_pos else [False, True]):
+        shp = [dict(s, rel_pos=rel, rel_t=rel, residual=rel) for s in shapes]
+        table, rows = model_table(shp, rel)
+        title = "with MViTv2 rel-pos (t, h, w) + residual pooling" if rel else "plain (MViT-B v1: no rel-pos, no residual)"
+        sections.append(f"## {args.preset} attention, batch {args.batch}, bf16, {title}\n\n{table}")
+        payload["with_rel_pos" if rel else "plain"] = rows
+    header = (
+        "# Pooling attention: byte/FLOP floor model (H100: 3.0 TB/s, 790 TFLOP/s bf16)\n\n"
+        "Made by `python bench/bench_attention.py`. Floors, not measurements; see the script's docstring "
+        "for what each path reads and writes. 'exec' FLOPs include the fused kernel's one-hot rel-pos "
+        "expansion, which the floor uses.\n\n"
+    )
+    text = header + "\n".join(sections)
+    (out / "attention_model.md").write_text(text)
+    (out / "attention_model.json").write_text(json.dumps(payload, indent=1, default=list))
+    print(text)
+    resources = out / "triton_resources.md"
+    if resources.exists():
+        print(resources.read_text())
+    else:
+        print(f"(no {resources}: run pytest tests/test_triton_aot.py or python -m mvit_kernels.triton.aot)")
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    except ImportError:
+        cuda = False
+    if cuda:
+        for rel in (False, True):
+            shp = [dict(s, rel_pos=rel, rel_t=rel, residual=rel) for s in shapes]
+            table, rows = bench_cuda(shp, rel)
+            name = "attention_bench_relpos" if rel else "attention_bench"
+            (out / f"{name}.md").write_text(f"# fwd+bwd, bf16, batch {args.batch}, {torch.cuda.get_device_name()}\n\n{table}")
+            (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+            print(table)
+    else:
+        print("CUDA not available: model and AOT tables only.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
