@@ -22,9 +22,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def read_image(path: str) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    import numpy as np
+    from PIL import Image  # Pillow comes with matplotlib
 
-    return decode_image(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8
+    with Image.open(path) as img:
+        return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
 
 class ImageFolderDataset(Dataset):
