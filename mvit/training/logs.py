@@ -32,7 +32,7 @@ def plot_curves(log_path: str, out_png: str) -> None:
 
     records = read_jsonl(log_path)
     steps = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
-    evals = [(r["epoch"], r["top1"]) for r in records if r.get("kind") == "val"]
+    evals = [(r["epoch"], r.get("top1", r.get("mAP"))) for r in records if r.get("kind") == "val"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     if steps:
         ax1.plot(*zip(*steps), lw=0.8)
@@ -42,7 +42,7 @@ def plot_curves(log_path: str, out_png: str) -> None:
     if evals:
         ax2.plot(*zip(*evals), marker="o")
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("validation top-1 (%)")
+    ax2.set_ylabel("validation top-1 / mAP (%)")
     ax2.set_ylim(0, 100)
     ax2.set_title("accuracy")
     fig.tight_layout()

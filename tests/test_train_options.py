@@ -1,0 +1,31 @@
+"""Trainer switches that must work on CPU: bf16 autocast, activation checkpointing, gradient
+accumulation, EMA, and `--fused` failing clearly when the extension is missing."""
+
+import json
+
+import pytest
+
+import mvit_kernels
+from mvit.cli import main
+
+
+def test_bf16_checkpointing_accumulation_ema(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--synthetic-size", "32", "8", "--batch-size", "8", "--accum-steps", "2", "--epochs", "1",
+                 "--max-steps", "2", "--precision", "bf16", "--checkpoint-activations", "--ema-decay", "0.99",
+                 "--threads", "1", "--no-progress", "--output-dir", str(out)]) == 0
+    records = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert next(r for r in records if r["kind"] == "config")["precision"] == "bf16"
+    assert len([r for r in records if r["kind"] == "train"]) == 2
+    assert (out / "curves.png").exists()
+
+
+def test_fused_without_extension_is_a_clear_error(tmp_path):
+    try:
+        mvit_kernels.require_fused()
+    except RuntimeError as exc:
+        with pytest.raises(RuntimeError, match=str(exc)[:30]):
+            main(["train", "--fused", "--synthetic-size", "8", "8", "--batch-size", "8", "--max-steps", "1",
+                  "--no-progress", "--output-dir", str(tmp_path)])
+    else:
+        pytest.skip("the fused extension is built here")
