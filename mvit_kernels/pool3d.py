@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils import flop_counter
 from torch.utils.flop_counter import register_flop_formula
 
 from . import _extension
@@ -103,6 +104,15 @@ if _extension.load():
 
     @register_flop_formula(torch.ops.mvit_kernels.pool3d_backward)
     def _pool3d_backward_flops(grad_shape, x_shape, thw, kernel, stride, padding, mode, *args, out_shape=None, **kwargs) -> int:
-        # As the reference's convolution_backward counts it: grad_input and grad_weight, each
-        # the forward's count.
-        return 2 * _conv_flops(x_shape, thw, kernel, stride, padding, mode)
+        if mode != "conv":
+            return 0
+        # Exactly what FlopCounterMode counts for the reference's convolution_backward (grad
+        # input and grad weight) on the equivalent (B*heads, d, T, H, W) grid, so training
+        # FLOP counts agree between fused=True and fused=False.
+        B, heads, _, d = x_shape
+        bh = B * heads
+        out = _out_thw(thw, kernel, stride, padding)
+        return flop_counter.conv_backward_flop(
+            (bh, d, *out), (bh, d, *thw), (d, 1, *kernel), None, stride, padding, (1, 1, 1), False, (0, 0, 0), d,
+            (True, True, False), out_val=((bh, d, *thw), (d, 1, *kernel), None),
+        )

@@ -1,0 +1,483 @@
+// CUDA implementations of pool3d and pool_residual_add (forward and backward).
+//
+// Same structure as csrc/cpu/pool_ops_cpu.cpp, with the same window loops and index math from
+// pool3d_common.h. Thread layout: a block is (round_up(d, 32), R) threads; threadIdx.x is the
+// channel (reads and writes of a row are coalesced over d), threadIdx.y picks one of R rows;
+// blocks stride over the rows. LayerNorm's row sums are block reductions (warp shuffles, then
+// shared memory across the row's warps).
+//
+// Launches: pool3d forward 1; pool3d backward 2 (+1 in conv mode): rows (dp, arg-max, norm
+// parameter partials), inputs (dx gathered from the covering outputs: no atomics, each dx
+// written once), and in conv mode the weight gradient. pool_residual_add forward 1, backward 2.
+// Parameter gradients (conv weight, norm weight/bias, scale) are reduced in each block's
+// registers/shared memory and then added with one atomicAdd per block and channel into an
+// fp32 (fp64 for double) buffer, cast to the parameter dtype at the end. Float atomics make
+// the low bits order-dependent (not bitwise deterministic); the sums themselves are exact
+// reductions in fp32, as the CPU's partial sums are.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "pool3d_common.h"
+#include "pool_args.h"
+
+namespace mvit {
+namespace {
+
+constexpr int kThreadsPerBlock = 512;
+
+struct Launch {
+  dim3 grid, block;
+  size_t smem;
+};
+
+// Block of (round_up(d, 32), R) threads with R rows per step; grid capped at a few waves.
+template <class acc_t>
+Launch make_launch(int64_t rows, int64_t d) {
+  TORCH_CHECK(d <= 1024, "mvit_kernels CUDA pooling ops support up to 1024 channels, got ", d);
+  const int bx = static_cast<int>((d + 31) / 32 * 32);
+  const int by = std::max(1, kThreadsPerBlock / bx);
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t steps = (rows + by - 1) / by;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(steps, static_cast<int64_t>(sms) * 8));
+  return {dim3(static_cast<unsigned>(blocks)), dim3(bx, by), static_cast<size_t>(by) * (bx / 32) * sizeof(acc_t)};
+}
+
+// Sum of v over the threads of this block row (threadIdx.y). Every thread of the block must
+// call it (it synchronizes).
+template <class T>
+__device__ T row_sum(T v, T* smem) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int nwarps = blockDim.x / 32;
+  if ((threadIdx.x & 31) == 0) smem[threadIdx.y * nwarps + threadIdx.x / 32] = v;
+  __syncthreads();
+  T s = 0;
+  for (int i = 0; i < nwarps; ++i) s += smem[threadIdx.y * nwarps + i];
+  __syncthreads();
+  return s;
+}
+
+// Pooled value of channel c of output grid index o (with its arg-max for mode max).
+template <class scalar_t, class acc_t>
+__device__ acc_t pool_value(const scalar_t* xb, int64_t sN, const PoolGeom& g, int64_t o, int64_t c, int64_t d,
+                            PoolMode mode, const scalar_t* w, int32_t* argmax) {
+  if (mode == kMax) {
+    acc_t best = -INFINITY;
+    int32_t idx = -1;
+    for_each_window_input(g, o, [&](int64_t, int64_t i) {
+      const acc_t v = static_cast<acc_t>(xb[(g.cls + i) * sN + c]);
+      if (max_takes(v, best)) {
+        best = v;
+        idx = static_cast<int32_t>(i);
+      }
+    });
+    if (argmax != nullptr) *argmax = idx;
+    return best;
+  }
+  acc_t acc = 0;
+  if (mode == kAvg) {
+    for_each_window_input(g, o, [&](int64_t, int64_t i) { acc += static_cast<acc_t>(xb[(g.cls + i) * sN + c]); });
+    return acc / static_cast<acc_t>(g.kernel_volume());  // count_include_pad=True, see the CPU file
+  }
+  const int64_t K = g.kernel_volume();
+  for_each_window_input(g, o, [&](int64_t k, int64_t i) {
+    acc += static_cast<acc_t>(w[c * K + k]) * static_cast<acc_t>(xb[(g.cls + i) * sN + c]);
+  });
+  return acc;
+}
+
+template <class scalar_t, class acc_t>
+__global__ void pool3d_forward_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_t sH, int64_t sN,
+                                      scalar_t* __restrict__ y, int64_t rows, int64_t heads, int64_t d, PoolGeom g,
+                                      PoolMode mode, const scalar_t* __restrict__ w, const scalar_t* __restrict__ nw,
+                                      const scalar_t* __restrict__ nb, acc_t eps) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  const int64_t c = threadIdx.x;
+  const int64_t n_out = g.cls + g.out_grid();
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t r = base + threadIdx.y;
+    const bool active = r < rows && c < d;
+    acc_t v = 0;
+    if (active) {
+      const int64_t n = r % n_out, bh = r / n_out;
+      const scalar_t* xb = x + (bh / heads) * sB + (bh % heads) * sH;
+      v = n < g.cls ? static_cast<acc_t>(xb[c]) : pool_value<scalar_t, acc_t>(xb, sN, g, n - g.cls, c, d, mode, w, nullptr);
+    }
+    if (nw != nullptr) {
+      const acc_t mean = row_sum<acc_t>(v, smem) / d;
+      const acc_t diff = active ? v - mean : acc_t(0);
+      const acc_t rstd = rsqrt(row_sum<acc_t>(diff * diff, smem) / d + eps);
+      if (active) v = diff * rstd * static_cast<acc_t>(nw[c]) + static_cast<acc_t>(nb[c]);
+    }
+    if (active) y[r * d + c] = static_cast<scalar_t>(v);
+  }
+}
+
+// Backward (1): per output row, dp = d loss / d pooled (LayerNorm backward when normed), the
+// arg-max (mode max) and the norm parameter gradients.
+template <class scalar_t, class acc_t>
+__global__ void pool3d_backward_rows_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x, int64_t sB,
+                                            int64_t sH, int64_t sN, acc_t* __restrict__ dp, int32_t* __restrict__ argmax,
+                                            int64_t rows, int64_t heads, int64_t d, PoolGeom g, PoolMode mode,
+                                            const scalar_t* __restrict__ w, const scalar_t* __restrict__ nw, acc_t eps,
+                                            acc_t* __restrict__ grad_nw, acc_t* __restrict__ grad_nb) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  const int64_t c = threadIdx.x;
+  const int64_t n_out = g.cls + g.out_grid(), grid_out = g.out_grid();
+  acc_t acc_nw = 0, acc_nb = 0;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t r = base + threadIdx.y;
+    const bool active = r < rows && c < d;
+    acc_t v = 0, dy = 0;
+    if (active) {
+      const int64_t n = r % n_out, bh = r / n_out;
+      const scalar_t* xb = x + (bh / heads) * sB + (bh % heads) * sH;
+      int32_t* am = (mode == kMax && n >= g.cls) ? argmax + (bh * grid_out + n - g.cls) * d + c : nullptr;
+      v = n < g.cls ? static_cast<acc_t>(xb[c]) : pool_value<scalar_t, acc_t>(xb, sN, g, n - g.cls, c, d, mode, w, am);
+      dy = static_cast<acc_t>(gy[r * d + c]);
+    }
+    if (nw != nullptr) {
+      const acc_t mean = row_sum<acc_t>(v, smem) / d;
+      const acc_t diff = active ? v - mean : acc_t(0);
+      const acc_t rstd = rsqrt(row_sum<acc_t>(diff * diff, smem) / d + eps);
+      const acc_t xhat = diff * rstd;
+      const acc_t gc = active ? dy * static_cast<acc_t>(nw[c]) : acc_t(0);
+      const acc_t mean_g = row_sum<acc_t>(gc, smem) / d;
+      const acc_t mean_gx = row_sum<acc_t>(gc * xhat, smem) / d;
+      if (active) {
+        dp[r * d + c] = layer_norm_grad(gc, xhat, rstd, mean_g, mean_gx);
+        acc_nw += dy * xhat;
+        acc_nb += dy;
+      }
+    } else if (active) {
+      dp[r * d + c] = dy;
+    }
+  }
+  if (nw != nullptr && c < d) {
+    // One atomic per thread and channel after the grid-stride loop (the grid is capped at a
+    // few waves, so a few thousand adds per channel).
+    atomicAdd(grad_nw + c, acc_nw);
+    atomicAdd(grad_nb + c, acc_nb);
+  }
+}
+
+// Backward (2): dx of each input row, gathered from the outputs whose windows cover it.
+template <class scalar_t, class acc_t>
+__global__ void pool3d_backward_input_kernel(const acc_t* __restrict__ dp, const int32_t* __restrict__ argmax,
+                                             scalar_t* __restrict__ gx, int64_t rows, int64_t N, int64_t d, PoolGeom g,
+                                             PoolMode mode, const scalar_t* __restrict__ w) {
+  const int64_t c = threadIdx.x;
+  const int64_t n_out = g.cls + g.out_grid(), grid_out = g.out_grid(), K = g.kernel_volume();
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t r = base + threadIdx.y;
+    if (r >= rows || c >= d) continue;
+    const int64_t n = r % N, bh = r / N;
+    const acc_t* dpb = dp + bh * n_out * d;
+    if (n < g.cls) {
+      gx[r * d + c] = static_cast<scalar_t>(dpb[c]);
+      continue;
+    }
+    const int64_t i = n - g.cls;
+    acc_t acc = 0;
+    for_each_covering_output(g, i, [&](int64_t k, int64_t o) {
+      const acc_t v = dpb[(g.cls + o) * d + c];
+      if (mode == kMax) {
+        if (argmax[(bh * grid_out + o) * d + c] == i) acc += v;
+      } else if (mode == kAvg) {
+        acc += v;
+      } else {
+        acc += v * static_cast<acc_t>(w[c * K + k]);
+      }
+    });
+    if (mode == kAvg) acc /= static_cast<acc_t>(K);
+    gx[r * d + c] = static_cast<scalar_t>(acc);
+  }
+}
+
+// Backward (3), conv mode: grad_w[c, k] = sum over grid outputs o of dp[o, c] * x[in(o, k), c].
+// blockIdx.y is the kernel offset k; rows are the B*heads*out_grid grid outputs.
+template <class scalar_t, class acc_t>
+__global__ void pool3d_backward_weight_kernel(const acc_t* __restrict__ dp, const scalar_t* __restrict__ x, int64_t sB,
+                                              int64_t sH, int64_t sN, int64_t rows, int64_t heads, int64_t d, PoolGeom g,
+                                              acc_t* __restrict__ grad_w) {
+  const int64_t c = threadIdx.x;
+  const int64_t k = blockIdx.y;
+  const int64_t n_out = g.cls + g.out_grid(), grid_out = g.out_grid(), K = g.kernel_volume();
+  acc_t acc = 0;
+  if (c < d) {
+    for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+      const int64_t r = base + threadIdx.y;
+      if (r >= rows) break;
+      const int64_t o = r % grid_out, bh = r / grid_out;
+      const int64_t i = window_input_at(g, o, k);
+      if (i < 0) continue;
+      const scalar_t* xb = x + (bh / heads) * sB + (bh % heads) * sH;
+      acc += dp[(bh * n_out + g.cls + o) * d + c] * static_cast<acc_t>(xb[(g.cls + i) * sN + c]);
+    }
+    atomicAdd(grad_w + c * K + k, acc);
+  }
+}
+
+at::Tensor pool3d_cuda(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayRef kernel, at::IntArrayRef stride,
+                       at::IntArrayRef padding, c10::string_view mode_str, const c10::optional<at::Tensor>& weight,
+                       bool has_cls, const c10::optional<at::Tensor>& norm_weight,
+                       const c10::optional<at::Tensor>& norm_bias, double eps) {
+  const PoolMode mode = parse_pool_mode(std::string(mode_str));
+  TORCH_CHECK(x_in.dim() == 4, "mvit_kernels.pool3d: x must be a 4-D tensor (B, heads, N, d), got ", x_in.sizes());
+  const PoolGeom g = make_pool_geom(thw, kernel, stride, padding, has_cls, x_in.size(2), "mvit_kernels.pool3d");
+  const at::Tensor x = check_pool3d_tensors(x_in, mode, weight, g, norm_weight, norm_bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), heads = x.size(1), d = x.size(3), n_out = out_tokens(g);
+  at::Tensor y = at::empty({B, heads, n_out, d}, x.options());
+  if (y.numel() == 0) return y;
+  const bool norm = norm_weight.has_value() && norm_weight->defined();
+  const at::Tensor w = mode == kConv ? weight->contiguous() : at::Tensor();
+  const at::Tensor nw = norm ? norm_weight->contiguous() : at::Tensor();
+  const at::Tensor nb = norm ? norm_bias->contiguous() : at::Tensor();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mvit_pool3d_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t rows = B * heads * n_out;
+    const Launch l = make_launch<acc_t>(rows, d);
+    pool3d_forward_kernel<scalar_t, acc_t><<<l.grid, l.block, l.smem, stream>>>(
+        x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), y.data_ptr<scalar_t>(), rows, heads, d, g, mode,
+        w.defined() ? w.data_ptr<scalar_t>() : nullptr, norm ? nw.data_ptr<scalar_t>() : nullptr,
+        norm ? nb.data_ptr<scalar_t>() : nullptr, static_cast<acc_t>(eps));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cuda(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayRef kernel,
+    at::IntArrayRef stride, at::IntArrayRef padding, c10::string_view mode_str,
+    const c10::optional<at::Tensor>& weight, bool has_cls, const c10::optional<at::Tensor>& norm_weight,
+    const c10::optional<at::Tensor>& norm_bias, double eps) {
+  const PoolMode mode = parse_pool_mode(std::string(mode_str));
+  TORCH_CHECK(x_in.dim() == 4, "mvit_kernels.pool3d_backward: x must be a 4-D tensor (B, heads, N, d), got ",
+              x_in.sizes());
+  const PoolGeom g = make_pool_geom(thw, kernel, stride, padding, has_cls, x_in.size(2), "mvit_kernels.pool3d");
+  const at::Tensor x = check_pool3d_tensors(x_in, mode, weight, g, norm_weight, norm_bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), heads = x.size(1), N = x.size(2), d = x.size(3), n_out = out_tokens(g);
+  TORCH_CHECK(grad_y_in.sizes() == at::IntArrayRef({B, heads, n_out, d}),
+              "mvit_kernels.pool3d_backward: grad_y must have shape ", at::IntArrayRef({B, heads, n_out, d}),
+              ", got ", grad_y_in.sizes());
+  check_like(grad_y_in, x, "grad_y", "mvit_kernels.pool3d_backward");
+  const at::Tensor grad_y = grad_y_in.contiguous();
+  const bool norm = norm_weight.has_value() && norm_weight->defined();
+  const int64_t K = g.kernel_volume(), grid_out = g.out_grid();
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_opts = x.options().dtype(acc_dtype);
+
+  at::Tensor grad_x = at::empty({B, heads, N, d}, x.options());
+  at::Tensor grad_w_acc = mode == kConv ? at::zeros({d, 1, g.kT, g.kH, g.kW}, acc_opts) : at::empty({0}, acc_opts);
+  at::Tensor grad_nw_acc = norm ? at::zeros({d}, acc_opts) : at::empty({0}, acc_opts);
+  at::Tensor grad_nb_acc = norm ? at::zeros({d}, acc_opts) : at::empty({0}, acc_opts);
+  if (B * heads > 0) {
+    const at::Tensor w = mode == kConv ? weight->contiguous() : at::Tensor();
+    const at::Tensor nw = norm ? norm_weight->contiguous() : at::Tensor();
+    at::Tensor dp = at::empty({B, heads, n_out, d}, acc_opts);
+    at::Tensor argmax = at::empty({mode == kMax ? B * heads * grid_out * d : 0}, x.options().dtype(at::kInt));
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mvit_pool3d_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* wp = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
+      const int64_t rows_out = B * heads * n_out;
+      const Launch l1 = make_launch<acc_t>(rows_out, d);
+      pool3d_backward_rows_kernel<scalar_t, acc_t><<<l1.grid, l1.block, l1.smem, stream>>>(
+          grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2),
+          dp.data_ptr<acc_t>(), mode == kMax ? argmax.data_ptr<int32_t>() : nullptr, rows_out, heads, d, g, mode, wp,
+          norm ? nw.data_ptr<scalar_t>() : nullptr, static_cast<acc_t>(eps),
+          norm ? grad_nw_acc.data_ptr<acc_t>() : nullptr, norm ? grad_nb_acc.data_ptr<acc_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t rows_in = B * heads * N;
+      const Launch l2 = make_launch<acc_t>(rows_in, d);
+      pool3d_backward_input_kernel<scalar_t, acc_t><<<l2.grid, l2.block, 0, stream>>>(
+          dp.data_ptr<acc_t>(), mode == kMax ? argmax.data_ptr<int32_t>() : nullptr, grad_x.data_ptr<scalar_t>(),
+          rows_in, N, d, g, mode, wp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (mode == kConv) {
+        const int64_t rows_grid = B * heads * grid_out;
+        Launch l3 = make_launch<acc_t>(rows_grid, d);
+        // Spread each kernel offset's reduction over enough blocks to fill the GPU.
+        l3.grid = dim3(std::max<unsigned>(1, l3.grid.x / static_cast<unsigned>(std::min<int64_t>(K, 8))),
+                       static_cast<unsigned>(K));
+        pool3d_backward_weight_kernel<scalar_t, acc_t><<<l3.grid, l3.block, 0, stream>>>(
+            dp.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), rows_grid, heads, d,
+            g, grad_w_acc.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  }
+  return {grad_x, grad_w_acc.to(x.scalar_type()), grad_nw_acc.to(x.scalar_type()), grad_nb_acc.to(x.scalar_type())};
+}
+
+// ------------------------------------------------------------------------------------------
+// pool_residual_add
+// ------------------------------------------------------------------------------------------
+
+template <class scalar_t, class acc_t>
+__global__ void pool_residual_add_forward_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_t sN,
+                                                 const scalar_t* __restrict__ branch, const scalar_t* __restrict__ scale,
+                                                 scalar_t* __restrict__ out, int64_t rows, int64_t C, PoolGeom g) {
+  const int64_t c = threadIdx.x;
+  const int64_t n_out = g.cls + g.out_grid();
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t r = base + threadIdx.y;
+    if (r >= rows || c >= C) continue;
+    const int64_t b = r / n_out, n = r % n_out;
+    const scalar_t* xb = x + b * sB;
+    const acc_t skip = n < g.cls ? static_cast<acc_t>(xb[c])
+                                 : pool_value<scalar_t, acc_t>(xb, sN, g, n - g.cls, c, C, kMax, nullptr, nullptr);
+    const acc_t s = scale != nullptr ? static_cast<acc_t>(scale[b]) : acc_t(1);
+    out[r * C + c] = static_cast<scalar_t>(skip + s * static_cast<acc_t>(branch[r * C + c]));
+  }
+}
+
+template <class scalar_t, class acc_t>
+__global__ void pool_residual_add_backward_rows_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                                                       int64_t sB, int64_t sN, const scalar_t* __restrict__ branch,
+                                                       const scalar_t* __restrict__ scale, scalar_t* __restrict__ grad_branch,
+                                                       int32_t* __restrict__ argmax, acc_t* __restrict__ grad_scale,
+                                                       int64_t rows, int64_t C, PoolGeom g) {
+  const int64_t c = threadIdx.x;
+  const int64_t n_out = g.cls + g.out_grid(), grid_out = g.out_grid();
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t r = base + threadIdx.y;
+    const bool active = r < rows && c < C;
+    const int64_t b = r / n_out, n = r % n_out;
+    acc_t dot = 0;
+    if (active) {
+      const acc_t gv = static_cast<acc_t>(grad[r * C + c]);
+      const acc_t s = scale != nullptr ? static_cast<acc_t>(scale[b]) : acc_t(1);
+      grad_branch[r * C + c] = static_cast<scalar_t>(s * gv);
+      if (scale != nullptr) dot = gv * static_cast<acc_t>(branch[r * C + c]);
+      if (n >= g.cls) {
+        pool_value<scalar_t, acc_t>(x + b * sB, sN, g, n - g.cls, c, C, kMax, nullptr,
+                                    argmax + (b * grid_out + n - g.cls) * C + c);
+      }
+    }
+    if (scale != nullptr) {
+      // All lanes of a warp are in the same row (blockDim.x is a multiple of 32): one atomic per warp.
+      for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      if ((threadIdx.x & 31) == 0 && r < rows) atomicAdd(grad_scale + b, dot);
+    }
+  }
+}
+
+template <class scalar_t, class acc_t>
+__global__ void pool_residual_add_backward_input_kernel(const scalar_t* __restrict__ grad, const int32_t* __restrict__ argmax,
+                                                        scalar_t* __restrict__ gx, int64_t rows, int64_t N, int64_t C,
+                                                        PoolGeom g) {
+  const int64_t c = threadIdx.x;
+  const int64_t n_out = g.cls + g.out_grid(), grid_out = g.out_grid();
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t r = base + threadIdx.y;
+    if (r >= rows || c >= C) continue;
+    const int64_t b = r / N, n = r % N;
+    const scalar_t* gb = grad + b * n_out * C;
+    if (n < g.cls) {
+      gx[r * C + c] = gb[c];
+      continue;
+    }
+    const int64_t i = n - g.cls;
+    acc_t acc = 0;
+    for_each_covering_output(g, i, [&](int64_t, int64_t o) {
+      if (argmax[(b * grid_out + o) * C + c] == i) acc += static_cast<acc_t>(gb[(g.cls + o) * C + c]);
+    });
+    gx[r * C + c] = static_cast<scalar_t>(acc);
+  }
+}
+
+at::Tensor pool_residual_add_cuda(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayRef kernel,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, const at::Tensor& branch_in,
+                                  const c10::optional<at::Tensor>& scale_in, bool has_cls) {
+  TORCH_CHECK(x_in.dim() == 3, "mvit_kernels.pool_residual_add: x must be a 3-D tensor (B, N, C), got ", x_in.sizes());
+  const PoolGeom g = make_pool_geom(thw, kernel, stride, padding, has_cls, x_in.size(1), "mvit_kernels.pool_residual_add");
+  check_pool_residual_add_tensors(x_in, branch_in, scale_in, g);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor branch = branch_in.contiguous();
+  const bool has_scale = scale_in.has_value() && scale_in->defined();
+  const at::Tensor scale = has_scale ? scale_in->contiguous() : at::Tensor();
+  const int64_t B = x.size(0), C = x.size(2), n_out = out_tokens(g);
+  at::Tensor out = at::empty({B, n_out, C}, x.options());
+  if (out.numel() == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mvit_pool_residual_add_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t rows = B * n_out;
+    const Launch l = make_launch<acc_t>(rows, C);
+    pool_residual_add_forward_kernel<scalar_t, acc_t><<<l.grid, l.block, 0, stream>>>(
+        x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), branch.data_ptr<scalar_t>(),
+        has_scale ? scale.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), rows, C, g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cuda(
+    const at::Tensor& grad_in, const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayRef kernel,
+    at::IntArrayRef stride, at::IntArrayRef padding, const at::Tensor& branch_in,
+    const c10::optional<at::Tensor>& scale_in, bool has_cls) {
+  const char* op = "mvit_kernels.pool_residual_add_backward";
+  TORCH_CHECK(x_in.dim() == 3, op, ": x must be a 3-D tensor (B, N, C), got ", x_in.sizes());
+  const PoolGeom g = make_pool_geom(thw, kernel, stride, padding, has_cls, x_in.size(1), op);
+  check_pool_residual_add_tensors(x_in, branch_in, scale_in, g);
+  TORCH_CHECK(grad_in.sizes() == branch_in.sizes(), op, ": grad_out must have shape ", branch_in.sizes(), ", got ",
+              grad_in.sizes());
+  check_like(grad_in, x_in, "grad_out", op);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor branch = branch_in.contiguous();
+  const at::Tensor grad = grad_in.contiguous();
+  const bool has_scale = scale_in.has_value() && scale_in->defined();
+  const at::Tensor scale = has_scale ? scale_in->contiguous() : at::Tensor();
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), n_out = out_tokens(g);
+  const auto acc_opts = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor grad_x = at::empty({B, N, C}, x.options());
+  at::Tensor grad_branch = at::empty({B, n_out, C}, x.options());
+  at::Tensor grad_scale_acc = has_scale ? at::zeros({B}, acc_opts) : at::empty({0}, acc_opts);
+  if (B > 0) {
+    at::Tensor argmax = at::empty({B * g.out_grid() * C}, x.options().dtype(at::kInt));
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mvit_pool_residual_add_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const int64_t rows_out = B * n_out;
+      const Launch l1 = make_launch<acc_t>(rows_out, C);
+      pool_residual_add_backward_rows_kernel<scalar_t, acc_t><<<l1.grid, l1.block, 0, stream>>>(
+          grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), branch.data_ptr<scalar_t>(),
+          has_scale ? scale.data_ptr<scalar_t>() : nullptr, grad_branch.data_ptr<scalar_t>(), argmax.data_ptr<int32_t>(),
+          has_scale ? grad_scale_acc.data_ptr<acc_t>() : nullptr, rows_out, C, g);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t rows_in = B * N;
+      const Launch l2 = make_launch<acc_t>(rows_in, C);
+      pool_residual_add_backward_input_kernel<scalar_t, acc_t><<<l2.grid, l2.block, 0, stream>>>(
+          grad.data_ptr<scalar_t>(), argmax.data_ptr<int32_t>(), grad_x.data_ptr<scalar_t>(), rows_in, N, C, g);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {grad_x, grad_branch, grad_scale_acc.to(x.scalar_type())};
+}
+
+}  // namespace
+}  // namespace mvit
+
+TORCH_LIBRARY_IMPL(mvit_kernels, CUDA, m) {
+  m.impl("pool3d", &mvit::pool3d_cuda);
+  m.impl("pool3d_backward", &mvit::pool3d_backward_cuda);
+  m.impl("pool_residual_add", &mvit::pool_residual_add_cuda);
+  m.impl("pool_residual_add_backward", &mvit::pool_residual_add_backward_cuda);
+}

@@ -1,0 +1,282 @@
+"""mvit_kernels.pool3d (C++ op) against mvit_kernels.reference.pool3d.
+
+Tolerances (outputs and every gradient):
+- float32: atol = rtol = 1e-5 against the float32 reference;
+- bfloat16: atol = rtol = 2e-2 against the float32 reference run on the same (bf16-valued)
+  inputs: the op accumulates in float32, so only the final rounding to bf16 differs;
+- float64: gradcheck (finite differences) on small shapes.
+The extension is built before the tests run (pip install -e .), so a missing build fails here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import mvit_kernels
+from mvit_kernels import reference
+
+TOLS = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
+
+# (B, heads, thw, d, kernel, stride, padding)
+CASES = [
+    pytest.param(2, 2, (3, 5, 7), 8, (3, 3, 3), (1, 2, 2), (1, 1, 1), id="odd-grid-stride2-pad1"),
+    pytest.param(1, 1, (4, 9, 9), 16, (3, 3, 3), (1, 4, 4), (1, 1, 1), id="batch1-kv-stride4"),
+    pytest.param(2, 8, (2, 5, 6), 4, (1, 1, 1), (1, 1, 1), (0, 0, 0), id="kernel1-many-heads"),
+    pytest.param(1, 3, (5, 3, 4), 8, (3, 2, 3), (2, 2, 3), (0, 1, 0), id="mixed-kernel-pad0"),
+    pytest.param(2, 2, (3, 6, 5), 12, (2, 3, 3), (2, 1, 2), (1, 1, 1), id="even-kernel"),
+]
+MODES = ["max", "avg", "conv"]
+
+
+def _inputs(B, heads, thw, d, kernel, mode, has_cls, norm, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = thw[0] * thw[1] * thw[2] + (1 if has_cls else 0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    x = rand(B, heads, n, d)
+    weight = rand(d, 1, *kernel) * 0.3 if mode == "conv" else None
+    norm_weight = 1 + 0.5 * rand(d) if norm else None
+    norm_bias = 0.5 * rand(d) if norm else None
+    return x, weight, norm_weight, norm_bias
+
+
+def _run(fn, x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, grad_seed=1, grad_dtype=None):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, weight, norm_weight, norm_bias)]
+    y, thw_out = fn(leaves[0], thw, kernel, stride, padding, mode, leaves[1], has_cls, leaves[2], leaves[3], 1e-6)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(grad_dtype or y.dtype).to(y.dtype)
+    y.backward(gy)
+    return y.detach(), thw_out, [None if t is None else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
+@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("B, heads, thw, d, kernel, stride, padding", CASES)
+def test_matches_reference(B, heads, thw, d, kernel, stride, padding, mode, has_cls, norm, dtype):
+    x, w, nw, nb = _inputs(B, heads, thw, d, kernel, mode, has_cls, norm, dtype)
+    args = (thw, kernel, stride, padding, mode)
+    y, thw_out, grads = _run(mvit_kernels.pool3d, x, *args, w, has_cls, nw, nb)
+    up = [None if t is None else t.float() for t in (x, w, nw, nb)]
+    y_ref, thw_ref, grads_ref = _run(reference.pool3d, up[0], *args, up[1], has_cls, up[2], up[3], grad_dtype=dtype)
+    assert thw_out == thw_ref
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    atol, rtol = TOLS[dtype]
+    torch.testing.assert_close(y.float(), y_ref, atol=atol, rtol=rtol)
+    for name, g, g_ref in zip(("x", "weight", "norm_weight", "norm_bias"), grads, grads_ref):
+        assert (g is None) == (g_ref is None), name
+        if g is not None:
+            assert g.dtype == dtype, name
+            torch.testing.assert_close(g.float(), g_ref, atol=atol, rtol=rtol, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_float16_runs_and_matches():
+    x, w, nw, nb = _inputs(2, 2, (3, 5, 7), 8, (3, 3, 3), "conv", True, True, torch.float16)
+    y, _, grads = _run(mvit_kernels.pool3d, x, (3, 5, 7), 3, (1, 2, 2), 1, "conv", w, True, nw, nb)
+    up = [t.float() for t in (x, w, nw, nb)]
+    y_ref, _, grads_ref = _run(reference.pool3d, up[0], (3, 5, 7), 3, (1, 2, 2), 1, "conv", up[1], True, up[2], up[3], grad_dtype=torch.float16)
+    torch.testing.assert_close(y.float(), y_ref, atol=5e-3, rtol=5e-3)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g.float(), g_ref, atol=1e-2, rtol=5e-3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_max_ties_route_to_first_index(mode):
+    # Small integers give many equal values inside each window.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-2, 3, (2, 2, 1 + 3 * 5 * 5, 4), generator=g).double()
+    w = torch.randn(4, 1, 3, 3, 3, generator=g).double() if mode == "conv" else None
+    args = ((3, 5, 5), 3, (1, 2, 2), 1, mode, w, True, None, None)
+    y, _, grads = _run(mvit_kernels.pool3d, x, *args)
+    y_ref, _, grads_ref = _run(reference.pool3d, x, *args)
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    torch.testing.assert_close(grads[0], grads_ref[0], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_float64(mode):
+    x, w, nw, nb = _inputs(2, 2, (3, 4, 5), 5, (3, 3, 3), mode, True, True, torch.float64, seed=4)
+    thw, stride = (3, 4, 5), (1, 2, 2)
+    tensors = [t.requires_grad_(True) for t in (x, w, nw, nb) if t is not None]
+
+    def f(*ts):
+        ts = list(ts)
+        xx = ts.pop(0)
+        ww = ts.pop(0) if mode == "conv" else None
+        return mvit_kernels.pool3d(xx, thw, 3, stride, 1, mode, ww, True, ts[0], ts[1])[0]
+
+    assert torch.autograd.gradcheck(f, tuple(tensors))
+
+
+def test_gradcheck_float64_no_cls_no_norm():
+    x, w, _, _ = _inputs(1, 3, (3, 5, 4), 4, (2, 3, 3), "conv", False, False, torch.float64, seed=5)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    f = lambda xx, ww: mvit_kernels.pool3d(xx, (3, 5, 4), (2, 3, 3), (2, 2, 1), (1, 1, 0), "conv", ww, False)[0]
+    assert torch.autograd.gradcheck(f, (x, w))
+
+
+def test_strided_inputs_from_the_qkv_projection_and_transposed():
+    B, heads, thw, d = 2, 3, (3, 5, 5), 8
+    n = 1 + 75
+    g = torch.Generator().manual_seed(6)
+    qkv = torch.randn(B, n, 3, heads, d, generator=g)
+    q = qkv.permute(2, 0, 3, 1, 4)[0]  # (B, heads, N, d), d contiguous, other strides not
+    assert not q.is_contiguous()
+    xt = torch.randn(B, heads, d, n, generator=g).transpose(2, 3)  # d not contiguous
+    w = torch.randn(d, 1, 3, 3, 3, generator=g)
+    nw, nb = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    for x in (q, xt):
+        args = (thw, 3, (1, 2, 2), 1, "conv", w, True, nw, nb)
+        y, _, grads = _run(mvit_kernels.pool3d, x, *args)
+        y_ref, _, grads_ref = _run(reference.pool3d, x, *args)
+        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+        for a, b in zip(grads, grads_ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 2, 1 + 2 * 3 * 3, 4, requires_grad=True)
+    w = torch.randn(4, 1, 3, 3, 3, requires_grad=True)
+    nw, nb = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    y, thw_out = mvit_kernels.pool3d(x, (2, 3, 3), 3, (1, 2, 2), 1, "conv", w, True, nw, nb)
+    # (The reference cannot reshape an empty batch, so the expected values are written out.)
+    assert y.shape == (0, 2, 1 + 2 * 2 * 2, 4) and thw_out == (2, 2, 2)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck(mode):
+    x, w, nw, nb = _inputs(2, 2, (3, 4, 5), 4, (3, 3, 3), mode, True, True, torch.float32, seed=7)
+    for t in (x, w, nw, nb):
+        if t is not None:
+            t.requires_grad_(True)
+    args = (x, [3, 4, 5], [3, 3, 3], [1, 2, 2], [1, 1, 1], mode, w, True, nw, nb, 1e-6)
+    torch.library.opcheck(torch.ops.mvit_kernels.pool3d.default, args)
+    gy = torch.randn(2, 2, 1 + 3 * 2 * 3, 4)
+    bargs = (gy, x.detach(), [3, 4, 5], [3, 3, 3], [1, 2, 2], [1, 1, 1], mode, None if w is None else w.detach(), True,
+             nw.detach(), nb.detach(), 1e-6)
+    torch.library.opcheck(torch.ops.mvit_kernels.pool3d_backward.default, bargs)
+
+
+class _PoolKV(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(d, 1, 3, 3, 3) * 0.3)
+        self.norm = torch.nn.LayerNorm(d)
+
+    def forward(self, x, fn):
+        y, thw = fn(x, (3, 5, 5), 3, (1, 2, 2), 1, "conv", self.weight, True, self.norm.weight, self.norm.bias)
+        z, _ = fn(y, thw, 3, 1, 1, "max", None, True)
+        return z.square().sum()
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    module = _PoolKV(8)
+    x = torch.randn(2, 2, 1 + 75, 8, requires_grad=True)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    loss = compiled(x, mvit_kernels.pool3d)
+    grads = torch.autograd.grad(loss, [x, *module.parameters()])
+    loss_ref = module(x, reference.pool3d)
+    grads_ref = torch.autograd.grad(loss_ref, [x, *module.parameters()])
+    torch.testing.assert_close(loss, loss_ref, atol=1e-4, rtol=1e-5)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_flop_count_matches_reference(mode):
+    x, w, nw, nb = _inputs(2, 3, (3, 5, 7), 8, (3, 3, 3), mode, True, True, torch.float32)
+    x.requires_grad_(True)
+    if w is not None:
+        w.requires_grad_(True)
+    counts = []
+    for fn in (mvit_kernels.pool3d, reference.pool3d):
+        with FlopCounterMode(display=False) as counter:
+            y, _ = fn(x, (3, 5, 7), 3, (1, 2, 2), 1, mode, w, True, nw, nb)
+            forward = counter.get_total_flops()
+            y.sum().backward()
+        counts.append((forward, counter.get_total_flops()))
+    assert counts[0] == counts[1]
+    expected = 2 * 2 * 3 * (3 * 3 * 4) * 8 * 27 if mode == "conv" else 0
+    assert counts[0][0] == expected
+
+
+def _bad(**overrides):
+    x = torch.randn(2, 2, 1 + 3 * 4 * 4, 8)
+    args = dict(x=x, thw=(3, 4, 4), kernel=3, stride=(1, 2, 2), padding=1, mode="conv",
+                weight=torch.randn(8, 1, 3, 3, 3), has_cls=True, norm_weight=torch.ones(8), norm_bias=torch.zeros(8))
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "overrides, exc, match",
+    [
+        (dict(x=torch.randn(2, 49, 8)), ValueError, r"x must be a 4-D tensor"),
+        (dict(thw=(3, 4, 5)), ValueError, r"x has 49 tokens but thw=\(3, 4, 5\)"),
+        (dict(has_cls=False), ValueError, r"x has 49 tokens"),
+        (dict(kernel=0), ValueError, r"kernel\[t\] must be >= 1"),
+        (dict(stride=(1, 0, 2)), ValueError, r"stride\[h\] must be >= 1"),
+        (dict(padding=2), ValueError, r"padding\[t\] must be in \[0, kernel//2\]"),
+        (dict(mode="median"), ValueError, r"mode must be one of"),
+        (dict(weight=torch.randn(8, 1, 3, 3)), ValueError, r"weight must have shape \(8, 1, 3, 3, 3\)"),
+        (dict(weight=None), ValueError, r"mode='conv' needs weight"),
+        (dict(mode="max"), ValueError, r"weight is only used with mode='conv'"),
+        (dict(norm_weight=torch.ones(7)), ValueError, r"norm_weight must have shape \(8,\)"),
+        (dict(norm_bias=None), ValueError, r"norm_weight and norm_bias must be given together"),
+        (dict(weight=torch.randn(8, 1, 3, 3, 3, dtype=torch.float64)), TypeError, r"weight has dtype torch.float64"),
+        (dict(norm_weight=torch.ones(8, device="meta")), ValueError, r"norm_weight is on meta"),
+        (dict(x=torch.ones(2, 2, 49, 8, dtype=torch.int32)), TypeError, r"x must be float32, float64"),
+    ],
+)
+def test_bad_inputs_raise_like_the_reference(overrides, exc, match):
+    args = _bad(**overrides)
+    with pytest.raises(exc, match=match):
+        mvit_kernels.pool3d(**args)
+    with pytest.raises(exc, match=match):
+        reference.pool3d(**args)
+
+
+def test_the_cpp_op_checks_its_arguments_too():
+    x = torch.randn(2, 2, 1 + 48, 8)
+    op = torch.ops.mvit_kernels.pool3d
+    with pytest.raises(RuntimeError, match=r"x has 49 tokens but thw="):
+        op(x, [3, 4, 5], [3, 3, 3], [1, 1, 1], [1, 1, 1], "max", None, True, None, None, 1e-6)
+    with pytest.raises(RuntimeError, match=r"x must be float32, float64, bfloat16 or float16"):
+        op(x.int(), [3, 4, 4], [3, 3, 3], [1, 1, 1], [1, 1, 1], "max", None, True, None, None, 1e-6)
+    with pytest.raises(RuntimeError, match=r"weight must have shape"):
+        op(x, [3, 4, 4], [3, 3, 3], [1, 1, 1], [1, 1, 1], "conv", torch.randn(8, 1, 3, 3), True, None, None, 1e-6)
+    with pytest.raises(RuntimeError, match=r"padding\[h\] must be in \[0, kernel//2\]"):
+        op(x, [3, 4, 4], [3, 3, 3], [1, 1, 1], [1, 2, 1], "max", None, True, None, None, 1e-6)
+    with pytest.raises(RuntimeError, match=r"mode must be one of"):
+        op(x, [3, 4, 4], [3, 3, 3], [1, 1, 1], [1, 1, 1], "min", None, True, None, None, 1e-6)
+    with pytest.raises(RuntimeError, match=r"norm_bias has dtype"):
+        op(x, [3, 4, 4], [3, 3, 3], [1, 1, 1], [1, 1, 1], "max", None, True, torch.ones(8), torch.ones(8).double(), 1e-6)
+
+
+def test_cuda_build_flag_is_registered():
+    assert isinstance(torch.ops.mvit_kernels.built_with_cuda(), bool)
+    assert mvit_kernels.has_cuda_kernels() == torch.ops.mvit_kernels.built_with_cuda()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_matches_cpu(mode):
+    assert mvit_kernels.has_cuda_kernels(), "CUDA is available but the extension was built without CUDA"
+    x, w, nw, nb = _inputs(2, 3, (4, 9, 9), 96, (3, 3, 3), mode, True, True, torch.float32)
+    args = ((4, 9, 9), 3, (1, 2, 2), 1, mode)
+    y, _, grads = _run(mvit_kernels.pool3d, x, *args, w, True, nw, nb)
+    cuda = [None if t is None else t.cuda() for t in (x, w, nw, nb)]
+    y_c, _, grads_c = _run(mvit_kernels.pool3d, cuda[0], *args, cuda[1], True, cuda[2], cuda[3])
+    torch.testing.assert_close(y_c.cpu(), y, atol=1e-4, rtol=1e-4)
+    for a, b in zip(grads_c, grads):
+        if b is not None:
+            torch.testing.assert_close(a.cpu(), b, atol=1e-4, rtol=1e-4)
