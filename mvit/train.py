@@ -46,7 +46,7 @@ PAPER_RECIPE = dict(
 # The built-in synthetic task: small, fast, and motion direction must survive augmentation (no
 # flips, no RandAugment geometry, no mixing that blends two directions into one clip).
 SYNTHETIC_RECIPE = dict(
-    epochs=8, warmup_epochs=1.0, batch_size=64, base_lr=8e-3, min_lr=1e-5, weight_decay=0.05,
+    epochs=6, warmup_epochs=1.0, batch_size=64, base_lr=8e-3, min_lr=1e-5, weight_decay=0.05,
     label_smoothing=0.1, mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5,
     rand_augment="none", random_erasing=0.0, repeated_aug=1, clip_grad=1.0, drop_path=None,
     flip=False, eval_every=1,
@@ -313,7 +313,8 @@ def train(args: argparse.Namespace) -> dict:
             state.epoch_pos += micro * args.accum_steps
             clips_since += global_batch
             if info.is_main:
-                log.write(kind="train", epoch=state.epoch, step=state.step, loss=loss_sum, lr=cur_lr)
+                log.write(kind="train", epoch=state.epoch, step=state.step, loss=loss_sum, lr=cur_lr,
+                          time=round(time.time() - t_start, 2))
             if bar:
                 now = time.time()
                 bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{cur_lr:.2e}",
@@ -336,7 +337,8 @@ def train(args: argparse.Namespace) -> dict:
             last_metrics = evaluate(eval_model, data.val, info, batch_size=max(1, micro), workers=data.workers,
                                     multi_label=multi_label, autocast=autocast)
             if info.is_main:
-                log.write(kind="val", epoch=state.epoch, step=state.step, **last_metrics)
+                log.write(kind="val", epoch=state.epoch, step=state.step, time=round(time.time() - t_start, 2),
+                          **last_metrics)
                 print(f"epoch {state.epoch}: " + _fmt(last_metrics), file=sys.stderr, flush=True)
         save(state.epoch)
 
