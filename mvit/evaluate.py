@@ -132,7 +132,7 @@ def evaluate(model: torch.nn.Module, dataset, info, batch_size: int = 8, workers
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="multi-view evaluation of a checkpoint",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint written by `mvit train`")
+    p.add_argument("checkpoint", help="a checkpoint written by `mvit train`, or a run folder (its latest one)")
     p.add_argument("--val-csv", help="pySlowFast list (default: the synthetic task if trained on it)")
     p.add_argument("--data-root", help="class folders ROOT/val/<class>/ (or prefix of CSV paths)")
     p.add_argument("--image-folders", action="store_true")
@@ -164,7 +164,14 @@ def main(args: argparse.Namespace) -> dict:
 
     if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    state = ckpt.load(args.checkpoint)
+    if os.path.isdir(args.checkpoint):
+        found = ckpt.latest_valid(args.checkpoint)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {args.checkpoint}")
+        args.checkpoint = found[0]
+        state = found[1]
+    else:
+        state = ckpt.load(args.checkpoint)
     if "model_config" not in state:
         raise ValueError(f"{args.checkpoint} is not a checkpoint written by `mvit train`")
     info = dist_utils.init(args.device)
