@@ -54,11 +54,11 @@ void pool_row(const scalar_t* xb, int64_t sN, const PoolGeom& g, int64_t o, int6
       for_each_window_input(g, o, [&](int64_t, int64_t i) {
         const scalar_t* xi = xb + (g.cls + i) * sN;
         for (int64_t c = 0; c < d; ++c) {
+          // Branch-free select, so the loop over d vectorizes.
           const acc_t v = static_cast<acc_t>(xi[c]);
-          if (max_takes(v, acc[c])) {
-            acc[c] = v;
-            idx[c] = static_cast<int32_t>(i);
-          }
+          const bool take = max_takes(v, acc[c]);
+          acc[c] = take ? v : acc[c];
+          idx[c] = take ? static_cast<int32_t>(i) : idx[c];
         }
       });
     } else {

@@ -1,0 +1,197 @@
+"""Benchmark the C++/CUDA pooling ops against the plain-PyTorch reference at MViT-B 16x4 shapes.
+
+Cases (derived from ``mvit.build_model("mvit_b_16x4").specs``, the blocks where each pooling
+first appears):
+- pool3d, conv mode + LayerNorm: K/V pooling of block 0 (stride (1,8,8)), Q and K/V pooling of
+  block 1 (strides (1,2,2) and (1,4,4)); x is the strided q/k/v view of the qkv projection, as in
+  the model;
+- pool_residual_add: block 1's max-pooled skip + scale * attention branch.
+Batch 1 and 4, forward and forward+backward, median of repeats with min/max printed, ratio
+reference / op (>1: the op is faster). On CPU the threads are fixed (default 2). On a GPU, CUDA
+events time it and the achieved bandwidth (the minimum bytes each pass must move: inputs read
+once, outputs written once) is reported against 3.0 TB/s (H100, DESIGN.md §6).
+
+    python bench/bench_pool_ops.py [--device cpu|cuda] [--threads 2] [--repeats 5] [--dtype float32]
+
+Writes bench/results/pool_ops_<device>.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import mvit_kernels  # noqa: E402
+from mvit import build_model  # noqa: E402
+from mvit_kernels import reference  # noqa: E402
+
+PEAK_BANDWIDTH = 3.0e12  # bytes/s, H100 device copy as measured (DESIGN.md §6)
+
+
+@dataclass
+class Case:
+    name: str
+    op: str  # "pool3d" | "pool_residual_add"
+    batch: int
+    heads: int
+    thw: tuple
+    dim: int  # head_dim for pool3d, channels for pool_residual_add
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+
+
+def mvit_b_cases(batch: int) -> list[Case]:
+    specs = build_model("mvit_b_16x4").specs
+    cases = []
+    b0, b1 = specs[0], specs[1]
+    cases.append(Case(f"b0 kv pool conv+LN stride{b0.stride_kv}", "pool3d", batch, b0.num_heads, b0.input_thw,
+                      b0.head_dim, b0.kernel_kv, b0.stride_kv, b0.padding_kv))
+    cases.append(Case(f"b1 q pool conv+LN stride{b1.stride_q}", "pool3d", batch, b1.num_heads, b1.input_thw,
+                      b1.head_dim, b1.kernel_q, b1.stride_q, b1.padding_q))
+    cases.append(Case(f"b1 kv pool conv+LN stride{b1.stride_kv}", "pool3d", batch, b1.num_heads, b1.input_thw,
+                      b1.head_dim, b1.kernel_kv, b1.stride_kv, b1.padding_kv))
+    cases.append(Case(f"b1 skip maxpool{b1.kernel_skip}+add", "pool_residual_add", batch, 1, b1.input_thw,
+                      b1.dim_in, b1.kernel_skip, b1.stride_q, b1.padding_skip))
+    return cases
+
+
+def make_inputs(case: Case, device, dtype, grad: bool):
+    g = torch.Generator().manual_seed(0)
+    T, H, W = case.thw
+    n = 1 + T * H * W
+    out = [(s + 2 * p - k) // st + 1 for s, k, st, p in zip(case.thw, case.kernel, case.stride, case.padding)]
+    n_out = 1 + out[0] * out[1] * out[2]
+
+    def rand(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(device=device, dtype=dtype)
+
+    if case.op == "pool3d":
+        d = case.dim
+        # q/k/v as the model has them: a strided view of the qkv projection output.
+        qkv = rand(case.batch, n, 3, case.heads, d).requires_grad_(grad)
+        x = qkv.permute(2, 0, 3, 1, 4)[1]
+        leaves = [qkv, rand(d, 1, *case.kernel, s=0.2).requires_grad_(grad),
+                  (1 + rand(d, s=0.1)).requires_grad_(grad), rand(d, s=0.1).requires_grad_(grad)]
+        args = (x, case.thw, case.kernel, case.stride, case.padding, "conv", leaves[1], True, leaves[2], leaves[3])
+        bytes_fwd = x.numel() * x.element_size() + case.batch * case.heads * n_out * d * x.element_size()
+        return args, leaves, bytes_fwd
+    C = case.dim
+    x = rand(case.batch, n, C).requires_grad_(grad)
+    branch = rand(case.batch, n_out, C).requires_grad_(grad)
+    scale = (torch.rand(case.batch, generator=g) + 0.5).to(device=device, dtype=dtype)
+    args = (x, case.thw, case.kernel, case.stride, case.padding, branch, scale, True)
+    bytes_fwd = (x.numel() + 2 * branch.numel()) * x.element_size()
+    return args, [x, branch], bytes_fwd
+
+
+def run_once(fn, args, leaves, backward: bool):
+    out = fn(*args)
+    y = out[0] if isinstance(out, tuple) else out
+    if backward:
+        y.backward(torch.ones_like(y))
+        for t in leaves:
+            t.grad = None
+    return y
+
+
+def time_it(fn, args, leaves, backward, device, repeats, warmup=1):
+    for _ in range(warmup):
+        run_once(fn, args, leaves, backward)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run_once(fn, args, leaves, backward)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            run_once(fn, args, leaves, backward)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    opts = parser.parse_args()
+    device = torch.device(opts.device)
+    dtype = getattr(torch, opts.dtype)
+    if device.type == "cpu":
+        torch.set_num_threads(opts.threads)
+    mvit_kernels.require_fused()
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"device: {machine}; torch {torch.__version__}; dtype {opts.dtype}; repeats {opts.repeats}")
+
+    rows = []
+    for batch in opts.batches:
+        for case in mvit_b_cases(batch):
+            fused_fn = mvit_kernels.pool3d if case.op == "pool3d" else mvit_kernels.pool_residual_add
+            ref_fn = reference.pool3d if case.op == "pool3d" else reference.pool_residual_add
+            for backward in (False, True):
+                args, leaves, bytes_fwd = make_inputs(case, device, dtype, grad=backward)
+                # Backward reads grad_y and x and writes grad_x (and the branch grad): ~2x fwd.
+                bytes_moved = bytes_fwd * (3 if backward else 1)
+                with torch.set_grad_enabled(backward):
+                    t_op = time_it(fused_fn, args, leaves, backward, device, opts.repeats)
+                    t_ref = time_it(ref_fn, args, leaves, backward, device, opts.repeats)
+                med_op, med_ref = statistics.median(t_op), statistics.median(t_ref)
+                row = dict(case=case.name, op=case.op, batch=batch, pass_="fwd+bwd" if backward else "fwd",
+                           op_ms=med_op * 1e3, op_min_ms=min(t_op) * 1e3, op_max_ms=max(t_op) * 1e3,
+                           ref_ms=med_ref * 1e3, ref_min_ms=min(t_ref) * 1e3, ref_max_ms=max(t_ref) * 1e3,
+                           speedup=med_ref / med_op, min_bytes=bytes_moved,
+                           op_GBps=bytes_moved / med_op / 1e9)
+                if device.type == "cuda":
+                    row["bw_fraction_of_3TBps"] = bytes_moved / med_op / PEAK_BANDWIDTH
+                rows.append(row)
+                print(f"B={batch} {case.name:38s} {row['pass_']:8s} op {row['op_ms']:9.2f} ms "
+                      f"[{row['op_min_ms']:.2f}-{row['op_max_ms']:.2f}]  ref {row['ref_ms']:9.2f} ms "
+                      f"[{row['ref_min_ms']:.2f}-{row['ref_max_ms']:.2f}]  x{row['speedup']:.2f}  "
+                      f"{row['op_GBps']:.1f} GB/s", flush=True)
+                del args, leaves
+
+    os.makedirs(opts.out, exist_ok=True)
+    stem = os.path.join(opts.out, f"pool_ops_{device.type}")
+    meta = dict(device=machine, torch=torch.__version__, dtype=opts.dtype, repeats=opts.repeats,
+                threads=torch.get_num_threads() if device.type == "cpu" else None)
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    lines = [f"# Pooling ops vs reference ({device.type})", "",
+             f"Machine: {machine}. torch {torch.__version__}, {opts.dtype}, median of {opts.repeats} "
+             "(after 1 warm-up), [min-max]. speedup = reference / op. Shapes: MViT-B 16x4 "
+             "(`bench/bench_pool_ops.py`).", "",
+             "| B | case | pass | op ms [min-max] | reference ms [min-max] | speedup | op GB/s (min bytes) |"
+             + (" of 3.0 TB/s |" if device.type == "cuda" else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if device.type == "cuda" else "")]
+    for r in rows:
+        line = (f"| {r['batch']} | {r['case']} | {r['pass_']} | {r['op_ms']:.2f} [{r['op_min_ms']:.2f}-{r['op_max_ms']:.2f}] "
+                f"| {r['ref_ms']:.2f} [{r['ref_min_ms']:.2f}-{r['ref_max_ms']:.2f}] | {r['speedup']:.2f}x | {r['op_GBps']:.1f} |")
+        if device.type == "cuda":
+            line += f" {100 * r['bw_fraction_of_3TBps']:.0f}% |"
+        lines.append(line)
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {stem}.md and {stem}.json")
+
+
+if __name__ == "__main__":
+    main()
