@@ -90,7 +90,9 @@ def pooling_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # b, h are int64 so the per-head base pointers cannot overflow (batch * tokens * channels
+    # passes 2^31 at large batches); the offsets inside one head stay int32 (registers).
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -106,7 +108,7 @@ def pooling_attention_fwd_kernel(
                         HAS_CLS, HAS_T, HAS_HW, BLOCK_M, R_PAD)
         if STORE_REL:
             cols = tl.arange(0, R_PAD)
-            tl.store(Rel + (pid_bh * N_Q + offs_m[:, None]) * R_PAD + cols[None, :], rel, mask=m_mask[:, None])
+            tl.store(Rel + pid_bh * N_Q * R_PAD + offs_m[:, None] * R_PAD + cols[None, :], rel, mask=m_mask[:, None])
         rel = rel * 1.4426950408889634
     qk_scale = sm_scale * 1.4426950408889634
     k_base = K + b * stride_kb + h * stride_kh
@@ -135,7 +137,7 @@ def pooling_attention_fwd_kernel(
         grid_row = (offs_m - HAS_CLS) >= 0
         out += tl.where(grid_row[:, None], q.to(tl.float32), 0.0)
     tl.store(
-        Out + (b * N_Q + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :],
+        Out + (b * N_Q * H + h) * D + offs_m[:, None] * (H * D) + offs_d[None, :],
         out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :],
     )
     tl.store(Lse + pid_bh * N_Q + offs_m, m_i + tl.log2(l_i), mask=m_mask)
@@ -154,7 +156,9 @@ def pooling_attention_bwd_dkdv_kernel(
 ):
     """One program per key tile; loops over all query tiles (the long axis)."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # b, h are int64 so the per-head base pointers cannot overflow (batch * tokens * channels
+    # passes 2^31 at large batches); the offsets inside one head stay int32 (registers).
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -176,12 +180,12 @@ def pooling_attention_bwd_dkdv_kernel(
         m_mask = offs_m < N_Q
         qm_mask = m_mask[:, None] & d_mask[None, :]
         q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=qm_mask, other=0.0)
-        do = tl.load(DO + (b * N_Q + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :], mask=qm_mask, other=0.0)
+        do = tl.load(DO + (b * N_Q * H + h) * D + offs_m[:, None] * (H * D) + offs_d[None, :], mask=qm_mask, other=0.0)
         lse = tl.load(Lse + pid_bh * N_Q + offs_m, mask=m_mask, other=float("inf"))
         delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=m_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if HAS_REL:
-            rel = tl.load(Rel + (pid_bh * N_Q + offs_m[:, None]) * R_PAD + cols[None, :], mask=m_mask[:, None], other=0.0)
+            rel = tl.load(Rel + pid_bh * N_Q * R_PAD + offs_m[:, None] * R_PAD + cols[None, :], mask=m_mask[:, None], other=0.0)
             s += tl.dot(rel * 1.4426950408889634, onehot)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
@@ -190,7 +194,7 @@ def pooling_attention_bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     dk = dk * sm_scale
-    out_off = (pid_bh * N_KV + offs_n[:, None]) * D + offs_d[None, :]
+    out_off = pid_bh * N_KV * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -209,7 +213,9 @@ def pooling_attention_bwd_dq_kernel(
 ):
     """One program per query tile: dq (attention + rel-pos + residual terms) and d rel."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # b, h are int64 so the per-head base pointers cannot overflow (batch * tokens * channels
+    # passes 2^31 at large batches); the offsets inside one head stay int32 (registers).
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -218,12 +224,12 @@ def pooling_attention_bwd_dq_kernel(
     m_mask = offs_m < N_Q
     qm_mask = m_mask[:, None] & d_mask[None, :]
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=qm_mask, other=0.0)
-    do = tl.load(DO + (b * N_Q + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :], mask=qm_mask, other=0.0)
+    do = tl.load(DO + (b * N_Q * H + h) * D + offs_m[:, None] * (H * D) + offs_d[None, :], mask=qm_mask, other=0.0)
     lse = tl.load(Lse + pid_bh * N_Q + offs_m, mask=m_mask, other=float("inf"))
     delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=m_mask, other=0.0)
     if HAS_REL:
         cols = tl.arange(0, R_PAD)
-        rel2 = tl.load(Rel + (pid_bh * N_Q + offs_m[:, None]) * R_PAD + cols[None, :], mask=m_mask[:, None], other=0.0)
+        rel2 = tl.load(Rel + pid_bh * N_Q * R_PAD + offs_m[:, None] * R_PAD + cols[None, :], mask=m_mask[:, None], other=0.0)
         rel2 = rel2 * 1.4426950408889634
         drel = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
@@ -252,7 +258,7 @@ def pooling_attention_bwd_dq_kernel(
     if HAS_REL:
         # d rel[m, j] flows to q[m] through R[idx[a(m), j]]: the same gather as the forward.
         drel = tl.where(grid_row[:, None], drel, 0.0)
-        tl.store(DRel + (pid_bh * N_Q + offs_m[:, None]) * R_PAD + cols[None, :], drel, mask=m_mask[:, None])
+        tl.store(DRel + pid_bh * N_Q * R_PAD + offs_m[:, None] * R_PAD + cols[None, :], drel, mask=m_mask[:, None])
         g = tl.where(grid_row, offs_m - HAS_CLS, 0)
         qt = g // (QH * QW)
         qh = (g // QW) % QH
@@ -274,7 +280,7 @@ def pooling_attention_bwd_dq_kernel(
                 dq += tl.sum(tl.where(cols[None, :] == KT + KH + j, drel, 0.0), 1)[:, None] * r
     if RESIDUAL:
         dq += tl.where(grid_row[:, None], do.to(tl.float32), 0.0)
-    tl.store(DQ + (pid_bh * N_Q + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qm_mask)
+    tl.store(DQ + pid_bh * N_Q * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qm_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,10 +360,18 @@ def supports(q: torch.Tensor, thw_kv: Sequence[int], has_rel: bool) -> bool:
     return True
 
 
+_REL_INDEX_CACHE: dict = {}
+
+
 def rel_index(q_size: int, k_size: int, device) -> torch.Tensor:
+    """``reference.rel_pos_index`` as int32 on ``device``, cached: a model calls this with a few
+    grid sizes, and a fresh host-to-device copy per call would synchronize."""
     from ..reference import rel_pos_index
 
-    return rel_pos_index(q_size, k_size).to(device=device, dtype=torch.int32).contiguous()
+    key = (q_size, k_size, str(device))
+    if key not in _REL_INDEX_CACHE:
+        _REL_INDEX_CACHE[key] = rel_pos_index(q_size, k_size).to(device=device, dtype=torch.int32).contiguous()
+    return _REL_INDEX_CACHE[key]
 
 
 class RelTables:
@@ -383,7 +397,7 @@ class RelTables:
                 raise ValueError(f"rel-pos table {'thw'[axis]} must be interpolated to {length} rows, got {table.shape[0]}")
             local = rel_index(thw_q[axis], thw_kv[axis], dev)
             self.local_idx[axis] = local
-            self.idx[axis] = local + offset
+            self.idx[axis] = local + offset if offset else local
             tables.append(table.float())
             offset += table.shape[0]
         self.table = torch.cat(tables).contiguous() if tables else torch.zeros(1, device=dev)
@@ -465,6 +479,8 @@ def rel_table_grads(drel, q, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_p
     dR_a[idx_a[i, j]] += sum over grid rows m with a(m) = i of drel[m, col_a(j)] * q[m].
     The contraction is one einsum per axis (what the reference's einsum backward costs), then a
     scatter-add of (q_size*k_size) rows into the table."""
+    from ..reference import rel_pos_index
+
     B, H, n_q, D = q.shape
     s = 1 if has_cls else 0
     qt, qh, qw = thw_q
@@ -478,7 +494,9 @@ def rel_table_grads(drel, q, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_p
             grads.append(None)
             continue
         g = torch.einsum(eq, dr[..., start:start + size], qg)
-        idx = rel_index(thw_q[axis], thw_kv[axis], q.device).long()
+        # Not the cached rel_index: this runs in the traced backward (torch.compile), where a
+        # cached tensor would leak between fake and real modes.
+        idx = rel_pos_index(thw_q[axis], thw_kv[axis]).to(q.device)
         dtable = torch.zeros(table.shape, device=q.device, dtype=torch.float32)
         dtable.index_add_(0, idx.reshape(-1), g.reshape(-1, D))
         grads.append(dtable.to(table.dtype))
