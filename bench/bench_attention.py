@@ -184,6 +184,58 @@ def model_table(shapes: list[dict], rel: bool) -> tuple[str, list[dict]]:
     return "\n".join(lines) + "\n", rows
 
 
+def read_fraction(size: int, kernel: int, stride: int, padding: int) -> float:
+    """Fraction of positions along one axis that at least one pooling window reads."""
+    out = pool_size(size, kernel, stride, padding)
+    read = {i for o in range(out) for i in range(o * stride - padding, o * stride - padding + kernel) if 0 <= i < size}
+    return len(read) / size
+
+
+def projection_model(preset: str, batch: int) -> tuple[str, list[dict]]:
+    """The k/v half of the qkv projection followed by K/V pooling (conv 3x3x3 + LN), three ways:
+    (a) project every token, write k and v, pool in a second pass (what the model does now);
+    (b) one fused pass: each pooled token projects its whole window (recomputes overlapping
+        windows: 27 / prod(stride) times the projection FLOPs, nothing written but the output);
+    (c) project only the tokens some window reads, once, to a compact buffer, then pool.
+    bf16 bytes, H100 floors; the pooling and LN FLOPs are negligible and omitted."""
+    from mvit.presets import get_preset
+
+    cfg = get_preset(preset)
+    rows = []
+    for i, spec in enumerate(cfg.block_specs()):
+        thw = spec.input_thw
+        n = math.prod(thw)
+        A, C = spec.attn_dim, spec.dim_in
+        frac = math.prod(read_fraction(s, k, st, p) for s, k, st, p in zip(thw, spec.kernel_kv, spec.stride_kv, spec.padding_kv))
+        thw_kv = tuple(pool_size(s, k, st, p) for s, k, st, p in zip(thw, spec.kernel_kv, spec.stride_kv, spec.padding_kv))
+        n_kv = math.prod(thw_kv)
+        x = batch * n * C * BF16
+        w = 2 * A * C * BF16
+        kv_full = batch * n * 2 * A * BF16
+        kv_out = batch * n_kv * 2 * A * BF16
+        proj = 2 * batch * n * C * 2 * A
+        recompute = math.prod(spec.kernel_kv) * n_kv / n
+        a = floor_s(x + w + kv_full, proj) + floor_s(kv_full + kv_out, 0)
+        b = floor_s(x + w + kv_out, proj * recompute)
+        c = floor_s(x + w + frac * kv_full, proj * frac) + floor_s(frac * kv_full + kv_out, 0)
+        best = min((a, "a"), (b, "b"), (c, "c"))[1]
+        rows.append(dict(block=i, tokens=n, stride_kv=spec.stride_kv, read_fraction=frac, recompute=recompute,
+                         two_pass_s=a, fused_recompute_s=b, skip_unread_s=c, best=best))
+    lines = [
+        "| block | tokens | kv stride | tokens read | recompute x | (a) project+pool us | (b) fused recompute us | (c) skip unread us | best |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['block']} | {r['tokens']} | {'x'.join(map(str, r['stride_kv']))} | {r['read_fraction']:.0%} | "
+            f"{r['recompute']:.2f} | {r['two_pass_s'] * 1e6:.1f} | {r['fused_recompute_s'] * 1e6:.1f} | {r['skip_unread_s'] * 1e6:.1f} | {r['best']} |"
+        )
+    tot = {k: sum(r[k] for r in rows) * 1e6 for k in ("two_pass_s", "fused_recompute_s", "skip_unread_s")}
+    best_total = sum(min(r["two_pass_s"], r["fused_recompute_s"], r["skip_unread_s"]) for r in rows) * 1e6
+    lines.append(f"| all | | | | | {tot['two_pass_s']:.0f} | {tot['fused_recompute_s']:.0f} | {tot['skip_unread_s']:.0f} | best per block: {best_total:.0f} |")
+    return "\n".join(lines) + "\n", rows
+
+
 def bench_cuda(shapes: list[dict], rel: bool) -> tuple[str, list[dict]]:
     import importlib
 
@@ -252,6 +304,14 @@ def main(argv=None) -> int:
         title = "with MViTv2 rel-pos (t, h, w) + residual pooling" if rel else "plain (MViT-B v1: no rel-pos, no residual)"
         sections.append(f"## {args.preset} attention, batch {args.batch}, bf16, {title}\n\n{table}")
         payload["with_rel_pos" if rel else "plain"] = rows
+    proj_table, proj_rows = projection_model(args.preset, args.batch)
+    sections.append(
+        f"## Pooled projection (k/v half of qkv + K/V pooling), {args.preset}, batch {args.batch}: which way\n\n"
+        "(a) project all tokens, pool in a second pass; (b) one fused pass recomputing overlapping windows; "
+        "(c) project only tokens a window reads, once, then pool. Not built yet (see the report); this "
+        "decides its design.\n\n" + proj_table
+    )
+    payload["pooled_projection"] = proj_rows
     header = (
         "# Pooling attention: byte/FLOP floor model (H100: 3.0 TB/s, 790 TFLOP/s bf16)\n\n"
         "Made by `python bench/bench_attention.py`. Floors, not measurements; see the script's docstring "

@@ -55,3 +55,18 @@ def test_config_rule_matches_compiled_tiles(rows):
         assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) == (
             r["block_m"], r["block_n"], r["num_warps"], r["num_stages"]
         )
+
+
+def test_bench_attention_model_runs_on_cpu(tmp_path):
+    # The byte/FLOP model and the CPU branch of the benchmark (CUDA timing is skipped here).
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_attention.py"), "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    payload = json.loads((tmp_path / "attention_model.json").read_text())
+    plain = payload["plain"]
+    assert [r["shape"]["n_q"] for r in plain][:4] == [25089, 6273, 6273, 1569]
+    assert plain[0]["shape"]["n_kv"] == 393 and plain[1]["shape"]["n_kv"] == 1569
+    for row in plain + payload["with_rel_pos"]:
+        assert row["fused"]["fwd_bytes"] < row["reference"]["fwd_bytes"]
+        assert row["fused"]["fwd_flops"] == row["reference"]["fwd_flops"]
