@@ -11,8 +11,16 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MVIT_HD __host__ __device__
+#define MVIT_FORCE_INLINE
 #else
 #define MVIT_HD
+// The CPU kernels call the window loops from functions compiled for AVX2 (target attribute);
+// forcing them inline lets the loop bodies be vectorized for that target.
+#if defined(__GNUC__)
+#define MVIT_FORCE_INLINE __attribute__((always_inline))
+#else
+#define MVIT_FORCE_INLINE
+#endif
 #endif
 
 namespace mvit {
@@ -42,7 +50,7 @@ struct PoolGeom {
 // -inf and never win, for avg they count in the divisor (count_include_pad=True), for conv they
 // multiply zeros. Iteration order is increasing i, so "first maximum wins" matches PyTorch.
 template <class F>
-MVIT_HD inline void for_each_window_input(const PoolGeom& g, int64_t o, F&& f) {
+MVIT_HD MVIT_FORCE_INLINE inline void for_each_window_input(const PoolGeom& g, int64_t o, F&& f) {
   const int64_t ow = o % g.Wo;
   const int64_t oh = (o / g.Wo) % g.Ho;
   const int64_t ot = o / (g.Wo * g.Ho);
@@ -76,7 +84,7 @@ MVIT_HD inline int64_t window_input_at(const PoolGeom& g, int64_t o, int64_t k) 
 }
 
 // Range of outputs along one axis whose window covers input position i: [lo, hi].
-MVIT_HD inline void covering_range(int64_t i, int64_t k, int64_t s, int64_t p, int64_t n_out, int64_t* lo,
+MVIT_HD MVIT_FORCE_INLINE inline void covering_range(int64_t i, int64_t k, int64_t s, int64_t p, int64_t n_out, int64_t* lo,
                                    int64_t* hi) {
   // o covers i  <=>  o*s - p <= i <= o*s - p + k - 1
   const int64_t a = i + p - k + 1;  // o*s >= a
@@ -91,7 +99,7 @@ MVIT_HD inline void covering_range(int64_t i, int64_t k, int64_t s, int64_t p, i
 // k the kernel offset at which it does. This is the transpose of for_each_window_input: the
 // backward passes gather with it, so each input gradient is written once, without atomics.
 template <class F>
-MVIT_HD inline void for_each_covering_output(const PoolGeom& g, int64_t i, F&& f) {
+MVIT_HD MVIT_FORCE_INLINE inline void for_each_covering_output(const PoolGeom& g, int64_t i, F&& f) {
   const int64_t iw = i % g.W;
   const int64_t ih = (i / g.W) % g.H;
   const int64_t it = i / (g.W * g.H);

@@ -280,3 +280,20 @@ def test_cuda_matches_cpu(mode):
     for a, b in zip(grads_c, grads):
         if b is not None:
             torch.testing.assert_close(a.cpu(), b, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_default_isa_path_matches_reference():
+    """The CPU kernels have an AVX2 build picked at run time; run the portable one too."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pytest; sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', "
+        "'tests/test_pool3d.py::test_matches_reference', 'tests/test_pool_residual_add.py::test_matches_reference', "
+        "'-k', 'fp32']))"
+    )
+    env = dict(os.environ, MVIT_KERNELS_CPU_AVX2="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

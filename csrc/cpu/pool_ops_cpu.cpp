@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -42,16 +43,28 @@ int64_t num_chunks(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>(n, 4 * at::get_num_threads()));
 }
 
+// Walk order of the row loops: within each (batch, head) slab, the grid rows in (h, w, t)
+// order, t innermost. Consecutive steps then share most of their window rows (the t-neighbours),
+// and the rows a band of h needs across all t stay in L2, so each input row is read from
+// memory about once instead of once per t-window. Returns the row index for step j.
+inline int64_t t_inner_row(int64_t j, int64_t rows_per_slab, int64_t cls, int64_t T, int64_t H, int64_t W) {
+  const int64_t slab = j / rows_per_slab, k = j % rows_per_slab;
+  if (k < cls) return j;
+  const int64_t q = k - cls;
+  return slab * rows_per_slab + cls + (q % T) * (H * W) + q / T;
+}
+
 // Pools one output grid row o of one (batch, head) slab xb into acc[0:d]; with idx, also the
 // arg-max input grid index per channel (mode max).
 template <class scalar_t, class acc_t>
-void pool_row(const scalar_t* xb, int64_t sN, const PoolGeom& g, int64_t o, int64_t d, PoolMode mode,
-              const acc_t* wT, acc_t* acc, int32_t* idx) {
+MVIT_FORCE_INLINE inline void pool_row_impl(const scalar_t* __restrict__ xb, int64_t sN, const PoolGeom& g, int64_t o,
+                                            int64_t d, PoolMode mode, const acc_t* __restrict__ wT,
+                                            acc_t* __restrict__ acc, int32_t* __restrict__ idx) {
   if (mode == kMax) {
     for (int64_t c = 0; c < d; ++c) acc[c] = -std::numeric_limits<acc_t>::infinity();
     if (idx != nullptr) {
       for (int64_t c = 0; c < d; ++c) idx[c] = -1;
-      for_each_window_input(g, o, [&](int64_t, int64_t i) {
+      for_each_window_input(g, o, [&](int64_t, int64_t i) MVIT_FORCE_INLINE {
         const scalar_t* xi = xb + (g.cls + i) * sN;
         for (int64_t c = 0; c < d; ++c) {
           // Branch-free select, so the loop over d vectorizes.
@@ -62,7 +75,7 @@ void pool_row(const scalar_t* xb, int64_t sN, const PoolGeom& g, int64_t o, int6
         }
       });
     } else {
-      for_each_window_input(g, o, [&](int64_t, int64_t i) {
+      for_each_window_input(g, o, [&](int64_t, int64_t i) MVIT_FORCE_INLINE {
         const scalar_t* xi = xb + (g.cls + i) * sN;
         for (int64_t c = 0; c < d; ++c) {
           const acc_t v = static_cast<acc_t>(xi[c]);
@@ -73,7 +86,7 @@ void pool_row(const scalar_t* xb, int64_t sN, const PoolGeom& g, int64_t o, int6
   } else {
     for (int64_t c = 0; c < d; ++c) acc[c] = acc_t(0);
     if (mode == kAvg) {
-      for_each_window_input(g, o, [&](int64_t, int64_t i) {
+      for_each_window_input(g, o, [&](int64_t, int64_t i) MVIT_FORCE_INLINE {
         const scalar_t* xi = xb + (g.cls + i) * sN;
         for (int64_t c = 0; c < d; ++c) acc[c] += static_cast<acc_t>(xi[c]);
       });
@@ -82,7 +95,7 @@ void pool_row(const scalar_t* xb, int64_t sN, const PoolGeom& g, int64_t o, int6
       const acc_t inv = acc_t(1) / static_cast<acc_t>(g.kernel_volume());
       for (int64_t c = 0; c < d; ++c) acc[c] *= inv;
     } else {
-      for_each_window_input(g, o, [&](int64_t k, int64_t i) {
+      for_each_window_input(g, o, [&](int64_t k, int64_t i) MVIT_FORCE_INLINE {
         const scalar_t* xi = xb + (g.cls + i) * sN;
         const acc_t* wk = wT + k * d;
         for (int64_t c = 0; c < d; ++c) acc[c] += wk[c] * static_cast<acc_t>(xi[c]);
@@ -90,6 +103,89 @@ void pool_row(const scalar_t* xb, int64_t sN, const PoolGeom& g, int64_t o, int6
     }
   }
 }
+
+// x86: the hot loops again, compiled for AVX2+FMA and picked at run time (the extension is
+// built without -march flags, so the default versions use SSE2 only).
+#if defined(__GNUC__) && defined(__x86_64__)
+#define MVIT_CPU_AVX2 1
+#define MVIT_TARGET_AVX2 __attribute__((target("avx2,fma")))
+// MVIT_KERNELS_CPU_AVX2=0 forces the default versions (tests run both; read once).
+bool cpu_has_avx2() {
+  static const bool has = [] {
+    const char* env = std::getenv("MVIT_KERNELS_CPU_AVX2");
+    if (env != nullptr && env[0] == '0') return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+}
+#endif
+
+// One implementation, two compilations: Impl is a generic callable wrapping the always-inline
+// body, so both copies come from the same source.
+#define MVIT_DEFINE_DISPATCH(name, impl)                                      \
+  template <class scalar_t, class acc_t, class... Args>                       \
+  void name##_default(Args... args) {                                         \
+    impl<scalar_t, acc_t>(args...);                                           \
+  }                                                                           \
+  MVIT_DEFINE_AVX2(name, impl)                                                \
+  template <class scalar_t, class acc_t, class... Args>                       \
+  void name(Args... args) {                                                   \
+    MVIT_CALL_AVX2(name, args)                                                \
+    name##_default<scalar_t, acc_t>(args...);                                 \
+  }
+
+#ifdef MVIT_CPU_AVX2
+#define MVIT_DEFINE_AVX2(name, impl)                                          \
+  template <class scalar_t, class acc_t, class... Args>                       \
+  MVIT_TARGET_AVX2 void name##_avx2(Args... args) {                           \
+    impl<scalar_t, acc_t>(args...);                                           \
+  }
+#define MVIT_CALL_AVX2(name, args)                                            \
+  if (cpu_has_avx2()) return name##_avx2<scalar_t, acc_t>(args...);
+#else
+#define MVIT_DEFINE_AVX2(name, impl)
+#define MVIT_CALL_AVX2(name, args)
+#endif
+
+MVIT_DEFINE_DISPATCH(pool_row, pool_row_impl)
+
+// dx of input grid row i of one (batch, head) slab: sum over the outputs whose windows cover
+// it of dp (max: only where this row is the arg-max; avg: /K applied by the caller; conv:
+// times the weight tap).
+template <class scalar_t, class acc_t>
+MVIT_FORCE_INLINE inline void gather_dx_row_impl(const PoolGeom& g, int64_t i, int64_t d, PoolMode mode,
+                                                 const acc_t* __restrict__ dpb, const int32_t* __restrict__ amb,
+                                                 const acc_t* __restrict__ wT, acc_t* __restrict__ acc) {
+  for (int64_t c = 0; c < d; ++c) acc[c] = acc_t(0);
+  for_each_covering_output(g, i, [&](int64_t k, int64_t o) MVIT_FORCE_INLINE {
+    const acc_t* dpo = dpb + (g.cls + o) * d;
+    if (mode == kMax) {
+      const int32_t* idx = amb + o * d;
+      for (int64_t c = 0; c < d; ++c) acc[c] += idx[c] == i ? dpo[c] : acc_t(0);
+    } else if (mode == kAvg) {
+      for (int64_t c = 0; c < d; ++c) acc[c] += dpo[c];
+    } else {
+      const acc_t* wk = wT + k * d;
+      for (int64_t c = 0; c < d; ++c) acc[c] += dpo[c] * wk[c];
+    }
+  });
+}
+
+// pool_residual_add's dx of input grid row i of sample slab gb (grad rows) / amb (arg-max).
+template <class scalar_t, class acc_t>
+MVIT_FORCE_INLINE inline void gather_max_grad_row_impl(const PoolGeom& g, int64_t i, int64_t C,
+                                                       const scalar_t* __restrict__ gb,
+                                                       const int32_t* __restrict__ amb, acc_t* __restrict__ acc) {
+  for (int64_t c = 0; c < C; ++c) acc[c] = acc_t(0);
+  for_each_covering_output(g, i, [&](int64_t, int64_t o) MVIT_FORCE_INLINE {
+    const scalar_t* go = gb + (g.cls + o) * C;
+    const int32_t* idx = amb + o * C;
+    for (int64_t c = 0; c < C; ++c) acc[c] += idx[c] == i ? static_cast<acc_t>(go[c]) : acc_t(0);
+  });
+}
+
+MVIT_DEFINE_DISPATCH(gather_dx_row, gather_dx_row_impl)
+MVIT_DEFINE_DISPATCH(gather_max_grad_row, gather_max_grad_row_impl)
 
 // The depthwise weight (d, 1, kT, kH, kW) as (K, d) in acc_t, so window loops read it along d.
 template <class scalar_t, class acc_t>
@@ -145,7 +241,8 @@ at::Tensor pool3d_cpu(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayR
     const int64_t rows = B * heads * n_out;
     at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / (K * d) + 1), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(d);
-      for (int64_t r = begin; r < end; ++r) {
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t r = t_inner_row(j, n_out, g.cls, g.To, g.Ho, g.Wo);
         const int64_t n = r % n_out, bh = r / n_out;
         const scalar_t* xb = xp + (bh / heads) * xr.sB + (bh % heads) * xr.sH;
         if (n < g.cls) {
@@ -216,7 +313,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
       acc_t* pw = partials.data() + ch * part;
       acc_t* pnw = pw + (mode == kConv ? K * d : 0);
       acc_t* pnb = pnw + d;
-      for (int64_t r = lo; r < hi; ++r) {
+      for (int64_t j = lo; j < hi; ++j) {
+        const int64_t r = t_inner_row(j, n_out, g.cls, g.To, g.Ho, g.Wo);
         const int64_t n = r % n_out, bh = r / n_out;
         const scalar_t* xb = xp + (bh / heads) * xr.sB + (bh % heads) * xr.sH;
         const scalar_t* gr = gp + r * d;
@@ -262,7 +360,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
     const acc_t inv_k = acc_t(1) / static_cast<acc_t>(K);
     at::parallel_for(0, B * heads * N, std::max<int64_t>(1, 4096 / (K * d) + 1), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(d);
-      for (int64_t r = begin; r < end; ++r) {
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t r = t_inner_row(j, N, g.cls, g.T, g.H, g.W);
         const int64_t n = r % N, bh = r / N;
         scalar_t* out = gxp + r * d;
         const acc_t* dpb = dp.data() + bh * n_out * d;
@@ -270,20 +369,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
           for (int64_t c = 0; c < d; ++c) out[c] = static_cast<scalar_t>(dpb[c]);
           continue;
         }
-        const int64_t i = n - g.cls;
-        for (int64_t c = 0; c < d; ++c) acc[c] = acc_t(0);
-        for_each_covering_output(g, i, [&](int64_t k, int64_t o) {
-          const acc_t* dpo = dpb + (g.cls + o) * d;
-          if (mode == kMax) {
-            const int32_t* idx = argmax.data() + (bh * grid_out + o) * d;
-            for (int64_t c = 0; c < d; ++c) acc[c] += idx[c] == i ? dpo[c] : acc_t(0);
-          } else if (mode == kAvg) {
-            for (int64_t c = 0; c < d; ++c) acc[c] += dpo[c];
-          } else {
-            const acc_t* wk = wT.data() + k * d;
-            for (int64_t c = 0; c < d; ++c) acc[c] += dpo[c] * wk[c];
-          }
-        });
+        const int32_t* amb = mode == kMax ? argmax.data() + bh * grid_out * d : nullptr;
+        gather_dx_row<scalar_t, acc_t>(g, n - g.cls, d, mode, dpb, amb, wT.data(), acc.data());
         const acc_t f = mode == kAvg ? inv_k : acc_t(1);
         for (int64_t c = 0; c < d; ++c) out[c] = static_cast<scalar_t>(acc[c] * f);
       }
@@ -342,7 +429,8 @@ at::Tensor pool_residual_add_cpu(const at::Tensor& x_in, at::IntArrayRef thw, at
     const int64_t sB = x.stride(0), sN = x.stride(1);
     at::parallel_for(0, B * n_out, 16, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(C);
-      for (int64_t r = begin; r < end; ++r) {
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t r = t_inner_row(j, n_out, g.cls, g.To, g.Ho, g.Wo);
         const int64_t b = r / n_out, n = r % n_out;
         const scalar_t* xb = xp + b * sB;
         if (n < g.cls) {
@@ -400,7 +488,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cpu(
     std::vector<acc_t> partials(has_scale ? nchunks * B : 0, acc_t(0));
     parallel_chunks(rows_out, nchunks, [&](int64_t ch, int64_t lo, int64_t hi) {
       std::vector<acc_t> tmp(C);
-      for (int64_t r = lo; r < hi; ++r) {
+      for (int64_t j = lo; j < hi; ++j) {
+        const int64_t r = t_inner_row(j, n_out, g.cls, g.To, g.Ho, g.Wo);
         const int64_t b = r / n_out, n = r % n_out;
         const scalar_t* gr = gp + r * C;
         const acc_t sb = s[b];
@@ -422,7 +511,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cpu(
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
     at::parallel_for(0, B * N, 16, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(C);
-      for (int64_t r = begin; r < end; ++r) {
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t r = t_inner_row(j, N, g.cls, g.T, g.H, g.W);
         const int64_t b = r / N, n = r % N;
         scalar_t* out = gxp + r * C;
         const scalar_t* gb = gp + b * n_out * C;
@@ -430,13 +520,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cpu(
           for (int64_t c = 0; c < C; ++c) out[c] = gb[c];
           continue;
         }
-        const int64_t i = n - g.cls;
-        for (int64_t c = 0; c < C; ++c) acc[c] = acc_t(0);
-        for_each_covering_output(g, i, [&](int64_t, int64_t o) {
-          const scalar_t* go = gb + (g.cls + o) * C;
-          const int32_t* idx = argmax.data() + (b * grid_out + o) * C;
-          for (int64_t c = 0; c < C; ++c) acc[c] += idx[c] == i ? static_cast<acc_t>(go[c]) : acc_t(0);
-        });
+        gather_max_grad_row<scalar_t, acc_t>(g, n - g.cls, C, gb, argmax.data() + b * grid_out * C, acc.data());
         for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(acc[c]);
       }
     });
