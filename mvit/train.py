@@ -46,7 +46,7 @@ PAPER_RECIPE = dict(
 # The built-in synthetic task: small, fast, and motion direction must survive augmentation (no
 # flips, no RandAugment geometry, no mixing that blends two directions into one clip).
 SYNTHETIC_RECIPE = dict(
-    epochs=6, warmup_epochs=1.0, batch_size=64, base_lr=8e-3, min_lr=1e-5, weight_decay=0.05,
+    epochs=4, warmup_epochs=1.0, batch_size=64, base_lr=8e-3, min_lr=1e-5, weight_decay=0.05,
     label_smoothing=0.1, mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5,
     rand_augment="none", random_erasing=0.0, repeated_aug=1, clip_grad=1.0, drop_path=None,
     flip=False, eval_every=1,
