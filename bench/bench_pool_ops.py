@@ -105,23 +105,30 @@ def run_once(fn, args, leaves, backward: bool):
     return y
 
 
-def time_it(fn, args, leaves, backward, device, repeats, warmup=1):
-    for _ in range(warmup):
+def _timed(fn, args, leaves, backward, device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         run_once(fn, args, leaves, backward)
-    times = []
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    run_once(fn, args, leaves, backward)
+    return time.perf_counter() - t0
+
+
+def time_pair(fn_a, fn_b, args, leaves, backward, device, repeats, warmup=1):
+    """Times two implementations alternately (a, b, a, b, ...), so that load from other
+    processes on a shared machine falls on both alike."""
+    for _ in range(warmup):
+        run_once(fn_a, args, leaves, backward)
+        run_once(fn_b, args, leaves, backward)
+    times_a, times_b = [], []
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run_once(fn, args, leaves, backward)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            run_once(fn, args, leaves, backward)
-            times.append(time.perf_counter() - t0)
-    return times
+        times_a.append(_timed(fn_a, args, leaves, backward, device))
+        times_b.append(_timed(fn_b, args, leaves, backward, device))
+    return times_a, times_b
 
 
 def main() -> None:
@@ -152,8 +159,7 @@ def main() -> None:
                 # Backward reads grad_y and x and writes grad_x (and the branch grad): ~2x fwd.
                 bytes_moved = bytes_fwd * (3 if backward else 1)
                 with torch.set_grad_enabled(backward):
-                    t_op = time_it(fused_fn, args, leaves, backward, device, opts.repeats)
-                    t_ref = time_it(ref_fn, args, leaves, backward, device, opts.repeats)
+                    t_op, t_ref = time_pair(fused_fn, ref_fn, args, leaves, backward, device, opts.repeats)
                 med_op, med_ref = statistics.median(t_op), statistics.median(t_ref)
                 row = dict(case=case.name, op=case.op, batch=batch, pass_="fwd+bwd" if backward else "fwd",
                            op_ms=med_op * 1e3, op_min_ms=min(t_op) * 1e3, op_max_ms=max(t_op) * 1e3,
@@ -177,7 +183,7 @@ def main() -> None:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     lines = [f"# Pooling ops vs reference ({device.type})", "",
              f"Machine: {machine}. torch {torch.__version__}, {opts.dtype}, median of {opts.repeats} "
-             "(after 1 warm-up), [min-max]. speedup = reference / op. Shapes: MViT-B 16x4 "
+             "(after 1 warm-up; op and reference timed alternately), [min-max]. speedup = reference / op. Shapes: MViT-B 16x4 "
              "(`bench/bench_pool_ops.py`).", "",
              "| B | case | pass | op ms [min-max] | reference ms [min-max] | speedup | op GB/s (min bytes) |"
              + (" of 3.0 TB/s |" if device.type == "cuda" else ""),

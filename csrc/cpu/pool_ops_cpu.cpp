@@ -46,8 +46,10 @@ int64_t num_chunks(int64_t n) {
 // Walk order of the row loops: within each (batch, head) slab, the grid rows in (h, w, t)
 // order, t innermost. Consecutive steps then share most of their window rows (the t-neighbours),
 // and the rows a band of h needs across all t stay in L2, so each input row is read from
-// memory about once instead of once per t-window. Returns the row index for step j.
-inline int64_t t_inner_row(int64_t j, int64_t rows_per_slab, int64_t cls, int64_t T, int64_t H, int64_t W) {
+// memory about once instead of once per t-window. With a kernel of 1 along t there is nothing
+// to share, and the plain order streams better (kT == 1: identity). Returns the row for step j.
+inline int64_t t_inner_row(int64_t j, int64_t rows_per_slab, int64_t cls, int64_t kT, int64_t T, int64_t H, int64_t W) {
+  if (kT == 1) return j;
   const int64_t slab = j / rows_per_slab, k = j % rows_per_slab;
   if (k < cls) return j;
   const int64_t q = k - cls;
@@ -242,7 +244,7 @@ at::Tensor pool3d_cpu(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayR
     at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / (K * d) + 1), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(d);
       for (int64_t j = begin; j < end; ++j) {
-        const int64_t r = t_inner_row(j, n_out, g.cls, g.To, g.Ho, g.Wo);
+        const int64_t r = t_inner_row(j, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo);
         const int64_t n = r % n_out, bh = r / n_out;
         const scalar_t* xb = xp + (bh / heads) * xr.sB + (bh % heads) * xr.sH;
         if (n < g.cls) {
@@ -314,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
       acc_t* pnw = pw + (mode == kConv ? K * d : 0);
       acc_t* pnb = pnw + d;
       for (int64_t j = lo; j < hi; ++j) {
-        const int64_t r = t_inner_row(j, n_out, g.cls, g.To, g.Ho, g.Wo);
+        const int64_t r = t_inner_row(j, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo);
         const int64_t n = r % n_out, bh = r / n_out;
         const scalar_t* xb = xp + (bh / heads) * xr.sB + (bh % heads) * xr.sH;
         const scalar_t* gr = gp + r * d;
@@ -361,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
     at::parallel_for(0, B * heads * N, std::max<int64_t>(1, 4096 / (K * d) + 1), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(d);
       for (int64_t j = begin; j < end; ++j) {
-        const int64_t r = t_inner_row(j, N, g.cls, g.T, g.H, g.W);
+        const int64_t r = t_inner_row(j, N, g.cls, g.kT, g.T, g.H, g.W);
         const int64_t n = r % N, bh = r / N;
         scalar_t* out = gxp + r * d;
         const acc_t* dpb = dp.data() + bh * n_out * d;
@@ -430,7 +432,7 @@ at::Tensor pool_residual_add_cpu(const at::Tensor& x_in, at::IntArrayRef thw, at
     at::parallel_for(0, B * n_out, 16, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(C);
       for (int64_t j = begin; j < end; ++j) {
-        const int64_t r = t_inner_row(j, n_out, g.cls, g.To, g.Ho, g.Wo);
+        const int64_t r = t_inner_row(j, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo);
         const int64_t b = r / n_out, n = r % n_out;
         const scalar_t* xb = xp + b * sB;
         if (n < g.cls) {
@@ -489,7 +491,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cpu(
     parallel_chunks(rows_out, nchunks, [&](int64_t ch, int64_t lo, int64_t hi) {
       std::vector<acc_t> tmp(C);
       for (int64_t j = lo; j < hi; ++j) {
-        const int64_t r = t_inner_row(j, n_out, g.cls, g.To, g.Ho, g.Wo);
+        const int64_t r = t_inner_row(j, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo);
         const int64_t b = r / n_out, n = r % n_out;
         const scalar_t* gr = gp + r * C;
         const acc_t sb = s[b];
@@ -512,7 +514,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cpu(
     at::parallel_for(0, B * N, 16, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(C);
       for (int64_t j = begin; j < end; ++j) {
-        const int64_t r = t_inner_row(j, N, g.cls, g.T, g.H, g.W);
+        const int64_t r = t_inner_row(j, N, g.cls, g.kT, g.T, g.H, g.W);
         const int64_t b = r / N, n = r % N;
         scalar_t* out = gxp + r * C;
         const scalar_t* gb = gp + b * n_out * C;
