@@ -149,6 +149,9 @@ def main() -> None:
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"device: {machine}; torch {torch.__version__}; dtype {opts.dtype}; repeats {opts.repeats}")
 
+    # On a shared machine other processes change the timings a lot (the reference, with several
+    # parallel regions per call, suffers most): the load average is recorded with the results.
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = []
     for batch in opts.batches:
         for case in mvit_b_cases(batch):
@@ -177,14 +180,18 @@ def main() -> None:
 
     os.makedirs(opts.out, exist_ok=True)
     stem = os.path.join(opts.out, f"pool_ops_{device.type}")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     meta = dict(device=machine, torch=torch.__version__, dtype=opts.dtype, repeats=opts.repeats,
-                threads=torch.get_num_threads() if device.type == "cpu" else None)
+                threads=torch.get_num_threads() if device.type == "cpu" else None, load_avg_start=load_start,
+                load_avg_end=load)
     with open(stem + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     lines = [f"# Pooling ops vs reference ({device.type})", "",
              f"Machine: {machine}. torch {torch.__version__}, {opts.dtype}, median of {opts.repeats} "
              "(after 1 warm-up; op and reference timed alternately), [min-max]. speedup = reference / op. Shapes: MViT-B 16x4 "
-             "(`bench/bench_pool_ops.py`).", "",
+             "(`bench/bench_pool_ops.py`).",
+             f"Load average (1 min) at start/end: {meta['load_avg_start'] and round(meta['load_avg_start'][0], 2)} / "
+             f"{meta['load_avg_end'] and round(meta['load_avg_end'][0], 2)}.", "",
              "| B | case | pass | op ms [min-max] | reference ms [min-max] | speedup | op GB/s (min bytes) |"
              + (" of 3.0 TB/s |" if device.type == "cuda" else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if device.type == "cuda" else "")]
