@@ -8,7 +8,10 @@ the frames in order and shuffled. Otherwise every default is the papers' recipe
 Reproducibility: the global torch RNG is reseeded at every optimizer step from (seed, rank, step),
 and every sample's augmentation is drawn from its own seed (see ``TrainSampler``), so resuming
 from a mid-epoch checkpoint replays exactly the losses of the uninterrupted run. The RNG states
-are saved in checkpoints too (per rank) and restored on resume.
+are saved in checkpoints too (per rank) and restored on resume. Bitwise replay also needs the
+same number of CPU threads: two default runs on a shared 2-core machine under different load
+diverged (29.6% vs 81.3% after epoch 1, both ~100% at the end), so the resume test pins
+``--threads 1``.
 """
 
 from __future__ import annotations
