@@ -185,6 +185,7 @@ def main() -> int:
         device_name = f"{torch.cuda.get_device_name()}, bf16 autocast"
 
     rows = []
+    text = ""
     for name in args.models:
         variants = _variants(name, device, set(args.variants))
         for mode in args.modes:
@@ -196,7 +197,13 @@ def main() -> int:
                         row = {"model": name, "variant": label, "mode": mode, "batch": batch, "error": "OOM"}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+                    # rewritten after every row: a run cut short still leaves its results
+                    text = _write(rows, device, device_name, args.out)
+    print(text)
+    return 0
 
+
+def _write(rows, device, device_name, out_dir) -> str:
     lines = [
         f"# Throughput — {device_name}; torch {torch.__version__}; "
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}",
@@ -224,14 +231,13 @@ def main() -> int:
         )
     text = "\n".join(lines) + "\n"
     tag = "gpu" if device.type == "cuda" else "cpu"
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"throughput_{tag}.md"), "w") as f:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"throughput_{tag}.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(args.out, f"throughput_{tag}.json"), "w") as f:
+    with open(os.path.join(out_dir, f"throughput_{tag}.json"), "w") as f:
         json.dump({"device": device_name, "torch": torch.__version__, "rows": rows}, f, indent=2)
-    _plot(rows, os.path.join(args.out, f"throughput_{tag}.png"))
-    print(text)
-    return 0
+    _plot(rows, os.path.join(out_dir, f"throughput_{tag}.png"))
+    return text
 
 
 def _plot(rows, path):
