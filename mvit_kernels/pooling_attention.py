@@ -47,10 +47,7 @@ def _sdpa_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_
         mask = bias
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if residual_pooling:
-        if has_cls:
-            out = torch.cat((out[:, :, :1], out[:, :, 1:] + q[:, :, 1:]), dim=2)
-        else:
-            out = out + q
+        out = reference.add_residual_pooling(out, q, has_cls)
     return out.transpose(1, 2).reshape(B, n_q, heads * d)
 
 

@@ -173,8 +173,13 @@ def pooling_attention(
     attn = attn.softmax(dim=-1)
     out = attn @ v
     if residual_pooling:
-        if has_cls:
-            out = torch.cat((out[:, :, :1], out[:, :, 1:] + q[:, :, 1:]), dim=2)
-        else:
-            out = out + q
+        out = add_residual_pooling(out, q, has_cls)
     return out.transpose(1, 2).reshape(B, n_q, heads * d)
+
+
+def add_residual_pooling(out: torch.Tensor, q: torch.Tensor, has_cls: bool) -> torch.Tensor:
+    """MViTv2's residual pooling connection: + pooled q on every grid token's output; the class
+    token's output is left as is (pySlowFast / torchvision ``residual_with_cls_embed=False``)."""
+    if has_cls:
+        return torch.cat((out[:, :, :1], out[:, :, 1:] + q[:, :, 1:]), dim=2)
+    return out + q

@@ -309,12 +309,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
     // (1) dp and the parameter-gradient partials, per chunk of output rows.
     const int64_t nchunks = num_chunks(rows_out);
     const int64_t part = (mode == kConv ? K * d : 0) + (norm ? 2 * d : 0);
-    std::vector<acc_t> partials(nchunks * part, acc_t(0));
+    // Parameter gradients sum over every output row (thousands of terms): the partials are
+    // double so that float32 gradients keep float32 accuracy whatever the chunking.
+    std::vector<double> partials(nchunks * part, 0.0);
     parallel_chunks(rows_out, nchunks, [&](int64_t ch, int64_t lo, int64_t hi) {
       std::vector<acc_t> v(d), gx(d);
-      acc_t* pw = partials.data() + ch * part;
-      acc_t* pnw = pw + (mode == kConv ? K * d : 0);
-      acc_t* pnb = pnw + d;
+      double* pw = partials.data() + ch * part;
+      double* pnw = pw + (mode == kConv ? K * d : 0);
+      double* pnb = pnw + d;
       for (int64_t j = lo; j < hi; ++j) {
         const int64_t r = t_inner_row(j, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo);
         const int64_t n = r % n_out, bh = r / n_out;
@@ -350,8 +352,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
         if (mode == kConv && n >= g.cls) {
           for_each_window_input(g, n - g.cls, [&](int64_t k, int64_t i) {
             const scalar_t* xi = xb + (g.cls + i) * xr.sN;
-            acc_t* pk = pw + k * d;
-            for (int64_t c = 0; c < d; ++c) pk[c] += dpr[c] * static_cast<acc_t>(xi[c]);
+            double* pk = pw + k * d;
+            for (int64_t c = 0; c < d; ++c) pk[c] += static_cast<double>(dpr[c] * static_cast<acc_t>(xi[c]));
           });
         }
       }
@@ -380,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
 
     // (3) parameter gradients: sum the per-chunk partials (fixed order: deterministic).
     if (part > 0) {
-      std::vector<acc_t> total(part, acc_t(0));
+      std::vector<double> total(part, 0.0);
       for (int64_t ch = 0; ch < nchunks; ++ch)
         for (int64_t j = 0; j < part; ++j) total[j] += partials[ch * part + j];
       if (mode == kConv) {
@@ -389,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
           for (int64_t k = 0; k < K; ++k) gw[c * K + k] = static_cast<scalar_t>(total[k * d + c]);
       }
       if (norm) {
-        const acc_t* tn = total.data() + (mode == kConv ? K * d : 0);
+        const double* tn = total.data() + (mode == kConv ? K * d : 0);
         scalar_t* gnw = grad_nw.data_ptr<scalar_t>();
         scalar_t* gnb = grad_nb.data_ptr<scalar_t>();
         for (int64_t c = 0; c < d; ++c) {
@@ -487,7 +489,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cpu(
     // (1) per output row: grad_branch = scale * g, arg-max of the window, grad_scale partials.
     const int64_t rows_out = B * n_out;
     const int64_t nchunks = num_chunks(rows_out);
-    std::vector<acc_t> partials(has_scale ? nchunks * B : 0, acc_t(0));
+    std::vector<double> partials(has_scale ? nchunks * B : 0, 0.0);  // sums over N*C terms
     parallel_chunks(rows_out, nchunks, [&](int64_t ch, int64_t lo, int64_t hi) {
       std::vector<acc_t> tmp(C);
       for (int64_t j = lo; j < hi; ++j) {
@@ -500,7 +502,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cpu(
           const scalar_t* br = bp + r * C;
           acc_t dot = 0;
           for (int64_t c = 0; c < C; ++c) dot += static_cast<acc_t>(gr[c]) * static_cast<acc_t>(br[c]);
-          partials[ch * B + b] += dot;
+          partials[ch * B + b] += static_cast<double>(dot);
         }
         if (n >= g.cls) {
           pool_row<scalar_t, acc_t>(xp + b * sB, sN, g, n - g.cls, C, kMax, nullptr, tmp.data(),
@@ -530,7 +532,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cpu(
     if (has_scale) {
       scalar_t* gsp = grad_scale.data_ptr<scalar_t>();
       for (int64_t b = 0; b < B; ++b) {
-        acc_t t = 0;
+        double t = 0;
         for (int64_t ch = 0; ch < nchunks; ++ch) t += partials[ch * B + b];
         gsp[b] = static_cast<scalar_t>(t);
       }
