@@ -42,3 +42,28 @@ def test_fused_model_float32_eval():
     video = torch.randn(2, 3, 8, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fused(video), ref(video), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_fullgraph_on_a_fused_block_and_model():
+    """torch.compile(fullgraph=True) traces a real MultiScaleBlock and a whole model through the
+    fused ops (fake impls + autograd registrations); results equal eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model("mvit_tiny", drop_path_rate=0.0, fused=True)
+    block = model.blocks[1]  # Q pooling with stride, K/V pooling, pooled skip, channel change
+    assert block.spec.pool_skip and block.spec.pool_q
+    x = torch.randn(2, 1 + 4 * 8 * 8, block.spec.dim_in, requires_grad=True)
+
+    def run(x):
+        out, thw = block(x, (4, 8, 8), True)
+        return out.square().sum(), thw
+
+    compiled = torch.compile(run, backend="aot_eager", fullgraph=True)
+    (loss_c, thw_c), (loss_e, thw_e) = compiled(x), run(x)
+    assert thw_c == thw_e == (4, 4, 4)
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(torch.autograd.grad(loss_c, x)[0], torch.autograd.grad(loss_e, x)[0])
+
+    clip = torch.randn(2, 3, 8, 32, 32)
+    whole = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(whole(clip), model(clip))
