@@ -104,6 +104,33 @@ void check_pool_residual_add_tensors(const at::Tensor& x, const at::Tensor& bran
   }
 }
 
+PoolGeom check_pool3d_args(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayRef kernel,
+                           at::IntArrayRef stride, at::IntArrayRef padding, PoolMode mode,
+                           const c10::optional<at::Tensor>& weight, bool has_cls,
+                           const c10::optional<at::Tensor>& norm_weight,
+                           const c10::optional<at::Tensor>& norm_bias, const char* op, at::Tensor* x) {
+  TORCH_CHECK(x_in.dim() == 4, op, ": x must be a 4-D tensor (B, heads, N, d), got ", x_in.sizes());
+  const PoolGeom g = make_pool_geom(thw, kernel, stride, padding, has_cls, x_in.size(2), op);
+  *x = check_pool3d_tensors(x_in, mode, weight, g, norm_weight, norm_bias);
+  return g;
+}
+
+PoolGeom check_pool_residual_add_args(const at::Tensor& x, at::IntArrayRef thw, at::IntArrayRef kernel,
+                                      at::IntArrayRef stride, at::IntArrayRef padding, const at::Tensor& branch,
+                                      const c10::optional<at::Tensor>& scale, bool has_cls, const char* op) {
+  TORCH_CHECK(x.dim() == 3, op, ": x must be a 3-D tensor (B, N, C), got ", x.sizes());
+  const PoolGeom g = make_pool_geom(thw, kernel, stride, padding, has_cls, x.size(1), op);
+  check_pool_residual_add_tensors(x, branch, scale, g);
+  return g;
+}
+
+at::Tensor check_grad(const at::Tensor& grad, at::IntArrayRef expected, const at::Tensor& x, const char* name,
+                      const char* op) {
+  TORCH_CHECK(grad.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ", grad.sizes());
+  check_like(grad, x, name, op);
+  return grad.contiguous();
+}
+
 static bool built_with_cuda() {
 #ifdef MVIT_WITH_CUDA
   return true;

@@ -32,4 +32,22 @@ void check_pool_residual_add_tensors(const at::Tensor& x, const at::Tensor& bran
 
 inline int64_t out_tokens(const PoolGeom& g) { return g.cls + g.out_grid(); }
 
+// All of pool3d's argument checks (forward and backward take the same ones): rank, window,
+// tensors. Returns the geometry; *x receives x_in with a unit stride over d.
+PoolGeom check_pool3d_args(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayRef kernel,
+                           at::IntArrayRef stride, at::IntArrayRef padding, PoolMode mode,
+                           const c10::optional<at::Tensor>& weight, bool has_cls,
+                           const c10::optional<at::Tensor>& norm_weight,
+                           const c10::optional<at::Tensor>& norm_bias, const char* op, at::Tensor* x);
+
+// All of pool_residual_add's argument checks (forward and backward); returns the geometry.
+PoolGeom check_pool_residual_add_args(const at::Tensor& x, at::IntArrayRef thw, at::IntArrayRef kernel,
+                                      at::IntArrayRef stride, at::IntArrayRef padding, const at::Tensor& branch,
+                                      const c10::optional<at::Tensor>& scale, bool has_cls, const char* op);
+
+// Checks an incoming gradient against the shape it must have and x's device and dtype;
+// returns it contiguous.
+at::Tensor check_grad(const at::Tensor& grad, at::IntArrayRef expected, const at::Tensor& x, const char* name,
+                      const char* op);
+
 }  // namespace mvit

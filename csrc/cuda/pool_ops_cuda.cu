@@ -234,9 +234,9 @@ at::Tensor pool3d_cuda(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArray
                        bool has_cls, const c10::optional<at::Tensor>& norm_weight,
                        const c10::optional<at::Tensor>& norm_bias, double eps) {
   const PoolMode mode = parse_pool_mode(std::string(mode_str));
-  TORCH_CHECK(x_in.dim() == 4, "mvit_kernels.pool3d: x must be a 4-D tensor (B, heads, N, d), got ", x_in.sizes());
-  const PoolGeom g = make_pool_geom(thw, kernel, stride, padding, has_cls, x_in.size(2), "mvit_kernels.pool3d");
-  const at::Tensor x = check_pool3d_tensors(x_in, mode, weight, g, norm_weight, norm_bias);
+  at::Tensor x;
+  const PoolGeom g = check_pool3d_args(x_in, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight,
+                                       norm_bias, "mvit_kernels.pool3d", &x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), heads = x.size(1), d = x.size(3), n_out = out_tokens(g);
   at::Tensor y = at::empty({B, heads, n_out, d}, x.options());
@@ -265,17 +265,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cuda(
     const c10::optional<at::Tensor>& weight, bool has_cls, const c10::optional<at::Tensor>& norm_weight,
     const c10::optional<at::Tensor>& norm_bias, double eps) {
   const PoolMode mode = parse_pool_mode(std::string(mode_str));
-  TORCH_CHECK(x_in.dim() == 4, "mvit_kernels.pool3d_backward: x must be a 4-D tensor (B, heads, N, d), got ",
-              x_in.sizes());
-  const PoolGeom g = make_pool_geom(thw, kernel, stride, padding, has_cls, x_in.size(2), "mvit_kernels.pool3d");
-  const at::Tensor x = check_pool3d_tensors(x_in, mode, weight, g, norm_weight, norm_bias);
+  at::Tensor x;
+  const PoolGeom g = check_pool3d_args(x_in, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight,
+                                       norm_bias, "mvit_kernels.pool3d_backward", &x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), heads = x.size(1), N = x.size(2), d = x.size(3), n_out = out_tokens(g);
-  TORCH_CHECK(grad_y_in.sizes() == at::IntArrayRef({B, heads, n_out, d}),
-              "mvit_kernels.pool3d_backward: grad_y must have shape ", at::IntArrayRef({B, heads, n_out, d}),
-              ", got ", grad_y_in.sizes());
-  check_like(grad_y_in, x, "grad_y", "mvit_kernels.pool3d_backward");
-  const at::Tensor grad_y = grad_y_in.contiguous();
+  const at::Tensor grad_y =
+      check_grad(grad_y_in, {B, heads, n_out, d}, x, "grad_y", "mvit_kernels.pool3d_backward");
   const bool norm = norm_weight.has_value() && norm_weight->defined();
   const int64_t K = g.kernel_volume(), grid_out = g.out_grid();
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -404,9 +400,8 @@ __global__ void pool_residual_add_backward_input_kernel(const scalar_t* __restri
 at::Tensor pool_residual_add_cuda(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayRef kernel,
                                   at::IntArrayRef stride, at::IntArrayRef padding, const at::Tensor& branch_in,
                                   const c10::optional<at::Tensor>& scale_in, bool has_cls) {
-  TORCH_CHECK(x_in.dim() == 3, "mvit_kernels.pool_residual_add: x must be a 3-D tensor (B, N, C), got ", x_in.sizes());
-  const PoolGeom g = make_pool_geom(thw, kernel, stride, padding, has_cls, x_in.size(1), "mvit_kernels.pool_residual_add");
-  check_pool_residual_add_tensors(x_in, branch_in, scale_in, g);
+  const PoolGeom g = check_pool_residual_add_args(x_in, thw, kernel, stride, padding, branch_in, scale_in, has_cls,
+                                                  "mvit_kernels.pool_residual_add");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
   const at::Tensor branch = branch_in.contiguous();
@@ -433,16 +428,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cuda(
     at::IntArrayRef stride, at::IntArrayRef padding, const at::Tensor& branch_in,
     const c10::optional<at::Tensor>& scale_in, bool has_cls) {
   const char* op = "mvit_kernels.pool_residual_add_backward";
-  TORCH_CHECK(x_in.dim() == 3, op, ": x must be a 3-D tensor (B, N, C), got ", x_in.sizes());
-  const PoolGeom g = make_pool_geom(thw, kernel, stride, padding, has_cls, x_in.size(1), op);
-  check_pool_residual_add_tensors(x_in, branch_in, scale_in, g);
-  TORCH_CHECK(grad_in.sizes() == branch_in.sizes(), op, ": grad_out must have shape ", branch_in.sizes(), ", got ",
-              grad_in.sizes());
-  check_like(grad_in, x_in, "grad_out", op);
+  const PoolGeom g =
+      check_pool_residual_add_args(x_in, thw, kernel, stride, padding, branch_in, scale_in, has_cls, op);
+  const at::Tensor grad = check_grad(grad_in, branch_in.sizes(), x_in, "grad_out", op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
   const at::Tensor branch = branch_in.contiguous();
-  const at::Tensor grad = grad_in.contiguous();
   const bool has_scale = scale_in.has_value() && scale_in->defined();
   const at::Tensor scale = has_scale ? scale_in->contiguous() : at::Tensor();
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2), n_out = out_tokens(g);
