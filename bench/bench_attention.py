@@ -265,9 +265,10 @@ def bench_cuda(shapes: list[dict], rel: bool) -> tuple[str, list[dict]]:
             tabs = [mk(L[0], d) * 0.1 if s["rel_t"] else None, mk(L[1], d) * 0.1, mk(L[2], d) * 0.1]
             tabs = [None if t is None else t.detach().requires_grad_() for t in tabs]
         args = (q, k, v, s["thw_q"], s["thw_kv"], True, *tabs)
-        row = dict(block=s["block"], heads=H, n_q=s["n_q"], n_kv=s["n_kv"])
+        f = fused_model(s, rel, train=True)
+        row = dict(block=s["block"], heads=H, n_q=s["n_q"], n_kv=s["n_kv"], floor_ms=(f["fwd_floor_s"] + f["bwd_floor_s"]) * 1e3)
         for name, fn in (("triton", pa.triton_pooling_attention), ("reference", reference.pooling_attention),
-                         ("sdpa", sdpa)):
+                         ("sdpa", sdpa), ("flex", flex_pooling_attention)):
             def step():
                 out = fn(*args, residual_pooling=s["residual"])
                 out.backward(torch.ones_like(out))
@@ -277,13 +278,135 @@ def bench_cuda(shapes: list[dict], rel: bool) -> tuple[str, list[dict]]:
                 row[name + "_ms"] = None
                 row[name + "_error"] = repr(exc)[:200]
         results.append(row)
-    lines = ["| block | heads | L_q | L_kv | triton ms | reference ms | sdpa ms | ref/triton | sdpa/triton |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| block | heads | L_q | L_kv | floor ms | triton ms | triton/floor | reference ms | sdpa ms | flex ms | ref/triton | sdpa/triton | flex/triton |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        t, ref, sd = r.get("triton_ms"), r.get("reference_ms"), r.get("sdpa_ms")
+        t, ref, sd, fx = r.get("triton_ms"), r.get("reference_ms"), r.get("sdpa_ms"), r.get("flex_ms")
         ratio = lambda a: f"{a / t:.2f}x" if (a and t) else "n/a"
         fmt = lambda a: f"{a:.3f}" if a else "fail"
-        lines.append(f"| {r['block']} | {r['heads']} | {r['n_q']} | {r['n_kv']} | {fmt(t)} | {fmt(ref)} | {fmt(sd)} | {ratio(ref)} | {ratio(sd)} |")
+        lines.append(f"| {r['block']} | {r['heads']} | {r['n_q']} | {r['n_kv']} | {r['floor_ms']:.3f} | {fmt(t)} | "
+                     f"{(t / r['floor_ms']) if t else float('nan'):.1f}x | {fmt(ref)} | {fmt(sd)} | {fmt(fx)} | "
+                     f"{ratio(ref)} | {ratio(sd)} | {ratio(fx)} |")
     return "\n".join(lines) + "\n", results
+
+
+_FLEX_FNS: dict = {}
+
+
+def _flex_functions():
+    """Compiled FlexAttention calls, plain and with the rel-pos score_mod. The per-axis terms
+    are arguments of the compiled function (graph inputs, so a new tensor each step does not
+    recompile) and each is indexed once in the score_mod (FlexAttention cannot differentiate
+    a captured tensor indexed twice)."""
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not _FLEX_FNS:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+        def plain(q, k, v):
+            return flex_attention(q, k, v)
+
+        def with_rel(q, k, v, rel_t, rel_h, rel_w, s: int, kh: int, kw: int):
+            def score_mod(score, b, h, qi, ki):
+                g = torch.where(ki >= s, ki - s, 0)
+                bias = rel_t[b, h, qi, g // (kh * kw)] + rel_h[b, h, qi, (g // kw) % kh] + rel_w[b, h, qi, g % kw]
+                return torch.where((qi >= s) & (ki >= s), score + bias, score)
+
+            return flex_attention(q, k, v, score_mod=score_mod)
+
+        _FLEX_FNS["plain"] = torch.compile(plain, dynamic=False)
+        _FLEX_FNS["rel"] = torch.compile(with_rel, dynamic=False)
+    return _FLEX_FNS
+
+
+def flex_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling):
+    """The peer: FlexAttention (compiled) with the decomposed rel-pos bias as a score_mod that
+    gathers per-axis terms q . R (computed by einsum, as the reference does), residual added after."""
+    import torch
+
+    from mvit_kernels import reference
+
+    fns = _flex_functions()
+    B, H, n_q, d = q.shape
+    s = 1 if has_cls else 0
+    if rel_pos_t is not None or rel_pos_h is not None:
+        grid_q = q[:, :, s:].reshape(B, H, *thw_q, d)
+        terms = []
+        for axis, (table, eq) in enumerate(zip((rel_pos_t, rel_pos_h, rel_pos_w),
+                                               ("bnthwc,tkc->bnthwk", "bnthwc,hkc->bnthwk", "bnthwc,wkc->bnthwk"))):
+            size = thw_kv[axis]
+            if table is None:
+                term = q.new_zeros(B, H, *thw_q, size)
+            else:
+                R = reference.interpolate_rel_pos(table, reference.rel_pos_table_length(thw_q[axis], size))
+                R = R[reference.rel_pos_index(thw_q[axis], size).to(q.device)]
+                term = torch.einsum(eq, grid_q, R)
+            term = term.reshape(B, H, n_q - s, size)
+            terms.append(torch.cat((term.new_zeros(B, H, s, size), term), 2))  # class row: no bias
+        out = fns["rel"](q, k, v, *terms, s, thw_kv[1], thw_kv[2])
+    else:
+        out = fns["plain"](q, k, v)
+    if residual_pooling:
+        out = reference.add_residual_pooling(out, q, has_cls)
+    return out.transpose(1, 2).reshape(B, n_q, H * d)
+
+
+def bench_blocks(preset: str, batch: int, device: str = "cuda", rep: int = 50) -> tuple[str, list[dict]]:
+    """One MultiScaleAttention module per distinct block of the preset (qkv projection, Q/K/V
+    pooling + LN, attention with rel-pos/residual as the preset has them, output projection),
+    forward + backward under bf16 autocast: fused=True against the reference's projection and
+    pooling ops with SDPA (the issue's peer) and with its matmul attention."""
+    import torch
+    from triton.testing import do_bench
+
+    from mvit import model as model_module
+    from mvit.presets import get_preset
+    from throughput import sdpa_in_reference
+
+    cfg = get_preset(preset)
+    rows, seen = [], set()
+    for i, spec in enumerate(cfg.block_specs()):
+        key = (spec.dim_in, spec.attn_dim, spec.num_heads, spec.stride_q, spec.stride_kv, spec.input_thw)
+        if key in seen:
+            continue
+        seen.add(key)
+        torch.manual_seed(i)
+        attn = model_module.MultiScaleAttention(spec, cfg).to(device)
+        for t in (attn.rel_pos_t, attn.rel_pos_h, attn.rel_pos_w):
+            if t is not None:
+                torch.nn.init.normal_(t, std=0.02)
+        n = math.prod(spec.input_thw) + (1 if cfg.cls_embed else 0)
+        x = torch.randn(batch, n, spec.dim_in, device=device, requires_grad=True)
+
+        def step(fused):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                out, _ = attn(x, spec.input_thw, fused)
+            out.backward(torch.ones_like(out))
+
+        row = dict(block=i, heads=spec.num_heads, dim=spec.attn_dim, tokens=n, stride_q=spec.stride_q, stride_kv=spec.stride_kv)
+        for name, fused, ctx in (("fused", True, None), ("ref_sdpa", False, sdpa_in_reference), ("ref", False, None)):
+            try:
+                if ctx is None:
+                    row[name + "_ms"] = do_bench(lambda: step(fused), warmup=5, rep=rep)
+                else:
+                    with ctx():
+                        row[name + "_ms"] = do_bench(lambda: step(fused), warmup=5, rep=rep)
+            except Exception as exc:  # report, do not hide, a path that fails at a shape
+                row[name + "_ms"] = None
+                row[name + "_error"] = repr(exc)[:200]
+        rows.append(row)
+    lines = ["| block | heads | dim | tokens | q stride | kv stride | fused ms | ref+SDPA ms | ref ms | ref+SDPA / fused |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f, sd, ref = r.get("fused_ms"), r.get("ref_sdpa_ms"), r.get("ref_ms")
+        fmt = lambda a: f"{a:.3f}" if a else "fail"
+        lines.append(
+            f"| {r['block']} | {r['heads']} | {r['dim']} | {r['tokens']} | {'x'.join(map(str, r['stride_q']))} | "
+            f"{'x'.join(map(str, r['stride_kv']))} | {fmt(f)} | {fmt(sd)} | {fmt(ref)} | "
+            f"{(sd / f if (sd and f) else float('nan')):.2f}x |"
+        )
+    return "\n".join(lines) + "\n", rows
 
 
 def main(argv=None) -> int:
@@ -337,10 +460,16 @@ def main(argv=None) -> int:
         for rel in (False, True):
             shp = [dict(s, rel_pos=rel, rel_t=rel, residual=rel) for s in shapes]
             table, rows = bench_cuda(shp, rel)
-            name = "attention_bench_relpos" if rel else "attention_bench"
+            name = f"attention_bench_b{args.batch}" + ("_relpos" if rel else "")
             (out / f"{name}.md").write_text(f"# fwd+bwd, bf16, batch {args.batch}, {torch.cuda.get_device_name()}\n\n{table}")
             (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
             print(table)
+        for preset in (args.preset, "mvitv2_s_16x4"):
+            table, rows = bench_blocks(preset, args.batch)
+            title = f"# Attention module fwd+bwd (qkv + pooling + attention + proj), bf16 autocast, {preset}, batch {args.batch}, {torch.cuda.get_device_name()}"
+            (out / f"attention_blocks_{preset}_b{args.batch}.md").write_text(f"{title}\n\n{table}")
+            (out / f"attention_blocks_{preset}_b{args.batch}.json").write_text(json.dumps(rows, indent=1, default=list))
+            print(title + "\n\n" + table)
     else:
         print("CUDA not available: model and AOT tables only.")
     return 0

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils import flop_counter
 from torch.utils.flop_counter import register_flop_formula
 
-from . import _extension
+from . import _extension, autocast
 from .checks import check_pool3d_args, pool_output_size
 
 _extension.load()  # registers torch.ops.mvit_kernels.* when the extension is built
@@ -44,7 +44,9 @@ def pool3d(
     norm_bias: Optional[Tensor] = None,
     eps: float = 1e-6,
 ) -> tuple[Tensor, tuple[int, int, int]]:
-    """Same contract as :func:`mvit_kernels.reference.pool3d`; returns (y, thw_out)."""
+    """Same contract as :func:`mvit_kernels.reference.pool3d`; returns (y, thw_out). Under
+    autocast it computes in the autocast dtype (``mvit_kernels.autocast``)."""
+    x, weight, norm_weight, norm_bias = autocast.for_compute(x, weight, norm_weight, norm_bias)
     thw, kernel, stride, padding = check_pool3d_args(
         x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias
     )

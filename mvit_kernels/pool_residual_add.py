@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import _extension
+from . import _extension, autocast
 from .checks import check_pool_residual_add_args
 
 _extension.load()
@@ -35,6 +35,7 @@ def pool_residual_add(
     has_cls: bool = True,
 ) -> Tensor:
     """Same contract as :func:`mvit_kernels.reference.pool_residual_add`."""
+    x, branch, scale = autocast.for_add(x, branch, scale)
     thw, kernel, stride, padding, _ = check_pool_residual_add_args(
         x, thw, kernel, stride, padding, branch, scale, has_cls
     )

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import reference
+from . import autocast, reference
 from .checks import check_attention_args
 
 try:
@@ -111,11 +111,9 @@ def _bwd_op(
     residual_pooling: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, d rel); the tables' gradients are formed from d rel in torch."""
-    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
-        return _kernels.backward(
-            dout, q, k, v, out, lse, rel, list(thw_q), list(thw_kv), has_cls,
-            rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling,
-        )
+    return _launch_backward(
+        dout, q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, list(thw_q), list(thw_kv), has_cls, residual_pooling
+    )
 
 
 @_bwd_op.register_fake
@@ -138,21 +136,58 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (list(thw_q), list(thw_kv), bool(has_cls), bool(residual_pooling))
 
 
-def _backward(ctx, dout, _dlse, _drel):
-    q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w = ctx.saved_tensors
-    thw_q, thw_kv, has_cls, residual_pooling = ctx.args
+def _gradients(saved, args, dout, backward, eager: bool):
+    """The gradients of (q, k, v, t, h, w) from the saved tensors, with ``backward`` the
+    launcher (the registered op when traced, the plain function eagerly)."""
+    q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w = saved
+    thw_q, thw_kv, has_cls, residual_pooling = args
     if (rel_pos_t is not None or rel_pos_h is not None) and rel.numel() == 0:
         raise RuntimeError("pooling_attention_triton: backward needs the rel tile; call with store_rel=True")
-    dq, dk, dv, drel = _bwd_op(
+    dq, dk, dv, drel = backward(
         dout, q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling
     )
     dt = dh = dw = None
     if rel_pos_t is not None or rel_pos_h is not None:
-        dt, dh, dw = _kernels.rel_table_grads(drel, q, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w)
-    return dq, dk, dv, dt, dh, dw, None, None, None, None, None
+        dt, dh, dw = _kernels.rel_table_grads(drel, q, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w,
+                                              cached_index=eager)
+    return dq, dk, dv, dt, dh, dw
+
+
+def _backward(ctx, dout, _dlse, _drel):
+    return (*_gradients(ctx.saved_tensors, ctx.args, dout, _bwd_op, eager=False), None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _launch_backward(dout, q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling):
+    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+        return _kernels.backward(
+            dout, q, k, v, out, lse, rel, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling
+        )
+
+
+class _EagerTritonAttention(torch.autograd.Function):
+    """The same kernels and gradients as the registered op, without the op's dispatch: in eager
+    mode ``torch.library.custom_op`` adds about 0.75 ms of host time per call (its per-call
+    checks, measured with cProfile on an H100 host, torch 2.11), more than the kernels take at
+    MViT's later blocks. torch.compile traces the registered op instead (``triton_pooling_attention``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling, store_rel):
+        with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+            out, lse, rel = _kernels.forward(
+                q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling, store_rel
+            )
+        ctx.save_for_backward(q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w)
+        ctx.args = (thw_q, thw_kv, has_cls, residual_pooling)
+        ctx.mark_non_differentiable(lse, rel)
+        return out, lse, rel
+
+    @staticmethod
+    def backward(ctx, dout, _dlse, _drel):
+        return (*_gradients(ctx.saved_tensors, ctx.args, dout, _launch_backward, eager=True),
+                None, None, None, None, None)
 
 
 class _nullcontext:
@@ -229,8 +264,23 @@ def triton_pooling_attention(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, *tables)
     )
-    out, _, _ = _fwd_op(q, k, v, *tables, list(thw_q), list(thw_kv), bool(has_cls), bool(residual_pooling), needs_grad)
+    op = _fwd_op if _through_registered_op(q) else _EagerTritonAttention.apply
+    out, _, _ = op(q, k, v, *tables, list(thw_q), list(thw_kv), bool(has_cls), bool(residual_pooling), needs_grad)
     return out
+
+
+def _through_registered_op(q: Tensor) -> bool:
+    """Whether to call the registered op rather than the eager Function: when torch.compile
+    traces, when a dispatch mode (FlopCounterMode, fake tensors) must see the op, and for
+    tensors the kernels cannot run on (meta)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (
+        torch.compiler.is_compiling()
+        or _get_current_dispatch_mode() is not None
+        or type(q) is not torch.Tensor
+        or q.device.type not in ("cuda", "cpu")
+    )
 
 
 def uses_triton(q: Tensor, thw_kv: Sequence[int], has_rel: bool) -> bool:
@@ -251,6 +301,7 @@ def pooling_attention(
     residual_pooling: bool = False,
 ) -> Tensor:
     """Same contract as :func:`mvit_kernels.reference.pooling_attention`."""
+    q, k, v, rel_pos_t, rel_pos_h, rel_pos_w = autocast.for_compute(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w)
     thw_q, thw_kv = check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w)
     if uses_triton(q, thw_kv, rel_pos_t is not None or rel_pos_h is not None):
         return triton_pooling_attention(

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import autocast
 from .checks import check_attention_args, check_pool3d_args, check_pool_residual_add_args
 
 
@@ -79,6 +80,7 @@ def pool_residual_add(
     x: (B, N, C) tokens; branch: (B, N', C) on the pooled grid; scale: (B,) per-sample factor
     (the stochastic-depth mask divided by the keep probability) or None for 1.
     """
+    x, branch, scale = autocast.for_add(x, branch, scale)
     check_pool_residual_add_args(x, thw, kernel, stride, padding, branch, scale, has_cls)
     skip, _ = pool3d(x.unsqueeze(1), thw, kernel, stride, padding, "max", has_cls=has_cls)
     skip = skip.squeeze(1)
@@ -163,6 +165,7 @@ def pooling_attention(
     The residual pooling connection (MViTv2) adds q to every grid token's output; the class
     token's output is left as is (pySlowFast / torchvision ``residual_with_cls_embed=False``).
     """
+    q, k, v, rel_pos_t, rel_pos_h, rel_pos_w = autocast.for_compute(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w)
     thw_q, thw_kv = check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w)
     B, heads, n_q, d = q.shape
     attn = (q * d**-0.5) @ k.transpose(-2, -1)

@@ -51,7 +51,8 @@ def _inputs(B, heads, thw, d, kernel, mode, has_cls, norm, dtype, seed=0):
 def _run(fn, x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, grad_seed=1, grad_dtype=None):
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, weight, norm_weight, norm_bias)]
     y, thw_out = fn(leaves[0], thw, kernel, stride, padding, mode, leaves[1], has_cls, leaves[2], leaves[3], 1e-6)
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(grad_dtype or y.dtype).to(y.dtype)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(grad_dtype or y.dtype)
+    gy = gy.to(device=y.device, dtype=y.dtype)
     y.backward(gy)
     return y.detach(), thw_out, [None if t is None else t.grad for t in leaves]
 

@@ -44,7 +44,8 @@ def _inputs(B, thw, C, kernel, stride, padding, has_cls, with_scale, dtype, seed
 def _run(fn, x, thw, kernel, stride, padding, branch, scale, has_cls, grad_seed=1, grad_dtype=None):
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, branch, scale)]
     out = fn(leaves[0], thw, kernel, stride, padding, leaves[1], leaves[2], has_cls)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(grad_dtype or out.dtype).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(grad_dtype or out.dtype)
+    g = g.to(device=out.device, dtype=out.dtype)
     out.backward(g)
     return out.detach(), [None if t is None else t.grad for t in leaves]
 

@@ -32,8 +32,8 @@ def rows():
 def test_every_dispatchable_config_was_compiled(rows):
     from mvit_kernels.triton import aot
 
-    compiled = {(r["kernel"], r["dtype"], r["d_pad"], r["target"]) for r in rows}
-    wanted = {(e["kernel"], e["dtype"], e["d_pad"], f"sm_{e['cc']}") for e in aot.all_configs()}
+    compiled = {(r["kernel"], r["dtype"], r["precision"], r["partials"], r["d_pad"], r["target"]) for r in rows}
+    wanted = {(e["kernel"], e["dtype"], e["precision"], e["partials"], e["d_pad"], f"sm_{e['cc']}") for e in aot.all_configs()}
     assert wanted == compiled
     assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
 
@@ -51,7 +51,7 @@ def test_config_rule_matches_compiled_tiles(rows):
     from mvit_kernels.triton import pooling_attention as kernels
 
     for r in rows:
-        cfg = kernels.select_config(r["kernel"], getattr(torch, r["dtype"]), r["d_pad"], int(r["target"][3:]))
+        cfg = kernels.select_config(r["kernel"], getattr(torch, r["dtype"]), r["d_pad"], int(r["target"][3:]), r["precision"])
         assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) == (
             r["block_m"], r["block_n"], r["num_warps"], r["num_stages"]
         )

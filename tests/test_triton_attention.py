@@ -1,6 +1,10 @@
-"""The Triton pooling-attention kernels (run by the Triton interpreter on CPU tensors, float32)
-against ``mvit_kernels.reference.pooling_attention``: forward and every gradient (q, k, v and the
-rel-pos tables), the registered op (opcheck, torch.compile, FLOP formulas) and a tiny MViTv2."""
+"""The Triton pooling-attention kernels against ``mvit_kernels.reference.pooling_attention``:
+forward and every gradient (q, k, v and the rel-pos tables), the registered op (opcheck,
+torch.compile, FLOP formulas) and a tiny MViTv2.
+
+In CI the kernels run in the Triton interpreter on CPU tensors (float32). On a GPU machine with
+TRITON_INTERPRET=0 the same tests run the compiled kernels on CUDA tensors, float32 with TF32 off
+(every tl.dot in IEEE fp32), plus a bfloat16 check against a float64 reference."""
 
 import importlib
 import os
@@ -15,9 +19,21 @@ from mvit_kernels.triton import pooling_attention as kernels
 # The module, not the function of the same name that mvit_kernels exports.
 pa = importlib.import_module("mvit_kernels.pooling_attention")
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
 pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors need the Triton interpreter"
+    not INTERPRET and not torch.cuda.is_available(),
+    reason="needs the Triton interpreter (CPU tensors) or a GPU with TRITON_INTERPRET=0",
 )
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    # fp32 on CUDA: the kernels and the reference's matmuls both follow torch's TF32 switch.
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
 
 # float32; the interpreter's tl.dot is a numpy fp32 matmul. Observed errors are ~1e-5 at these
 # sizes (the rel-pos table gradients sum over many rows, hence the rtol).
@@ -33,7 +49,7 @@ def make_inputs(B, heads, d, thw_q, thw_kv, has_cls, rel, table_extra=0, strided
     n_kv = thw_kv[0] * thw_kv[1] * thw_kv[2] + s
 
     def rand(*shape):
-        return torch.randn(*shape, generator=g)
+        return torch.randn(*shape, generator=g).to(DEVICE)
 
     if strided:  # views of one (B, N, 3, heads, d) buffer, as the model's qkv split makes them
         assert n_q == n_kv
@@ -90,9 +106,24 @@ def check_against_reference(q, k, v, tables, thw_q, thw_kv, has_cls, residual):
         torch.testing.assert_close(h, w, **TOL, msg=lambda m: f"grad of {name}: {m}")
 
 
+def _skip_narrow_heads_on_cuda(d):
+    if not INTERPRET and d < 16:
+        pytest.skip("heads narrower than 16 take SDPA on CUDA (kernels.supports); test_narrow_heads_take_sdpa_on_cuda")
+
+
+@pytest.mark.skipif(INTERPRET, reason="the CUDA dispatch rule")
+def test_narrow_heads_take_sdpa_on_cuda():
+    q, k, v, tables = make_inputs(1, 1, 8, (1, 2, 2), (1, 1, 1), True, "hw")
+    assert not pa.uses_triton(q, (1, 1, 1), True)
+    got = pa.pooling_attention(q, k, v, (1, 2, 2), (1, 1, 1), True, *tables, residual_pooling=True)
+    want = reference.pooling_attention(q, k, v, (1, 2, 2), (1, 1, 1), True, *tables, residual_pooling=True)
+    torch.testing.assert_close(got, want, **TOL)
+
+
 @pytest.mark.parametrize("case", CASES, ids=ids)
 def test_forward_and_gradients_match_reference(case):
     B, heads, d, thw_q, thw_kv, has_cls, rel, residual = case
+    _skip_narrow_heads_on_cuda(d)
     q, k, v, tables = make_inputs(B, heads, d, thw_q, thw_kv, has_cls, rel)
     check_against_reference(q, k, v, tables, thw_q, thw_kv, has_cls, residual)
 
@@ -214,7 +245,8 @@ def test_tiny_mvitv2_through_the_triton_attention(monkeypatch):
         for name, p in model.named_parameters():
             if "rel_pos" in name:
                 p.normal_(std=0.5)
-    x = torch.randn(1, 3, *model.cfg.input_size)
+    model.to(DEVICE)
+    x = torch.randn(1, 3, *model.cfg.input_size, device=DEVICE)
 
     def run():
         model.zero_grad()
@@ -236,3 +268,39 @@ def test_tiny_mvitv2_through_the_triton_attention(monkeypatch):
     assert got_grads.keys() == want_grads.keys()
     for name in want_grads:
         torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(INTERPRET, reason="bfloat16 tensor-core rounding is checked on a GPU only")
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_bfloat16_on_cuda_within_1e_2_of_float64(case):
+    B, heads, d, thw_q, thw_kv, has_cls, rel, residual = case
+    _skip_narrow_heads_on_cuda(d)
+    q, k, v, tables = make_inputs(B, heads, d, thw_q, thw_kv, has_cls, rel)
+    leaves = [t for t in (q, k, v, *tables) if t is not None]
+    low = [t.detach().bfloat16().requires_grad_() for t in leaves]  # tables too, as the model casts them
+    high = [t.detach().double().requires_grad_() for t in low]
+
+    def call(fn, ts):
+        qq, kk, vv, *rest = ts
+        it = iter(rest)
+        tabs = [next(it) if t is not None else None for t in tables]
+        return fn(qq, kk, vv, thw_q, thw_kv, has_cls, *tabs, residual_pooling=residual)
+
+    got = call(pa.triton_pooling_attention, low)
+    same = call(reference.pooling_attention, low)  # the reference, run in bf16 itself
+    want = call(reference.pooling_attention, high)
+    grad_out = torch.randn_like(want)
+
+    def rel_err(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    # Against float64: within 1e-2, or no worse than 1.5x the reference's own bf16 error where
+    # bf16 rounding alone passes 1e-2 (gradients that cancel, e.g. dk over two keys).
+    def bound(ref_err):
+        return max(1e-2, 1.5 * ref_err)
+
+    assert rel_err(got, want) <= bound(rel_err(same, want))
+    grads = torch.autograd.grad(got, low, grad_out.to(got.dtype))
+    ref_grads = torch.autograd.grad(same, low, grad_out.to(got.dtype))
+    for name, a, r, b in zip("q k v t1 t2 t3".split(), grads, ref_grads, torch.autograd.grad(want, high, grad_out)):
+        assert rel_err(a, b) <= bound(rel_err(r, b)), f"grad {name}: {rel_err(a, b):.2e} (reference in bf16: {rel_err(r, b):.2e})"

@@ -73,10 +73,16 @@ def all_configs():
     for kernel in k.KERNELS:
         for dtype in k.DTYPES:
             for d_pad in k.D_PADS:
-                for cc in TARGETS:
-                    cfg = k.select_config(kernel, dtype, d_pad, cc)
-                    out.append(dict(kernel=kernel, dtype=str(dtype).replace("torch.", ""), d_pad=d_pad,
-                                    r_pad=k.R_PADS[-1], cc=cc, **vars(cfg)))
+                # fp32 runs its dots as tf32 or, with torch's TF32 switch off, IEEE fp32.
+                for precision in ("tf32", "ieee") if dtype == torch.float32 else ("tf32",):
+                    # dk/dv split over queries writes fp32 partials: another pointer type for
+                    # half-precision inputs (fp32 inputs write fp32 either way).
+                    partials = (False, True) if kernel == "bwd_dkdv" and dtype != torch.float32 else (False,)
+                    for partial in partials:
+                        for cc in TARGETS:
+                            cfg = k.select_config(kernel, dtype, d_pad, cc, precision)
+                            out.append(dict(kernel=kernel, dtype=str(dtype).replace("torch.", ""), d_pad=d_pad,
+                                            precision=precision, partials=partial, r_pad=k.R_PADS[-1], cc=cc, **vars(cfg)))
     return out
 
 
@@ -89,12 +95,14 @@ def compile_one(entry: dict, cc: int) -> dict:
     signature, attrs = {}, {}
     for name, ty in _SIGS[entry["kernel"]]:
         signature[name] = ty.replace("*q", "*" + q)
+    if entry.get("partials"):
+        signature["DK"] = signature["DV"] = "*fp32"
     for name in fn.arg_names:
         if name in signature:
             continue
         if name == "sm_scale":
             signature[name] = "fp32"
-        elif name.isupper() and name not in ("H", "N_Q", "N_KV", "D", "QH", "QW", "KT", "KH", "KW"):
+        elif name.isupper() and name not in ("H", "N_Q", "N_KV", "D", "QH", "QW", "KT", "KH", "KW", "M_PER_SPLIT"):
             signature[name] = "constexpr"
         else:
             signature[name] = "i32"
@@ -106,6 +114,7 @@ def compile_one(entry: dict, cc: int) -> dict:
     constexprs = dict(
         HAS_CLS=True, HAS_REL=True, HAS_T=True, HAS_HW=True, RESIDUAL=True, STORE_REL=True,
         BLOCK_M=entry["block_m"], BLOCK_N=entry["block_n"], D_PAD=entry["d_pad"], R_PAD=entry["r_pad"],
+        DOT_PRECISION=entry["precision"],
     )
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -170,14 +179,14 @@ def markdown(rows: list[dict]) -> str:
         f"--dump-resource-usage`; shared is the larger of cuobjdump's static figure and Triton's dynamic",
         f"`metadata.shared`. Limits: LOCAL 0, STACK <= {STACK_LIMIT} B, shared <= 163 KB (sm_80) / 227 KB (sm_90).",
         "",
-        "| kernel | dtype | d_pad | BLOCK_M | BLOCK_N | warps | stages | target | REG | STACK | LOCAL | shared (B) | ok |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | dtype | dot | partials | d_pad | BLOCK_M | BLOCK_N | warps | stages | target | REG | STACK | LOCAL | shared (B) | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         smem = max(r["shared"], r["shared_triton"])
         ok = "; ".join(check(r)) or "yes"
         lines.append(
-            f"| {r['kernel']} | {r['dtype']} | {r['d_pad']} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | "
+            f"| {r['kernel']} | {r['dtype']} | {r['precision']} | {'yes' if r['partials'] else ''} | {r['d_pad']} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | "
             f"{r['num_stages']} | {r['target']} | {r['reg']} | {r['stack']} | {r['local']} | {smem} | {ok} |"
         )
     return "\n".join(lines) + "\n"

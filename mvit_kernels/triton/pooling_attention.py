@@ -21,7 +21,8 @@ Softmax runs in base 2 (exp2 with log2(e) folded into the scale); ``lse`` is sto
 
 Precision on a GPU: the rel tile stays fp32 and its one-hot product runs as a tf32 tl.dot (the
 one-hot side is exact, the rel values keep 10 mantissa bits, more than the bf16 the reference's
-einsum produces under autocast). The interpreter computes every tl.dot in fp32, so the CPU tests
+einsum produces under autocast). fp32 inputs with torch's TF32 switch off run every dot in IEEE
+fp32 (``dot_precision``). The interpreter computes every tl.dot in fp32, so the CPU tests
 check the algorithm, and tf32/bf16 rounding is left to the GPU benchmark's comparison.
 """
 
@@ -93,6 +94,7 @@ def pooling_attention_fwd_kernel(
     HAS_CLS: tl.constexpr, HAS_REL: tl.constexpr, HAS_T: tl.constexpr, HAS_HW: tl.constexpr,
     RESIDUAL: tl.constexpr, STORE_REL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     # b, h are int64 so the per-head base pointers cannot overflow (batch * tokens * channels
@@ -126,16 +128,16 @@ def pooling_attention_fwd_kernel(
         n_mask = offs_n < N_KV
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if HAS_REL:
-            s += tl.dot(rel, _key_onehot(offs_n, N_KV, KT, KH, KW, HAS_CLS, R_PAD))
+            s += tl.dot(rel, _key_onehot(offs_n, N_KV, KT, KH, KW, HAS_CLS, R_PAD), input_precision=DOT_PRECISION)
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
     if RESIDUAL:
@@ -155,12 +157,17 @@ def pooling_attention_bwd_dkdv_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     H, N_Q, N_KV, D, sm_scale,
-    KT, KH, KW,
+    KT, KH, KW, M_PER_SPLIT,
     HAS_CLS: tl.constexpr, HAS_REL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """One program per key tile; loops over all query tiles (the long axis)."""
+    """One program per (key tile, query split); loops over the split's query tiles. With one
+    split DK/DV are the gradients; with several (long queries against few keys: MViT-B's first
+    block has 7 key tiles per head and 25,089 queries) they are fp32 partials, one slab per
+    split, summed by the launcher."""
     pid_n = tl.program_id(0)
+    pid_s = tl.program_id(2)
     # b, h are int64 so the per-head base pointers cannot overflow (batch * tokens * channels
     # passes 2^31 at large batches); the offsets inside one head stay int32 (registers).
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -180,26 +187,29 @@ def pooling_attention_bwd_dkdv_kernel(
     q_base = Q + b * stride_qb + h * stride_qh
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    for start_m in range(0, N_Q, BLOCK_M):
+    m_begin = pid_s * M_PER_SPLIT
+    m_end = tl.minimum(m_begin + M_PER_SPLIT, N_Q)
+    for start_m in range(m_begin, m_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < N_Q
+        m_mask = offs_m < m_end
         qm_mask = m_mask[:, None] & d_mask[None, :]
         q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=qm_mask, other=0.0)
         do = tl.load(DO + (b * N_Q * H + h) * D + offs_m[:, None] * (H * D) + offs_d[None, :], mask=qm_mask, other=0.0)
         lse = tl.load(Lse + pid_bh * N_Q + offs_m, mask=m_mask, other=float("inf"))
         delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=m_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if HAS_REL:
             rel = tl.load(Rel + pid_bh * N_Q * R_PAD + offs_m[:, None] * R_PAD + cols[None, :], mask=m_mask[:, None], other=0.0)
-            s += tl.dot(rel * 1.4426950408889634, onehot)
+            s += tl.dot(rel * 1.4426950408889634, onehot, input_precision=DOT_PRECISION)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     dk = dk * sm_scale
-    out_off = pid_bh * N_KV * D + offs_n[:, None] * D + offs_d[None, :]
+    # Slab pid_s of (splits, B*H, N_KV, D); pid_bh is int64, so is the whole offset.
+    out_off = (pid_s * tl.num_programs(1) + pid_bh) * N_KV * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -215,6 +225,7 @@ def pooling_attention_bwd_dq_kernel(
     HAS_CLS: tl.constexpr, HAS_REL: tl.constexpr, HAS_T: tl.constexpr, HAS_HW: tl.constexpr,
     RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One program per query tile: dq (attention + rel-pos + residual terms) and d rel."""
     pid_m = tl.program_id(0)
@@ -247,17 +258,17 @@ def pooling_attention_bwd_dq_kernel(
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if HAS_REL:
             onehot = _key_onehot(offs_n, N_KV, KT, KH, KW, HAS_CLS, R_PAD)
-            s += tl.dot(rel2, onehot)
+            s += tl.dot(rel2, onehot, input_precision=DOT_PRECISION)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         if HAS_REL:
-            drel += tl.dot(ds, tl.trans(onehot))
+            drel += tl.dot(ds, tl.trans(onehot), input_precision=DOT_PRECISION)
     dq = dq * sm_scale
     grid_row = ((offs_m - HAS_CLS) >= 0) & m_mask
     if HAS_REL:
@@ -318,7 +329,7 @@ def next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90) -> AttentionConfig:
+def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90, precision: str = "tf32") -> AttentionConfig:
     """The one rule that picks tiles, by kernel, dtype, padded head dim and compute capability
     (no autotune: the interpreter cannot run it, and the AOT test compiles exactly what this
     returns for sm_80 and sm_90; the interpreter uses the sm_90 rule).
@@ -329,6 +340,9 @@ def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90) -> 
     accumulators (dk+dv, or dq+d rel): 64x64 tiles, narrowed to 32 rows where the AOT figures
     showed spills (dk/dv at head 128; dq on sm_80 from head 64, where mma.sync needs more
     registers than sm_90's wgmma). fp32 inputs halve the tiles to stay in the same budget.
+    IEEE fp32 dots (fp32 with TF32 off: an accuracy mode, not a fast one) are FMA loops that
+    hold whole operand tiles in registers: 16x16 tiles over 8 warps are the largest the AOT
+    figures showed free of stack use at every head dim.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -336,6 +350,8 @@ def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90) -> 
         raise ValueError(f"d_pad must be one of {D_PADS}, got {d_pad}")
     if cc not in (80, 90):
         cc = 80 if cc < 90 else 90
+    if precision == "ieee":
+        return AttentionConfig(16, 16, 8, 1)
     if dtype == torch.float32:
         if kernel == "fwd":
             return AttentionConfig(64, 32, 8 if d_pad >= 128 else 4, 2)
@@ -346,6 +362,16 @@ def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90) -> 
     if kernel == "bwd_dkdv":
         return AttentionConfig(32 if d_pad >= 128 else 64, 64, warps, 2)
     return AttentionConfig(32 if (cc == 80 and d_pad >= 64) else 64, 64, warps, 2)
+
+
+def query_splits(programs: int, query_tiles: int, q: torch.Tensor) -> int:
+    """How many query splits the dk/dv kernel uses: enough programs for two waves of the GPU's
+    multiprocessors (one split when the key tiles alone fill them), never more than there are
+    query tiles. Splits cost a fp32 partial per split and one sum."""
+    if not q.is_cuda:
+        return 1 if programs >= 4 else min(query_tiles, 2)  # the interpreter: exercise the split path cheaply
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return max(1, min(query_tiles, (2 * sms) // max(programs, 1)))
 
 
 def device_cc(t: torch.Tensor) -> int:
@@ -359,6 +385,11 @@ def device_cc(t: torch.Tensor) -> int:
 def supports(q: torch.Tensor, thw_kv: Sequence[int], has_rel: bool) -> bool:
     """Whether the Triton kernels cover this call (else the caller falls back to SDPA)."""
     if q.dtype not in DTYPES or q.shape[-1] > D_PADS[-1]:
+        return False
+    if q.is_cuda and q.shape[-1] < 16:
+        # Heads narrower than one 16-wide tile: an H100 run (Triton 3.6) of a bf16 head-8 case
+        # ended in an illegal address that compute-sanitizer could not reproduce in isolation;
+        # no MViT has such heads, so they take SDPA rather than risk it.
         return False
     if has_rel and sum(thw_kv) > R_PADS[-1]:
         return False
@@ -379,6 +410,18 @@ def rel_index(q_size: int, k_size: int, device) -> torch.Tensor:
     return _REL_INDEX_CACHE[key]
 
 
+_DUMMY_CACHE: dict = {}
+
+
+def _dummy(device, dtype) -> torch.Tensor:
+    """A one-element placeholder for pointer arguments a launch does not read (no rel-pos);
+    cached, since allocating it each call costs more host time than the kernel at small shapes."""
+    key = (str(device), dtype)
+    if key not in _DUMMY_CACHE:
+        _DUMMY_CACHE[key] = torch.zeros(1, device=device, dtype=dtype)
+    return _DUMMY_CACHE[key]
+
+
 class RelTables:
     """The interpolated tables concatenated into one (L, d) fp32 array, and the per-axis gather
     indices (q_size, k_size) into it (``reference.rel_pos_index`` plus the table's offset)."""
@@ -390,7 +433,7 @@ class RelTables:
         self.has_rel = self.has_t or self.has_hw
         self.lengths = []
         tables, offset = [], 0
-        dummy_idx = torch.zeros(1, dtype=torch.int32, device=dev)
+        dummy_idx = _dummy(dev, torch.int32)
         self.idx = [dummy_idx, dummy_idx, dummy_idx]
         self.local_idx = [None, None, None]
         for axis, table in enumerate((rel_pos_t, rel_pos_h, rel_pos_w)):
@@ -405,8 +448,17 @@ class RelTables:
             self.idx[axis] = local + offset if offset else local
             tables.append(table.float())
             offset += table.shape[0]
-        self.table = torch.cat(tables).contiguous() if tables else torch.zeros(1, device=dev)
+        self.table = torch.cat(tables).contiguous() if tables else _dummy(dev, torch.float32)
         self.r_pad = next_pow2(sum(thw_kv)) if self.has_rel else 16
+
+
+def dot_precision(q: torch.Tensor) -> str:
+    """tl.dot's input precision: fp32 CUDA inputs follow torch's TF32 switch for matmuls (what
+    cuBLAS does for the reference path), so fp32 with TF32 off is IEEE fp32 end to end. (The
+    interpreter computes fp32 either way; it keeps the fast path's tiles.)"""
+    if q.is_cuda and q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def _check_last_dim(t: torch.Tensor) -> torch.Tensor:
@@ -421,7 +473,8 @@ def forward(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, re
     n_kv = k.shape[2]
     tabs = RelTables(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w)
     d_pad = next_pow2(D)
-    cfg = select_config("fwd", q.dtype, d_pad, device_cc(q))
+    precision = dot_precision(q)
+    cfg = select_config("fwd", q.dtype, d_pad, device_cc(q), precision)
     out = torch.empty(B, n_q, H * D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, n_q, device=q.device, dtype=torch.float32)
     store_rel = bool(store_rel and tabs.has_rel)
@@ -435,7 +488,7 @@ def forward(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, re
         HAS_CLS=bool(has_cls), HAS_REL=tabs.has_rel, HAS_T=tabs.has_t, HAS_HW=tabs.has_hw,
         RESIDUAL=bool(residual_pooling), STORE_REL=store_rel,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_PAD=d_pad, R_PAD=tabs.r_pad,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse, rel
 
@@ -462,14 +515,27 @@ def backward(dout, q, k, v, out, lse, rel, thw_q, thw_kv, has_cls, rel_pos_t, re
     if not tabs.has_rel:
         rel = drel
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
-    flags = dict(HAS_CLS=bool(has_cls), HAS_REL=tabs.has_rel, D_PAD=d_pad, R_PAD=tabs.r_pad)
-    cfg = select_config("bwd_dkdv", q.dtype, d_pad, device_cc(q))
-    pooling_attention_bwd_dkdv_kernel[(triton.cdiv(n_kv, cfg.block_n), B * H)](
-        q, k, v, dout, lse, delta, rel, dk, dv, *strides,
-        H, n_q, n_kv, D, D**-0.5, *thw_kv,
+    precision = dot_precision(q)
+    flags = dict(HAS_CLS=bool(has_cls), HAS_REL=tabs.has_rel, D_PAD=d_pad, R_PAD=tabs.r_pad, DOT_PRECISION=precision)
+    cfg = select_config("bwd_dkdv", q.dtype, d_pad, device_cc(q), precision)
+    n_tiles = triton.cdiv(n_kv, cfg.block_n)
+    splits = query_splits(n_tiles * B * H, triton.cdiv(n_q, cfg.block_m), q)
+    m_per_split = triton.cdiv(triton.cdiv(n_q, cfg.block_m), splits) * cfg.block_m
+    splits = triton.cdiv(n_q, m_per_split)
+    if splits == 1:
+        dk_buf, dv_buf = dk, dv
+    else:  # fp32 partials, one slab per query split
+        dk_buf = torch.empty(splits, B, H, n_kv, D, device=q.device, dtype=torch.float32)
+        dv_buf = torch.empty_like(dk_buf)
+    pooling_attention_bwd_dkdv_kernel[(n_tiles, B * H, splits)](
+        q, k, v, dout, lse, delta, rel, dk_buf, dv_buf, *strides,
+        H, n_q, n_kv, D, D**-0.5, *thw_kv, m_per_split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )
-    cfg = select_config("bwd_dq", q.dtype, d_pad, device_cc(q))
+    if splits > 1:
+        torch.sum(dk_buf, 0, out=dk) if dk.dtype == torch.float32 else dk.copy_(dk_buf.sum(0))
+        torch.sum(dv_buf, 0, out=dv) if dv.dtype == torch.float32 else dv.copy_(dv_buf.sum(0))
+    cfg = select_config("bwd_dq", q.dtype, d_pad, device_cc(q), precision)
     pooling_attention_bwd_dq_kernel[(triton.cdiv(n_q, cfg.block_m), B * H)](
         q, k, v, dout, lse, delta, rel, tabs.table, *tabs.idx, dq, drel, *strides,
         H, n_q, n_kv, D, D**-0.5, thw_q[1], thw_q[2], *thw_kv,
@@ -479,7 +545,7 @@ def backward(dout, q, k, v, out, lse, rel, thw_q, thw_kv, has_cls, rel_pos_t, re
     return dq, dk, dv, drel
 
 
-def rel_table_grads(drel, q, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w):
+def rel_table_grads(drel, q, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, cached_index: bool = False):
     """Gradients of the (interpolated) tables from d rel: for axis a,
     dR_a[idx_a[i, j]] += sum over grid rows m with a(m) = i of drel[m, col_a(j)] * q[m].
     The contraction is one einsum per axis (what the reference's einsum backward costs), then a
@@ -499,9 +565,13 @@ def rel_table_grads(drel, q, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_p
             grads.append(None)
             continue
         g = torch.einsum(eq, dr[..., start:start + size], qg)
-        # Not the cached rel_index: this runs in the traced backward (torch.compile), where a
-        # cached tensor would leak between fake and real modes.
-        idx = rel_pos_index(thw_q[axis], thw_kv[axis]).to(q.device)
+        # Eagerly, the cached device index (a fresh host-to-device copy would synchronize every
+        # backward). Under torch.compile this runs in the traced backward, where a cached tensor
+        # would leak between fake and real modes: there the index is rebuilt (a graph constant).
+        if cached_index:
+            idx = rel_index(thw_q[axis], thw_kv[axis], q.device).long()
+        else:
+            idx = rel_pos_index(thw_q[axis], thw_kv[axis]).to(q.device)
         dtable = torch.zeros(table.shape, device=q.device, dtype=torch.float32)
         dtable.index_add_(0, idx.reshape(-1), g.reshape(-1, D))
         grads.append(dtable.to(table.dtype))

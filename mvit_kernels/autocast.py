@@ -1,0 +1,51 @@
+"""How the ops treat ``torch.autocast``: one rule, used by the reference and the fused paths.
+
+Autocast casts the inputs of the PyTorch ops it knows (matmul, conv to bf16; layer_norm to fp32),
+so inside the reference model q, k and v can reach the attention in different dtypes (a pooled,
+LayerNorm-ed k is fp32 while an unpooled q is bf16), and the residual stream (fp32) meets a bf16
+branch. Custom ops are invisible to autocast, so each op applies this rule on entry:
+
+- ``pool3d`` and ``pooling_attention`` compute in the autocast dtype, as autocast runs the conv
+  and the matmuls they stand for: every floating input is cast to it.
+- ``pool_residual_add`` adds like ``+``: both sides are cast to their promoted dtype.
+
+Outside autocast nothing is cast, and mixed dtypes are an error (``checks``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def autocast_dtype(t: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype for t's device, or None when autocast is off there."""
+    device_type = t.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def cast_all(dtype: Optional[torch.dtype], *tensors: Optional[Tensor]) -> tuple:
+    """tensors with every floating one cast to dtype (unchanged when dtype is None)."""
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t for t in tensors)
+
+
+def for_compute(x: Tensor, *tensors: Optional[Tensor]) -> tuple:
+    """(x, *tensors) cast to the autocast dtype when autocast is on (pool3d, pooling_attention)."""
+    return cast_all(autocast_dtype(x), x, *tensors)
+
+
+def for_add(x: Tensor, *tensors: Optional[Tensor]) -> tuple:
+    """(x, *tensors) cast to their promoted dtype when autocast is on (pool_residual_add)."""
+    if autocast_dtype(x) is None:
+        return (x, *tensors)
+    dtype = x.dtype
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return cast_all(dtype, x, *tensors)
