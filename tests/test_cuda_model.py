@@ -5,12 +5,19 @@ model; bf16 relative error <= 1e-2 against the fp32 reference, which is the grou
 both bf16 paths (two bf16 runs of a 16-block model differ from each other by about twice what
 either differs from fp32), or, for a quantity where the reference's own bf16 run is already
 further off, no more than 1.5x the reference's bf16 error. Relative error is ||a - b|| / ||b|| over the logits and over every
-parameter gradient, with the denominator floored at 1e-4 of the whole model's gradient norm
-(divided evenly over parameters): the LayerNorm bias after K pooling has a true gradient of 0
-(adding one vector to every key shifts each query's logits by a constant, which softmax
-ignores), so both paths give it rounding noise, and a plain relative error of noise is
-meaningless. These tests need CUDA and TRITON_INTERPRET=0; without a GPU they are skipped.
+parameter gradient, with the denominator floored at 1e-4 of the root-mean-square parameter
+gradient norm. One parameter is checked differently: the LayerNorm bias after K pooling has a
+true gradient of exactly 0 (adding one vector to every key, class token included, shifts each
+query's logits by a constant, which softmax ignores), so both paths give it rounding noise and
+a relative error of noise means nothing; its gradient must instead be ~0, at most tol times
+that RMS norm. (The H100 run of 2026-11-24 measured fp32 errors up to 4.7e-4 and bf16 logits
+1.4e-2 against fp32, within 1.5x of the reference's own bf16 run; the k-norm bias is where a
+plain relative error failed: 0.3 for bf16, noise against noise.) These tests need CUDA and
+TRITON_INTERPRET=0; without a GPU they are skipped.
 """
+
+#: Parameters whose true gradient is 0 by the softmax's shift invariance over keys.
+ZERO_GRADIENT = "attn.pool_k.norm.bias"
 
 import os
 
@@ -50,14 +57,16 @@ def test_fused_matches_reference_on_cuda(preset, dtype, tol):
     x = torch.randn(2, 3, 16, 224, 224, device="cuda")
     truth, truth_grads = _run(ref, x, torch.float32)
     got, got_grads = _run(fused, x, dtype)
-    floor = 1e-4 * torch.stack([g.norm() for g in truth_grads.values()]).norm() / len(truth_grads) ** 0.5
+    rms = (torch.stack([g.norm() for g in truth_grads.values()]).norm() / len(truth_grads) ** 0.5).item()
 
     def rel(a, b, floor=0.0):
         return ((a - b).norm() / torch.clamp(b.norm(), min=floor)).item()
 
     def errors_of(out, grads):
         errs = {"logits": rel(out, truth)}
-        errs.update({name: rel(grads[name], g, floor) for name, g in truth_grads.items()})
+        for name, g in truth_grads.items():
+            # Zero-gradient parameters: the gradient's size against the typical gradient.
+            errs[name] = grads[name].norm().item() / rms if name.endswith(ZERO_GRADIENT) else rel(grads[name], g, 1e-4 * rms)
         return errs
 
     errors = errors_of(got, got_grads)
