@@ -95,7 +95,8 @@ class MultiScaleAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, thw: Triple, fused: bool) -> tuple[torch.Tensor, Triple]:
         B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = _ops(fused).linear(x, self.qkv.weight, self.qkv.bias)
+        qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         thw_q = thw_kv = thw
         if self.pool_q is not None:
@@ -107,18 +108,18 @@ class MultiScaleAttention(nn.Module):
         out = _ops(fused).pooling_attention(
             q, k, v, thw_q, thw_kv, self.has_cls, *tables, residual_pooling=self.residual_pooling
         )
-        return self.proj(out), thw_q
+        return _ops(fused).linear(out, self.proj.weight, self.proj.bias), thw_q
 
 
 class Mlp(nn.Module):
     def __init__(self, dim_in: int, hidden: int, dim_out: int):
         super().__init__()
         self.fc1 = nn.Linear(dim_in, hidden)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        ops = _ops(fused)
+        return ops.linear(ops.linear(x, self.fc1.weight, self.fc1.bias, "gelu"), self.fc2.weight, self.fc2.bias)
 
 
 def _drop_path_scale(x: torch.Tensor, rate: float, training: bool) -> Optional[torch.Tensor]:
@@ -153,7 +154,7 @@ class MultiScaleBlock(nn.Module):
         x_norm = self.norm1(x)
         x_attn, thw_new = self.attn(x_norm, thw, fused)
         if self.dim_mul_in_att and self.proj is not None:
-            x = self.proj(x_norm)
+            x = _ops(fused).linear(x_norm, self.proj.weight, self.proj.bias)
         x_attn = x_attn.to(x.dtype)  # autocast may leave the stream and the branch apart
         scale = _drop_path_scale(x, self.drop_path, self.training)
         if spec.pool_skip:
@@ -164,9 +165,9 @@ class MultiScaleBlock(nn.Module):
         else:
             x = x + (x_attn if scale is None else x_attn * scale.view(-1, 1, 1))
         x_norm = self.norm2(x)
-        x_mlp = self.mlp(x_norm)
+        x_mlp = self.mlp(x_norm, fused)
         if not self.dim_mul_in_att and self.proj is not None:
-            x = self.proj(x_norm)
+            x = _ops(fused).linear(x_norm, self.proj.weight, self.proj.bias)
         scale = _drop_path_scale(x, self.drop_path, self.training)
         if scale is not None:
             x_mlp = x_mlp * scale.view(-1, 1, 1)

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from . import autocast, reference
+from ._dispatch import traced_or_intercepted
 from .checks import check_attention_args
 
 try:
@@ -264,23 +265,9 @@ def triton_pooling_attention(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, *tables)
     )
-    op = _fwd_op if _through_registered_op(q) else _EagerTritonAttention.apply
+    op = _fwd_op if traced_or_intercepted(q) else _EagerTritonAttention.apply
     out, _, _ = op(q, k, v, *tables, list(thw_q), list(thw_kv), bool(has_cls), bool(residual_pooling), needs_grad)
     return out
-
-
-def _through_registered_op(q: Tensor) -> bool:
-    """Whether to call the registered op rather than the eager Function: when torch.compile
-    traces, when a dispatch mode (FlopCounterMode, fake tensors) must see the op, and for
-    tensors the kernels cannot run on (meta)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return (
-        torch.compiler.is_compiling()
-        or _get_current_dispatch_mode() is not None
-        or type(q) is not torch.Tensor
-        or q.device.type not in ("cuda", "cpu")
-    )
 
 
 def uses_triton(q: Tensor, thw_kv: Sequence[int], has_rel: bool) -> bool:

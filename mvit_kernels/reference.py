@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from . import autocast
-from .checks import check_attention_args, check_pool3d_args, check_pool_residual_add_args
+from .checks import (
+    PROJECTION_SLICES,
+    check_attention_args,
+    check_pool3d_args,
+    check_pool_residual_add_args,
+    check_pooled_projection_args,
+)
 
 
 def pool3d(
@@ -65,6 +71,42 @@ def pool3d(
     return y, thw_out  # type: ignore[return-value]
 
 
+def pooled_projection(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    which: str,
+    num_heads: int,
+    thw: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    mode: str,
+    pool_weight: Optional[torch.Tensor] = None,
+    has_cls: bool = True,
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """One of q, k, v of an attention block, projected and pooled: the ``which`` slice of the qkv
+    Linear (weight (3A, C), bias (3A,), rows [q | k | v]) applied to x (B, N, C), split into
+    (B, heads, N, d) with d = A / heads, then :func:`pool3d` (pool_weight is its conv weight).
+    Returns (y (B, heads, N', d), thw_out). Under autocast it computes in the autocast dtype
+    (``mvit_kernels.autocast``), as the fused op does."""
+    x, weight, bias, pool_weight, norm_weight, norm_bias = autocast.for_compute(
+        x, weight, bias, pool_weight, norm_weight, norm_bias
+    )
+    check_pooled_projection_args(
+        x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias
+    )
+    B, N, _ = x.shape
+    A = weight.shape[0] // 3
+    rows = slice(PROJECTION_SLICES.index(which) * A, (PROJECTION_SLICES.index(which) + 1) * A)
+    proj = F.linear(x, weight[rows], None if bias is None else bias[rows])
+    heads = proj.reshape(B, N, num_heads, A // num_heads).transpose(1, 2)
+    return pool3d(heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias, eps)
+
+
 def pool_residual_add(
     x: torch.Tensor,
     thw: Sequence[int],
@@ -87,6 +129,17 @@ def pool_residual_add(
     if scale is not None:
         branch = branch * scale.view(-1, 1, 1)
     return skip + branch
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None
+) -> torch.Tensor:
+    """``F.linear`` followed by the activation (``"gelu"``, exact erf form, or None): the MLP's
+    fc1 + GELU, and with no activation every other projection of the model."""
+    if activation not in (None, "gelu"):
+        raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if activation == "gelu" else y
 
 
 def interpolate_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
