@@ -7,11 +7,14 @@ checked against it in the tests:
 - :func:`pool_residual_add` (C++/CUDA): the block's max-pooled skip fused with the residual add.
 - :func:`pooling_attention`: attention over pooled q, k, v with MViTv2's decomposed
   rel-pos bias and residual pooling (Triton on CUDA, SDPA elsewhere).
+- :func:`linear`: projection (+ GELU) with bias and activation fused into oneDNN's matmul for
+  CPU inference.
 """
 
 from . import reference
 from ._extension import has_cuda_kernels
 from ._extension import load as load_extension
+from .linear import linear
 from .pool3d import pool3d
 from .pool_residual_add import pool_residual_add
 from .pooling_attention import pooling_attention
@@ -29,6 +32,7 @@ __all__ = [
     "pool3d",
     "pool_residual_add",
     "pooling_attention",
+    "linear",
     "require_fused",
     "load_extension",
     "has_cuda_kernels",
