@@ -27,6 +27,26 @@ from bench_attention import block_shapes  # noqa: E402
 pa = importlib.import_module("mvit_kernels.pooling_attention")
 
 
+def timed_and_profiled(step, iters: int):
+    """(host seconds per step, seconds per step with the device drained, profiler of 5 steps),
+    after 3 warm-up steps."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    host = (time.perf_counter() - t0) / iters
+    torch.cuda.synchronize()
+    total = (time.perf_counter() - t0) / iters
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    return host, total, prof
+
+
 def profile_module(args) -> int:
     import math
 
@@ -45,19 +65,7 @@ def profile_module(args) -> int:
                 out, _ = attn(x, spec.input_thw, fused)
             out.backward(torch.ones_like(out))
         with sdpa_in_reference():
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                step()
-            host = (time.perf_counter() - t0) / args.iters
-            torch.cuda.synchronize()
-            total = (time.perf_counter() - t0) / args.iters
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    step()
-                torch.cuda.synchronize()
+            host, total, prof = timed_and_profiled(step, args.iters)
         print(f"\n## module {name}: {args.preset} block {args.block} B={args.batch}: host {host * 1e3:.3f} ms, "
               f"with sync {total * 1e3:.3f} ms per fwd+bwd")
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=70))
@@ -87,21 +95,9 @@ def main(argv=None) -> int:
         def step():
             out = fn(q, k, v, shape["thw_q"], shape["thw_kv"], True, *tabs, args.rel_pos)
             out.backward(torch.ones_like(out))
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            step()
-        host = (time.perf_counter() - t0) / args.iters
-        torch.cuda.synchronize()
-        total = (time.perf_counter() - t0) / args.iters
+        host, total, prof = timed_and_profiled(step, args.iters)
         print(f"\n## {name}: block {args.block} B={B} heads={H} L_q={shape['n_q']} L_kv={shape['n_kv']} rel={args.rel_pos}: "
               f"host time per call {host * 1e3:.3f} ms, with sync {total * 1e3:.3f} ms")
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                step()
-            torch.cuda.synchronize()
         table = prof.key_averages()
         print(table.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
         print(table.table(sort_by="self_device_time_total", row_limit=8, max_name_column_width=60))
