@@ -74,24 +74,26 @@ def _fwd_op(
     thw_kv: Sequence[int],
     has_cls: bool,
     residual_pooling: bool,
-    store_rel: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    for_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (out (B, N_q, heads*d), lse (B, heads, N_q) fp32, rel (B, heads, N_q, R_PAD) fp32
-    or empty); lse and rel are what the backward needs."""
+    or empty, o_attn (B, N_q, heads*d) or empty); lse, rel and o_attn (the output before the
+    residual pooling term) are what the backward needs, written only when for_backward."""
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
         return _kernels.forward(
-            q, k, v, list(thw_q), list(thw_kv), has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling, store_rel
+            q, k, v, list(thw_q), list(thw_kv), has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling, for_backward
         )
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling, store_rel):
+def _fwd_fake(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling, for_backward):
     B, H, n_q, D = q.shape
     has_rel = rel_pos_t is not None or rel_pos_h is not None
     out = q.new_empty(B, n_q, H * D)
     lse = q.new_empty(B, H, n_q, dtype=torch.float32)
-    rel_shape = (B, H, n_q, _rel_pad(thw_kv)) if (store_rel and has_rel) else (0,)
-    return out, lse, q.new_empty(rel_shape, dtype=torch.float32)
+    rel_shape = (B, H, n_q, _rel_pad(thw_kv)) if (for_backward and has_rel) else (0,)
+    o_attn = q.new_empty((B, n_q, H * D) if (for_backward and residual_pooling) else (0,))
+    return out, lse, q.new_empty(rel_shape, dtype=torch.float32), o_attn
 
 
 @torch.library.custom_op("mvit_kernels::pooling_attention_triton_backward", mutates_args=())
@@ -100,7 +102,7 @@ def _bwd_op(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    out: Tensor,
+    o_attn: Tensor,
     lse: Tensor,
     rel: Tensor,
     rel_pos_t: Optional[Tensor],
@@ -111,14 +113,15 @@ def _bwd_op(
     has_cls: bool,
     residual_pooling: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv, d rel); the tables' gradients are formed from d rel in torch."""
+    """Returns (dq, dk, dv, d rel); the tables' gradients are formed from d rel in torch.
+    o_attn is the forward's output before the residual pooling term (its out without one)."""
     return _launch_backward(
-        dout, q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, list(thw_q), list(thw_kv), has_cls, residual_pooling
+        dout, q, k, v, o_attn, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, list(thw_q), list(thw_kv), has_cls, residual_pooling
     )
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dout, q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling):
+def _bwd_fake(dout, q, k, v, o_attn, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling):
     B, H, n_q, D = q.shape
     has_rel = rel_pos_t is not None or rel_pos_h is not None
     drel_shape = (B, H, n_q, _rel_pad(thw_kv)) if has_rel else (0,)
@@ -132,20 +135,20 @@ def _bwd_fake(dout, q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, thw
 
 def _setup_context(ctx, inputs, output):
     q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling, _ = inputs
-    out, lse, rel = output
-    ctx.save_for_backward(q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w)
+    out, lse, rel, o_attn = output
+    ctx.save_for_backward(q, k, v, o_attn if residual_pooling else out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w)
     ctx.args = (list(thw_q), list(thw_kv), bool(has_cls), bool(residual_pooling))
 
 
 def _gradients(saved, args, dout, backward, eager: bool):
     """The gradients of (q, k, v, t, h, w) from the saved tensors, with ``backward`` the
     launcher (the registered op when traced, the plain function eagerly)."""
-    q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w = saved
+    q, k, v, o_attn, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w = saved
     thw_q, thw_kv, has_cls, residual_pooling = args
-    if (rel_pos_t is not None or rel_pos_h is not None) and rel.numel() == 0:
-        raise RuntimeError("pooling_attention_triton: backward needs the rel tile; call with store_rel=True")
+    if ((rel_pos_t is not None or rel_pos_h is not None) and rel.numel() == 0) or o_attn.numel() == 0:
+        raise RuntimeError("pooling_attention_triton: backward of a call made with for_backward=False")
     dq, dk, dv, drel = backward(
-        dout, q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling
+        dout, q, k, v, o_attn, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling
     )
     dt = dh = dw = None
     if rel_pos_t is not None or rel_pos_h is not None:
@@ -154,17 +157,17 @@ def _gradients(saved, args, dout, backward, eager: bool):
     return dq, dk, dv, dt, dh, dw
 
 
-def _backward(ctx, dout, _dlse, _drel):
+def _backward(ctx, dout, _dlse, _drel, _do_attn):
     return (*_gradients(ctx.saved_tensors, ctx.args, dout, _bwd_op, eager=False), None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _launch_backward(dout, q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling):
+def _launch_backward(dout, q, k, v, o_attn, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling):
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
         return _kernels.backward(
-            dout, q, k, v, out, lse, rel, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling
+            dout, q, k, v, o_attn, lse, rel, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling
         )
 
 
@@ -175,18 +178,18 @@ class _EagerTritonAttention(torch.autograd.Function):
     MViT's later blocks. torch.compile traces the registered op instead (``triton_pooling_attention``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling, store_rel):
+    def forward(ctx, q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling, for_backward):
         with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
-            out, lse, rel = _kernels.forward(
-                q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling, store_rel
+            out, lse, rel, o_attn = _kernels.forward(
+                q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling, for_backward
             )
-        ctx.save_for_backward(q, k, v, out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w)
+        ctx.save_for_backward(q, k, v, o_attn if residual_pooling else out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w)
         ctx.args = (thw_q, thw_kv, has_cls, residual_pooling)
-        ctx.mark_non_differentiable(lse, rel)
-        return out, lse, rel
+        ctx.mark_non_differentiable(lse, rel, o_attn)
+        return out, lse, rel, o_attn
 
     @staticmethod
-    def backward(ctx, dout, _dlse, _drel):
+    def backward(ctx, dout, _dlse, _drel, _do_attn):
         return (*_gradients(ctx.saved_tensors, ctx.args, dout, _launch_backward, eager=True),
                 None, None, None, None, None)
 
@@ -266,7 +269,7 @@ def triton_pooling_attention(
         t is not None and t.requires_grad for t in (q, k, v, *tables)
     )
     op = _fwd_op if traced_or_intercepted(q) else _EagerTritonAttention.apply
-    out, _, _ = op(q, k, v, *tables, list(thw_q), list(thw_kv), bool(has_cls), bool(residual_pooling), needs_grad)
+    out, _, _, _ = op(q, k, v, *tables, list(thw_q), list(thw_kv), bool(has_cls), bool(residual_pooling), needs_grad)
     return out
 
 

@@ -146,9 +146,9 @@ def test_no_grad_skips_the_rel_tile():
     thw_q, thw_kv = (1, 3, 3), (1, 2, 2)
     q, k, v, tables = make_inputs(1, 1, 16, thw_q, thw_kv, True, "hw")
     with torch.no_grad():
-        out, lse, rel = pa._fwd_op(q, k, v, *tables[:1], *[kernels_interp(t, a, b) for t, a, b in
+        out, lse, rel, o_attn = pa._fwd_op(q, k, v, *tables[:1], *[kernels_interp(t, a, b) for t, a, b in
                                    zip(tables[1:], thw_q[1:], thw_kv[1:])], list(thw_q), list(thw_kv), True, False, False)
-    assert rel.numel() == 0 and lse.shape == (1, 1, 10)
+    assert rel.numel() == 0 and o_attn.numel() == 0 and lse.shape == (1, 1, 10)
     torch.testing.assert_close(
         out, reference.pooling_attention(q, k, v, thw_q, thw_kv, True, *tables), **TOL
     )
@@ -158,10 +158,10 @@ def kernels_interp(table, q_size, k_size):
     return reference.interpolate_rel_pos(table, reference.rel_pos_table_length(q_size, k_size))
 
 
-def op_args(case, store_rel=True):
+def op_args(case, for_backward=True):
     B, heads, d, thw_q, thw_kv, has_cls, rel, residual = case
     q, k, v, tables = make_inputs(B, heads, d, thw_q, thw_kv, has_cls, rel)
-    return (q, k, v, *tables, list(thw_q), list(thw_kv), has_cls, residual, store_rel)
+    return (q, k, v, *tables, list(thw_q), list(thw_kv), has_cls, residual, for_backward)
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=ids)
@@ -171,10 +171,13 @@ def test_opcheck(case):
 
 def test_opcheck_backward_op():
     q, k, v, t, h, w, thw_q, thw_kv, has_cls, residual, _ = op_args(CASES[0])
-    out, lse, rel = pa._fwd_op(q, k, v, t, h, w, thw_q, thw_kv, has_cls, residual, True)
+    out, lse, rel, o_attn = pa._fwd_op(q, k, v, t, h, w, thw_q, thw_kv, has_cls, residual, True)
+    assert residual and o_attn.shape == out.shape
+    # o_attn is the attention output before the residual term: out minus q on the grid rows.
+    torch.testing.assert_close(out[:, 1:] - q[:, :, 1:].transpose(1, 2).reshape(out[:, 1:].shape), o_attn[:, 1:], **TOL)
     dout = torch.randn_like(out)
     torch.library.opcheck(
-        pa._bwd_op, (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), rel.detach(), t.detach(), h.detach(),
+        pa._bwd_op, (dout, q.detach(), k.detach(), v.detach(), o_attn.detach(), lse.detach(), rel.detach(), t.detach(), h.detach(),
                      w.detach(), thw_q, thw_kv, has_cls, residual),
     )
 
@@ -294,14 +297,13 @@ def test_bfloat16_on_cuda_within_1e_2_of_float64(case):
     def rel_err(a, b):
         return ((a.double() - b).norm() / b.norm()).item()
 
-    # Against float64: within 1e-2, or no worse than 2x the reference's own bf16 error where
-    # bf16 rounding alone passes 1e-2 (gradients that cancel, e.g. dk over two keys). Why 2x:
-    # with residual pooling the backward's delta = rowsum(dO * (out - q)) starts from the bf16
-    # output, so where |q| >> |attention output| it loses bits the reference keeps; the H100 run
-    # of 2026-11-24 measured 2.1e-2 against the reference's 1.35e-2 on a two-key grid (rel-pos
-    # table gradient). Computing delta as rowsum(P * dP) in the kernel would remove it.
+    # Against float64: within 1e-2, or no worse than 1.5x the reference's own bf16 error where
+    # bf16 rounding alone passes 1e-2 (gradients that cancel, e.g. dk over two keys). The H100
+    # run of 2026-11-24 failed this once (2.1e-2 against the reference's 1.35e-2, a rel-pos table
+    # gradient on a two-key grid): the backward's delta then came from the bf16 output minus q.
+    # It now comes from the pre-residual output the forward stores (o_attn); not yet re-run on a GPU.
     def bound(ref_err):
-        return max(1e-2, 2.0 * ref_err)
+        return max(1e-2, 1.5 * ref_err)
 
     assert rel_err(got, want) <= bound(rel_err(same, want))
     grads = torch.autograd.grad(got, low, grad_out.to(got.dtype))

@@ -85,14 +85,14 @@ def _key_onehot(offs_n, N_KV, KT, KH, KW, HAS_CLS: tl.constexpr, R_PAD: tl.const
 
 @triton.jit
 def pooling_attention_fwd_kernel(
-    Q, K, V, R, IDX_T, IDX_H, IDX_W, Out, Lse, Rel,
+    Q, K, V, R, IDX_T, IDX_H, IDX_W, Out, Lse, Rel, OAttn,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     H, N_Q, N_KV, D, sm_scale,
     QH, QW, KT, KH, KW,
     HAS_CLS: tl.constexpr, HAS_REL: tl.constexpr, HAS_T: tl.constexpr, HAS_HW: tl.constexpr,
-    RESIDUAL: tl.constexpr, STORE_REL: tl.constexpr,
+    RESIDUAL: tl.constexpr, STORE_REL: tl.constexpr, STORE_OATTN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -140,13 +140,15 @@ def pooling_attention_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
+    out_off = (b * N_Q * H + h) * D + offs_m[:, None] * (H * D) + offs_d[None, :]
+    if STORE_OATTN:
+        # The attention output before the residual: the backward's delta = rowsum(dO * O_attn)
+        # from it, not from the stored sum minus q, which loses bits where |q| >> |O_attn|.
+        tl.store(OAttn + out_off, out.to(OAttn.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
     if RESIDUAL:
         grid_row = (offs_m - HAS_CLS) >= 0
         out += tl.where(grid_row[:, None], q.to(tl.float32), 0.0)
-    tl.store(
-        Out + (b * N_Q * H + h) * D + offs_m[:, None] * (H * D) + offs_d[None, :],
-        out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :],
-    )
+    tl.store(Out + out_off, out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
     tl.store(Lse + pid_bh * N_Q + offs_m, m_i + tl.log2(l_i), mask=m_mask)
 
 
@@ -467,7 +469,9 @@ def _check_last_dim(t: torch.Tensor) -> torch.Tensor:
 
 def forward(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling, store_rel):
     """Returns out (B, N_q, heads*d), lse (B, heads, N_q) fp32 base 2, rel (B, heads, N_q, R_PAD)
-    fp32 (empty unless store_rel and a rel-pos table is given)."""
+    fp32 (empty unless store_rel and a rel-pos table is given), o_attn (B, N_q, heads*d): the
+    output before the residual pooling term (empty unless store_rel and residual_pooling; without
+    the residual the backward reads ``out`` itself)."""
     q, k, v = (_check_last_dim(t) for t in (q, k, v))
     B, H, n_q, D = q.shape
     n_kv = k.shape[2]
@@ -477,37 +481,36 @@ def forward(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, re
     cfg = select_config("fwd", q.dtype, d_pad, device_cc(q), precision)
     out = torch.empty(B, n_q, H * D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, n_q, device=q.device, dtype=torch.float32)
+    store_oattn = bool(store_rel and residual_pooling)
     store_rel = bool(store_rel and tabs.has_rel)
     rel = torch.empty((B, H, n_q, tabs.r_pad) if store_rel else (0,), device=q.device, dtype=torch.float32)
+    o_attn = torch.empty((B, n_q, H * D) if store_oattn else (0,), device=q.device, dtype=q.dtype)
     grid = (triton.cdiv(n_q, cfg.block_m), B * H)
     pooling_attention_fwd_kernel[grid](
-        q, k, v, tabs.table, *tabs.idx, out, lse, rel,
+        q, k, v, tabs.table, *tabs.idx, out, lse, rel, o_attn,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         H, n_q, n_kv, D, D**-0.5,
         thw_q[1], thw_q[2], *thw_kv,
         HAS_CLS=bool(has_cls), HAS_REL=tabs.has_rel, HAS_T=tabs.has_t, HAS_HW=tabs.has_hw,
-        RESIDUAL=bool(residual_pooling), STORE_REL=store_rel,
+        RESIDUAL=bool(residual_pooling), STORE_REL=store_rel, STORE_OATTN=store_oattn,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_PAD=d_pad, R_PAD=tabs.r_pad,
         DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, lse, rel
+    return out, lse, rel, o_attn
 
 
-def backward(dout, q, k, v, out, lse, rel, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling):
+def backward(dout, q, k, v, o_attn, lse, rel, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling):
     """Returns dq, dk, dv (B, heads, N, d) and d rel (B, heads, N_q, R_PAD) fp32 (zero rows for
     the class token; empty without rel-pos)."""
     q, k, v = (_check_last_dim(t) for t in (q, k, v))
     dout = dout.contiguous()
     B, H, n_q, D = q.shape
     n_kv = k.shape[2]
-    s = 1 if has_cls else 0
     tabs = RelTables(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w)
     d_pad = next_pow2(D)
-    # delta = rowsum(dO * O_attn), O_attn the softmax output before the residual q is added.
-    o_attn = out.view(B, n_q, H, D).float()
-    if residual_pooling:
-        o_attn = torch.cat((o_attn[:, :s], o_attn[:, s:] - q[:, :, s:].transpose(1, 2).float()), dim=1)
-    delta = (dout.view(B, n_q, H, D).float() * o_attn).sum(-1).transpose(1, 2).contiguous()
+    # delta = rowsum(dO * O_attn), O_attn the softmax output before the residual q is added
+    # (the forward's o_attn with residual pooling, else its out).
+    delta = (dout.view(B, n_q, H, D).float() * o_attn.view(B, n_q, H, D).float()).sum(-1).transpose(1, 2).contiguous()
     dq = torch.empty(B, H, n_q, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, H, n_kv, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, H, n_kv, D, device=q.device, dtype=v.dtype)
