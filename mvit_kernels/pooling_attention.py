@@ -2,10 +2,12 @@
 
 softmax(q k^T d^-1/2 + rel-pos bias) v (+ q), merged to (B, N_q, heads*d).
 
-- CUDA tensors: the Triton kernels of :mod:`mvit_kernels.triton.pooling_attention` (flash-style,
-  the decomposed rel-pos bias computed in-kernel from KT+KH+KW numbers per query row, residual
-  pooling in the epilogue, output written as (B, N_q, heads*d)). Configurations the kernels do not
-  cover (dtype, head_dim > 128, kv grid with T+H+W > 64) fall back to SDPA.
+- CUDA tensors with MViTv2's rel-pos bias: the Triton kernels of
+  :mod:`mvit_kernels.triton.pooling_attention` (flash-style, the decomposed rel-pos bias computed
+  in-kernel from KT+KH+KW numbers per query row, residual pooling in the epilogue, output written
+  as (B, N_q, heads*d)). Configurations the kernels do not cover (dtype, head_dim < 16 or > 128,
+  kv grid with T+H+W > 64) fall back to SDPA, and so does attention without rel-pos, where
+  cuDNN's / FlashAttention's SDPA measured faster than these kernels (:func:`prefers_triton`).
 - CPU tensors: ``torch.nn.functional.scaled_dot_product_attention`` with the rel-pos bias passed
   as an additive mask. :func:`triton_pooling_attention` forces the Triton path (on CPU tensors it
   needs ``TRITON_INTERPRET=1``; the tests use it that way).
@@ -273,9 +275,19 @@ def triton_pooling_attention(
     return out
 
 
+def prefers_triton(is_cuda: bool, has_rel: bool) -> bool:
+    """Which implementation :func:`pooling_attention` wants, by measurement (H100, bf16, MViT-B
+    16x4 shapes, batch 8, fwd+bwd; ``bench/results/gpu_NVIDIA_H100_80GB_HBM3_2026-11-24``): with
+    MViTv2's rel-pos bias the Triton kernels are 1.3-2.3x faster than SDPA with a materialized
+    bias; without it SDPA (cuDNN / FlashAttention) is 1.4-3.8x faster than them, so plain
+    attention takes SDPA (residual pooling then adds q in torch). CPU tensors always take SDPA."""
+    return is_cuda and has_rel
+
+
 def uses_triton(q: Tensor, thw_kv: Sequence[int], has_rel: bool) -> bool:
-    """The dispatch rule of :func:`pooling_attention`: Triton on CUDA where the kernels apply."""
-    return _kernels is not None and q.is_cuda and _kernels.supports(q, thw_kv, has_rel)
+    """The dispatch rule of :func:`pooling_attention`: Triton on CUDA with rel-pos, where the
+    kernels apply (:func:`prefers_triton`, ``supports``)."""
+    return _kernels is not None and prefers_triton(q.is_cuda, has_rel) and _kernels.supports(q, thw_kv, has_rel)
 
 
 def pooling_attention(

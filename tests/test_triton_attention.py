@@ -215,8 +215,11 @@ def test_flop_formulas_count_what_the_reference_counts(case):
 
 def test_dispatch_rule():
     q = torch.randn(1, 1, 5, 16)
-    # CPU tensors take SDPA; the Triton path is only taken on CUDA.
+    # CPU tensors take SDPA; on CUDA the Triton path is taken with rel-pos only (measured rule).
     assert not pa.uses_triton(q, (1, 2, 2), True)
+    assert pa.prefers_triton(is_cuda=True, has_rel=True)
+    assert not pa.prefers_triton(is_cuda=True, has_rel=False)
+    assert not pa.prefers_triton(is_cuda=False, has_rel=True)
     assert kernels.supports(q, (1, 2, 2), True)
     assert not kernels.supports(q.double(), (1, 2, 2), True)
     assert not kernels.supports(torch.randn(1, 1, 5, 160), (1, 2, 2), False)
