@@ -7,6 +7,8 @@ checked against it in the tests:
 - :func:`pool_residual_add` (C++/CUDA): the block's max-pooled skip fused with the residual add.
 - :func:`pooling_attention`: attention over pooled q, k, v with MViTv2's decomposed
   rel-pos bias and residual pooling (Triton on CUDA, SDPA elsewhere).
+- :func:`pooled_projection`: one q/k/v slice of the qkv projection, pooled and normalized, in
+  one Triton pass where pooling strides are large (projection + pool3d elsewhere).
 - :func:`linear`: projection (+ GELU) with bias and activation fused into oneDNN's matmul for
   CPU inference.
 """
@@ -17,6 +19,7 @@ from ._extension import load as load_extension
 from .linear import linear
 from .pool3d import pool3d
 from .pool_residual_add import pool_residual_add
+from .pooled_projection import pooled_projection
 from .pooling_attention import pooling_attention
 
 
@@ -32,6 +35,7 @@ __all__ = [
     "pool3d",
     "pool_residual_add",
     "pooling_attention",
+    "pooled_projection",
     "linear",
     "require_fused",
     "load_extension",

@@ -85,8 +85,10 @@ def check_pool3d_args(
     has_cls: bool,
     norm_weight: Optional[torch.Tensor],
     norm_bias: Optional[torch.Tensor],
+    weight_name: str = "weight",
 ):
-    """Validate pool3d's arguments; return (thw, kernel, stride, padding) as tuples."""
+    """Validate pool3d's arguments; return (thw, kernel, stride, padding) as tuples. weight_name
+    is how the caller's signature names the conv weight (the errors name it)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a 4-D tensor (B, heads, N, d), got {shape}")
@@ -103,13 +105,13 @@ def check_pool3d_args(
     d = x.shape[3]
     if mode == "conv":
         if weight is None:
-            raise ValueError("mode='conv' needs weight of shape (d, 1, kT, kH, kW)")
+            raise ValueError(f"mode='conv' needs {weight_name} of shape (d, 1, kT, kH, kW)")
         expected = (d, 1) + kernel
         if tuple(weight.shape) != expected:
-            raise ValueError(f"weight must have shape {expected} (d, 1, *kernel), got {tuple(weight.shape)}")
-        check_same(weight, x, "weight", "x")
+            raise ValueError(f"{weight_name} must have shape {expected} (d, 1, *kernel), got {tuple(weight.shape)}")
+        check_same(weight, x, weight_name, "x")
     elif weight is not None:
-        raise ValueError(f"weight is only used with mode='conv', got mode={mode!r}")
+        raise ValueError(f"{weight_name} is only used with mode='conv', got mode={mode!r}")
     if (norm_weight is None) != (norm_bias is None):
         raise ValueError("norm_weight and norm_bias must be given together")
     for t, name in ((norm_weight, "norm_weight"), (norm_bias, "norm_bias")):
@@ -118,6 +120,63 @@ def check_pool3d_args(
                 raise ValueError(f"{name} must have shape ({d},) to normalize over d, got {tuple(t.shape)}")
             check_same(t, x, name, "x")
     return thw, kernel, stride, padding
+
+
+PROJECTION_SLICES = ("q", "k", "v")
+
+
+def check_pooled_projection_args(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    which: str,
+    num_heads: int,
+    thw,
+    kernel,
+    stride,
+    padding,
+    mode: str,
+    pool_weight: Optional[torch.Tensor],
+    has_cls: bool,
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+):
+    """Validate pooled_projection's arguments; return (thw, kernel, stride, padding) as tuples.
+
+    x (B, N, C) tokens; weight (3A, C) and bias (3A,) the qkv Linear's, rows [q | k | v]. The
+    pooling arguments are checked by :func:`check_pool3d_args` against the (B, heads, N, d) shape
+    the projected slice has (a zero-stride view stands in for it: nothing is allocated)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a 3-D tensor (B, N, C), got {shape}")
+    check_float(x, "x")
+    if which not in PROJECTION_SLICES:
+        raise ValueError(f"which must be one of {PROJECTION_SLICES}, got {which!r}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 2-D tensor (3*A, C) (the qkv Linear's), got {shape}")
+    rows, C = weight.shape
+    if C != x.shape[2]:
+        raise ValueError(f"weight has {C} input channels (columns) but x has C={x.shape[2]}")
+    if rows % 3 != 0:
+        raise ValueError(f"weight must have 3*A rows ([q | k | v]), got {rows}")
+    check_same(weight, x, "weight", "x")
+    if bias is not None:
+        if tuple(bias.shape) != (rows,):
+            raise ValueError(f"bias must have shape ({rows},) (one per weight row), got {tuple(bias.shape)}")
+        check_same(bias, x, "bias", "x")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    A = rows // 3
+    if A % num_heads != 0:
+        raise ValueError(f"num_heads={num_heads} does not divide A = weight rows / 3 = {A}")
+    thw = check_thw(thw, x.shape[1], has_cls)
+    B, N, _ = x.shape
+    heads_view = x.as_strided((B, num_heads, N, A // num_heads), (0, 0, 0, 0))
+    return check_pool3d_args(
+        heads_view, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias,
+        weight_name="pool_weight",
+    )
 
 
 def check_pool_residual_add_args(x, thw, kernel, stride, padding, branch, scale, has_cls):

@@ -104,3 +104,33 @@ def test_reference_ops_reject_bad_input_with_named_arguments():
         reference.pool_residual_add(x[:, 0], (2, 4, 4), (1, 3, 3), (1, 2, 2), (0, 1, 1), torch.randn(2, 33, 8))
     with pytest.raises(ValueError, match="rel_pos_h and rel_pos_w must be given together"):
         reference.pooling_attention(x, x, x, (2, 4, 4), (2, 4, 4), rel_pos_h=torch.randn(7, 8))
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_pooled_projection_matches_torchvision_qkv_split_and_pool(which):
+    # torchvision's MultiscaleAttention: qkv Linear, reshape (B, N, 3, heads, d), transpose, unbind.
+    torch.manual_seed(0)
+    B, heads, d, C, thw = 2, 2, 8, 12, (2, 5, 7)
+    x = torch.randn(B, 1 + thw[0] * thw[1] * thw[2], C)
+    qkv = nn.Linear(C, 3 * heads * d)
+    conv = nn.Conv3d(d, d, (3, 3, 3), (1, 2, 2), (1, 1, 1), groups=d, bias=False)
+    norm = nn.LayerNorm(d, eps=1e-6)
+    nn.init.normal_(norm.weight)
+    parts = qkv(x).reshape(B, x.shape[1], 3, heads, d).transpose(1, 3).unbind(dim=2)
+    expected, expected_thw = tv_mvit.Pool(conv, norm)(parts["qkv".index(which)], thw)
+    got, got_thw = reference.pooled_projection(
+        x, qkv.weight, qkv.bias, which, heads, thw, (3, 3, 3), (1, 2, 2), (1, 1, 1), "conv", conv.weight, True,
+        norm.weight, norm.bias,
+    )
+    assert got_thw == tuple(expected_thw)
+    torch.testing.assert_close(got, expected)
+
+
+def test_pooled_projection_errors_name_the_argument():
+    x, w = torch.randn(1, 5, 8), torch.randn(12, 8)
+    with pytest.raises(ValueError, match="which must be one of"):
+        reference.pooled_projection(x, w, None, "o", 1, (1, 2, 2), 1, 1, 0, "max")
+    with pytest.raises(ValueError, match="weight has 8 input channels"):
+        reference.pooled_projection(x[..., :6], w, None, "k", 1, (1, 2, 2), 1, 1, 0, "max")
+    with pytest.raises(ValueError, match="num_heads=5 does not divide"):
+        reference.pooled_projection(x, w, None, "k", 5, (1, 2, 2), 1, 1, 0, "max")

@@ -1,4 +1,4 @@
-"""Every Triton kernel config the dispatcher can pick compiles for sm_80 and sm_90 without a GPU,
+"""Every Triton kernel config the dispatchers can pick (pooling attention, pooled projection) compiles for sm_80 and sm_90 without a GPU,
 without spills and within the target's shared memory. Writes the resource table that
 bench/bench_attention.py reads (bench/results/triton_resources.{md,json})."""
 
@@ -32,10 +32,16 @@ def rows():
 def test_every_dispatchable_config_was_compiled(rows):
     from mvit_kernels.triton import aot
 
-    compiled = {(r["kernel"], r["dtype"], r["precision"], r["partials"], r["d_pad"], r["target"]) for r in rows}
-    wanted = {(e["kernel"], e["dtype"], e["precision"], e["partials"], e["d_pad"], f"sm_{e['cc']}") for e in aot.all_configs()}
+    compiled = {(r["kernel"], r["dtype"], r["precision"], r["partials"], r.get("mode"), r["d_pad"], r["target"]) for r in rows}
+    wanted = {(e["kernel"], e["dtype"], e["precision"], e["partials"], e.get("mode"), e["d_pad"], f"sm_{e['cc']}")
+              for e in aot.all_configs()}
     assert wanted == compiled
     assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
+    # The pooled projection: every dtype, padded head dim and pooling mode (a constexpr).
+    proj = {(r["dtype"], r["precision"], r["d_pad"], r["mode"]) for r in rows if r["kernel"] == "proj"}
+    assert {m for *_, m in proj} == {"conv", "avg", "max"}
+    assert {d for _, _, d, _ in proj} == {16, 32, 64, 128}
+    assert ("float32", "ieee", 128, "conv") in proj and ("bfloat16", "tf32", 128, "max") in proj
 
 
 def test_no_spills_and_shared_memory_within_limits(rows):
@@ -48,10 +54,18 @@ def test_no_spills_and_shared_memory_within_limits(rows):
 def test_config_rule_matches_compiled_tiles(rows):
     import torch
 
+    from mvit_kernels.triton import pooled_projection as projection
     from mvit_kernels.triton import pooling_attention as kernels
 
     for r in rows:
-        cfg = kernels.select_config(r["kernel"], getattr(torch, r["dtype"]), r["d_pad"], int(r["target"][3:]), r["precision"])
+        dtype, cc = getattr(torch, r["dtype"]), int(r["target"][3:])
+        if r["kernel"] == "proj":
+            cfg = projection.select_config(dtype, r["d_pad"], cc, r["precision"])
+            assert (cfg.block_m, cfg.block_k, cfg.num_warps, cfg.num_stages) == (
+                r["block_m"], r["block_k"], r["num_warps"], r["num_stages"]
+            )
+            continue
+        cfg = kernels.select_config(r["kernel"], dtype, r["d_pad"], cc, r["precision"])
         assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) == (
             r["block_m"], r["block_n"], r["num_warps"], r["num_stages"]
         )

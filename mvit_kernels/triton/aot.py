@@ -1,6 +1,6 @@
-"""Ahead-of-time compilation of every Triton kernel config the dispatcher can pick, for sm_80 and
-sm_90, without a GPU; reads registers / spills / shared memory from the cubin with the cuobjdump
-that ships in the Triton wheel.
+"""Ahead-of-time compilation of every Triton kernel config the dispatchers can pick (pooling
+attention and the pooled projection), for sm_80 and sm_90, without a GPU; reads registers /
+spills / shared memory from the cubin with the cuobjdump that ships in the Triton wheel.
 
 Runs with the interpreter off (``TRITON_INTERPRET=0``; under the interpreter ``@triton.jit``
 functions cannot be compiled), so callers in an interpreter process use a subprocess:
@@ -46,15 +46,22 @@ _SIGS = {
         ("Rel", "*fp32"), ("R", "*fp32"), ("IDX_T", "*i32"), ("IDX_H", "*i32"), ("IDX_W", "*i32"),
         ("DQ", "*q"), ("DRel", "*fp32"),
     ],
+    "proj": [
+        ("X", "*q"), ("W", "*q"), ("Bias", "*q"), ("PW", "*q"), ("NW", "*q"), ("NB", "*q"), ("Y", "*q"),
+    ],
 }
+#: fp32 scalar arguments (every other non-pointer, non-constexpr argument is int32).
+_FLOAT_ARGS = ("sm_scale", "inv_count", "eps")
 _STRIDES = ["stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
             "stride_vb", "stride_vh", "stride_vn"]
 
 
 def _kernel(name):
+    from . import pooled_projection as p
     from . import pooling_attention as k
 
     return {
+        "proj": p.pooled_projection_fwd_kernel,
         "fwd": k.pooling_attention_fwd_kernel,
         "bwd_dkdv": k.pooling_attention_bwd_dkdv_kernel,
         "bwd_dq": k.pooling_attention_bwd_dq_kernel,
@@ -83,6 +90,26 @@ def all_configs():
                             cfg = k.select_config(kernel, dtype, d_pad, cc, precision)
                             out.append(dict(kernel=kernel, dtype=str(dtype).replace("torch.", ""), d_pad=d_pad,
                                             precision=precision, partials=partial, r_pad=k.R_PADS[-1], cc=cc, **vars(cfg)))
+    return out + projection_configs()
+
+
+def projection_configs():
+    """Every (dtype, d_pad, dot precision, pooling mode) the pooled-projection launcher can pick
+    (the mode is a constexpr: three kernels), with select_config's tiles; compiled with the
+    class token, bias and LayerNorm on."""
+    import torch
+
+    from . import pooled_projection as p
+
+    out = []
+    for dtype in p.DTYPES:
+        for d_pad in p.D_PADS:
+            for precision in ("tf32", "ieee") if dtype == torch.float32 else ("tf32",):
+                for mode in p.MODES:
+                    for cc in TARGETS:
+                        cfg = p.select_config(dtype, d_pad, cc, precision)
+                        out.append(dict(kernel="proj", dtype=str(dtype).replace("torch.", ""), d_pad=d_pad,
+                                        precision=precision, partials=False, mode=mode, cc=cc, **vars(cfg)))
     return out
 
 
@@ -97,15 +124,15 @@ def compile_one(entry: dict, cc: int) -> dict:
         signature[name] = ty.replace("*q", "*" + q)
     if entry.get("partials"):
         signature["DK"] = signature["DV"] = "*fp32"
-    for name in fn.arg_names:
-        if name in signature:
+    for param in fn.params:
+        if param.name in signature:
             continue
-        if name == "sm_scale":
-            signature[name] = "fp32"
-        elif name.isupper() and name not in ("H", "N_Q", "N_KV", "D", "QH", "QW", "KT", "KH", "KW", "M_PER_SPLIT"):
-            signature[name] = "constexpr"
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+        elif param.name in _FLOAT_ARGS:
+            signature[param.name] = "fp32"
         else:
-            signature[name] = "i32"
+            signature[param.name] = "i32"
     # What the launcher specializes at MViT shapes: 16-byte aligned pointers, strides and head
     # dim multiples of 16 (d = 96).
     for i, name in enumerate(fn.arg_names):
@@ -113,8 +140,9 @@ def compile_one(entry: dict, cc: int) -> dict:
             attrs[(i,)] = [["tt.divisibility", 16]]
     constexprs = dict(
         HAS_CLS=True, HAS_REL=True, HAS_T=True, HAS_HW=True, RESIDUAL=True, STORE_REL=True,
-        BLOCK_M=entry["block_m"], BLOCK_N=entry["block_n"], D_PAD=entry["d_pad"], R_PAD=entry["r_pad"],
-        DOT_PRECISION=entry["precision"],
+        BLOCK_M=entry["block_m"], BLOCK_N=entry.get("block_n"), D_PAD=entry["d_pad"], R_PAD=entry.get("r_pad"),
+        DOT_PRECISION=entry["precision"], MODE=entry.get("mode"), HAS_BIAS=True, HAS_NORM=True,
+        BLOCK_K=entry.get("block_k"),
     )
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -172,7 +200,7 @@ def check(row: dict) -> list[str]:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "# Triton pooling-attention kernels: AOT resource usage",
+        "# Triton kernels (pooling attention, pooled projection): AOT resource usage",
         "",
         "Every config `select_config` can pick, compiled without a GPU (`python -m mvit_kernels.triton.aot`),",
         "all features on and the widest rel tile (R_PAD 64). REG/STACK/LOCAL/SHARED from `cuobjdump",
@@ -183,12 +211,30 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if r["kernel"] == "proj":
+            continue
         smem = max(r["shared"], r["shared_triton"])
         ok = "; ".join(check(r)) or "yes"
         lines.append(
             f"| {r['kernel']} | {r['dtype']} | {r['precision']} | {'yes' if r['partials'] else ''} | {r['d_pad']} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | "
             f"{r['num_stages']} | {r['target']} | {r['reg']} | {r['stack']} | {r['local']} | {smem} | {ok} |"
         )
+    proj = [r for r in rows if r["kernel"] == "proj"]
+    if proj:
+        lines += [
+            "",
+            "## Pooled projection (`pooled_projection_fwd_kernel`): class token, bias and LayerNorm on",
+            "",
+            "| mode | dtype | dot | d_pad | BLOCK_M | BLOCK_K | warps | stages | target | REG | STACK | LOCAL | shared (B) | ok |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in proj:
+            smem = max(r["shared"], r["shared_triton"])
+            ok = "; ".join(check(r)) or "yes"
+            lines.append(
+                f"| {r['mode']} | {r['dtype']} | {r['precision']} | {r['d_pad']} | {r['block_m']} | {r['block_k']} | "
+                f"{r['num_warps']} | {r['num_stages']} | {r['target']} | {r['reg']} | {r['stack']} | {r['local']} | {smem} | {ok} |"
+            )
     return "\n".join(lines) + "\n"
 
 

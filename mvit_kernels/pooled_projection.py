@@ -1,0 +1,294 @@
+"""Pooled Q/K/V projection, fused path.
+
+One slice (q, k or v) of the qkv Linear applied to x (B, N, C), split into heads, pooled over the
+token grid and LayerNorm-ed: the contract of :func:`mvit_kernels.reference.pooled_projection`.
+
+- CUDA tensors where :func:`use_fused_projection` says so (recompute factor <= 1: kernel 3 with
+  stride (1,8,8), MViT-B's first block): the Triton kernel of
+  :mod:`mvit_kernels.triton.pooled_projection`, which projects only the tokens some window reads
+  and never writes the projected slice.
+- Elsewhere: the composed path, ``F.linear`` on the slice (cuBLAS, each token once) and the
+  ``mvit_kernels.pool3d`` op on the (B, heads, N, d) view (the reference ``pool3d`` where the
+  C++ extension is not built). :func:`triton_pooled_projection` forces the Triton kernel (on CPU
+  tensors it needs ``TRITON_INTERPRET=1``; the tests use it that way).
+
+Registration: ``torch.library.custom_op`` ("mvit_kernels::pooled_projection_triton"), for the
+reason given in :mod:`mvit_kernels.pooling_attention`: it is the registration whose
+``torch.compile(fullgraph=True)``, ``opcheck`` and FLOP formula the CPU CI can prove.
+
+Backward (first version): composed in torch. It recomputes the projection of the rows some window
+reads (plus the class token) with ``F.linear``, scatters them into the (B, N, A/heads) grid, pools
+with the reference ``pool3d`` under ``torch.enable_grad`` and takes ``torch.autograd.grad`` for x,
+weight, bias, pool_weight and the LayerNorm parameters. So the forward skips unread tokens and
+never materializes the projected slice; the backward skips the unread tokens' projection but does
+materialize the (B, N, A/heads) grid and the pooling's intermediates. A fused backward kernel is
+the next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from . import _extension, autocast, reference
+from ._dispatch import traced_or_intercepted
+from .checks import PROJECTION_SLICES, check_pooled_projection_args
+from .pool3d import pool3d as _pool3d
+
+try:
+    from .triton import pooled_projection as _kernels
+except ImportError:  # no Triton in this environment: the composed path everywhere
+    _kernels = None
+
+
+def _out_thw(thw, kernel, stride, padding) -> tuple[int, int, int]:
+    return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(thw, kernel, stride, padding))  # type: ignore[return-value]
+
+
+def _slice_rows(weight: Tensor, which: str) -> slice:
+    A = weight.shape[0] // 3
+    i = PROJECTION_SLICES.index(which)
+    return slice(i * A, (i + 1) * A)
+
+
+def _read_tokens(thw, kernel, stride, padding, has_cls: bool) -> list[int]:
+    """Indices (into N) of the tokens some pooling window reads, the class token first."""
+    axes = []
+    for size, k, s, p in zip(thw, kernel, stride, padding):
+        n_out = (size + 2 * p - k) // s + 1
+        axes.append(sorted({o * s - p + i for o in range(n_out) for i in range(k)} & set(range(size))))
+    T, H, W = thw
+    s = 1 if has_cls else 0
+    grid = [s + (t * H + h) * W + w for t in axes[0] for h in axes[1] for w in axes[2]]
+    return ([0] if has_cls else []) + grid
+
+
+# ------------------------------------------------------------------------------------------
+# The composed backward (see the module docstring).
+# ------------------------------------------------------------------------------------------
+
+
+def _recompute(x, weight, bias, pool_weight, norm_weight, norm_bias, which, num_heads, thw, kernel, stride, padding,
+               mode, has_cls, eps):
+    """The forward in torch ops, projecting only the tokens some window reads."""
+    B, N, _ = x.shape
+    rows = _slice_rows(weight, which)
+    A = rows.stop - rows.start
+    idx = torch.tensor(_read_tokens(thw, kernel, stride, padding, has_cls), device=x.device, dtype=torch.long)
+    proj = F.linear(x.index_select(1, idx), weight[rows], None if bias is None else bias[rows])
+    full = x.new_zeros(B, N, A).index_copy(1, idx, proj)
+    heads = full.reshape(B, N, num_heads, A // num_heads).transpose(1, 2)
+    y, _ = reference.pool3d(heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias, eps)
+    return y
+
+
+def _composed_backward(grad_y, saved, args):
+    """Gradients for (x, weight, bias, pool_weight, norm_weight, norm_bias), None where an input
+    is absent or needs none."""
+    needs = [t is not None and t.requires_grad for t in saved]
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(saved, needs)]
+        y = _recompute(*leaves, *args)
+        wanted = [t for t, n in zip(leaves, needs) if n]
+        grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True)) if wanted else iter(())
+    return tuple(next(grads) if n else None for n in needs)
+
+
+# ------------------------------------------------------------------------------------------
+# The registered op
+# ------------------------------------------------------------------------------------------
+
+
+def _launch(x, weight, bias, pool_weight, norm_weight, norm_bias, which, num_heads, thw, kernel, stride, padding,
+            mode, has_cls, eps):
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        return _kernels.forward(
+            x, weight, bias, PROJECTION_SLICES.index(which), num_heads, list(thw), list(kernel), list(stride),
+            list(padding), mode, pool_weight, bool(has_cls), norm_weight, norm_bias, float(eps),
+        )
+
+
+@torch.library.custom_op("mvit_kernels::pooled_projection_triton", mutates_args=())
+def _fwd_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    pool_weight: Optional[Tensor],
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    which: str,
+    num_heads: int,
+    thw: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    mode: str,
+    has_cls: bool,
+    eps: float,
+) -> Tensor:
+    """y (B, heads, N_out, d), contiguous."""
+    return _launch(x, weight, bias, pool_weight, norm_weight, norm_bias, which, num_heads, thw, kernel, stride,
+                   padding, mode, has_cls, eps)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(x, weight, bias, pool_weight, norm_weight, norm_bias, which, num_heads, thw, kernel, stride, padding,
+              mode, has_cls, eps):
+    t, h, w = _out_thw(thw, kernel, stride, padding)
+    A = weight.shape[0] // 3
+    return x.new_empty(x.shape[0], num_heads, t * h * w + (1 if has_cls else 0), A // num_heads)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, pool_weight, norm_weight, norm_bias, *args = inputs
+    ctx.save_for_backward(x, weight, bias, pool_weight, norm_weight, norm_bias)
+    ctx.args = tuple(args)
+
+
+def _backward(ctx, grad_y):
+    return (*_composed_backward(grad_y, ctx.saved_tensors, ctx.args), *([None] * len(ctx.args)))
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerTritonProjection(torch.autograd.Function):
+    """The same kernel and backward as the registered op, without the op's per-call dispatch
+    overhead in eager mode (see ``_EagerTritonAttention``); torch.compile and dispatch modes use
+    the registered op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pool_weight, norm_weight, norm_bias, *args):
+        y = _launch(x, weight, bias, pool_weight, norm_weight, norm_bias, *args)
+        ctx.save_for_backward(x, weight, bias, pool_weight, norm_weight, norm_bias)
+        ctx.args = args
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return (*_composed_backward(grad_y, ctx.saved_tensors, ctx.args), *([None] * len(ctx.args)))
+
+
+# ------------------------------------------------------------------------------------------
+# FLOPs: what the kernel does (it skips unread tokens, so it counts fewer than the reference's
+# full F.linear; bench scripts report both). The composed backward runs torch ops, which
+# FlopCounterMode counts itself.
+# ------------------------------------------------------------------------------------------
+
+
+@register_flop_formula(torch.ops.mvit_kernels.pooled_projection_triton)
+def _fwd_flops(x_shape, weight_shape, bias_shape, pw_shape, nw_shape, nb_shape, which, num_heads, thw, kernel, stride,
+               padding, mode, has_cls, *args, out_shape=None, **kwargs) -> int:
+    B, _, C = x_shape
+    A = weight_shape[0] // 3
+    rows = _kernels.projected_rows(thw, kernel, stride, padding, has_cls) if _kernels else 0
+    return 2 * B * num_heads * rows * C * (A // num_heads)
+
+
+def reference_projection_flops(x_shape: Sequence[int], weight_shape: Sequence[int]) -> int:
+    """What FlopCounterMode counts for the unfused path's projection of that slice: F.linear of
+    all N tokens, (B*N, C) x (C, A)."""
+    B, N, C = x_shape
+    return 2 * B * N * C * (weight_shape[0] // 3)
+
+
+# ------------------------------------------------------------------------------------------
+# Public entry points
+# ------------------------------------------------------------------------------------------
+
+
+def use_fused_projection(kernel: Sequence[int], stride: Sequence[int], thw: Sequence[int],
+                         padding: Optional[Sequence[int]] = None) -> bool:
+    """The dispatch rule (see :func:`mvit_kernels.triton.pooled_projection.use_fused_projection`);
+    False where Triton is not installed."""
+    return _kernels is not None and _kernels.use_fused_projection(kernel, stride, thw, padding)
+
+
+def triton_pooled_projection(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    which: str,
+    num_heads: int,
+    thw: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    mode: str,
+    pool_weight: Optional[Tensor] = None,
+    has_cls: bool = True,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, tuple[int, int, int]]:
+    """The Triton path, whatever the device and stride (CPU tensors need ``TRITON_INTERPRET=1``).
+    Same contract as :func:`mvit_kernels.reference.pooled_projection`."""
+    if _kernels is None:
+        raise RuntimeError("triton_pooled_projection needs Triton, which is not installed")
+    x, weight, bias, pool_weight, norm_weight, norm_bias = autocast.for_compute(
+        x, weight, bias, pool_weight, norm_weight, norm_bias
+    )
+    thw, kernel, stride, padding = check_pooled_projection_args(
+        x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias
+    )
+    if x.dtype not in _kernels.DTYPES or weight.shape[0] // 3 // num_heads > _kernels.D_PADS[-1]:
+        raise ValueError(
+            f"the Triton kernel does not cover dtype={x.dtype}, head_dim={weight.shape[0] // 3 // num_heads} (max 128)"
+        )
+    op = _fwd_op if traced_or_intercepted(x) else _EagerTritonProjection.apply
+    y = op(x, weight, bias, pool_weight, norm_weight, norm_bias, which, int(num_heads), list(thw), list(kernel),
+           list(stride), list(padding), mode, bool(has_cls), float(eps))
+    return y, _out_thw(thw, kernel, stride, padding)
+
+
+def uses_triton(x: Tensor, weight: Tensor, num_heads: int, thw, kernel, stride, padding) -> bool:
+    """The dispatch rule of :func:`pooled_projection`: Triton on CUDA where the kernel covers the
+    dtype and head dim and the recompute factor is <= 1."""
+    return (
+        _kernels is not None
+        and x.is_cuda
+        and x.dtype in _kernels.DTYPES
+        and weight.shape[0] // 3 // num_heads <= _kernels.D_PADS[-1]
+        and _kernels.use_fused_projection(kernel, stride, thw, padding)
+    )
+
+
+def pooled_projection(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    which: str,
+    num_heads: int,
+    thw: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    mode: str,
+    pool_weight: Optional[Tensor] = None,
+    has_cls: bool = True,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, tuple[int, int, int]]:
+    """Same contract as :func:`mvit_kernels.reference.pooled_projection`; returns (y, thw_out)."""
+    x, weight, bias, pool_weight, norm_weight, norm_bias = autocast.for_compute(
+        x, weight, bias, pool_weight, norm_weight, norm_bias
+    )
+    thw, kernel, stride, padding = check_pooled_projection_args(
+        x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias
+    )
+    if uses_triton(x, weight, num_heads, thw, kernel, stride, padding):
+        return triton_pooled_projection(x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode,
+                                        pool_weight, has_cls, norm_weight, norm_bias, eps)
+    B, N, _ = x.shape
+    rows = _slice_rows(weight, which)
+    A = rows.stop - rows.start
+    proj = F.linear(x, weight[rows], None if bias is None else bias[rows])
+    heads = proj.view(B, N, num_heads, A // num_heads).transpose(1, 2)
+    pool = _pool3d if _extension.load() else reference.pool3d
+    return pool(heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias, eps)

@@ -1,0 +1,240 @@
+"""Triton kernel for the pooled Q/K/V projection: one slice (q, k or v) of the qkv Linear, pooled
+over the token grid (depthwise conv | avg | max) and LayerNorm-ed over d, in one pass.
+
+Why: at MViT-B's first block K and V are pooled with kernel 3x3x3, stride (1,8,8), padding 1, so
+only 9 of every 64 spatial positions are read by any window; projecting every token (and writing
+then re-reading the projected k/v) spends most of the work on tokens nobody reads.
+
+Design: one program per (tile of BLOCK_M pooled output rows, batch*head). For every kernel tap
+(kt, kh, kw) it computes the input token each output row reads (masked where the tap falls in the
+padding), gathers those rows of x in BLOCK_K-wide chunks of C, and ``tl.dot``s them with the
+head's (C x d) slice of W (d padded to a power of two >= 16 with masks: head_dim 96 -> 128). It
+adds the bias (valid taps only: padding is zero *after* the projection in the reference) and
+combines into one fp32 accumulator: conv ``+= pool_weight[c, tap] * proj``; avg ``+= proj``,
+divided by the kernel volume at the end (count_include_pad=True); max a running maximum over the
+valid taps (every window has at least one: padding <= kernel // 2). LayerNorm over the d valid
+channels runs on chip, and the tile is stored to y (B, heads, N_out, d). The class token is row 0
+of the output: a row whose only valid tap is the first, reading token 0 with coefficient 1 and no
+averaging, so it gets its own projection + bias and the same LayerNorm in the same loop. Tokens no
+window reads are never loaded or projected; the projected k/v never touch memory.
+
+Trade-off: overlapping windows are recomputed. Each output projects prod(kernel) tokens, so the
+recompute factor is prod(kernel) * N_out / N_grid projections per grid token (0.42 at stride
+(1,8,8) with kernel 3, 1.69 at (1,4,4), 6.75 at (1,2,2), 27 at stride 1). Where it is > 1,
+projecting once (cuBLAS) and pooling in a second pass (the ``mvit_kernels.pool3d`` op) does fewer
+FLOPs; :func:`use_fused_projection` is that rule.
+
+Precision: fp32 accumulation for every dtype; fp32 inputs use IEEE dots when torch's TF32 switch
+is off on CUDA, tf32 otherwise (``dot_precision``, shared with the attention kernels). The
+interpreter computes every tl.dot in fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .pooling_attention import D_PADS, DTYPES, dot_precision, next_pow2
+
+MODES = ("conv", "avg", "max")
+#: The fused kernel is picked only where it does no more projection FLOPs than projecting every
+#: grid token once (see the module docstring).
+MAX_RECOMPUTE = 1.0
+
+
+@triton.jit
+def pooled_projection_fwd_kernel(
+    X, W, Bias, PW, NW, NB, Y,
+    stride_xb, stride_xn, stride_wr,
+    H, N_OUT, C, D, W_ROW0,
+    T, HH, WW, HO, WO,
+    ST, SH, SW, PT, PH, PW_, KT, KH, KW,
+    inv_count, eps,
+    MODE: tl.constexpr, HAS_CLS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    # b, h are int64 so the per-sample and per-head base offsets cannot overflow (batch * tokens
+    # * channels passes 2^31 at large batches); offsets inside one sample stay int32.
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_k = tl.arange(0, BLOCK_K)
+    d_mask = offs_d < D
+    row_ok = offs_m < N_OUT
+    g = offs_m - HAS_CLS
+    is_cls = (g < 0) & row_ok
+    grid_row = (g >= 0) & row_ok
+    g = tl.where(grid_row, g, 0)
+    ot = g // (HO * WO)
+    oh = (g // WO) % HO
+    ow = g % WO
+    x_base = X + b * stride_xb
+    # W rows of this head: W_ROW0 + h*D + j (j < D), read transposed as a (BLOCK_K, D_PAD) tile.
+    w_base = W + (W_ROW0 + h * D) * stride_wr
+    if HAS_BIAS:
+        bias = tl.load(Bias + W_ROW0 + h * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    if MODE == "max":
+        acc = tl.full([BLOCK_M, D_PAD], float("-inf"), dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for tap in range(KT * KH * KW):
+        ti = ot * ST - PT + tap // (KH * KW)
+        hi = oh * SH - PH + (tap // KW) % KH
+        wi = ow * SW - PW_ + tap % KW
+        valid = grid_row & (ti >= 0) & (ti < T) & (hi >= 0) & (hi < HH) & (wi >= 0) & (wi < WW)
+        src = HAS_CLS + (ti * HH + hi) * WW + wi
+        # The class token: valid at the first tap only, reading token 0.
+        valid = valid | (is_cls & (tap == 0))
+        src = tl.where(valid & ~is_cls, src, 0)
+        proj = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < C
+            xt = tl.load(x_base + src[:, None] * stride_xn + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_base + offs_d[None, :] * stride_wr + kk[:, None], mask=k_ok[:, None] & d_mask[None, :], other=0.0)
+            proj = tl.dot(xt, wt, proj, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            proj += bias[None, :]
+        if MODE == "conv":
+            coef = tl.load(PW + offs_d * (KT * KH * KW) + tap, mask=d_mask, other=0.0).to(tl.float32)
+            coef = tl.where(is_cls[:, None], 1.0, coef[None, :])
+            acc += tl.where(valid[:, None], proj * coef, 0.0)
+        elif MODE == "avg":
+            acc += tl.where(valid[:, None], proj, 0.0)
+        else:
+            acc = tl.where(valid[:, None], tl.maximum(acc, proj), acc)
+    if MODE == "avg":
+        acc = tl.where(is_cls[:, None], acc, acc * inv_count)
+    acc = tl.where(row_ok[:, None] & d_mask[None, :], acc, 0.0)
+    if HAS_NORM:
+        mean = tl.sum(acc, 1) / D
+        diff = tl.where(d_mask[None, :], acc - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, 1) / D + eps)
+        nw = tl.load(NW + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        nb = tl.load(NB + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        acc = diff * rstd[:, None] * nw[None, :] + nb[None, :]
+    tl.store(
+        Y + pid_bh * N_OUT * D + offs_m[:, None] * D + offs_d[None, :],
+        acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: dispatch rule, configuration rule, FLOP count and launcher (no autograd here).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionConfig:
+    block_m: int  # pooled output rows per tile
+    block_k: int  # input channels per x/W chunk
+    num_warps: int
+    num_stages: int
+
+
+def select_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: str = "tf32") -> ProjectionConfig:
+    """The one rule that picks tiles, by dtype, padded head dim, compute capability and dot
+    precision (no autotune: the interpreter cannot run it, and the AOT test compiles exactly what
+    this returns for sm_80 and sm_90; the interpreter uses the sm_90 rule).
+
+    Each program holds two (BLOCK_M, D_PAD) fp32 tiles in registers (the accumulator and one
+    tap's projection) plus the x and W chunks: 64 rows over 4 warps to head 64, 8 warps at head
+    128 (96 padded). fp32 inputs halve the rows. IEEE fp32 dots are FMA loops that keep whole
+    operand tiles in registers: 16-row, 16-channel chunks, as the attention kernels found.
+    """
+    if d_pad not in D_PADS:
+        raise ValueError(f"d_pad must be one of {D_PADS}, got {d_pad}")
+    if precision == "ieee":
+        return ProjectionConfig(16, 16, 4, 1)
+    warps = 8 if d_pad >= 128 else 4
+    if dtype == torch.float32:
+        return ProjectionConfig(32, 32, warps, 2)
+    return ProjectionConfig(64, 32, warps, 2)
+
+
+def out_thw(thw: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int]) -> tuple[int, int, int]:
+    return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(thw, kernel, stride, padding))  # type: ignore[return-value]
+
+
+def recompute_factor(kernel: Sequence[int], stride: Sequence[int], thw: Sequence[int], padding: Optional[Sequence[int]] = None) -> float:
+    """Projections per grid token the fused kernel does: prod(kernel) * N_out / N_grid. Without
+    padding given, the usual MViT padding kernel // 2."""
+    if padding is None:
+        padding = [k // 2 for k in kernel]
+    return math.prod(kernel) * math.prod(out_thw(thw, kernel, stride, padding)) / math.prod(thw)
+
+
+def use_fused_projection(kernel: Sequence[int], stride: Sequence[int], thw: Sequence[int], padding: Optional[Sequence[int]] = None) -> bool:
+    """The dispatch rule: the fused kernel only where it recomputes no more than projecting every
+    token once (recompute factor <= MAX_RECOMPUTE = 1): kernel 3 with stride (1,8,8) (0.42), not
+    (1,4,4) (1.69), (1,2,2) (6.75) or 1 (27). Elsewhere the caller projects once and pools."""
+    return recompute_factor(kernel, stride, thw, padding) <= MAX_RECOMPUTE
+
+
+def projected_rows(thw: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], has_cls: bool) -> int:
+    """Rows the kernel projects per (batch, head): taps inside the grid summed over outputs (a
+    product over axes, since a tap is inside iff it is inside on every axis), plus the class
+    token."""
+    rows = 1
+    for size, k, s, p in zip(thw, kernel, stride, padding):
+        n_out = (size + 2 * p - k) // s + 1
+        rows *= sum(1 for o in range(n_out) for i in range(k) if 0 <= o * s - p + i < size)
+    return rows + (1 if has_cls else 0)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+_DUMMY_CACHE: dict = {}
+
+
+def _dummy(device, dtype) -> torch.Tensor:
+    """A one-element placeholder for pointer arguments a launch does not read; cached."""
+    key = (str(device), dtype)
+    if key not in _DUMMY_CACHE:
+        _DUMMY_CACHE[key] = torch.zeros(1, device=device, dtype=dtype)
+    return _DUMMY_CACHE[key]
+
+
+def forward(x, weight, bias, which_index: int, num_heads: int, thw, kernel, stride, padding, mode: str,
+            pool_weight, has_cls: bool, norm_weight, norm_bias, eps: float) -> torch.Tensor:
+    """y (B, heads, N_out, d) contiguous, in x's dtype. Arguments already checked."""
+    x = _last_dim_contiguous(x)
+    weight = _last_dim_contiguous(weight)
+    B, N, C = x.shape
+    A = weight.shape[0] // 3
+    D = A // num_heads
+    t_out, h_out, w_out = out_thw(thw, kernel, stride, padding)
+    n_out = t_out * h_out * w_out + (1 if has_cls else 0)
+    d_pad = next_pow2(D)
+    precision = dot_precision(x)
+    cc = 90
+    if x.is_cuda:
+        cc = 80 if torch.cuda.get_device_capability(x.device)[0] < 9 else 90
+    cfg = select_config(x.dtype, d_pad, cc, precision)
+    y = torch.empty(B, num_heads, n_out, D, device=x.device, dtype=x.dtype)
+    dummy = _dummy(x.device, x.dtype)
+    pw = pool_weight.contiguous() if mode == "conv" else dummy
+    grid = (triton.cdiv(n_out, cfg.block_m), B * num_heads)
+    pooled_projection_fwd_kernel[grid](
+        x, weight, dummy if bias is None else bias.contiguous(), pw,
+        dummy if norm_weight is None else norm_weight.contiguous(),
+        dummy if norm_bias is None else norm_bias.contiguous(), y,
+        x.stride(0), x.stride(1), weight.stride(0),
+        num_heads, n_out, C, D, which_index * A,
+        *thw, h_out, w_out, *stride, *padding, *kernel,
+        1.0 / math.prod(kernel), float(eps),
+        MODE=mode, HAS_CLS=bool(has_cls), HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None,
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, D_PAD=d_pad, DOT_PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y

@@ -1,0 +1,247 @@
+"""The Triton pooled Q/K/V projection against ``mvit_kernels.reference.pooled_projection``:
+forward and every gradient (x, weight, bias, pool_weight, norm weight/bias), the registered op
+(opcheck, torch.compile, FLOP formula), the dispatch rule and the argument checks.
+
+In CI the kernel runs in the Triton interpreter on CPU tensors, float32 (the interpreter's
+tl.dot is a numpy fp32 matmul). Tolerances: atol = rtol = 1e-4 for the forward and the
+gradients; observed errors are ~1e-6 before and ~1e-5 after the LayerNorm (which divides by
+the standard deviation over d). Sizes are small because the interpreter is slow. On a GPU
+machine with TRITON_INTERPRET=0 the same tests run the compiled kernel on CUDA tensors with TF32
+off (IEEE fp32 dots)."""
+
+import importlib
+import os
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mvit_kernels import reference
+from mvit_kernels.triton import pooled_projection as kernels
+
+# The module, not the function of the same name that mvit_kernels exports.
+pp = importlib.import_module("mvit_kernels.pooled_projection")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+pytestmark = pytest.mark.skipif(
+    not INTERPRET and not torch.cuda.is_available(),
+    reason="needs the Triton interpreter (CPU tensors) or a GPU with TRITON_INTERPRET=0",
+)
+TOL = dict(atol=1e-4, rtol=1e-4)
+K3, P1 = (3, 3, 3), (1, 1, 1)
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    # fp32 on CUDA: the kernel and the reference's matmul both follow torch's TF32 switch.
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def make_inputs(B, heads, d, C, thw, kernel, mode, has_cls, norm, strided=False, seed=0):
+    """Random leaves (never zeros) requiring grad: x (B, N, C), the qkv weight (3A, C) and bias,
+    the conv weight (mode conv) and the LayerNorm parameters (norm). strided: x is a view with a
+    row stride wider than C."""
+    g = torch.Generator().manual_seed(seed)
+    n = thw[0] * thw[1] * thw[2] + (1 if has_cls else 0)
+    A = heads * d
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE).requires_grad_()
+
+    if strided:
+        x = (torch.randn(B, n, C + 5, generator=g).to(DEVICE)[:, :, 2:C + 2]).requires_grad_()
+    else:
+        x = rand(B, n, C)
+    return dict(
+        x=x,
+        weight=rand(3 * A, C, scale=C**-0.5),
+        bias=rand(3 * A),
+        pool_weight=rand(d, 1, *kernel, scale=0.3) if mode == "conv" else None,
+        norm_weight=rand(d) if norm else None,
+        norm_bias=rand(d) if norm else None,
+    )
+
+
+def run(fn, inputs, which, heads, thw, kernel, stride, padding, mode, has_cls):
+    return fn(inputs["x"], inputs["weight"], inputs["bias"], which, heads, thw, kernel, stride, padding, mode,
+              inputs["pool_weight"], has_cls, inputs["norm_weight"], inputs["norm_bias"])
+
+
+def check_against_reference(fn, inputs, which, heads, thw, kernel, stride, padding, mode, has_cls):
+    args = (which, heads, thw, kernel, stride, padding, mode, has_cls)
+    got, got_thw = run(fn, inputs, *args)
+    want, want_thw = run(reference.pooled_projection, inputs, *args)
+    assert got_thw == want_thw
+    torch.testing.assert_close(got, want, **TOL)
+    leaves = [t for t in inputs.values() if t is not None]
+    grad_y = torch.randn_like(want)
+    got_grads = torch.autograd.grad(got, leaves, grad_y)
+    want_grads = torch.autograd.grad(want, leaves, grad_y)
+    for name, a, b in zip([k for k, t in inputs.items() if t is not None], got_grads, want_grads):
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"grad of {name}: {m}")
+
+
+STRIDES = [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 8, 8), (2, 2, 2)]
+MODE_CASES = [(m, c, n) for m in ("conv", "avg", "max") for c in (True, False) for n in (True, False)]
+
+
+@pytest.mark.parametrize("mode,has_cls,norm", MODE_CASES,
+                         ids=[f"{m}-{'cls' if c else 'nocls'}-{'ln' if n else 'noln'}" for m, c, n in MODE_CASES])
+def test_modes_class_token_and_norm(mode, has_cls, norm):
+    i = MODE_CASES.index((mode, has_cls, norm))
+    stride, which, heads = STRIDES[i % len(STRIDES)], "qkv"[i % 3], 1 + i % 4
+    # torch's CPU avg_pool3d rejects an axis shorter than the kernel even with padding.
+    thw = (2, 4, 5) if stride[0] == 1 and mode != "avg" else (3, 4, 5)
+    inputs = make_inputs(1 + i % 2, heads, 16, 12, thw, K3, mode, has_cls, norm, seed=i)
+    check_against_reference(pp.triton_pooled_projection, inputs, which, heads, thw, K3, stride, P1, mode, has_cls)
+
+
+# (B, heads, d, C, thw, kernel, stride, padding, mode, which): every stride with kernel 3 on odd
+# and MViT-like grids, kernel 1, kernel 3 without padding, head_dim 96 (padded to 128).
+SHAPE_CASES = [
+    (1, 2, 16, 20, (3, 5, 7), K3, (1, 1, 1), P1, "conv", "k"),
+    (2, 1, 16, 8, (3, 5, 7), K3, (1, 2, 2), P1, "max", "v"),
+    (1, 3, 16, 12, (2, 9, 9), K3, (1, 4, 4), P1, "conv", "q"),
+    (1, 4, 16, 40, (2, 16, 16), K3, (1, 8, 8), P1, "conv", "k"),
+    (1, 2, 16, 12, (3, 5, 7), K3, (2, 2, 2), P1, "avg", "v"),
+    (2, 2, 16, 12, (2, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "conv", "q"),
+    (1, 2, 16, 12, (3, 5, 7), K3, (1, 2, 2), (0, 0, 0), "conv", "k"),
+    (1, 1, 96, 40, (1, 8, 8), K3, (1, 8, 8), P1, "conv", "v"),
+]
+
+
+@pytest.mark.parametrize("case", SHAPE_CASES, ids=lambda c: f"thw{c[4]}-k{c[5][0]}-s{c[6]}-p{c[7][0]}-d{c[2]}-h{c[1]}")
+def test_strides_kernels_and_shapes(case):
+    B, heads, d, C, thw, kernel, stride, padding, mode, which = case
+    inputs = make_inputs(B, heads, d, C, thw, kernel, mode, True, True, seed=1)
+    check_against_reference(pp.triton_pooled_projection, inputs, which, heads, thw, kernel, stride, padding, mode, True)
+
+
+def test_non_contiguous_x():
+    inputs = make_inputs(2, 2, 16, 24, (1, 8, 8), K3, "conv", True, True, strided=True, seed=2)
+    assert not inputs["x"].is_contiguous()
+    check_against_reference(pp.triton_pooled_projection, inputs, "k", 2, (1, 8, 8), K3, (1, 4, 4), P1, "conv", True)
+
+
+def test_public_op_composed_path_matches_reference():
+    # CPU tensors (and strides with recompute factor > 1 on CUDA) take F.linear + pool3d.
+    inputs = make_inputs(2, 2, 16, 12, (2, 4, 4), K3, "conv", True, True, seed=3)
+    assert not pp.uses_triton(inputs["x"].cpu(), inputs["weight"], 2, (2, 4, 4), K3, (1, 2, 2), P1)
+    check_against_reference(pp.pooled_projection, inputs, "v", 2, (2, 4, 4), K3, (1, 2, 2), P1, "conv", True)
+
+
+def op_args(mode="conv", has_cls=True, norm=True):
+    inputs = make_inputs(1, 2, 16, 8, (1, 4, 4), K3, mode, has_cls, norm, seed=4)
+    return (inputs["x"], inputs["weight"], inputs["bias"], inputs["pool_weight"], inputs["norm_weight"],
+            inputs["norm_bias"], "k", 2, [1, 4, 4], list(K3), [1, 4, 4], list(P1), mode, has_cls, 1e-6)
+
+
+@pytest.mark.parametrize("mode", ["conv", "max"])
+def test_opcheck(mode):
+    torch.library.opcheck(pp._fwd_op, op_args(mode, has_cls=mode == "conv", norm=mode == "conv"))
+
+
+def test_torch_compile_fullgraph():
+    inputs = make_inputs(1, 2, 16, 8, (1, 8, 8), K3, "conv", True, True, seed=5)
+    leaves = list(inputs.values())
+
+    def block(x, weight, bias, pool_weight, norm_weight, norm_bias):
+        y, _ = pp.triton_pooled_projection(x, weight, bias, "k", 2, (1, 8, 8), K3, (1, 8, 8), P1, "conv",
+                                           pool_weight, True, norm_weight, norm_bias)
+        return (y * 2.0).sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    got = compiled(*leaves)
+    got_grads = torch.autograd.grad(got, leaves)
+    want = block(*leaves)
+    want_grads = torch.autograd.grad(want, leaves)
+    torch.testing.assert_close(got, want, **TOL)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_flop_formula_counts_the_projected_rows():
+    B, heads, d, C, thw = 2, 2, 16, 8, (1, 8, 8)
+    inputs = make_inputs(B, heads, d, C, thw, K3, "conv", True, False, seed=6)
+    with FlopCounterMode(display=False) as counter:
+        run(pp.triton_pooled_projection, inputs, "k", heads, thw, K3, (1, 8, 8), P1, "conv", True)
+    # One output (1x1x1); its window -1..1 on each axis reads t 0, h 0..1, w 0..1: 4 rows, plus
+    # the class token.
+    assert kernels.projected_rows(thw, K3, (1, 8, 8), P1, True) == 5
+    assert counter.get_total_flops() == 2 * B * heads * 5 * C * d
+    full = pp.reference_projection_flops(inputs["x"].shape, inputs["weight"].shape)
+    assert full == 2 * B * 65 * C * heads * d
+    assert counter.get_total_flops() < full
+    with FlopCounterMode(display=False) as counter:
+        run(reference.pooled_projection, inputs, "k", heads, thw, K3, (1, 8, 8), P1, "conv", True)
+    assert counter.get_total_flops() >= full  # the projection plus the depthwise conv
+    # Stride 1: every output projects its in-grid taps (a 3-wide window over 4 positions reads
+    # 2+3+3+2 = 10 of them).
+    assert kernels.projected_rows((1, 4, 4), K3, (1, 1, 1), P1, False) == 1 * 10 * 10
+
+
+def test_dispatch_rule():
+    mvit_b = (8, 56, 56)
+    assert kernels.recompute_factor(K3, (1, 8, 8), mvit_b) == pytest.approx(27 * 392 / 25088)
+    assert pp.use_fused_projection(K3, (1, 8, 8), mvit_b)
+    assert pp.use_fused_projection(K3, (1, 8, 8), (8, 28, 28))
+    for stride in ((1, 4, 4), (1, 2, 2), (1, 1, 1)):
+        assert not pp.use_fused_projection(K3, stride, mvit_b)
+        assert not pp.use_fused_projection(K3, stride, (8, 14, 14))
+    x = torch.randn(1, 1 + 8 * 16 * 16, 16)
+    w = torch.randn(48, 16)
+    # CPU tensors never take Triton in the public op.
+    assert not pp.uses_triton(x, w, 1, (8, 16, 16), K3, (1, 8, 8), P1)
+    with pytest.raises(ValueError, match="does not cover"):
+        pp.triton_pooled_projection(x.double(), w.double(), None, "k", 1, (8, 16, 16), K3, (1, 8, 8), P1, "max")
+
+
+def test_config_rule_covers_every_dtype_and_head_pad():
+    for dtype in kernels.DTYPES:
+        for d_pad in kernels.D_PADS:
+            for precision in ("tf32", "ieee"):
+                cfg = kernels.select_config(dtype, d_pad, 90, precision)
+                assert cfg.block_m >= 16 and cfg.block_k >= 16
+
+
+def _bad(**changes):
+    base = make_inputs(1, 2, 16, 8, (1, 4, 4), K3, "conv", True, True)
+    args = dict(x=base["x"], weight=base["weight"], bias=base["bias"], which="k", num_heads=2, thw=(1, 4, 4),
+                kernel=K3, stride=(1, 2, 2), padding=P1, mode="conv", pool_weight=base["pool_weight"],
+                has_cls=True, norm_weight=base["norm_weight"], norm_bias=base["norm_bias"])
+    args.update({k: (v(args) if callable(v) else v) for k, v in changes.items()})
+    return args
+
+
+BAD = [
+    (dict(x=lambda a: a["x"][0]), "x must be a 3-D tensor"),
+    (dict(weight=lambda a: a["weight"][:, :5]), "weight has 5 input channels"),
+    (dict(weight=lambda a: a["weight"][:-1]), "3\\*A rows"),
+    (dict(weight=lambda a: a["weight"][0]), "weight must be a 2-D tensor"),
+    (dict(num_heads=3), "num_heads=3 does not divide"),
+    (dict(bias=lambda a: a["bias"][:-3]), "bias must have shape"),
+    (dict(bias=lambda a: a["bias"].double()), "bias has dtype"),
+    (dict(weight=lambda a: a["weight"].double()), "weight has dtype"),
+    (dict(which="o"), "which must be one of"),
+    (dict(thw=(1, 4, 5)), "x has 17 tokens but thw"),
+    (dict(pool_weight=lambda a: a["pool_weight"][:, :, :1]), "pool_weight must have shape"),
+    (dict(pool_weight=None), "mode='conv' needs pool_weight"),
+    (dict(mode="max"), "pool_weight is only used with mode='conv'"),
+    (dict(mode="sum"), "mode must be one of"),
+    (dict(norm_bias=None), "norm_weight and norm_bias"),
+    (dict(norm_weight=lambda a: a["norm_weight"][:4]), "norm_weight must have shape"),
+    (dict(padding=(2, 2, 2)), "padding"),
+]
+
+
+@pytest.mark.parametrize("changes,message", BAD, ids=[m for _, m in BAD])
+@pytest.mark.parametrize("fn", ["reference", "fused", "triton"])
+def test_bad_inputs_raise_errors_naming_the_argument(fn, changes, message):
+    op = {"reference": reference.pooled_projection, "fused": pp.pooled_projection,
+          "triton": pp.triton_pooled_projection}[fn]
+    with pytest.raises((ValueError, TypeError), match=message):
+        op(**_bad(**changes))
