@@ -35,7 +35,7 @@ _TL_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _SIGS = {
     "fwd": [
         ("Q", "*q"), ("K", "*q"), ("V", "*q"), ("R", "*fp32"), ("IDX_T", "*i32"), ("IDX_H", "*i32"),
-        ("IDX_W", "*i32"), ("Out", "*q"), ("Lse", "*fp32"), ("Rel", "*fp32"),
+        ("IDX_W", "*i32"), ("Out", "*q"), ("Lse", "*fp32"), ("Rel", "*fp32"), ("OAttn", "*q"),
     ],
     "bwd_dkdv": [
         ("Q", "*q"), ("K", "*q"), ("V", "*q"), ("DO", "*q"), ("Lse", "*fp32"), ("Delta", "*fp32"),
@@ -139,7 +139,7 @@ def compile_one(entry: dict, cc: int) -> dict:
         if signature[name].startswith("*") or name.startswith("stride") or name == "D":
             attrs[(i,)] = [["tt.divisibility", 16]]
     constexprs = dict(
-        HAS_CLS=True, HAS_REL=True, HAS_T=True, HAS_HW=True, RESIDUAL=True, STORE_REL=True,
+        HAS_CLS=True, HAS_REL=True, HAS_T=True, HAS_HW=True, RESIDUAL=True, STORE_REL=True, STORE_OATTN=True,
         BLOCK_M=entry["block_m"], BLOCK_N=entry.get("block_n"), D_PAD=entry["d_pad"], R_PAD=entry.get("r_pad"),
         DOT_PRECISION=entry["precision"], MODE=entry.get("mode"), HAS_BIAS=True, HAS_NORM=True,
         BLOCK_K=entry.get("block_k"),

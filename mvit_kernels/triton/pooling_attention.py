@@ -359,7 +359,10 @@ def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90, pre
             return AttentionConfig(64, 32, 8 if d_pad >= 128 else 4, 2)
         return AttentionConfig(32, 32, 4, 1)
     if kernel == "fwd":
-        return AttentionConfig(128, 64, 8 if d_pad >= 64 else 4, 2 if d_pad >= 128 else 3)
+        # sm_80 at head 128: 32-key tiles (64 put 24 B on the stack once the forward also
+        # stores the pre-residual output).
+        block_n = 32 if (cc == 80 and d_pad >= 128) else 64
+        return AttentionConfig(128, block_n, 8 if d_pad >= 64 else 4, 2 if d_pad >= 128 else 3)
     warps = 8 if d_pad >= 128 else 4
     if kernel == "bwd_dkdv":
         return AttentionConfig(32 if d_pad >= 128 else 64, 64, warps, 2)
