@@ -8,6 +8,7 @@ parameters, so the state_dict never depends on ``fused``.
 
 from __future__ import annotations
 
+import importlib
 import math
 from types import ModuleType
 from typing import Optional
@@ -25,6 +26,10 @@ from .config import BlockSpec, MViTConfig, Triple
 
 def _ops(fused: bool) -> ModuleType:
     return mvit_kernels if fused else reference
+
+
+# The module (its dispatch rule), not the function of the same name that mvit_kernels exports.
+_pooled_projection = importlib.import_module("mvit_kernels.pooled_projection")
 
 
 class Pool(nn.Module):
@@ -45,15 +50,25 @@ class Pool(nn.Module):
             self.register_parameter("weight", None)
             self.norm = None
 
+    def params(self, dtype: torch.dtype) -> tuple:
+        """(conv weight, norm weight, norm bias) in dtype; None where the mode has none. Under
+        autocast the activations may be bf16 while the parameters stay fp32."""
+        norm_w, norm_b = (self.norm.weight, self.norm.bias) if self.norm is not None else (None, None)
+        return tuple(None if t is None else t.to(dtype) for t in (self.weight, norm_w, norm_b))
+
     def forward(self, x: torch.Tensor, thw: Triple, has_cls: bool, fused: bool):
-        norm_w = norm_b = None
-        weight = self.weight
-        if self.norm is not None:
-            norm_w, norm_b = self.norm.weight, self.norm.bias
-        # Under autocast the activations may be bf16 while the parameters stay fp32.
-        weight, norm_w, norm_b = (None if t is None else t.to(x.dtype) for t in (weight, norm_w, norm_b))
+        weight, norm_w, norm_b = self.params(x.dtype)
         return _ops(fused).pool3d(
             x, thw, self.kernel, self.stride, self.padding, self.mode, weight, has_cls, norm_w, norm_b, self.eps
+        )
+
+    def project(self, x: torch.Tensor, qkv: nn.Linear, which: str, num_heads: int, thw: Triple, has_cls: bool):
+        """The fused path's projection + pooling of one of q/k/v straight from the block input
+        (``mvit_kernels.pooled_projection``: only the tokens some window reads are projected)."""
+        weight, norm_w, norm_b = self.params(x.dtype)
+        return mvit_kernels.pooled_projection(
+            x, qkv.weight, qkv.bias, which, num_heads, thw, self.kernel, self.stride, self.padding, self.mode,
+            weight, has_cls, norm_w, norm_b, self.eps,
         )
 
     def extra_repr(self) -> str:
@@ -93,17 +108,32 @@ class MultiScaleAttention(nn.Module):
                 if table is not None:
                     nn.init.trunc_normal_(table, std=0.02)
 
+    def _fuses_kv_projection(self, x: torch.Tensor, thw: Triple, fused: bool) -> bool:
+        pool = self.pool_k
+        return fused and pool is not None and _pooled_projection.uses_triton(
+            x, self.qkv.weight, self.num_heads, thw, pool.kernel, pool.stride, pool.padding
+        )
+
     def forward(self, x: torch.Tensor, thw: Triple, fused: bool) -> tuple[torch.Tensor, Triple]:
         B, N, _ = x.shape
-        qkv = _ops(fused).linear(x, self.qkv.weight, self.qkv.bias)
-        qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
         thw_q = thw_kv = thw
+        if self._fuses_kv_projection(x, thw, fused):
+            # Large K/V strides (MViT-B's first block: 1x8x8): k and v are projected only where a
+            # pooling window reads, in the pooling kernel; q is projected as usual.
+            A = self.attn_dim
+            q = mvit_kernels.linear(x, self.qkv.weight[:A], None if self.qkv.bias is None else self.qkv.bias[:A])
+            q = q.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+            k, thw_kv = self.pool_k.project(x, self.qkv, "k", self.num_heads, thw, self.has_cls)
+            v, _ = self.pool_v.project(x, self.qkv, "v", self.num_heads, thw, self.has_cls)
+        else:
+            qkv = _ops(fused).linear(x, self.qkv.weight, self.qkv.bias)
+            qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            if self.pool_k is not None:
+                k, thw_kv = self.pool_k(k, thw, self.has_cls, fused)
+                v, _ = self.pool_v(v, thw, self.has_cls, fused)
         if self.pool_q is not None:
             q, thw_q = self.pool_q(q, thw, self.has_cls, fused)
-        if self.pool_k is not None:
-            k, thw_kv = self.pool_k(k, thw, self.has_cls, fused)
-            v, _ = self.pool_v(v, thw, self.has_cls, fused)
         tables = tuple(None if t is None else t.to(q.dtype) for t in (self.rel_pos_t, self.rel_pos_h, self.rel_pos_w))
         out = _ops(fused).pooling_attention(
             q, k, v, thw_q, thw_kv, self.has_cls, *tables, residual_pooling=self.residual_pooling

@@ -262,3 +262,39 @@ def test_bad_inputs_raise_errors_naming_the_argument(fn, changes, message):
           "triton": pp.triton_pooled_projection}[fn]
     with pytest.raises((ValueError, TypeError), match=message):
         op(**_bad(**changes))
+
+
+def test_tiny_mvit_through_the_fused_kv_projection(monkeypatch):
+    """MViT(fused=True) takes the fused K/V projection where the dispatch rule picks it (here a
+    1x8x8 K/V stride, MViT-B's first-block pattern) and equals fused=False: logits and every
+    parameter gradient. The device check of the rule is lifted so CPU tensors reach the kernel
+    through the interpreter; on a GPU the rule picks it by itself."""
+    from mvit import build_model
+
+    torch.manual_seed(0)
+    ref = build_model("mvit_tiny", pool_kv_stride_adaptive=(1, 8, 8), drop_path_rate=0.0).to(DEVICE)
+    fused = build_model("mvit_tiny", pool_kv_stride_adaptive=(1, 8, 8), drop_path_rate=0.0, fused=True).to(DEVICE)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, *ref.cfg.input_size, device=DEVICE)
+    calls = []
+    real_rule = pp.uses_triton
+
+    def rule(x, weight, num_heads, thw, kernel, stride, padding):
+        picked = real_rule(x, weight, num_heads, thw, kernel, stride, padding) or (
+            not x.is_cuda and kernels.use_fused_projection(kernel, stride, thw, padding)
+        )
+        calls.append(picked)
+        return picked
+
+    monkeypatch.setattr(pp, "uses_triton", rule)
+    outs, grads = [], []
+    for model in (ref, fused):
+        out = model(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert any(calls), "the fused K/V projection was never picked"
+    torch.testing.assert_close(outs[1], outs[0], **TOL)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
