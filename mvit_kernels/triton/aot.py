@@ -17,7 +17,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 
 #: Per-block shared memory limits (opt-in maximum) in bytes.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -146,15 +145,13 @@ def compile_one(entry: dict, cc: int) -> dict:
     )
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    t0 = time.time()
     compiled = triton.compile(
         src, target=GPUTarget("cuda", cc, 32),
         options=dict(num_warps=entry["num_warps"], num_stages=entry["num_stages"]),
     )
-    seconds = time.time() - t0
     usage = resource_usage(compiled.asm["cubin"])
     entry = {k: v for k, v in entry.items() if k != "cc"}
-    return dict(entry, target=f"sm_{cc}", compile_s=round(seconds, 2), shared_triton=compiled.metadata.shared, **usage)
+    return dict(entry, target=f"sm_{cc}", shared_triton=compiled.metadata.shared, **usage)
 
 
 def cuobjdump_path() -> str:
