@@ -4,7 +4,8 @@ forward+backward times of the Triton kernel, the reference and the SDPA path in 
 
     python bench/bench_attention.py [--batch 1] [--preset mvit_b_16x4] [--out bench/results]
 
-Writes attention_model.{md,json} (and attention_bench.{md,json} on CUDA) under --out, and prints the
+Writes attention_model.{md,json} (and on CUDA attention_bench_b<batch>[_relpos], pooled_projection_b<batch>
+and attention_blocks_<preset>_b<batch>, .md and .json) under --out, and prints the
 AOT resource table (bench/results/triton_resources.md, made by tests/test_triton_aot.py or
 ``python -m mvit_kernels.triton.aot``).
 
@@ -352,6 +353,78 @@ def flex_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h
     return out.transpose(1, 2).reshape(B, n_q, H * d)
 
 
+def bench_projection(preset: str, batch: int, device: str = "cuda", rep: int = 50) -> tuple[str, list[dict]]:
+    """The K/V half of the qkv projection + K/V pooling (+ LN) of every block whose K/V stride
+    makes the dispatcher fuse it (``pooled_projection.uses_triton``), fwd+bwd in bf16: the Triton
+    pooled projection against F.linear + this project's pool3d and against F.linear + the
+    reference's pooling (conv3d + LayerNorm), with the FLOPs each path executes."""
+    import importlib
+
+    import torch
+    from triton.testing import do_bench
+
+    from mvit.presets import get_preset
+    from mvit_kernels import reference
+
+    pp = importlib.import_module("mvit_kernels.pooled_projection")
+    cfg = get_preset(preset)
+    rows = []
+    for i, spec in enumerate(cfg.block_specs()):
+        if not spec.pool_kv:
+            continue
+        thw = spec.input_thw
+        n = math.prod(thw) + (1 if cfg.cls_embed else 0)
+        d = spec.head_dim
+        dt = torch.bfloat16
+        x = torch.randn(batch, n, spec.dim_in, device=device, dtype=dt, requires_grad=True)
+        w = (torch.randn(3 * spec.attn_dim, spec.dim_in, device=device, dtype=dt) * spec.dim_in**-0.5).requires_grad_()
+        b = torch.randn(3 * spec.attn_dim, device=device, dtype=dt).requires_grad_()
+        pw = (torch.randn(d, 1, *spec.kernel_kv, device=device, dtype=dt) * 0.2).requires_grad_()
+        nw = torch.ones(d, device=device, dtype=dt).requires_grad_()
+        nb = torch.zeros(d, device=device, dtype=dt).requires_grad_()
+        args = ("k", spec.num_heads, thw, spec.kernel_kv, spec.stride_kv, spec.padding_kv, cfg.pool_mode, pw, cfg.cls_embed, nw, nb)
+        if not pp.uses_triton(x, w, spec.num_heads, thw, spec.kernel_kv, spec.stride_kv, spec.padding_kv):
+            continue
+        row = dict(block=i, tokens=n, stride_kv=spec.stride_kv,
+                   fused_gflop=pp._fwd_flops(x.shape, w.shape, b.shape, pw.shape, nw.shape, nb.shape, *args[:7], args[8]) / 1e9,
+                   reference_gflop=pp.reference_projection_flops(x.shape, w.shape) / 1e9)
+        paths = (("triton", pp.triton_pooled_projection), ("linear+pool3d", _unfused_projection),
+                 ("reference", reference.pooled_projection))
+        for name, fn in paths:
+            def step():
+                y, _ = fn(x, w, b, *args)
+                y.backward(torch.ones_like(y))
+            try:
+                row[name + "_ms"] = do_bench(step, warmup=5, rep=rep)
+            except Exception as exc:  # report, do not hide, a path that fails at a shape
+                row[name + "_ms"] = None
+                row[name + "_error"] = repr(exc)[:200]
+        rows.append(row)
+    lines = ["| block | tokens | kv stride | GFLOP fused / unfused | triton ms | linear+pool3d ms | reference ms | vs linear+pool3d | vs reference |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t, u, ref = r.get("triton_ms"), r.get("linear+pool3d_ms"), r.get("reference_ms")
+        fmt = lambda a: f"{a:.3f}" if a else "fail"
+        ratio = lambda a: f"{a / t:.2f}x" if (a and t) else "n/a"
+        lines.append(f"| {r['block']} | {r['tokens']} | {'x'.join(map(str, r['stride_kv']))} | "
+                     f"{r['fused_gflop']:.2f} / {r['reference_gflop']:.2f} | {fmt(t)} | {fmt(u)} | {fmt(ref)} | {ratio(u)} | {ratio(ref)} |")
+    return "\n".join(lines) + "\n", rows
+
+
+def _unfused_projection(x, w, b, which, num_heads, thw, kernel, stride, padding, mode, pw, has_cls, nw, nb):
+    """F.linear of the slice + mvit_kernels.pool3d: what the fused path does where it does not
+    fuse the projection."""
+    import torch.nn.functional as F
+
+    import mvit_kernels
+
+    A = w.shape[0] // 3
+    rows = slice({"q": 0, "k": A, "v": 2 * A}[which], {"q": A, "k": 2 * A, "v": 3 * A}[which])
+    B, N, _ = x.shape
+    proj = F.linear(x, w[rows], b[rows]).view(B, N, num_heads, A // num_heads).transpose(1, 2)
+    return mvit_kernels.pool3d(proj, thw, kernel, stride, padding, mode, pw, has_cls, nw, nb)
+
+
 def bench_blocks(preset: str, batch: int, device: str = "cuda", rep: int = 50) -> tuple[str, list[dict]]:
     """One MultiScaleAttention module per distinct block of the preset (qkv projection, Q/K/V
     pooling + LN, attention with rel-pos/residual as the preset has them, output projection),
@@ -464,6 +537,11 @@ def main(argv=None) -> int:
             (out / f"{name}.md").write_text(f"# fwd+bwd, bf16, batch {args.batch}, {torch.cuda.get_device_name()}\n\n{table}")
             (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
             print(table)
+        table, rows = bench_projection(args.preset, args.batch)
+        title = f"# Pooled K/V projection fwd+bwd, bf16, {args.preset}, batch {args.batch}, {torch.cuda.get_device_name()}"
+        (out / f"pooled_projection_b{args.batch}.md").write_text(f"{title}\n\n{table}")
+        (out / f"pooled_projection_b{args.batch}.json").write_text(json.dumps(rows, indent=1, default=list))
+        print(title + "\n\n" + table)
         for preset in (args.preset, "mvitv2_s_16x4"):
             table, rows = bench_blocks(preset, args.batch)
             title = f"# Attention module fwd+bwd (qkv + pooling + attention + proj), bf16 autocast, {preset}, batch {args.batch}, {torch.cuda.get_device_name()}"

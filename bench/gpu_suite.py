@@ -42,7 +42,8 @@ STEPS = {
     # Two processes: a CUDA fault is sticky, and would fail every later test of the same process.
     "tests_model": (["PY", "-m", "pytest", "-q", "-rs", "-s", "tests/test_pool3d.py::test_cuda_matches_cpu",
                      "tests/test_pool_residual_add.py::test_cuda_matches_cpu", "tests/test_cuda_model.py"], 240),
-    "tests_triton": (["PY", "-m", "pytest", "-q", "-rs", "tests/test_triton_attention.py"], 240),
+    "tests_triton": (["PY", "-m", "pytest", "-q", "-rs", "tests/test_triton_attention.py",
+                      "tests/test_triton_pooled_projection.py"], 300),
     "flops": (["PY", "bench/flops.py", "--out", "OUT"], 120),
     "pool_ops": (["PY", "bench/bench_pool_ops.py", "--dtype", "bfloat16", "--batches", "1", "8", "--out", "OUT"], 180),
     "attention": (["PY", "bench/bench_attention.py", "--batch", "1", "--out", "OUT"], 240),
@@ -118,6 +119,7 @@ def main(argv=None) -> int:
     for s in summary:
         print(f"| {s['step']} | {s['rc']} | {s['seconds']} | {s['last_line']} |")
     shown = [f"attention_bench_b{b}{r}.md" for b in (1, 8) for r in ("", "_relpos")]
+    shown += [f"pooled_projection_b{b}.md" for b in (1, 8)]
     shown += [f"attention_blocks_{p}_b{b}.md" for b in (1, 8) for p in ("mvit_b_16x4", "mvitv2_s_16x4")]
     for name in shown + ["throughput_cuda.md"]:
         path = os.path.join(out, name)
