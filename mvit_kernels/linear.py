@@ -4,9 +4,9 @@ backend uses) instead of ``addmm`` (which first copies the broadcast bias into t
 separate GELU pass over the MLP's widest activation. Measured on the 2-core VM: MViT-B 16x4 batch 1
 inference 0.95 s -> 0.71 s with the MLPs alone switched (2026-11-24, medians of 4 alternating runs).
 
-Everywhere else (CUDA, gradients needed, other dtypes, torch.compile tracing, dispatch modes such as
-FlopCounterMode, a torch build without oneDNN) it is the reference, so FLOP counts and autograd are
-the reference's.
+Everywhere else (CUDA, gradients needed, other dtypes, autocast, torch.compile tracing, dispatch
+modes such as FlopCounterMode, a torch build without oneDNN) it is the reference, so FLOP counts,
+autograd and autocast behave as the reference's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference
+from . import autocast, reference
 from ._dispatch import traced_or_intercepted
 
 
@@ -40,6 +40,7 @@ def uses_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
         and x.dim() >= 2
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         and not traced_or_intercepted(x)
+        and autocast.autocast_dtype(x) is None  # under autocast F.linear runs in its dtype
     )
 
 

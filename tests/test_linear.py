@@ -78,3 +78,13 @@ def test_torch_compile_traces_the_reference():
     fn = torch.compile(lambda x: mvit_kernels.linear(x, w, b, "gelu"), fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(fn(x), reference.linear(x, w, b, "gelu"), **TOL)
+
+
+def test_autocast_takes_the_reference():
+    x, w, b = _inputs((2, 5), 16, 8)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not linear_module.uses_onednn(x, w, b)
+        got = mvit_kernels.linear(x, w, b, "gelu")
+        want = reference.linear(x, w, b, "gelu")
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)

@@ -56,7 +56,11 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
 
 
 def cleanup() -> None:
+    """Leave the job together: a rank that tears its process group down while a peer is still
+    writing results made one CI run abort at exit ("terminate called without an active
+    exception" in the gloo rank that finished first)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
