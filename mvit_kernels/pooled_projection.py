@@ -28,6 +28,7 @@ the next step.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -246,11 +247,22 @@ def triton_pooled_projection(
     return y, _out_thw(thw, kernel, stride, padding)
 
 
+#: Set to "0" to keep the K/V projection unfused on CUDA (the kernel has passed the interpreter
+#: and AOT checks but not yet run on a GPU; see README).
+ENV_SWITCH = "MVIT_KERNELS_FUSED_PROJECTION"
+
+
+def fused_projection_enabled() -> bool:
+    """False when ``MVIT_KERNELS_FUSED_PROJECTION=0``."""
+    return os.environ.get(ENV_SWITCH, "1") != "0"
+
+
 def uses_triton(x: Tensor, weight: Tensor, num_heads: int, thw, kernel, stride, padding) -> bool:
     """The dispatch rule of :func:`pooled_projection`: Triton on CUDA where the kernel covers the
-    dtype and head dim and the recompute factor is <= 1."""
+    dtype and head dim and the recompute factor is <= 1, unless ``MVIT_KERNELS_FUSED_PROJECTION=0``."""
     return (
         _kernels is not None
+        and fused_projection_enabled()
         and x.is_cuda
         and x.dtype in _kernels.DTYPES
         and weight.shape[0] // 3 // num_heads <= _kernels.D_PADS[-1]

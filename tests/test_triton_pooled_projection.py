@@ -298,3 +298,16 @@ def test_tiny_mvit_through_the_fused_kv_projection(monkeypatch):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_environment_switch_turns_the_fused_projection_off(monkeypatch):
+    monkeypatch.delenv(pp.ENV_SWITCH, raising=False)
+    assert pp.fused_projection_enabled()
+    monkeypatch.setenv(pp.ENV_SWITCH, "0")
+    assert not pp.fused_projection_enabled()
+    if torch.cuda.is_available() and not INTERPRET:  # the whole rule, on a GPU
+        x = torch.randn(1, 1 + 4 * 16 * 16, 16, device="cuda")
+        w = torch.randn(48, 16, device="cuda")
+        assert not pp.uses_triton(x, w, 1, (4, 16, 16), K3, (1, 8, 8), P1)
+        monkeypatch.setenv(pp.ENV_SWITCH, "1")
+        assert pp.uses_triton(x, w, 1, (4, 16, 16), K3, (1, 8, 8), P1)
