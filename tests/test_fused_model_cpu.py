@@ -67,3 +67,25 @@ def test_compile_fullgraph_on_a_fused_block_and_model():
     clip = torch.randn(2, 3, 8, 32, 32)
     whole = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(whole(clip), model(clip))
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1-unpooled-q", "v2-relpos-residual"])
+def test_bf16_autocast_fused_and_reference(v2):
+    # Under autocast an unpooled q (bf16, from the Linear) meets a pooled, LayerNorm-ed k (fp32):
+    # every op casts as mvit_kernels.autocast says, on both paths. Against the fp32 reference:
+    # within 2e-2, and the fused path within 1.5x of the reference's own bf16 error.
+    torch.manual_seed(0)
+    extra = dict(rel_pos_spatial=True, rel_pos_temporal=True, residual_pooling=True, dim_mul_in_att=True,
+                 abs_pos="none") if v2 else {}
+    ref = build_model("mvit_tiny", drop_path_rate=0.0, **extra).eval()
+    fused = copy.deepcopy(ref).set_fused(True)
+    x = torch.randn(2, 3, 8, 32, 32)
+    with torch.no_grad():
+        truth = ref(x)
+        errors = []
+        for model in (ref, fused):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            assert out.dtype == torch.bfloat16
+            errors.append(((out.float() - truth).norm() / truth.norm()).item())
+    assert errors[0] <= 2e-2 and errors[1] <= max(2e-2, 1.5 * errors[0]), errors
