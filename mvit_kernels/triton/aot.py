@@ -36,6 +36,7 @@ _SIGS = {
         ("Q", "*q"), ("K", "*q"), ("V", "*q"), ("R", "*fp32"), ("IDX_T", "*i32"), ("IDX_H", "*i32"),
         ("IDX_W", "*i32"), ("Out", "*q"), ("Lse", "*fp32"), ("Rel", "*fp32"), ("OAttn", "*q"),
     ],
+    "bwd_delta": [("DO", "*q"), ("OA", "*q"), ("Delta", "*fp32")],
     "bwd_dkdv": [
         ("Q", "*q"), ("K", "*q"), ("V", "*q"), ("DO", "*q"), ("Lse", "*fp32"), ("Delta", "*fp32"),
         ("Rel", "*fp32"), ("DK", "*q"), ("DV", "*q"),
@@ -62,6 +63,7 @@ def _kernel(name):
     return {
         "proj": p.pooled_projection_fwd_kernel,
         "fwd": k.pooling_attention_fwd_kernel,
+        "bwd_delta": k.pooling_attention_bwd_delta_kernel,
         "bwd_dkdv": k.pooling_attention_bwd_dkdv_kernel,
         "bwd_dq": k.pooling_attention_bwd_dq_kernel,
     }[name]

@@ -153,6 +153,27 @@ def pooling_attention_fwd_kernel(
 
 
 @triton.jit
+def pooling_attention_bwd_delta_kernel(
+    DO, OA, Delta, H, N_Q, D,
+    BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """delta[b, h, m] = dO[b, m, h, :] . O_attn[b, m, h, :] in fp32, both in the (B, N_q, heads*d)
+    layout: one pass over the two, instead of torch's casts, product, sum and transposed copy."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    m_mask = offs_m < N_Q
+    mask = m_mask[:, None] & (offs_d < D)[None, :]
+    off = (b * N_Q * H + h) * D + offs_m[:, None] * (H * D) + offs_d[None, :]
+    do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
+    oa = tl.load(OA + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + pid_bh * N_Q + offs_m, tl.sum(do * oa, 1), mask=m_mask)
+
+
+@triton.jit
 def pooling_attention_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, Rel, DK, DV,
     stride_qb, stride_qh, stride_qn,
@@ -315,7 +336,7 @@ import torch  # noqa: E402
 D_PADS = (16, 32, 64, 128)
 #: The packed rel tile holds KT+KH+KW columns; 64 covers MViT-B's widest kv grid (8x14x14 -> 36).
 R_PADS = (16, 32, 64)
-KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+KERNELS = ("fwd", "bwd_delta", "bwd_dkdv", "bwd_dq")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -352,6 +373,8 @@ def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90, pre
         raise ValueError(f"d_pad must be one of {D_PADS}, got {d_pad}")
     if cc not in (80, 90):
         cc = 80 if cc < 90 else 90
+    if kernel == "bwd_delta":  # elementwise and a row sum: 64 rows, no dots, no pipelining
+        return AttentionConfig(64, 16, 4, 1)
     if precision == "ieee":
         return AttentionConfig(16, 16, 8, 1)
     if dtype == torch.float32:
@@ -513,7 +536,12 @@ def backward(dout, q, k, v, o_attn, lse, rel, thw_q, thw_kv, has_cls, rel_pos_t,
     d_pad = next_pow2(D)
     # delta = rowsum(dO * O_attn), O_attn the softmax output before the residual q is added
     # (the forward's o_attn with residual pooling, else its out).
-    delta = (dout.view(B, n_q, H, D).float() * o_attn.view(B, n_q, H, D).float()).sum(-1).transpose(1, 2).contiguous()
+    delta = torch.empty(B, H, n_q, device=q.device, dtype=torch.float32)
+    cfg = select_config("bwd_delta", q.dtype, d_pad, device_cc(q))
+    pooling_attention_bwd_delta_kernel[(triton.cdiv(n_q, cfg.block_m), B * H)](
+        dout, o_attn.contiguous(), delta, H, n_q, D,
+        BLOCK_M=cfg.block_m, D_PAD=d_pad, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
     dq = torch.empty(B, H, n_q, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, H, n_kv, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, H, n_kv, D, device=q.device, dtype=v.dtype)
