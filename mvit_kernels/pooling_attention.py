@@ -146,11 +146,13 @@ def _gradients(saved, args, dout, backward, eager: bool):
     """The gradients of (q, k, v, t, h, w) from the saved tensors, with ``backward`` the
     launcher (the registered op when traced, the plain function eagerly)."""
     q, k, v, o_attn, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w = saved
-    thw_q, thw_kv, has_cls, residual_pooling = args
+    thw_q, thw_kv, has_cls, residual_pooling = args[:4]
     if ((rel_pos_t is not None or rel_pos_h is not None) and rel.numel() == 0) or o_attn.numel() == 0:
         raise RuntimeError("pooling_attention_triton: backward of a call made with for_backward=False")
+    extra = {"tabs": args[4]} if len(args) > 4 else {}
     dq, dk, dv, drel = backward(
-        dout, q, k, v, o_attn, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling
+        dout, q, k, v, o_attn, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling,
+        **extra,
     )
     dt = dh = dw = None
     if rel_pos_t is not None or rel_pos_h is not None:
@@ -166,10 +168,12 @@ def _backward(ctx, dout, _dlse, _drel, _do_attn):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _launch_backward(dout, q, k, v, o_attn, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling):
+def _launch_backward(dout, q, k, v, o_attn, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling,
+                     tabs=None):
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
         return _kernels.backward(
-            dout, q, k, v, o_attn, lse, rel, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling
+            dout, q, k, v, o_attn, lse, rel, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling,
+            tabs=tabs,
         )
 
 
@@ -182,11 +186,13 @@ class _EagerTritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling, for_backward):
         with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+            # Built once and kept for the backward (the concatenated fp32 tables, the indices).
+            tabs = _kernels.RelTables(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w)
             out, lse, rel, o_attn = _kernels.forward(
-                q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling, for_backward
+                q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling, for_backward, tabs=tabs
             )
         ctx.save_for_backward(q, k, v, o_attn if residual_pooling else out, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w)
-        ctx.args = (thw_q, thw_kv, has_cls, residual_pooling)
+        ctx.args = (thw_q, thw_kv, has_cls, residual_pooling, tabs)
         ctx.mark_non_differentiable(lse, rel, o_attn)
         return out, lse, rel, o_attn
 

@@ -493,15 +493,16 @@ def _check_last_dim(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def forward(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling, store_rel):
+def forward(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling, store_rel, tabs=None):
     """Returns out (B, N_q, heads*d), lse (B, heads, N_q) fp32 base 2, rel (B, heads, N_q, R_PAD)
     fp32 (empty unless store_rel and a rel-pos table is given), o_attn (B, N_q, heads*d): the
     output before the residual pooling term (empty unless store_rel and residual_pooling; without
-    the residual the backward reads ``out`` itself)."""
+    the residual the backward reads ``out`` itself). ``tabs``: the call's :class:`RelTables`, when
+    the caller keeps them for the backward (else built here)."""
     q, k, v = (_check_last_dim(t) for t in (q, k, v))
     B, H, n_q, D = q.shape
     n_kv = k.shape[2]
-    tabs = RelTables(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w)
+    tabs = tabs or RelTables(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w)
     d_pad = next_pow2(D)
     precision = dot_precision(q)
     cfg = select_config("fwd", q.dtype, d_pad, device_cc(q), precision)
@@ -525,14 +526,15 @@ def forward(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, re
     return out, lse, rel, o_attn
 
 
-def backward(dout, q, k, v, o_attn, lse, rel, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling):
+def backward(dout, q, k, v, o_attn, lse, rel, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling,
+             tabs=None):
     """Returns dq, dk, dv (B, heads, N, d) and d rel (B, heads, N_q, R_PAD) fp32 (zero rows for
-    the class token; empty without rel-pos)."""
+    the class token; empty without rel-pos). ``tabs``: the forward's :class:`RelTables`, if kept."""
     q, k, v = (_check_last_dim(t) for t in (q, k, v))
     dout = dout.contiguous()
     B, H, n_q, D = q.shape
     n_kv = k.shape[2]
-    tabs = RelTables(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w)
+    tabs = tabs or RelTables(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w)
     d_pad = next_pow2(D)
     # delta = rowsum(dO * O_attn), O_attn the softmax output before the residual q is added
     # (the forward's o_attn with residual pooling, else its out).
