@@ -16,13 +16,16 @@ Registration: ``torch.library.custom_op`` ("mvit_kernels::pooled_projection_trit
 reason given in :mod:`mvit_kernels.pooling_attention`: it is the registration whose
 ``torch.compile(fullgraph=True)``, ``opcheck`` and FLOP formula the CPU CI can prove.
 
-Backward (first version): composed in torch. It recomputes the projection of the rows some window
-reads (plus the class token) with ``F.linear``, scatters them into the (B, N, A/heads) grid, pools
-with the reference ``pool3d`` under ``torch.enable_grad`` and takes ``torch.autograd.grad`` for x,
-weight, bias, pool_weight and the LayerNorm parameters. So the forward skips unread tokens and
-never materializes the projected slice; the backward skips the unread tokens' projection but does
-materialize the (B, N, A/heads) grid and the pooling's intermediates. A fused backward kernel is
-the next step.
+Backward: modes conv and avg run the Triton backward kernel
+(:func:`mvit_kernels.triton.pooled_projection.backward`, registered as its own op
+"mvit_kernels::pooled_projection_triton_backward" so that torch.compile traces it): it recomputes
+the pooled value tile by tile (the forward saves nothing extra), runs the LayerNorm backward on
+chip and goes back through the taps, accumulating dx, dW, d bias, d pool_weight and the LayerNorm
+parameters' gradients with fp32 atomics. Mode max keeps the composed backward (it would need the
+arg-max tap of every output, which the forward does not keep): it recomputes the projection of
+the rows some window reads (plus the class token) with ``F.linear``, scatters them into the (B,
+N, A/heads) grid, pools with the reference ``pool3d`` under ``torch.enable_grad`` and takes
+``torch.autograd.grad``.
 """
 
 from __future__ import annotations
@@ -145,14 +148,71 @@ def _fwd_fake(x, weight, bias, pool_weight, norm_weight, norm_bias, which, num_h
     return x.new_empty(x.shape[0], num_heads, t * h * w + (1 if has_cls else 0), A // num_heads)
 
 
+def _launch_backward(grad_y, x, weight, bias, pool_weight, norm_weight, norm_bias, which, num_heads, thw, kernel,
+                     stride, padding, mode, has_cls, eps):
+    """(dx, dweight, dbias, dpool_weight, dnorm_weight, dnorm_bias), None where the input is None."""
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        return _kernels.backward(
+            grad_y, x, weight, bias, PROJECTION_SLICES.index(which), num_heads, list(thw), list(kernel), list(stride),
+            list(padding), mode, pool_weight, bool(has_cls), norm_weight, norm_bias, float(eps),
+        )
+
+
+@torch.library.custom_op("mvit_kernels::pooled_projection_triton_backward", mutates_args=())
+def _bwd_op(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    pool_weight: Optional[Tensor],
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    which: str,
+    num_heads: int,
+    thw: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    mode: str,
+    has_cls: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dx, dweight (3A, C), dbias, dpool_weight, dnorm_weight, dnorm_bias) of modes
+    conv and avg; an absent input's gradient is an empty (0,) tensor."""
+    grads = _launch_backward(grad_y, x, weight, bias, pool_weight, norm_weight, norm_bias, which, num_heads, thw,
+                             kernel, stride, padding, mode, has_cls, eps)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad_y, x, weight, bias, pool_weight, norm_weight, norm_bias, which, num_heads, thw, kernel, stride,
+              padding, mode, has_cls, eps):
+    def like(t, used=True):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if (t is not None and used) else x.new_empty(0)
+
+    return like(x), like(weight), like(bias), like(pool_weight, mode == "conv"), like(norm_weight), like(norm_bias)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, pool_weight, norm_weight, norm_bias, *args = inputs
     ctx.save_for_backward(x, weight, bias, pool_weight, norm_weight, norm_bias)
     ctx.args = tuple(args)
 
 
+def _gradients(ctx, grad_y, backward):
+    """The six input gradients: the Triton backward (``backward``: the registered op when
+    traced, the plain launcher eagerly) for modes conv and avg, the composed one for max; None
+    where the input is absent or needs no gradient."""
+    mode = ctx.args[6]
+    if mode == "max":
+        return _composed_backward(grad_y, ctx.saved_tensors, ctx.args)
+    grads = backward(grad_y, *ctx.saved_tensors, *ctx.args)
+    saved = ctx.saved_tensors
+    return tuple(g if (t is not None and need) else None for g, t, need in zip(grads, saved, ctx.needs_input_grad))
+
+
 def _backward(ctx, grad_y):
-    return (*_composed_backward(grad_y, ctx.saved_tensors, ctx.args), *([None] * len(ctx.args)))
+    return (*_gradients(ctx, grad_y, _bwd_op), *([None] * len(ctx.args)))
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -172,12 +232,14 @@ class _EagerTritonProjection(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        return (*_composed_backward(grad_y, ctx.saved_tensors, ctx.args), *([None] * len(ctx.args)))
+        return (*_gradients(ctx, grad_y, _launch_backward), *([None] * len(ctx.args)))
 
 
 # ------------------------------------------------------------------------------------------
-# FLOPs: what the kernel does (it skips unread tokens, so it counts fewer than the reference's
-# full F.linear; bench scripts report both). The composed backward runs torch ops, which
+# FLOPs: what the kernels do (they skip unread tokens, so they count fewer than the reference's
+# full F.linear; bench scripts report both). The backward kernel's dots: the forward's recompute
+# plus dW and dx (each as many as the forward's): 3x the forward; conv recomputes the projection
+# a second time for d pool_weight: 4x. The composed backward (mode max) runs torch ops, which
 # FlopCounterMode counts itself.
 # ------------------------------------------------------------------------------------------
 
@@ -189,6 +251,14 @@ def _fwd_flops(x_shape, weight_shape, bias_shape, pw_shape, nw_shape, nb_shape, 
     A = weight_shape[0] // 3
     rows = _kernels.projected_rows(thw, kernel, stride, padding, has_cls) if _kernels else 0
     return 2 * B * num_heads * rows * C * (A // num_heads)
+
+
+@register_flop_formula(torch.ops.mvit_kernels.pooled_projection_triton_backward)
+def _bwd_flops(grad_y_shape, x_shape, weight_shape, bias_shape, pw_shape, nw_shape, nb_shape, which, num_heads, thw,
+               kernel, stride, padding, mode, has_cls, *args, out_shape=None, **kwargs) -> int:
+    fwd = _fwd_flops(x_shape, weight_shape, bias_shape, pw_shape, nw_shape, nb_shape, which, num_heads, thw, kernel,
+                     stride, padding, mode, has_cls)
+    return (4 if mode == "conv" else 3) * fwd
 
 
 def reference_projection_flops(x_shape: Sequence[int], weight_shape: Sequence[int]) -> int:

@@ -42,6 +42,9 @@ def test_every_dispatchable_config_was_compiled(rows):
     assert {m for *_, m in proj} == {"conv", "avg", "max"}
     assert {d for _, _, d, _ in proj} == {16, 32, 64, 128}
     assert ("float32", "ieee", 128, "conv") in proj and ("bfloat16", "tf32", 128, "max") in proj
+    # Its backward kernel: modes conv and avg (max keeps the composed backward), same coverage.
+    bwd = {(r["dtype"], r["precision"], r["d_pad"], r["mode"]) for r in rows if r["kernel"] == "proj_bwd"}
+    assert bwd == {p for p in proj if p[3] != "max"}
 
 
 def test_no_spills_and_shared_memory_within_limits(rows):
@@ -59,8 +62,9 @@ def test_config_rule_matches_compiled_tiles(rows):
 
     for r in rows:
         dtype, cc = getattr(torch, r["dtype"]), int(r["target"][3:])
-        if r["kernel"] == "proj":
-            cfg = projection.select_config(dtype, r["d_pad"], cc, r["precision"])
+        if r["kernel"] in ("proj", "proj_bwd"):
+            rule = projection.select_config if r["kernel"] == "proj" else projection.select_bwd_config
+            cfg = rule(dtype, r["d_pad"], cc, r["precision"])
             assert (cfg.block_m, cfg.block_k, cfg.num_warps, cfg.num_stages) == (
                 r["block_m"], r["block_k"], r["num_warps"], r["num_stages"]
             )

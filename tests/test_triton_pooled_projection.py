@@ -1,6 +1,8 @@
 """The Triton pooled Q/K/V projection against ``mvit_kernels.reference.pooled_projection``:
-forward and every gradient (x, weight, bias, pool_weight, norm weight/bias), the registered op
-(opcheck, torch.compile, FLOP formula), the dispatch rule and the argument checks.
+forward and every gradient (x, weight, bias, pool_weight, norm weight/bias; modes conv and avg
+through the Triton backward kernel, max through the composed backward), the registered ops
+(opcheck of the forward and backward ops, torch.compile, FLOP formulas), the dispatch rule and
+the argument checks.
 
 In CI the kernel runs in the Triton interpreter on CPU tensors, float32 (the interpreter's
 tl.dot is a numpy fp32 matmul). Tolerances: atol = rtol = 1e-4 for the forward and the
@@ -39,6 +41,18 @@ def _ieee_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.fixture(autouse=True)
+def _triton_backward_for_conv_and_avg(monkeypatch):
+    # Modes conv and avg must take the Triton backward: the composed one is for max only.
+    composed = pp._composed_backward
+
+    def only_max(grad_y, saved, args):
+        assert args[6] == "max", f"mode {args[6]!r} took the composed backward"
+        return composed(grad_y, saved, args)
+
+    monkeypatch.setattr(pp, "_composed_backward", only_max)
 
 
 def make_inputs(B, heads, d, C, thw, kernel, mode, has_cls, norm, strided=False, seed=0):
@@ -160,6 +174,46 @@ def op_args(mode="conv", has_cls=True, norm=True):
 @pytest.mark.parametrize("mode", ["conv", "max"])
 def test_opcheck(mode):
     torch.library.opcheck(pp._fwd_op, op_args(mode, has_cls=mode == "conv", norm=mode == "conv"))
+
+
+def bwd_op_args(mode):
+    args = op_args(mode, has_cls=mode == "conv", norm=mode == "conv")
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    y = pp._fwd_op(*args)
+    return (torch.randn_like(y), *args)
+
+
+@pytest.mark.parametrize("mode", ["conv", "avg"])
+def test_opcheck_backward(mode):
+    torch.library.opcheck(pp._bwd_op, bwd_op_args(mode))
+
+
+def test_backward_op_matches_eager_and_flop_formula():
+    args = bwd_op_args("conv")
+    with FlopCounterMode(display=False) as counter:
+        grads = pp._bwd_op(*args)
+    eager = pp._launch_backward(*args)
+    for a, b in zip(grads, eager):
+        torch.testing.assert_close(a, b)
+    x, weight = args[1], args[2]
+    rows = kernels.projected_rows((1, 4, 4), K3, (1, 4, 4), P1, True)
+    # Recompute, a second recompute for d pool_weight, dW and dx: 4x the forward's dots (avg 3x).
+    assert counter.get_total_flops() == 4 * 2 * x.shape[0] * rows * x.shape[2] * weight.shape[0] // 3
+    A = weight.shape[0] // 3
+    assert grads[1][:A].abs().sum() == 0 and grads[1][2 * A:].abs().sum() == 0  # the "k" slice only
+    assert grads[1][A:2 * A].abs().sum() > 0
+
+
+def test_gradients_only_for_inputs_that_need_them(mode="conv"):
+    inputs = make_inputs(1, 2, 16, 12, (1, 8, 8), K3, mode, True, True, seed=9)
+    inputs = {k: (t.detach().requires_grad_(k in ("x", "norm_bias")) if t is not None else None)
+              for k, t in inputs.items()}
+    for fn in (pp._EagerTritonProjection.apply, pp._fwd_op):
+        y = fn(inputs["x"], inputs["weight"], inputs["bias"], inputs["pool_weight"], inputs["norm_weight"],
+               inputs["norm_bias"], "v", 2, [1, 8, 8], list(K3), [1, 4, 4], list(P1), mode, True, 1e-6)
+        y.sum().backward()
+    assert inputs["x"].grad is not None and inputs["norm_bias"].grad is not None
+    assert all(inputs[k].grad is None for k in ("weight", "bias", "norm_weight") if inputs[k] is not None)
 
 
 def test_torch_compile_fullgraph():

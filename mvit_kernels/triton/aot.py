@@ -49,6 +49,10 @@ _SIGS = {
     "proj": [
         ("X", "*q"), ("W", "*q"), ("Bias", "*q"), ("PW", "*q"), ("NW", "*q"), ("NB", "*q"), ("Y", "*q"),
     ],
+    "proj_bwd": [
+        ("X", "*q"), ("W", "*q"), ("Bias", "*q"), ("PW", "*q"), ("NW", "*q"), ("DY", "*q"), ("DX", "*fp32"),
+        ("DW", "*fp32"), ("DBias", "*fp32"), ("DPW", "*fp32"), ("DNW", "*fp32"), ("DNB", "*fp32"),
+    ],
 }
 #: fp32 scalar arguments (every other non-pointer, non-constexpr argument is int32).
 _FLOAT_ARGS = ("sm_scale", "inv_count", "eps")
@@ -62,6 +66,7 @@ def _kernel(name):
 
     return {
         "proj": p.pooled_projection_fwd_kernel,
+        "proj_bwd": p.pooled_projection_bwd_kernel,
         "fwd": k.pooling_attention_fwd_kernel,
         "bwd_delta": k.pooling_attention_bwd_delta_kernel,
         "bwd_dkdv": k.pooling_attention_bwd_dkdv_kernel,
@@ -111,6 +116,11 @@ def projection_configs():
                         cfg = p.select_config(dtype, d_pad, cc, precision)
                         out.append(dict(kernel="proj", dtype=str(dtype).replace("torch.", ""), d_pad=d_pad,
                                         precision=precision, partials=False, mode=mode, cc=cc, **vars(cfg)))
+                        # The backward kernel covers conv and avg (max keeps the composed backward).
+                        if mode != "max":
+                            cfg = p.select_bwd_config(dtype, d_pad, cc, precision)
+                            out.append(dict(kernel="proj_bwd", dtype=str(dtype).replace("torch.", ""), d_pad=d_pad,
+                                            precision=precision, partials=False, mode=mode, cc=cc, **vars(cfg)))
     return out
 
 
@@ -210,7 +220,7 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["kernel"] == "proj":
+        if r["kernel"] in ("proj", "proj_bwd"):
             continue
         smem = max(r["shared"], r["shared_triton"])
         ok = "; ".join(check(r)) or "yes"
@@ -218,11 +228,13 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['kernel']} | {r['dtype']} | {r['precision']} | {'yes' if r['partials'] else ''} | {r['d_pad']} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | "
             f"{r['num_stages']} | {r['target']} | {r['reg']} | {r['stack']} | {r['local']} | {smem} | {ok} |"
         )
-    proj = [r for r in rows if r["kernel"] == "proj"]
-    if proj:
+    for kernel, name in (("proj", "pooled_projection_fwd_kernel"), ("proj_bwd", "pooled_projection_bwd_kernel")):
+        proj = [r for r in rows if r["kernel"] == kernel]
+        if not proj:
+            continue
         lines += [
             "",
-            "## Pooled projection (`pooled_projection_fwd_kernel`): class token, bias and LayerNorm on",
+            f"## Pooled projection (`{name}`): class token, bias and LayerNorm on",
             "",
             "| mode | dtype | dot | d_pad | BLOCK_M | BLOCK_K | warps | stages | target | REG | STACK | LOCAL | shared (B) | ok |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",

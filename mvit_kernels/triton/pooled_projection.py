@@ -24,6 +24,16 @@ recompute factor is prod(kernel) * N_out / N_grid projections per grid token (0.
 projecting once (cuBLAS) and pooling in a second pass (the ``mvit_kernels.pool3d`` op) does fewer
 FLOPs; :func:`use_fused_projection` is that rule.
 
+Backward (``pooled_projection_bwd_kernel``, modes conv and avg; max keeps the composed torch
+backward of :mod:`mvit_kernels.pooled_projection`, which would otherwise need the arg-max tap of
+every output): the same tiling; each program recomputes its tile's pooled value by the same tap
+loop (the forward stores nothing extra), runs the LayerNorm backward on chip, then loops over the
+taps again: d proj = coefficient * d pooled on valid taps, and dW (d proj^T x), dx (d proj W), d
+bias, d pool_weight (conv: the projection recomputed in the same C loop) and the LayerNorm
+parameters' per-tile sums go to zeroed fp32 buffers with ``tl.atomic_add`` (windows overlap and
+heads share x rows), cast to the inputs' dtypes by the launcher. The dots take d proj in the
+inputs' dtype.
+
 Precision: fp32 accumulation for every dtype; fp32 inputs use IEEE dots when torch's TF32 switch
 is off on CUDA, tf32 otherwise (``dot_precision``, shared with the attention kernels). The
 interpreter computes every tl.dot in fp32.
@@ -127,6 +137,129 @@ def pooled_projection_fwd_kernel(
     )
 
 
+@triton.jit
+def pooled_projection_bwd_kernel(
+    X, W, Bias, PW, NW, DY, DX, DW, DBias, DPW, DNW, DNB,
+    stride_xb, stride_xn, stride_wr, stride_dxb,
+    H, N_OUT, C, D, W_ROW0,
+    T, HH, WW, HO, WO,
+    ST, SH, SW, PT, PH, PW_, KT, KH, KW,
+    inv_count, eps,
+    MODE: tl.constexpr, HAS_CLS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Backward of modes conv and avg (see the module docstring). DX (B, N, C) contiguous, DW
+    (3A, C), DBias (3A,), DPW (d, prod(kernel)), DNW and DNB (d,): fp32, zeroed by the launcher,
+    accumulated with atomics."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_k = tl.arange(0, BLOCK_K)
+    d_mask = offs_d < D
+    row_ok = offs_m < N_OUT
+    g = offs_m - HAS_CLS
+    is_cls = (g < 0) & row_ok
+    grid_row = (g >= 0) & row_ok
+    g = tl.where(grid_row, g, 0)
+    ot = g // (HO * WO)
+    oh = (g // WO) % HO
+    ow = g % WO
+    x_base = X + b * stride_xb
+    dx_base = DX + b * stride_dxb
+    w_base = W + (W_ROW0 + h * D) * stride_wr
+    dw_base = DW + (W_ROW0 + h * D) * C
+    KV = KT * KH * KW
+    if HAS_BIAS:
+        bias = tl.load(Bias + W_ROW0 + h * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    # 1. The forward up to the pooled value, before the LayerNorm.
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for tap in range(KV):
+        ti = ot * ST - PT + tap // (KH * KW)
+        hi = oh * SH - PH + (tap // KW) % KH
+        wi = ow * SW - PW_ + tap % KW
+        valid = grid_row & (ti >= 0) & (ti < T) & (hi >= 0) & (hi < HH) & (wi >= 0) & (wi < WW)
+        src = HAS_CLS + (ti * HH + hi) * WW + wi
+        valid = valid | (is_cls & (tap == 0))
+        src = tl.where(valid & ~is_cls, src, 0)
+        proj = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < C
+            xt = tl.load(x_base + src[:, None] * stride_xn + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_base + offs_d[None, :] * stride_wr + kk[:, None], mask=k_ok[:, None] & d_mask[None, :], other=0.0)
+            proj = tl.dot(xt, wt, proj, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            proj += bias[None, :]
+        if MODE == "conv":
+            coef = tl.load(PW + offs_d * KV + tap, mask=d_mask, other=0.0).to(tl.float32)
+            coef = tl.where(is_cls[:, None], 1.0, coef[None, :])
+            acc += tl.where(valid[:, None], proj * coef, 0.0)
+        else:
+            acc += tl.where(valid[:, None], proj, 0.0)
+    if MODE == "avg":
+        acc = tl.where(is_cls[:, None], acc, acc * inv_count)
+    out_mask = row_ok[:, None] & d_mask[None, :]
+    acc = tl.where(out_mask, acc, 0.0)
+    dy = tl.load(DY + pid_bh * N_OUT * D + offs_m[:, None] * D + offs_d[None, :], mask=out_mask, other=0.0).to(tl.float32)
+    # 2. LayerNorm backward on chip: d pooled, and this tile's share of the LN parameter grads.
+    if HAS_NORM:
+        mean = tl.sum(acc, 1) / D
+        diff = tl.where(out_mask, acc - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, 1) / D + eps)
+        xhat = diff * rstd[:, None]
+        tl.atomic_add(DNW + offs_d, tl.sum(dy * xhat, 0), mask=d_mask)
+        tl.atomic_add(DNB + offs_d, tl.sum(dy, 0), mask=d_mask)
+        nw = tl.load(NW + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        gx = dy * nw[None, :]
+        c1 = tl.sum(gx, 1) / D
+        c2 = tl.sum(gx * xhat, 1) / D
+        dpool = tl.where(out_mask, (gx - c1[:, None] - xhat * c2[:, None]) * rstd[:, None], 0.0)
+    else:
+        dpool = dy
+    if MODE == "avg":
+        dpool = tl.where(is_cls[:, None], dpool, dpool * inv_count)
+    # 3. Back through the taps: d proj = coef * d pooled on valid taps, then bias, W and x grads
+    # (conv: the pool weight's too, from the projection recomputed in the same C loop).
+    for tap in range(KV):
+        ti = ot * ST - PT + tap // (KH * KW)
+        hi = oh * SH - PH + (tap // KW) % KH
+        wi = ow * SW - PW_ + tap % KW
+        valid = grid_row & (ti >= 0) & (ti < T) & (hi >= 0) & (hi < HH) & (wi >= 0) & (wi < WW)
+        src = HAS_CLS + (ti * HH + hi) * WW + wi
+        valid = valid | (is_cls & (tap == 0))
+        src = tl.where(valid & ~is_cls, src, 0)
+        if MODE == "conv":
+            coef = tl.load(PW + offs_d * KV + tap, mask=d_mask, other=0.0).to(tl.float32)
+            coef = tl.where(is_cls[:, None], 1.0, coef[None, :])
+            dproj = tl.where(valid[:, None], dpool * coef, 0.0)
+            proj = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+        else:
+            dproj = tl.where(valid[:, None], dpool, 0.0)
+        if HAS_BIAS:
+            tl.atomic_add(DBias + W_ROW0 + h * D + offs_d, tl.sum(dproj, 0), mask=d_mask)
+        dproj_lo = dproj.to(X.dtype.element_ty)
+        for k0 in range(0, C, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < C
+            xt = tl.load(x_base + src[:, None] * stride_xn + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_base + offs_d[None, :] * stride_wr + kk[:, None], mask=k_ok[:, None] & d_mask[None, :], other=0.0)
+            if MODE == "conv":
+                proj = tl.dot(xt, wt, proj, input_precision=DOT_PRECISION)
+            # dW^T chunk (BLOCK_K, D_PAD) = x^T d proj; dx chunk (BLOCK_M, BLOCK_K) = d proj W.
+            dwt = tl.dot(tl.trans(xt), dproj_lo, input_precision=DOT_PRECISION)
+            tl.atomic_add(dw_base + offs_d[None, :] * C + kk[:, None], dwt, mask=k_ok[:, None] & d_mask[None, :])
+            dxt = tl.dot(dproj_lo, tl.trans(wt), input_precision=DOT_PRECISION)
+            tl.atomic_add(dx_base + src[:, None] * C + kk[None, :], dxt, mask=valid[:, None] & k_ok[None, :])
+        if MODE == "conv":
+            if HAS_BIAS:
+                proj += bias[None, :]
+            keep = valid & ~is_cls
+            tl.atomic_add(DPW + offs_d * KV + tap, tl.sum(tl.where(keep[:, None], proj * dpool, 0.0), 0), mask=d_mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # Host side: dispatch rule, configuration rule, FLOP count and launcher (no autograd here).
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +291,24 @@ def select_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: str =
     if dtype == torch.float32:
         return ProjectionConfig(32, 32, warps, 2)
     return ProjectionConfig(64, 32, warps, 2)
+
+
+def select_bwd_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: str = "tf32") -> ProjectionConfig:
+    """Tiles of :func:`pooled_projection_bwd_kernel`, the same kind of rule as
+    :func:`select_config`. A program holds more fp32 tiles than the forward's (the pre-norm
+    accumulator then d pooled, conv's recomputed projection, a (BLOCK_K, D_PAD) dW chunk and a
+    (BLOCK_M, BLOCK_K) dx chunk), and its atomics are per element whatever the tile, so it takes
+    32 rows for every dtype (half the forward's for 16-bit inputs), 16 for IEEE fp32, and 8 warps
+    from head 64 (4 warps there reached 255 registers and spilled with fp32 conv); fp32 inputs
+    take 16-channel chunks (32 spilled at head 64 on sm_80)."""
+    if d_pad not in D_PADS:
+        raise ValueError(f"d_pad must be one of {D_PADS}, got {d_pad}")
+    if precision == "ieee":
+        return ProjectionConfig(16, 16, 4, 1)
+    warps = 8 if d_pad >= 64 else 4
+    if dtype == torch.float32:
+        return ProjectionConfig(32, 16, warps, 1)
+    return ProjectionConfig(32, 32, warps, 1)
 
 
 def out_thw(thw: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int]) -> tuple[int, int, int]:
@@ -238,3 +389,57 @@ def forward(x, weight, bias, which_index: int, num_heads: int, thw, kernel, stri
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
+
+
+def backward(grad_y, x, weight, bias, which_index: int, num_heads: int, thw, kernel, stride, padding, mode: str,
+             pool_weight, has_cls: bool, norm_weight, norm_bias, eps: float):
+    """Gradients (dx, dweight, dbias, dpool_weight, dnorm_weight, dnorm_bias) of modes conv and
+    avg, None where the input is None; dweight is the whole (3A, C) gradient, zero outside the
+    slice's rows. Accumulated in fp32 (atomics), returned in each input's dtype."""
+    if mode not in ("conv", "avg"):
+        raise ValueError(f"the Triton backward covers modes conv and avg, not {mode!r}")
+    x = _last_dim_contiguous(x)
+    weight = _last_dim_contiguous(weight)
+    grad_y = grad_y.contiguous()
+    B, N, C = x.shape
+    A = weight.shape[0] // 3
+    D = A // num_heads
+    t_out, h_out, w_out = out_thw(thw, kernel, stride, padding)
+    n_out = t_out * h_out * w_out + (1 if has_cls else 0)
+    d_pad = next_pow2(D)
+    precision = dot_precision(x)
+    cc = 90
+    if x.is_cuda:
+        cc = 80 if torch.cuda.get_device_capability(x.device)[0] < 9 else 90
+    cfg = select_bwd_config(x.dtype, d_pad, cc, precision)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dx = torch.zeros(B, N, C, **f32)
+    dw = torch.zeros(weight.shape[0], C, **f32)
+    dummy = _dummy(x.device, x.dtype)
+    dummy32 = _dummy(x.device, torch.float32)
+    db = torch.zeros(weight.shape[0], **f32) if bias is not None else dummy32
+    dpw = torch.zeros(D, math.prod(kernel), **f32) if mode == "conv" else dummy32
+    dnw = torch.zeros(D, **f32) if norm_weight is not None else dummy32
+    dnb = torch.zeros(D, **f32) if norm_weight is not None else dummy32
+    grid = (triton.cdiv(n_out, cfg.block_m), B * num_heads)
+    pooled_projection_bwd_kernel[grid](
+        x, weight, dummy if bias is None else bias.contiguous(),
+        pool_weight.contiguous() if mode == "conv" else dummy,
+        dummy if norm_weight is None else norm_weight.contiguous(), grad_y,
+        dx, dw, db, dpw, dnw, dnb,
+        x.stride(0), x.stride(1), weight.stride(0), N * C,
+        num_heads, n_out, C, D, which_index * A,
+        *thw, h_out, w_out, *stride, *padding, *kernel,
+        1.0 / math.prod(kernel), float(eps),
+        MODE=mode, HAS_CLS=bool(has_cls), HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None,
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, D_PAD=d_pad, DOT_PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return (
+        dx.to(x.dtype),
+        dw.to(weight.dtype),
+        None if bias is None else db.to(bias.dtype),
+        None if mode != "conv" else dpw.view(pool_weight.shape).to(pool_weight.dtype),
+        None if norm_weight is None else dnw.to(norm_weight.dtype),
+        None if norm_bias is None else dnb.to(norm_bias.dtype),
+    )
