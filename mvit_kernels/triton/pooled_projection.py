@@ -58,6 +58,93 @@ MAX_RECOMPUTE = 1.0
 
 
 @triton.jit
+def _output_rows(pid_m, N_OUT, HO, WO, HAS_CLS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The tile's output rows: (offs_m, row_ok, is_cls, grid_row, ot, oh, ow), the class token
+    being row 0 when present and (ot, oh, ow) the pooled grid coordinates of the others."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N_OUT
+    g = offs_m - HAS_CLS
+    is_cls = (g < 0) & row_ok
+    grid_row = (g >= 0) & row_ok
+    g = tl.where(grid_row, g, 0)
+    return offs_m, row_ok, is_cls, grid_row, g // (HO * WO), (g // WO) % HO, g % WO
+
+
+@triton.jit
+def _tap_source(tap, ot, oh, ow, grid_row, is_cls, T, HH, WW, ST, SH, SW, PT, PH, PW_, KH, KW,
+                HAS_CLS: tl.constexpr):
+    """(valid, src): whether each row reads a token at this tap (not padding) and which one. The
+    class token is valid at the first tap only, reading token 0."""
+    ti = ot * ST - PT + tap // (KH * KW)
+    hi = oh * SH - PH + (tap // KW) % KH
+    wi = ow * SW - PW_ + tap % KW
+    valid = grid_row & (ti >= 0) & (ti < T) & (hi >= 0) & (hi < HH) & (wi >= 0) & (wi < WW)
+    valid = valid | (is_cls & (tap == 0))
+    src = tl.where(valid & ~is_cls, HAS_CLS + (ti * HH + hi) * WW + wi, 0)
+    return valid, src
+
+
+@triton.jit
+def _tap_coef(PW, offs_d, d_mask, tap, KV, is_cls):
+    """The conv pooling weight of this tap per channel; 1 for the class token's row."""
+    coef = tl.load(PW + offs_d * KV + tap, mask=d_mask, other=0.0).to(tl.float32)
+    return tl.where(is_cls[:, None], 1.0, coef[None, :])
+
+
+@triton.jit
+def _project_rows(x_base, w_base, src, valid, offs_k, offs_d, d_mask, stride_xn, stride_wr, C,
+                  BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """x[src] @ W_head^T for the valid rows (fp32, no bias), in BLOCK_K chunks of C."""
+    proj = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < C
+        xt = tl.load(x_base + src[:, None] * stride_xn + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_base + offs_d[None, :] * stride_wr + kk[:, None], mask=k_ok[:, None] & d_mask[None, :], other=0.0)
+        proj = tl.dot(xt, wt, proj, input_precision=DOT_PRECISION)
+    return proj
+
+
+@triton.jit
+def _head_bias(Bias, row0, offs_d, d_mask, HAS_BIAS: tl.constexpr):
+    """The head's slice of the bias (fp32), zeros without one."""
+    if HAS_BIAS:
+        bias = tl.load(Bias + row0 + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros(offs_d.shape, dtype=tl.float32)
+    return bias
+
+
+@triton.jit
+def _pool_taps(x_base, w_base, bias, PW, offs_k, offs_d, d_mask, ot, oh, ow, grid_row, is_cls, row_ok,
+               stride_xn, stride_wr, C, T, HH, WW, ST, SH, SW, PT, PH, PW_, KT, KH, KW, inv_count,
+               MODE: tl.constexpr, HAS_CLS: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The pooled value before the LayerNorm (fp32, zero outside the tile's rows and channels):
+    every tap's projection (+ bias on valid taps) combined by the pooling mode."""
+    KV = KT * KH * KW
+    if MODE == "max":
+        acc = tl.full([BLOCK_M, D_PAD], float("-inf"), dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for tap in range(KV):
+        valid, src = _tap_source(tap, ot, oh, ow, grid_row, is_cls, T, HH, WW, ST, SH, SW, PT, PH, PW_, KH, KW, HAS_CLS)
+        proj = _project_rows(x_base, w_base, src, valid, offs_k, offs_d, d_mask, stride_xn, stride_wr, C,
+                             BLOCK_M, D_PAD, BLOCK_K, DOT_PRECISION)
+        if HAS_BIAS:
+            proj += bias[None, :]
+        if MODE == "conv":
+            acc += tl.where(valid[:, None], proj * _tap_coef(PW, offs_d, d_mask, tap, KV, is_cls), 0.0)
+        elif MODE == "avg":
+            acc += tl.where(valid[:, None], proj, 0.0)
+        else:
+            acc = tl.where(valid[:, None], tl.maximum(acc, proj), acc)
+    if MODE == "avg":
+        acc = tl.where(is_cls[:, None], acc, acc * inv_count)
+    return tl.where(row_ok[:, None] & d_mask[None, :], acc, 0.0)
+
+
+@triton.jit
 def pooled_projection_fwd_kernel(
     X, W, Bias, PW, NW, NB, Y,
     stride_xb, stride_xn, stride_wr,
@@ -74,56 +161,17 @@ def pooled_projection_fwd_kernel(
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, row_ok, is_cls, grid_row, ot, oh, ow = _output_rows(pid_m, N_OUT, HO, WO, HAS_CLS, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_k = tl.arange(0, BLOCK_K)
     d_mask = offs_d < D
-    row_ok = offs_m < N_OUT
-    g = offs_m - HAS_CLS
-    is_cls = (g < 0) & row_ok
-    grid_row = (g >= 0) & row_ok
-    g = tl.where(grid_row, g, 0)
-    ot = g // (HO * WO)
-    oh = (g // WO) % HO
-    ow = g % WO
     x_base = X + b * stride_xb
     # W rows of this head: W_ROW0 + h*D + j (j < D), read transposed as a (BLOCK_K, D_PAD) tile.
     w_base = W + (W_ROW0 + h * D) * stride_wr
-    if HAS_BIAS:
-        bias = tl.load(Bias + W_ROW0 + h * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    if MODE == "max":
-        acc = tl.full([BLOCK_M, D_PAD], float("-inf"), dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    for tap in range(KT * KH * KW):
-        ti = ot * ST - PT + tap // (KH * KW)
-        hi = oh * SH - PH + (tap // KW) % KH
-        wi = ow * SW - PW_ + tap % KW
-        valid = grid_row & (ti >= 0) & (ti < T) & (hi >= 0) & (hi < HH) & (wi >= 0) & (wi < WW)
-        src = HAS_CLS + (ti * HH + hi) * WW + wi
-        # The class token: valid at the first tap only, reading token 0.
-        valid = valid | (is_cls & (tap == 0))
-        src = tl.where(valid & ~is_cls, src, 0)
-        proj = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-        for k0 in range(0, C, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < C
-            xt = tl.load(x_base + src[:, None] * stride_xn + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(w_base + offs_d[None, :] * stride_wr + kk[:, None], mask=k_ok[:, None] & d_mask[None, :], other=0.0)
-            proj = tl.dot(xt, wt, proj, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            proj += bias[None, :]
-        if MODE == "conv":
-            coef = tl.load(PW + offs_d * (KT * KH * KW) + tap, mask=d_mask, other=0.0).to(tl.float32)
-            coef = tl.where(is_cls[:, None], 1.0, coef[None, :])
-            acc += tl.where(valid[:, None], proj * coef, 0.0)
-        elif MODE == "avg":
-            acc += tl.where(valid[:, None], proj, 0.0)
-        else:
-            acc = tl.where(valid[:, None], tl.maximum(acc, proj), acc)
-    if MODE == "avg":
-        acc = tl.where(is_cls[:, None], acc, acc * inv_count)
-    acc = tl.where(row_ok[:, None] & d_mask[None, :], acc, 0.0)
+    bias = _head_bias(Bias, W_ROW0 + h * D, offs_d, d_mask, HAS_BIAS)
+    acc = _pool_taps(x_base, w_base, bias, PW, offs_k, offs_d, d_mask, ot, oh, ow, grid_row, is_cls, row_ok,
+                     stride_xn, stride_wr, C, T, HH, WW, ST, SH, SW, PT, PH, PW_, KT, KH, KW, inv_count,
+                     MODE, HAS_CLS, HAS_BIAS, BLOCK_M, D_PAD, BLOCK_K, DOT_PRECISION)
     if HAS_NORM:
         mean = tl.sum(acc, 1) / D
         diff = tl.where(d_mask[None, :], acc - mean[:, None], 0.0)
@@ -155,54 +203,21 @@ def pooled_projection_bwd_kernel(
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, row_ok, is_cls, grid_row, ot, oh, ow = _output_rows(pid_m, N_OUT, HO, WO, HAS_CLS, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_k = tl.arange(0, BLOCK_K)
     d_mask = offs_d < D
-    row_ok = offs_m < N_OUT
-    g = offs_m - HAS_CLS
-    is_cls = (g < 0) & row_ok
-    grid_row = (g >= 0) & row_ok
-    g = tl.where(grid_row, g, 0)
-    ot = g // (HO * WO)
-    oh = (g // WO) % HO
-    ow = g % WO
     x_base = X + b * stride_xb
     dx_base = DX + b * stride_dxb
     w_base = W + (W_ROW0 + h * D) * stride_wr
     dw_base = DW + (W_ROW0 + h * D) * C
     KV = KT * KH * KW
-    if HAS_BIAS:
-        bias = tl.load(Bias + W_ROW0 + h * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    # 1. The forward up to the pooled value, before the LayerNorm.
-    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    for tap in range(KV):
-        ti = ot * ST - PT + tap // (KH * KW)
-        hi = oh * SH - PH + (tap // KW) % KH
-        wi = ow * SW - PW_ + tap % KW
-        valid = grid_row & (ti >= 0) & (ti < T) & (hi >= 0) & (hi < HH) & (wi >= 0) & (wi < WW)
-        src = HAS_CLS + (ti * HH + hi) * WW + wi
-        valid = valid | (is_cls & (tap == 0))
-        src = tl.where(valid & ~is_cls, src, 0)
-        proj = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-        for k0 in range(0, C, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < C
-            xt = tl.load(x_base + src[:, None] * stride_xn + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(w_base + offs_d[None, :] * stride_wr + kk[:, None], mask=k_ok[:, None] & d_mask[None, :], other=0.0)
-            proj = tl.dot(xt, wt, proj, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            proj += bias[None, :]
-        if MODE == "conv":
-            coef = tl.load(PW + offs_d * KV + tap, mask=d_mask, other=0.0).to(tl.float32)
-            coef = tl.where(is_cls[:, None], 1.0, coef[None, :])
-            acc += tl.where(valid[:, None], proj * coef, 0.0)
-        else:
-            acc += tl.where(valid[:, None], proj, 0.0)
-    if MODE == "avg":
-        acc = tl.where(is_cls[:, None], acc, acc * inv_count)
+    bias = _head_bias(Bias, W_ROW0 + h * D, offs_d, d_mask, HAS_BIAS)
+    # 1. The forward up to the pooled value, before the LayerNorm (recomputed, nothing stored).
+    acc = _pool_taps(x_base, w_base, bias, PW, offs_k, offs_d, d_mask, ot, oh, ow, grid_row, is_cls, row_ok,
+                     stride_xn, stride_wr, C, T, HH, WW, ST, SH, SW, PT, PH, PW_, KT, KH, KW, inv_count,
+                     MODE, HAS_CLS, HAS_BIAS, BLOCK_M, D_PAD, BLOCK_K, DOT_PRECISION)
     out_mask = row_ok[:, None] & d_mask[None, :]
-    acc = tl.where(out_mask, acc, 0.0)
     dy = tl.load(DY + pid_bh * N_OUT * D + offs_m[:, None] * D + offs_d[None, :], mask=out_mask, other=0.0).to(tl.float32)
     # 2. LayerNorm backward on chip: d pooled, and this tile's share of the LN parameter grads.
     if HAS_NORM:
@@ -224,17 +239,9 @@ def pooled_projection_bwd_kernel(
     # 3. Back through the taps: d proj = coef * d pooled on valid taps, then bias, W and x grads
     # (conv: the pool weight's too, from the projection recomputed in the same C loop).
     for tap in range(KV):
-        ti = ot * ST - PT + tap // (KH * KW)
-        hi = oh * SH - PH + (tap // KW) % KH
-        wi = ow * SW - PW_ + tap % KW
-        valid = grid_row & (ti >= 0) & (ti < T) & (hi >= 0) & (hi < HH) & (wi >= 0) & (wi < WW)
-        src = HAS_CLS + (ti * HH + hi) * WW + wi
-        valid = valid | (is_cls & (tap == 0))
-        src = tl.where(valid & ~is_cls, src, 0)
+        valid, src = _tap_source(tap, ot, oh, ow, grid_row, is_cls, T, HH, WW, ST, SH, SW, PT, PH, PW_, KH, KW, HAS_CLS)
         if MODE == "conv":
-            coef = tl.load(PW + offs_d * KV + tap, mask=d_mask, other=0.0).to(tl.float32)
-            coef = tl.where(is_cls[:, None], 1.0, coef[None, :])
-            dproj = tl.where(valid[:, None], dpool * coef, 0.0)
+            dproj = tl.where(valid[:, None], dpool * _tap_coef(PW, offs_d, d_mask, tap, KV, is_cls), 0.0)
             proj = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
         else:
             dproj = tl.where(valid[:, None], dpool, 0.0)
@@ -254,11 +261,9 @@ def pooled_projection_bwd_kernel(
             dxt = tl.dot(dproj_lo, tl.trans(wt), input_precision=DOT_PRECISION)
             tl.atomic_add(dx_base + src[:, None] * C + kk[None, :], dxt, mask=valid[:, None] & k_ok[None, :])
         if MODE == "conv":
-            if HAS_BIAS:
-                proj += bias[None, :]
+            proj += bias[None, :]  # zero without a bias
             keep = valid & ~is_cls
             tl.atomic_add(DPW + offs_d * KV + tap, tl.sum(tl.where(keep[:, None], proj * dpool, 0.0), 0), mask=d_mask)
-
 
 # ---------------------------------------------------------------------------------------------
 # Host side: dispatch rule, configuration rule, FLOP count and launcher (no autograd here).
