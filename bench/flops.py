@@ -5,8 +5,9 @@
 GFLOPs are multiply-adds for one view (the papers' convention), counted on the meta device by
 ``mvit.flops.count_model``. The "fused" column counts the same model with ``fused=True``: the
 project's ops register FLOP formulas equal to what the reference path executes, so the two
-columns agree. "fused on CUDA" subtracts what the pooled K/V projection skips on a GPU (the
-projection of tokens no pooling window reads, in the blocks the dispatcher fuses).
+columns agree. "fused on CUDA" is what the fused model executes on a GPU, where the blocks the
+dispatcher fuses project K/V inside the pooling kernel: fewer FLOPs where the stride leaves tokens
+unread (1x8x8), more where overlapping windows are recomputed (1x4x4; the model chose it for bytes).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def _fused_gflops(name: str):
 
 def _fused_cuda_gflops(name: str, gflops: float):
     """The fused model's multiply-adds on CUDA, where blocks whose K/V stride the dispatcher fuses
-    (``use_fused_projection``: MViT-B's and MViTv2's first block) project k and v only for the
-    tokens some pooling window reads. None where Triton is not installed."""
+    (``use_fused_projection``: MViT-B's blocks 0-2) project k and v per pooling-window tap: the
+    reference's projection count minus the tokens no window reads plus the recomputed overlaps.
+    None where Triton is not installed."""
     import math
 
     try:
@@ -54,7 +56,7 @@ def _fused_cuda_gflops(name: str, gflops: float):
             continue
         n = math.prod(spec.input_thw) + (1 if cfg.cls_embed else 0)
         rows = kernels.projected_rows(spec.input_thw, spec.kernel_kv, spec.stride_kv, spec.padding_kv, cfg.cls_embed)
-        saved += 2 * (n - rows) * spec.dim_in * spec.attn_dim  # the k and the v slice
+        saved += 2 * (n - rows) * spec.dim_in * spec.attn_dim  # the k and the v slice (< 0: recompute)
     return round(gflops - saved / 1e9, 3)
 
 
@@ -105,8 +107,9 @@ def main() -> int:
         "",
         "GFLOPs: the reference model (`fused=False`), counted by torch's FlopCounterMode on the meta device.",
         "fused GFLOPs: the same count with `fused=True` (the ops' FLOP formulas equal the reference's).",
-        "fused on CUDA: what the fused model executes on a GPU, where the pooled K/V projection of",
-        "the blocks it fuses (1x8x8 K/V strides) projects only the tokens a pooling window reads.",
+        "fused on CUDA: what the fused model executes on a GPU, where the blocks whose K/V projection it",
+        "fuses with the pooling project per window tap: fewer FLOPs at 1x8x8 strides (unread tokens",
+        "skipped), more at 1x4x4 (overlapping windows recomputed, chosen by the byte/FLOP model).",
     ]
     text = "\n".join(lines) + "\n"
     os.makedirs(args.out, exist_ok=True)

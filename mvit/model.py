@@ -118,8 +118,8 @@ class MultiScaleAttention(nn.Module):
         B, N, _ = x.shape
         thw_q = thw_kv = thw
         if self._fuses_kv_projection(x, thw, fused):
-            # Large K/V strides (MViT-B's first block: 1x8x8): k and v are projected only where a
-            # pooling window reads, in the pooling kernel; q is projected as usual.
+            # Large K/V strides (MViT-B's blocks 0-2: 1x8x8, 1x4x4): k and v are projected inside
+            # the pooling kernel, only where a window reads, never written; q as usual.
             A = self.attn_dim
             q = mvit_kernels.linear(x, self.qkv.weight[:A], None if self.qkv.bias is None else self.qkv.bias[:A])
             q = q.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)

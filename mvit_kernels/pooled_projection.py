@@ -3,10 +3,10 @@
 One slice (q, k or v) of the qkv Linear applied to x (B, N, C), split into heads, pooled over the
 token grid and LayerNorm-ed: the contract of :func:`mvit_kernels.reference.pooled_projection`.
 
-- CUDA tensors where :func:`use_fused_projection` says so (recompute factor <= 1: kernel 3 with
-  stride (1,8,8), MViT-B's first block): the Triton kernel of
-  :mod:`mvit_kernels.triton.pooled_projection`, which projects only the tokens some window reads
-  and never writes the projected slice.
+- CUDA tensors where :func:`use_fused_projection` says so (recompute factor <= 2, the byte/FLOP
+  model's crossover: kernel 3 with strides (1,8,8) and (1,4,4), MViT-B's blocks 0-2): the Triton
+  kernel of :mod:`mvit_kernels.triton.pooled_projection`, which projects only the tokens some
+  window reads and never writes the projected slice.
 - Elsewhere: the composed path, ``F.linear`` on the slice (cuBLAS, each token once) and the
   ``mvit_kernels.pool3d`` op on the (B, heads, N, d) view (the reference ``pool3d`` where the
   C++ extension is not built). :func:`triton_pooled_projection` forces the Triton kernel (on CPU
@@ -329,7 +329,8 @@ def fused_projection_enabled() -> bool:
 
 def uses_triton(x: Tensor, weight: Tensor, num_heads: int, thw, kernel, stride, padding) -> bool:
     """The dispatch rule of :func:`pooled_projection`: Triton on CUDA where the kernel covers the
-    dtype and head dim and the recompute factor is <= 1, unless ``MVIT_KERNELS_FUSED_PROJECTION=0``."""
+    dtype and head dim and the recompute factor is <= 2 (``use_fused_projection``), unless
+    ``MVIT_KERNELS_FUSED_PROJECTION=0``."""
     return (
         _kernels is not None
         and fused_projection_enabled()

@@ -258,11 +258,16 @@ def test_flop_formula_counts_the_projected_rows():
 def test_dispatch_rule():
     mvit_b = (8, 56, 56)
     assert kernels.recompute_factor(K3, (1, 8, 8), mvit_b) == pytest.approx(27 * 392 / 25088)
-    assert pp.use_fused_projection(K3, (1, 8, 8), mvit_b)
-    assert pp.use_fused_projection(K3, (1, 8, 8), (8, 28, 28))
-    for stride in ((1, 4, 4), (1, 2, 2), (1, 1, 1)):
+    # The byte/FLOP model's crossover (recompute <= 2): MViT-B's blocks 0-2 fuse, the rest do not.
+    assert kernels.recompute_factor(K3, (1, 4, 4), mvit_b) == pytest.approx(27 * 8 * 14 * 14 / 25088)
+    for stride, thw in (((1, 8, 8), mvit_b), ((1, 8, 8), (8, 28, 28)), ((1, 4, 4), mvit_b), ((1, 4, 4), (8, 28, 28))):
+        assert pp.use_fused_projection(K3, stride, thw)
+    for stride in ((1, 2, 2), (1, 1, 1)):
         assert not pp.use_fused_projection(K3, stride, mvit_b)
         assert not pp.use_fused_projection(K3, stride, (8, 14, 14))
+    specs = __import__("mvit.presets", fromlist=["get_preset"]).get_preset("mvit_b_16x4").block_specs()
+    fused = [i for i, sp in enumerate(specs) if pp.use_fused_projection(sp.kernel_kv, sp.stride_kv, sp.input_thw, sp.padding_kv)]
+    assert fused == [0, 1, 2]
     x = torch.randn(1, 1 + 8 * 16 * 16, 16)
     w = torch.randn(48, 16)
     # CPU tensors never take Triton in the public op.

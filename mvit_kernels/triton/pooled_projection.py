@@ -20,9 +20,13 @@ window reads are never loaded or projected; the projected k/v never touch memory
 
 Trade-off: overlapping windows are recomputed. Each output projects prod(kernel) tokens, so the
 recompute factor is prod(kernel) * N_out / N_grid projections per grid token (0.42 at stride
-(1,8,8) with kernel 3, 1.69 at (1,4,4), 6.75 at (1,2,2), 27 at stride 1). Where it is > 1,
-projecting once (cuBLAS) and pooling in a second pass (the ``mvit_kernels.pool3d`` op) does fewer
-FLOPs; :func:`use_fused_projection` is that rule.
+(1,8,8) with kernel 3, 1.69 at (1,4,4), 6.75 at (1,2,2), 27 at stride 1). The projection at MViT's
+early blocks is memory-bound (C = 96..192 inputs against A = 96..192 outputs per token), so
+writing the projected k/v and reading it back for a second pooling pass costs more than a modest
+recompute: the byte/FLOP model (``bench/bench_attention.py``, ``attention_model.md``, H100, MViT-B
+16x4) puts the fused pass at 1.7 us against 8.1 us for block 0 (1x8x8), 7.9 against 16.5 for
+block 1 and 2.0 against 4.2 for block 2 (1x4x4, recompute 1.69), and behind from 1x2x2 on (31.6
+against 9.0 at block 3). :func:`use_fused_projection` takes that crossover: recompute <= 2.
 
 Backward (``pooled_projection_bwd_kernel``, modes conv and avg; max keeps the composed torch
 backward of :mod:`mvit_kernels.pooled_projection`, which would otherwise need the arg-max tap of
@@ -52,9 +56,9 @@ import triton.language as tl
 from .pooling_attention import D_PADS, DTYPES, dot_precision, next_pow2
 
 MODES = ("conv", "avg", "max")
-#: The fused kernel is picked only where it does no more projection FLOPs than projecting every
-#: grid token once (see the module docstring).
-MAX_RECOMPUTE = 1.0
+#: The fused kernel is picked up to this recompute factor: the byte/FLOP model's crossover at
+#: MViT's shapes (see the module docstring).
+MAX_RECOMPUTE = 2.0
 
 
 @triton.jit
@@ -329,9 +333,9 @@ def recompute_factor(kernel: Sequence[int], stride: Sequence[int], thw: Sequence
 
 
 def use_fused_projection(kernel: Sequence[int], stride: Sequence[int], thw: Sequence[int], padding: Optional[Sequence[int]] = None) -> bool:
-    """The dispatch rule: the fused kernel only where it recomputes no more than projecting every
-    token once (recompute factor <= MAX_RECOMPUTE = 1): kernel 3 with stride (1,8,8) (0.42), not
-    (1,4,4) (1.69), (1,2,2) (6.75) or 1 (27). Elsewhere the caller projects once and pools."""
+    """The dispatch rule: the fused kernel where its recompute factor is <= MAX_RECOMPUTE = 2, the
+    byte/FLOP model's crossover: kernel 3 with stride (1,8,8) (0.42) and (1,4,4) (1.69), not
+    (1,2,2) (6.75) or 1 (27). Elsewhere the caller projects once (cuBLAS) and pools."""
     return recompute_factor(kernel, stride, thw, padding) <= MAX_RECOMPUTE
 
 
