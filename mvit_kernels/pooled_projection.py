@@ -307,10 +307,23 @@ def triton_pooled_projection(
     thw, kernel, stride, padding = check_pooled_projection_args(
         x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias
     )
-    if x.dtype not in _kernels.DTYPES or weight.shape[0] // 3 // num_heads > _kernels.D_PADS[-1]:
+    if not _kernel_covers(x, weight, num_heads):
         raise ValueError(
             f"the Triton kernel does not cover dtype={x.dtype}, head_dim={weight.shape[0] // 3 // num_heads} (max 128)"
         )
+    return _run_triton(x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode,
+                       pool_weight, has_cls, norm_weight, norm_bias, eps)
+
+
+def _kernel_covers(x: Tensor, weight: Tensor, num_heads: int) -> bool:
+    """Whether the Triton kernel handles x's dtype and the head dim."""
+    return _kernels is not None and x.dtype in _kernels.DTYPES and weight.shape[0] // 3 // num_heads <= _kernels.D_PADS[-1]
+
+
+def _run_triton(x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode,
+                pool_weight, has_cls, norm_weight, norm_bias, eps):
+    """The Triton kernel on arguments already cast and checked: the registered op where it must be
+    seen (tracing, dispatch modes), the eager Function otherwise."""
     op = _fwd_op if traced_or_intercepted(x) else _EagerTritonProjection.apply
     y = op(x, weight, bias, pool_weight, norm_weight, norm_bias, which, int(num_heads), list(thw), list(kernel),
            list(stride), list(padding), mode, bool(has_cls), float(eps))
@@ -332,11 +345,9 @@ def uses_triton(x: Tensor, weight: Tensor, num_heads: int, thw, kernel, stride, 
     dtype and head dim and the recompute factor is <= 2 (``use_fused_projection``), unless
     ``MVIT_KERNELS_FUSED_PROJECTION=0``."""
     return (
-        _kernels is not None
-        and fused_projection_enabled()
+        fused_projection_enabled()
         and x.is_cuda
-        and x.dtype in _kernels.DTYPES
-        and weight.shape[0] // 3 // num_heads <= _kernels.D_PADS[-1]
+        and _kernel_covers(x, weight, num_heads)
         and _kernels.use_fused_projection(kernel, stride, thw, padding)
     )
 
@@ -365,9 +376,9 @@ def pooled_projection(
     thw, kernel, stride, padding = check_pooled_projection_args(
         x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias
     )
-    if uses_triton(x, weight, num_heads, thw, kernel, stride, padding):
-        return triton_pooled_projection(x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode,
-                                        pool_weight, has_cls, norm_weight, norm_bias, eps)
+    if uses_triton(x, weight, num_heads, thw, kernel, stride, padding):  # already cast and checked
+        return _run_triton(x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode,
+                           pool_weight, has_cls, norm_weight, norm_bias, eps)
     B, N, _ = x.shape
     rows = _slice_rows(weight, which)
     A = rows.stop - rows.start

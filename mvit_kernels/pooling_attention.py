@@ -268,6 +268,13 @@ def triton_pooling_attention(
             f"the Triton kernel does not cover dtype={q.dtype}, head_dim={q.shape[-1]} (max 128), "
             f"kv grid {thw_kv} with rel-pos (T+H+W max 64)"
         )
+    return _run_triton(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling)
+
+
+def _run_triton(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling) -> Tensor:
+    """The Triton kernels on checked arguments: tables interpolated to the grids (in torch, so
+    autograd covers it), then the registered op where it must be seen (tracing, dispatch modes)
+    or the eager Function."""
     tables = []
     for axis, table in enumerate((rel_pos_t, rel_pos_h, rel_pos_w)):
         if table is not None:
@@ -311,8 +318,6 @@ def pooling_attention(
     """Same contract as :func:`mvit_kernels.reference.pooling_attention`."""
     q, k, v, rel_pos_t, rel_pos_h, rel_pos_w = autocast.for_compute(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w)
     thw_q, thw_kv = check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w)
-    if uses_triton(q, thw_kv, rel_pos_t is not None or rel_pos_h is not None):
-        return triton_pooling_attention(
-            q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling
-        )
+    if uses_triton(q, thw_kv, rel_pos_t is not None or rel_pos_h is not None):  # already checked
+        return _run_triton(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling)
     return _sdpa_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling)
