@@ -29,6 +29,7 @@ The model (per clip, bf16 = 2 bytes, fp32 statistics = 4 bytes; H100: 3.0 TB/s, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -237,12 +238,27 @@ def projection_model(preset: str, batch: int) -> tuple[str, list[dict]]:
     return "\n".join(lines) + "\n", rows
 
 
+def _time_into(row: dict, name: str, step, graph: bool = False, rep: int = 50) -> None:
+    """row[name + "_ms"] = the median time of step (triton.testing.do_bench, or replayed from a
+    CUDA graph with graph=True); a path that fails at a shape is reported, not hidden:
+    row[name + "_ms"] = None and row[name + "_error"] = what it raised."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    try:
+        row[name + "_ms"] = do_bench_cudagraph(step, rep=rep) if graph else do_bench(step, warmup=5, rep=rep)
+    except Exception as exc:
+        row[name + "_ms"] = None
+        row[name + "_error"] = repr(exc)[:200]
+
+
+def _fmt_ms(ms) -> str:
+    return f"{ms:.3f}" if ms else "fail"
+
+
 def bench_cuda(shapes: list[dict], rel: bool) -> tuple[str, list[dict]]:
     import importlib
 
     import torch
-    from triton.testing import do_bench
-
     from mvit_kernels import reference
 
     pa = importlib.import_module("mvit_kernels.pooling_attention")
@@ -273,32 +289,21 @@ def bench_cuda(shapes: list[dict], rel: bool) -> tuple[str, list[dict]]:
             def step():
                 out = fn(*args, residual_pooling=s["residual"])
                 out.backward(torch.ones_like(out))
-            try:
-                row[name + "_ms"] = do_bench(step, warmup=5, rep=50)
-            except Exception as exc:  # report, do not hide, a path that fails at a shape
-                row[name + "_ms"] = None
-                row[name + "_error"] = repr(exc)[:200]
+            _time_into(row, name, step)
             if name == "triton":
                 # The kernels' own time: replayed from a CUDA graph, without the ~1 ms of host
                 # time an eager call spends (bench/profile_attention.py), which do_bench includes
                 # whenever the host is slower than the device.
-                try:
-                    from triton.testing import do_bench_cudagraph
-
-                    row["triton_graph_ms"] = do_bench_cudagraph(step, rep=50)
-                except Exception as exc:
-                    row["triton_graph_ms"] = None
-                    row["triton_graph_error"] = repr(exc)[:200]
+                _time_into(row, "triton_graph", step, graph=True)
         results.append(row)
     lines = ["| block | heads | L_q | L_kv | floor ms | triton ms | triton graph ms | graph/floor | reference ms | sdpa ms | flex ms | ref/triton | sdpa/triton | flex/triton |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         t, ref, sd, fx = r.get("triton_ms"), r.get("reference_ms"), r.get("sdpa_ms"), r.get("flex_ms")
         ratio = lambda a: f"{a / t:.2f}x" if (a and t) else "n/a"
-        fmt = lambda a: f"{a:.3f}" if a else "fail"
         g = r.get("triton_graph_ms")
-        lines.append(f"| {r['block']} | {r['heads']} | {r['n_q']} | {r['n_kv']} | {r['floor_ms']:.3f} | {fmt(t)} | {fmt(g)} | "
-                     f"{(g / r['floor_ms']) if g else float('nan'):.1f}x | {fmt(ref)} | {fmt(sd)} | {fmt(fx)} | "
+        lines.append(f"| {r['block']} | {r['heads']} | {r['n_q']} | {r['n_kv']} | {r['floor_ms']:.3f} | {_fmt_ms(t)} | {_fmt_ms(g)} | "
+                     f"{(g / r['floor_ms']) if g else float('nan'):.1f}x | {_fmt_ms(ref)} | {_fmt_ms(sd)} | {_fmt_ms(fx)} | "
                      f"{ratio(ref)} | {ratio(sd)} | {ratio(fx)} |")
     return "\n".join(lines) + "\n", results
 
@@ -373,8 +378,6 @@ def bench_projection(preset: str, batch: int, device: str = "cuda", rep: int = 5
     import importlib
 
     import torch
-    from triton.testing import do_bench
-
     from mvit.presets import get_preset
     from mvit_kernels import reference
 
@@ -406,20 +409,15 @@ def bench_projection(preset: str, batch: int, device: str = "cuda", rep: int = 5
             def step():
                 y, _ = fn(x, w, b, *args)
                 y.backward(torch.ones_like(y))
-            try:
-                row[name + "_ms"] = do_bench(step, warmup=5, rep=rep)
-            except Exception as exc:  # report, do not hide, a path that fails at a shape
-                row[name + "_ms"] = None
-                row[name + "_error"] = repr(exc)[:200]
+            _time_into(row, name, step, rep=rep)
         rows.append(row)
     lines = ["| block | tokens | kv stride | GFLOP fused / unfused | triton ms | linear+pool3d ms | reference ms | vs linear+pool3d | vs reference |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t, u, ref = r.get("triton_ms"), r.get("linear+pool3d_ms"), r.get("reference_ms")
-        fmt = lambda a: f"{a:.3f}" if a else "fail"
         ratio = lambda a: f"{a / t:.2f}x" if (a and t) else "n/a"
         lines.append(f"| {r['block']} | {r['tokens']} | {'x'.join(map(str, r['stride_kv']))} | "
-                     f"{r['fused_gflop']:.2f} / {r['reference_gflop']:.2f} | {fmt(t)} | {fmt(u)} | {fmt(ref)} | {ratio(u)} | {ratio(ref)} |")
+                     f"{r['fused_gflop']:.2f} / {r['reference_gflop']:.2f} | {_fmt_ms(t)} | {_fmt_ms(u)} | {_fmt_ms(ref)} | {ratio(u)} | {ratio(ref)} |")
     return "\n".join(lines) + "\n", rows
 
 
@@ -443,8 +441,6 @@ def bench_blocks(preset: str, batch: int, device: str = "cuda", rep: int = 50) -
     forward + backward under bf16 autocast: fused=True against the reference's projection and
     pooling ops with SDPA (the issue's peer) and with its matmul attention."""
     import torch
-    from triton.testing import do_bench
-
     from mvit import model as model_module
     from mvit.presets import get_preset
     from throughput import sdpa_in_reference
@@ -471,24 +467,16 @@ def bench_blocks(preset: str, batch: int, device: str = "cuda", rep: int = 50) -
 
         row = dict(block=i, heads=spec.num_heads, dim=spec.attn_dim, tokens=n, stride_q=spec.stride_q, stride_kv=spec.stride_kv)
         for name, fused, ctx in (("fused", True, None), ("ref_sdpa", False, sdpa_in_reference), ("ref", False, None)):
-            try:
-                if ctx is None:
-                    row[name + "_ms"] = do_bench(lambda: step(fused), warmup=5, rep=rep)
-                else:
-                    with ctx():
-                        row[name + "_ms"] = do_bench(lambda: step(fused), warmup=5, rep=rep)
-            except Exception as exc:  # report, do not hide, a path that fails at a shape
-                row[name + "_ms"] = None
-                row[name + "_error"] = repr(exc)[:200]
+            with ctx() if ctx is not None else contextlib.nullcontext():
+                _time_into(row, name, lambda: step(fused), rep=rep)
         rows.append(row)
     lines = ["| block | heads | dim | tokens | q stride | kv stride | fused ms | ref+SDPA ms | ref ms | ref+SDPA / fused |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f, sd, ref = r.get("fused_ms"), r.get("ref_sdpa_ms"), r.get("ref_ms")
-        fmt = lambda a: f"{a:.3f}" if a else "fail"
         lines.append(
             f"| {r['block']} | {r['heads']} | {r['dim']} | {r['tokens']} | {'x'.join(map(str, r['stride_q']))} | "
-            f"{'x'.join(map(str, r['stride_kv']))} | {fmt(f)} | {fmt(sd)} | {fmt(ref)} | "
+            f"{'x'.join(map(str, r['stride_kv']))} | {_fmt_ms(f)} | {_fmt_ms(sd)} | {_fmt_ms(ref)} | "
             f"{(sd / f if (sd and f) else float('nan')):.2f}x |"
         )
     return "\n".join(lines) + "\n", rows
