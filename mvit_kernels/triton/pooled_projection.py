@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pooling_attention import D_PADS, DTYPES, dot_precision, next_pow2
+from .pooling_attention import D_PADS, DTYPES, _head_tile, dot_precision, next_pow2
 
 MODES = ("conv", "avg", "max")
 #: The fused kernel is picked up to this recompute factor: the byte/FLOP model's crossover at
@@ -62,16 +62,15 @@ MAX_RECOMPUTE = 2.0
 
 
 @triton.jit
-def _output_rows(pid_m, N_OUT, HO, WO, HAS_CLS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The tile's output rows: (offs_m, row_ok, is_cls, grid_row, ot, oh, ow), the class token
-    being row 0 when present and (ot, oh, ow) the pooled grid coordinates of the others."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _output_rows(offs_m, N_OUT, HO, WO, HAS_CLS: tl.constexpr):
+    """The tile's output rows: (row_ok, is_cls, grid_row, ot, oh, ow), the class token being row 0
+    when present and (ot, oh, ow) the pooled grid coordinates of the others."""
     row_ok = offs_m < N_OUT
     g = offs_m - HAS_CLS
     is_cls = (g < 0) & row_ok
     grid_row = (g >= 0) & row_ok
     g = tl.where(grid_row, g, 0)
-    return offs_m, row_ok, is_cls, grid_row, g // (HO * WO), (g // WO) % HO, g % WO
+    return row_ok, is_cls, grid_row, g // (HO * WO), (g // WO) % HO, g % WO
 
 
 @triton.jit
@@ -159,16 +158,9 @@ def pooled_projection_fwd_kernel(
     MODE: tl.constexpr, HAS_CLS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    # b, h are int64 so the per-sample and per-head base offsets cannot overflow (batch * tokens
-    # * channels passes 2^31 at large batches); offsets inside one sample stay int32.
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m, row_ok, is_cls, grid_row, ot, oh, ow = _output_rows(pid_m, N_OUT, HO, WO, HAS_CLS, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
+    pid_bh, b, h, offs_m, offs_d, d_mask = _head_tile(H, D, BLOCK_M, D_PAD)
+    row_ok, is_cls, grid_row, ot, oh, ow = _output_rows(offs_m, N_OUT, HO, WO, HAS_CLS)
     offs_k = tl.arange(0, BLOCK_K)
-    d_mask = offs_d < D
     x_base = X + b * stride_xb
     # W rows of this head: W_ROW0 + h*D + j (j < D), read transposed as a (BLOCK_K, D_PAD) tile.
     w_base = W + (W_ROW0 + h * D) * stride_wr
@@ -203,14 +195,9 @@ def pooled_projection_bwd_kernel(
     """Backward of modes conv and avg (see the module docstring). DX (B, N, C) contiguous, DW
     (3A, C), DBias (3A,), DPW (d, prod(kernel)), DNW and DNB (d,): fp32, zeroed by the launcher,
     accumulated with atomics."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m, row_ok, is_cls, grid_row, ot, oh, ow = _output_rows(pid_m, N_OUT, HO, WO, HAS_CLS, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
+    pid_bh, b, h, offs_m, offs_d, d_mask = _head_tile(H, D, BLOCK_M, D_PAD)
+    row_ok, is_cls, grid_row, ot, oh, ow = _output_rows(offs_m, N_OUT, HO, WO, HAS_CLS)
     offs_k = tl.arange(0, BLOCK_K)
-    d_mask = offs_d < D
     x_base = X + b * stride_xb
     dx_base = DX + b * stride_dxb
     w_base = W + (W_ROW0 + h * D) * stride_wr

@@ -35,6 +35,54 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _head_tile(H, D, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
+    """This program's (pid_bh, b, h, offs, offs_d, d_mask): the tile program_id(0) along the
+    sequence and the (batch, head) program_id(1). pid_bh, b and h are int64 so the per-head base
+    pointers cannot overflow (batch * tokens * channels passes 2^31 at large batches); the offsets
+    inside one head stay int32 (registers)."""
+    pid_bh = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    return pid_bh, pid_bh // H, pid_bh % H, offs, offs_d, offs_d < D
+
+
+@triton.jit
+def _query_coords(offs_m, N_Q, QH, QW, HAS_CLS: tl.constexpr):
+    """(grid_row, qt, qh, qw): whether each query row is a grid token (not the class token, not
+    past N_Q) and its grid coordinates (0 elsewhere)."""
+    g = offs_m - HAS_CLS
+    grid_row = (g >= 0) & (offs_m < N_Q)
+    g = tl.where(grid_row, g, 0)
+    return grid_row, g // (QH * QW), (g // QW) % QH, g % QW
+
+
+@triton.jit
+def _table_rows(R, IDX, coord, K, j, grid_row, offs_d, d_mask, D):
+    """R[idx[coord, j]] per query row, (BLOCK_M, D_PAD) fp32, zero on the other rows."""
+    ridx = tl.load(IDX + coord * K + j, mask=grid_row, other=0)
+    mask = grid_row[:, None] & d_mask[None, :]
+    return tl.load(R + ridx[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _rel_axis(rel, qf, R, IDX, coord, K, col0, grid_row, cols, offs_d, d_mask, D):
+    """Columns [col0, col0 + K) of the rel tile: q . R[idx[coord, j]] for one axis."""
+    for j in range(K):
+        r = _table_rows(R, IDX, coord, K, j, grid_row, offs_d, d_mask, D)
+        rel = tl.where(cols[None, :] == col0 + j, tl.sum(qf * r, 1)[:, None], rel)
+    return rel
+
+
+@triton.jit
+def _rel_axis_grad(dq, drel, R, IDX, coord, K, col0, grid_row, cols, offs_d, d_mask, D):
+    """dq += d rel[:, col0 + j] * R[idx[coord, j]] for one axis: the backward of _rel_axis."""
+    for j in range(K):
+        r = _table_rows(R, IDX, coord, K, j, grid_row, offs_d, d_mask, D)
+        dq += tl.sum(tl.where(cols[None, :] == col0 + j, drel, 0.0), 1)[:, None] * r
+    return dq
+
+
+@triton.jit
 def _rel_tile(
     q, R, IDX_T, IDX_H, IDX_W, offs_m, offs_d, d_mask, N_Q, D,
     QH, QW, KT, KH, KW,
@@ -42,30 +90,15 @@ def _rel_tile(
     R_PAD: tl.constexpr,
 ):
     """rel[m, j] = q[m] . R[idx[a(m), j]] for the query tile (zero on class/out-of-range rows)."""
-    g = offs_m - HAS_CLS
-    row_ok = (g >= 0) & (offs_m < N_Q)
-    g = tl.where(row_ok, g, 0)
-    qt = g // (QH * QW)
-    qh = (g // QW) % QH
-    qw = g % QW
+    grid_row, qt, qh, qw = _query_coords(offs_m, N_Q, QH, QW, HAS_CLS)
     cols = tl.arange(0, R_PAD)
     qf = q.to(tl.float32)
     rel = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
-    ld_mask = row_ok[:, None] & d_mask[None, :]
     if HAS_T:
-        for j in range(KT):
-            ridx = tl.load(IDX_T + qt * KT + j, mask=row_ok, other=0)
-            r = tl.load(R + ridx[:, None] * D + offs_d[None, :], mask=ld_mask, other=0.0).to(tl.float32)
-            rel = tl.where(cols[None, :] == j, tl.sum(qf * r, 1)[:, None], rel)
+        rel = _rel_axis(rel, qf, R, IDX_T, qt, KT, 0, grid_row, cols, offs_d, d_mask, D)
     if HAS_HW:
-        for j in range(KH):
-            ridx = tl.load(IDX_H + qh * KH + j, mask=row_ok, other=0)
-            r = tl.load(R + ridx[:, None] * D + offs_d[None, :], mask=ld_mask, other=0.0).to(tl.float32)
-            rel = tl.where(cols[None, :] == KT + j, tl.sum(qf * r, 1)[:, None], rel)
-        for j in range(KW):
-            ridx = tl.load(IDX_W + qw * KW + j, mask=row_ok, other=0)
-            r = tl.load(R + ridx[:, None] * D + offs_d[None, :], mask=ld_mask, other=0.0).to(tl.float32)
-            rel = tl.where(cols[None, :] == KT + KH + j, tl.sum(qf * r, 1)[:, None], rel)
+        rel = _rel_axis(rel, qf, R, IDX_H, qh, KH, KT, grid_row, cols, offs_d, d_mask, D)
+        rel = _rel_axis(rel, qf, R, IDX_W, qw, KW, KT + KH, grid_row, cols, offs_d, d_mask, D)
     return rel
 
 
@@ -96,15 +129,7 @@ def pooling_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    # b, h are int64 so the per-head base pointers cannot overflow (batch * tokens * channels
-    # passes 2^31 at large batches); the offsets inside one head stay int32 (registers).
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    d_mask = offs_d < D
+    pid_bh, b, h, offs_m, offs_d, d_mask = _head_tile(H, D, BLOCK_M, D_PAD)
     m_mask = offs_m < N_Q
     q = tl.load(
         Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
@@ -159,14 +184,9 @@ def pooling_attention_bwd_delta_kernel(
 ):
     """delta[b, h, m] = dO[b, m, h, :] . O_attn[b, m, h, :] in fp32, both in the (B, N_q, heads*d)
     layout: one pass over the two, instead of torch's casts, product, sum and transposed copy."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
+    pid_bh, b, h, offs_m, offs_d, d_mask = _head_tile(H, D, BLOCK_M, D_PAD)
     m_mask = offs_m < N_Q
-    mask = m_mask[:, None] & (offs_d < D)[None, :]
+    mask = m_mask[:, None] & d_mask[None, :]
     off = (b * N_Q * H + h) * D + offs_m[:, None] * (H * D) + offs_d[None, :]
     do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
     oa = tl.load(OA + off, mask=mask, other=0.0).to(tl.float32)
@@ -189,16 +209,8 @@ def pooling_attention_bwd_dkdv_kernel(
     split DK/DV are the gradients; with several (long queries against few keys: MViT-B's first
     block has 7 key tiles per head and 25,089 queries) they are fp32 partials, one slab per
     split, summed by the launcher."""
-    pid_n = tl.program_id(0)
     pid_s = tl.program_id(2)
-    # b, h are int64 so the per-head base pointers cannot overflow (batch * tokens * channels
-    # passes 2^31 at large batches); the offsets inside one head stay int32 (registers).
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    d_mask = offs_d < D
+    pid_bh, b, h, offs_n, offs_d, d_mask = _head_tile(H, D, BLOCK_N, D_PAD)
     n_mask = offs_n < N_KV
     kv_mask = n_mask[:, None] & d_mask[None, :]
     k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -251,15 +263,7 @@ def pooling_attention_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """One program per query tile: dq (attention + rel-pos + residual terms) and d rel."""
-    pid_m = tl.program_id(0)
-    # b, h are int64 so the per-head base pointers cannot overflow (batch * tokens * channels
-    # passes 2^31 at large batches); the offsets inside one head stay int32 (registers).
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    d_mask = offs_d < D
+    pid_bh, b, h, offs_m, offs_d, d_mask = _head_tile(H, D, BLOCK_M, D_PAD)
     m_mask = offs_m < N_Q
     qm_mask = m_mask[:, None] & d_mask[None, :]
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=qm_mask, other=0.0)
@@ -293,30 +297,16 @@ def pooling_attention_bwd_dq_kernel(
         if HAS_REL:
             drel += tl.dot(ds, tl.trans(onehot), input_precision=DOT_PRECISION)
     dq = dq * sm_scale
-    grid_row = ((offs_m - HAS_CLS) >= 0) & m_mask
+    grid_row, qt, qh, qw = _query_coords(offs_m, N_Q, QH, QW, HAS_CLS)
     if HAS_REL:
         # d rel[m, j] flows to q[m] through R[idx[a(m), j]]: the same gather as the forward.
         drel = tl.where(grid_row[:, None], drel, 0.0)
         tl.store(DRel + pid_bh * N_Q * R_PAD + offs_m[:, None] * R_PAD + cols[None, :], drel, mask=m_mask[:, None])
-        g = tl.where(grid_row, offs_m - HAS_CLS, 0)
-        qt = g // (QH * QW)
-        qh = (g // QW) % QH
-        qw = g % QW
-        ld_mask = grid_row[:, None] & d_mask[None, :]
         if HAS_T:
-            for j in range(KT):
-                ridx = tl.load(IDX_T + qt * KT + j, mask=grid_row, other=0)
-                r = tl.load(R + ridx[:, None] * D + offs_d[None, :], mask=ld_mask, other=0.0).to(tl.float32)
-                dq += tl.sum(tl.where(cols[None, :] == j, drel, 0.0), 1)[:, None] * r
+            dq = _rel_axis_grad(dq, drel, R, IDX_T, qt, KT, 0, grid_row, cols, offs_d, d_mask, D)
         if HAS_HW:
-            for j in range(KH):
-                ridx = tl.load(IDX_H + qh * KH + j, mask=grid_row, other=0)
-                r = tl.load(R + ridx[:, None] * D + offs_d[None, :], mask=ld_mask, other=0.0).to(tl.float32)
-                dq += tl.sum(tl.where(cols[None, :] == KT + j, drel, 0.0), 1)[:, None] * r
-            for j in range(KW):
-                ridx = tl.load(IDX_W + qw * KW + j, mask=grid_row, other=0)
-                r = tl.load(R + ridx[:, None] * D + offs_d[None, :], mask=ld_mask, other=0.0).to(tl.float32)
-                dq += tl.sum(tl.where(cols[None, :] == KT + KH + j, drel, 0.0), 1)[:, None] * r
+            dq = _rel_axis_grad(dq, drel, R, IDX_H, qh, KH, KT, grid_row, cols, offs_d, d_mask, D)
+            dq = _rel_axis_grad(dq, drel, R, IDX_W, qw, KW, KT + KH, grid_row, cols, offs_d, d_mask, D)
     if RESIDUAL:
         dq += tl.where(grid_row[:, None], do.to(tl.float32), 0.0)
     tl.store(DQ + pid_bh * N_Q * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qm_mask)
