@@ -202,6 +202,17 @@ std::vector<acc_t> transpose_weight(const c10::optional<at::Tensor>& weight, int
   return wT;
 }
 
+// The per-sample branch scale of pool_residual_add as acc_t, 1 for every sample without one.
+template <class scalar_t, class acc_t>
+std::vector<acc_t> sample_scales(const c10::optional<at::Tensor>& scale, int64_t B) {
+  std::vector<acc_t> s(B, acc_t(1));
+  if (scale.has_value() && scale->defined()) {
+    const at::Tensor sc = scale->contiguous();
+    for (int64_t b = 0; b < B; ++b) s[b] = static_cast<acc_t>(sc.data_ptr<scalar_t>()[b]);
+  }
+  return s;
+}
+
 template <class acc_t>
 void row_moments(const acc_t* v, int64_t d, double eps, acc_t* mean, acc_t* rstd) {
   acc_t s = 0;
@@ -411,17 +422,12 @@ at::Tensor pool_residual_add_cpu(const at::Tensor& x_in, at::IntArrayRef thw, at
                                                   "mvit_kernels.pool_residual_add");
   const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
   const at::Tensor branch = branch_in.contiguous();
-  const bool has_scale = scale_in.has_value() && scale_in->defined();
   const int64_t B = x.size(0), C = x.size(2), n_out = out_tokens(g);
   at::Tensor out = at::empty({B, n_out, C}, x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mvit_pool_residual_add_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> s(B, acc_t(1));
-    if (has_scale) {
-      const at::Tensor sc = scale_in->contiguous();
-      for (int64_t b = 0; b < B; ++b) s[b] = static_cast<acc_t>(sc.data_ptr<scalar_t>()[b]);
-    }
+    const std::vector<acc_t> s = sample_scales<scalar_t, acc_t>(scale_in, B);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* bp = branch.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -465,11 +471,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cpu(
   if (B == 0) return {grad_x, grad_branch, grad_scale};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mvit_pool_residual_add_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> s(B, acc_t(1));
-    if (has_scale) {
-      const at::Tensor sc = scale_in->contiguous();
-      for (int64_t b = 0; b < B; ++b) s[b] = static_cast<acc_t>(sc.data_ptr<scalar_t>()[b]);
-    }
+    const std::vector<acc_t> s = sample_scales<scalar_t, acc_t>(scale_in, B);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* bp = branch.data_ptr<scalar_t>();
     const scalar_t* gp = grad.data_ptr<scalar_t>();
