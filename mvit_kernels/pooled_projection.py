@@ -16,16 +16,15 @@ Registration: ``torch.library.custom_op`` ("mvit_kernels::pooled_projection_trit
 reason given in :mod:`mvit_kernels.pooling_attention`: it is the registration whose
 ``torch.compile(fullgraph=True)``, ``opcheck`` and FLOP formula the CPU CI can prove.
 
-Backward: modes conv and avg run the Triton backward kernel
-(:func:`mvit_kernels.triton.pooled_projection.backward`, registered as its own op
-"mvit_kernels::pooled_projection_triton_backward" so that torch.compile traces it): it recomputes
-the pooled value tile by tile (the forward saves nothing extra), runs the LayerNorm backward on
-chip and goes back through the taps, accumulating dx, dW, d bias, d pool_weight and the LayerNorm
-parameters' gradients with fp32 atomics. Mode max keeps the composed backward (it would need the
-arg-max tap of every output, which the forward does not keep): it recomputes the projection of
-the rows some window reads (plus the class token) with ``F.linear``, scatters them into the (B,
-N, A/heads) grid, pools with the reference ``pool3d`` under ``torch.enable_grad`` and takes
-``torch.autograd.grad``.
+Backward: the Triton backward kernel (:func:`mvit_kernels.triton.pooled_projection.backward`,
+registered as its own op "mvit_kernels::pooled_projection_triton_backward" so that torch.compile
+traces it), every mode: it recomputes the pooled value tile by tile (the forward saves nothing
+extra; for max the recompute also finds the tap each output took, torch's first-maximum rule),
+runs the LayerNorm backward on chip and goes back through the taps, accumulating dx, dW, d bias,
+d pool_weight and the LayerNorm parameters' gradients with fp32 atomics. The backward's tiles
+differ from the forward's, so for max two taps within rounding of each other may be ordered
+differently than in the forward: the gradient then goes to the other one of a (near-)tie, as
+any recompute-based max backward would.
 """
 
 from __future__ import annotations
@@ -58,49 +57,6 @@ def _slice_rows(weight: Tensor, which: str) -> slice:
     A = weight.shape[0] // 3
     i = PROJECTION_SLICES.index(which)
     return slice(i * A, (i + 1) * A)
-
-
-def _read_tokens(thw, kernel, stride, padding, has_cls: bool) -> list[int]:
-    """Indices (into N) of the tokens some pooling window reads, the class token first."""
-    axes = []
-    for size, k, s, p in zip(thw, kernel, stride, padding):
-        n_out = (size + 2 * p - k) // s + 1
-        axes.append(sorted({o * s - p + i for o in range(n_out) for i in range(k)} & set(range(size))))
-    T, H, W = thw
-    s = 1 if has_cls else 0
-    grid = [s + (t * H + h) * W + w for t in axes[0] for h in axes[1] for w in axes[2]]
-    return ([0] if has_cls else []) + grid
-
-
-# ------------------------------------------------------------------------------------------
-# The composed backward (see the module docstring).
-# ------------------------------------------------------------------------------------------
-
-
-def _recompute(x, weight, bias, pool_weight, norm_weight, norm_bias, which, num_heads, thw, kernel, stride, padding,
-               mode, has_cls, eps):
-    """The forward in torch ops, projecting only the tokens some window reads."""
-    B, N, _ = x.shape
-    rows = _slice_rows(weight, which)
-    A = rows.stop - rows.start
-    idx = torch.tensor(_read_tokens(thw, kernel, stride, padding, has_cls), device=x.device, dtype=torch.long)
-    proj = F.linear(x.index_select(1, idx), weight[rows], None if bias is None else bias[rows])
-    full = x.new_zeros(B, N, A).index_copy(1, idx, proj)
-    heads = full.reshape(B, N, num_heads, A // num_heads).transpose(1, 2)
-    y, _ = reference.pool3d(heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias, eps)
-    return y
-
-
-def _composed_backward(grad_y, saved, args):
-    """Gradients for (x, weight, bias, pool_weight, norm_weight, norm_bias), None where an input
-    is absent or needs none."""
-    needs = [t is not None and t.requires_grad for t in saved]
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(saved, needs)]
-        y = _recompute(*leaves, *args)
-        wanted = [t for t, n in zip(leaves, needs) if n]
-        grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True)) if wanted else iter(())
-    return tuple(next(grads) if n else None for n in needs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -177,8 +133,8 @@ def _bwd_op(
     has_cls: bool,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dx, dweight (3A, C), dbias, dpool_weight, dnorm_weight, dnorm_bias) of modes
-    conv and avg; an absent input's gradient is an empty (0,) tensor."""
+    """Gradients (dx, dweight (3A, C), dbias, dpool_weight, dnorm_weight, dnorm_bias); an absent
+    input's gradient (and dpool_weight outside mode conv) is an empty (0,) tensor."""
     grads = _launch_backward(grad_y, x, weight, bias, pool_weight, norm_weight, norm_bias, which, num_heads, thw,
                              kernel, stride, padding, mode, has_cls, eps)
     return tuple(x.new_empty(0) if g is None else g for g in grads)
@@ -200,12 +156,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _gradients(ctx, grad_y, backward):
-    """The six input gradients: the Triton backward (``backward``: the registered op when
-    traced, the plain launcher eagerly) for modes conv and avg, the composed one for max; None
-    where the input is absent or needs no gradient."""
-    mode = ctx.args[6]
-    if mode == "max":
-        return _composed_backward(grad_y, ctx.saved_tensors, ctx.args)
+    """The six input gradients from the Triton backward (``backward``: the registered op when
+    traced, the plain launcher eagerly); None where the input is absent or needs no gradient."""
     grads = backward(grad_y, *ctx.saved_tensors, *ctx.args)
     saved = ctx.saved_tensors
     return tuple(g if (t is not None and need) else None for g, t, need in zip(grads, saved, ctx.needs_input_grad))
@@ -239,8 +191,7 @@ class _EagerTritonProjection(torch.autograd.Function):
 # FLOPs: what the kernels do (they skip unread tokens, so they count fewer than the reference's
 # full F.linear; bench scripts report both). The backward kernel's dots: the forward's recompute
 # plus dW and dx (each as many as the forward's): 3x the forward; conv recomputes the projection
-# a second time for d pool_weight: 4x. The composed backward (mode max) runs torch ops, which
-# FlopCounterMode counts itself.
+# a second time for d pool_weight: 4x.
 # ------------------------------------------------------------------------------------------
 
 

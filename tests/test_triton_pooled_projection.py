@@ -1,6 +1,6 @@
 """The Triton pooled Q/K/V projection against ``mvit_kernels.reference.pooled_projection``:
 forward and every gradient (x, weight, bias, pool_weight, norm weight/bias; modes conv and avg
-through the Triton backward kernel, max through the composed backward), the registered ops
+all three modes through the Triton backward kernel, max's ties as torch breaks them), the registered ops
 (opcheck of the forward and backward ops, torch.compile, FLOP formulas), the dispatch rule and
 the argument checks.
 
@@ -43,16 +43,18 @@ def _ieee_fp32():
     torch.backends.cuda.matmul.allow_tf32 = before
 
 
-@pytest.fixture(autouse=True)
-def _triton_backward_for_conv_and_avg(monkeypatch):
-    # Modes conv and avg must take the Triton backward: the composed one is for max only.
-    composed = pp._composed_backward
+@pytest.fixture
+def backward_launches(monkeypatch):
+    """How many times the Triton backward kernel's launcher ran (every mode's gradients come from it)."""
+    calls = []
+    launcher = kernels.backward
 
-    def only_max(grad_y, saved, args):
-        assert args[6] == "max", f"mode {args[6]!r} took the composed backward"
-        return composed(grad_y, saved, args)
+    def counted(*args, **kwargs):
+        calls.append(args[10])  # the mode
+        return launcher(*args, **kwargs)
 
-    monkeypatch.setattr(pp, "_composed_backward", only_max)
+    monkeypatch.setattr(kernels, "backward", counted)
+    return calls
 
 
 def make_inputs(B, heads, d, C, thw, kernel, mode, has_cls, norm, strided=False, seed=0):
@@ -105,13 +107,35 @@ MODE_CASES = [(m, c, n) for m in ("conv", "avg", "max") for c in (True, False) f
 
 @pytest.mark.parametrize("mode,has_cls,norm", MODE_CASES,
                          ids=[f"{m}-{'cls' if c else 'nocls'}-{'ln' if n else 'noln'}" for m, c, n in MODE_CASES])
-def test_modes_class_token_and_norm(mode, has_cls, norm):
+def test_modes_class_token_and_norm(mode, has_cls, norm, backward_launches):
     i = MODE_CASES.index((mode, has_cls, norm))
     stride, which, heads = STRIDES[i % len(STRIDES)], "qkv"[i % 3], 1 + i % 4
     # torch's CPU avg_pool3d rejects an axis shorter than the kernel even with padding.
     thw = (2, 4, 5) if stride[0] == 1 and mode != "avg" else (3, 4, 5)
     inputs = make_inputs(1 + i % 2, heads, 16, 12, thw, K3, mode, has_cls, norm, seed=i)
     check_against_reference(pp.triton_pooled_projection, inputs, which, heads, thw, K3, stride, P1, mode, has_cls)
+    assert backward_launches == [mode]  # the gradients came from the Triton backward kernel
+
+
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_max_ties_go_to_the_first_tap_like_torch(has_cls):
+    # Tokens repeated along w (pairs) and h (pairs) give windows with equal projections, exactly
+    # equal because x, W and the bias are small multiples of 1/8 (every sum is exact in fp32,
+    # whatever order a matmul adds in): torch's max_pool3d takes the first maximum in (t, h, w)
+    # order and so must the kernel, in the forward and in where the backward sends the gradient
+    # (x's gradient shows the tap taken).
+    g = torch.Generator().manual_seed(11)
+    thw, heads, d, C = (2, 6, 6), 2, 16, 8
+
+    def eighths(*shape):
+        return torch.randint(-8, 9, shape, generator=g).float() / 8
+
+    grid = eighths(1, thw[0], thw[1] // 2, 1, thw[2] // 2, 1, C).expand(-1, -1, -1, 2, -1, 2, -1).reshape(1, -1, C)
+    x = torch.cat([eighths(1, 1, C), grid], 1) if has_cls else grid
+    inputs = make_inputs(1, heads, d, C, thw, K3, "max", has_cls, True, seed=11)
+    inputs.update(x=x, weight=eighths(3 * heads * d, C), bias=eighths(3 * heads * d))
+    inputs.update({k: inputs[k].to(DEVICE).requires_grad_() for k in ("x", "weight", "bias")})
+    check_against_reference(pp.triton_pooled_projection, inputs, "k", heads, thw, K3, (1, 2, 2), P1, "max", has_cls)
 
 
 # (B, heads, d, C, thw, kernel, stride, padding, mode, which): every stride with kernel 3 on odd
@@ -183,7 +207,7 @@ def bwd_op_args(mode):
     return (torch.randn_like(y), *args)
 
 
-@pytest.mark.parametrize("mode", ["conv", "avg"])
+@pytest.mark.parametrize("mode", ["conv", "avg", "max"])
 def test_opcheck_backward(mode):
     torch.library.opcheck(pp._bwd_op, bwd_op_args(mode))
 

@@ -101,7 +101,7 @@ def all_configs():
 
 def projection_configs():
     """Every (dtype, d_pad, dot precision, pooling mode) the pooled-projection launcher can pick
-    (the mode is a constexpr: three kernels), with select_config's tiles; compiled with the
+    (the mode is a constexpr: three kernels each), with select_config's tiles; compiled with the
     class token, bias and LayerNorm on."""
     import torch
 
@@ -116,11 +116,9 @@ def projection_configs():
                         cfg = p.select_config(dtype, d_pad, cc, precision)
                         out.append(dict(kernel="proj", dtype=str(dtype).replace("torch.", ""), d_pad=d_pad,
                                         precision=precision, partials=False, mode=mode, cc=cc, **vars(cfg)))
-                        # The backward kernel covers conv and avg (max keeps the composed backward).
-                        if mode != "max":
-                            cfg = p.select_bwd_config(dtype, d_pad, cc, precision)
-                            out.append(dict(kernel="proj_bwd", dtype=str(dtype).replace("torch.", ""), d_pad=d_pad,
-                                            precision=precision, partials=False, mode=mode, cc=cc, **vars(cfg)))
+                        cfg = p.select_bwd_config(dtype, d_pad, cc, precision)
+                        out.append(dict(kernel="proj_bwd", dtype=str(dtype).replace("torch.", ""), d_pad=d_pad,
+                                        precision=precision, partials=False, mode=mode, cc=cc, **vars(cfg)))
     return out
 
 

@@ -28,15 +28,14 @@ recompute: the byte/FLOP model (``bench/bench_attention.py``, ``attention_model.
 block 1 and 2.0 against 4.2 for block 2 (1x4x4, recompute 1.69), and behind from 1x2x2 on (31.6
 against 9.0 at block 3). :func:`use_fused_projection` takes that crossover: recompute <= 2.
 
-Backward (``pooled_projection_bwd_kernel``, modes conv and avg; max keeps the composed torch
-backward of :mod:`mvit_kernels.pooled_projection`, which would otherwise need the arg-max tap of
-every output): the same tiling; each program recomputes its tile's pooled value by the same tap
-loop (the forward stores nothing extra), runs the LayerNorm backward on chip, then loops over the
-taps again: d proj = coefficient * d pooled on valid taps, and dW (d proj^T x), dx (d proj W), d
-bias, d pool_weight (conv: the projection recomputed in the same C loop) and the LayerNorm
-parameters' per-tile sums go to zeroed fp32 buffers with ``tl.atomic_add`` (windows overlap and
-heads share x rows), cast to the inputs' dtypes by the launcher. The dots take d proj in the
-inputs' dtype.
+Backward (``pooled_projection_bwd_kernel``, every mode): the same tiling; each program recomputes
+its tile's pooled value by the same tap loop (the forward stores nothing extra; for max the loop
+also records which tap each output took, torch's first-maximum rule), runs the LayerNorm backward
+on chip, then loops over the taps again: d proj = coefficient * d pooled on valid taps (max: d
+pooled on the tap taken, zero elsewhere), and dW (d proj^T x), dx (d proj W), d bias, d
+pool_weight (conv: the projection recomputed in the same C loop) and the LayerNorm parameters'
+per-tile sums go to zeroed fp32 buffers with ``tl.atomic_add`` (windows overlap and heads share x
+rows), cast to the inputs' dtypes by the launcher. The dots take d proj in the inputs' dtype.
 
 Precision: fp32 accumulation for every dtype; fp32 inputs use IEEE dots when torch's TF32 switch
 is off on CUDA, tf32 otherwise (``dot_precision``, shared with the attention kernels). The
@@ -123,9 +122,15 @@ def _pool_taps(x_base, w_base, bias, PW, offs_k, offs_d, d_mask, ot, oh, ow, gri
                stride_xn, stride_wr, C, T, HH, WW, ST, SH, SW, PT, PH, PW_, KT, KH, KW, inv_count,
                MODE: tl.constexpr, HAS_CLS: tl.constexpr, HAS_BIAS: tl.constexpr,
                BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The pooled value before the LayerNorm (fp32, zero outside the tile's rows and channels):
-    every tap's projection (+ bias on valid taps) combined by the pooling mode."""
+    """(acc, arg): the pooled value before the LayerNorm (fp32, zero outside the tile's rows and
+    channels), every tap's projection (+ bias on valid taps) combined by the pooling mode; and for
+    mode max the tap each output took (int32; zeros in other modes, and unused by the forward).
+
+    Max follows torch's max_pool3d: a later tap replaces the running maximum only when strictly
+    greater (ties go to the first tap in (kt, kh, kw) order) or NaN (NaN propagates), so the
+    backward routes each gradient to the element torch's own backward would."""
     KV = KT * KH * KW
+    arg = tl.zeros([BLOCK_M, D_PAD], dtype=tl.int32)
     if MODE == "max":
         acc = tl.full([BLOCK_M, D_PAD], float("-inf"), dtype=tl.float32)
     else:
@@ -141,10 +146,12 @@ def _pool_taps(x_base, w_base, bias, PW, offs_k, offs_d, d_mask, ot, oh, ow, gri
         elif MODE == "avg":
             acc += tl.where(valid[:, None], proj, 0.0)
         else:
-            acc = tl.where(valid[:, None], tl.maximum(acc, proj), acc)
+            take = valid[:, None] & ((proj > acc) | (proj != proj))
+            acc = tl.where(take, proj, acc)
+            arg = tl.where(take, tap, arg)
     if MODE == "avg":
         acc = tl.where(is_cls[:, None], acc, acc * inv_count)
-    return tl.where(row_ok[:, None] & d_mask[None, :], acc, 0.0)
+    return tl.where(row_ok[:, None] & d_mask[None, :], acc, 0.0), arg
 
 
 @triton.jit
@@ -165,9 +172,9 @@ def pooled_projection_fwd_kernel(
     # W rows of this head: W_ROW0 + h*D + j (j < D), read transposed as a (BLOCK_K, D_PAD) tile.
     w_base = W + (W_ROW0 + h * D) * stride_wr
     bias = _head_bias(Bias, W_ROW0 + h * D, offs_d, d_mask, HAS_BIAS)
-    acc = _pool_taps(x_base, w_base, bias, PW, offs_k, offs_d, d_mask, ot, oh, ow, grid_row, is_cls, row_ok,
-                     stride_xn, stride_wr, C, T, HH, WW, ST, SH, SW, PT, PH, PW_, KT, KH, KW, inv_count,
-                     MODE, HAS_CLS, HAS_BIAS, BLOCK_M, D_PAD, BLOCK_K, DOT_PRECISION)
+    acc, arg = _pool_taps(x_base, w_base, bias, PW, offs_k, offs_d, d_mask, ot, oh, ow, grid_row, is_cls, row_ok,
+                          stride_xn, stride_wr, C, T, HH, WW, ST, SH, SW, PT, PH, PW_, KT, KH, KW, inv_count,
+                          MODE, HAS_CLS, HAS_BIAS, BLOCK_M, D_PAD, BLOCK_K, DOT_PRECISION)
     if HAS_NORM:
         mean = tl.sum(acc, 1) / D
         diff = tl.where(d_mask[None, :], acc - mean[:, None], 0.0)
@@ -192,7 +199,7 @@ def pooled_projection_bwd_kernel(
     MODE: tl.constexpr, HAS_CLS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Backward of modes conv and avg (see the module docstring). DX (B, N, C) contiguous, DW
+    """Backward of every mode (see the module docstring). DX (B, N, C) contiguous, DW
     (3A, C), DBias (3A,), DPW (d, prod(kernel)), DNW and DNB (d,): fp32, zeroed by the launcher,
     accumulated with atomics."""
     pid_bh, b, h, offs_m, offs_d, d_mask = _head_tile(H, D, BLOCK_M, D_PAD)
@@ -205,9 +212,9 @@ def pooled_projection_bwd_kernel(
     KV = KT * KH * KW
     bias = _head_bias(Bias, W_ROW0 + h * D, offs_d, d_mask, HAS_BIAS)
     # 1. The forward up to the pooled value, before the LayerNorm (recomputed, nothing stored).
-    acc = _pool_taps(x_base, w_base, bias, PW, offs_k, offs_d, d_mask, ot, oh, ow, grid_row, is_cls, row_ok,
-                     stride_xn, stride_wr, C, T, HH, WW, ST, SH, SW, PT, PH, PW_, KT, KH, KW, inv_count,
-                     MODE, HAS_CLS, HAS_BIAS, BLOCK_M, D_PAD, BLOCK_K, DOT_PRECISION)
+    acc, arg = _pool_taps(x_base, w_base, bias, PW, offs_k, offs_d, d_mask, ot, oh, ow, grid_row, is_cls, row_ok,
+                          stride_xn, stride_wr, C, T, HH, WW, ST, SH, SW, PT, PH, PW_, KT, KH, KW, inv_count,
+                          MODE, HAS_CLS, HAS_BIAS, BLOCK_M, D_PAD, BLOCK_K, DOT_PRECISION)
     out_mask = row_ok[:, None] & d_mask[None, :]
     dy = tl.load(DY + pid_bh * N_OUT * D + offs_m[:, None] * D + offs_d[None, :], mask=out_mask, other=0.0).to(tl.float32)
     # 2. LayerNorm backward on chip: d pooled, and this tile's share of the LN parameter grads.
@@ -234,8 +241,10 @@ def pooled_projection_bwd_kernel(
         if MODE == "conv":
             dproj = tl.where(valid[:, None], dpool * _tap_coef(PW, offs_d, d_mask, tap, KV, is_cls), 0.0)
             proj = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-        else:
+        elif MODE == "avg":
             dproj = tl.where(valid[:, None], dpool, 0.0)
+        else:  # max: only the tap each output took (arg is set on valid taps only)
+            dproj = tl.where(arg == tap, dpool, 0.0)
         if HAS_BIAS:
             tl.atomic_add(DBias + W_ROW0 + h * D + offs_d, tl.sum(dproj, 0), mask=d_mask)
         dproj_lo = dproj.to(X.dtype.element_ty)
@@ -389,11 +398,9 @@ def forward(x, weight, bias, which_index: int, num_heads: int, thw, kernel, stri
 
 def backward(grad_y, x, weight, bias, which_index: int, num_heads: int, thw, kernel, stride, padding, mode: str,
              pool_weight, has_cls: bool, norm_weight, norm_bias, eps: float):
-    """Gradients (dx, dweight, dbias, dpool_weight, dnorm_weight, dnorm_bias) of modes conv and
-    avg, None where the input is None; dweight is the whole (3A, C) gradient, zero outside the
+    """Gradients (dx, dweight, dbias, dpool_weight, dnorm_weight, dnorm_bias), None where the
+    input is None (dpool_weight: mode conv only); dweight is the whole (3A, C) gradient, zero outside the
     slice's rows. Accumulated in fp32 (atomics), returned in each input's dtype."""
-    if mode not in ("conv", "avg"):
-        raise ValueError(f"the Triton backward covers modes conv and avg, not {mode!r}")
     x = _last_dim_contiguous(x)
     weight = _last_dim_contiguous(weight)
     grad_y = grad_y.contiguous()
