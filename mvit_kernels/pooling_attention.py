@@ -262,6 +262,7 @@ def triton_pooling_attention(
     contract as :func:`mvit_kernels.reference.pooling_attention`."""
     if _kernels is None:
         raise RuntimeError("triton_pooling_attention needs Triton, which is not installed")
+    q, k, v, rel_pos_t, rel_pos_h, rel_pos_w = autocast.for_compute(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w)
     thw_q, thw_kv = check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w)
     if not _kernels.supports(q, thw_kv, rel_pos_t is not None or rel_pos_h is not None):
         raise ValueError(

@@ -313,3 +313,20 @@ def test_bfloat16_on_cuda_within_1e_2_of_float64(case):
     ref_grads = torch.autograd.grad(same, low, grad_out.to(got.dtype))
     for name, a, r, b in zip("q k v t1 t2 t3".split(), grads, ref_grads, torch.autograd.grad(want, high, grad_out)):
         assert rel_err(a, b) <= bound(rel_err(r, b)), f"grad {name}: {rel_err(a, b):.2e} (reference in bf16: {rel_err(r, b):.2e})"
+
+
+def test_autocast_casts_mixed_inputs_like_the_dispatching_op():
+    # Under autocast the model hands the attention a half-precision q next to a float32
+    # (LayerNorm-ed) k and v: the Triton entry applies the same rule as pooling_attention
+    # (mvit_kernels.autocast.for_compute) instead of rejecting the mix. float16 on CPU: the
+    # interpreter's bfloat16 tl.dot is unreliable (see test_triton_pooled_projection.py).
+    dtype = torch.float16 if INTERPRET else torch.bfloat16
+    q, k, v, tables = make_inputs(1, 2, 16, (1, 4, 4), (1, 2, 2), True, "hw", seed=13)
+    with torch.no_grad():
+        want = reference.pooling_attention(q.double(), k.double(), v.double(), (1, 4, 4), (1, 2, 2), True,
+                                           None, tables[1].double(), tables[2].double(), residual_pooling=True)
+        with torch.autocast(DEVICE, dtype=dtype):
+            got = pa.triton_pooling_attention(q.to(dtype), k, v, (1, 4, 4), (1, 2, 2), True, *tables,
+                                              residual_pooling=True)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, atol=3e-2, rtol=2e-2)

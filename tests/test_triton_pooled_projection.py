@@ -394,3 +394,17 @@ def test_environment_switch_turns_the_fused_projection_off(monkeypatch):
         assert not pp.uses_triton(x, w, 1, (4, 16, 16), K3, (1, 8, 8), P1)
         monkeypatch.setenv(pp.ENV_SWITCH, "1")
         assert pp.uses_triton(x, w, 1, (4, 16, 16), K3, (1, 8, 8), P1)
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    # The same rule as the other ops (mvit_kernels.autocast.for_compute): float32 x and weights
+    # under autocast run the kernel in the autocast dtype (float16 on CPU, see the float16 test).
+    dtype = torch.float16 if INTERPRET else torch.bfloat16
+    inputs = make_inputs(1, 2, 16, 24, (1, 8, 8), K3, "conv", True, True, seed=14)
+    args = ("k", 2, (1, 8, 8), K3, (1, 4, 4), P1, "conv", True)
+    with torch.no_grad():
+        want, _ = run(reference.pooled_projection, {k: t.double() for k, t in inputs.items()}, *args)
+        with torch.autocast(DEVICE, dtype=dtype):
+            got, _ = run(pp.triton_pooled_projection, inputs, *args)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, atol=3e-2, rtol=2e-2)
