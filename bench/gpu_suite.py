@@ -8,7 +8,8 @@ Steps (each logged with its wall time; the whole suite is sized for < 20 minutes
    (the lent machines have torch and Triton but no package registry);
 2. CUDA correctness tests at real shapes (TRITON_INTERPRET=0): the pool ops against their CPU
    results, the Triton attention, and fused vs reference MViT-B / MViTv2-S;
-3. bench/flops.py, bench/bench_pool_ops.py, bench/bench_attention.py, bench/throughput.py;
+3. bench/flops.py, bench/bench_pool_ops.py, bench/bench_attention.py, bench/throughput.py,
+   bench/profile_model.py (kernel time by category per variant of an MViT-B step);
 4. a short summary table, printed last.
 Everything goes under bench/results/gpu_<device>_<date>/ (logs and each script's Markdown/JSON).
 """
@@ -50,6 +51,8 @@ STEPS = {
     "attention_b8": (["PY", "bench/bench_attention.py", "--batch", "8", "--out", "OUT"], 240),
     "profile": (["PY", "bench/profile_attention.py", "--block", "15", "--batch", "1"], 120),
     "throughput": (["PY", "bench/throughput.py", "TPARGS", "--out", "OUT"], 540),
+    # Which kernels make the difference between the variants of one training/inference step.
+    "profile_model": (["PY", "bench/profile_model.py", "--preset", "mvit_b_16x4", "--batch", "8", "--out", "OUT"], 240),
 }
 
 
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
     shown = [f"attention_bench_b{b}{r}.md" for b in (1, 8) for r in ("", "_relpos")]
     shown += [f"pooled_projection_b{b}.md" for b in (1, 8)]
     shown += [f"attention_blocks_{p}_b{b}.md" for b in (1, 8) for p in ("mvit_b_16x4", "mvitv2_s_16x4")]
-    for name in shown + ["throughput_cuda.md"]:
+    for name in shown + ["throughput_gpu.md", "profile_model_gpu.md"]:
         path = os.path.join(out, name)
         if os.path.exists(path):
             print("\n" + open(path).read())

@@ -75,15 +75,17 @@ def _torchvision_model(name: str, state):
     return tv
 
 
-def _variants(name: str, device: torch.device, want: set[str]):
-    base = build_model(name).to(device)
+def _variants(name: str, device: torch.device, want: set[str], **overrides):
+    """label -> (make, context, compiled, state to load or None). ``overrides`` (config fields,
+    e.g. input_size) leave torchvision out: its builders fix the input size."""
+    base = build_model(name, **overrides).to(device)
     state = base.state_dict()
     variants = {}
     if mvit_kernels.load_extension():
-        variants["ours-fused"] = (lambda: build_model(name, fused=True).to(device), None)
-    variants["ours-ref"] = (lambda: build_model(name).to(device), None)
-    variants["ours-ref-sdpa"] = (lambda: build_model(name).to(device), sdpa_in_reference)
-    if name in TORCHVISION:
+        variants["ours-fused"] = (lambda: build_model(name, fused=True, **overrides).to(device), None)
+    variants["ours-ref"] = (lambda: build_model(name, **overrides).to(device), None)
+    variants["ours-ref-sdpa"] = (lambda: build_model(name, **overrides).to(device), sdpa_in_reference)
+    if name in TORCHVISION and not overrides:
         variants["torchvision"] = (lambda: _torchvision_model(name, state).to(device), None)
     out = {}
     for key, (make, ctx) in variants.items():
@@ -113,12 +115,14 @@ def _time(fn, device, warmup: int, repeats: int) -> list[float]:
     return times
 
 
-def measure(name, label, spec, device, batch, mode, warmup, repeats, dtype_ctx):
+def make_step(name, spec, device, batch, mode, dtype_ctx, **overrides):
+    """(model, step): the variant's model, set to train or eval, and one inference (no_grad) or
+    training step (forward, cross-entropy, backward, AdamW) on a random batch, in dtype_ctx."""
     make, ctx, compiled, state = spec
     model = make()
     if state is not None:
         model.load_state_dict(state)
-    cfg = build_model(name).cfg
+    cfg = build_model(name, **overrides).cfg
     shape = (batch, 3) + ((cfg.input_size[1], cfg.input_size[2]) if cfg.patch_2d else tuple(cfg.input_size))
     x = torch.randn(shape, device=device)
     target = torch.randint(0, cfg.num_classes, (batch,), device=device)
@@ -137,12 +141,18 @@ def measure(name, label, spec, device, batch, mode, warmup, repeats, dtype_ctx):
             opt.zero_grad(set_to_none=True)
 
     model.train(mode == "train")
+    return model, step
+
+
+def measure(name, label, spec, device, batch, mode, warmup, repeats, dtype_ctx):
+    ctx = spec[1]
+    model, step = make_step(name, spec, device, batch, mode, dtype_ctx)
     with (ctx() if ctx else contextlib.nullcontext()):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = _time(step, device, warmup, repeats)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    del model, run_model, opt
+    del model, step
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

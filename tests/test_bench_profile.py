@@ -1,0 +1,53 @@
+"""bench/profile_model.py: the category rules, and a small CPU run of the whole script that must
+put our ops' time under our categories for the fused model and the reference's convolutions under
+convolution for the reference model."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import profile_model as pm  # noqa: E402
+
+
+def test_attribution_takes_the_innermost_name_with_a_category():
+    # A plain elementwise op inside the optimizer's step is optimizer time...
+    assert pm.attribute(["aten::div", "Optimizer.step#AdamW.step"]) == "optimizer (AdamW)"
+    # ...a kernel's own name wins over the op that launched it...
+    assert pm.attribute(["mvit::pool3d_backward_rows_kernel<float, float>", "mvit_kernels::pool3d_backward"]) == "pool3d (ours)"
+    assert pm.attribute(["pooled_projection_bwd_kernel", "autograd::engine::evaluate_function"]) == "pooled projection (Triton)"
+    # ...and an unnamed elementwise kernel takes its operator's category.
+    assert pm.attribute(["void at::native::vectorized_elementwise_kernel<4>", "aten::mul",
+                         "aten::native_layer_norm_backward"]) == "LayerNorm"
+    assert pm.attribute(["aten::mul", "aten::add"]) == pm.OTHER
+    # torch's own max_pool3d is not our pool3d.
+    assert pm.category("aten::max_pool3d_with_indices") == "max pool (reference skip)"
+    assert pm.category("mvit_kernels::pool3d") == "pool3d (ours)"
+
+
+def test_small_cpu_run_attributes_fused_and_reference_ops(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "bench/profile_model.py", "--preset", "mvit_b_16x4", "--input-size", "2", "32", "32",
+         "--variants", "ours-fused", "ours-ref", "--warmup", "1", "--steps", "1", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "profile_model_cpu.json").read_text())["rows"]
+    assert {(r["variant"], r["mode"]) for r in rows} == {(v, m) for v in ("ours-fused", "ours-ref") for m in ("train", "infer")}
+    for r in rows:
+        assert sum(r["ms"].values()) > 0 and r["wall_ms"] > 0
+        fused = r["variant"] == "ours-fused"
+        assert (r["ms"].get("pool3d (ours)", 0) > 0) == fused, r
+        assert (r["ms"].get("skip pooling + add (ours)", 0) > 0) == fused, r
+        if not fused:  # the reference pools with conv3d and max_pool3d
+            assert r["ms"]["convolution (reference pooling, patch embed)"] > 0
+            assert r["ms"]["max pool (reference skip)"] > 0
+        if r["mode"] == "train":
+            assert r["ms"]["optimizer (AdamW)"] > 0
+    text = (tmp_path / "profile_model_cpu.md").read_text()
+    assert "| category | ours-fused | ours-ref |" in text and "## mvit_b_16x4 train, batch 1" in text
