@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "pool3d_common.h"
@@ -54,6 +55,38 @@ inline int64_t t_inner_row(int64_t j, int64_t rows_per_slab, int64_t cls, int64_
   if (k < cls) return j;
   const int64_t q = k - cls;
   return slab * rows_per_slab + cls + (q % T) * (H * W) + q / T;
+}
+
+// Software prefetch for the row loops. They walk windows in an order the hardware prefetcher
+// cannot follow (rows strided by the qkv layout, t-inner jumps between windows), so without it
+// each window's loads wait on memory one after another (the forward of block 1's Q pooling ran
+// 1.7x slower). Each loop asks, kPrefetchAhead steps early, for the rows the step will read.
+constexpr int64_t kPrefetchAhead = 2;
+
+// Every 64-byte line of the row of n elements at p.
+template <class T>
+inline void prefetch_row(const T* p, int64_t n) {
+  const int64_t step = 64 / static_cast<int64_t>(sizeof(T));
+  for (int64_t c = 0; c < n; c += step) __builtin_prefetch(p + c);
+}
+
+// The row loops' step j + kPrefetchAhead (walked in t_inner_row order over slabs of rows_per_slab
+// rows): its row r, or -1 past the end. For an output loop, window(slab, grid_index) is called to
+// prefetch what that row reads; the caller prefetches any per-row buffers from r.
+template <class Window>
+inline int64_t prefetch_step(int64_t j, int64_t end, int64_t rows_per_slab, int64_t cls, int64_t kT, int64_t T,
+                             int64_t H, int64_t W, const Window& window) {
+  if (j + kPrefetchAhead >= end) return -1;
+  const int64_t r = t_inner_row(j + kPrefetchAhead, rows_per_slab, cls, kT, T, H, W);
+  const int64_t n = r % rows_per_slab;
+  if (n >= cls) window(r / rows_per_slab, n - cls);
+  return r;
+}
+
+// The input rows of output grid row o's window, in slab xb.
+template <class scalar_t>
+inline void prefetch_window(const scalar_t* xb, int64_t sN, const PoolGeom& g, int64_t o, int64_t d) {
+  for_each_window_input(g, o, [&](int64_t, int64_t i) { prefetch_row(xb + (g.cls + i) * sN, d); });
 }
 
 // Pools one output grid row o of one (batch, head) slab xb into acc[0:d]; with idx, also the
@@ -214,7 +247,7 @@ std::vector<acc_t> sample_scales(const c10::optional<at::Tensor>& scale, int64_t
 }
 
 template <class acc_t>
-void row_moments(const acc_t* v, int64_t d, double eps, acc_t* mean, acc_t* rstd) {
+MVIT_FORCE_INLINE inline void row_moments(const acc_t* v, int64_t d, double eps, acc_t* mean, acc_t* rstd) {
   acc_t s = 0;
   for (int64_t c = 0; c < d; ++c) s += v[c];
   const acc_t m = s / d;
@@ -223,6 +256,55 @@ void row_moments(const acc_t* v, int64_t d, double eps, acc_t* mean, acc_t* rstd
   *mean = m;
   *rstd = acc_t(1) / std::sqrt(q / d + static_cast<acc_t>(eps));
 }
+
+// Backward of one output row r (step (1) of pool3d_backward_cpu): recompute the pooled row (and
+// its arg-max), LayerNorm backward -> dp row, and add this row's terms to the chunk's double
+// partials of the LayerNorm parameters and of the conv weight (pw, (K, d)). In the AVX2 copy
+// the double accumulation runs 4 lanes wide (it dominated the backward when compiled for SSE2
+// only). v, gx: scratch rows of d.
+template <class scalar_t, class acc_t>
+MVIT_FORCE_INLINE inline void backward_row_impl(const scalar_t* __restrict__ xb, int64_t sN, const PoolGeom& g,
+                                                int64_t n, int64_t d, PoolMode mode, const acc_t* __restrict__ wT,
+                                                const scalar_t* __restrict__ gr, const acc_t* __restrict__ gamma,
+                                                bool norm, double eps, acc_t* __restrict__ dpr,
+                                                int32_t* __restrict__ idx, acc_t* __restrict__ v,
+                                                acc_t* __restrict__ gx, double* __restrict__ pnw,
+                                                double* __restrict__ pnb, double* __restrict__ pw) {
+  if (n < g.cls) {
+    for (int64_t c = 0; c < d; ++c) v[c] = static_cast<acc_t>(xb[c]);
+  } else {
+    pool_row_impl<scalar_t, acc_t>(xb, sN, g, n - g.cls, d, mode, wT, v, idx);
+  }
+  if (norm) {
+    acc_t mean, rstd;
+    row_moments(v, d, eps, &mean, &rstd);
+    acc_t sum_g = 0, sum_gx = 0;
+    for (int64_t c = 0; c < d; ++c) {
+      const acc_t dy = static_cast<acc_t>(gr[c]);
+      const acc_t xhat = (v[c] - mean) * rstd;
+      const acc_t gc = dy * gamma[c];
+      v[c] = xhat;
+      gx[c] = gc;
+      sum_g += gc;
+      sum_gx += gc * xhat;
+      pnw[c] += static_cast<double>(dy * xhat);
+      pnb[c] += static_cast<double>(dy);
+    }
+    const acc_t mean_g = sum_g / d, mean_gx = sum_gx / d;
+    for (int64_t c = 0; c < d; ++c) dpr[c] = layer_norm_grad(gx[c], v[c], rstd, mean_g, mean_gx);
+  } else {
+    for (int64_t c = 0; c < d; ++c) dpr[c] = static_cast<acc_t>(gr[c]);
+  }
+  if (mode == kConv && n >= g.cls) {
+    for_each_window_input(g, n - g.cls, [&](int64_t k, int64_t i) MVIT_FORCE_INLINE {
+      const scalar_t* xi = xb + (g.cls + i) * sN;
+      double* pk = pw + k * d;
+      for (int64_t c = 0; c < d; ++c) pk[c] += static_cast<double>(dpr[c] * static_cast<acc_t>(xi[c]));
+    });
+  }
+}
+
+MVIT_DEFINE_DISPATCH(backward_row, backward_row_impl)
 
 at::Tensor pool3d_cpu(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayRef kernel, at::IntArrayRef stride,
                       at::IntArrayRef padding, c10::string_view mode_str, const c10::optional<at::Tensor>& weight,
@@ -255,6 +337,9 @@ at::Tensor pool3d_cpu(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayR
     at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / (K * d) + 1), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(d);
       for (int64_t j = begin; j < end; ++j) {
+        prefetch_step(j, end, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo, [&](int64_t bh, int64_t o) {
+          prefetch_window(xp + (bh / heads) * xr.sB + (bh % heads) * xr.sH, xr.sN, g, o, d);
+        });
         const int64_t r = t_inner_row(j, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo);
         const int64_t n = r % n_out, bh = r / n_out;
         const scalar_t* xb = xp + (bh / heads) * xr.sB + (bh % heads) * xr.sH;
@@ -310,8 +395,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = grad_y.data_ptr<scalar_t>();
     const int64_t rows_out = B * heads * n_out, grid_out = g.out_grid();
-    std::vector<acc_t> dp(rows_out * d);
-    std::vector<int32_t> argmax(mode == kMax ? B * heads * grid_out * d : 0);
+    // Scratch written in full by step (1) before step (2) reads it: uninitialized buffers (a
+    // zero-filled std::vector cost an extra pass over them).
+    const std::unique_ptr<acc_t[]> dp_buf(new acc_t[rows_out * d]);
+    const std::unique_ptr<int32_t[]> argmax_buf(new int32_t[mode == kMax ? B * heads * grid_out * d : 0]);
+    acc_t* const dp = dp_buf.get();
+    int32_t* const argmax = argmax_buf.get();
 
     // (1) dp and the parameter-gradient partials, per chunk of output rows.
     const int64_t nchunks = num_chunks(rows_out);
@@ -325,44 +414,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
       double* pnw = pw + (mode == kConv ? K * d : 0);
       double* pnb = pnw + d;
       for (int64_t j = lo; j < hi; ++j) {
+        const int64_t rp = prefetch_step(j, hi, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo, [&](int64_t bh, int64_t o) {
+          prefetch_window(xp + (bh / heads) * xr.sB + (bh % heads) * xr.sH, xr.sN, g, o, d);
+        });
+        if (rp >= 0) prefetch_row(gp + rp * d, d);
         const int64_t r = t_inner_row(j, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo);
         const int64_t n = r % n_out, bh = r / n_out;
         const scalar_t* xb = xp + (bh / heads) * xr.sB + (bh % heads) * xr.sH;
-        const scalar_t* gr = gp + r * d;
-        acc_t* dpr = dp.data() + r * d;
-        if (n < g.cls) {
-          for (int64_t c = 0; c < d; ++c) v[c] = static_cast<acc_t>(xb[c]);
-        } else {
-          int32_t* idx = mode == kMax ? argmax.data() + (bh * grid_out + n - g.cls) * d : nullptr;
-          pool_row<scalar_t, acc_t>(xb, xr.sN, g, n - g.cls, d, mode, wT.data(), v.data(), idx);
-        }
-        if (norm) {
-          acc_t mean, rstd;
-          row_moments(v.data(), d, eps, &mean, &rstd);
-          acc_t sum_g = 0, sum_gx = 0;
-          for (int64_t c = 0; c < d; ++c) {
-            const acc_t dy = static_cast<acc_t>(gr[c]);
-            const acc_t xhat = (v[c] - mean) * rstd;
-            const acc_t gc = dy * gamma[c];
-            v[c] = xhat;
-            gx[c] = gc;
-            sum_g += gc;
-            sum_gx += gc * xhat;
-            pnw[c] += dy * xhat;
-            pnb[c] += dy;
-          }
-          const acc_t mean_g = sum_g / d, mean_gx = sum_gx / d;
-          for (int64_t c = 0; c < d; ++c) dpr[c] = layer_norm_grad(gx[c], v[c], rstd, mean_g, mean_gx);
-        } else {
-          for (int64_t c = 0; c < d; ++c) dpr[c] = static_cast<acc_t>(gr[c]);
-        }
-        if (mode == kConv && n >= g.cls) {
-          for_each_window_input(g, n - g.cls, [&](int64_t k, int64_t i) {
-            const scalar_t* xi = xb + (g.cls + i) * xr.sN;
-            double* pk = pw + k * d;
-            for (int64_t c = 0; c < d; ++c) pk[c] += static_cast<double>(dpr[c] * static_cast<acc_t>(xi[c]));
-          });
-        }
+        int32_t* idx = (mode == kMax && n >= g.cls) ? argmax + (bh * grid_out + n - g.cls) * d : nullptr;
+        backward_row<scalar_t, acc_t>(xb, xr.sN, g, n, d, mode, wT.data(), gp + r * d, gamma.data(), norm, eps,
+                                      dp + r * d, idx, v.data(), gx.data(), pnw, pnb, pw);
       }
     });
 
@@ -372,15 +433,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
     at::parallel_for(0, B * heads * N, std::max<int64_t>(1, 4096 / (K * d) + 1), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(d);
       for (int64_t j = begin; j < end; ++j) {
+        // The dp (and arg-max) rows of the outputs covering the input row two steps ahead.
+        prefetch_step(j, end, N, g.cls, g.kT, g.T, g.H, g.W, [&](int64_t bh, int64_t i) {
+          for_each_covering_output(g, i, [&](int64_t, int64_t o) {
+            prefetch_row(dp + (bh * n_out + g.cls + o) * d, d);
+            if (mode == kMax) prefetch_row(argmax + (bh * grid_out + o) * d, d);
+          });
+        });
         const int64_t r = t_inner_row(j, N, g.cls, g.kT, g.T, g.H, g.W);
         const int64_t n = r % N, bh = r / N;
         scalar_t* out = gxp + r * d;
-        const acc_t* dpb = dp.data() + bh * n_out * d;
+        const acc_t* dpb = dp + bh * n_out * d;
         if (n < g.cls) {
           for (int64_t c = 0; c < d; ++c) out[c] = static_cast<scalar_t>(dpb[c]);
           continue;
         }
-        const int32_t* amb = mode == kMax ? argmax.data() + bh * grid_out * d : nullptr;
+        const int32_t* amb = mode == kMax ? argmax + bh * grid_out * d : nullptr;
         gather_dx_row<scalar_t, acc_t>(g, n - g.cls, d, mode, dpb, amb, wT.data(), acc.data());
         const acc_t f = mode == kAvg ? inv_k : acc_t(1);
         for (int64_t c = 0; c < d; ++c) out[c] = static_cast<scalar_t>(acc[c] * f);
@@ -435,6 +503,8 @@ at::Tensor pool_residual_add_cpu(const at::Tensor& x_in, at::IntArrayRef thw, at
     at::parallel_for(0, B * n_out, 16, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(C);
       for (int64_t j = begin; j < end; ++j) {
+        prefetch_step(j, end, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo,
+                      [&](int64_t b, int64_t o) { prefetch_window(xp + b * sB, sN, g, o, C); });
         const int64_t r = t_inner_row(j, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo);
         const int64_t b = r / n_out, n = r % n_out;
         const scalar_t* xb = xp + b * sB;
@@ -477,7 +547,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cpu(
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     scalar_t* gbp = grad_branch.data_ptr<scalar_t>();
     const int64_t sB = x.stride(0), sN = x.stride(1);
-    std::vector<int32_t> argmax(B * grid_out * C);
+    const std::unique_ptr<int32_t[]> argmax_buf(new int32_t[B * grid_out * C]);  // written in full by step (1)
+    int32_t* const argmax = argmax_buf.get();
 
     // (1) per output row: grad_branch = scale * g, arg-max of the window, grad_scale partials.
     const int64_t rows_out = B * n_out;
@@ -486,6 +557,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cpu(
     parallel_chunks(rows_out, nchunks, [&](int64_t ch, int64_t lo, int64_t hi) {
       std::vector<acc_t> tmp(C);
       for (int64_t j = lo; j < hi; ++j) {
+        const int64_t rp = prefetch_step(j, hi, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo,
+                                         [&](int64_t b, int64_t o) { prefetch_window(xp + b * sB, sN, g, o, C); });
+        if (rp >= 0) {
+          prefetch_row(gp + rp * C, C);
+          if (has_scale) prefetch_row(bp + rp * C, C);
+        }
         const int64_t r = t_inner_row(j, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo);
         const int64_t b = r / n_out, n = r % n_out;
         const scalar_t* gr = gp + r * C;
@@ -499,7 +576,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cpu(
         }
         if (n >= g.cls) {
           pool_row<scalar_t, acc_t>(xp + b * sB, sN, g, n - g.cls, C, kMax, nullptr, tmp.data(),
-                                    argmax.data() + (b * grid_out + n - g.cls) * C);
+                                    argmax + (b * grid_out + n - g.cls) * C);
         }
       }
     });
@@ -509,6 +586,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cpu(
     at::parallel_for(0, B * N, 16, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(C);
       for (int64_t j = begin; j < end; ++j) {
+        // The gradient and arg-max rows of the outputs covering the input row two steps ahead.
+        prefetch_step(j, end, N, g.cls, g.kT, g.T, g.H, g.W, [&](int64_t b, int64_t i) {
+          for_each_covering_output(g, i, [&](int64_t, int64_t o) {
+            prefetch_row(gp + (b * n_out + g.cls + o) * C, C);
+            prefetch_row(argmax + (b * grid_out + o) * C, C);
+          });
+        });
         const int64_t r = t_inner_row(j, N, g.cls, g.kT, g.T, g.H, g.W);
         const int64_t b = r / N, n = r % N;
         scalar_t* out = gxp + r * C;
@@ -517,7 +601,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cpu(
           for (int64_t c = 0; c < C; ++c) out[c] = gb[c];
           continue;
         }
-        gather_max_grad_row<scalar_t, acc_t>(g, n - g.cls, C, gb, argmax.data() + b * grid_out * C, acc.data());
+        gather_max_grad_row<scalar_t, acc_t>(g, n - g.cls, C, gb, argmax + b * grid_out * C, acc.data());
         for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(acc[c]);
       }
     });
