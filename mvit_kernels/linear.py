@@ -4,9 +4,14 @@ backend uses) instead of ``addmm`` (which first copies the broadcast bias into t
 separate GELU pass over the MLP's widest activation. Measured on the 2-core VM: MViT-B 16x4 batch 1
 inference 0.95 s -> 0.71 s with the MLPs alone switched (2026-11-24, medians of 4 alternating runs).
 
-Everywhere else (CUDA, gradients needed, other dtypes, autocast, torch.compile tracing, dispatch
-modes such as FlopCounterMode, a torch build without oneDNN) it is the reference, so FLOP counts,
-autograd and autocast behave as the reference's.
+Under ``torch.compile`` the same inference path is the registered op
+``mvit_kernels::linear_onednn`` (opaque to Inductor, which lowers ``_linear_pointwise`` only for
+frozen, constant weights): without it the compiled fused model ran the reference's linear and was
+slower than the eager one (788 vs 523 ms, MViT-B 16x4 batch 1, `throughput_cpu.md`).
+
+Everywhere else (CUDA, gradients needed, other dtypes, autocast, dispatch modes such as
+FlopCounterMode, a torch build without oneDNN) it is the reference, so FLOP counts, autograd and
+autocast behave as the reference's.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import torch
 from torch import Tensor
 
 from . import autocast, reference
-from ._dispatch import traced_or_intercepted
 
 
 def _onednn_linear_available() -> bool:
@@ -30,6 +34,30 @@ def _onednn_linear_available() -> bool:
 _ONEDNN = _onednn_linear_available()
 
 
+def _run_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool) -> Tensor:
+    attr, algorithm = ("gelu", "none") if gelu else ("none", "")
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, attr, [], algorithm)
+
+
+@torch.library.custom_op("mvit_kernels::linear_onednn", mutates_args=())
+def _linear_onednn_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool) -> Tensor:
+    """The oneDNN inference linear as torch.compile sees it (no autograd: only used without grad)."""
+    return _run_onednn(x, weight, bias, gelu)
+
+
+@_linear_onednn_op.register_fake
+def _linear_onednn_fake(x, weight, bias, gelu):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _intercepted(x: Tensor) -> bool:
+    """A dispatch mode (FlopCounterMode, fake tensors) must see the reference's ops, or x is not a
+    plain CPU tensor (meta, subclasses)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None or type(x) is not torch.Tensor
+
+
 def uses_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """The dispatch rule of :func:`linear`."""
     tensors = [t for t in (x, weight, bias) if t is not None]
@@ -39,7 +67,7 @@ def uses_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
         and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
         and x.dim() >= 2
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        and not traced_or_intercepted(x)
+        and (torch.compiler.is_compiling() or not _intercepted(x))
         and autocast.autocast_dtype(x) is None  # under autocast F.linear runs in its dtype
     )
 
@@ -52,5 +80,6 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
         return reference.linear(x, weight, bias, activation)
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features but weight expects {weight.shape[1]}")
-    attr, algorithm = ("gelu", "none") if activation == "gelu" else ("none", "")
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, attr, [], algorithm)
+    if torch.compiler.is_compiling():
+        return _linear_onednn_op(x, weight, bias, activation == "gelu")
+    return _run_onednn(x, weight, bias, activation == "gelu")

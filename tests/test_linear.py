@@ -73,11 +73,41 @@ def test_other_dtypes_and_bad_input():
             mvit_kernels.linear(torch.randn(2, 3, 5), w, b)
 
 
-def test_torch_compile_traces_the_reference():
+def _compiled_graph_ops(fn, *args):
+    """(result, the op targets in the graph torch.compile traced for fn)."""
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    return torch.compile(fn, fullgraph=True, backend=backend)(*args), seen
+
+
+@pytest.mark.skipif(not linear_module._ONEDNN, reason="torch built without oneDNN")
+def test_torch_compile_keeps_the_onednn_linear_for_inference():
+    # Inference: the registered oneDNN op (opaque to Inductor); with gradients: the reference's ops.
     x, w, b = _inputs((2, 6), 8, 12)
-    fn = torch.compile(lambda x: mvit_kernels.linear(x, w, b, "gelu"), fullgraph=True, backend="aot_eager")
+    want = reference.linear(x, w, b, "gelu")
     with torch.no_grad():
-        torch.testing.assert_close(fn(x), reference.linear(x, w, b, "gelu"), **TOL)
+        got, ops = _compiled_graph_ops(lambda x: mvit_kernels.linear(x, w, b, "gelu"), x)
+    torch.testing.assert_close(got, want, **TOL)
+    assert "mvit_kernels.linear_onednn.default" in ops, ops
+    wg = w.detach().clone().requires_grad_()
+    got, ops = _compiled_graph_ops(lambda x: mvit_kernels.linear(x, wg, b, "gelu"), x)
+    torch.testing.assert_close(got, want, **TOL)
+    assert not any("linear_onednn" in op for op in ops), ops
+    # And through Inductor itself.
+    with torch.no_grad():
+        compiled = torch.compile(lambda x: mvit_kernels.linear(x, w, b, "gelu") * 2.0, fullgraph=True)
+        torch.testing.assert_close(compiled(x), want * 2.0, **TOL)
+
+
+@pytest.mark.skipif(not linear_module._ONEDNN, reason="torch built without oneDNN")
+def test_onednn_op_opcheck():
+    x, w, b = _inputs((3, 5), 16, 24)
+    torch.library.opcheck(linear_module._linear_onednn_op, (x, w, b, True))
+    torch.library.opcheck(linear_module._linear_onednn_op, (x, w, None, False))
 
 
 def test_autocast_takes_the_reference():
