@@ -70,19 +70,6 @@ MVIT_HD MVIT_FORCE_INLINE inline void for_each_window_input(const PoolGeom& g, i
   }
 }
 
-// The input grid index at kernel offset k of output o's window, or -1 in the padding.
-MVIT_HD inline int64_t window_input_at(const PoolGeom& g, int64_t o, int64_t k) {
-  const int64_t ow = o % g.Wo;
-  const int64_t oh = (o / g.Wo) % g.Ho;
-  const int64_t ot = o / (g.Wo * g.Ho);
-  const int64_t kw = k % g.kW;
-  const int64_t kh = (k / g.kW) % g.kH;
-  const int64_t kt = k / (g.kW * g.kH);
-  const int64_t t = ot * g.sT - g.pT + kt, h = oh * g.sH - g.pH + kh, w = ow * g.sW - g.pW + kw;
-  if (t < 0 || t >= g.T || h < 0 || h >= g.H || w < 0 || w >= g.W) return -1;
-  return (t * g.H + h) * g.W + w;
-}
-
 // Range of outputs along one axis whose window covers input position i: [lo, hi].
 MVIT_HD MVIT_FORCE_INLINE inline void covering_range(int64_t i, int64_t k, int64_t s, int64_t p, int64_t n_out, int64_t* lo,
                                    int64_t* hi) {

@@ -271,15 +271,29 @@ def test_cuda_build_flag_is_registered():
     assert mvit_kernels.has_cuda_kernels() == torch.ops.mvit_kernels.built_with_cuda()
 
 
+# (thw, kernel, stride, padding, has_cls) for the CUDA-vs-CPU check: MViT's q pooling, and
+# geometries the CUDA kernels' index math must get right (t stride, odd sizes, no class token,
+# K/V strides with lines where a tap is all padding, kernel 1, a kernel of 1 along w).
+CUDA_GEOMETRIES = [
+    ((4, 9, 9), (3, 3, 3), (1, 2, 2), (1, 1, 1), True),
+    ((3, 5, 7), (3, 3, 3), (2, 2, 2), (1, 1, 1), False),
+    ((2, 16, 16), (3, 3, 3), (1, 8, 8), (1, 1, 1), True),
+    ((4, 6, 5), (3, 3, 1), (2, 3, 2), (1, 1, 0), True),
+    ((2, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), False),
+]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("geometry", CUDA_GEOMETRIES, ids=lambda g: f"thw{g[0]}-k{g[1]}-s{g[2]}-{'cls' if g[4] else 'nocls'}")
 @pytest.mark.parametrize("mode", MODES)
-def test_cuda_matches_cpu(mode):
+def test_cuda_matches_cpu(mode, geometry):
     assert mvit_kernels.has_cuda_kernels(), "CUDA is available but the extension was built without CUDA"
-    x, w, nw, nb = _inputs(2, 3, (4, 9, 9), 96, (3, 3, 3), mode, True, True, torch.float32)
-    args = ((4, 9, 9), 3, (1, 2, 2), 1, mode)
-    y, _, grads = _run(mvit_kernels.pool3d, x, *args, w, True, nw, nb)
+    thw, kernel, stride, padding, has_cls = geometry
+    x, w, nw, nb = _inputs(2, 3, thw, 96, kernel, mode, has_cls, True, torch.float32)
+    args = (thw, kernel, stride, padding, mode)
+    y, _, grads = _run(mvit_kernels.pool3d, x, *args, w, has_cls, nw, nb)
     cuda = [None if t is None else t.cuda() for t in (x, w, nw, nb)]
-    y_c, _, grads_c = _run(mvit_kernels.pool3d, cuda[0], *args, cuda[1], True, cuda[2], cuda[3])
+    y_c, _, grads_c = _run(mvit_kernels.pool3d, cuda[0], *args, cuda[1], has_cls, cuda[2], cuda[3])
     torch.testing.assert_close(y_c.cpu(), y, atol=1e-4, rtol=1e-4)
     for a, b in zip(grads_c, grads):
         if b is not None:

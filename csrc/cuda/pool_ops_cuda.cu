@@ -38,17 +38,21 @@ struct Launch {
   size_t smem;
 };
 
+int multiprocessors() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
 // Block of (round_up(d, 32), R) threads with R rows per step; grid capped at a few waves.
 template <class acc_t>
 Launch make_launch(int64_t rows, int64_t d) {
   TORCH_CHECK(d <= 1024, "mvit_kernels CUDA pooling ops support up to 1024 channels, got ", d);
   const int bx = static_cast<int>((d + 31) / 32 * 32);
   const int by = std::max(1, kThreadsPerBlock / bx);
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t steps = (rows + by - 1) / by;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(steps, static_cast<int64_t>(sms) * 8));
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(steps, static_cast<int64_t>(multiprocessors()) * 8));
   return {dim3(static_cast<unsigned>(blocks)), dim3(bx, by), static_cast<size_t>(by) * (bx / 32) * sizeof(acc_t)};
 }
 
@@ -206,27 +210,33 @@ __global__ void pool3d_backward_input_kernel(const acc_t* __restrict__ dp, const
 }
 
 // Backward (3), conv mode: grad_w[c, k] = sum over grid outputs o of dp[o, c] * x[in(o, k), c].
-// blockIdx.y is the kernel offset k; rows are the B*heads*out_grid grid outputs.
+// blockIdx.y is the kernel offset k, decomposed into (kt, kh, kw) once per block; blocks stride
+// over output lines (batch*head, ot, oh) and the block's rows (threadIdx.y) over the line's Wo
+// outputs, so each output costs a few multiply-adds of index math. (The per-output div/mod of a
+// flat row index, with k's own, were ~380 of the loop's instructions in the compiled sm_90 code.)
 template <class scalar_t, class acc_t>
 __global__ void pool3d_backward_weight_kernel(const acc_t* __restrict__ dp, const scalar_t* __restrict__ x, int64_t sB,
-                                              int64_t sH, int64_t sN, int64_t rows, int64_t heads, int64_t d, PoolGeom g,
-                                              acc_t* __restrict__ grad_w) {
+                                              int64_t sH, int64_t sN, int64_t lines, int64_t heads, int64_t d,
+                                              PoolGeom g, acc_t* __restrict__ grad_w) {
   const int64_t c = threadIdx.x;
+  if (c >= d) return;  // no block-wide synchronization below
   const int64_t k = blockIdx.y;
-  const int64_t n_out = g.cls + g.out_grid(), grid_out = g.out_grid(), K = g.kernel_volume();
+  const int64_t n_out = g.cls + g.out_grid(), K = g.kernel_volume();
+  const int64_t kw = k % g.kW, kh = (k / g.kW) % g.kH, kt = k / (g.kW * g.kH);
   acc_t acc = 0;
-  if (c < d) {
-    for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
-      const int64_t r = base + threadIdx.y;
-      if (r >= rows) break;
-      const int64_t o = r % grid_out, bh = r / grid_out;
-      const int64_t i = window_input_at(g, o, k);
-      if (i < 0) continue;
-      const scalar_t* xb = x + (bh / heads) * sB + (bh % heads) * sH;
-      acc += dp[(bh * n_out + g.cls + o) * d + c] * static_cast<acc_t>(xb[(g.cls + i) * sN + c]);
+  for (int64_t line = blockIdx.x; line < lines; line += gridDim.x) {
+    const int64_t oh = line % g.Ho, ot = (line / g.Ho) % g.To, bh = line / (g.Ho * g.To);
+    const int64_t t = ot * g.sT - g.pT + kt, h = oh * g.sH - g.pH + kh;
+    if (t < 0 || t >= g.T || h < 0 || h >= g.H) continue;  // this tap is in the padding for the whole line
+    const scalar_t* xl = x + (bh / heads) * sB + (bh % heads) * sH + (g.cls + (t * g.H + h) * g.W) * sN;
+    const acc_t* dpl = dp + (bh * n_out + g.cls + (ot * g.Ho + oh) * g.Wo) * d;
+    for (int64_t ow = threadIdx.y; ow < g.Wo; ow += blockDim.y) {
+      const int64_t w = ow * g.sW - g.pW + kw;
+      if (w < 0 || w >= g.W) continue;
+      acc += dpl[ow * d + c] * static_cast<acc_t>(xl[w * sN + c]);
     }
-    atomicAdd(grad_w + c * K + k, acc);
   }
+  atomicAdd(grad_w + c * K + k, acc);
 }
 
 at::Tensor pool3d_cuda(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayRef kernel, at::IntArrayRef stride,
@@ -305,13 +315,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cuda(
           rows_in, N, d, g, mode, wp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (mode == kConv) {
-        const int64_t rows_grid = B * heads * grid_out;
-        Launch l3 = make_launch<acc_t>(rows_grid, d);
-        // Spread each kernel offset's reduction over enough blocks to fill the GPU.
-        l3.grid = dim3(std::max<unsigned>(1, l3.grid.x / static_cast<unsigned>(std::min<int64_t>(K, 8))),
-                       static_cast<unsigned>(K));
+        const int64_t lines = B * heads * g.To * g.Ho;  // rows of Wo outputs
+        // make_launch's block shape; one block per line, up to a few waves spread over the K
+        // kernel offsets (grid.y) to fill the GPU.
+        Launch l3 = make_launch<acc_t>(lines, d);
+        const int64_t per_offset = static_cast<int64_t>(multiprocessors()) * 8 / std::min<int64_t>(K, 8);
+        l3.grid = dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min(lines, per_offset))), static_cast<unsigned>(K));
         pool3d_backward_weight_kernel<scalar_t, acc_t><<<l3.grid, l3.block, 0, stream>>>(
-            dp.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), rows_grid, heads, d,
+            dp.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), lines, heads, d,
             g, grad_w_acc.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
