@@ -167,6 +167,35 @@ def rel_pos_table_length(q_size: int, k_size: int) -> int:
     return 2 * max(q_size, k_size) - 1
 
 
+def rel_pos_terms(
+    q: torch.Tensor,
+    thw_q: Sequence[int],
+    thw_kv: Sequence[int],
+    rel_pos_t: Optional[torch.Tensor],
+    rel_pos_h: Optional[torch.Tensor],
+    rel_pos_w: Optional[torch.Tensor],
+    has_cls: bool,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The three axes' terms of the MViTv2 bias, (rel_t, rel_h, rel_w) (None where there is no
+    table): rel_a[b, n, qt, qh, qw, k] = q . R_a[q_a, k] for the query's coordinate q_a on axis a,
+    each (B, heads, Tq, Hq, Wq, K_a)."""
+    qt, qh, qw = thw_q
+    kt, kh, kw = thw_kv
+    B, heads, _, d = q.shape
+    r_q = q[:, :, 1:] if has_cls else q
+    r_q = r_q.reshape(B, heads, qt, qh, qw, d)
+    rel_t = rel_h = rel_w = None
+    if rel_pos_h is not None:
+        Rh = interpolate_rel_pos(rel_pos_h, rel_pos_table_length(qh, kh))[rel_pos_index(qh, kh).to(q.device)]
+        Rw = interpolate_rel_pos(rel_pos_w, rel_pos_table_length(qw, kw))[rel_pos_index(qw, kw).to(q.device)]
+        rel_h = torch.einsum("bythwc,hkc->bythwk", r_q, Rh)
+        rel_w = torch.einsum("bythwc,wkc->bythwk", r_q, Rw)
+    if rel_pos_t is not None:
+        Rt = interpolate_rel_pos(rel_pos_t, rel_pos_table_length(qt, kt))[rel_pos_index(qt, kt).to(q.device)]
+        rel_t = torch.einsum("bythwc,tkc->bythwk", r_q, Rt)
+    return rel_t, rel_h, rel_w
+
+
 def decomposed_rel_pos(
     q: torch.Tensor,
     thw_q: Sequence[int],
@@ -183,19 +212,12 @@ def decomposed_rel_pos(
     """
     qt, qh, qw = thw_q
     kt, kh, kw = thw_kv
-    B, heads, _, d = q.shape
-    r_q = q[:, :, 1:] if has_cls else q
-    r_q = r_q.reshape(B, heads, qt, qh, qw, d)
+    B, heads = q.shape[:2]
+    rel_t, rel_h, rel_w = rel_pos_terms(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
     bias = q.new_zeros(B, heads, qt, qh, qw, kt, kh, kw)
-    if rel_pos_h is not None:
-        Rh = interpolate_rel_pos(rel_pos_h, rel_pos_table_length(qh, kh))[rel_pos_index(qh, kh).to(q.device)]
-        Rw = interpolate_rel_pos(rel_pos_w, rel_pos_table_length(qw, kw))[rel_pos_index(qw, kw).to(q.device)]
-        rel_h = torch.einsum("bythwc,hkc->bythwk", r_q, Rh)
-        rel_w = torch.einsum("bythwc,wkc->bythwk", r_q, Rw)
+    if rel_h is not None:
         bias = bias + rel_h[:, :, :, :, :, None, :, None] + rel_w[:, :, :, :, :, None, None, :]
-    if rel_pos_t is not None:
-        Rt = interpolate_rel_pos(rel_pos_t, rel_pos_table_length(qt, kt))[rel_pos_index(qt, kt).to(q.device)]
-        rel_t = torch.einsum("bythwc,tkc->bythwk", r_q, Rt)
+    if rel_t is not None:
         bias = bias + rel_t[:, :, :, :, :, :, None, None]
     return bias.reshape(B, heads, qt * qh * qw, kt * kh * kw)
 

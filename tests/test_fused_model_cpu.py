@@ -35,13 +35,46 @@ def test_fused_model_matches_reference(overrides):
         torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-8, msg=lambda m: f"{name}: {m}")
 
 
-def test_fused_model_float32_eval():
+V2 = dict(rel_pos_spatial=True, rel_pos_temporal=True, residual_pooling=True, dim_mul_in_att=True, abs_pos="none")
+
+
+@pytest.mark.parametrize("overrides", [dict(), V2], ids=["v1", "v2-relpos-residual"])
+def test_fused_model_float32_eval(overrides):
     torch.manual_seed(0)
-    ref = build_model("mvit_tiny").eval()
+    ref = build_model("mvit_tiny", **overrides).eval()
     fused = copy.deepcopy(ref).set_fused(True)
     video = torch.randn(2, 3, 8, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fused(video), ref(video), atol=1e-5, rtol=1e-5)
+
+
+# (thw_q, thw_kv, axes, has_cls): both axes' tables, spatial only, temporal only; q finer and
+# coarser than kv; with and without the class token.
+REL_CASES = [((2, 4, 6), (2, 2, 3), "thw", True), ((3, 5, 5), (1, 5, 5), "hw", False), ((2, 4, 4), (2, 2, 2), "hw", True),
+             ((4, 2, 2), (2, 2, 2), "t", True), ((1, 3, 3), (2, 5, 5), "thw", False)]
+
+
+@pytest.mark.parametrize("thw_q, thw_kv, axes, has_cls", REL_CASES)
+def test_sdpa_rel_pos_mask_matches_the_reference_bias(thw_q, thw_kv, axes, has_cls):
+    import torch.nn.functional as F
+
+    from mvit_kernels import reference
+    from mvit_kernels.pooling_attention import _rel_pos_mask
+
+    g = torch.Generator().manual_seed(3)
+    B, heads, d = 2, 3, 8
+    q = torch.randn(B, heads, (1 if has_cls else 0) + thw_q[0] * thw_q[1] * thw_q[2], d, generator=g, dtype=torch.float64)
+    tables = [torch.randn(2 * max(a, b) - 1 + (2 if i == 1 else 0), d, generator=g, dtype=torch.float64)
+              if "thw"[i] in axes else None for i, (a, b) in enumerate(zip(thw_q, thw_kv))]
+    want = reference.decomposed_rel_pos(q, thw_q, thw_kv, *tables, has_cls)
+    want = F.pad(want, (1, 0, 1, 0)) if has_cls else want
+    with torch.no_grad():  # the one-pass path
+        torch.testing.assert_close(_rel_pos_mask(q, thw_q, thw_kv, *tables, has_cls), want)
+    # With gradients: the reference's bias, and its gradients reach q and the tables.
+    q.requires_grad_()
+    mask = _rel_pos_mask(q, thw_q, thw_kv, *tables, has_cls)
+    torch.testing.assert_close(mask, want)
+    assert torch.autograd.grad(mask.sum(), q)[0].abs().sum() > 0
 
 
 def test_compile_fullgraph_on_a_fused_block_and_model():
@@ -89,3 +122,15 @@ def test_bf16_autocast_fused_and_reference(v2):
             assert out.dtype == torch.bfloat16
             errors.append(((out.float() - truth).norm() / truth.norm()).item())
     assert errors[0] <= 2e-2 and errors[1] <= max(2e-2, 1.5 * errors[0]), errors
+
+
+def test_compile_fullgraph_v2_inference():
+    # MViTv2 inference on CPU writes the rel-pos mask with out= into a view of it; torch.compile
+    # (fullgraph) must trace that path and agree with eager.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model("mvit_tiny", drop_path_rate=0.0, fused=True, **V2).eval()
+    clip = torch.randn(2, 3, 8, 32, 32)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(clip), model(clip), atol=1e-5, rtol=1e-5)
