@@ -177,6 +177,9 @@ def _gradients(saved, args, dout, backward, eager: bool):
     launcher (the registered op when traced, the plain function eagerly)."""
     q, k, v, o_attn, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w = saved
     thw_q, thw_kv, has_cls, residual_pooling = args[:4]
+    if q.numel() == 0 or k.numel() == 0:  # an empty batch: every gradient is zero (nothing to launch)
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                *(None if t is None else torch.zeros_like(t) for t in (rel_pos_t, rel_pos_h, rel_pos_w)))
     if ((rel_pos_t is not None or rel_pos_h is not None) and rel.numel() == 0) or o_attn.numel() == 0:
         raise RuntimeError("pooling_attention_triton: backward of a call made with for_backward=False")
     extra = {"tabs": args[4]} if len(args) > 4 else {}

@@ -330,3 +330,16 @@ def test_autocast_casts_mixed_inputs_like_the_dispatching_op():
                                               residual_pooling=True)
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), want, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("rel", ["none", "thw"])
+def test_empty_batch_forward_and_backward(rel):
+    # Batch 0: an empty output, and zero gradients (the tables' too), like the reference.
+    q, k, v, tables = make_inputs(1, 2, 16, (1, 4, 4), (1, 2, 2), True, rel, seed=15)
+    q, k, v = (t.detach()[:0].requires_grad_() for t in (q, k, v))
+    out = pa.triton_pooling_attention(q, k, v, (1, 4, 4), (1, 2, 2), True, *tables, residual_pooling=True)
+    assert out.shape == (0, 17, 32)
+    leaves = [t for t in (q, k, v, *tables) if t is not None]
+    grads = torch.autograd.grad(out.sum(), leaves)
+    for leaf, g in zip(leaves, grads):
+        assert g.shape == leaf.shape and not g.any()

@@ -408,3 +408,14 @@ def test_autocast_computes_in_the_autocast_dtype():
             got, _ = run(pp.triton_pooled_projection, inputs, *args)
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), want, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["conv", "max"])
+def test_empty_batch_forward_and_backward(mode):
+    inputs = make_inputs(1, 2, 16, 8, (1, 4, 4), K3, mode, True, True, seed=16)
+    inputs["x"] = inputs["x"].detach()[:0].requires_grad_()
+    y, thw = run(pp.triton_pooled_projection, inputs, "k", 2, (1, 4, 4), K3, (1, 2, 2), P1, mode, True)
+    assert y.shape == (0, 2, 5, 16) and thw == (1, 2, 2)
+    leaves = [t for t in inputs.values() if t is not None]
+    for leaf, g in zip(leaves, torch.autograd.grad(y.sum(), leaves)):
+        assert g.shape == leaf.shape and not g.any()
