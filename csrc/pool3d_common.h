@@ -82,6 +82,38 @@ MVIT_HD MVIT_FORCE_INLINE inline void covering_range(int64_t i, int64_t k, int64
   *hi = h;
 }
 
+// The outputs whose windows cover one input line (it, ih) along t and h: [t_lo, t_hi] x
+// [h_lo, h_hi]. Computed once per line by the CUDA gathers, whose threads then walk the line's w.
+struct CoverLine {
+  int64_t it, ih, t_lo, t_hi, h_lo, h_hi;
+};
+
+MVIT_HD MVIT_FORCE_INLINE inline CoverLine cover_line(const PoolGeom& g, int64_t it, int64_t ih) {
+  CoverLine l{it, ih, 0, 0, 0, 0};
+  covering_range(it, g.kT, g.sT, g.pT, g.To, &l.t_lo, &l.t_hi);
+  covering_range(ih, g.kH, g.sH, g.pH, g.Ho, &l.h_lo, &l.h_hi);
+  return l;
+}
+
+// Calls f(k, o) for every output grid index o whose window contains input (line.it, line.ih, iw),
+// with k the kernel offset at which it does.
+template <class F>
+MVIT_HD MVIT_FORCE_INLINE inline void for_each_covering_output_on_line(const PoolGeom& g, const CoverLine& line, int64_t iw,
+                                                                        F&& f) {
+  int64_t w_lo, w_hi;
+  covering_range(iw, g.kW, g.sW, g.pW, g.Wo, &w_lo, &w_hi);
+  for (int64_t ot = line.t_lo; ot <= line.t_hi; ++ot) {
+    const int64_t kt = line.it + g.pT - ot * g.sT;
+    for (int64_t oh = line.h_lo; oh <= line.h_hi; ++oh) {
+      const int64_t kh = line.ih + g.pH - oh * g.sH;
+      for (int64_t ow = w_lo; ow <= w_hi; ++ow) {
+        const int64_t kw = iw + g.pW - ow * g.sW;
+        f((kt * g.kH + kh) * g.kW + kw, (ot * g.Ho + oh) * g.Wo + ow);
+      }
+    }
+  }
+}
+
 // Calls f(k, o) for every output grid index o whose window contains input grid index i, with
 // k the kernel offset at which it does. This is the transpose of for_each_window_input: the
 // backward passes gather with it, so each input gradient is written once, without atomics.
@@ -90,20 +122,7 @@ MVIT_HD MVIT_FORCE_INLINE inline void for_each_covering_output(const PoolGeom& g
   const int64_t iw = i % g.W;
   const int64_t ih = (i / g.W) % g.H;
   const int64_t it = i / (g.W * g.H);
-  int64_t t_lo, t_hi, h_lo, h_hi, w_lo, w_hi;
-  covering_range(it, g.kT, g.sT, g.pT, g.To, &t_lo, &t_hi);
-  covering_range(ih, g.kH, g.sH, g.pH, g.Ho, &h_lo, &h_hi);
-  covering_range(iw, g.kW, g.sW, g.pW, g.Wo, &w_lo, &w_hi);
-  for (int64_t ot = t_lo; ot <= t_hi; ++ot) {
-    const int64_t kt = it + g.pT - ot * g.sT;
-    for (int64_t oh = h_lo; oh <= h_hi; ++oh) {
-      const int64_t kh = ih + g.pH - oh * g.sH;
-      for (int64_t ow = w_lo; ow <= w_hi; ++ow) {
-        const int64_t kw = iw + g.pW - ow * g.sW;
-        f((kt * g.kH + kh) * g.kW + kw, (ot * g.Ho + oh) * g.Wo + ow);
-      }
-    }
-  }
+  for_each_covering_output_on_line(g, cover_line(g, it, ih), iw, f);
 }
 
 // Max pooling's comparison, as PyTorch's kernels make it: a NaN always wins (and propagates),

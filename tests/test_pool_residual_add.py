@@ -205,12 +205,17 @@ def test_the_cpp_op_checks_its_arguments_too():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("thw, kernel, stride, padding, has_cls", [
+    ((4, 13, 13), (1, 3, 3), (1, 2, 2), (0, 1, 1), True),   # MViT's skip pooling
+    ((3, 5, 7), (3, 3, 3), (2, 2, 2), (1, 1, 1), False),    # t stride, odd sizes, no class token
+    ((2, 9, 9), (1, 3, 3), (1, 4, 4), (0, 1, 1), True),     # inputs no window covers
+], ids=["mvit", "t-stride-nocls", "stride4"])
+def test_cuda_matches_cpu(thw, kernel, stride, padding, has_cls):
     assert mvit_kernels.has_cuda_kernels(), "CUDA is available but the extension was built without CUDA"
-    x, branch, scale = _inputs(2, (4, 13, 13), 96, (1, 3, 3), (1, 2, 2), (0, 1, 1), True, True, torch.float32)
-    args = ((4, 13, 13), (1, 3, 3), (1, 2, 2), (0, 1, 1))
-    out, grads = _run(mvit_kernels.pool_residual_add, x, *args, branch, scale, True)
-    out_c, grads_c = _run(mvit_kernels.pool_residual_add, x.cuda(), *args, branch.cuda(), scale.cuda(), True)
+    x, branch, scale = _inputs(2, thw, 96, kernel, stride, padding, has_cls, True, torch.float32)
+    args = (thw, kernel, stride, padding)
+    out, grads = _run(mvit_kernels.pool_residual_add, x, *args, branch, scale, has_cls)
+    out_c, grads_c = _run(mvit_kernels.pool_residual_add, x.cuda(), *args, branch.cuda(), scale.cuda(), has_cls)
     torch.testing.assert_close(out_c.cpu(), out, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads_c, grads):
         torch.testing.assert_close(a.cpu(), b, atol=1e-4, rtol=1e-4)

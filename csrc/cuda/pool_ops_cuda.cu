@@ -176,36 +176,66 @@ __global__ void pool3d_backward_rows_kernel(const scalar_t* __restrict__ gy, con
   }
 }
 
-// Backward (2): dx of each input row, gathered from the outputs whose windows cover it.
+// Input lines for the gathers below: the grid's (slab, it, ih) lines of W inputs, then one line
+// per slab for its class token row. Returns whether `line` is a grid line, with its slab and its
+// t/h covering ranges (computed once per line; the threads of a block then walk the line's w).
+__device__ inline bool input_line(const PoolGeom& g, int64_t line, int64_t grid_lines, int64_t* slab, CoverLine* cover) {
+  if (line >= grid_lines) {
+    *slab = line - grid_lines;
+    return false;
+  }
+  *slab = line / (g.T * g.H);
+  *cover = cover_line(g, (line / g.H) % g.T, line % g.H);
+  return true;
+}
+
+// Grid for the gathers: one block per input line, capped at a few waves.
+template <class acc_t>
+Launch line_launch(int64_t lines, int64_t d) {
+  Launch l = make_launch<acc_t>(lines, d);
+  l.grid = dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(lines, multiprocessors() * 8))));
+  return l;
+}
+
+// Backward (2): dx of each input row, gathered from the outputs whose windows cover it. Blocks
+// stride over input lines (input_line), the block's rows (threadIdx.y) over the line's W inputs.
+// (Per input, the div/mod of a flat row index and three covering ranges had been most of this
+// kernel's compiled instructions; now the t and h ranges come once per line.)
 template <class scalar_t, class acc_t>
 __global__ void pool3d_backward_input_kernel(const acc_t* __restrict__ dp, const int32_t* __restrict__ argmax,
-                                             scalar_t* __restrict__ gx, int64_t rows, int64_t N, int64_t d, PoolGeom g,
+                                             scalar_t* __restrict__ gx, int64_t slabs, int64_t N, int64_t d, PoolGeom g,
                                              PoolMode mode, const scalar_t* __restrict__ w) {
   const int64_t c = threadIdx.x;
+  if (c >= d) return;  // no block-wide synchronization below
   const int64_t n_out = g.cls + g.out_grid(), grid_out = g.out_grid(), K = g.kernel_volume();
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
-    const int64_t r = base + threadIdx.y;
-    if (r >= rows || c >= d) continue;
-    const int64_t n = r % N, bh = r / N;
+  const int64_t grid_lines = slabs * g.T * g.H, lines = grid_lines + slabs * g.cls;
+  for (int64_t line = blockIdx.x; line < lines; line += gridDim.x) {
+    int64_t bh;
+    CoverLine cover;
+    const bool grid_line = input_line(g, line, grid_lines, &bh, &cover);
     const acc_t* dpb = dp + bh * n_out * d;
-    if (n < g.cls) {
-      gx[r * d + c] = static_cast<scalar_t>(dpb[c]);
+    if (!grid_line) {  // the class token passes through
+      if (threadIdx.y == 0) gx[bh * N * d + c] = static_cast<scalar_t>(dpb[c]);
       continue;
     }
-    const int64_t i = n - g.cls;
-    acc_t acc = 0;
-    for_each_covering_output(g, i, [&](int64_t k, int64_t o) {
-      const acc_t v = dpb[(g.cls + o) * d + c];
-      if (mode == kMax) {
-        if (argmax[(bh * grid_out + o) * d + c] == i) acc += v;
-      } else if (mode == kAvg) {
-        acc += v;
-      } else {
-        acc += v * static_cast<acc_t>(w[c * K + k]);
-      }
-    });
-    if (mode == kAvg) acc /= static_cast<acc_t>(K);
-    gx[r * d + c] = static_cast<scalar_t>(acc);
+    const int32_t* amb = mode == kMax ? argmax + bh * grid_out * d : nullptr;
+    const int64_t row0 = (cover.it * g.H + cover.ih) * g.W;  // grid index of the line's first input
+    for (int64_t iw = threadIdx.y; iw < g.W; iw += blockDim.y) {
+      const int64_t i = row0 + iw;
+      acc_t acc = 0;
+      for_each_covering_output_on_line(g, cover, iw, [&](int64_t k, int64_t o) {
+        const acc_t v = dpb[(g.cls + o) * d + c];
+        if (mode == kMax) {
+          if (amb[o * d + c] == i) acc += v;
+        } else if (mode == kAvg) {
+          acc += v;
+        } else {
+          acc += v * static_cast<acc_t>(w[c * K + k]);
+        }
+      });
+      if (mode == kAvg) acc /= static_cast<acc_t>(K);
+      gx[(bh * N + g.cls + i) * d + c] = static_cast<scalar_t>(acc);
+    }
   }
 }
 
@@ -308,11 +338,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cuda(
           norm ? nw.data_ptr<scalar_t>() : nullptr, static_cast<acc_t>(eps),
           norm ? grad_nw_acc.data_ptr<acc_t>() : nullptr, norm ? grad_nb_acc.data_ptr<acc_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t rows_in = B * heads * N;
-      const Launch l2 = make_launch<acc_t>(rows_in, d);
+      const Launch l2 = line_launch<acc_t>(B * heads * (g.T * g.H + g.cls), d);
       pool3d_backward_input_kernel<scalar_t, acc_t><<<l2.grid, l2.block, 0, stream>>>(
           dp.data_ptr<acc_t>(), mode == kMax ? argmax.data_ptr<int32_t>() : nullptr, grad_x.data_ptr<scalar_t>(),
-          rows_in, N, d, g, mode, wp);
+          B * heads, N, d, g, mode, wp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (mode == kConv) {
         const int64_t lines = B * heads * g.To * g.Ho;  // rows of Wo outputs
@@ -384,27 +413,35 @@ __global__ void pool_residual_add_backward_rows_kernel(const scalar_t* __restric
   }
 }
 
+// dx of pool_residual_add: the gradients of the outputs whose arg-max is this input, gathered
+// over input lines like pool3d_backward_input_kernel (x viewed as one head per sample).
 template <class scalar_t, class acc_t>
 __global__ void pool_residual_add_backward_input_kernel(const scalar_t* __restrict__ grad, const int32_t* __restrict__ argmax,
-                                                        scalar_t* __restrict__ gx, int64_t rows, int64_t N, int64_t C,
+                                                        scalar_t* __restrict__ gx, int64_t B, int64_t N, int64_t C,
                                                         PoolGeom g) {
   const int64_t c = threadIdx.x;
+  if (c >= C) return;  // no block-wide synchronization below
   const int64_t n_out = g.cls + g.out_grid(), grid_out = g.out_grid();
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
-    const int64_t r = base + threadIdx.y;
-    if (r >= rows || c >= C) continue;
-    const int64_t b = r / N, n = r % N;
+  const int64_t grid_lines = B * g.T * g.H, lines = grid_lines + B * g.cls;
+  for (int64_t line = blockIdx.x; line < lines; line += gridDim.x) {
+    int64_t b;
+    CoverLine cover;
+    const bool grid_line = input_line(g, line, grid_lines, &b, &cover);
     const scalar_t* gb = grad + b * n_out * C;
-    if (n < g.cls) {
-      gx[r * C + c] = gb[c];
+    if (!grid_line) {  // the class token passes through
+      if (threadIdx.y == 0) gx[b * N * C + c] = gb[c];
       continue;
     }
-    const int64_t i = n - g.cls;
-    acc_t acc = 0;
-    for_each_covering_output(g, i, [&](int64_t, int64_t o) {
-      if (argmax[(b * grid_out + o) * C + c] == i) acc += static_cast<acc_t>(gb[(g.cls + o) * C + c]);
-    });
-    gx[r * C + c] = static_cast<scalar_t>(acc);
+    const int32_t* amb = argmax + b * grid_out * C;
+    const int64_t row0 = (cover.it * g.H + cover.ih) * g.W;
+    for (int64_t iw = threadIdx.y; iw < g.W; iw += blockDim.y) {
+      const int64_t i = row0 + iw;
+      acc_t acc = 0;
+      for_each_covering_output_on_line(g, cover, iw, [&](int64_t, int64_t o) {
+        if (amb[o * C + c] == i) acc += static_cast<acc_t>(gb[(g.cls + o) * C + c]);
+      });
+      gx[(b * N + g.cls + i) * C + c] = static_cast<scalar_t>(acc);
+    }
   }
 }
 
@@ -464,10 +501,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cuda(
           has_scale ? scale.data_ptr<scalar_t>() : nullptr, grad_branch.data_ptr<scalar_t>(), argmax.data_ptr<int32_t>(),
           has_scale ? grad_scale_acc.data_ptr<acc_t>() : nullptr, rows_out, C, g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t rows_in = B * N;
-      const Launch l2 = make_launch<acc_t>(rows_in, C);
+      const Launch l2 = line_launch<acc_t>(B * (g.T * g.H + g.cls), C);
       pool_residual_add_backward_input_kernel<scalar_t, acc_t><<<l2.grid, l2.block, 0, stream>>>(
-          grad.data_ptr<scalar_t>(), argmax.data_ptr<int32_t>(), grad_x.data_ptr<scalar_t>(), rows_in, N, C, g);
+          grad.data_ptr<scalar_t>(), argmax.data_ptr<int32_t>(), grad_x.data_ptr<scalar_t>(), B, N, C, g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
