@@ -33,6 +33,11 @@ def pool_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def pool_output_thw(thw, kernel, stride, padding) -> tuple[int, int, int]:
+    """The pooled (T, H, W) grid: :func:`pool_output_size` on each axis."""
+    return tuple(pool_output_size(s, k, st, p) for s, k, st, p in zip(thw, kernel, stride, padding))  # type: ignore[return-value]
+
+
 def check_window(kernel, stride, padding) -> tuple[tuple[int, int, int], ...]:
     kernel = triple(kernel, "kernel")
     stride = triple(stride, "stride")
@@ -189,7 +194,7 @@ def check_pool_residual_add_args(x, thw, kernel, stride, padding, branch, scale,
     for axis, size, k, p in zip("thw", thw, kernel, padding):
         if size + 2 * p < k:
             raise ValueError(f"kernel[{axis}]={k} is larger than the padded input ({size} + 2*{p})")
-    out_thw = tuple(pool_output_size(s, k, st, p) for s, k, st, p in zip(thw, kernel, stride, padding))
+    out_thw = pool_output_thw(thw, kernel, stride, padding)
     n_out = out_thw[0] * out_thw[1] * out_thw[2] + (1 if has_cls else 0)
     expected = (x.shape[0], n_out, x.shape[2])
     if not isinstance(branch, torch.Tensor) or tuple(branch.shape) != expected:

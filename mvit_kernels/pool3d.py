@@ -22,13 +22,9 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import register_flop_formula
 
 from . import _extension, autocast
-from .checks import check_pool3d_args, pool_output_size
+from .checks import check_pool3d_args, pool_output_thw as _out_thw
 
 _extension.load()  # registers torch.ops.mvit_kernels.* when the extension is built
-
-
-def _out_thw(thw: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int]) -> tuple[int, int, int]:
-    return tuple(pool_output_size(s, k, st, p) for s, k, st, p in zip(thw, kernel, stride, padding))  # type: ignore[return-value]
 
 
 def pool3d(

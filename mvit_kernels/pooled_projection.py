@@ -40,17 +40,13 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import _extension, autocast, reference
 from ._dispatch import traced_or_intercepted
-from .checks import PROJECTION_SLICES, check_pooled_projection_args
+from .checks import PROJECTION_SLICES, check_pooled_projection_args, pool_output_thw as _out_thw
 from .pool3d import pool3d as _pool3d
 
 try:
     from .triton import pooled_projection as _kernels
 except ImportError:  # no Triton in this environment: the composed path everywhere
     _kernels = None
-
-
-def _out_thw(thw, kernel, stride, padding) -> tuple[int, int, int]:
-    return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(thw, kernel, stride, padding))  # type: ignore[return-value]
 
 
 def _slice_rows(weight: Tensor, which: str) -> slice:

@@ -52,7 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .pooling_attention import D_PADS, DTYPES, _head_tile, dot_precision, next_pow2
+from ..checks import pool_output_size, pool_output_thw
+from .pooling_attention import D_PADS, DTYPES, _check_last_dim, _dummy, _head_tile, device_cc, dot_precision, next_pow2
 
 MODES = ("conv", "avg", "max")
 #: The fused kernel is picked up to this recompute factor: the byte/FLOP model's crossover at
@@ -316,16 +317,12 @@ def select_bwd_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: s
     return ProjectionConfig(32, 32, warps, 1)
 
 
-def out_thw(thw: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int]) -> tuple[int, int, int]:
-    return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(thw, kernel, stride, padding))  # type: ignore[return-value]
-
-
 def recompute_factor(kernel: Sequence[int], stride: Sequence[int], thw: Sequence[int], padding: Optional[Sequence[int]] = None) -> float:
     """Projections per grid token the fused kernel does: prod(kernel) * N_out / N_grid. Without
     padding given, the usual MViT padding kernel // 2."""
     if padding is None:
         padding = [k // 2 for k in kernel]
-    return math.prod(kernel) * math.prod(out_thw(thw, kernel, stride, padding)) / math.prod(thw)
+    return math.prod(kernel) * math.prod(pool_output_thw(thw, kernel, stride, padding)) / math.prod(thw)
 
 
 def use_fused_projection(kernel: Sequence[int], stride: Sequence[int], thw: Sequence[int], padding: Optional[Sequence[int]] = None) -> bool:
@@ -341,42 +338,41 @@ def projected_rows(thw: Sequence[int], kernel: Sequence[int], stride: Sequence[i
     token."""
     rows = 1
     for size, k, s, p in zip(thw, kernel, stride, padding):
-        n_out = (size + 2 * p - k) // s + 1
-        rows *= sum(1 for o in range(n_out) for i in range(k) if 0 <= o * s - p + i < size)
+        rows *= sum(1 for o in range(pool_output_size(size, k, s, p)) for i in range(k) if 0 <= o * s - p + i < size)
     return rows + (1 if has_cls else 0)
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """What the forward and backward launchers derive from the same arguments."""
+    x: torch.Tensor  # last dim contiguous
+    weight: torch.Tensor  # last dim contiguous
+    A: int  # rows of one q/k/v slice of the weight
+    D: int  # head dim
+    h_out: int
+    w_out: int
+    n_out: int  # pooled rows, class token included
+    d_pad: int
+    precision: str
+    cc: int
 
 
-_DUMMY_CACHE: dict = {}
-
-
-def _dummy(device, dtype) -> torch.Tensor:
-    """A one-element placeholder for pointer arguments a launch does not read; cached."""
-    key = (str(device), dtype)
-    if key not in _DUMMY_CACHE:
-        _DUMMY_CACHE[key] = torch.zeros(1, device=device, dtype=dtype)
-    return _DUMMY_CACHE[key]
+def _launch_geometry(x, weight, num_heads: int, thw, kernel, stride, padding, has_cls: bool) -> _Launch:
+    x, weight = _check_last_dim(x), _check_last_dim(weight)
+    A = weight.shape[0] // 3
+    D = A // num_heads
+    t_out, h_out, w_out = pool_output_thw(thw, kernel, stride, padding)
+    return _Launch(x, weight, A, D, h_out, w_out, t_out * h_out * w_out + (1 if has_cls else 0), next_pow2(D),
+                   dot_precision(x), device_cc(x))
 
 
 def forward(x, weight, bias, which_index: int, num_heads: int, thw, kernel, stride, padding, mode: str,
             pool_weight, has_cls: bool, norm_weight, norm_bias, eps: float) -> torch.Tensor:
     """y (B, heads, N_out, d) contiguous, in x's dtype. Arguments already checked."""
-    x = _last_dim_contiguous(x)
-    weight = _last_dim_contiguous(weight)
+    g = _launch_geometry(x, weight, num_heads, thw, kernel, stride, padding, has_cls)
+    x, weight, D, n_out = g.x, g.weight, g.D, g.n_out
     B, N, C = x.shape
-    A = weight.shape[0] // 3
-    D = A // num_heads
-    t_out, h_out, w_out = out_thw(thw, kernel, stride, padding)
-    n_out = t_out * h_out * w_out + (1 if has_cls else 0)
-    d_pad = next_pow2(D)
-    precision = dot_precision(x)
-    cc = 90
-    if x.is_cuda:
-        cc = 80 if torch.cuda.get_device_capability(x.device)[0] < 9 else 90
-    cfg = select_config(x.dtype, d_pad, cc, precision)
+    cfg = select_config(x.dtype, g.d_pad, g.cc, g.precision)
     y = torch.empty(B, num_heads, n_out, D, device=x.device, dtype=x.dtype)
     dummy = _dummy(x.device, x.dtype)
     pw = pool_weight.contiguous() if mode == "conv" else dummy
@@ -386,11 +382,11 @@ def forward(x, weight, bias, which_index: int, num_heads: int, thw, kernel, stri
         dummy if norm_weight is None else norm_weight.contiguous(),
         dummy if norm_bias is None else norm_bias.contiguous(), y,
         x.stride(0), x.stride(1), weight.stride(0),
-        num_heads, n_out, C, D, which_index * A,
-        *thw, h_out, w_out, *stride, *padding, *kernel,
+        num_heads, n_out, C, D, which_index * g.A,
+        *thw, g.h_out, g.w_out, *stride, *padding, *kernel,
         1.0 / math.prod(kernel), float(eps),
         MODE=mode, HAS_CLS=bool(has_cls), HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None,
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, D_PAD=d_pad, DOT_PRECISION=precision,
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, D_PAD=g.d_pad, DOT_PRECISION=g.precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
@@ -401,20 +397,11 @@ def backward(grad_y, x, weight, bias, which_index: int, num_heads: int, thw, ker
     """Gradients (dx, dweight, dbias, dpool_weight, dnorm_weight, dnorm_bias), None where the
     input is None (dpool_weight: mode conv only); dweight is the whole (3A, C) gradient, zero outside the
     slice's rows. Accumulated in fp32 (atomics), returned in each input's dtype."""
-    x = _last_dim_contiguous(x)
-    weight = _last_dim_contiguous(weight)
+    g = _launch_geometry(x, weight, num_heads, thw, kernel, stride, padding, has_cls)
+    x, weight, D, n_out = g.x, g.weight, g.D, g.n_out
     grad_y = grad_y.contiguous()
     B, N, C = x.shape
-    A = weight.shape[0] // 3
-    D = A // num_heads
-    t_out, h_out, w_out = out_thw(thw, kernel, stride, padding)
-    n_out = t_out * h_out * w_out + (1 if has_cls else 0)
-    d_pad = next_pow2(D)
-    precision = dot_precision(x)
-    cc = 90
-    if x.is_cuda:
-        cc = 80 if torch.cuda.get_device_capability(x.device)[0] < 9 else 90
-    cfg = select_bwd_config(x.dtype, d_pad, cc, precision)
+    cfg = select_bwd_config(x.dtype, g.d_pad, g.cc, g.precision)
     f32 = dict(device=x.device, dtype=torch.float32)
     dx = torch.zeros(B, N, C, **f32)
     dw = torch.zeros(weight.shape[0], C, **f32)
@@ -431,11 +418,11 @@ def backward(grad_y, x, weight, bias, which_index: int, num_heads: int, thw, ker
         dummy if norm_weight is None else norm_weight.contiguous(), grad_y,
         dx, dw, db, dpw, dnw, dnb,
         x.stride(0), x.stride(1), weight.stride(0), N * C,
-        num_heads, n_out, C, D, which_index * A,
-        *thw, h_out, w_out, *stride, *padding, *kernel,
+        num_heads, n_out, C, D, which_index * g.A,
+        *thw, g.h_out, g.w_out, *stride, *padding, *kernel,
         1.0 / math.prod(kernel), float(eps),
         MODE=mode, HAS_CLS=bool(has_cls), HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None,
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, D_PAD=d_pad, DOT_PRECISION=precision,
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, D_PAD=g.d_pad, DOT_PRECISION=g.precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return (
