@@ -21,19 +21,11 @@ pa = importlib.import_module("mvit_kernels.pooling_attention")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
-pytestmark = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(),
-    reason="needs the Triton interpreter (CPU tensors) or a GPU with TRITON_INTERPRET=0",
-)
-
-
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    # fp32 on CUDA: the kernels and the reference's matmuls both follow torch's TF32 switch.
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
+pytestmark = [
+    pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
+                       reason="needs the Triton interpreter (CPU tensors) or a GPU with TRITON_INTERPRET=0"),
+    pytest.mark.usefixtures("ieee_fp32"),  # conftest.py
+]
 
 # float32; the interpreter's tl.dot is a numpy fp32 matmul. Observed errors are ~1e-5 at these
 # sizes (the rel-pos table gradients sum over many rows, hence the rtol).

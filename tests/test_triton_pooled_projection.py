@@ -26,21 +26,13 @@ pp = importlib.import_module("mvit_kernels.pooled_projection")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
-pytestmark = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(),
-    reason="needs the Triton interpreter (CPU tensors) or a GPU with TRITON_INTERPRET=0",
-)
+pytestmark = [
+    pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
+                       reason="needs the Triton interpreter (CPU tensors) or a GPU with TRITON_INTERPRET=0"),
+    pytest.mark.usefixtures("ieee_fp32"),  # conftest.py
+]
 TOL = dict(atol=1e-4, rtol=1e-4)
 K3, P1 = (3, 3, 3), (1, 1, 1)
-
-
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    # fp32 on CUDA: the kernel and the reference's matmul both follow torch's TF32 switch.
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @pytest.fixture

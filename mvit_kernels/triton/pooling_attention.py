@@ -432,7 +432,7 @@ _DUMMY_CACHE: dict = {}
 
 
 def _dummy(device, dtype) -> torch.Tensor:
-    """A one-element placeholder for pointer arguments a launch does not read (no rel-pos);
+    """A one-element placeholder for pointer arguments a launch does not read (no rel-pos, no bias);
     cached, since allocating it each call costs more host time than the kernel at small shapes."""
     key = (str(device), dtype)
     if key not in _DUMMY_CACHE:
