@@ -6,15 +6,15 @@ import torch
 from torch import Tensor
 
 
-def traced_or_intercepted(t: Tensor) -> bool:
-    """True when the call must go through registered ops or plain torch ops: torch.compile is
-    tracing, a dispatch mode (FlopCounterMode, fake tensors) must see every op, or t is not a
+def intercepted(t: Tensor) -> bool:
+    """True when a dispatch mode (FlopCounterMode, fake tensors) must see every op, or t is not a
     plain CPU/CUDA tensor (meta, subclasses)."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    return (
-        torch.compiler.is_compiling()
-        or _get_current_dispatch_mode() is not None
-        or type(t) is not torch.Tensor
-        or t.device.type not in ("cuda", "cpu")
-    )
+    return _get_current_dispatch_mode() is not None or type(t) is not torch.Tensor or t.device.type not in ("cuda", "cpu")
+
+
+def traced_or_intercepted(t: Tensor) -> bool:
+    """True when the call must go through registered ops or plain torch ops: torch.compile is
+    tracing, or :func:`intercepted`."""
+    return torch.compiler.is_compiling() or intercepted(t)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import autocast, reference
+from ._dispatch import intercepted
 
 
 def _onednn_linear_available() -> bool:
@@ -50,14 +51,6 @@ def _linear_onednn_fake(x, weight, bias, gelu):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def _intercepted(x: Tensor) -> bool:
-    """A dispatch mode (FlopCounterMode, fake tensors) must see the reference's ops, or x is not a
-    plain CPU tensor (meta, subclasses)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode() is not None or type(x) is not torch.Tensor
-
-
 def uses_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """The dispatch rule of :func:`linear`."""
     tensors = [t for t in (x, weight, bias) if t is not None]
@@ -67,7 +60,7 @@ def uses_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
         and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
         and x.dim() >= 2
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        and (torch.compiler.is_compiling() or not _intercepted(x))
+        and (torch.compiler.is_compiling() or not intercepted(x))  # traced: the registered op
         and autocast.autocast_dtype(x) is None  # under autocast F.linear runs in its dtype
     )
 
