@@ -163,7 +163,7 @@ def model_table(shapes: list[dict], rel: bool) -> tuple[str, list[dict]]:
         rows.append(dict(shape=s, fused=f, reference=r))
     us = 1e6
     lines = [
-        f"| block | heads | L_q | L_kv | grid kv | fused fwd MB | fused fwd GFLOP (exec) | fused fwd floor us | ref fwd MB | ref fwd floor us | fused bwd floor us | ref bwd floor us | fwd+bwd speedup floor |",
+        "| block | heads | L_q | L_kv | grid kv | fused fwd MB | fused fwd GFLOP (exec) | fused fwd floor us | ref fwd MB | ref fwd floor us | fused bwd floor us | ref bwd floor us | fwd+bwd speedup floor |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     tot = dict(ff=0.0, rf=0.0, fb=0.0, rb=0.0)

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import mvit_kernels  # noqa: E402
 from mvit import build_model  # noqa: E402
-from mvit_kernels import reference  # noqa: E402
+from mvit_kernels import reference, tuning  # noqa: E402
 
 PEAK_BANDWIDTH = 3.0e12  # bytes/s, H100 device copy as measured (DESIGN.md §6)
 
@@ -161,7 +161,9 @@ def main() -> None:
                 args, leaves, bytes_fwd = make_inputs(case, device, dtype, grad=backward)
                 # Backward reads grad_y and x and writes grad_x (and the branch grad): ~2x fwd.
                 bytes_moved = bytes_fwd * (3 if backward else 1)
-                with torch.set_grad_enabled(backward):
+                # "op" is the fused kernel itself: per-shape tuning, which could run the
+                # reference in its place, is off.
+                with torch.set_grad_enabled(backward), tuning.using("off"):
                     t_op, t_ref = time_pair(fused_fn, ref_fn, args, leaves, backward, device, opts.repeats)
                 med_op, med_ref = statistics.median(t_op), statistics.median(t_ref)
                 row = dict(case=case.name, op=case.op, batch=batch, pass_="fwd+bwd" if backward else "fwd",

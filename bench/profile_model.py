@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from throughput import RESULTS, _variants, make_step  # noqa: E402
+from throughput import RESULTS, _variants, make_step, tuning_rows, tuning_section  # noqa: E402
 
 #: (category, pattern), first match wins, case-insensitive. See ``attribute`` for what is matched.
 CATEGORIES = [
@@ -145,7 +145,7 @@ def to_markdown(rows, device_name, what) -> str:
         lines.append("| wall | " + " | ".join(f"{r['wall_ms']:.2f}" for r in group) + " |")
         lines.append("| host | " + " | ".join(f"{r['host_ms']:.2f}" for r in group) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + tuning_section()) + "\n"
 
 
 def main(argv=None) -> int:
@@ -193,7 +193,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, f"profile_model_{tag}.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out, f"profile_model_{tag}.json"), "w") as f:
-        json.dump({"device": device_name, "torch": torch.__version__, "rows": rows}, f, indent=2)
+        json.dump({"device": device_name, "torch": torch.__version__, "rows": rows, "tuning": tuning_rows()}, f,
+                  indent=2)
     print(text)
     return 0 if rows else 1
 

@@ -11,7 +11,10 @@ Variants (same weights everywhere; torchvision's through the converter):
 Timing: warm-up excluded, the median of --repeats timed runs, spread (min-max) printed. GPU runs
 use bf16 autocast; CPU runs float32 with --threads threads. Ratios are against torchvision eager
 and against the best peer (the fastest variant that is not ours) measured in the same run.
-Writes bench/results/throughput_<device>.md/.json and a PNG of throughput against batch size.
+Writes bench/results/throughput_<device>.md/.json and a PNG of throughput against batch size,
+with the per-shape choices ours-fused made (``mvit_kernels.tuning``: on CUDA each fused op is
+timed against its alternative on first use, inside the warm-up; compiled graphs keep the fused
+ops).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mvit_kernels  # noqa: E402
 from mvit import build_model  # noqa: E402
 from mvit_kernels.pooling_attention import _sdpa_pooling_attention  # noqa: E402
-from mvit_kernels import reference  # noqa: E402
+from mvit_kernels import reference, tuning  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TORCHVISION = {"mvit_b_16x4": "mvit_v1_b", "mvitv2_s_16x4": "mvit_v2_s"}
@@ -239,15 +242,35 @@ def _write(rows, device, device_name, out_dir) -> str:
             f"| {r['model']} | {r['mode']} | {r['batch']} | {r['variant']} | {1000 * r['step_s']:.1f} | "
             f"{1000 * r['min_s']:.1f}–{1000 * r['max_s']:.1f} | {r['clips_per_s']:.2f} | {peak} | {x_tv} | {x_best} |"
         )
+    lines += tuning_section()
     text = "\n".join(lines) + "\n"
     tag = "gpu" if device.type == "cuda" else "cpu"
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"throughput_{tag}.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out_dir, f"throughput_{tag}.json"), "w") as f:
-        json.dump({"device": device_name, "torch": torch.__version__, "rows": rows}, f, indent=2)
+        json.dump({"device": device_name, "torch": torch.__version__, "rows": rows, "tuning": tuning_rows()}, f, indent=2)
     _plot(rows, os.path.join(out_dir, f"throughput_{tag}.png"))
     return text
+
+
+def tuning_rows() -> list[dict]:
+    """The decisions of ``mvit_kernels.tuning`` so far (op and shape, winner, ms per candidate)."""
+    return [{"op": c.label(), "winner": c.winner, "ms": dict(c.ms)} for c in tuning.choices()]
+
+
+def tuning_section() -> list[str]:
+    """Markdown lines listing the tuning decisions; none when nothing was tuned."""
+    rows = tuning_rows()
+    if not rows:
+        return []
+    lines = ["", "Per-shape choices of `mvit_kernels.tuning` (fused op vs its alternative, best of "
+             f"{tuning.REPEATS} timed runs each, ms):", "", "| op, input, arguments | winner | ms per candidate |",
+             "|---|---|---|"]
+    for r in rows:
+        ms = ", ".join(f"{name} {t:.3f}" for name, t in r["ms"].items())
+        lines.append(f"| {r['op']} | {r['winner']} | {ms} |")
+    return lines
 
 
 def _plot(rows, path):

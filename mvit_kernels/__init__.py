@@ -11,9 +11,12 @@ checked against it in the tests:
   one Triton pass where pooling strides are large (projection + pool3d elsewhere).
 - :func:`linear`: projection (+ GELU) with bias and activation fused into oneDNN's matmul for
   CPU inference.
+
+:mod:`mvit_kernels.tuning` times a fused op against its alternative once per shape (on CUDA by
+default) and runs the faster one.
 """
 
-from . import reference
+from . import reference, tuning
 from ._extension import has_cuda_kernels
 from ._extension import load as load_extension
 from .linear import linear
@@ -32,6 +35,7 @@ def require_fused() -> None:
 
 __all__ = [
     "reference",
+    "tuning",
     "pool3d",
     "pool_residual_add",
     "pooling_attention",

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils import flop_counter
 from torch.utils.flop_counter import register_flop_formula
 
-from . import _extension, autocast
+from . import _extension, autocast, reference, tuning
 from .checks import check_pool3d_args, pool_output_thw as _out_thw
 
 _extension.load()  # registers torch.ops.mvit_kernels.* when the extension is built
@@ -41,16 +41,31 @@ def pool3d(
     eps: float = 1e-6,
 ) -> tuple[Tensor, tuple[int, int, int]]:
     """Same contract as :func:`mvit_kernels.reference.pool3d`; returns (y, thw_out). Under
-    autocast it computes in the autocast dtype (``mvit_kernels.autocast``)."""
+    autocast it computes in the autocast dtype (``mvit_kernels.autocast``). Where
+    :mod:`mvit_kernels.tuning` is on (CUDA by default), each shape runs whichever of the op and the
+    reference timed faster."""
     x, weight, norm_weight, norm_bias = autocast.for_compute(x, weight, norm_weight, norm_bias)
     thw, kernel, stride, padding = check_pool3d_args(
         x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias
     )
     _extension.require()
-    y = torch.ops.mvit_kernels.pool3d(
-        x, list(thw), list(kernel), list(stride), list(padding), mode, weight, has_cls, norm_weight, norm_bias, float(eps)
-    )
+    args = (x, list(thw), list(kernel), list(stride), list(padding), mode, weight, bool(has_cls), norm_weight,
+            norm_bias, float(eps))
+    return tuning.select("pool3d", _CANDIDATES, args, "fused")(*args)
+
+
+def _fused_op(x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps):
+    y = torch.ops.mvit_kernels.pool3d(x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps)
     return y, _out_thw(thw, kernel, stride, padding)
+
+
+def _reference_op(x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps):
+    # In the op's output dtype: under autocast the reference's LayerNorm returns fp32.
+    y, thw_out = reference.pool3d(x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps)
+    return y.to(x.dtype), thw_out
+
+
+_CANDIDATES = {"fused": _fused_op, "reference": _reference_op}
 
 
 if _extension.load():

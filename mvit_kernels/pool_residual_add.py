@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import _extension, autocast
+from . import _extension, autocast, reference, tuning
 from .checks import check_pool_residual_add_args
 
 _extension.load()
@@ -34,15 +34,23 @@ def pool_residual_add(
     scale: Optional[Tensor] = None,
     has_cls: bool = True,
 ) -> Tensor:
-    """Same contract as :func:`mvit_kernels.reference.pool_residual_add`."""
+    """Same contract as :func:`mvit_kernels.reference.pool_residual_add`. Where
+    :mod:`mvit_kernels.tuning` is on (CUDA by default), each shape runs whichever of the op and the
+    reference timed faster."""
     x, branch, scale = autocast.for_add(x, branch, scale)
     thw, kernel, stride, padding, _ = check_pool_residual_add_args(
         x, thw, kernel, stride, padding, branch, scale, has_cls
     )
     _extension.require()
-    return torch.ops.mvit_kernels.pool_residual_add(
-        x, list(thw), list(kernel), list(stride), list(padding), branch, scale, has_cls
-    )
+    args = (x, list(thw), list(kernel), list(stride), list(padding), branch, scale, bool(has_cls))
+    return tuning.select("pool_residual_add", _CANDIDATES, args, "fused")(*args)
+
+
+def _fused_op(*args):
+    return torch.ops.mvit_kernels.pool_residual_add(*args)
+
+
+_CANDIDATES = {"fused": _fused_op, "reference": reference.pool_residual_add}
 
 
 if _extension.load():

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import _extension, autocast, reference
+from . import _extension, autocast, reference, tuning
 from ._dispatch import traced_or_intercepted
 from .checks import PROJECTION_SLICES, check_pooled_projection_args, pool_output_thw as _out_thw
 from .pool3d import pool3d as _pool3d
@@ -323,9 +323,17 @@ def pooled_projection(
     thw, kernel, stride, padding = check_pooled_projection_args(
         x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias
     )
+    args = (x, weight, bias, which, int(num_heads), thw, kernel, stride, padding, mode, pool_weight, bool(has_cls),
+            norm_weight, norm_bias, float(eps))
     if uses_triton(x, weight, num_heads, thw, kernel, stride, padding):  # already cast and checked
-        return _run_triton(x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode,
-                           pool_weight, has_cls, norm_weight, norm_bias, eps)
+        # The dispatch rule is a byte/FLOP model; where tuning is on, the clock decides per shape.
+        return tuning.select("pooled_projection", _CANDIDATES, args, "triton")(*args)
+    return _composed(*args)
+
+
+def _composed(x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight,
+              norm_bias, eps):
+    """F.linear on the slice, then pool3d on the (B, heads, N, d) view."""
     B, N, _ = x.shape
     rows = _slice_rows(weight, which)
     A = rows.stop - rows.start
@@ -333,3 +341,6 @@ def pooled_projection(
     heads = proj.view(B, N, num_heads, A // num_heads).transpose(1, 2)
     pool = _pool3d if _extension.load() else reference.pool3d
     return pool(heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias, eps)
+
+
+_CANDIDATES = {"triton": _run_triton, "composed": _composed}

@@ -8,6 +8,8 @@ softmax(q k^T d^-1/2 + rel-pos bias) v (+ q), merged to (B, N_q, heads*d).
   as (B, N_q, heads*d)). Configurations the kernels do not cover (dtype, head_dim < 16 or > 128,
   kv grid with T+H+W > 64) fall back to SDPA, and so does attention without rel-pos, where
   cuDNN's / FlashAttention's SDPA measured faster than these kernels (:func:`prefers_triton`).
+  Where ``mvit_kernels.tuning`` is on (CUDA, by default), the clock decides instead, per shape,
+  wherever the kernels apply.
 - CPU tensors: ``torch.nn.functional.scaled_dot_product_attention`` with the rel-pos bias passed
   as an additive mask. :func:`triton_pooling_attention` forces the Triton path (on CPU tensors it
   needs ``TRITON_INTERPRET=1``; the tests use it that way).
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import autocast, reference
+from . import autocast, reference, tuning
 from ._dispatch import traced_or_intercepted
 from .checks import check_attention_args
 
@@ -355,7 +357,7 @@ def prefers_triton(is_cuda: bool, has_rel: bool) -> bool:
 def uses_triton(q: Tensor, thw_kv: Sequence[int], has_rel: bool) -> bool:
     """The dispatch rule of :func:`pooling_attention`: Triton on CUDA with rel-pos, where the
     kernels apply (:func:`prefers_triton`, ``supports``)."""
-    return _kernels is not None and prefers_triton(q.is_cuda, has_rel) and _kernels.supports(q, thw_kv, has_rel)
+    return prefers_triton(q.is_cuda, has_rel) and _triton_applies(q, thw_kv, has_rel)
 
 
 def pooling_attention(
@@ -370,9 +372,22 @@ def pooling_attention(
     rel_pos_w: Optional[Tensor] = None,
     residual_pooling: bool = False,
 ) -> Tensor:
-    """Same contract as :func:`mvit_kernels.reference.pooling_attention`."""
+    """Same contract as :func:`mvit_kernels.reference.pooling_attention`. On CUDA, where the
+    Triton kernels apply and :mod:`mvit_kernels.tuning` is on, each shape runs whichever of them
+    and SDPA timed faster; :func:`prefers_triton` is the choice without tuning."""
     q, k, v, rel_pos_t, rel_pos_h, rel_pos_w = autocast.for_compute(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w)
     thw_q, thw_kv = check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w)
-    if uses_triton(q, thw_kv, rel_pos_t is not None or rel_pos_h is not None):  # already checked
-        return _run_triton(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling)
-    return _sdpa_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling)
+    has_rel = rel_pos_t is not None or rel_pos_h is not None
+    args = (q, k, v, list(thw_q), list(thw_kv), bool(has_cls), rel_pos_t, rel_pos_h, rel_pos_w, bool(residual_pooling))
+    if _triton_applies(q, thw_kv, has_rel):  # already checked
+        default = "triton" if prefers_triton(True, has_rel) else "sdpa"
+        return tuning.select("pooling_attention", _CANDIDATES, args, default)(*args)
+    return _sdpa_pooling_attention(*args)
+
+
+def _triton_applies(q: Tensor, thw_kv: Sequence[int], has_rel: bool) -> bool:
+    """Whether the Triton kernels are a candidate: CUDA tensors they cover."""
+    return _kernels is not None and q.is_cuda and _kernels.supports(q, thw_kv, has_rel)
+
+
+_CANDIDATES = {"triton": _run_triton, "sdpa": _sdpa_pooling_attention}

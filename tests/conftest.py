@@ -19,3 +19,13 @@ def ieee_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.fixture(autouse=True)
+def _tuning_off():
+    """Tests check the fused kernels themselves, so per-shape tuning (``mvit_kernels.tuning``,
+    which may run the reference where it times faster) is off unless a test turns it on."""
+    from mvit_kernels import tuning
+
+    with tuning.using("off"):
+        yield

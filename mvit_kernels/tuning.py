@@ -1,0 +1,184 @@
+"""Per-shape choice between a fused kernel and its plain-PyTorch alternative, by timing both on
+first use (as ``torch.backends.cudnn.benchmark`` does for convolution algorithms).
+
+Why: which implementation wins depends on the GPU, the shape and whether a backward follows. On
+the H100 the CUDA pool ops beat cuDNN's depthwise convolution 2-4x at MViT-B's first blocks but
+lost to it at some later shapes (``bench/results/gpu_*``), and the Triton K/V projection has only
+a byte/FLOP model behind its dispatch rule. Timing both once per shape makes ``fused=True`` never
+slower per op than the alternative, whatever the card.
+
+What is tuned (each op's candidates return the same values in the same dtype):
+
+- ``pool3d``: the C++/CUDA op vs the reference (cuDNN convolution / pooling + LayerNorm);
+- ``pool_residual_add``: the C++/CUDA op vs max pooling + add;
+- ``pooled_projection``: the Triton kernel vs ``F.linear`` + ``pool3d`` (where the static rule
+  would take Triton).
+
+A key is the op, every tensor argument's shape, strides, dtype and device, the other arguments,
+whether a backward follows (grad mode and ``requires_grad``) and the autocast state. Each
+candidate runs once to warm up (Triton compiles then) and ``REPEATS`` times timed, forward and,
+when a backward follows, backward (``torch.autograd.grad`` with a ones gradient on detached
+copies of the inputs: the caller's tensors, ``.grad`` and RNG are untouched); the fastest
+(minimum) wins. CUDA times are CUDA-event times of each synchronized run, so slow launches count.
+
+Not tuned, the default (fused) candidate runs: while torch.compile traces, under dispatch modes
+(FlopCounterMode, fake tensors), during CUDA-graph capture, and when tuning is off.
+
+``MVIT_KERNELS_AUTOTUNE``: unset or ``cuda``: tune CUDA tensors only; ``0``: never tune (always the
+fused kernel); ``1``: tune every device (CPU too: the tests use it). :func:`using` overrides it in
+code. :func:`choices` lists the decisions (the benchmarks print them); :func:`clear` forgets them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from ._dispatch import intercepted
+
+ENV = "MVIT_KERNELS_AUTOTUNE"
+MODES = {"cuda": "cuda", "0": "off", "off": "off", "1": "all", "all": "all"}
+REPEATS = 3
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One decision: ``winner`` among the candidates, with each candidate's best time (ms)."""
+
+    op: str
+    key: tuple
+    winner: str
+    ms: Mapping[str, float]
+    backward: bool
+
+    def label(self) -> str:
+        """Short description for tables: op, the first tensor's shape and dtype, the other
+        arguments, fwd or fwd+bwd."""
+        args = self.key[3]
+        first = next(a for a in args if isinstance(a, tuple) and a[:1] == ("tensor",))
+        others = [a for a in args if not (isinstance(a, tuple) and a[:1] == ("tensor",)) and a is not None]
+        dtype = str(first[3]).replace("torch.", "")
+        return (f"{self.op} {tuple(first[1])} {dtype} " + " ".join(str(a) for a in others)
+                + (" fwd+bwd" if self.backward else " fwd"))
+
+
+_choices: dict[tuple, Choice] = {}
+_override: Optional[str] = None
+
+
+def mode() -> str:
+    """"cuda", "off" or "all": :func:`using`'s override, else ``MVIT_KERNELS_AUTOTUNE``."""
+    if _override is not None:
+        return _override
+    value = os.environ.get(ENV, "cuda").strip().lower()
+    if value not in MODES:
+        raise ValueError(f"{ENV} must be one of {sorted(MODES)} (unset means 'cuda'), got {value!r}")
+    return MODES[value]
+
+
+@contextlib.contextmanager
+def using(new_mode: str) -> Iterator[None]:
+    """Run a block with tuning mode "cuda", "off" or "all" (e.g. "off" to time the fused kernels
+    themselves, as ``bench/bench_pool_ops.py`` does)."""
+    global _override
+    if new_mode not in ("cuda", "off", "all"):
+        raise ValueError(f"tuning mode must be 'cuda', 'off' or 'all', got {new_mode!r}")
+    previous, _override = _override, new_mode
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def choices() -> list[Choice]:
+    """The decisions made so far, in order."""
+    return list(_choices.values())
+
+
+def clear() -> None:
+    """Forget every decision (the next call of each shape is timed again)."""
+    _choices.clear()
+
+
+def _describe(a: Any) -> Any:
+    if isinstance(a, Tensor):
+        return ("tensor", tuple(a.shape), tuple(a.stride()), a.dtype, str(a.device), a.requires_grad)
+    if isinstance(a, (list, tuple)):
+        return tuple(_describe(v) for v in a)
+    return a
+
+
+def _can_tune(x: Tensor) -> bool:
+    if torch.compiler.is_compiling() or intercepted(x):
+        return False
+    m = mode()
+    if m == "off" or (m == "cuda" and not x.is_cuda):
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def select(op: str, candidates: Mapping[str, Callable[..., Any]], args: tuple, default: str) -> Callable[..., Any]:
+    """The candidate to call with ``args`` (positional, the same for every candidate): the cached
+    choice for this key, else the timed winner, else (no tuning here) ``default``.
+
+    Every candidate must return a tensor or a tuple whose first element is the tensor a
+    backward would start from, with the same shape and dtype."""
+    x = next(a for a in args if isinstance(a, Tensor))
+    if not _can_tune(x):
+        return candidates[default]
+    backward = torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+    autocast_on = torch.is_autocast_enabled(x.device.type)
+    key = (op, backward, autocast_on, tuple(_describe(a) for a in args))
+    choice = _choices.get(key)
+    if choice is None:
+        ms = {name: _best_ms(fn, args, backward, x.device) for name, fn in candidates.items()}
+        winner = min(ms, key=lambda name: (ms[name], name != default))  # ties go to the default
+        choice = _choices[key] = Choice(op, key, winner, ms, backward)
+    return candidates[choice.winner]
+
+
+def _best_ms(fn: Callable[..., Any], args: tuple, backward: bool, device: torch.device) -> float:
+    """Fastest of REPEATS timed runs of fn (forward, + backward when asked), after one warm-up."""
+    # Detached copies of the inputs, so the caller's graph, .grad and version counters are
+    # untouched; identity saved-tensor hooks shield the timing graph from the caller's (e.g. the
+    # recompute hooks of torch.utils.checkpoint).
+    inputs = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, Tensor) and backward else a for a in args)
+    leaves = [a for a in inputs if isinstance(a, Tensor) and a.requires_grad]
+    grad_out: list[Optional[Tensor]] = [None]
+
+    def run() -> None:
+        out = fn(*inputs)
+        y = out[0] if isinstance(out, tuple) else out
+        if backward:
+            if grad_out[0] is None:
+                grad_out[0] = torch.ones_like(y)
+            torch.autograd.grad(y, leaves, grad_out[0])
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), torch.set_grad_enabled(backward):
+        run()
+        best = math.inf
+        for _ in range(REPEATS):
+            best = min(best, _elapsed_ms(run, device))
+    return best
+
+
+def _elapsed_ms(run: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    run()
+    return (time.perf_counter() - t0) * 1e3

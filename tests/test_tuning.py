@@ -1,0 +1,276 @@
+"""Per-shape tuning (mvit_kernels.tuning): each key is timed once, the faster candidate is what
+runs, results equal the reference's whichever wins, and the caller's tensors, gradients and RNG
+are untouched. On CPU tensors with mode "all" (the default mode tunes CUDA tensors only).
+
+Which candidate ran is read from the output's autograd node: the C++ op's node is named after
+``mvit_kernels::pool3d``; the reference's is a plain torch node (LayerNorm's, for conv + norm).
+Float64 inputs, so results agree to 1e-10 whichever candidate ran.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+
+import pytest
+import torch
+
+import mvit_kernels
+from mvit import build_model
+from mvit_kernels import reference, tuning
+
+# The modules (the package's attributes of these names are the functions).
+POOL3D_CANDIDATES = importlib.import_module("mvit_kernels.pool3d")._CANDIDATES
+pp_module = importlib.import_module("mvit_kernels.pooled_projection")
+pa_module = importlib.import_module("mvit_kernels.pooling_attention")
+
+pytestmark = pytest.mark.skipif(not mvit_kernels.load_extension(), reason="needs the C++ extension")
+# The Triton candidates are forced onto CPU tensors, which needs the interpreter.
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+THW, KERNEL, STRIDE, PADDING = (3, 5, 4), (3, 3, 3), (1, 2, 2), (1, 1, 1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices():
+    tuning.clear()
+    yield
+    tuning.clear()
+
+
+def _pool3d_inputs(batch=2, grad=True):
+    g = torch.Generator().manual_seed(0)
+    d = 8
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+    x = rand(batch, 3, 1 + THW[0] * THW[1] * THW[2], d)
+    return x, rand(d, 1, *KERNEL), rand(d), rand(d)
+
+
+def _pool3d(x, w, nw, nb, stride=STRIDE):
+    return mvit_kernels.pool3d(x, THW, KERNEL, stride, PADDING, "conv", w, True, nw, nb)
+
+
+def _ran_fused_op(y) -> bool:
+    return "mvit_kernels_pool3d" in type(y.grad_fn).__name__
+
+
+def test_each_key_is_timed_once(monkeypatch):
+    timed = []
+    real = tuning._best_ms
+    monkeypatch.setattr(tuning, "_best_ms", lambda fn, *a: timed.append(fn) or real(fn, *a))
+    x, w, nw, nb = _pool3d_inputs()
+    with tuning.using("all"):
+        y, thw = _pool3d(x, w, nw, nb)
+        assert len(timed) == 2 and len(tuning.choices()) == 1  # both candidates, one decision
+        _pool3d(x, w, nw, nb)
+        assert len(timed) == 2  # same key: cached
+        _pool3d(x, w, nw, nb, stride=(1, 1, 1))  # another shape
+        with torch.no_grad():
+            _pool3d(x, w, nw, nb)  # forward only: another key
+        _pool3d(*_pool3d_inputs(batch=1))
+    choices = tuning.choices()
+    assert len(choices) == 4 and len(timed) == 8
+    assert [c.backward for c in choices] == [True, True, False, True]
+    first = choices[0]
+    assert set(first.ms) == {"fused", "reference"} and all(t > 0 for t in first.ms.values())
+    assert first.winner == min(first.ms, key=first.ms.get)
+    assert first.label().startswith("pool3d (2, 3, 61, 8) float64") and first.label().endswith("fwd+bwd")
+    y_ref, thw_ref = reference.pool3d(x, THW, KERNEL, STRIDE, PADDING, "conv", w, True, nw, nb)
+    assert thw == thw_ref
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("winner", ["fused", "reference"])
+def test_the_faster_candidate_runs(monkeypatch, winner):
+    # Fake clock: the winner takes 1 ms, the other 2 ms.
+    monkeypatch.setattr(tuning, "_best_ms", lambda fn, *a: 1.0 if fn is POOL3D_CANDIDATES[winner] else 2.0)
+    x, w, nw, nb = _pool3d_inputs()
+    with tuning.using("all"):
+        y, _ = _pool3d(x, w, nw, nb)
+    assert tuning.choices()[0].winner == winner
+    assert _ran_fused_op(y) == (winner == "fused")
+    grads = torch.autograd.grad(y.square().sum(), (x, w, nw, nb))
+    y_ref, _ = reference.pool3d(x, THW, KERNEL, STRIDE, PADDING, "conv", w, True, nw, nb)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), (x, w, nw, nb))
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-10)
+
+
+def test_ties_go_to_the_fused_kernel(monkeypatch):
+    monkeypatch.setattr(tuning, "_best_ms", lambda fn, *a: 1.0)
+    with tuning.using("all"):
+        y, _ = _pool3d(*_pool3d_inputs())
+    assert tuning.choices()[0].winner == "fused" and _ran_fused_op(y)
+
+
+def test_timing_leaves_the_callers_state_alone():
+    x, w, nw, nb = _pool3d_inputs()
+    rng = torch.get_rng_state()
+    with tuning.using("all"):
+        y, _ = _pool3d(x, w, nw, nb)
+    assert tuning.choices(), "nothing was tuned"
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(t.grad is None for t in (x, w, nw, nb))
+    assert x._version == 0
+
+
+def test_reference_winner_keeps_the_ops_dtype_under_autocast(monkeypatch):
+    # Under autocast the reference's LayerNorm returns float32; the candidate casts back so
+    # either choice hands the same dtype on.
+    monkeypatch.setattr(tuning, "_best_ms", lambda fn, *a: 1.0 if fn is POOL3D_CANDIDATES["reference"] else 2.0)
+    x, w, nw, nb = (t.detach().float() for t in _pool3d_inputs())
+    with tuning.using("all"), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = _pool3d(x, w, nw, nb)
+    assert tuning.choices()[0].winner == "reference" and y.dtype == torch.bfloat16
+
+
+def test_pool_residual_add_is_tuned():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1 + 4 * 6 * 5, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    branch = torch.randn(2, 1 + 4 * 3 * 3, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(2, generator=g, dtype=torch.float64)
+    args = ((4, 6, 5), (1, 3, 3), (1, 2, 2), (0, 1, 1))
+    with tuning.using("all"):
+        out = mvit_kernels.pool_residual_add(x, *args, branch, scale)
+    (choice,) = tuning.choices()
+    assert choice.op == "pool_residual_add" and set(choice.ms) == {"fused", "reference"}
+    torch.testing.assert_close(out, reference.pool_residual_add(x, *args, branch, scale), atol=1e-10, rtol=1e-10)
+
+
+@needs_interpreter
+def test_pooled_projection_tunes_where_the_rule_takes_triton(monkeypatch):
+    # The rule takes Triton on CUDA only; here it is forced so the Triton candidate runs in the
+    # interpreter (TRITON_INTERPRET=1, tests/conftest.py).
+    if pp_module._kernels is None:
+        pytest.skip("needs Triton")
+    monkeypatch.setattr(pp_module, "uses_triton", lambda *a: True)
+    g = torch.Generator().manual_seed(2)
+    B, heads, d, thw = 1, 2, 8, (2, 8, 8)
+    C, N = 12, 1 + 2 * 8 * 8
+    x = torch.randn(B, N, C, generator=g, requires_grad=True)
+    weight = torch.randn(3 * heads * d, C, generator=g, requires_grad=True)
+    bias = torch.randn(3 * heads * d, generator=g, requires_grad=True)
+    pool_w = torch.randn(d, 1, 3, 3, 3, generator=g, requires_grad=True)
+    nw, nb = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    args = ("k", heads, thw, (3, 3, 3), (1, 4, 4), (1, 1, 1), "conv", pool_w, True, nw, nb)
+    with tuning.using("all"):
+        y, thw_out = mvit_kernels.pooled_projection(x, weight, bias, *args)
+    choices = {c.op: c for c in tuning.choices()}
+    assert set(choices["pooled_projection"].ms) == {"triton", "composed"}
+    assert "pool3d" in choices  # the composed candidate's pool3d is tuned in turn
+    y_ref, thw_ref = reference.pooled_projection(x, weight, bias, *args)
+    assert thw_out == thw_ref
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)  # float32; the kernel's dots
+    grads = torch.autograd.grad(y.square().sum(), (x, weight, bias, pool_w))
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), (x, weight, bias, pool_w))
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("rel_pos", [True, False], ids=["relpos", "plain"])
+def test_pooling_attention_tunes_triton_against_sdpa(monkeypatch, rel_pos):
+    # The Triton candidate applies to CUDA tensors; forced here, it runs in the interpreter.
+    if pa_module._kernels is None:
+        pytest.skip("needs Triton")
+    monkeypatch.setattr(pa_module, "_triton_applies", lambda *a: True)
+    g = torch.Generator().manual_seed(3)
+    B, heads, d, thw_q, thw_kv = 1, 2, 16, (2, 4, 4), (2, 2, 2)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).requires_grad_()
+
+    q, k, v = rand(B, heads, 33, d), rand(B, heads, 9, d), rand(B, heads, 9, d)
+    tables = (rand(3, d, scale=0.1), rand(7, d, scale=0.1), rand(7, d, scale=0.1)) if rel_pos else (None,) * 3
+    with tuning.using("all"):
+        out = mvit_kernels.pooling_attention(q, k, v, thw_q, thw_kv, True, *tables, residual_pooling=True)
+    (choice,) = tuning.choices()
+    assert choice.op == "pooling_attention" and set(choice.ms) == {"triton", "sdpa"}
+    want = reference.pooling_attention(q, k, v, thw_q, thw_kv, True, *tables, residual_pooling=True)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)  # float32; the kernels' dots
+    leaves = [t for t in (q, k, v, *tables) if t is not None]
+    for got, ref in zip(torch.autograd.grad(out.square().sum(), leaves), torch.autograd.grad(want.square().sum(), leaves)):
+        torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
+
+
+def test_modes(monkeypatch):
+    monkeypatch.setattr(tuning, "_override", None)  # the test fixture's "off"; read the environment
+    monkeypatch.delenv(tuning.ENV, raising=False)
+    x, w, nw, nb = _pool3d_inputs()
+    _pool3d(x, w, nw, nb)
+    assert tuning.mode() == "cuda" and not tuning.choices()  # CPU tensors: not tuned by default
+    monkeypatch.setenv(tuning.ENV, "0")
+    assert tuning.mode() == "off"
+    monkeypatch.setenv(tuning.ENV, "1")
+    y, _ = _pool3d(x, w, nw, nb)
+    assert tuning.mode() == "all" and len(tuning.choices()) == 1
+    monkeypatch.setenv(tuning.ENV, "sometimes")
+    with pytest.raises(ValueError, match="MVIT_KERNELS_AUTOTUNE"):
+        _pool3d(x, w, nw, nb)
+    with pytest.raises(ValueError, match="tuning mode"):
+        with tuning.using("yes"):
+            pass
+
+
+def test_torch_compile_traces_the_fused_op_without_tuning():
+    x, w, nw, nb = (t.detach() for t in _pool3d_inputs())
+
+    def f(x):
+        return _pool3d(x, w, nw, nb)[0]
+
+    with tuning.using("all"):
+        y = torch.compile(f, fullgraph=True, backend="eager")(x)
+    assert not tuning.choices()
+    torch.testing.assert_close(y, reference.pool3d(x, THW, KERNEL, STRIDE, PADDING, "conv", w, True, nw, nb)[0],
+                               atol=1e-10, rtol=1e-10)
+
+
+def test_model_with_checkpointing_tunes_and_matches_the_reference():
+    # Tuning inside torch.utils.checkpoint's forward must not disturb its recompute (the timing
+    # graph is shielded from its saved-tensor hooks), and every choice reproduces the reference.
+    torch.manual_seed(0)
+    ref = build_model("mvit_tiny").double().train()
+    fused = copy.deepcopy(ref).set_fused(True)
+    fused.checkpoint_activations = True
+    video = torch.randn(2, 3, 8, 32, 32, dtype=torch.float64)
+    results = []
+    with tuning.using("all"):
+        for model in (ref, fused):
+            torch.manual_seed(1)  # same stochastic-depth masks
+            logits = model(video)
+            results.append((logits, torch.autograd.grad(logits.square().sum(), list(model.parameters()))))
+    ops = {c.op for c in tuning.choices()}
+    assert {"pool3d", "pool_residual_add"} <= ops
+    (logits_ref, grads_ref), (logits, grads) = results
+    torch.testing.assert_close(logits, logits_ref, atol=1e-8, rtol=1e-8)
+    for (name, _), g, g_ref in zip(ref.named_parameters(), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-8, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a GPU and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("overrides", [dict(), dict(rel_pos_spatial=True, rel_pos_temporal=True, residual_pooling=True)],
+                         ids=["v1", "v2"])
+def test_cuda_model_default_tuning_matches_the_reference(ieee_fp32, overrides):
+    # The default mode on a GPU: every CUDA op with two candidates is timed, and whatever won,
+    # the model equals the reference (float32, TF32 off).
+    torch.manual_seed(0)
+    ref = build_model("mvit_tiny", **overrides).cuda().train()
+    fused = copy.deepcopy(ref).set_fused(True)
+    video = torch.randn(2, 3, 8, 32, 32, device="cuda")
+    results = []
+    with tuning.using("cuda"):
+        for model in (ref, fused):
+            torch.manual_seed(1)
+            logits = model(video)
+            results.append((logits, torch.autograd.grad(logits.square().sum(), list(model.parameters()))))
+    assert {"pool3d", "pool_residual_add", "pooling_attention"} <= {c.op for c in tuning.choices()}
+    (logits_ref, grads_ref), (logits, grads) = results
+    torch.testing.assert_close(logits, logits_ref, atol=1e-4, rtol=1e-4)
+    for (name, _), g, g_ref in zip(ref.named_parameters(), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-3, rtol=1e-3, msg=lambda m: f"{name}: {m}")
