@@ -13,8 +13,7 @@ import argparse
 import contextlib
 import json
 import os
-import sys
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch

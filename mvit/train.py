@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch

@@ -16,7 +16,6 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import torch
 from torch.utils.data import Dataset
 
 
@@ -75,8 +74,6 @@ def build_eval_dataset(args, state: dict):
     """The evaluation dataset for ``mvit eval``: the synthetic validation split when the checkpoint
     was trained on it and no data is given, else videos / images from the arguments.
     Returns (dataset, multi_label, workers)."""
-    import argparse
-
     from .synthetic import SyntheticMotion
 
     cfg = state["model_config"]

@@ -18,8 +18,6 @@ per-sample seed the sampler hands out, so each epoch sees fresh clips).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset

@@ -211,7 +211,7 @@ def markdown(rows: list[dict]) -> str:
         "",
         "Every config `select_config` can pick, compiled without a GPU (`python -m mvit_kernels.triton.aot`),",
         "all features on and the widest rel tile (R_PAD 64). REG/STACK/LOCAL/SHARED from `cuobjdump",
-        f"--dump-resource-usage`; shared is the larger of cuobjdump's static figure and Triton's dynamic",
+        "--dump-resource-usage`; shared is the larger of cuobjdump's static figure and Triton's dynamic",
         f"`metadata.shared`. Limits: LOCAL 0, STACK <= {STACK_LIMIT} B, shared <= 163 KB (sm_80) / 227 KB (sm_90).",
         "",
         "| kernel | dtype | dot | partials | d_pad | BLOCK_M | BLOCK_N | warps | stages | target | REG | STACK | LOCAL | shared (B) | ok |",

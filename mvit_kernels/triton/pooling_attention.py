@@ -317,7 +317,7 @@ def pooling_attention_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------
 
 import dataclasses  # noqa: E402
-from typing import Optional, Sequence  # noqa: E402
+from typing import Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
