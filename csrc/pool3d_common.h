@@ -49,11 +49,10 @@ struct PoolGeom {
 // conv weight), i the input grid index. Positions in the padding are skipped: for max they are
 // -inf and never win, for avg they count in the divisor (count_include_pad=True), for conv they
 // multiply zeros. Iteration order is increasing i, so "first maximum wins" matches PyTorch.
+// for_each_window_input_at is the same with o given as its (ot, oh, ow) coordinates.
 template <class F>
-MVIT_HD MVIT_FORCE_INLINE inline void for_each_window_input(const PoolGeom& g, int64_t o, F&& f) {
-  const int64_t ow = o % g.Wo;
-  const int64_t oh = (o / g.Wo) % g.Ho;
-  const int64_t ot = o / (g.Wo * g.Ho);
+MVIT_HD MVIT_FORCE_INLINE inline void for_each_window_input_at(const PoolGeom& g, int64_t ot, int64_t oh, int64_t ow,
+                                                                F&& f) {
   const int64_t t0 = ot * g.sT - g.pT, h0 = oh * g.sH - g.pH, w0 = ow * g.sW - g.pW;
   for (int64_t kt = 0; kt < g.kT; ++kt) {
     const int64_t t = t0 + kt;
@@ -69,6 +68,72 @@ MVIT_HD MVIT_FORCE_INLINE inline void for_each_window_input(const PoolGeom& g, i
     }
   }
 }
+
+template <class F>
+MVIT_HD MVIT_FORCE_INLINE inline void for_each_window_input(const PoolGeom& g, int64_t o, F&& f) {
+  for_each_window_input_at(g, o / (g.Wo * g.Ho), (o / g.Wo) % g.Ho, o % g.Wo, f);
+}
+
+// Division by a divisor fixed at launch, as a multiply-high, an add and a shift (Granlund and
+// Montgomery; the scheme of ATen's IntDivider). The CUDA kernels split every output row index
+// into (batch, head, token, t, h, w): with 64-bit '/' and '%' that was 7 divisions per row, each
+// a call of ~70 compiled instructions. Valid for divisors in [1, 2^31) and n < 2^31, which the
+// launchers check (tests/cpp/index_math_test.cpp checks the arithmetic).
+struct FastDivmod {
+  uint32_t divisor = 1, magic = 1, shift = 0;
+
+  FastDivmod() = default;
+  explicit FastDivmod(uint32_t d) : divisor(d) {
+    while ((uint64_t{1} << shift) < d) ++shift;
+    magic = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1);
+  }
+  MVIT_HD uint32_t div(uint32_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint32_t hi = __umulhi(n, magic);
+#else
+    const uint32_t hi = static_cast<uint32_t>((static_cast<uint64_t>(n) * magic) >> 32);
+#endif
+    return static_cast<uint32_t>((static_cast<uint64_t>(hi) + n) >> shift);
+  }
+  MVIT_HD void divmod(uint32_t n, uint32_t* q, uint32_t* r) const {
+    *q = div(n);
+    *r = n - *q * divisor;
+  }
+};
+
+// An output row r of a (slabs, heads, n_out) row space: slab = batch * heads + head, token n
+// (class token first), and for grid tokens their (ot, oh, ow).
+struct OutputRow {
+  uint32_t batch, head, n;
+  bool is_cls;
+  uint32_t ot, oh, ow;
+};
+
+struct OutputRowDivs {
+  FastDivmod n_out, heads, Wo, Ho;
+  uint32_t cls;
+
+  OutputRowDivs() = default;
+  OutputRowDivs(const PoolGeom& g, int64_t heads_)
+      : n_out(static_cast<uint32_t>(g.cls + g.out_grid())),
+        heads(static_cast<uint32_t>(heads_)),
+        Wo(static_cast<uint32_t>(g.Wo)),
+        Ho(static_cast<uint32_t>(g.Ho)),
+        cls(static_cast<uint32_t>(g.cls)) {}
+
+  MVIT_HD OutputRow operator()(uint32_t r) const {
+    OutputRow row{};
+    uint32_t slab, q;
+    n_out.divmod(r, &slab, &row.n);
+    heads.divmod(slab, &row.batch, &row.head);
+    row.is_cls = row.n < cls;
+    if (!row.is_cls) {
+      Wo.divmod(row.n - cls, &q, &row.ow);
+      Ho.divmod(q, &row.ot, &row.oh);
+    }
+    return row;
+  }
+};
 
 // Range of outputs along one axis whose window covers input position i: [lo, hi].
 MVIT_HD MVIT_FORCE_INLINE inline void covering_range(int64_t i, int64_t k, int64_t s, int64_t p, int64_t n_out, int64_t* lo,

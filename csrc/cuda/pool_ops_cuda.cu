@@ -56,6 +56,14 @@ Launch make_launch(int64_t rows, int64_t d) {
   return {dim3(static_cast<unsigned>(blocks)), dim3(bx, by), static_cast<size_t>(by) * (bx / 32) * sizeof(acc_t)};
 }
 
+// The row index splitter of a launch over `rows` output rows (r < rows + one block's rows, the
+// last grid-stride step) in 32-bit arithmetic, which needs r < 2^31.
+OutputRowDivs output_rows(const PoolGeom& g, int64_t heads, int64_t rows, const Launch& l, const char* op) {
+  TORCH_CHECK(rows + static_cast<int64_t>(l.block.y) <= INT32_MAX, op, ": at most 2^31 - ", l.block.y,
+              " output rows (batch * heads * tokens) per call on CUDA, got ", rows);
+  return OutputRowDivs(g, heads);
+}
+
 // Sum of v over the threads of this block row (threadIdx.y). Every thread of the block must
 // call it (it synchronizes).
 template <class T>
@@ -70,14 +78,15 @@ __device__ T row_sum(T v, T* smem) {
   return s;
 }
 
-// Pooled value of channel c of output grid index o (with its arg-max for mode max).
+// Pooled value of channel c of the output grid token row (its ot, oh, ow), with its arg-max
+// for mode max.
 template <class scalar_t, class acc_t>
-__device__ acc_t pool_value(const scalar_t* xb, int64_t sN, const PoolGeom& g, int64_t o, int64_t c, int64_t d,
+__device__ acc_t pool_value(const scalar_t* xb, int64_t sN, const PoolGeom& g, const OutputRow& row, int64_t c,
                             PoolMode mode, const scalar_t* w, int32_t* argmax) {
   if (mode == kMax) {
     acc_t best = -INFINITY;
     int32_t idx = -1;
-    for_each_window_input(g, o, [&](int64_t, int64_t i) {
+    for_each_window_input_at(g, row.ot, row.oh, row.ow, [&](int64_t, int64_t i) {
       const acc_t v = static_cast<acc_t>(xb[(g.cls + i) * sN + c]);
       if (max_takes(v, best)) {
         best = v;
@@ -89,11 +98,12 @@ __device__ acc_t pool_value(const scalar_t* xb, int64_t sN, const PoolGeom& g, i
   }
   acc_t acc = 0;
   if (mode == kAvg) {
-    for_each_window_input(g, o, [&](int64_t, int64_t i) { acc += static_cast<acc_t>(xb[(g.cls + i) * sN + c]); });
+    for_each_window_input_at(g, row.ot, row.oh, row.ow,
+                             [&](int64_t, int64_t i) { acc += static_cast<acc_t>(xb[(g.cls + i) * sN + c]); });
     return acc / static_cast<acc_t>(g.kernel_volume());  // count_include_pad=True, see the CPU file
   }
   const int64_t K = g.kernel_volume();
-  for_each_window_input(g, o, [&](int64_t k, int64_t i) {
+  for_each_window_input_at(g, row.ot, row.oh, row.ow, [&](int64_t k, int64_t i) {
     acc += static_cast<acc_t>(w[c * K + k]) * static_cast<acc_t>(xb[(g.cls + i) * sN + c]);
   });
   return acc;
@@ -101,21 +111,20 @@ __device__ acc_t pool_value(const scalar_t* xb, int64_t sN, const PoolGeom& g, i
 
 template <class scalar_t, class acc_t>
 __global__ void pool3d_forward_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_t sH, int64_t sN,
-                                      scalar_t* __restrict__ y, int64_t rows, int64_t heads, int64_t d, PoolGeom g,
-                                      PoolMode mode, const scalar_t* __restrict__ w, const scalar_t* __restrict__ nw,
-                                      const scalar_t* __restrict__ nb, acc_t eps) {
+                                      scalar_t* __restrict__ y, int64_t rows, OutputRowDivs divs, int64_t d,
+                                      PoolGeom g, PoolMode mode, const scalar_t* __restrict__ w,
+                                      const scalar_t* __restrict__ nw, const scalar_t* __restrict__ nb, acc_t eps) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
   const int64_t c = threadIdx.x;
-  const int64_t n_out = g.cls + g.out_grid();
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const int64_t r = base + threadIdx.y;
     const bool active = r < rows && c < d;
     acc_t v = 0;
     if (active) {
-      const int64_t n = r % n_out, bh = r / n_out;
-      const scalar_t* xb = x + (bh / heads) * sB + (bh % heads) * sH;
-      v = n < g.cls ? static_cast<acc_t>(xb[c]) : pool_value<scalar_t, acc_t>(xb, sN, g, n - g.cls, c, d, mode, w, nullptr);
+      const OutputRow row = divs(static_cast<uint32_t>(r));
+      const scalar_t* xb = x + row.batch * sB + row.head * sH;
+      v = row.is_cls ? static_cast<acc_t>(xb[c]) : pool_value<scalar_t, acc_t>(xb, sN, g, row, c, mode, w, nullptr);
     }
     if (nw != nullptr) {
       const acc_t mean = row_sum<acc_t>(v, smem) / d;
@@ -132,23 +141,24 @@ __global__ void pool3d_forward_kernel(const scalar_t* __restrict__ x, int64_t sB
 template <class scalar_t, class acc_t>
 __global__ void pool3d_backward_rows_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x, int64_t sB,
                                             int64_t sH, int64_t sN, acc_t* __restrict__ dp, int32_t* __restrict__ argmax,
-                                            int64_t rows, int64_t heads, int64_t d, PoolGeom g, PoolMode mode,
-                                            const scalar_t* __restrict__ w, const scalar_t* __restrict__ nw, acc_t eps,
-                                            acc_t* __restrict__ grad_nw, acc_t* __restrict__ grad_nb) {
+                                            int64_t rows, OutputRowDivs divs, int64_t heads, int64_t d, PoolGeom g,
+                                            PoolMode mode, const scalar_t* __restrict__ w, const scalar_t* __restrict__ nw,
+                                            acc_t eps, acc_t* __restrict__ grad_nw, acc_t* __restrict__ grad_nb) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
   const int64_t c = threadIdx.x;
-  const int64_t n_out = g.cls + g.out_grid(), grid_out = g.out_grid();
+  const int64_t grid_out = g.out_grid();
   acc_t acc_nw = 0, acc_nb = 0;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const int64_t r = base + threadIdx.y;
     const bool active = r < rows && c < d;
     acc_t v = 0, dy = 0;
     if (active) {
-      const int64_t n = r % n_out, bh = r / n_out;
-      const scalar_t* xb = x + (bh / heads) * sB + (bh % heads) * sH;
-      int32_t* am = (mode == kMax && n >= g.cls) ? argmax + (bh * grid_out + n - g.cls) * d + c : nullptr;
-      v = n < g.cls ? static_cast<acc_t>(xb[c]) : pool_value<scalar_t, acc_t>(xb, sN, g, n - g.cls, c, d, mode, w, am);
+      const OutputRow row = divs(static_cast<uint32_t>(r));
+      const int64_t slab = static_cast<int64_t>(row.batch) * heads + row.head;
+      const scalar_t* xb = x + row.batch * sB + row.head * sH;
+      int32_t* am = (mode == kMax && !row.is_cls) ? argmax + (slab * grid_out + row.n - g.cls) * d + c : nullptr;
+      v = row.is_cls ? static_cast<acc_t>(xb[c]) : pool_value<scalar_t, acc_t>(xb, sN, g, row, c, mode, w, am);
       dy = static_cast<acc_t>(gy[r * d + c]);
     }
     if (nw != nullptr) {
@@ -291,7 +301,8 @@ at::Tensor pool3d_cuda(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArray
     const int64_t rows = B * heads * n_out;
     const Launch l = make_launch<acc_t>(rows, d);
     pool3d_forward_kernel<scalar_t, acc_t><<<l.grid, l.block, l.smem, stream>>>(
-        x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), y.data_ptr<scalar_t>(), rows, heads, d, g, mode,
+        x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), y.data_ptr<scalar_t>(), rows,
+        output_rows(g, heads, rows, l, "mvit_kernels.pool3d"), d, g, mode,
         w.defined() ? w.data_ptr<scalar_t>() : nullptr, norm ? nw.data_ptr<scalar_t>() : nullptr,
         norm ? nb.data_ptr<scalar_t>() : nullptr, static_cast<acc_t>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -334,7 +345,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cuda(
       const Launch l1 = make_launch<acc_t>(rows_out, d);
       pool3d_backward_rows_kernel<scalar_t, acc_t><<<l1.grid, l1.block, l1.smem, stream>>>(
           grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2),
-          dp.data_ptr<acc_t>(), mode == kMax ? argmax.data_ptr<int32_t>() : nullptr, rows_out, heads, d, g, mode, wp,
+          dp.data_ptr<acc_t>(), mode == kMax ? argmax.data_ptr<int32_t>() : nullptr, rows_out,
+          output_rows(g, heads, rows_out, l1, "mvit_kernels.pool3d_backward"), heads, d, g, mode, wp,
           norm ? nw.data_ptr<scalar_t>() : nullptr, static_cast<acc_t>(eps),
           norm ? grad_nw_acc.data_ptr<acc_t>() : nullptr, norm ? grad_nb_acc.data_ptr<acc_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -367,17 +379,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cuda(
 template <class scalar_t, class acc_t>
 __global__ void pool_residual_add_forward_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_t sN,
                                                  const scalar_t* __restrict__ branch, const scalar_t* __restrict__ scale,
-                                                 scalar_t* __restrict__ out, int64_t rows, int64_t C, PoolGeom g) {
+                                                 scalar_t* __restrict__ out, int64_t rows, OutputRowDivs divs,
+                                                 int64_t C, PoolGeom g) {
   const int64_t c = threadIdx.x;
-  const int64_t n_out = g.cls + g.out_grid();
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const int64_t r = base + threadIdx.y;
     if (r >= rows || c >= C) continue;
-    const int64_t b = r / n_out, n = r % n_out;
-    const scalar_t* xb = x + b * sB;
-    const acc_t skip = n < g.cls ? static_cast<acc_t>(xb[c])
-                                 : pool_value<scalar_t, acc_t>(xb, sN, g, n - g.cls, c, C, kMax, nullptr, nullptr);
-    const acc_t s = scale != nullptr ? static_cast<acc_t>(scale[b]) : acc_t(1);
+    const OutputRow row = divs(static_cast<uint32_t>(r));  // one "head" per sample
+    const scalar_t* xb = x + row.batch * sB;
+    const acc_t skip = row.is_cls ? static_cast<acc_t>(xb[c])
+                                  : pool_value<scalar_t, acc_t>(xb, sN, g, row, c, kMax, nullptr, nullptr);
+    const acc_t s = scale != nullptr ? static_cast<acc_t>(scale[row.batch]) : acc_t(1);
     out[r * C + c] = static_cast<scalar_t>(skip + s * static_cast<acc_t>(branch[r * C + c]));
   }
 }
@@ -387,22 +399,23 @@ __global__ void pool_residual_add_backward_rows_kernel(const scalar_t* __restric
                                                        int64_t sB, int64_t sN, const scalar_t* __restrict__ branch,
                                                        const scalar_t* __restrict__ scale, scalar_t* __restrict__ grad_branch,
                                                        int32_t* __restrict__ argmax, acc_t* __restrict__ grad_scale,
-                                                       int64_t rows, int64_t C, PoolGeom g) {
+                                                       int64_t rows, OutputRowDivs divs, int64_t C, PoolGeom g) {
   const int64_t c = threadIdx.x;
-  const int64_t n_out = g.cls + g.out_grid(), grid_out = g.out_grid();
+  const int64_t grid_out = g.out_grid();
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const int64_t r = base + threadIdx.y;
     const bool active = r < rows && c < C;
-    const int64_t b = r / n_out, n = r % n_out;
+    const OutputRow row = divs(static_cast<uint32_t>(r));  // one "head" per sample; r < rows + blockDim.y
+    const int64_t b = row.batch;
     acc_t dot = 0;
     if (active) {
       const acc_t gv = static_cast<acc_t>(grad[r * C + c]);
       const acc_t s = scale != nullptr ? static_cast<acc_t>(scale[b]) : acc_t(1);
       grad_branch[r * C + c] = static_cast<scalar_t>(s * gv);
       if (scale != nullptr) dot = gv * static_cast<acc_t>(branch[r * C + c]);
-      if (n >= g.cls) {
-        pool_value<scalar_t, acc_t>(x + b * sB, sN, g, n - g.cls, c, C, kMax, nullptr,
-                                    argmax + (b * grid_out + n - g.cls) * C + c);
+      if (!row.is_cls) {
+        pool_value<scalar_t, acc_t>(x + b * sB, sN, g, row, c, kMax, nullptr,
+                                    argmax + (b * grid_out + row.n - g.cls) * C + c);
       }
     }
     if (scale != nullptr) {
@@ -465,7 +478,8 @@ at::Tensor pool_residual_add_cuda(const at::Tensor& x_in, at::IntArrayRef thw, a
     const Launch l = make_launch<acc_t>(rows, C);
     pool_residual_add_forward_kernel<scalar_t, acc_t><<<l.grid, l.block, 0, stream>>>(
         x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), branch.data_ptr<scalar_t>(),
-        has_scale ? scale.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), rows, C, g);
+        has_scale ? scale.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), rows,
+        output_rows(g, 1, rows, l, "mvit_kernels.pool_residual_add"), C, g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -499,7 +513,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cuda(
       pool_residual_add_backward_rows_kernel<scalar_t, acc_t><<<l1.grid, l1.block, 0, stream>>>(
           grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), branch.data_ptr<scalar_t>(),
           has_scale ? scale.data_ptr<scalar_t>() : nullptr, grad_branch.data_ptr<scalar_t>(), argmax.data_ptr<int32_t>(),
-          has_scale ? grad_scale_acc.data_ptr<acc_t>() : nullptr, rows_out, C, g);
+          has_scale ? grad_scale_acc.data_ptr<acc_t>() : nullptr, rows_out,
+          output_rows(g, 1, rows_out, l1, "mvit_kernels.pool_residual_add_backward"), C, g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const Launch l2 = line_launch<acc_t>(B * (g.T * g.H + g.cls), C);
       pool_residual_add_backward_input_kernel<scalar_t, acc_t><<<l2.grid, l2.block, 0, stream>>>(
