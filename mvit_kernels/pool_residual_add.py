@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from . import _extension, autocast, reference, tuning
+from ._dispatch import traced_or_intercepted
 from .checks import check_pool_residual_add_args
 
 _extension.load()
@@ -46,8 +47,10 @@ def pool_residual_add(
     return tuning.select("pool_residual_add", _CANDIDATES, args, "fused")(*args)
 
 
-def _fused_op(*args):
-    return torch.ops.mvit_kernels.pool_residual_add(*args)
+def _fused_op(x, thw, kernel, stride, padding, branch, scale, has_cls):
+    if traced_or_intercepted(x):
+        return torch.ops.mvit_kernels.pool_residual_add(x, thw, kernel, stride, padding, branch, scale, has_cls)
+    return _EagerPoolResidualAdd.apply(x, branch, scale, (thw, kernel, stride, padding, has_cls))
 
 
 _CANDIDATES = {"fused": _fused_op, "reference": reference.pool_residual_add}
@@ -70,12 +73,8 @@ if _extension.load():
         ctx.window = (thw, kernel, stride, padding, has_cls)
 
     def _backward(ctx, grad_out):
-        x, branch, scale = ctx.saved_tensors
-        thw, kernel, stride, padding, has_cls = ctx.window
-        grad_x, grad_branch, grad_scale = torch.ops.mvit_kernels.pool_residual_add_backward(
-            grad_out, x, thw, kernel, stride, padding, branch, scale, has_cls
-        )
-        return grad_x, None, None, None, None, grad_branch, grad_scale if scale is not None else None, None
+        grad_x, grad_branch, grad_scale = _gradients(ctx, grad_out)
+        return grad_x, None, None, None, None, grad_branch, grad_scale, None
 
     torch.library.register_autograd("mvit_kernels::pool_residual_add", _backward, setup_context=_setup_context)
 
@@ -86,3 +85,30 @@ if _extension.load():
     @register_flop_formula(torch.ops.mvit_kernels.pool_residual_add_backward)
     def _backward_flops(*args, out_shape=None, **kwargs) -> int:
         return 0
+
+
+def _gradients(ctx, grad_out):
+    """(grad_x, grad_branch, grad_scale) from the backward op; grad_scale None without a scale."""
+    x, branch, scale = ctx.saved_tensors
+    thw, kernel, stride, padding, has_cls = ctx.window
+    grad_x, grad_branch, grad_scale = torch.ops.mvit_kernels.pool_residual_add_backward(
+        grad_out, x, thw, kernel, stride, padding, branch, scale, has_cls
+    )
+    return grad_x, grad_branch, grad_scale if scale is not None else None
+
+
+class _EagerPoolResidualAdd(torch.autograd.Function):
+    """The registered op and its backward without the registration's Python autograd wrapper in
+    eager mode (host time, see ``pool3d._EagerPool3d``); torch.compile and dispatch modes use the
+    registered op."""
+
+    @staticmethod
+    def forward(ctx, x, branch, scale, window):
+        thw, kernel, stride, padding, has_cls = window
+        ctx.save_for_backward(x, branch, scale)
+        ctx.window = window
+        return torch.ops.mvit_kernels.pool_residual_add(x, thw, kernel, stride, padding, branch, scale, has_cls)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (*_gradients(ctx, grad_out), None)

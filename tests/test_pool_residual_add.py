@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 from torch.utils.flop_counter import FlopCounterMode
 
 import mvit_kernels
@@ -48,6 +49,32 @@ def _run(fn, x, thw, kernel, stride, padding, branch, scale, has_cls, grad_seed=
     g = g.to(device=out.device, dtype=out.dtype)
     out.backward(g)
     return out.detach(), [None if t is None else t.grad for t in leaves]
+
+
+class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that changes nothing; under it the op takes the registered path."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("with_scale", [True, False], ids=["scale", "noscale"])
+def test_eager_path_equals_registered_op(with_scale):
+    # Eager calls go through _EagerPoolResidualAdd; dispatch modes and torch.compile through the
+    # registered op's autograd. Same kernels, so the same bits.
+    x, branch, scale = _inputs(2, (3, 7, 7), 16, (1, 3, 3), (1, 2, 2), (0, 1, 1), True, with_scale, torch.float32)
+    args = ((3, 7, 7), (1, 3, 3), (1, 2, 2), (0, 1, 1))
+    out, grads = _run(mvit_kernels.pool_residual_add, x, *args, branch, scale, True)
+    with _PassThrough():
+        out_op, grads_op = _run(mvit_kernels.pool_residual_add, x, *args, branch, scale, True)
+    torch.testing.assert_close(out, out_op, atol=0, rtol=0)
+    for g, g_op in zip(grads, grads_op):
+        assert (g is None) == (g_op is None)
+        if g is not None:
+            torch.testing.assert_close(g, g_op, atol=0, rtol=0)
+    leaf = x.clone().requires_grad_()
+    assert type(mvit_kernels.pool_residual_add(leaf, *args, branch, scale, True).grad_fn).__name__ == (
+        "_EagerPoolResidualAddBackward")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
