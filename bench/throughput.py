@@ -256,7 +256,7 @@ def _write(rows, device, device_name, out_dir) -> str:
 
 def tuning_rows() -> list[dict]:
     """The decisions of ``mvit_kernels.tuning`` so far (op and shape, winner, ms per candidate)."""
-    return [{"op": c.label(), "winner": c.winner, "ms": dict(c.ms)} for c in tuning.choices()]
+    return [{"op": c.label(), "winner": c.winner, "ms": dict(c.ms), "note": c.note} for c in tuning.choices()]
 
 
 def tuning_section() -> list[str]:
@@ -268,7 +268,7 @@ def tuning_section() -> list[str]:
              f"{tuning.REPEATS} timed runs each, ms):", "", "| op, input, arguments | winner | ms per candidate |",
              "|---|---|---|"]
     for r in rows:
-        ms = ", ".join(f"{name} {t:.3f}" for name, t in r["ms"].items())
+        ms = ", ".join(f"{name} {t:.3f}" for name, t in r["ms"].items()) or r["note"]
         lines.append(f"| {r['op']} | {r['winner']} | {ms} |")
     return lines
 

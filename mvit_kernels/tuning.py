@@ -22,7 +22,9 @@ copies of the inputs: the caller's tensors, ``.grad`` and RNG are untouched); th
 (minimum) wins. CUDA times are CUDA-event times of each synchronized run, so slow launches count.
 
 Not tuned, the default (fused) candidate runs: while torch.compile traces, under dispatch modes
-(FlopCounterMode, fake tensors), during CUDA-graph capture, and when tuning is off.
+(FlopCounterMode, fake tensors), during CUDA-graph capture, and when tuning is off. If timing runs
+out of GPU memory (it needs room for a second forward and its gradients), the default is kept for
+that key, with a warning.
 
 ``MVIT_KERNELS_AUTOTUNE``: unset or ``cuda``: tune CUDA tensors only; ``0``: never tune (always the
 fused kernel); ``1``: tune every device (CPU too: the tests use it). :func:`using` overrides it in
@@ -35,6 +37,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -57,6 +60,7 @@ class Choice:
     winner: str
     ms: Mapping[str, float]
     backward: bool
+    note: str = ""
 
     def label(self) -> str:
         """Short description for tables: op, the first tensor's shape and dtype, the other
@@ -138,9 +142,16 @@ def select(op: str, candidates: Mapping[str, Callable[..., Any]], args: tuple, d
     key = (op, backward, autocast_on, tuple(_describe(a) for a in args))
     choice = _choices.get(key)
     if choice is None:
-        ms = {name: _best_ms(fn, args, backward, x.device) for name, fn in candidates.items()}
-        winner = min(ms, key=lambda name: (ms[name], name != default))  # ties go to the default
-        choice = _choices[key] = Choice(op, key, winner, ms, backward)
+        try:
+            ms = {name: _best_ms(fn, args, backward, x.device) for name, fn in candidates.items()}
+        except torch.cuda.OutOfMemoryError:
+            # Timing needs room for a second forward and its gradients next to the caller's
+            # activations; a run that fits without it must not fail because of it.
+            choice = _choices[key] = Choice(op, key, default, {}, backward, "out of memory while timing: default kept")
+            warnings.warn(f"mvit_kernels.tuning: {choice.label()}: {choice.note}", RuntimeWarning, stacklevel=2)
+        else:
+            winner = min(ms, key=lambda name: (ms[name], name != default))  # ties go to the default
+            choice = _choices[key] = Choice(op, key, winner, ms, backward)
     return candidates[choice.winner]
 
 

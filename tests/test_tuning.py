@@ -110,6 +110,20 @@ def test_ties_go_to_the_fused_kernel(monkeypatch):
     assert tuning.choices()[0].winner == "fused" and _ran_fused_op(y)
 
 
+def test_out_of_memory_while_timing_keeps_the_default(monkeypatch):
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(tuning, "_best_ms", oom)
+    x, w, nw, nb = _pool3d_inputs()
+    with tuning.using("all"), pytest.warns(RuntimeWarning, match="out of memory while timing"):
+        y, _ = _pool3d(x, w, nw, nb)
+    (choice,) = tuning.choices()
+    assert choice.winner == "fused" and not choice.ms and "out of memory" in choice.note and _ran_fused_op(y)
+    _pool3d(x, w, nw, nb)  # decided: not timed (nor warned) again
+    assert len(tuning.choices()) == 1
+
+
 def test_timing_leaves_the_callers_state_alone():
     x, w, nw, nb = _pool3d_inputs()
     rng = torch.get_rng_state()
