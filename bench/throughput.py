@@ -256,7 +256,7 @@ def _write(rows, device, device_name, out_dir) -> str:
 
 def tuning_rows() -> list[dict]:
     """The decisions of ``mvit_kernels.tuning`` so far (op and shape, winner, ms per candidate)."""
-    return [{"op": c.label(), "winner": c.winner, "ms": dict(c.ms), "note": c.note} for c in tuning.choices()]
+    return tuning.summary()
 
 
 def tuning_section() -> list[str]:

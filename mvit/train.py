@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import mvit_kernels
+
 from .training import checkpoint as ckpt
 from .training import distributed as dist_utils
 from .training.ema import ModelEMA
@@ -349,6 +351,8 @@ def train(args: argparse.Namespace) -> dict:
                             workers=data.workers, multi_label=False, autocast=autocast, shuffle_frames=True)
         result["val_shuffled_frames"] = shuffled
     result["wall_s"] = round(time.time() - t_start, 1)
+    if mvit_kernels.tuning.choices():  # fused ops timed against their alternatives (CUDA by default)
+        result["kernel_choices"] = mvit_kernels.tuning.summary()
     if info.is_main:
         log.write(kind="result", **result)
         with open(os.path.join(out_dir, "result.json"), "w") as f:

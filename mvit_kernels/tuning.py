@@ -28,7 +28,8 @@ that key, with a warning.
 
 ``MVIT_KERNELS_AUTOTUNE``: unset or ``cuda``: tune CUDA tensors only; ``0``: never tune (always the
 fused kernel); ``1``: tune every device (CPU too: the tests use it). :func:`using` overrides it in
-code. :func:`choices` lists the decisions (the benchmarks print them); :func:`clear` forgets them.
+code. :func:`choices` lists the decisions (:func:`summary` as plain data: the benchmarks print it, the
+trainer writes it to result.json); :func:`clear` forgets them.
 """
 
 from __future__ import annotations
@@ -104,6 +105,12 @@ def using(new_mode: str) -> Iterator[None]:
 def choices() -> list[Choice]:
     """The decisions made so far, in order."""
     return list(_choices.values())
+
+
+def summary() -> list[dict]:
+    """The decisions as plain data for logs and reports: op/shape label, winner, ms per
+    candidate, note."""
+    return [{"op": c.label(), "winner": c.winner, "ms": dict(c.ms), "note": c.note} for c in _choices.values()]
 
 
 def clear() -> None:

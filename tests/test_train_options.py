@@ -29,3 +29,19 @@ def test_fused_without_extension_is_a_clear_error(tmp_path):
                   "--no-progress", "--output-dir", str(tmp_path)])
     else:
         pytest.skip("the fused extension is built here")
+
+
+def test_fused_run_reports_its_kernel_choices(tmp_path):
+    # Tuning is on for CUDA tensors by default; "all" makes this CPU run tune, as a GPU run would.
+    if not mvit_kernels.load_extension():
+        pytest.skip("needs the fused extension")
+    out = tmp_path / "run"
+    mvit_kernels.tuning.clear()
+    with mvit_kernels.tuning.using("all"):
+        assert main(["train", "--fused", "--synthetic-size", "16", "8", "--batch-size", "8", "--epochs", "1",
+                     "--max-steps", "1", "--threads", "1", "--no-progress", "--output-dir", str(out)]) == 0
+    mvit_kernels.tuning.clear()
+    choices = json.loads((out / "result.json").read_text())["kernel_choices"]
+    assert {c["op"].split()[0] for c in choices} >= {"pool3d", "pool_residual_add"}
+    for c in choices:
+        assert set(c["ms"]) == {"fused", "reference"} and c["winner"] == min(c["ms"], key=c["ms"].get), c
