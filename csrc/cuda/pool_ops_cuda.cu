@@ -3,7 +3,8 @@
 // Same structure as csrc/cpu/pool_ops_cpu.cpp, with the same window loops and index math from
 // pool3d_common.h. Thread layout: a block is (round_up(d, 32), R) threads; threadIdx.x is the
 // channel (reads and writes of a row are coalesced over d), threadIdx.y picks one of R rows;
-// blocks stride over the rows. LayerNorm's row sums are block reductions (warp shuffles, then
+// blocks stride over the rows (the dx gathers: over input lines, their threads looping over
+// channels past 512). LayerNorm's row sums are block reductions (warp shuffles, then
 // shared memory across the row's warps).
 //
 // Launches: pool3d forward 1; pool3d backward 2 (+1 in conv mode): rows (dp, arg-max, norm
@@ -32,6 +33,12 @@ namespace mvit {
 namespace {
 
 constexpr int kThreadsPerBlock = 512;
+// make_launch's blocks have round_up(d, 32) * max(1, 512 / round_up(d, 32)) threads: up to 1024
+// (d up to 1024). The bound caps the registers at 64, so such a block can launch (65536
+// registers per SM) and two of the usual 480-thread blocks share an SM (one did at 69-72
+// registers). The two dx gathers spill at 64 (16-32 B of stack on sm_90): their blocks are
+// kept to kGatherThreads instead.
+#define MVIT_LAUNCH_BOUNDS __launch_bounds__(1024)
 
 struct Launch {
   dim3 grid, block;
@@ -110,7 +117,7 @@ __device__ acc_t pool_value(const scalar_t* xb, int64_t sN, const PoolGeom& g, c
 }
 
 template <class scalar_t, class acc_t>
-__global__ void pool3d_forward_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_t sH, int64_t sN,
+__global__ void MVIT_LAUNCH_BOUNDS pool3d_forward_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_t sH, int64_t sN,
                                       scalar_t* __restrict__ y, int64_t rows, OutputRowDivs divs, int64_t d,
                                       PoolGeom g, PoolMode mode, const scalar_t* __restrict__ w,
                                       const scalar_t* __restrict__ nw, const scalar_t* __restrict__ nb, acc_t eps) {
@@ -139,7 +146,7 @@ __global__ void pool3d_forward_kernel(const scalar_t* __restrict__ x, int64_t sB
 // Backward (1): per output row, dp = d loss / d pooled (LayerNorm backward when normed), the
 // arg-max (mode max) and the norm parameter gradients.
 template <class scalar_t, class acc_t>
-__global__ void pool3d_backward_rows_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x, int64_t sB,
+__global__ void MVIT_LAUNCH_BOUNDS pool3d_backward_rows_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x, int64_t sB,
                                             int64_t sH, int64_t sN, acc_t* __restrict__ dp, int32_t* __restrict__ argmax,
                                             int64_t rows, OutputRowDivs divs, int64_t heads, int64_t d, PoolGeom g,
                                             PoolMode mode, const scalar_t* __restrict__ w, const scalar_t* __restrict__ nw,
@@ -199,10 +206,14 @@ __device__ inline bool input_line(const PoolGeom& g, int64_t line, int64_t grid_
   return true;
 }
 
-// Grid for the gathers: one block per input line, capped at a few waves.
+// Grid for the gathers: one block per input line, capped at a few waves. Their threads loop
+// over channels, so blocks stay within kGatherThreads whatever d (at their 96 registers a
+// 1024-thread block could not launch; capping them at 64 with __launch_bounds__ spilled).
+constexpr int kGatherThreads = 512;
+
 template <class acc_t>
 Launch line_launch(int64_t lines, int64_t d) {
-  Launch l = make_launch<acc_t>(lines, d);
+  Launch l = make_launch<acc_t>(lines, std::min<int64_t>(d, kGatherThreads));
   l.grid = dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(lines, multiprocessors() * 8))));
   return l;
 }
@@ -212,11 +223,11 @@ Launch line_launch(int64_t lines, int64_t d) {
 // (Per input, the div/mod of a flat row index and three covering ranges had been most of this
 // kernel's compiled instructions; now the t and h ranges come once per line.)
 template <class scalar_t, class acc_t>
-__global__ void pool3d_backward_input_kernel(const acc_t* __restrict__ dp, const int32_t* __restrict__ argmax,
-                                             scalar_t* __restrict__ gx, int64_t slabs, int64_t N, int64_t d, PoolGeom g,
-                                             PoolMode mode, const scalar_t* __restrict__ w) {
-  const int64_t c = threadIdx.x;
-  if (c >= d) return;  // no block-wide synchronization below
+__global__ void pool3d_backward_input_kernel(const acc_t* __restrict__ dp,
+                                                                const int32_t* __restrict__ argmax,
+                                                                scalar_t* __restrict__ gx, int64_t slabs, int64_t N,
+                                                                int64_t d, PoolGeom g, PoolMode mode,
+                                                                const scalar_t* __restrict__ w) {
   const int64_t n_out = g.cls + g.out_grid(), grid_out = g.out_grid(), K = g.kernel_volume();
   const int64_t grid_lines = slabs * g.T * g.H, lines = grid_lines + slabs * g.cls;
   for (int64_t line = blockIdx.x; line < lines; line += gridDim.x) {
@@ -225,26 +236,29 @@ __global__ void pool3d_backward_input_kernel(const acc_t* __restrict__ dp, const
     const bool grid_line = input_line(g, line, grid_lines, &bh, &cover);
     const acc_t* dpb = dp + bh * n_out * d;
     if (!grid_line) {  // the class token passes through
-      if (threadIdx.y == 0) gx[bh * N * d + c] = static_cast<scalar_t>(dpb[c]);
+      if (threadIdx.y == 0)
+        for (int64_t c = threadIdx.x; c < d; c += blockDim.x) gx[bh * N * d + c] = static_cast<scalar_t>(dpb[c]);
       continue;
     }
     const int32_t* amb = mode == kMax ? argmax + bh * grid_out * d : nullptr;
     const int64_t row0 = (cover.it * g.H + cover.ih) * g.W;  // grid index of the line's first input
     for (int64_t iw = threadIdx.y; iw < g.W; iw += blockDim.y) {
       const int64_t i = row0 + iw;
-      acc_t acc = 0;
-      for_each_covering_output_on_line(g, cover, iw, [&](int64_t k, int64_t o) {
-        const acc_t v = dpb[(g.cls + o) * d + c];
-        if (mode == kMax) {
-          if (amb[o * d + c] == i) acc += v;
-        } else if (mode == kAvg) {
-          acc += v;
-        } else {
-          acc += v * static_cast<acc_t>(w[c * K + k]);
-        }
-      });
-      if (mode == kAvg) acc /= static_cast<acc_t>(K);
-      gx[(bh * N + g.cls + i) * d + c] = static_cast<scalar_t>(acc);
+      for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+        acc_t acc = 0;
+        for_each_covering_output_on_line(g, cover, iw, [&](int64_t k, int64_t o) {
+          const acc_t v = dpb[(g.cls + o) * d + c];
+          if (mode == kMax) {
+            if (amb[o * d + c] == i) acc += v;
+          } else if (mode == kAvg) {
+            acc += v;
+          } else {
+            acc += v * static_cast<acc_t>(w[c * K + k]);
+          }
+        });
+        if (mode == kAvg) acc /= static_cast<acc_t>(K);
+        gx[(bh * N + g.cls + i) * d + c] = static_cast<scalar_t>(acc);
+      }
     }
   }
 }
@@ -255,7 +269,7 @@ __global__ void pool3d_backward_input_kernel(const acc_t* __restrict__ dp, const
 // outputs, so each output costs a few multiply-adds of index math. (The per-output div/mod of a
 // flat row index, with k's own, were ~380 of the loop's instructions in the compiled sm_90 code.)
 template <class scalar_t, class acc_t>
-__global__ void pool3d_backward_weight_kernel(const acc_t* __restrict__ dp, const scalar_t* __restrict__ x, int64_t sB,
+__global__ void MVIT_LAUNCH_BOUNDS pool3d_backward_weight_kernel(const acc_t* __restrict__ dp, const scalar_t* __restrict__ x, int64_t sB,
                                               int64_t sH, int64_t sN, int64_t lines, int64_t heads, int64_t d,
                                               PoolGeom g, acc_t* __restrict__ grad_w) {
   const int64_t c = threadIdx.x;
@@ -377,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cuda(
 // ------------------------------------------------------------------------------------------
 
 template <class scalar_t, class acc_t>
-__global__ void pool_residual_add_forward_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_t sN,
+__global__ void MVIT_LAUNCH_BOUNDS pool_residual_add_forward_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_t sN,
                                                  const scalar_t* __restrict__ branch, const scalar_t* __restrict__ scale,
                                                  scalar_t* __restrict__ out, int64_t rows, OutputRowDivs divs,
                                                  int64_t C, PoolGeom g) {
@@ -395,7 +409,7 @@ __global__ void pool_residual_add_forward_kernel(const scalar_t* __restrict__ x,
 }
 
 template <class scalar_t, class acc_t>
-__global__ void pool_residual_add_backward_rows_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+__global__ void MVIT_LAUNCH_BOUNDS pool_residual_add_backward_rows_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                                        int64_t sB, int64_t sN, const scalar_t* __restrict__ branch,
                                                        const scalar_t* __restrict__ scale, scalar_t* __restrict__ grad_branch,
                                                        int32_t* __restrict__ argmax, acc_t* __restrict__ grad_scale,
@@ -429,11 +443,10 @@ __global__ void pool_residual_add_backward_rows_kernel(const scalar_t* __restric
 // dx of pool_residual_add: the gradients of the outputs whose arg-max is this input, gathered
 // over input lines like pool3d_backward_input_kernel (x viewed as one head per sample).
 template <class scalar_t, class acc_t>
-__global__ void pool_residual_add_backward_input_kernel(const scalar_t* __restrict__ grad, const int32_t* __restrict__ argmax,
-                                                        scalar_t* __restrict__ gx, int64_t B, int64_t N, int64_t C,
-                                                        PoolGeom g) {
-  const int64_t c = threadIdx.x;
-  if (c >= C) return;  // no block-wide synchronization below
+__global__ void pool_residual_add_backward_input_kernel(const scalar_t* __restrict__ grad,
+                                                                           const int32_t* __restrict__ argmax,
+                                                                           scalar_t* __restrict__ gx, int64_t B,
+                                                                           int64_t N, int64_t C, PoolGeom g) {
   const int64_t n_out = g.cls + g.out_grid(), grid_out = g.out_grid();
   const int64_t grid_lines = B * g.T * g.H, lines = grid_lines + B * g.cls;
   for (int64_t line = blockIdx.x; line < lines; line += gridDim.x) {
@@ -442,18 +455,21 @@ __global__ void pool_residual_add_backward_input_kernel(const scalar_t* __restri
     const bool grid_line = input_line(g, line, grid_lines, &b, &cover);
     const scalar_t* gb = grad + b * n_out * C;
     if (!grid_line) {  // the class token passes through
-      if (threadIdx.y == 0) gx[b * N * C + c] = gb[c];
+      if (threadIdx.y == 0)
+        for (int64_t c = threadIdx.x; c < C; c += blockDim.x) gx[b * N * C + c] = gb[c];
       continue;
     }
     const int32_t* amb = argmax + b * grid_out * C;
     const int64_t row0 = (cover.it * g.H + cover.ih) * g.W;
     for (int64_t iw = threadIdx.y; iw < g.W; iw += blockDim.y) {
       const int64_t i = row0 + iw;
-      acc_t acc = 0;
-      for_each_covering_output_on_line(g, cover, iw, [&](int64_t, int64_t o) {
-        if (amb[o * C + c] == i) acc += static_cast<acc_t>(gb[(g.cls + o) * C + c]);
-      });
-      gx[(b * N + g.cls + i) * C + c] = static_cast<scalar_t>(acc);
+      for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+        acc_t acc = 0;
+        for_each_covering_output_on_line(g, cover, iw, [&](int64_t, int64_t o) {
+          if (amb[o * C + c] == i) acc += static_cast<acc_t>(gb[(g.cls + o) * C + c]);
+        });
+        gx[(b * N + g.cls + i) * C + c] = static_cast<scalar_t>(acc);
+      }
     }
   }
 }
