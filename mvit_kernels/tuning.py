@@ -24,7 +24,8 @@ copies of the inputs: the caller's tensors, ``.grad`` and RNG are untouched); th
 Not tuned, the default (fused) candidate runs: while torch.compile traces, under dispatch modes
 (FlopCounterMode, fake tensors), during CUDA-graph capture, and when tuning is off. If timing runs
 out of GPU memory (it needs room for a second forward and its gradients), the default is kept for
-that key, with a warning.
+that key, with a warning; so does a failure of the other candidate (e.g. a Triton kernel the GPU
+cannot compile). The default candidate's own errors propagate, as they would untuned.
 
 ``MVIT_KERNELS_AUTOTUNE``: unset or ``cuda``: tune CUDA tensors only; ``0``: never tune (always the
 fused kernel); ``1``: tune every device (CPU too: the tests use it). :func:`using` overrides it in
@@ -149,17 +150,31 @@ def select(op: str, candidates: Mapping[str, Callable[..., Any]], args: tuple, d
     key = (op, backward, autocast_on, tuple(_describe(a) for a in args))
     choice = _choices.get(key)
     if choice is None:
-        try:
-            ms = {name: _best_ms(fn, args, backward, x.device) for name, fn in candidates.items()}
-        except torch.cuda.OutOfMemoryError:
-            # Timing needs room for a second forward and its gradients next to the caller's
-            # activations; a run that fits without it must not fail because of it.
-            choice = _choices[key] = Choice(op, key, default, {}, backward, "out of memory while timing: default kept")
+        choice = _choices[key] = _tune(op, key, candidates, args, default, backward, x.device)
+        if choice.note:
             warnings.warn(f"mvit_kernels.tuning: {choice.label()}: {choice.note}", RuntimeWarning, stacklevel=2)
-        else:
-            winner = min(ms, key=lambda name: (ms[name], name != default))  # ties go to the default
-            choice = _choices[key] = Choice(op, key, winner, ms, backward)
     return candidates[choice.winner]
+
+
+def _tune(op, key, candidates, args, default, backward, device) -> Choice:
+    """Times every candidate. A run that would work without tuning must not fail because of it:
+    out of GPU memory while timing (it needs room for a second forward and its gradients beside
+    the caller's activations) keeps the default; so does an error of another candidate (e.g. a
+    Triton kernel this GPU cannot compile). The default's own errors propagate."""
+    ms: dict[str, float] = {}
+    notes = []
+    for name, fn in candidates.items():
+        try:
+            ms[name] = _best_ms(fn, args, backward, device)
+        except torch.cuda.OutOfMemoryError:
+            return Choice(op, key, default, {}, backward, "out of memory while timing: default kept")
+        except Exception as exc:
+            if name == default:
+                raise
+            ms[name] = math.inf
+            notes.append(f"{name} failed ({type(exc).__name__}: {str(exc)[:200]}): not used")
+    winner = min(ms, key=lambda name: (ms[name], name != default))  # ties go to the default
+    return Choice(op, key, winner, ms, backward, "; ".join(notes))
 
 
 def _best_ms(fn: Callable[..., Any], args: tuple, backward: bool, device: torch.device) -> float:

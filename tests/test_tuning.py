@@ -124,6 +124,34 @@ def test_out_of_memory_while_timing_keeps_the_default(monkeypatch):
     assert len(tuning.choices()) == 1
 
 
+def test_a_failing_alternative_is_not_used(monkeypatch):
+    real = tuning._best_ms
+
+    def timing(fn, *args):
+        if fn is POOL3D_CANDIDATES["reference"]:
+            raise RuntimeError("no kernel image is available for execution on the device (simulated)")
+        return real(fn, *args)
+
+    monkeypatch.setattr(tuning, "_best_ms", timing)
+    x, w, nw, nb = _pool3d_inputs()
+    with tuning.using("all"), pytest.warns(RuntimeWarning, match="reference failed .*RuntimeError: no kernel image"):
+        y, _ = _pool3d(x, w, nw, nb)
+    (choice,) = tuning.choices()
+    assert choice.winner == "fused" and choice.ms["reference"] == float("inf") and _ran_fused_op(y)
+
+
+def test_a_failing_default_raises(monkeypatch):
+    def timing(fn, *args):
+        if fn is POOL3D_CANDIDATES["fused"]:
+            raise RuntimeError("the fused kernel failed (simulated)")
+        return 1.0
+
+    monkeypatch.setattr(tuning, "_best_ms", timing)
+    with tuning.using("all"), pytest.raises(RuntimeError, match="the fused kernel failed"):
+        _pool3d(*_pool3d_inputs())
+    assert not tuning.choices()
+
+
 def test_timing_leaves_the_callers_state_alone():
     x, w, nw, nb = _pool3d_inputs()
     rng = torch.get_rng_state()
