@@ -6,7 +6,8 @@ materialized. The class token is passed through unpooled. Kernels: csrc/cpu/pool
 csrc/cuda/pool_ops_cuda.cu (index math shared with pool3d in csrc/pool3d_common.h).
 
 Registered here: autograd (backward op ``pool_residual_add_backward``: gradients to x, branch
-and scale; max routes to the first arg-max as PyTorch does), fake implementations and FLOP
+and scale; max routes to the first arg-max as PyTorch does; eager calls take the same op and
+backward through ``_EagerPoolResidualAdd``, which costs less host time), fake implementations and FLOP
 formulas (0: FlopCounterMode counts nothing for the reference's max pooling and add).
 """
 
@@ -56,6 +57,33 @@ def _fused_op(x, thw, kernel, stride, padding, branch, scale, has_cls):
 _CANDIDATES = {"fused": _fused_op, "reference": reference.pool_residual_add}
 
 
+def _gradients(ctx, grad_out):
+    """(grad_x, grad_branch, grad_scale) from the backward op; grad_scale None without a scale."""
+    x, branch, scale = ctx.saved_tensors
+    thw, kernel, stride, padding, has_cls = ctx.window
+    grad_x, grad_branch, grad_scale = torch.ops.mvit_kernels.pool_residual_add_backward(
+        grad_out, x, thw, kernel, stride, padding, branch, scale, has_cls
+    )
+    return grad_x, grad_branch, grad_scale if scale is not None else None
+
+
+class _EagerPoolResidualAdd(torch.autograd.Function):
+    """The registered op and its backward without the registration's Python autograd wrapper in
+    eager mode (host time, see ``pool3d._EagerPool3d``); torch.compile and dispatch modes use the
+    registered op."""
+
+    @staticmethod
+    def forward(ctx, x, branch, scale, window):
+        thw, kernel, stride, padding, has_cls = window
+        ctx.save_for_backward(x, branch, scale)
+        ctx.window = window
+        return torch.ops.mvit_kernels.pool_residual_add(x, thw, kernel, stride, padding, branch, scale, has_cls)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (*_gradients(ctx, grad_out), None)
+
+
 if _extension.load():
 
     @torch.library.register_fake("mvit_kernels::pool_residual_add")
@@ -86,29 +114,3 @@ if _extension.load():
     def _backward_flops(*args, out_shape=None, **kwargs) -> int:
         return 0
 
-
-def _gradients(ctx, grad_out):
-    """(grad_x, grad_branch, grad_scale) from the backward op; grad_scale None without a scale."""
-    x, branch, scale = ctx.saved_tensors
-    thw, kernel, stride, padding, has_cls = ctx.window
-    grad_x, grad_branch, grad_scale = torch.ops.mvit_kernels.pool_residual_add_backward(
-        grad_out, x, thw, kernel, stride, padding, branch, scale, has_cls
-    )
-    return grad_x, grad_branch, grad_scale if scale is not None else None
-
-
-class _EagerPoolResidualAdd(torch.autograd.Function):
-    """The registered op and its backward without the registration's Python autograd wrapper in
-    eager mode (host time, see ``pool3d._EagerPool3d``); torch.compile and dispatch modes use the
-    registered op."""
-
-    @staticmethod
-    def forward(ctx, x, branch, scale, window):
-        thw, kernel, stride, padding, has_cls = window
-        ctx.save_for_backward(x, branch, scale)
-        ctx.window = window
-        return torch.ops.mvit_kernels.pool_residual_add(x, thw, kernel, stride, padding, branch, scale, has_cls)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return (*_gradients(ctx, grad_out), None)

@@ -11,14 +11,15 @@ What is tuned (each op's candidates return the same values in the same dtype):
 
 - ``pool3d``: the C++/CUDA op vs the reference (cuDNN convolution / pooling + LayerNorm);
 - ``pool_residual_add``: the C++/CUDA op vs max pooling + add;
+- ``pooling_attention``: the Triton kernels vs SDPA, where the kernels cover the call;
 - ``pooled_projection``: the Triton kernel vs ``F.linear`` + ``pool3d`` (where the static rule
   would take Triton).
 
 A key is the op, every tensor argument's shape, strides, dtype and device, the other arguments,
 whether a backward follows (grad mode and ``requires_grad``) and the autocast state. Each
 candidate runs once to warm up (Triton compiles then) and ``REPEATS`` times timed, forward and,
-when a backward follows, backward (``torch.autograd.grad`` with a ones gradient on detached
-copies of the inputs: the caller's tensors, ``.grad`` and RNG are untouched); the fastest
+when a backward follows, backward (``torch.autograd.grad`` with a ones gradient, from detached
+aliases of the inputs: the caller's tensors, ``.grad`` and RNG are untouched); the fastest
 (minimum) wins. CUDA times are CUDA-event times of each synchronized run, so slow launches count.
 
 Not tuned, the default (fused) candidate runs: while torch.compile traces, under dispatch modes
@@ -179,8 +180,8 @@ def _tune(op, key, candidates, args, default, backward, device) -> Choice:
 
 def _best_ms(fn: Callable[..., Any], args: tuple, backward: bool, device: torch.device) -> float:
     """Fastest of REPEATS timed runs of fn (forward, + backward when asked), after one warm-up."""
-    # Detached copies of the inputs, so the caller's graph, .grad and version counters are
-    # untouched; identity saved-tensor hooks shield the timing graph from the caller's (e.g. the
+    # Detached aliases of the inputs (no copies) as the timing graph's leaves, so the caller's
+    # graph and .grad are untouched; identity saved-tensor hooks shield the timing graph from the caller's (e.g. the
     # recompute hooks of torch.utils.checkpoint).
     inputs = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, Tensor) and backward else a for a in args)
     leaves = [a for a in inputs if isinstance(a, Tensor) and a.requires_grad]
