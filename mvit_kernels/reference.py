@@ -63,7 +63,8 @@ def pool3d(
     else:
         pooled = F.conv3d(grid, weight, None, stride, padding, groups=d)
     thw_out = tuple(int(s) for s in pooled.shape[2:])
-    y = pooled.reshape(B, heads, d, -1).transpose(2, 3)
+    t, h, w = thw_out
+    y = pooled.reshape(B, heads, d, t * h * w).transpose(2, 3)  # sizes spelled out: B may be 0
     if has_cls:
         y = torch.cat((cls_tok, y), dim=2)
     if norm_weight is not None:

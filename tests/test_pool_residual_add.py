@@ -143,7 +143,8 @@ def test_scale_without_grad_and_empty_batch():
     x0 = torch.randn(0, 1 + 50, 8, requires_grad=True)
     b0 = torch.randn(0, 1 + 18, 8, requires_grad=True)
     out0 = mvit_kernels.pool_residual_add(x0, (2, 5, 5), (1, 3, 3), (1, 2, 2), (0, 1, 1), b0, torch.ones(0))
-    assert out0.shape == (0, 19, 8)
+    ref0 = reference.pool_residual_add(x0, (2, 5, 5), (1, 3, 3), (1, 2, 2), (0, 1, 1), b0, torch.ones(0))
+    assert out0.shape == ref0.shape == (0, 19, 8)
     out0.sum().backward()
     assert x0.grad.shape == x0.shape and b0.grad.shape == b0.shape
 
