@@ -326,6 +326,23 @@ def test_cuda_matches_cpu(mode, geometry):
             torch.testing.assert_close(a.cpu(), b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_zero_channels_and_empty_batch():
+    # Nothing to compute: empty outputs and gradients, and no launch (a 0-wide block would be
+    # a division by zero on the host).
+    for B, d in ((2, 0), (0, 8)):
+        x = torch.randn(B, 2, 1 + 2 * 3 * 3, d, device="cuda", requires_grad=True)
+        w = torch.randn(d, 1, 3, 3, 3, device="cuda", requires_grad=True)
+        y, _ = mvit_kernels.pool3d(x, (2, 3, 3), 3, (1, 2, 2), 1, "conv", w, True)
+        y.sum().backward()
+        assert y.shape == (B, 2, 9, d) and x.grad.shape == x.shape and not w.grad.any()
+        xr = torch.randn(B, 1 + 2 * 3 * 3, d, device="cuda", requires_grad=True)
+        out = mvit_kernels.pool_residual_add(xr, (2, 3, 3), (1, 3, 3), (1, 2, 2), (0, 1, 1),
+                                             torch.randn(B, 9, d, device="cuda"))
+        out.sum().backward()
+        assert out.shape == (B, 9, d) and xr.grad.shape == xr.shape
+
+
 def test_cpu_default_isa_path_matches_reference():
     """The CPU kernels have an AVX2 build picked at run time; run the portable one too."""
     import os

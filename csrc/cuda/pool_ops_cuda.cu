@@ -55,7 +55,7 @@ int multiprocessors() {
 // Block of (round_up(d, 32), R) threads with R rows per step; grid capped at a few waves.
 template <class acc_t>
 Launch make_launch(int64_t rows, int64_t d) {
-  TORCH_CHECK(d <= 1024, "mvit_kernels CUDA pooling ops support up to 1024 channels, got ", d);
+  TORCH_CHECK(d >= 1 && d <= 1024, "mvit_kernels CUDA pooling ops support 1 to 1024 channels, got ", d);
   const int bx = static_cast<int>((d + 31) / 32 * 32);
   const int by = std::max(1, kThreadsPerBlock / bx);
   const int64_t steps = (rows + by - 1) / by;
@@ -346,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cuda(
   at::Tensor grad_w_acc = mode == kConv ? at::zeros({d, 1, g.kT, g.kH, g.kW}, acc_opts) : at::empty({0}, acc_opts);
   at::Tensor grad_nw_acc = norm ? at::zeros({d}, acc_opts) : at::empty({0}, acc_opts);
   at::Tensor grad_nb_acc = norm ? at::zeros({d}, acc_opts) : at::empty({0}, acc_opts);
-  if (B * heads > 0) {
+  if (B * heads > 0 && d > 0) {  // else every gradient is empty or zero
     const at::Tensor w = mode == kConv ? weight->contiguous() : at::Tensor();
     const at::Tensor nw = norm ? norm_weight->contiguous() : at::Tensor();
     at::Tensor dp = at::empty({B, heads, n_out, d}, acc_opts);
@@ -519,7 +519,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cuda(
   at::Tensor grad_x = at::empty({B, N, C}, x.options());
   at::Tensor grad_branch = at::empty({B, n_out, C}, x.options());
   at::Tensor grad_scale_acc = has_scale ? at::zeros({B}, acc_opts) : at::empty({0}, acc_opts);
-  if (B > 0) {
+  if (B > 0 && C > 0) {  // else every gradient is empty or zero
     at::Tensor argmax = at::empty({B * g.out_grid() * C}, x.options().dtype(at::kInt));
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mvit_pool_residual_add_backward_cuda", [&] {
