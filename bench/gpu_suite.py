@@ -42,7 +42,9 @@ STEPS = {
     "build": (["PY", "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], 300),
     # Two processes: a CUDA fault is sticky, and would fail every later test of the same process.
     "tests_model": (["PY", "-m", "pytest", "-q", "-rs", "-s", "tests/test_pool3d.py::test_cuda_matches_cpu",
-                     "tests/test_pool_residual_add.py::test_cuda_matches_cpu", "tests/test_cuda_model.py"], 240),
+                     "tests/test_pool3d.py::test_cuda_zero_channels_and_empty_batch",
+                     "tests/test_pool_residual_add.py::test_cuda_matches_cpu", "tests/test_cuda_model.py",
+                     "tests/test_tuning.py::test_cuda_model_default_tuning_matches_the_reference"], 240),
     "tests_triton": (["PY", "-m", "pytest", "-q", "-rs", "tests/test_triton_attention.py",
                       "tests/test_triton_pooled_projection.py"], 300),
     "flops": (["PY", "bench/flops.py", "--out", "OUT"], 120),
