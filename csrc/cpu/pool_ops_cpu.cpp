@@ -304,19 +304,22 @@ MVIT_FORCE_INLINE inline void write_row_impl(const acc_t* __restrict__ acc, int6
 
 MVIT_DEFINE_DISPATCH(write_row, write_row_impl)
 
+// Rows a backward chunk adds into its acc_t parameter partials before moving them into double:
+// each float partial then holds at most this many terms (relative error ~kFlushRows * 2^-24).
+constexpr int64_t kFlushRows = 16;
+
 // Backward of one output row r (step (1) of pool3d_backward_cpu): recompute the pooled row (and
-// its arg-max), LayerNorm backward -> dp row, and add this row's terms to the chunk's double
-// partials of the LayerNorm parameters and of the conv weight (pw, (K, d)). In the AVX2 copy
-// the double accumulation runs 4 lanes wide (it dominated the backward when compiled for SSE2
-// only). v, gx: scratch rows of d.
+// its arg-max), LayerNorm backward -> dp row, and add this row's terms to the chunk's acc_t
+// partials of the LayerNorm parameters and of the conv weight (pw, (K, d)), which the caller
+// flushes into double every kFlushRows rows. v, gx: scratch rows of d.
 template <class scalar_t, class acc_t>
 MVIT_FORCE_INLINE inline void backward_row_impl(const scalar_t* __restrict__ xb, int64_t sN, const PoolGeom& g,
                                                 int64_t n, int64_t d, PoolMode mode, const acc_t* __restrict__ wT,
                                                 const scalar_t* __restrict__ gr, const acc_t* __restrict__ gamma,
                                                 bool norm, double eps, acc_t* __restrict__ dpr,
                                                 int32_t* __restrict__ idx, acc_t* __restrict__ v,
-                                                acc_t* __restrict__ gx, double* __restrict__ pnw,
-                                                double* __restrict__ pnb, double* __restrict__ pw) {
+                                                acc_t* __restrict__ gx, acc_t* __restrict__ pnw,
+                                                acc_t* __restrict__ pnb, acc_t* __restrict__ pw) {
   if (n < g.cls) {
     for (int64_t c = 0; c < d; ++c) v[c] = static_cast<acc_t>(xb[c]);
   } else {
@@ -331,8 +334,8 @@ MVIT_FORCE_INLINE inline void backward_row_impl(const scalar_t* __restrict__ xb,
       const acc_t gc = dy * gamma[c];
       v[c] = xhat;
       gx[c] = gc;
-      pnw[c] += static_cast<double>(dy * xhat);
-      pnb[c] += static_cast<double>(dy);
+      pnw[c] += dy * xhat;
+      pnb[c] += dy;
     }
     const acc_t mean_g = lane_sum<acc_t>(d, [&](int64_t c) MVIT_FORCE_INLINE { return gx[c]; }) / d;
     const acc_t mean_gx = lane_sum<acc_t>(d, [&](int64_t c) MVIT_FORCE_INLINE { return gx[c] * v[c]; }) / d;
@@ -343,8 +346,8 @@ MVIT_FORCE_INLINE inline void backward_row_impl(const scalar_t* __restrict__ xb,
   if (mode == kConv && n >= g.cls) {
     for_each_window_input(g, n - g.cls, [&](int64_t k, int64_t i) MVIT_FORCE_INLINE {
       const scalar_t* xi = xb + (g.cls + i) * sN;
-      double* pk = pw + k * d;
-      for (int64_t c = 0; c < d; ++c) pk[c] += static_cast<double>(dpr[c] * static_cast<acc_t>(xi[c]));
+      acc_t* pk = pw + k * d;
+      for (int64_t c = 0; c < d; ++c) pk[c] += dpr[c] * static_cast<acc_t>(xi[c]);
     });
   }
 }
@@ -444,13 +447,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
     const int64_t nchunks = num_chunks(rows_out);
     const int64_t part = (mode == kConv ? K * d : 0) + (norm ? 2 * d : 0);
     // Parameter gradients sum over every output row (thousands of terms): the partials are
-    // double so that float32 gradients keep float32 accuracy whatever the chunking.
+    // double so that float32 gradients keep float32 accuracy whatever the chunking. Rows add
+    // into acc_t partials (8 float lanes per instruction, no conversions; in double the
+    // accumulation was half of this step), flushed into double every kFlushRows rows.
     std::vector<double> partials(nchunks * part, 0.0);
     parallel_chunks(rows_out, nchunks, [&](int64_t ch, int64_t lo, int64_t hi) {
-      std::vector<acc_t> v(d), gx(d);
-      double* pw = partials.data() + ch * part;
-      double* pnw = pw + (mode == kConv ? K * d : 0);
-      double* pnb = pnw + d;
+      std::vector<acc_t> v(d), gx(d), recent(part, acc_t(0));
+      acc_t* pw = recent.data();
+      acc_t* pnw = pw + (mode == kConv ? K * d : 0);
+      acc_t* pnb = pnw + d;
+      double* total = partials.data() + ch * part;
+      const auto flush = [&] {
+        for (int64_t i = 0; i < part; ++i) {
+          total[i] += static_cast<double>(recent[i]);
+          recent[i] = acc_t(0);
+        }
+      };
       for (int64_t j = lo; j < hi; ++j) {
         const int64_t rp = prefetch_step(j, hi, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo, [&](int64_t bh, int64_t o) {
           prefetch_window(xp + (bh / heads) * xr.sB + (bh % heads) * xr.sH, xr.sN, g, o, d);
@@ -462,7 +474,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
         int32_t* idx = (mode == kMax && n >= g.cls) ? argmax + (bh * grid_out + n - g.cls) * d : nullptr;
         backward_row<scalar_t, acc_t>(xb, xr.sN, g, n, d, mode, wT.data(), gp + r * d, gamma.data(), norm, eps,
                                       dp + r * d, idx, v.data(), gx.data(), pnw, pnb, pw);
+        if ((j - lo + 1) % kFlushRows == 0) flush();
       }
+      flush();
     });
 
     // (2) dx by gathering over the outputs that cover each input row.
