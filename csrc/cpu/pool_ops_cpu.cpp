@@ -83,10 +83,17 @@ inline int64_t prefetch_step(int64_t j, int64_t end, int64_t rows_per_slab, int6
   return r;
 }
 
-// The input rows of output grid row o's window, in slab xb.
+// The input rows of output grid row o's window, in slab xb, that the step before did not read:
+// in t-inner order (kT > 1) that step was the output one t earlier, whose window covers all but
+// o's last sT planes (the same geometry with the first planes cut off the kernel and padding).
 template <class scalar_t>
 inline void prefetch_window(const scalar_t* xb, int64_t sN, const PoolGeom& g, int64_t o, int64_t d) {
-  for_each_window_input(g, o, [&](int64_t, int64_t i) { prefetch_row(xb + (g.cls + i) * sN, d); });
+  PoolGeom lead = g;
+  if (g.kT > 1 && g.sT < g.kT && o >= g.Wo * g.Ho) {
+    lead.kT = g.sT;
+    lead.pT = g.pT - (g.kT - g.sT);
+  }
+  for_each_window_input(lead, o, [&](int64_t, int64_t i) { prefetch_row(xb + (g.cls + i) * sN, d); });
 }
 
 constexpr int64_t kConvBlock = 32;  // channels: four AVX2 registers of float
