@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--suffix", default="", help="appended to the output name (pool_ops_<device><suffix>.md)")
     opts = parser.parse_args()
     device = torch.device(opts.device)
     dtype = getattr(torch, opts.dtype)
@@ -181,11 +182,14 @@ def main() -> None:
                 del args, leaves
 
     os.makedirs(opts.out, exist_ok=True)
-    stem = os.path.join(opts.out, f"pool_ops_{device.type}")
+    stem = os.path.join(opts.out, f"pool_ops_{device.type}{opts.suffix}")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    # glibc malloc settings change CPU timings a lot: every fresh large buffer page-faults on
+    # first touch unless freed memory is kept (README, "On CPUs the memory allocator matters").
+    malloc = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}
     meta = dict(device=machine, torch=torch.__version__, dtype=opts.dtype, repeats=opts.repeats,
                 threads=torch.get_num_threads() if device.type == "cpu" else None, load_avg_start=load_start,
-                load_avg_end=load)
+                load_avg_end=load, malloc_env=malloc)
     with open(stem + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     lines = [f"# Pooling ops vs reference ({device.type})", "",
@@ -193,7 +197,8 @@ def main() -> None:
              "(after 1 warm-up; op and reference timed alternately), [min-max]. speedup = reference / op. Shapes: MViT-B 16x4 "
              "(`bench/bench_pool_ops.py`).",
              f"Load average (1 min) at start/end: {meta['load_avg_start'] and round(meta['load_avg_start'][0], 2)} / "
-             f"{meta['load_avg_end'] and round(meta['load_avg_end'][0], 2)}.", "",
+             f"{meta['load_avg_end'] and round(meta['load_avg_end'][0], 2)}. Allocator settings: "
+             + (" ".join(f"`{k}={v}`" for k, v in malloc.items()) or "glibc defaults") + ".", "",
              "| B | case | pass | op ms [min-max] | reference ms [min-max] | speedup | op GB/s (min bytes) |"
              + (" of 3.0 TB/s |" if device.type == "cuda" else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if device.type == "cuda" else "")]
