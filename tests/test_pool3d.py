@@ -30,8 +30,9 @@ CASES = [
     pytest.param(2, 8, (2, 5, 6), 4, (1, 1, 1), (1, 1, 1), (0, 0, 0), id="kernel1-many-heads"),
     pytest.param(1, 3, (5, 3, 4), 8, (3, 2, 3), (2, 2, 3), (0, 1, 0), id="mixed-kernel-pad0"),
     pytest.param(2, 2, (3, 6, 5), 12, (2, 3, 3), (2, 1, 2), (1, 1, 1), id="even-kernel"),
-    # d >= 64: the CPU conv loop's 32-channel blocks (two), then a tail of 8.
-    pytest.param(1, 2, (3, 4, 5), 72, (3, 3, 3), (1, 2, 2), (1, 1, 1), id="d72-blocks-and-tail"),
+    # d >= 64: the CPU conv loop's 32-channel blocks (two), then a tail of 8; T = 5 gives the
+    # forward both outputs computed in t pairs (inner t) and single ones (the edges).
+    pytest.param(1, 2, (5, 4, 5), 72, (3, 3, 3), (1, 2, 2), (1, 1, 1), id="d72-blocks-and-tail"),
 ]
 MODES = ["max", "avg", "conv"]
 

@@ -207,6 +207,54 @@ bool cpu_has_avx2() {
 
 MVIT_DEFINE_DISPATCH(pool_row, pool_row_impl)
 
+// Conv pooling of two outputs one t apart at the same (oh, ow): grid row o and o + Ho*Wo, both
+// with their whole t window inside the input, so they use the same taps and each tap's weight
+// block is loaded once for both (the forward's t-inner walk visits them one after the other).
+template <class scalar_t, class acc_t>
+MVIT_FORCE_INLINE inline void conv_pair_impl(const scalar_t* __restrict__ xb, int64_t sN, const PoolGeom& g, int64_t o,
+                                             int64_t d, const acc_t* __restrict__ wT, acc_t* __restrict__ acc0,
+                                             acc_t* __restrict__ acc1) {
+  const int64_t next = g.sT * g.H * g.W * sN;  // from a tap's input row for o to the same tap's for o + Ho*Wo
+  int64_t c0 = 0;
+  for (; c0 + kConvBlock <= d; c0 += kConvBlock) {
+    acc_t b0[kConvBlock] = {}, b1[kConvBlock] = {};
+    for_each_window_input(g, o, [&](int64_t k, int64_t i) MVIT_FORCE_INLINE {
+      const scalar_t* x0 = xb + (g.cls + i) * sN + c0;
+      const scalar_t* x1 = x0 + next;
+      const acc_t* wk = wT + k * d + c0;
+      for (int64_t c = 0; c < kConvBlock; ++c) {
+        b0[c] += wk[c] * static_cast<acc_t>(x0[c]);
+        b1[c] += wk[c] * static_cast<acc_t>(x1[c]);
+      }
+    });
+    for (int64_t c = 0; c < kConvBlock; ++c) {
+      acc0[c0 + c] = b0[c];
+      acc1[c0 + c] = b1[c];
+    }
+  }
+  if (c0 < d) {
+    for (int64_t c = c0; c < d; ++c) acc0[c] = acc1[c] = acc_t(0);
+    for_each_window_input(g, o, [&](int64_t k, int64_t i) MVIT_FORCE_INLINE {
+      const scalar_t* x0 = xb + (g.cls + i) * sN;
+      const scalar_t* x1 = x0 + next;
+      const acc_t* wk = wT + k * d;
+      for (int64_t c = c0; c < d; ++c) {
+        acc0[c] += wk[c] * static_cast<acc_t>(x0[c]);
+        acc1[c] += wk[c] * static_cast<acc_t>(x1[c]);
+      }
+    });
+  }
+}
+
+MVIT_DEFINE_DISPATCH(conv_pair, conv_pair_impl)
+
+// Whether grid row o (output ot) and the next output along t both have their whole t window
+// inside the input (conv_pair's condition).
+inline bool t_pair_inside(const PoolGeom& g, int64_t o) {
+  const int64_t ot = o / (g.Ho * g.Wo);
+  return ot + 1 < g.To && ot * g.sT - g.pT >= 0 && (ot + 1) * g.sT - g.pT + g.kT <= g.T;
+}
+
 // dx of input grid row i of one (batch, head) slab: sum over the outputs whose windows cover
 // it of dp (max: only where this row is the arg-max; avg: /K applied by the caller; conv:
 // times the weight tap).
@@ -390,14 +438,28 @@ at::Tensor pool3d_cpu(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayR
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t rows = B * heads * n_out;
     at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / (K * d) + 1), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(d);
-      for (int64_t j = begin; j < end; ++j) {
+      std::vector<acc_t> acc(d), acc_next(d);
+      const auto prefetch = [&](int64_t j) {
         prefetch_step(j, end, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo, [&](int64_t bh, int64_t o) {
           prefetch_window(xp + (bh / heads) * xr.sB + (bh % heads) * xr.sH, xr.sN, g, o, d);
         });
+      };
+      // In t-inner order (kT > 1) step j + 1 is the output one t later than step j's.
+      const bool pairs = mode == kConv && g.kT > 1;
+      for (int64_t j = begin; j < end; ++j) {
+        prefetch(j);
         const int64_t r = t_inner_row(j, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo);
         const int64_t n = r % n_out, bh = r / n_out;
         const scalar_t* xb = xp + (bh / heads) * xr.sB + (bh % heads) * xr.sH;
+        if (pairs && n >= g.cls && j + 1 < end && t_pair_inside(g, n - g.cls)) {
+          prefetch(j + 1);
+          conv_pair<scalar_t, acc_t>(xb, xr.sN, g, n - g.cls, d, wT.data(), acc.data(), acc_next.data());
+          write_row<scalar_t, acc_t>(acc.data(), d, norm, eps, gamma.data(), beta.data(), yp + r * d);
+          const int64_t r_next = r + g.Ho * g.Wo;
+          write_row<scalar_t, acc_t>(acc_next.data(), d, norm, eps, gamma.data(), beta.data(), yp + r_next * d);
+          ++j;
+          continue;
+        }
         if (n < g.cls) {
           for (int64_t c = 0; c < d; ++c) acc[c] = static_cast<acc_t>(xb[c]);
         } else {
