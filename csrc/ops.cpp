@@ -111,6 +111,9 @@ PoolGeom check_pool3d_args(const at::Tensor& x_in, at::IntArrayRef thw, at::IntA
                            const c10::optional<at::Tensor>& norm_bias, const char* op, at::Tensor* x) {
   TORCH_CHECK(x_in.dim() == 4, op, ": x must be a 4-D tensor (B, heads, N, d), got ", x_in.sizes());
   const PoolGeom g = make_pool_geom(thw, kernel, stride, padding, has_cls, x_in.size(2), op);
+  TORCH_CHECK(mode != kAvg || (g.T >= g.kT && g.H >= g.kH && g.W >= g.kW), op,
+              ": mode='avg' needs thw at least the kernel on every axis (as torch's avg_pool3d), got thw (", g.T,
+              ", ", g.H, ", ", g.W, ") and kernel (", g.kT, ", ", g.kH, ", ", g.kW, ")");
   *x = check_pool3d_tensors(x_in, mode, weight, g, norm_weight, norm_bias);
   return g;
 }

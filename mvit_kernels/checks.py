@@ -107,6 +107,9 @@ def check_pool3d_args(
             raise ValueError(
                 f"kernel[{axis}]={k} is larger than the padded input ({size} + 2*{p}); no output"
             )
+        if mode == "avg" and size < k:
+            # torch's avg_pool3d (the reference) refuses this even when padding makes room.
+            raise ValueError(f"mode='avg' needs thw[{axis}]={size} >= kernel[{axis}]={k}, as torch's avg_pool3d does")
     d = x.shape[3]
     if mode == "conv":
         if weight is None:

@@ -82,6 +82,45 @@ def test_matches_reference(B, heads, thw, d, kernel, stride, padding, mode, has_
             torch.testing.assert_close(g.to(g_ref.dtype), g_ref, atol=atol, rtol=rtol, msg=lambda m: f"grad {name}: {m}")
 
 
+def _random_geometry(rng):
+    """A valid pooling geometry: kernel 1-3 per axis, stride 1-3, padding <= kernel // 2, grid
+    big enough for one output."""
+    kernel = [rng.randint(1, 3) for _ in range(3)]
+    stride = [rng.randint(1, 3) for _ in range(3)]
+    padding = [rng.randint(0, k // 2) for k in kernel]
+    thw = [rng.randint(max(1, k - 2 * p), 7) for k, p in zip(kernel, padding)]
+    return thw, kernel, stride, padding
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_geometries_match_reference(seed):
+    # Random windows, channel counts around the CPU loops' 32-channel blocks and both dtypes:
+    # every path of the row loops (t pairs, blocks, tails, edges) against the reference.
+    import random
+
+    rng = random.Random(seed)
+    thw, kernel, stride, padding = _random_geometry(rng)
+    mode = rng.choice(MODES)
+    if mode == "avg":  # torch's avg_pool3d needs the grid at least the kernel (checked above)
+        thw = [max(s, k) for s, k in zip(thw, kernel)]
+    has_cls, norm = rng.random() < 0.5, rng.random() < 0.5
+    d = rng.choice([1, 7, 31, 32, 33, 64, 72, 96])
+    B, heads = rng.randint(1, 2), rng.randint(1, 3)
+    for dtype in (torch.float64, torch.float32):
+        x, w, nw, nb = _inputs(B, heads, thw, d, kernel, mode, has_cls, norm, dtype, seed=seed)
+        args = (thw, kernel, stride, padding, mode)
+        y, thw_out, grads = _run(mvit_kernels.pool3d, x, *args, w, has_cls, nw, nb)
+        up = [None if t is None else t.double() for t in (x, w, nw, nb)]
+        y_ref, thw_ref, grads_ref = _run(reference.pool3d, up[0], *args, up[1], has_cls, up[2], up[3],
+                                         grad_dtype=dtype)
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        assert thw_out == thw_ref
+        torch.testing.assert_close(y.double(), y_ref, atol=tol, rtol=tol)
+        for g, g_ref in zip(grads, grads_ref):
+            if g is not None:
+                torch.testing.assert_close(g.double(), g_ref, atol=tol * 10, rtol=tol)
+
+
 def test_float16_runs_and_matches():
     x, w, nw, nb = _inputs(2, 2, (3, 5, 7), 8, (3, 3, 3), "conv", True, True, torch.float16)
     y, _, grads = _run(mvit_kernels.pool3d, x, (3, 5, 7), 3, (1, 2, 2), 1, "conv", w, True, nw, nb)
@@ -268,6 +307,9 @@ def _bad(**overrides):
         (dict(weight=torch.randn(8, 1, 3, 3, 3, dtype=torch.float64)), TypeError, r"weight has dtype torch.float64"),
         (dict(norm_weight=torch.ones(8, device="meta")), ValueError, r"norm_weight is on meta"),
         (dict(x=torch.ones(2, 2, 49, 8, dtype=torch.int32)), TypeError, r"x must be float32, float64"),
+        # torch's avg_pool3d refuses a grid smaller than the kernel even where padding makes room.
+        (dict(x=torch.randn(2, 2, 1 + 3 * 2 * 4, 8), thw=(3, 2, 4), mode="avg", weight=None), ValueError,
+         r"mode='avg' needs thw\[h\]=2 >= kernel\[h\]=3"),
     ],
 )
 def test_bad_inputs_raise_like_the_reference(overrides, exc, match):
@@ -293,6 +335,9 @@ def test_the_cpp_op_checks_its_arguments_too():
         op(x, [3, 4, 4], [3, 3, 3], [1, 1, 1], [1, 1, 1], "min", None, True, None, None, 1e-6)
     with pytest.raises(RuntimeError, match=r"norm_bias has dtype"):
         op(x, [3, 4, 4], [3, 3, 3], [1, 1, 1], [1, 1, 1], "max", None, True, torch.ones(8), torch.ones(8).double(), 1e-6)
+    with pytest.raises(RuntimeError, match=r"mode='avg' needs thw at least the kernel"):
+        op(torch.randn(2, 2, 1 + 3 * 2 * 8, 8), [3, 2, 8], [3, 3, 3], [1, 1, 1], [1, 1, 1], "avg", None, True, None,
+           None, 1e-6)
 
 
 def test_cuda_build_flag_is_registered():
