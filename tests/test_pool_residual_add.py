@@ -77,6 +77,32 @@ def test_eager_path_equals_registered_op(with_scale):
         "_EagerPoolResidualAddBackward")
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_random_geometries_match_reference(seed):
+    # Random windows (kernel 1-3, stride 1-3, padding <= kernel // 2), channel counts around
+    # the CPU loops' vector widths, with and without scale and class token, float64 and float32.
+    import random
+
+    rng = random.Random(seed)
+    kernel = [rng.randint(1, 3) for _ in range(3)]
+    stride = [rng.randint(1, 3) for _ in range(3)]
+    padding = [rng.randint(0, k // 2) for k in kernel]
+    thw = [rng.randint(max(1, k - 2 * p), 7) for k, p in zip(kernel, padding)]
+    has_cls, with_scale = rng.random() < 0.5, rng.random() < 0.5
+    C, B = rng.choice([1, 7, 8, 33, 96]), rng.randint(1, 3)
+    for dtype in (torch.float64, torch.float32):
+        x, branch, scale = _inputs(B, thw, C, kernel, stride, padding, has_cls, with_scale, dtype, seed=seed)
+        args = (thw, kernel, stride, padding)
+        out, grads = _run(mvit_kernels.pool_residual_add, x, *args, branch, scale, has_cls)
+        up = [None if t is None else t.double() for t in (x, branch, scale)]
+        out_ref, grads_ref = _run(reference.pool_residual_add, up[0], *args, up[1], up[2], has_cls, grad_dtype=dtype)
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(out.double(), out_ref, atol=tol, rtol=tol)
+        for g, g_ref in zip(grads, grads_ref):
+            if g is not None:
+                torch.testing.assert_close(g.double(), g_ref, atol=tol * 10, rtol=tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("with_scale", [True, False], ids=["scale", "noscale"])
 @pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
