@@ -30,6 +30,9 @@ namespace {
 // Rows of a (B, heads, N, d) tensor with unit channel stride.
 struct Rows {
   int64_t sB, sH, sN;
+
+  // Offset of slab bh (= batch * heads + head) of a tensor with `heads` heads.
+  int64_t slab(int64_t bh, int64_t heads) const { return (bh / heads) * sB + (bh % heads) * sH; }
 };
 
 // Splits [0, n) into nchunks contiguous ranges processed in parallel; f(chunk, lo, hi).
@@ -98,6 +101,39 @@ inline void prefetch_window(const scalar_t* xb, int64_t sN, const PoolGeom& g, i
 
 constexpr int64_t kConvBlock = 32;  // channels: four AVX2 registers of float
 
+// Conv pooling of kOut outputs one t apart at the same (oh, ow), grid rows o, o + Ho*Wo, ..., into
+// acc[0], ..., acc[kOut - 1]. With kOut > 1 each of them must have its whole t window inside the
+// input (t_pair_inside), so they use the same taps and each tap's weight block is loaded once
+// for all (the forward's t-inner walk visits them one after the other). Blocks of kConvBlock
+// channels keep their sums in registers across the taps instead of a load and a store of acc
+// per tap and channel.
+template <int64_t kOut, class scalar_t, class acc_t>
+MVIT_FORCE_INLINE inline void conv_rows(const scalar_t* __restrict__ xb, int64_t sN, const PoolGeom& g, int64_t o,
+                                        int64_t d, const acc_t* __restrict__ wT, acc_t* const* acc) {
+  const int64_t next = g.sT * g.H * g.W * sN;  // from a tap's input row for one output to the next's
+  int64_t c0 = 0;
+  for (; c0 + kConvBlock <= d; c0 += kConvBlock) {
+    acc_t blk[kOut][kConvBlock] = {};
+    for_each_window_input(g, o, [&](int64_t k, int64_t i) MVIT_FORCE_INLINE {
+      const scalar_t* xi = xb + (g.cls + i) * sN + c0;
+      const acc_t* wk = wT + k * d + c0;
+      for (int64_t p = 0; p < kOut; ++p)
+        for (int64_t c = 0; c < kConvBlock; ++c) blk[p][c] += wk[c] * static_cast<acc_t>(xi[p * next + c]);
+    });
+    for (int64_t p = 0; p < kOut; ++p)
+      for (int64_t c = 0; c < kConvBlock; ++c) acc[p][c0 + c] = blk[p][c];
+  }
+  if (c0 == d) return;
+  for (int64_t p = 0; p < kOut; ++p)
+    for (int64_t c = c0; c < d; ++c) acc[p][c] = acc_t(0);
+  for_each_window_input(g, o, [&](int64_t k, int64_t i) MVIT_FORCE_INLINE {
+    const scalar_t* xi = xb + (g.cls + i) * sN;
+    const acc_t* wk = wT + k * d;
+    for (int64_t p = 0; p < kOut; ++p)
+      for (int64_t c = c0; c < d; ++c) acc[p][c] += wk[c] * static_cast<acc_t>(xi[p * next + c]);
+  });
+}
+
 // Pools one output grid row o of one (batch, head) slab xb into acc[0:d]; with idx, also the
 // arg-max input grid index per channel (mode max).
 template <class scalar_t, class acc_t>
@@ -127,38 +163,19 @@ MVIT_FORCE_INLINE inline void pool_row_impl(const scalar_t* __restrict__ xb, int
         }
       });
     }
-  } else {
+  } else if (mode == kAvg) {
     for (int64_t c = 0; c < d; ++c) acc[c] = acc_t(0);
-    if (mode == kAvg) {
-      for_each_window_input(g, o, [&](int64_t, int64_t i) MVIT_FORCE_INLINE {
-        const scalar_t* xi = xb + (g.cls + i) * sN;
-        for (int64_t c = 0; c < d; ++c) acc[c] += static_cast<acc_t>(xi[c]);
-      });
-      // count_include_pad=True: with padding <= kernel/2 and floor rounding every window lies
-      // inside the padded input, so the divisor is always the kernel volume.
-      const acc_t inv = acc_t(1) / static_cast<acc_t>(g.kernel_volume());
-      for (int64_t c = 0; c < d; ++c) acc[c] *= inv;
-    } else {
-      // Blocks of kConvBlock channels with the whole window inside: the block's sums stay in
-      // registers across the taps instead of a load and a store of acc per tap and channel.
-      int64_t c0 = 0;
-      for (; c0 + kConvBlock <= d; c0 += kConvBlock) {
-        acc_t blk[kConvBlock] = {};
-        for_each_window_input(g, o, [&](int64_t k, int64_t i) MVIT_FORCE_INLINE {
-          const scalar_t* xi = xb + (g.cls + i) * sN + c0;
-          const acc_t* wk = wT + k * d + c0;
-          for (int64_t c = 0; c < kConvBlock; ++c) blk[c] += wk[c] * static_cast<acc_t>(xi[c]);
-        });
-        for (int64_t c = 0; c < kConvBlock; ++c) acc[c0 + c] = blk[c];
-      }
-      if (c0 < d) {
-        for_each_window_input(g, o, [&](int64_t k, int64_t i) MVIT_FORCE_INLINE {
-          const scalar_t* xi = xb + (g.cls + i) * sN;
-          const acc_t* wk = wT + k * d;
-          for (int64_t c = c0; c < d; ++c) acc[c] += wk[c] * static_cast<acc_t>(xi[c]);
-        });
-      }
-    }
+    for_each_window_input(g, o, [&](int64_t, int64_t i) MVIT_FORCE_INLINE {
+      const scalar_t* xi = xb + (g.cls + i) * sN;
+      for (int64_t c = 0; c < d; ++c) acc[c] += static_cast<acc_t>(xi[c]);
+    });
+    // count_include_pad=True: with padding <= kernel/2 and floor rounding every window lies
+    // inside the padded input, so the divisor is always the kernel volume.
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(g.kernel_volume());
+    for (int64_t c = 0; c < d; ++c) acc[c] *= inv;
+  } else {
+    acc_t* rows[1] = {acc};
+    conv_rows<1>(xb, sN, g, o, d, wT, rows);
   }
 }
 
@@ -207,43 +224,12 @@ bool cpu_has_avx2() {
 
 MVIT_DEFINE_DISPATCH(pool_row, pool_row_impl)
 
-// Conv pooling of two outputs one t apart at the same (oh, ow): grid row o and o + Ho*Wo, both
-// with their whole t window inside the input, so they use the same taps and each tap's weight
-// block is loaded once for both (the forward's t-inner walk visits them one after the other).
+// conv_rows for two outputs (the dispatchers want the <scalar_t, acc_t> template shape).
 template <class scalar_t, class acc_t>
 MVIT_FORCE_INLINE inline void conv_pair_impl(const scalar_t* __restrict__ xb, int64_t sN, const PoolGeom& g, int64_t o,
-                                             int64_t d, const acc_t* __restrict__ wT, acc_t* __restrict__ acc0,
-                                             acc_t* __restrict__ acc1) {
-  const int64_t next = g.sT * g.H * g.W * sN;  // from a tap's input row for o to the same tap's for o + Ho*Wo
-  int64_t c0 = 0;
-  for (; c0 + kConvBlock <= d; c0 += kConvBlock) {
-    acc_t b0[kConvBlock] = {}, b1[kConvBlock] = {};
-    for_each_window_input(g, o, [&](int64_t k, int64_t i) MVIT_FORCE_INLINE {
-      const scalar_t* x0 = xb + (g.cls + i) * sN + c0;
-      const scalar_t* x1 = x0 + next;
-      const acc_t* wk = wT + k * d + c0;
-      for (int64_t c = 0; c < kConvBlock; ++c) {
-        b0[c] += wk[c] * static_cast<acc_t>(x0[c]);
-        b1[c] += wk[c] * static_cast<acc_t>(x1[c]);
-      }
-    });
-    for (int64_t c = 0; c < kConvBlock; ++c) {
-      acc0[c0 + c] = b0[c];
-      acc1[c0 + c] = b1[c];
-    }
-  }
-  if (c0 < d) {
-    for (int64_t c = c0; c < d; ++c) acc0[c] = acc1[c] = acc_t(0);
-    for_each_window_input(g, o, [&](int64_t k, int64_t i) MVIT_FORCE_INLINE {
-      const scalar_t* x0 = xb + (g.cls + i) * sN;
-      const scalar_t* x1 = x0 + next;
-      const acc_t* wk = wT + k * d;
-      for (int64_t c = c0; c < d; ++c) {
-        acc0[c] += wk[c] * static_cast<acc_t>(x0[c]);
-        acc1[c] += wk[c] * static_cast<acc_t>(x1[c]);
-      }
-    });
-  }
+                                             int64_t d, const acc_t* __restrict__ wT, acc_t* acc0, acc_t* acc1) {
+  acc_t* rows[2] = {acc0, acc1};
+  conv_rows<2>(xb, sN, g, o, d, wT, rows);
 }
 
 MVIT_DEFINE_DISPATCH(conv_pair, conv_pair_impl)
@@ -441,7 +427,7 @@ at::Tensor pool3d_cpu(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayR
       std::vector<acc_t> acc(d), acc_next(d);
       const auto prefetch = [&](int64_t j) {
         prefetch_step(j, end, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo, [&](int64_t bh, int64_t o) {
-          prefetch_window(xp + (bh / heads) * xr.sB + (bh % heads) * xr.sH, xr.sN, g, o, d);
+          prefetch_window(xp + xr.slab(bh, heads), xr.sN, g, o, d);
         });
       };
       // In t-inner order (kT > 1) step j + 1 is the output one t later than step j's.
@@ -450,7 +436,7 @@ at::Tensor pool3d_cpu(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayR
         prefetch(j);
         const int64_t r = t_inner_row(j, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo);
         const int64_t n = r % n_out, bh = r / n_out;
-        const scalar_t* xb = xp + (bh / heads) * xr.sB + (bh % heads) * xr.sH;
+        const scalar_t* xb = xp + xr.slab(bh, heads);
         if (pairs && n >= g.cls && j + 1 < end && t_pair_inside(g, n - g.cls)) {
           prefetch(j + 1);
           conv_pair<scalar_t, acc_t>(xb, xr.sN, g, n - g.cls, d, wT.data(), acc.data(), acc_next.data());
@@ -534,12 +520,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
       };
       for (int64_t j = lo; j < hi; ++j) {
         const int64_t rp = prefetch_step(j, hi, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo, [&](int64_t bh, int64_t o) {
-          prefetch_window(xp + (bh / heads) * xr.sB + (bh % heads) * xr.sH, xr.sN, g, o, d);
+          prefetch_window(xp + xr.slab(bh, heads), xr.sN, g, o, d);
         });
         if (rp >= 0) prefetch_row(gp + rp * d, d);
         const int64_t r = t_inner_row(j, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo);
         const int64_t n = r % n_out, bh = r / n_out;
-        const scalar_t* xb = xp + (bh / heads) * xr.sB + (bh % heads) * xr.sH;
+        const scalar_t* xb = xp + xr.slab(bh, heads);
         int32_t* idx = (mode == kMax && n >= g.cls) ? argmax + (bh * grid_out + n - g.cls) * d : nullptr;
         backward_row<scalar_t, acc_t>(xb, xr.sN, g, n, d, mode, wT.data(), gp + r * d, gamma.data(), norm, eps,
                                       dp + r * d, idx, v.data(), gx.data(), pnw, pnb, pw);
