@@ -34,7 +34,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from throughput import RESULTS, _variants, make_step, tuning_rows, tuning_section  # noqa: E402
+from throughput import RESULTS, _variants, make_step, tuning_section  # noqa: E402
+
+from mvit_kernels import tuning  # noqa: E402
 
 #: (category, pattern), first match wins, case-insensitive. See ``attribute`` for what is matched.
 CATEGORIES = [
@@ -193,7 +195,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, f"profile_model_{tag}.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out, f"profile_model_{tag}.json"), "w") as f:
-        json.dump({"device": device_name, "torch": torch.__version__, "rows": rows, "tuning": tuning_rows()}, f,
+        json.dump({"device": device_name, "torch": torch.__version__, "rows": rows, "tuning": tuning.summary()}, f,
                   indent=2)
     print(text)
     return 0 if rows else 1

@@ -249,19 +249,14 @@ def _write(rows, device, device_name, out_dir) -> str:
     with open(os.path.join(out_dir, f"throughput_{tag}.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out_dir, f"throughput_{tag}.json"), "w") as f:
-        json.dump({"device": device_name, "torch": torch.__version__, "rows": rows, "tuning": tuning_rows()}, f, indent=2)
+        json.dump({"device": device_name, "torch": torch.__version__, "rows": rows, "tuning": tuning.summary()}, f, indent=2)
     _plot(rows, os.path.join(out_dir, f"throughput_{tag}.png"))
     return text
 
 
-def tuning_rows() -> list[dict]:
-    """The decisions of ``mvit_kernels.tuning`` so far (op and shape, winner, ms per candidate)."""
-    return tuning.summary()
-
-
 def tuning_section() -> list[str]:
     """Markdown lines listing the tuning decisions; none when nothing was tuned."""
-    rows = tuning_rows()
+    rows = tuning.summary()
     if not rows:
         return []
     lines = ["", "Per-shape choices of `mvit_kernels.tuning` (fused op vs its alternative, best of "
