@@ -117,10 +117,11 @@ __device__ acc_t pool_value(const scalar_t* xb, int64_t sN, const PoolGeom& g, c
 }
 
 template <class scalar_t, class acc_t>
-__global__ void MVIT_LAUNCH_BOUNDS pool3d_forward_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_t sH, int64_t sN,
-                                      scalar_t* __restrict__ y, int64_t rows, OutputRowDivs divs, int64_t d,
-                                      PoolGeom g, PoolMode mode, const scalar_t* __restrict__ w,
-                                      const scalar_t* __restrict__ nw, const scalar_t* __restrict__ nb, acc_t eps) {
+__global__ void MVIT_LAUNCH_BOUNDS
+pool3d_forward_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_t sH, int64_t sN, scalar_t* __restrict__ y,
+                      int64_t rows, OutputRowDivs divs, int64_t d, PoolGeom g, PoolMode mode,
+                      const scalar_t* __restrict__ w, const scalar_t* __restrict__ nw, const scalar_t* __restrict__ nb,
+                      acc_t eps) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
   const int64_t c = threadIdx.x;
@@ -146,11 +147,12 @@ __global__ void MVIT_LAUNCH_BOUNDS pool3d_forward_kernel(const scalar_t* __restr
 // Backward (1): per output row, dp = d loss / d pooled (LayerNorm backward when normed), the
 // arg-max (mode max) and the norm parameter gradients.
 template <class scalar_t, class acc_t>
-__global__ void MVIT_LAUNCH_BOUNDS pool3d_backward_rows_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x, int64_t sB,
-                                            int64_t sH, int64_t sN, acc_t* __restrict__ dp, int32_t* __restrict__ argmax,
-                                            int64_t rows, OutputRowDivs divs, int64_t heads, int64_t d, PoolGeom g,
-                                            PoolMode mode, const scalar_t* __restrict__ w, const scalar_t* __restrict__ nw,
-                                            acc_t eps, acc_t* __restrict__ grad_nw, acc_t* __restrict__ grad_nb) {
+__global__ void MVIT_LAUNCH_BOUNDS
+pool3d_backward_rows_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x, int64_t sB, int64_t sH,
+                            int64_t sN, acc_t* __restrict__ dp, int32_t* __restrict__ argmax, int64_t rows,
+                            OutputRowDivs divs, int64_t heads, int64_t d, PoolGeom g, PoolMode mode,
+                            const scalar_t* __restrict__ w, const scalar_t* __restrict__ nw, acc_t eps,
+                            acc_t* __restrict__ grad_nw, acc_t* __restrict__ grad_nb) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
   const int64_t c = threadIdx.x;
@@ -223,11 +225,9 @@ Launch line_launch(int64_t lines, int64_t d) {
 // (Per input, the div/mod of a flat row index and three covering ranges had been most of this
 // kernel's compiled instructions; now the t and h ranges come once per line.)
 template <class scalar_t, class acc_t>
-__global__ void pool3d_backward_input_kernel(const acc_t* __restrict__ dp,
-                                                                const int32_t* __restrict__ argmax,
-                                                                scalar_t* __restrict__ gx, int64_t slabs, int64_t N,
-                                                                int64_t d, PoolGeom g, PoolMode mode,
-                                                                const scalar_t* __restrict__ w) {
+__global__ void pool3d_backward_input_kernel(const acc_t* __restrict__ dp, const int32_t* __restrict__ argmax,
+                                             scalar_t* __restrict__ gx, int64_t slabs, int64_t N, int64_t d, PoolGeom g,
+                                             PoolMode mode, const scalar_t* __restrict__ w) {
   const int64_t n_out = g.cls + g.out_grid(), grid_out = g.out_grid(), K = g.kernel_volume();
   const int64_t grid_lines = slabs * g.T * g.H, lines = grid_lines + slabs * g.cls;
   for (int64_t line = blockIdx.x; line < lines; line += gridDim.x) {
@@ -269,9 +269,10 @@ __global__ void pool3d_backward_input_kernel(const acc_t* __restrict__ dp,
 // outputs, so each output costs a few multiply-adds of index math. (The per-output div/mod of a
 // flat row index, with k's own, were ~380 of the loop's instructions in the compiled sm_90 code.)
 template <class scalar_t, class acc_t>
-__global__ void MVIT_LAUNCH_BOUNDS pool3d_backward_weight_kernel(const acc_t* __restrict__ dp, const scalar_t* __restrict__ x, int64_t sB,
-                                              int64_t sH, int64_t sN, int64_t lines, int64_t heads, int64_t d,
-                                              PoolGeom g, acc_t* __restrict__ grad_w) {
+__global__ void MVIT_LAUNCH_BOUNDS
+pool3d_backward_weight_kernel(const acc_t* __restrict__ dp, const scalar_t* __restrict__ x, int64_t sB, int64_t sH,
+                              int64_t sN, int64_t lines, int64_t heads, int64_t d, PoolGeom g,
+                              acc_t* __restrict__ grad_w) {
   const int64_t c = threadIdx.x;
   if (c >= d) return;  // no block-wide synchronization below
   const int64_t k = blockIdx.y;
@@ -391,10 +392,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cuda(
 // ------------------------------------------------------------------------------------------
 
 template <class scalar_t, class acc_t>
-__global__ void MVIT_LAUNCH_BOUNDS pool_residual_add_forward_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_t sN,
-                                                 const scalar_t* __restrict__ branch, const scalar_t* __restrict__ scale,
-                                                 scalar_t* __restrict__ out, int64_t rows, OutputRowDivs divs,
-                                                 int64_t C, PoolGeom g) {
+__global__ void MVIT_LAUNCH_BOUNDS
+pool_residual_add_forward_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_t sN,
+                                 const scalar_t* __restrict__ branch, const scalar_t* __restrict__ scale,
+                                 scalar_t* __restrict__ out, int64_t rows, OutputRowDivs divs, int64_t C, PoolGeom g) {
   const int64_t c = threadIdx.x;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const int64_t r = base + threadIdx.y;
@@ -409,11 +410,12 @@ __global__ void MVIT_LAUNCH_BOUNDS pool_residual_add_forward_kernel(const scalar
 }
 
 template <class scalar_t, class acc_t>
-__global__ void MVIT_LAUNCH_BOUNDS pool_residual_add_backward_rows_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-                                                       int64_t sB, int64_t sN, const scalar_t* __restrict__ branch,
-                                                       const scalar_t* __restrict__ scale, scalar_t* __restrict__ grad_branch,
-                                                       int32_t* __restrict__ argmax, acc_t* __restrict__ grad_scale,
-                                                       int64_t rows, OutputRowDivs divs, int64_t C, PoolGeom g) {
+__global__ void MVIT_LAUNCH_BOUNDS
+pool_residual_add_backward_rows_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, int64_t sB,
+                                       int64_t sN, const scalar_t* __restrict__ branch,
+                                       const scalar_t* __restrict__ scale, scalar_t* __restrict__ grad_branch,
+                                       int32_t* __restrict__ argmax, acc_t* __restrict__ grad_scale, int64_t rows,
+                                       OutputRowDivs divs, int64_t C, PoolGeom g) {
   const int64_t c = threadIdx.x;
   const int64_t grid_out = g.out_grid();
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
@@ -444,9 +446,8 @@ __global__ void MVIT_LAUNCH_BOUNDS pool_residual_add_backward_rows_kernel(const 
 // over input lines like pool3d_backward_input_kernel (x viewed as one head per sample).
 template <class scalar_t, class acc_t>
 __global__ void pool_residual_add_backward_input_kernel(const scalar_t* __restrict__ grad,
-                                                                           const int32_t* __restrict__ argmax,
-                                                                           scalar_t* __restrict__ gx, int64_t B,
-                                                                           int64_t N, int64_t C, PoolGeom g) {
+                                                        const int32_t* __restrict__ argmax, scalar_t* __restrict__ gx,
+                                                        int64_t B, int64_t N, int64_t C, PoolGeom g) {
   const int64_t n_out = g.cls + g.out_grid(), grid_out = g.out_grid();
   const int64_t grid_lines = B * g.T * g.H, lines = grid_lines + B * g.cls;
   for (int64_t line = blockIdx.x; line < lines; line += gridDim.x) {
