@@ -57,12 +57,11 @@ def pool3d(
 
 
 def _fused_op(x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps):
-    window = (thw, kernel, stride, padding, mode, has_cls, eps)
     if traced_or_intercepted(x):
         y = torch.ops.mvit_kernels.pool3d(x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias,
                                           eps)
     else:
-        y = _EagerPool3d.apply(x, weight, norm_weight, norm_bias, window)
+        y = _EagerPool3d.apply(x, weight, norm_weight, norm_bias, (thw, kernel, stride, padding, mode, has_cls, eps))
     return y, _out_thw(thw, kernel, stride, padding)
 
 

@@ -29,3 +29,17 @@ def _tuning_off():
 
     with tuning.using("off"):
         yield
+
+
+@pytest.fixture
+def registered_path():
+    """A context manager under which the fused ops take their registered torch.library path (as
+    under torch.compile or FlopCounterMode) instead of the eager autograd.Function: a dispatch
+    mode that changes nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    return PassThrough

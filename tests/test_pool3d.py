@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.utils._python_dispatch
 from torch.utils.flop_counter import FlopCounterMode
 
 import mvit_kernels
@@ -131,21 +130,14 @@ def test_float16_runs_and_matches():
         torch.testing.assert_close(g.float(), g_ref, atol=1e-2, rtol=5e-3)
 
 
-class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
-    """A dispatch mode that changes nothing; under it the ops take the registered path."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("mode", MODES)
-def test_eager_path_equals_registered_op(mode):
+def test_eager_path_equals_registered_op(mode, registered_path):
     # Eager calls go through _EagerPool3d (less host time); dispatch modes and torch.compile
     # through the registered op's autograd. Same kernels, so the same bits.
     x, w, nw, nb = _inputs(2, 2, (3, 5, 7), 8, (3, 3, 3), mode, True, True, torch.float32)
     args = ((3, 5, 7), (3, 3, 3), (1, 2, 2), (1, 1, 1), mode)
     y, _, grads = _run(mvit_kernels.pool3d, x, *args, w, True, nw, nb)
-    with _PassThrough():
+    with registered_path():
         y_op, _, grads_op = _run(mvit_kernels.pool3d, x, *args, w, True, nw, nb)
     torch.testing.assert_close(y, y_op, atol=0, rtol=0)
     for g, g_op in zip(grads, grads_op):
@@ -153,7 +145,7 @@ def test_eager_path_equals_registered_op(mode):
             torch.testing.assert_close(g, g_op, atol=0, rtol=0)
     leaf = x.clone().requires_grad_()
     assert type(mvit_kernels.pool3d(leaf, *args, w, True, nw, nb)[0].grad_fn).__name__ == "_EagerPool3dBackward"
-    with _PassThrough():
+    with registered_path():
         assert "mvit_kernels_pool3d" in type(mvit_kernels.pool3d(leaf, *args, w, True, nw, nb)[0].grad_fn).__name__
 
 

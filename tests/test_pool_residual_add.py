@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.utils._python_dispatch
 from torch.utils.flop_counter import FlopCounterMode
 
 import mvit_kernels
@@ -51,21 +50,14 @@ def _run(fn, x, thw, kernel, stride, padding, branch, scale, has_cls, grad_seed=
     return out.detach(), [None if t is None else t.grad for t in leaves]
 
 
-class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
-    """A dispatch mode that changes nothing; under it the op takes the registered path."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("with_scale", [True, False], ids=["scale", "noscale"])
-def test_eager_path_equals_registered_op(with_scale):
+def test_eager_path_equals_registered_op(with_scale, registered_path):
     # Eager calls go through _EagerPoolResidualAdd; dispatch modes and torch.compile through the
     # registered op's autograd. Same kernels, so the same bits.
     x, branch, scale = _inputs(2, (3, 7, 7), 16, (1, 3, 3), (1, 2, 2), (0, 1, 1), True, with_scale, torch.float32)
     args = ((3, 7, 7), (1, 3, 3), (1, 2, 2), (0, 1, 1))
     out, grads = _run(mvit_kernels.pool_residual_add, x, *args, branch, scale, True)
-    with _PassThrough():
+    with registered_path():
         out_op, grads_op = _run(mvit_kernels.pool_residual_add, x, *args, branch, scale, True)
     torch.testing.assert_close(out, out_op, atol=0, rtol=0)
     for g, g_op in zip(grads, grads_op):
