@@ -63,8 +63,10 @@ def test_config_rule_matches_compiled_tiles(rows):
     for r in rows:
         dtype, cc = getattr(torch, r["dtype"]), int(r["target"][3:])
         if r["kernel"] in ("proj", "proj_bwd"):
-            rule = projection.select_config if r["kernel"] == "proj" else projection.select_bwd_config
-            cfg = rule(dtype, r["d_pad"], cc, r["precision"])
+            if r["kernel"] == "proj":
+                cfg = projection.select_config(dtype, r["d_pad"], cc, r["precision"])
+            else:
+                cfg = projection.select_bwd_config(dtype, r["d_pad"], cc, r["precision"], r["mode"])
             assert (cfg.block_m, cfg.block_k, cfg.num_warps, cfg.num_stages) == (
                 r["block_m"], r["block_k"], r["num_warps"], r["num_stages"]
             )

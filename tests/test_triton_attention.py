@@ -335,3 +335,43 @@ def test_empty_batch_forward_and_backward(rel):
     grads = torch.autograd.grad(out.sum(), leaves)
     for leaf, g in zip(leaves, grads):
         assert g.shape == leaf.shape and not g.any()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's environment check (CPU tensors)")
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.8.0+git1a2b", "2.5.0", False),
+])
+def test_interpreter_environment_check(monkeypatch, triton_version, numpy_version, broken):
+    # Triton 3.6's interpreter dies inside a kernel under NumPy 2.4 (int() of a one-element loop
+    # bound): the launchers refuse that pair first with an error that names the fix.
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    kernels.interpreter_problem.cache_clear()
+    try:
+        q, k, v, tables = make_inputs(1, 2, 16, (1, 4, 4), (1, 2, 2), True, "hw", seed=16)
+        args = (q, k, v, (1, 4, 4), (1, 2, 2), True, *tables)
+        if broken:
+            with pytest.raises(RuntimeError, match=r"NumPy 2\.4.*numpy<2\.4.*Triton >= 3\.7"):
+                pa.triton_pooling_attention(*args, residual_pooling=True)
+        else:
+            assert kernels.interpreter_problem() is None
+            out = pa.triton_pooling_attention(*args, residual_pooling=True)
+            torch.testing.assert_close(out, reference.pooling_attention(*args, residual_pooling=True), **TOL)
+    finally:
+        kernels.interpreter_problem.cache_clear()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU tensors")
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    # Compiled (not interpreted) kernels cannot read CPU memory: a clear error before any launch.
+    monkeypatch.setattr(kernels, "pooling_attention_fwd_kernel", object())
+    kernels.interpreter_problem.cache_clear()
+    try:
+        q, k, v, tables = make_inputs(1, 1, 16, (1, 2, 2), (1, 1, 1), True, "none", seed=17)
+        with pytest.raises(RuntimeError, match="cpu tensor.*TRITON_INTERPRET=1"):
+            pa.triton_pooling_attention(q, k, v, (1, 2, 2), (1, 1, 1), True, None, None, None, residual_pooling=True)
+    finally:
+        kernels.interpreter_problem.cache_clear()

@@ -116,7 +116,7 @@ def projection_configs():
                         cfg = p.select_config(dtype, d_pad, cc, precision)
                         out.append(dict(kernel="proj", dtype=str(dtype).replace("torch.", ""), d_pad=d_pad,
                                         precision=precision, partials=False, mode=mode, cc=cc, **vars(cfg)))
-                        cfg = p.select_bwd_config(dtype, d_pad, cc, precision)
+                        cfg = p.select_bwd_config(dtype, d_pad, cc, precision, mode)
                         out.append(dict(kernel="proj_bwd", dtype=str(dtype).replace("torch.", ""), d_pad=d_pad,
                                         precision=precision, partials=False, mode=mode, cc=cc, **vars(cfg)))
     return out

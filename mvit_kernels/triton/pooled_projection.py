@@ -299,22 +299,31 @@ def select_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: str =
     return ProjectionConfig(64, 32, warps, 2)
 
 
-def select_bwd_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: str = "tf32") -> ProjectionConfig:
+def select_bwd_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: str = "tf32",
+                      mode: str = "conv") -> ProjectionConfig:
     """Tiles of :func:`pooled_projection_bwd_kernel`, the same kind of rule as
-    :func:`select_config`. A program holds more fp32 tiles than the forward's (the pre-norm
-    accumulator then d pooled, conv's recomputed projection, a (BLOCK_K, D_PAD) dW chunk and a
-    (BLOCK_M, BLOCK_K) dx chunk), and its atomics are per element whatever the tile, so it takes
-    32 rows for every dtype (half the forward's for 16-bit inputs), 16 for IEEE fp32, and 8 warps
-    from head 64 (4 warps there reached 255 registers and spilled with fp32 conv); fp32 inputs
-    take 16-channel chunks (32 spilled at head 64 on sm_80)."""
+    :func:`select_config`, also by pooling mode (a constexpr: each mode is its own kernel). A
+    program holds more fp32 tiles than the forward's (the pre-norm accumulator then d pooled,
+    conv's recomputed projection, a (BLOCK_K, D_PAD) dW chunk and a (BLOCK_M, BLOCK_K) dx chunk),
+    and its atomics are per element whatever the tile, so it takes 32 rows for every dtype (half
+    the forward's for 16-bit inputs), 16 for IEEE fp32, and 8 warps from head 64 (4 warps there
+    reached 255 registers and spilled with fp32 conv); fp32 inputs take 16-channel chunks (32
+    spilled at head 64 on sm_80).
+
+    The rule holds for Triton 3.6 (the lent GPU machines' release) and 3.8, whose register
+    allocations differ: 16-bit inputs at head 32 on sm_80 take 16-channel chunks (32 put 16-24 B
+    on the stack under 3.6), and IEEE fp32 at head 128 takes 32-channel chunks in modes avg and
+    max (16 put 24 B on the sm_90 stack under 3.6; conv spills with 32)."""
     if d_pad not in D_PADS:
         raise ValueError(f"d_pad must be one of {D_PADS}, got {d_pad}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if precision == "ieee":
-        return ProjectionConfig(16, 16, 4, 1)
+        return ProjectionConfig(16, 32 if (d_pad >= 128 and mode != "conv") else 16, 4, 1)
     warps = 8 if d_pad >= 64 else 4
     if dtype == torch.float32:
         return ProjectionConfig(32, 16, warps, 1)
-    return ProjectionConfig(32, 32, warps, 1)
+    return ProjectionConfig(32, 16 if (cc == 80 and d_pad == 32) else 32, warps, 1)
 
 
 def recompute_factor(kernel: Sequence[int], stride: Sequence[int], thw: Sequence[int], padding: Optional[Sequence[int]] = None) -> float:
@@ -401,7 +410,7 @@ def backward(grad_y, x, weight, bias, which_index: int, num_heads: int, thw, ker
     x, weight, D, n_out = g.x, g.weight, g.D, g.n_out
     grad_y = grad_y.contiguous()
     B, N, C = x.shape
-    cfg = select_bwd_config(x.dtype, g.d_pad, g.cc, g.precision)
+    cfg = select_bwd_config(x.dtype, g.d_pad, g.cc, g.precision, mode)
     f32 = dict(device=x.device, dtype=torch.float32)
     dx = torch.zeros(B, N, C, **f32)
     dw = torch.zeros(weight.shape[0], C, **f32)

@@ -317,7 +317,8 @@ def pooling_attention_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------
 
 import dataclasses  # noqa: E402
-from typing import Sequence  # noqa: E402
+import functools  # noqa: E402
+from typing import Optional, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -378,7 +379,9 @@ def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90, pre
         return AttentionConfig(128, block_n, 8 if d_pad >= 64 else 4, 2 if d_pad >= 128 else 3)
     warps = 8 if d_pad >= 128 else 4
     if kernel == "bwd_dkdv":
-        return AttentionConfig(32 if d_pad >= 128 else 64, 64, warps, 2)
+        # sm_80 at head 64: 32-key tiles (64 sat at 255 registers and put 40-80 B on the stack
+        # under Triton 3.6, though not under 3.8).
+        return AttentionConfig(32 if d_pad >= 128 else 64, 32 if (cc == 80 and d_pad == 64) else 64, warps, 2)
     return AttentionConfig(32 if (cc == 80 and d_pad >= 64) else 64, 64, warps, 2)
 
 
@@ -393,11 +396,40 @@ def query_splits(programs: int, query_tiles: int, q: torch.Tensor) -> int:
 
 
 def device_cc(t: torch.Tensor) -> int:
-    """Compute capability major*10 for the config rule (the sm_90 rule under the interpreter)."""
+    """Compute capability major*10 for the config rule (the sm_90 rule under the interpreter).
+    Every launcher asks it first, so it also refuses, with a clear error, a device the kernels
+    cannot run on (see :func:`interpreter_problem`)."""
     if t.is_cuda:
         major, _ = torch.cuda.get_device_capability(t.device)
         return 80 if major < 9 else 90
+    problem = interpreter_problem()
+    if problem is not None:
+        raise RuntimeError(f"mvit_kernels Triton kernels got a {t.device.type} tensor: {problem}")
     return 90
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> Optional[str]:
+    """Why the Triton interpreter cannot run these kernels on CPU tensors, or None if it can.
+
+    Triton decides at import whether ``@triton.jit`` functions are interpreted (TRITON_INTERPRET=1
+    set before triton is imported). Triton 3.6's interpreter turns a loop bound into a Python int
+    with ``int(array)`` on a one-element array, which NumPy 2.4 rejects ("only 0-dimensional
+    arrays can be converted to Python scalars") in the middle of a kernel; Triton 3.7 fixed it."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(pooling_attention_fwd_kernel, InterpretedFunction):
+        return "CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
+    import numpy
+
+    def release(version: str) -> tuple[int, int]:
+        major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in version.split(".")[:2])
+        return major, minor
+
+    if release(triton.__version__) < (3, 7) and release(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter fails under NumPy {numpy.__version__} (its loop bounds "
+                "need NumPy < 2.4); install 'numpy<2.4' or Triton >= 3.7")
+    return None
 
 
 def supports(q: torch.Tensor, thw_kv: Sequence[int], has_rel: bool) -> bool:
