@@ -7,7 +7,10 @@ first appears):
   the model;
 - pool_residual_add: block 1's max-pooled skip + scale * attention branch.
 Batch 1 and 4, forward and forward+backward, median of repeats with min/max printed, ratio
-reference / op (>1: the op is faster). On CPU the threads are fixed (default 2). On a GPU, CUDA
+reference / op (>1: the op is faster). The reference runs in both of its grid layouts
+(``reference.pool3d``'s contiguous_grid: the channels-last view, and torchvision's contiguous
+NCDHW copy, which reach different kernels on CUDA); the ratio is against the faster one, which
+is what per-shape tuning would run in the op's place. On CPU the threads are fixed (default 2). On a GPU, CUDA
 events time it and the achieved bandwidth (the minimum bytes each pass must move: inputs read
 once, outputs written once) is reported against 3.0 TB/s (H100, DESIGN.md §6).
 
@@ -19,6 +22,7 @@ Writes bench/results/pool_ops_<device>.md and .json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -118,17 +122,17 @@ def _timed(fn, args, leaves, backward, device) -> float:
     return time.perf_counter() - t0
 
 
-def time_pair(fn_a, fn_b, args, leaves, backward, device, repeats, warmup=1):
-    """Times two implementations alternately (a, b, a, b, ...), so that load from other
-    processes on a shared machine falls on both alike."""
+def time_alternately(fns, args, leaves, backward, device, repeats, warmup=1):
+    """Times implementations in turn (a, b, c, a, b, c, ...), so that load from other processes
+    on a shared machine falls on all alike. Returns one list of seconds per implementation."""
     for _ in range(warmup):
-        run_once(fn_a, args, leaves, backward)
-        run_once(fn_b, args, leaves, backward)
-    times_a, times_b = [], []
+        for fn in fns:
+            run_once(fn, args, leaves, backward)
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        times_a.append(_timed(fn_a, args, leaves, backward, device))
-        times_b.append(_timed(fn_b, args, leaves, backward, device))
-    return times_a, times_b
+        for fn, t in zip(fns, times):
+            t.append(_timed(fn, args, leaves, backward, device))
+    return times
 
 
 def main() -> None:
@@ -158,6 +162,7 @@ def main() -> None:
         for case in mvit_b_cases(batch):
             fused_fn = mvit_kernels.pool3d if case.op == "pool3d" else mvit_kernels.pool_residual_add
             ref_fn = reference.pool3d if case.op == "pool3d" else reference.pool_residual_add
+            ref_ncdhw_fn = functools.partial(ref_fn, contiguous_grid=True)
             for backward in (False, True):
                 args, leaves, bytes_fwd = make_inputs(case, device, dtype, grad=backward)
                 # Backward reads grad_y and x and writes grad_x (and the branch grad): ~2x fwd.
@@ -165,19 +170,23 @@ def main() -> None:
                 # "op" is the fused kernel itself: per-shape tuning, which could run the
                 # reference in its place, is off.
                 with torch.set_grad_enabled(backward), tuning.using("off"):
-                    t_op, t_ref = time_pair(fused_fn, ref_fn, args, leaves, backward, device, opts.repeats)
-                med_op, med_ref = statistics.median(t_op), statistics.median(t_ref)
+                    t_op, t_ref, t_ncdhw = time_alternately((fused_fn, ref_fn, ref_ncdhw_fn), args, leaves, backward,
+                                                            device, opts.repeats)
+                med_op, med_ref, med_ncdhw = (statistics.median(t) for t in (t_op, t_ref, t_ncdhw))
                 row = dict(case=case.name, op=case.op, batch=batch, pass_="fwd+bwd" if backward else "fwd",
                            op_ms=med_op * 1e3, op_min_ms=min(t_op) * 1e3, op_max_ms=max(t_op) * 1e3,
                            ref_ms=med_ref * 1e3, ref_min_ms=min(t_ref) * 1e3, ref_max_ms=max(t_ref) * 1e3,
-                           speedup=med_ref / med_op, min_bytes=bytes_moved,
+                           ref_ncdhw_ms=med_ncdhw * 1e3, ref_ncdhw_min_ms=min(t_ncdhw) * 1e3,
+                           ref_ncdhw_max_ms=max(t_ncdhw) * 1e3,
+                           speedup=min(med_ref, med_ncdhw) / med_op, min_bytes=bytes_moved,
                            op_GBps=bytes_moved / med_op / 1e9)
                 if device.type == "cuda":
                     row["bw_fraction_of_3TBps"] = bytes_moved / med_op / PEAK_BANDWIDTH
                 rows.append(row)
                 print(f"B={batch} {case.name:38s} {row['pass_']:8s} op {row['op_ms']:9.2f} ms "
                       f"[{row['op_min_ms']:.2f}-{row['op_max_ms']:.2f}]  ref {row['ref_ms']:9.2f} ms "
-                      f"[{row['ref_min_ms']:.2f}-{row['ref_max_ms']:.2f}]  x{row['speedup']:.2f}  "
+                      f"[{row['ref_min_ms']:.2f}-{row['ref_max_ms']:.2f}]  ref NCDHW {row['ref_ncdhw_ms']:9.2f} ms  "
+                      f"x{row['speedup']:.2f}  "
                       f"{row['op_GBps']:.1f} GB/s", flush=True)
                 del args, leaves
 
@@ -194,17 +203,20 @@ def main() -> None:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     lines = [f"# Pooling ops vs reference ({device.type})", "",
              f"Machine: {machine}. torch {torch.__version__}, {opts.dtype}, median of {opts.repeats} "
-             "(after 1 warm-up; op and reference timed alternately), [min-max]. speedup = reference / op. Shapes: MViT-B 16x4 "
-             "(`bench/bench_pool_ops.py`).",
+             "(after 1 warm-up; op and references timed in turn), [min-max]. The reference in its two grid layouts: "
+             "channels-last view and contiguous NCDHW copy (torchvision's). speedup = faster reference / op. "
+             "Shapes: MViT-B 16x4 (`bench/bench_pool_ops.py`).",
              f"Load average (1 min) at start/end: {meta['load_avg_start'] and round(meta['load_avg_start'][0], 2)} / "
              f"{meta['load_avg_end'] and round(meta['load_avg_end'][0], 2)}. Allocator settings: "
              + (" ".join(f"`{k}={v}`" for k, v in malloc.items()) or "glibc defaults") + ".", "",
-             "| B | case | pass | op ms [min-max] | reference ms [min-max] | speedup | op GB/s (min bytes) |"
-             + (" of 3.0 TB/s |" if device.type == "cuda" else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if device.type == "cuda" else "")]
+             "| B | case | pass | op ms [min-max] | reference ms [min-max] | reference NCDHW ms [min-max] | speedup "
+             "| op GB/s (min bytes) |" + (" of 3.0 TB/s |" if device.type == "cuda" else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if device.type == "cuda" else "")]
     for r in rows:
         line = (f"| {r['batch']} | {r['case']} | {r['pass_']} | {r['op_ms']:.2f} [{r['op_min_ms']:.2f}-{r['op_max_ms']:.2f}] "
-                f"| {r['ref_ms']:.2f} [{r['ref_min_ms']:.2f}-{r['ref_max_ms']:.2f}] | {r['speedup']:.2f}x | {r['op_GBps']:.1f} |")
+                f"| {r['ref_ms']:.2f} [{r['ref_min_ms']:.2f}-{r['ref_max_ms']:.2f}] "
+                f"| {r['ref_ncdhw_ms']:.2f} [{r['ref_ncdhw_min_ms']:.2f}-{r['ref_ncdhw_max_ms']:.2f}] "
+                f"| {r['speedup']:.2f}x | {r['op_GBps']:.1f} |")
         if device.type == "cuda":
             line += f" {100 * r['bw_fraction_of_3TBps']:.0f}% |"
         lines.append(line)

@@ -15,6 +15,7 @@ FlopCounterMode counts nothing for the reference's pooling and LayerNorm).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -45,7 +46,7 @@ def pool3d(
     """Same contract as :func:`mvit_kernels.reference.pool3d`; returns (y, thw_out). Under
     autocast it computes in the autocast dtype (``mvit_kernels.autocast``). Where
     :mod:`mvit_kernels.tuning` is on (CUDA by default), each shape runs whichever of the op and the
-    reference timed faster."""
+    reference (in either grid layout) timed faster."""
     x, weight, norm_weight, norm_bias = autocast.for_compute(x, weight, norm_weight, norm_bias)
     thw, kernel, stride, padding = check_pool3d_args(
         x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias
@@ -65,13 +66,23 @@ def _fused_op(x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weigh
     return y, _out_thw(thw, kernel, stride, padding)
 
 
-def _reference_op(x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps):
+def _reference_op(x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps,
+                  contiguous_grid=False):
     # In the op's output dtype: under autocast the reference's LayerNorm returns fp32.
-    y, thw_out = reference.pool3d(x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps)
+    y, thw_out = reference.pool3d(x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps,
+                                  contiguous_grid)
     return y.to(x.dtype), thw_out
 
 
-_CANDIDATES = {"fused": _fused_op, "reference": _reference_op}
+# The reference in both grid layouts (channels-last view, contiguous NCDHW copy): on CUDA they
+# take different convolution and pooling kernels (reference.pool3d's contiguous_grid), and an H100
+# run had the reference's channels-last depthwise backward at 18 ms for MViT-B's block-1 q pooling
+# (batch 8), too slow to be the only alternative.
+_CANDIDATES = {
+    "fused": _fused_op,
+    "reference": _reference_op,
+    "reference-ncdhw": functools.partial(_reference_op, contiguous_grid=True),
+}
 
 
 def _gradients(ctx, grad_y):

@@ -13,6 +13,7 @@ formulas (0: FlopCounterMode counts nothing for the reference's max pooling and 
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -38,7 +39,7 @@ def pool_residual_add(
 ) -> Tensor:
     """Same contract as :func:`mvit_kernels.reference.pool_residual_add`. Where
     :mod:`mvit_kernels.tuning` is on (CUDA by default), each shape runs whichever of the op and the
-    reference timed faster."""
+    reference (in either grid layout) timed faster."""
     x, branch, scale = autocast.for_add(x, branch, scale)
     thw, kernel, stride, padding, _ = check_pool_residual_add_args(
         x, thw, kernel, stride, padding, branch, scale, has_cls
@@ -54,7 +55,12 @@ def _fused_op(x, thw, kernel, stride, padding, branch, scale, has_cls):
     return _EagerPoolResidualAdd.apply(x, branch, scale, (thw, kernel, stride, padding, has_cls))
 
 
-_CANDIDATES = {"fused": _fused_op, "reference": reference.pool_residual_add}
+# The reference in both grid layouts, as pool3d's candidates.
+_CANDIDATES = {
+    "fused": _fused_op,
+    "reference": reference.pool_residual_add,
+    "reference-ncdhw": functools.partial(reference.pool_residual_add, contiguous_grid=True),
+}
 
 
 def _gradients(ctx, grad_out):

@@ -39,6 +39,7 @@ def pool3d(
     norm_weight: Optional[torch.Tensor] = None,
     norm_bias: Optional[torch.Tensor] = None,
     eps: float = 1e-6,
+    contiguous_grid: bool = False,
 ) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """Pool the token grid of every head, then LayerNorm over d.
 
@@ -46,6 +47,11 @@ def pool3d(
     "conv" (depthwise Conv3d, weight (d, 1, kT, kH, kW) shared across heads, no bias). The class
     token is split off, passed through unpooled, concatenated back in front, and normalized with
     the rest. Returns (y (B, heads, N', d), thw_out).
+
+    contiguous_grid changes speed only: the grid is pooled as a channels-last view of the tokens
+    by default, or, when True, as a contiguous (B*heads, d, T, H, W) copy, torchvision's layout.
+    On CUDA the two reach different kernels (cuDNN's channels-last depthwise convolution, PyTorch's
+    native NCDHW one); which is faster depends on the shape, so the fused path times both.
     """
     thw, kernel, stride, padding = check_pool3d_args(
         x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias
@@ -56,6 +62,8 @@ def pool3d(
     else:
         tokens = x
     grid = tokens.reshape(B * heads, *thw, d).permute(0, 4, 1, 2, 3)
+    if contiguous_grid:
+        grid = grid.contiguous()
     if mode == "max":
         pooled = F.max_pool3d(grid, kernel, stride, padding)
     elif mode == "avg":
@@ -117,15 +125,18 @@ def pool_residual_add(
     branch: torch.Tensor,
     scale: Optional[torch.Tensor] = None,
     has_cls: bool = True,
+    contiguous_grid: bool = False,
 ) -> torch.Tensor:
     """The block's skip path and residual add: ``maxpool_skip(x) + scale * branch``.
 
     x: (B, N, C) tokens; branch: (B, N', C) on the pooled grid; scale: (B,) per-sample factor
-    (the stochastic-depth mask divided by the keep probability) or None for 1.
+    (the stochastic-depth mask divided by the keep probability) or None for 1. contiguous_grid:
+    as :func:`pool3d`'s (speed only).
     """
     x, branch, scale = autocast.for_add(x, branch, scale)
     check_pool_residual_add_args(x, thw, kernel, stride, padding, branch, scale, has_cls)
-    skip, _ = pool3d(x.unsqueeze(1), thw, kernel, stride, padding, "max", has_cls=has_cls)
+    skip, _ = pool3d(x.unsqueeze(1), thw, kernel, stride, padding, "max", has_cls=has_cls,
+                     contiguous_grid=contiguous_grid)
     skip = skip.squeeze(1)
     if scale is not None:
         branch = branch * scale.view(-1, 1, 1)

@@ -134,3 +134,56 @@ def test_pooled_projection_errors_name_the_argument():
         reference.pooled_projection(x[..., :6], w, None, "k", 1, (1, 2, 2), 1, 1, 0, "max")
     with pytest.raises(ValueError, match="num_heads=5 does not divide"):
         reference.pooled_projection(x, w, None, "k", 5, (1, 2, 2), 1, 1, 0, "max")
+
+
+class _PoolInputs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the memory layout of every convolution / pooling input."""
+
+    def __init__(self):
+        super().__init__()
+        self.layouts = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("convolution", "max_pool3d_with_indices", "avg_pool3d"):
+            self.layouts.append((name, args[0].is_contiguous()))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["conv", "max", "avg"])
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_pool3d_contiguous_grid_changes_the_layout_not_the_result(mode, has_cls):
+    # contiguous_grid pools a contiguous NCDHW copy (torchvision's layout) instead of the
+    # channels-last view; values and every gradient are the same.
+    g = torch.Generator().manual_seed(3)
+    thw, kernel, stride, padding = (3, 5, 4), (3, 3, 3), (1, 2, 2), (1, 1, 1)
+    d = 6
+    x = torch.randn(2, 3, has_cls + 60, d, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(d, 1, *kernel, generator=g, dtype=torch.float64, requires_grad=True) if mode == "conv" else None
+    nw = torch.randn(d, generator=g, dtype=torch.float64, requires_grad=True)
+    nb = torch.randn(d, generator=g, dtype=torch.float64, requires_grad=True)
+    leaves = [t for t in (x, w, nw, nb) if t is not None]
+    results, grad_y = {}, None
+    for contiguous in (False, True):
+        log = _PoolInputs()
+        with log:
+            y, thw_out = reference.pool3d(x, thw, kernel, stride, padding, mode, w, has_cls, nw, nb,
+                                          contiguous_grid=contiguous)
+        assert log.layouts and all(is_contiguous == contiguous for _, is_contiguous in log.layouts)
+        if grad_y is None:  # the same for both layouts
+            grad_y = torch.randn(y.shape, generator=g, dtype=y.dtype)
+        results[contiguous] = (y, thw_out, torch.autograd.grad(y, leaves, grad_y))
+    (y0, thw0, grads0), (y1, thw1, grads1) = results[False], results[True]
+    assert thw0 == thw1
+    torch.testing.assert_close(y1, y0, atol=1e-12, rtol=1e-12)
+    for a, b in zip(grads1, grads0):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_pool_residual_add_contiguous_grid_same_result():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 1 + 2 * 5 * 5, 6, generator=g, dtype=torch.float64)
+    branch = torch.randn(2, 1 + 2 * 3 * 3, 6, generator=g, dtype=torch.float64)
+    args = ((2, 5, 5), (1, 3, 3), (1, 2, 2), (0, 1, 1), branch, None, True)
+    torch.testing.assert_close(reference.pool_residual_add(x, *args, contiguous_grid=True),
+                               reference.pool_residual_add(x, *args), atol=0, rtol=0)

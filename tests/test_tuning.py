@@ -67,18 +67,18 @@ def test_each_key_is_timed_once(monkeypatch):
     x, w, nw, nb = _pool3d_inputs()
     with tuning.using("all"):
         y, thw = _pool3d(x, w, nw, nb)
-        assert len(timed) == 2 and len(tuning.choices()) == 1  # both candidates, one decision
+        assert len(timed) == 3 and len(tuning.choices()) == 1  # every candidate, one decision
         _pool3d(x, w, nw, nb)
-        assert len(timed) == 2  # same key: cached
+        assert len(timed) == 3  # same key: cached
         _pool3d(x, w, nw, nb, stride=(1, 1, 1))  # another shape
         with torch.no_grad():
             _pool3d(x, w, nw, nb)  # forward only: another key
         _pool3d(*_pool3d_inputs(batch=1))
     choices = tuning.choices()
-    assert len(choices) == 4 and len(timed) == 8
+    assert len(choices) == 4 and len(timed) == 12
     assert [c.backward for c in choices] == [True, True, False, True]
     first = choices[0]
-    assert set(first.ms) == {"fused", "reference"} and all(t > 0 for t in first.ms.values())
+    assert set(first.ms) == {"fused", "reference", "reference-ncdhw"} and all(t > 0 for t in first.ms.values())
     assert first.winner == min(first.ms, key=first.ms.get)
     assert first.label().startswith("pool3d (2, 3, 61, 8) float64") and first.label().endswith("fwd+bwd")
     y_ref, thw_ref = reference.pool3d(x, THW, KERNEL, STRIDE, PADDING, "conv", w, True, nw, nb)
@@ -86,9 +86,9 @@ def test_each_key_is_timed_once(monkeypatch):
     torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("winner", ["fused", "reference"])
+@pytest.mark.parametrize("winner", ["fused", "reference", "reference-ncdhw"])
 def test_the_faster_candidate_runs(monkeypatch, winner):
-    # Fake clock: the winner takes 1 ms, the other 2 ms.
+    # Fake clock: the winner takes 1 ms, the others 2 ms.
     monkeypatch.setattr(tuning, "_best_ms", lambda fn, *a: 1.0 if fn is POOL3D_CANDIDATES[winner] else 2.0)
     x, w, nw, nb = _pool3d_inputs()
     with tuning.using("all"):
@@ -182,7 +182,7 @@ def test_pool_residual_add_is_tuned():
     with tuning.using("all"):
         out = mvit_kernels.pool_residual_add(x, *args, branch, scale)
     (choice,) = tuning.choices()
-    assert choice.op == "pool_residual_add" and set(choice.ms) == {"fused", "reference"}
+    assert choice.op == "pool_residual_add" and set(choice.ms) == {"fused", "reference", "reference-ncdhw"}
     torch.testing.assert_close(out, reference.pool_residual_add(x, *args, branch, scale), atol=1e-10, rtol=1e-10)
 
 
