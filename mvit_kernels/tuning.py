@@ -121,10 +121,12 @@ def clear() -> None:
 
 
 def _describe(a: Any) -> Any:
+    # Runs on every tuned call (tens per model step): kept to hashable values torch already has
+    # (torch.Size, torch.device), no string formatting.
     if isinstance(a, Tensor):
-        return ("tensor", tuple(a.shape), tuple(a.stride()), a.dtype, str(a.device), a.requires_grad)
+        return ("tensor", a.shape, a.stride(), a.dtype, a.device, a.requires_grad)
     if isinstance(a, (list, tuple)):
-        return tuple(_describe(v) for v in a)
+        return tuple([_describe(v) for v in a])
     return a
 
 
