@@ -128,3 +128,43 @@ def test_train_sampler_sharding_repeats_and_resume():
     plain = [TrainSampler(n, r, world, repeats=1, seed=1).epoch_items() for r in range(world)]
     assert sorted(i for p in plain for i, _ in p) == list(range(n))
     assert sorted(shard_indices(7, 0, 3) + shard_indices(7, 1, 3) + shard_indices(7, 2, 3)) == list(range(7))
+
+
+class _Frame:
+    """Stands in for av.VideoFrame: records the keywords of to_ndarray."""
+
+    def __init__(self, accepts_threads=True):
+        self.accepts_threads, self.calls = accepts_threads, []
+
+    def to_ndarray(self, **kwargs):
+        self.calls.append(kwargs)
+        if "threads" in kwargs and not self.accepts_threads:
+            raise TypeError("reformat() got an unexpected keyword argument 'threads'")
+        return np.zeros((2, 2, 3), np.uint8)
+
+
+def test_frames_are_converted_to_rgb_in_the_calling_thread(monkeypatch):
+    # PyAV's default scaler thread pool, inherited by forked DataLoader workers, hung them
+    # (PyAV 19): the decoder asks for one thread, and falls back for releases without the argument.
+    from mvit.data import video
+
+    monkeypatch.setattr(video, "_RGB", {"format": "rgb24", "threads": 1})
+    frame = _Frame()
+    video._to_rgb(frame)
+    assert frame.calls == [{"format": "rgb24", "threads": 1}]
+    old = _Frame(accepts_threads=False)
+    assert video._to_rgb(old).shape == (2, 2, 3) and video._to_rgb(old).dtype == np.uint8
+    assert old.calls == [{"format": "rgb24", "threads": 1}, {"format": "rgb24"}, {"format": "rgb24"}]
+
+
+def test_forked_worker_decodes_after_the_parent_did(tmp_path):
+    # The hang above: the parent decodes (as evaluation in the main process does), then a forked
+    # worker decodes again. A timeout turns a hang into a failure.
+    path = make_video(tmp_path / "v.mkv")
+    decode_frames(path, lambda n, fps: list(range(n)))
+    ds = VideoDataset([(path, 0)], ClipSpec(frames=4, stride=3, target_fps=30, crop=16, jitter=(16, 20)), train=True,
+                      num_classes=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1, timeout=60,
+                                         multiprocessing_context="fork")
+    (clip, label), = list(loader)
+    assert clip.shape == (1, 3, 4, 16, 16) and label.tolist() == [0]

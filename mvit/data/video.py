@@ -38,6 +38,25 @@ def _av():
     return av
 
 
+# Colour conversion in the calling thread. PyAV >= 17 scales frames with a pool of threads by
+# default (threads=0, one per CPU), and with FFmpeg 8's swscale (PyAV 19) that pool outlives the
+# call: a DataLoader worker forked after the parent process decoded a video inherited it and hung
+# for good in pthread_cond_destroy on its first frame. One thread also suits the workers, which
+# are the parallelism here. PyAV releases without the argument get no keyword.
+_RGB = {"format": "rgb24", "threads": 1}
+
+
+def _to_rgb(frame) -> np.ndarray:
+    global _RGB
+    try:
+        return frame.to_ndarray(**_RGB)
+    except TypeError:
+        if "threads" not in _RGB:
+            raise
+        _RGB = {"format": "rgb24"}
+        return frame.to_ndarray(**_RGB)
+
+
 def decode_frames(path: str, indices_for: "callable") -> tuple[np.ndarray, list[int]]:
     """Decode the frames ``indices_for(num_frames, fps)`` asks for, as uint8 (len, H, W, 3).
 
@@ -54,11 +73,11 @@ def decode_frames(path: str, indices_for: "callable") -> tuple[np.ndarray, list[
             wanted = indices_for(n, fps)
             last = max(wanted)
             for i, frame in enumerate(container.decode(stream)):
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(_to_rgb(frame))
                 if i >= last:
                     break
         else:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            frames = [_to_rgb(f) for f in container.decode(stream)]
             wanted = indices_for(len(frames), fps)
     if not frames:
         raise ValueError(f"no frames decoded from {path}")
