@@ -310,16 +310,17 @@ def select_bwd_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: s
     reached 255 registers and spilled with fp32 conv); fp32 inputs take 16-channel chunks (32
     spilled at head 64 on sm_80).
 
-    The rule holds for Triton 3.6 (the lent GPU machines' release) and 3.8, whose register
+    The rule holds for Triton 3.6 (the lent GPU machines' release), 3.8 and 3.9, whose register
     allocations differ: 16-bit inputs at head 32 on sm_80 take 16-channel chunks (32 put 16-24 B
-    on the stack under 3.6), and IEEE fp32 at head 128 takes 32-channel chunks in modes avg and
-    max (16 put 24 B on the sm_90 stack under 3.6; conv spills with 32)."""
+    on the stack under 3.6), and IEEE fp32 at head 128 in modes avg and max takes two pipeline
+    stages (one stage put 24 B on the sm_90 stack under 3.6 and 430-460 B under 3.9; 32-channel
+    chunks spilled 600-720 B under 3.9; conv keeps one stage, which spills with two)."""
     if d_pad not in D_PADS:
         raise ValueError(f"d_pad must be one of {D_PADS}, got {d_pad}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if precision == "ieee":
-        return ProjectionConfig(16, 32 if (d_pad >= 128 and mode != "conv") else 16, 4, 1)
+        return ProjectionConfig(16, 16, 4, 2 if (d_pad >= 128 and mode != "conv") else 1)
     warps = 8 if d_pad >= 64 else 4
     if dtype == torch.float32:
         return ProjectionConfig(32, 16, warps, 1)
