@@ -8,6 +8,9 @@ Variants (same weights everywhere; torchvision's through the converter):
   ours-ref-sdpa               the reference path with SDPA in place of its matmul attention
   torchvision                 torchvision mvit_v1_b / mvit_v2_s (eager)
   each of the above "+compile": torch.compile of the same module
+  ours-fused / torchvision "+compile-cudagraphs" (CUDA, only when named in --variants):
+                              torch.compile(mode="reduce-overhead"), which replays CUDA graphs and
+                              so takes the host's per-op launch cost out of the step
 Timing: warm-up excluded, the median of --repeats timed runs, spread (min-max) printed. GPU runs
 use bf16 autocast; CPU runs float32 with --threads threads. Ratios are against torchvision eager
 and against the best peer (the fastest variant that is not ours) measured in the same run.
@@ -41,6 +44,8 @@ from mvit_kernels import reference, tuning  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TORCHVISION = {"mvit_b_16x4": "mvit_v1_b", "mvitv2_s_16x4": "mvit_v2_s"}
+#: label suffix -> torch.compile mode (None: eager).
+COMPILE_MODES = {"": None, "+compile": "default", "+compile-cudagraphs": "reduce-overhead"}
 
 
 @contextlib.contextmanager
@@ -79,8 +84,9 @@ def _torchvision_model(name: str, state):
 
 
 def _variants(name: str, device: torch.device, want: set[str], **overrides):
-    """label -> (make, context, compiled, state to load or None). ``overrides`` (config fields,
-    e.g. input_size) leave torchvision out: its builders fix the input size."""
+    """label -> (make, context, compile mode (None: eager), state to load or None). ``overrides``
+    (config fields, e.g. input_size) leave torchvision out: its builders fix the input size. The
+    CUDA-graph variants are built only when ``want`` names them (their compile is the slowest)."""
     base = build_model(name, **overrides).to(device)
     state = base.state_dict()
     variants = {}
@@ -92,11 +98,14 @@ def _variants(name: str, device: torch.device, want: set[str], **overrides):
         variants["torchvision"] = (lambda: _torchvision_model(name, state).to(device), None)
     out = {}
     for key, (make, ctx) in variants.items():
-        for compiled in (False, True):
-            label = key + ("+compile" if compiled else "")
+        for suffix, compile_mode in COMPILE_MODES.items():
+            label = key + suffix
             if want and label not in want:
                 continue
-            out[label] = (make, ctx, compiled, state if key.startswith("ours") else None)
+            if compile_mode == "reduce-overhead" and (label not in want or device.type != "cuda"
+                                                      or key not in ("ours-fused", "torchvision")):
+                continue
+            out[label] = (make, ctx, compile_mode, state if key.startswith("ours") else None)
     return out
 
 
@@ -121,7 +130,7 @@ def _time(fn, device, warmup: int, repeats: int) -> list[float]:
 def make_step(name, spec, device, batch, mode, dtype_ctx, **overrides):
     """(model, step): the variant's model, set to train or eval, and one inference (no_grad) or
     training step (forward, cross-entropy, backward, AdamW) on a random batch, in dtype_ctx."""
-    make, ctx, compiled, state = spec
+    make, ctx, compile_mode, state = spec
     model = make()
     if state is not None:
         model.load_state_dict(state)
@@ -129,7 +138,7 @@ def make_step(name, spec, device, batch, mode, dtype_ctx, **overrides):
     shape = (batch, 3) + ((cfg.input_size[1], cfg.input_size[2]) if cfg.patch_2d else tuple(cfg.input_size))
     x = torch.randn(shape, device=device)
     target = torch.randint(0, cfg.num_classes, (batch,), device=device)
-    run_model = torch.compile(model) if compiled else model
+    run_model = model if compile_mode is None else torch.compile(model, mode=compile_mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if mode == "train" else None
 
     def step():

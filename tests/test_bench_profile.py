@@ -51,3 +51,15 @@ def test_small_cpu_run_attributes_fused_and_reference_ops(tmp_path):
             assert r["ms"]["optimizer (AdamW)"] > 0
     text = (tmp_path / "profile_model_cpu.md").read_text()
     assert "| category | ours-fused | ours-ref |" in text and "## mvit_b_16x4 train, batch 1" in text
+
+
+def test_throughput_variants_cuda_graphs_only_on_request_and_on_cuda():
+    import torch
+    import throughput
+
+    every = throughput._variants("mvit_tiny", torch.device("cpu"), set())
+    assert {"ours-fused", "ours-fused+compile", "ours-ref", "ours-ref-sdpa+compile"} <= set(every)
+    assert not any(label.endswith("+compile-cudagraphs") for label in every)  # opt-in: slowest compile
+    asked = throughput._variants("mvit_tiny", torch.device("cpu"), {"ours-fused", "ours-fused+compile-cudagraphs"})
+    assert set(asked) == {"ours-fused"}  # CUDA graphs need CUDA
+    assert every["ours-fused+compile"][2] == "default" and every["ours-fused"][2] is None
