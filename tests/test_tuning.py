@@ -301,7 +301,7 @@ def test_model_with_checkpointing_tunes_and_matches_the_reference():
 @pytest.mark.parametrize("overrides", [dict(), dict(rel_pos_spatial=True, rel_pos_temporal=True, residual_pooling=True)],
                          ids=["v1", "v2"])
 def test_cuda_model_default_tuning_matches_the_reference(ieee_fp32, overrides):
-    # The default mode on a GPU: every CUDA op with two candidates is timed, and whatever won,
+    # The default mode on a GPU: every CUDA op with alternatives is timed, and whatever won,
     # the model equals the reference (float32, TF32 off).
     torch.manual_seed(0)
     ref = build_model("mvit_tiny", **overrides).cuda().train()
