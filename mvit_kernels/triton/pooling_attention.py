@@ -449,14 +449,15 @@ def supports(q: torch.Tensor, thw_kv: Sequence[int], has_rel: bool) -> bool:
 _REL_INDEX_CACHE: dict = {}
 
 
-def rel_index(q_size: int, k_size: int, device) -> torch.Tensor:
-    """``reference.rel_pos_index`` as int32 on ``device``, cached: a model calls this with a few
-    grid sizes, and a fresh host-to-device copy per call would synchronize."""
+def rel_index(q_size: int, k_size: int, device, offset: int = 0, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """``reference.rel_pos_index`` + ``offset`` as ``dtype`` on ``device``, cached: a model calls
+    this with a few grid sizes, and a fresh host-to-device copy per call would synchronize (and
+    the offset or a cast, done per call, would each cost a kernel launch)."""
     from ..reference import rel_pos_index
 
-    key = (q_size, k_size, str(device))
+    key = (q_size, k_size, offset, dtype, str(device))
     if key not in _REL_INDEX_CACHE:
-        _REL_INDEX_CACHE[key] = rel_pos_index(q_size, k_size).to(device=device, dtype=torch.int32).contiguous()
+        _REL_INDEX_CACHE[key] = (rel_pos_index(q_size, k_size) + offset).to(device=device, dtype=dtype).contiguous()
     return _REL_INDEX_CACHE[key]
 
 
@@ -485,7 +486,6 @@ class RelTables:
         tables, offset = [], 0
         dummy_idx = _dummy(dev, torch.int32)
         self.idx = [dummy_idx, dummy_idx, dummy_idx]
-        self.local_idx = [None, None, None]
         for axis, table in enumerate((rel_pos_t, rel_pos_h, rel_pos_w)):
             if table is None:
                 continue
@@ -493,9 +493,7 @@ class RelTables:
             if table.shape[0] != length:
                 # The gather indexes rows up to length-1: a shorter table would read out of bounds.
                 raise ValueError(f"rel-pos table {'thw'[axis]} must be interpolated to {length} rows, got {table.shape[0]}")
-            local = rel_index(thw_q[axis], thw_kv[axis], dev)
-            self.local_idx[axis] = local
-            self.idx[axis] = local + offset if offset else local
+            self.idx[axis] = rel_index(thw_q[axis], thw_kv[axis], dev, offset)
             tables.append(table.float())
             offset += table.shape[0]
         self.table = torch.cat(tables).contiguous() if tables else _dummy(dev, torch.float32)
@@ -627,7 +625,7 @@ def rel_table_grads(drel, q, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_p
         # backward). Under torch.compile this runs in the traced backward, where a cached tensor
         # would leak between fake and real modes: there the index is rebuilt (a graph constant).
         if cached_index:
-            idx = rel_index(thw_q[axis], thw_kv[axis], q.device).long()
+            idx = rel_index(thw_q[axis], thw_kv[axis], q.device, dtype=torch.int64)
         else:
             idx = rel_pos_index(thw_q[axis], thw_kv[axis]).to(q.device)
         dtable = torch.zeros(table.shape, device=q.device, dtype=torch.float32)
