@@ -23,6 +23,7 @@ from mvit_kernels import reference, tuning
 
 # The modules (the package's attributes of these names are the functions).
 POOL3D_CANDIDATES = importlib.import_module("mvit_kernels.pool3d")._CANDIDATES
+POOL_RESIDUAL_ADD_CANDIDATES = importlib.import_module("mvit_kernels.pool_residual_add")._CANDIDATES
 pp_module = importlib.import_module("mvit_kernels.pooled_projection")
 pa_module = importlib.import_module("mvit_kernels.pooling_attention")
 
@@ -173,7 +174,12 @@ def test_reference_winner_keeps_the_ops_dtype_under_autocast(monkeypatch):
     assert tuning.choices()[0].winner == "reference" and y.dtype == torch.bfloat16
 
 
-def test_pool_residual_add_is_tuned():
+@pytest.mark.parametrize("winner", [None, "fused", "reference", "reference-ncdhw"])
+def test_pool_residual_add_is_tuned(monkeypatch, winner):
+    # None: real timings; otherwise a fake clock makes ``winner`` the fastest.
+    if winner is not None:
+        candidates = POOL_RESIDUAL_ADD_CANDIDATES
+        monkeypatch.setattr(tuning, "_best_ms", lambda fn, *a: 1.0 if fn is candidates[winner] else 2.0)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 1 + 4 * 6 * 5, 16, generator=g, dtype=torch.float64, requires_grad=True)
     branch = torch.randn(2, 1 + 4 * 3 * 3, 16, generator=g, dtype=torch.float64, requires_grad=True)
@@ -183,7 +189,12 @@ def test_pool_residual_add_is_tuned():
         out = mvit_kernels.pool_residual_add(x, *args, branch, scale)
     (choice,) = tuning.choices()
     assert choice.op == "pool_residual_add" and set(choice.ms) == {"fused", "reference", "reference-ncdhw"}
-    torch.testing.assert_close(out, reference.pool_residual_add(x, *args, branch, scale), atol=1e-10, rtol=1e-10)
+    assert winner is None or choice.winner == winner
+    want = reference.pool_residual_add(x, *args, branch, scale)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
+    grad = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    for got_g, want_g in zip(torch.autograd.grad(out, (x, branch), grad), torch.autograd.grad(want, (x, branch), grad)):
+        torch.testing.assert_close(got_g, want_g, atol=1e-10, rtol=1e-10)
 
 
 @needs_interpreter
