@@ -58,11 +58,28 @@ STEPS = {
 }
 
 
-def _save(out: str, device: str, stamp: str, summary: list, archive) -> None:
+def releases() -> dict:
+    """The software a run's numbers depend on (tile rules and kernels differ between Triton
+    releases; README, "Tested releases")."""
+    import platform
+
+    import torch
+
+    found = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+             "cudnn": torch.backends.cudnn.version()}
+    for module in ("triton", "numpy", "torchvision"):
+        try:
+            found[module] = __import__(module).__version__
+        except ImportError:
+            found[module] = None
+    return found
+
+
+def _save(out: str, device: str, stamp: str, summary: list, archive, versions: dict) -> None:
     import tarfile
 
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"device": device, "date": stamp, "steps": summary}, f, indent=2)
+        json.dump({"device": device, "date": stamp, "releases": versions, "steps": summary}, f, indent=2)
     if archive:
         with tarfile.open(archive, "w:gz") as tar:
             tar.add(out, arcname=os.path.basename(out.rstrip("/")))
@@ -94,6 +111,8 @@ def main(argv=None) -> int:
     env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
     archive = args.archive or (os.path.join(os.environ["OUT"], "gpu_results.tgz") if os.environ.get("OUT") else None)
     summary = []
+    versions = releases()
+    print("gpu_suite: " + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
     for name in args.steps:
         cmd, timeout = STEPS[name]
         if args.deadline is not None:
@@ -116,10 +135,11 @@ def main(argv=None) -> int:
         print(f"gpu_suite: {name}: rc={rc} in {elapsed:.0f} s", flush=True)
         if rc != 0:
             print("\n".join(open(log_path).read().splitlines()[-40:]), flush=True)
-        _save(out, device, stamp, summary, archive)  # after every step: a killed run keeps what it did
+        _save(out, device, stamp, summary, archive, versions)  # after every step: a killed run keeps what it did
         if name == "build" and rc != 0:
             break
     print(f"\n# GPU suite on {device}, {stamp} (results in {out})\n")
+    print(", ".join(f"{k} {v}" for k, v in versions.items()) + "\n")
     print("| step | exit | seconds | last line |\n|---|---|---:|---|")
     for s in summary:
         print(f"| {s['step']} | {s['rc']} | {s['seconds']} | {s['last_line']} |")
