@@ -83,7 +83,8 @@ class _EagerPoolResidualAdd(torch.autograd.Function):
         thw, kernel, stride, padding, has_cls = window
         ctx.save_for_backward(x, branch, scale)
         ctx.window = window
-        return torch.ops.mvit_kernels.pool_residual_add(x, thw, kernel, stride, padding, branch, scale, has_cls)
+        with torch._C._AutoDispatchBelowAutograd():  # as _EagerPool3d: straight to the kernel
+            return torch.ops.mvit_kernels.pool_residual_add(x, thw, kernel, stride, padding, branch, scale, has_cls)
 
     @staticmethod
     def backward(ctx, grad_out):

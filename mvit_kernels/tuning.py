@@ -126,7 +126,7 @@ def _describe(a: Any) -> Any:
     if isinstance(a, Tensor):
         return ("tensor", a.shape, a.stride(), a.dtype, a.device, a.requires_grad)
     if isinstance(a, (list, tuple)):
-        return tuple([_describe(v) for v in a])
+        return tuple([_describe(v) if isinstance(v, (Tensor, list, tuple)) else v for v in a])
     return a
 
 
@@ -150,7 +150,7 @@ def select(op: str, candidates: Mapping[str, Callable[..., Any]], args: tuple, d
         return candidates[default]
     backward = torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
     autocast_on = torch.is_autocast_enabled(x.device.type)
-    key = (op, backward, autocast_on, tuple(_describe(a) for a in args))
+    key = (op, backward, autocast_on, _describe(args))
     choice = _choices.get(key)
     if choice is None:
         choice = _choices[key] = _tune(op, key, candidates, args, default, backward, x.device)
