@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     archive = args.archive or (os.path.join(os.environ["OUT"], "gpu_results.tgz") if os.environ.get("OUT") else None)
     summary = []
     versions = releases()
-    print("gpu_suite: " + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
+    versions_line = ", ".join(f"{k} {v}" for k, v in versions.items())
+    print("gpu_suite: " + versions_line, flush=True)
     for name in args.steps:
         cmd, timeout = STEPS[name]
         if args.deadline is not None:
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
         if name == "build" and rc != 0:
             break
     print(f"\n# GPU suite on {device}, {stamp} (results in {out})\n")
-    print(", ".join(f"{k} {v}" for k, v in versions.items()) + "\n")
+    print(versions_line + "\n")
     print("| step | exit | seconds | last line |\n|---|---|---:|---|")
     for s in summary:
         print(f"| {s['step']} | {s['rc']} | {s['seconds']} | {s['last_line']} |")

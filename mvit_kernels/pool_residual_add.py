@@ -120,4 +120,3 @@ if _extension.load():
     @register_flop_formula(torch.ops.mvit_kernels.pool_residual_add_backward)
     def _backward_flops(*args, out_shape=None, **kwargs) -> int:
         return 0
-

@@ -1,16 +1,18 @@
-"""Per-shape choice between a fused kernel and its plain-PyTorch alternative, by timing both on
+"""Per-shape choice between a fused kernel and its plain-PyTorch alternatives, by timing each on
 first use (as ``torch.backends.cudnn.benchmark`` does for convolution algorithms).
 
 Why: which implementation wins depends on the GPU, the shape and whether a backward follows. On
 the H100 the CUDA pool ops beat cuDNN's depthwise convolution 2-4x at MViT-B's first blocks but
 lost to it at some later shapes (``bench/results/gpu_*``), and the Triton K/V projection has only
-a byte/FLOP model behind its dispatch rule. Timing both once per shape makes ``fused=True`` never
-slower per op than the alternative, whatever the card.
+a byte/FLOP model behind its dispatch rule. Timing each once per shape makes ``fused=True`` never
+slower per op than its alternatives, whatever the card.
 
 What is tuned (each op's candidates return the same values in the same dtype):
 
-- ``pool3d``: the C++/CUDA op vs the reference (cuDNN convolution / pooling + LayerNorm);
-- ``pool_residual_add``: the C++/CUDA op vs max pooling + add;
+- ``pool3d``: the C++/CUDA op vs the reference (convolution / pooling + LayerNorm) with the token
+  grid as a channels-last view and as a contiguous NCDHW copy, which reach different CUDA kernels
+  (``reference.pool3d``'s ``contiguous_grid``);
+- ``pool_residual_add``: the C++/CUDA op vs max pooling + add, in the same two layouts;
 - ``pooling_attention``: the Triton kernels vs SDPA, where the kernels cover the call;
 - ``pooled_projection``: the Triton kernel vs ``F.linear`` + ``pool3d`` (where the static rule
   would take Triton).
@@ -183,8 +185,8 @@ def _tune(op, key, candidates, args, default, backward, device) -> Choice:
 def _best_ms(fn: Callable[..., Any], args: tuple, backward: bool, device: torch.device) -> float:
     """Fastest of REPEATS timed runs of fn (forward, + backward when asked), after one warm-up."""
     # Detached aliases of the inputs (no copies) as the timing graph's leaves, so the caller's
-    # graph and .grad are untouched; identity saved-tensor hooks shield the timing graph from the caller's (e.g. the
-    # recompute hooks of torch.utils.checkpoint).
+    # graph and .grad are untouched; identity saved-tensor hooks shield the timing graph from the
+    # caller's (e.g. the recompute hooks of torch.utils.checkpoint).
     inputs = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, Tensor) and backward else a for a in args)
     leaves = [a for a in inputs if isinstance(a, Tensor) and a.requires_grad]
     grad_out: list[Optional[Tensor]] = [None]
