@@ -185,5 +185,10 @@ def test_pool_residual_add_contiguous_grid_same_result():
     x = torch.randn(2, 1 + 2 * 5 * 5, 6, generator=g, dtype=torch.float64)
     branch = torch.randn(2, 1 + 2 * 3 * 3, 6, generator=g, dtype=torch.float64)
     args = ((2, 5, 5), (1, 3, 3), (1, 2, 2), (0, 1, 1), branch, None, True)
-    torch.testing.assert_close(reference.pool_residual_add(x, *args, contiguous_grid=True),
-                               reference.pool_residual_add(x, *args), atol=0, rtol=0)
+    outs = []
+    for contiguous in (False, True):
+        log = _PoolInputs()
+        with log:
+            outs.append(reference.pool_residual_add(x, *args, contiguous_grid=contiguous))
+        assert log.layouts == [("max_pool3d_with_indices", contiguous)]
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
