@@ -337,13 +337,15 @@ def test_cuda_build_flag_is_registered():
     assert mvit_kernels.has_cuda_kernels() == torch.ops.mvit_kernels.built_with_cuda()
 
 
-# (thw, kernel, stride, padding, has_cls) for the CUDA-vs-CPU check: MViT's q pooling, and
-# geometries the CUDA kernels' index math must get right (t stride, odd sizes, no class token,
-# K/V strides with lines where a tap is all padding, kernel 1, a kernel of 1 along w).
+# (thw, kernel, stride, padding, has_cls) for the CUDA-vs-CPU checks (here on a GPU, and in
+# tests/test_cuda_emulated.py on the CPU): MViT's q pooling, and geometries the CUDA kernels'
+# index math must get right (t stride, odd sizes, no class token, K/V strides with lines where a
+# tap is all padding, kernel 1, a kernel of 1 along w). Every one is valid for all three modes
+# (avg needs the grid at least the kernel).
 CUDA_GEOMETRIES = [
     ((4, 9, 9), (3, 3, 3), (1, 2, 2), (1, 1, 1), True),
     ((3, 5, 7), (3, 3, 3), (2, 2, 2), (1, 1, 1), False),
-    ((2, 16, 16), (3, 3, 3), (1, 8, 8), (1, 1, 1), True),
+    ((3, 16, 16), (3, 3, 3), (1, 8, 8), (1, 1, 1), True),
     ((4, 6, 5), (3, 3, 1), (2, 3, 2), (1, 1, 0), True),
     ((2, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), False),
 ]

@@ -250,12 +250,17 @@ def test_the_cpp_op_checks_its_arguments_too():
         op(x.long(), [2, 5, 5], [1, 3, 3], [1, 2, 2], [0, 1, 1], branch.long(), None, True)
 
 
+# (thw, kernel, stride, padding, has_cls) for the CUDA-vs-CPU checks (here on a GPU, and in
+# tests/test_cuda_emulated.py on the CPU).
+CUDA_GEOMETRIES = [
+    pytest.param((4, 13, 13), (1, 3, 3), (1, 2, 2), (0, 1, 1), True, id="mvit"),  # MViT's skip pooling
+    pytest.param((3, 5, 7), (3, 3, 3), (2, 2, 2), (1, 1, 1), False, id="t-stride-nocls"),  # odd sizes
+    pytest.param((2, 9, 9), (1, 3, 3), (1, 4, 4), (0, 1, 1), True, id="stride4"),  # inputs no window covers
+]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("thw, kernel, stride, padding, has_cls", [
-    ((4, 13, 13), (1, 3, 3), (1, 2, 2), (0, 1, 1), True),   # MViT's skip pooling
-    ((3, 5, 7), (3, 3, 3), (2, 2, 2), (1, 1, 1), False),    # t stride, odd sizes, no class token
-    ((2, 9, 9), (1, 3, 3), (1, 4, 4), (0, 1, 1), True),     # inputs no window covers
-], ids=["mvit", "t-stride-nocls", "stride4"])
+@pytest.mark.parametrize("thw, kernel, stride, padding, has_cls", CUDA_GEOMETRIES)
 def test_cuda_matches_cpu(thw, kernel, stride, padding, has_cls):
     assert mvit_kernels.has_cuda_kernels(), "CUDA is available but the extension was built without CUDA"
     x, branch, scale = _inputs(2, thw, 96, kernel, stride, padding, has_cls, True, torch.float32)

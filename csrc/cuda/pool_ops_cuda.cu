@@ -18,16 +18,44 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <utility>
+
+#include "pool3d_common.h"
+#include "pool_args.h"
+
+#ifdef MVIT_CUDA_EMULATION
+// The tests compile this file as C++ and run its kernels on the CPU, thread by thread
+// (tests/cpp/cuda_emulation.h); the header provides launch_kernel and dynamic_smem there.
+#include "cuda_emulation.h"
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
-#include <torch/library.h>
 
-#include <algorithm>
+namespace mvit {
+namespace {
 
-#include "pool3d_common.h"
-#include "pool_args.h"
+// The block's dynamic shared memory (the launch's smem bytes) as an array of T.
+template <class T>
+__device__ T* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  return reinterpret_cast<T*>(smem_raw);
+}
+
+template <class... Params, class... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args&&... args) {
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace mvit
+#endif
 
 namespace mvit {
 namespace {
@@ -122,8 +150,7 @@ pool3d_forward_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_t sH, in
                       int64_t rows, OutputRowDivs divs, int64_t d, PoolGeom g, PoolMode mode,
                       const scalar_t* __restrict__ w, const scalar_t* __restrict__ nw, const scalar_t* __restrict__ nb,
                       acc_t eps) {
-  extern __shared__ unsigned char smem_raw[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* smem = dynamic_smem<acc_t>();
   const int64_t c = threadIdx.x;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const int64_t r = base + threadIdx.y;
@@ -153,8 +180,7 @@ pool3d_backward_rows_kernel(const scalar_t* __restrict__ gy, const scalar_t* __r
                             OutputRowDivs divs, int64_t heads, int64_t d, PoolGeom g, PoolMode mode,
                             const scalar_t* __restrict__ w, const scalar_t* __restrict__ nw, acc_t eps,
                             acc_t* __restrict__ grad_nw, acc_t* __restrict__ grad_nb) {
-  extern __shared__ unsigned char smem_raw[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* smem = dynamic_smem<acc_t>();
   const int64_t c = threadIdx.x;
   const int64_t grid_out = g.out_grid();
   acc_t acc_nw = 0, acc_nb = 0;
@@ -315,12 +341,11 @@ at::Tensor pool3d_cuda(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArray
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t rows = B * heads * n_out;
     const Launch l = make_launch<acc_t>(rows, d);
-    pool3d_forward_kernel<scalar_t, acc_t><<<l.grid, l.block, l.smem, stream>>>(
+    launch_kernel(pool3d_forward_kernel<scalar_t, acc_t>, l.grid, l.block, l.smem, stream,
         x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), y.data_ptr<scalar_t>(), rows,
         output_rows(g, heads, rows, l, "mvit_kernels.pool3d"), d, g, mode,
         w.defined() ? w.data_ptr<scalar_t>() : nullptr, norm ? nw.data_ptr<scalar_t>() : nullptr,
         norm ? nb.data_ptr<scalar_t>() : nullptr, static_cast<acc_t>(eps));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
 }
@@ -358,18 +383,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cuda(
       const scalar_t* wp = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
       const int64_t rows_out = B * heads * n_out;
       const Launch l1 = make_launch<acc_t>(rows_out, d);
-      pool3d_backward_rows_kernel<scalar_t, acc_t><<<l1.grid, l1.block, l1.smem, stream>>>(
+      launch_kernel(pool3d_backward_rows_kernel<scalar_t, acc_t>, l1.grid, l1.block, l1.smem, stream,
           grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2),
           dp.data_ptr<acc_t>(), mode == kMax ? argmax.data_ptr<int32_t>() : nullptr, rows_out,
           output_rows(g, heads, rows_out, l1, "mvit_kernels.pool3d_backward"), heads, d, g, mode, wp,
           norm ? nw.data_ptr<scalar_t>() : nullptr, static_cast<acc_t>(eps),
           norm ? grad_nw_acc.data_ptr<acc_t>() : nullptr, norm ? grad_nb_acc.data_ptr<acc_t>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       const Launch l2 = line_launch<acc_t>(B * heads * (g.T * g.H + g.cls), d);
-      pool3d_backward_input_kernel<scalar_t, acc_t><<<l2.grid, l2.block, 0, stream>>>(
+      launch_kernel(pool3d_backward_input_kernel<scalar_t, acc_t>, l2.grid, l2.block, 0, stream,
           dp.data_ptr<acc_t>(), mode == kMax ? argmax.data_ptr<int32_t>() : nullptr, grad_x.data_ptr<scalar_t>(),
           B * heads, N, d, g, mode, wp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (mode == kConv) {
         const int64_t lines = B * heads * g.To * g.Ho;  // rows of Wo outputs
         // make_launch's block shape; one block per line, up to a few waves spread over the K
@@ -377,10 +400,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cuda(
         Launch l3 = make_launch<acc_t>(lines, d);
         const int64_t per_offset = static_cast<int64_t>(multiprocessors()) * 8 / std::min<int64_t>(K, 8);
         l3.grid = dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min(lines, per_offset))), static_cast<unsigned>(K));
-        pool3d_backward_weight_kernel<scalar_t, acc_t><<<l3.grid, l3.block, 0, stream>>>(
+        launch_kernel(pool3d_backward_weight_kernel<scalar_t, acc_t>, l3.grid, l3.block, 0, stream,
             dp.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), lines, heads, d,
             g, grad_w_acc.data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
   }
@@ -493,11 +515,10 @@ at::Tensor pool_residual_add_cuda(const at::Tensor& x_in, at::IntArrayRef thw, a
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t rows = B * n_out;
     const Launch l = make_launch<acc_t>(rows, C);
-    pool_residual_add_forward_kernel<scalar_t, acc_t><<<l.grid, l.block, 0, stream>>>(
+    launch_kernel(pool_residual_add_forward_kernel<scalar_t, acc_t>, l.grid, l.block, 0, stream,
         x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), branch.data_ptr<scalar_t>(),
         has_scale ? scale.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), rows,
         output_rows(g, 1, rows, l, "mvit_kernels.pool_residual_add"), C, g);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
@@ -527,16 +548,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cuda(
       using acc_t = at::opmath_type<scalar_t>;
       const int64_t rows_out = B * n_out;
       const Launch l1 = make_launch<acc_t>(rows_out, C);
-      pool_residual_add_backward_rows_kernel<scalar_t, acc_t><<<l1.grid, l1.block, 0, stream>>>(
+      launch_kernel(pool_residual_add_backward_rows_kernel<scalar_t, acc_t>, l1.grid, l1.block, 0, stream,
           grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), branch.data_ptr<scalar_t>(),
           has_scale ? scale.data_ptr<scalar_t>() : nullptr, grad_branch.data_ptr<scalar_t>(), argmax.data_ptr<int32_t>(),
           has_scale ? grad_scale_acc.data_ptr<acc_t>() : nullptr, rows_out,
           output_rows(g, 1, rows_out, l1, "mvit_kernels.pool_residual_add_backward"), C, g);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       const Launch l2 = line_launch<acc_t>(B * (g.T * g.H + g.cls), C);
-      pool_residual_add_backward_input_kernel<scalar_t, acc_t><<<l2.grid, l2.block, 0, stream>>>(
+      launch_kernel(pool_residual_add_backward_input_kernel<scalar_t, acc_t>, l2.grid, l2.block, 0, stream,
           grad.data_ptr<scalar_t>(), argmax.data_ptr<int32_t>(), grad_x.data_ptr<scalar_t>(), B, N, C, g);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   return {grad_x, grad_branch, grad_scale_acc.to(x.scalar_type())};
@@ -545,9 +564,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cuda(
 }  // namespace
 }  // namespace mvit
 
+#ifndef MVIT_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(mvit_kernels, CUDA, m) {
   m.impl("pool3d", &mvit::pool3d_cuda);
   m.impl("pool3d_backward", &mvit::pool3d_backward_cuda);
   m.impl("pool_residual_add", &mvit::pool_residual_add_cuda);
   m.impl("pool_residual_add_backward", &mvit::pool_residual_add_backward_cuda);
 }
+#endif
