@@ -3,7 +3,8 @@
 Knobs (environment variables):
   MVIT_KERNELS_CUDA=1|0     force the CUDA sources on or off (default: on when a CUDA build of
                             torch and a CUDA toolkit are both present)
-  TORCH_CUDA_ARCH_LIST      GPU architectures to compile for (default here: "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST      GPU architectures to compile for (default here: "8.0;9.0+PTX" and the
+                            architecture of every GPU the build machine has)
   MAX_JOBS                  parallel compile jobs (ninja)
   CUDA_HOME                 toolkit root; found from nvcc when unset
 """
@@ -58,6 +59,22 @@ def _want_cuda(cuda_home: str | None) -> bool:
     return torch.version.cuda is not None and cuda_home is not None
 
 
+def _cuda_arch_list() -> str:
+    """The default TORCH_CUDA_ARCH_LIST: code for sm_80 (runs on every 8.x GPU) and sm_90, PTX
+    of the newest (which the driver compiles for later GPUs, Blackwell included, on first use),
+    and code for each GPU the build machine has."""
+    import torch
+
+    archs = {"8.0", "9.0"}
+    try:
+        for i in range(torch.cuda.device_count()):
+            archs.add("{}.{}".format(*torch.cuda.get_device_capability(i)))
+    except Exception:  # no driver, or a CPU build: the defaults alone
+        pass
+    ordered = sorted(archs, key=lambda a: tuple(int(p) for p in a.split(".")))
+    return ";".join(ordered[:-1] + [ordered[-1] + "+PTX"])
+
+
 def _extensions():
     cuda_home = _find_cuda_home()
     if cuda_home:
@@ -71,7 +88,7 @@ def _extensions():
     define_macros = []
     if use_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _cuda_arch_list())
         define_macros.append(("MVIT_WITH_CUDA", None))
         ext = cpp_extension.CUDAExtension(
             "mvit_kernels._C",

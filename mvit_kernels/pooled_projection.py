@@ -45,8 +45,9 @@ from .pool3d import pool3d as _pool3d
 
 try:
     from .triton import pooled_projection as _kernels
+    from .triton.pooling_attention import runs_on as _runs_on
 except ImportError:  # no Triton in this environment: the composed path everywhere
-    _kernels = None
+    _kernels = _runs_on = None
 
 
 def _slice_rows(weight: Tensor, which: str) -> slice:
@@ -254,6 +255,7 @@ def triton_pooled_projection(
     thw, kernel, stride, padding = check_pooled_projection_args(
         x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias
     )
+    _kernels.device_cc(x)  # a GPU before Ampere (or a CPU without the interpreter): a clear error
     if not _kernel_covers(x, weight, num_heads):
         raise ValueError(
             f"the Triton kernel does not cover dtype={x.dtype}, head_dim={weight.shape[0] // 3 // num_heads} (max 128)"
@@ -263,8 +265,9 @@ def triton_pooled_projection(
 
 
 def _kernel_covers(x: Tensor, weight: Tensor, num_heads: int) -> bool:
-    """Whether the Triton kernel handles x's dtype and the head dim."""
-    return _kernels is not None and x.dtype in _kernels.DTYPES and weight.shape[0] // 3 // num_heads <= _kernels.D_PADS[-1]
+    """Whether the Triton kernel handles x's dtype, the head dim and x's device."""
+    return (_kernels is not None and x.dtype in _kernels.DTYPES and weight.shape[0] // 3 // num_heads <= _kernels.D_PADS[-1]
+            and _runs_on(x))
 
 
 def _run_triton(x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode,

@@ -230,6 +230,34 @@ def test_config_rule_covers_every_dtype_and_head_pad():
     assert kernels.next_pow2(96) == 128 and kernels.next_pow2(8) == 16
 
 
+@pytest.mark.parametrize("capability, smem_optin, rule", [
+    ((8, 0), 166912, 80),   # A100
+    ((8, 7), 166912, 80),   # Jetson AGX Orin
+    ((8, 6), 101376, 86),   # RTX 3090, A10, A40
+    ((8, 9), 101376, 86),   # RTX 4090, L4, L40S
+    ((9, 0), 232448, 90),   # H100, H200
+    ((10, 0), 232448, 90),  # B200
+    ((12, 0), 101376, 86),  # RTX 5090, RTX PRO 6000 Blackwell
+    ((7, 5), 65536, None),  # T4: no bf16 tensor cores, SDPA instead
+    ((7, 0), 98304, None),  # V100
+])
+def test_tile_rule_by_device(capability, smem_optin, rule):
+    # Each rule's configs are compiled for its target within its shared memory (test_triton_aot.py),
+    # so a GPU must take a rule whose limit its own shared memory reaches.
+    assert kernels.rule_for(capability, smem_optin) == rule
+    if rule is not None:
+        assert kernels.RULES[rule] <= smem_optin
+
+
+def test_config_rule_names_a_tile_rule():
+    from mvit_kernels.triton import pooled_projection as projection
+
+    with pytest.raises(ValueError, match=r"cc must name a tile rule, one of \(90, 80, 86\)"):
+        kernels.select_config("fwd", torch.bfloat16, 128, 89)
+    with pytest.raises(ValueError, match=r"cc must name a tile rule"):
+        projection.select_config(torch.bfloat16, 128, 120)
+
+
 def test_tiny_mvitv2_through_the_triton_attention(monkeypatch):
     from mvit import build_model
     from mvit import model as model_module

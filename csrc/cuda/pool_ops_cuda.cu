@@ -50,7 +50,19 @@ template <class... Params, class... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                    Args&&... args) {
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaErrorNoKernelImageForDevice) {
+    int device = 0;
+    cudaDeviceProp prop;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    TORCH_CHECK(false, "mvit_kernels: the CUDA extension has no code for this GPU (", prop.name,
+                ", compute capability ", prop.major, ".", prop.minor,
+                "). Rebuild it on this machine (pip install --no-build-isolation --no-deps -e . adds the "
+                "GPUs it sees), or with TORCH_CUDA_ARCH_LIST naming ", prop.major, ".", prop.minor,
+                "; MViT(fused=False) runs without it.");
+  }
+  C10_CUDA_CHECK(err);
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of every Triton kernel config the dispatchers can pick (pooling
-attention and the pooled projection), for sm_80 and sm_90, without a GPU; reads registers /
-spills / shared memory from the cubin with the cuobjdump that ships in the Triton wheel.
+attention and the pooled projection), for each tile rule's target (sm_80, sm_86, sm_90), without
+a GPU; reads registers / spills / shared memory from the cubin with the cuobjdump that ships in
+the Triton wheel.
 
 Runs with the interpreter off (``TRITON_INTERPRET=0``; under the interpreter ``@triton.jit``
 functions cannot be compiled), so callers in an interpreter process use a subprocess:
@@ -18,9 +19,12 @@ import subprocess
 import sys
 import tempfile
 
-#: Per-block shared memory limits (opt-in maximum) in bytes.
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-TARGETS = (80, 90)
+from .pooling_attention import RULES
+
+#: One target per tile rule (sm_80, sm_86, sm_90), each with its rule's shared memory limit
+#: (opt-in maximum per block, bytes).
+SMEM_LIMIT = RULES
+TARGETS = tuple(sorted(RULES))
 #: STACK is the per-thread stack frame, where ptxas puts spilled registers (cuobjdump's LOCAL
 #: counts explicit local arrays, which these kernels have none of, so it is checked too). Up to
 #: 16 bytes (four 32-bit values, touched outside the inner loop in the configs that show it,
@@ -212,7 +216,8 @@ def markdown(rows: list[dict]) -> str:
         "Every config `select_config` can pick, compiled without a GPU (`python -m mvit_kernels.triton.aot`),",
         "all features on and the widest rel tile (R_PAD 64). REG/STACK/LOCAL/SHARED from `cuobjdump",
         "--dump-resource-usage`; shared is the larger of cuobjdump's static figure and Triton's dynamic",
-        f"`metadata.shared`. Limits: LOCAL 0, STACK <= {STACK_LIMIT} B, shared <= 163 KB (sm_80) / 227 KB (sm_90).",
+        f"`metadata.shared`. Limits: LOCAL 0, STACK <= {STACK_LIMIT} B, shared <= "
+        + " / ".join(f"{SMEM_LIMIT[cc] // 1024} KB (sm_{cc})" for cc in TARGETS) + ".",
         "",
         "| kernel | dtype | dot | partials | d_pad | BLOCK_M | BLOCK_N | warps | stages | target | REG | STACK | LOCAL | shared (B) | ok |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",

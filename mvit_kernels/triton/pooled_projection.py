@@ -53,7 +53,8 @@ import triton
 import triton.language as tl
 
 from ..checks import pool_output_size, pool_output_thw
-from .pooling_attention import D_PADS, DTYPES, _check_last_dim, _dummy, _head_tile, device_cc, dot_precision, next_pow2
+from .pooling_attention import (D_PADS, DTYPES, _check_last_dim, _check_rule, _dummy, _head_tile, device_cc, dot_precision,
+                                next_pow2)
 
 MODES = ("conv", "avg", "max")
 #: The fused kernel is picked up to this recompute factor: the byte/FLOP model's crossover at
@@ -282,7 +283,8 @@ class ProjectionConfig:
 def select_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: str = "tf32") -> ProjectionConfig:
     """The one rule that picks tiles, by dtype, padded head dim, compute capability and dot
     precision (no autotune: the interpreter cannot run it, and the AOT test compiles exactly what
-    this returns for sm_80 and sm_90; the interpreter uses the sm_90 rule).
+    this returns for each rule's target, sm_80, sm_86 and sm_90; the interpreter uses the sm_90
+    rule; ``cc`` names the rule, see ``pooling_attention.RULES``).
 
     Each program holds two (BLOCK_M, D_PAD) fp32 tiles in registers (the accumulator and one
     tap's projection) plus the x and W chunks: 64 rows over 4 warps to head 64, 8 warps at head
@@ -291,6 +293,7 @@ def select_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: str =
     """
     if d_pad not in D_PADS:
         raise ValueError(f"d_pad must be one of {D_PADS}, got {d_pad}")
+    _check_rule(cc)
     if precision == "ieee":
         return ProjectionConfig(16, 16, 4, 1)
     warps = 8 if d_pad >= 128 else 4
@@ -319,12 +322,13 @@ def select_bwd_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: s
         raise ValueError(f"d_pad must be one of {D_PADS}, got {d_pad}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _check_rule(cc)
     if precision == "ieee":
         return ProjectionConfig(16, 16, 4, 2 if (d_pad >= 128 and mode != "conv") else 1)
     warps = 8 if d_pad >= 64 else 4
     if dtype == torch.float32:
         return ProjectionConfig(32, 16, warps, 1)
-    return ProjectionConfig(32, 16 if (cc == 80 and d_pad == 32) else 32, warps, 1)
+    return ProjectionConfig(32, 16 if (cc in (80, 86) and d_pad == 32) else 32, warps, 1)
 
 
 def recompute_factor(kernel: Sequence[int], stride: Sequence[int], thw: Sequence[int], padding: Optional[Sequence[int]] = None) -> float:

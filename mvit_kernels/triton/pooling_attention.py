@@ -329,6 +329,18 @@ D_PADS = (16, 32, 64, 128)
 R_PADS = (16, 32, 64)
 KERNELS = ("fwd", "bwd_delta", "bwd_dkdv", "bwd_dq")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+#: The tile rules, named by the target the AOT check compiles each for, with the shared memory
+#: per block (opt-in maximum, bytes) its configs may use. A GPU takes the first rule whose limit
+#: its own shared memory reaches (:func:`rule_for`):
+#:   90: 227 KB, H100/H200 (sm_90), B200/B300 (sm_100/103);
+#:   80: 163 KB, A100 (sm_80), Jetson Orin (sm_87);
+#:   86:  99 KB, RTX 30/40/50 and RTX PRO, A10/A40, L4/L40S (sm_86/89/120).
+RULES = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024}
+#: bf16 tensor-core dots need Ampere; older GPUs (Volta, Turing) take SDPA and the unfused ops.
+MIN_CAPABILITY = (8, 0)
+#: Opt-in shared memory by compute capability, for torch releases whose device properties
+#: lack ``shared_memory_per_block_optin``; other capabilities are taken to have 99 KB.
+_SMEM_OPTIN = {(8, 0): 166912, (8, 7): 166912, (9, 0): 232448, (10, 0): 232448, (10, 3): 232448}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,7 +358,9 @@ def next_pow2(n: int, minimum: int = 16) -> int:
 def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90, precision: str = "tf32") -> AttentionConfig:
     """The one rule that picks tiles, by kernel, dtype, padded head dim and compute capability
     (no autotune: the interpreter cannot run it, and the AOT test compiles exactly what this
-    returns for sm_80 and sm_90; the interpreter uses the sm_90 rule).
+    returns for each rule's target, sm_80, sm_86 and sm_90; the interpreter uses the sm_90
+    rule). ``cc`` names the rule (:data:`RULES`, :func:`device_cc`); rule 86 is rule 80 within
+    99 KB of shared memory.
 
     Forward: a 128-row query tile streams the few short key tiles (L_kv is 393 or 1,569 while
     L_q reaches 25,089); q, the fp32 accumulator, the packed rel tile and a 128x64 score tile
@@ -362,8 +376,8 @@ def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90, pre
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if d_pad not in D_PADS:
         raise ValueError(f"d_pad must be one of {D_PADS}, got {d_pad}")
-    if cc not in (80, 90):
-        cc = 80 if cc < 90 else 90
+    _check_rule(cc)
+    sm80 = cc in (80, 86)  # Ampere / Ada register allocation (mma.sync), as measured on sm_80
     if kernel == "bwd_delta":  # elementwise and a row sum: 64 rows, no dots, no pipelining
         return AttentionConfig(64, 16, 4, 1)
     if precision == "ieee":
@@ -371,18 +385,21 @@ def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90, pre
     if dtype == torch.float32:
         if kernel == "fwd":
             return AttentionConfig(64, 32, 8 if d_pad >= 128 else 4, 2)
+        if kernel == "bwd_dkdv" and cc == 86 and d_pad >= 128:
+            return AttentionConfig(16, 32, 4, 1)  # 32x32 takes 104 KB of shared memory
         return AttentionConfig(32, 32, 4, 1)
     if kernel == "fwd":
         # sm_80 at head 128: 32-key tiles (64 put 24 B on the stack once the forward also
-        # stores the pre-residual output).
-        block_n = 32 if (cc == 80 and d_pad >= 128) else 64
+        # stores the pre-residual output); sm_86: 16 (32 put 24 B there, and 64-row tiles
+        # 24-312 B).
+        block_n = (16 if cc == 86 else 32) if (sm80 and d_pad >= 128) else 64
         return AttentionConfig(128, block_n, 8 if d_pad >= 64 else 4, 2 if d_pad >= 128 else 3)
     warps = 8 if d_pad >= 128 else 4
     if kernel == "bwd_dkdv":
         # sm_80 at head 64: 32-key tiles (64 sat at 255 registers and put 40-80 B on the stack
         # under Triton 3.6, though not under 3.8).
-        return AttentionConfig(32 if d_pad >= 128 else 64, 32 if (cc == 80 and d_pad == 64) else 64, warps, 2)
-    return AttentionConfig(32 if (cc == 80 and d_pad >= 64) else 64, 64, warps, 2)
+        return AttentionConfig(32 if d_pad >= 128 else 64, 32 if (sm80 and d_pad == 64) else 64, warps, 2)
+    return AttentionConfig(32 if (sm80 and d_pad >= 64) else 64, 64, warps, 2)
 
 
 def query_splits(programs: int, query_tiles: int, q: torch.Tensor) -> int:
@@ -395,13 +412,51 @@ def query_splits(programs: int, query_tiles: int, q: torch.Tensor) -> int:
     return max(1, min(query_tiles, (2 * sms) // max(programs, 1)))
 
 
+def _check_rule(cc: int) -> None:
+    if cc not in RULES:
+        raise ValueError(f"cc must name a tile rule, one of {tuple(RULES)} (see device_cc), got {cc}")
+
+
+def rule_for(capability: Sequence[int], smem_per_block_optin: int) -> Optional[int]:
+    """The tile rule (:data:`RULES`) for a GPU of this compute capability and opt-in shared
+    memory per block, or None where the kernels do not run (before Ampere)."""
+    if tuple(capability) < MIN_CAPABILITY:
+        return None
+    return next((rule for rule, limit in RULES.items() if smem_per_block_optin >= limit), None)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_rule(index: int) -> Optional[int]:
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or _SMEM_OPTIN.get((props.major, props.minor), 99 * 1024)
+    return rule_for((props.major, props.minor), smem)
+
+
+def _cuda_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+def runs_on(t: torch.Tensor) -> bool:
+    """Whether the kernels can take t's device: a GPU with a tile rule (Ampere or newer), or
+    the CPU under the interpreter (see :func:`device_cc`)."""
+    return not t.is_cuda or _device_rule(_cuda_index(t)) is not None
+
+
 def device_cc(t: torch.Tensor) -> int:
-    """Compute capability major*10 for the config rule (the sm_90 rule under the interpreter).
+    """The tile rule for t's device (:data:`RULES`; the sm_90 rule under the interpreter).
     Every launcher asks it first, so it also refuses, with a clear error, a device the kernels
-    cannot run on (see :func:`interpreter_problem`)."""
+    cannot run on: a GPU before Ampere, or CPU tensors without a working interpreter (see
+    :func:`interpreter_problem`)."""
     if t.is_cuda:
-        major, _ = torch.cuda.get_device_capability(t.device)
-        return 80 if major < 9 else 90
+        rule = _device_rule(_cuda_index(t))
+        if rule is None:
+            major, minor = torch.cuda.get_device_capability(t.device)
+            raise RuntimeError(
+                f"mvit_kernels Triton kernels need a GPU of compute capability >= 8.0 (Ampere or newer); "
+                f"{torch.cuda.get_device_name(t.device)} is {major}.{minor}. The dispatching ops "
+                "(pooling_attention, pooled_projection) use SDPA and the unfused ops there."
+            )
+        return rule
     problem = interpreter_problem()
     if problem is not None:
         raise RuntimeError(f"mvit_kernels Triton kernels got a {t.device.type} tensor: {problem}")
@@ -434,7 +489,7 @@ def interpreter_problem() -> Optional[str]:
 
 def supports(q: torch.Tensor, thw_kv: Sequence[int], has_rel: bool) -> bool:
     """Whether the Triton kernels cover this call (else the caller falls back to SDPA)."""
-    if q.dtype not in DTYPES or q.shape[-1] > D_PADS[-1]:
+    if q.dtype not in DTYPES or q.shape[-1] > D_PADS[-1] or not runs_on(q):
         return False
     if q.is_cuda and q.shape[-1] < 16:
         # Heads narrower than one 16-wide tile: an H100 run (Triton 3.6) of a bf16 head-8 case
