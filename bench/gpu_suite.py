@@ -107,7 +107,10 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(ROOT, "bench", "results", f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', device)}_{stamp}")
     os.makedirs(out, exist_ok=True)
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-    env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    import torch
+
+    # Code for this GPU only: the build default adds sm_80 and PTX, build time the device limit counts.
+    env.setdefault("TORCH_CUDA_ARCH_LIST", "{}.{}".format(*torch.cuda.get_device_capability()))
     env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
     archive = args.archive or (os.path.join(os.environ["OUT"], "gpu_results.tgz") if os.environ.get("OUT") else None)
     summary = []
