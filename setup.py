@@ -59,16 +59,31 @@ def _want_cuda(cuda_home: str | None) -> bool:
     return torch.version.cuda is not None and cuda_home is not None
 
 
-def _cuda_arch_list() -> str:
+def _nvcc_archs(cuda_home: str) -> set[str] | None:
+    """The architectures this nvcc compiles for ("7.5", "8.0", ...), or None if it cannot say."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = {f"{int(n) // 10}.{int(n) % 10}" for n in re.findall(r"compute_(\d+)", out)}
+    return found or None
+
+
+def _cuda_arch_list(cuda_home: str) -> str:
     """The default TORCH_CUDA_ARCH_LIST: code for sm_80 (runs on every 8.x GPU) and sm_90, PTX
     of the newest (which the driver compiles for later GPUs, Blackwell included, on first use),
-    and code for each GPU the build machine has."""
+    and code for each GPU the build machine has that nvcc can compile for (CUDA 13 has dropped
+    Volta, for one)."""
     import torch
 
     archs = {"8.0", "9.0"}
+    supported = _nvcc_archs(cuda_home)
     try:
         for i in range(torch.cuda.device_count()):
-            archs.add("{}.{}".format(*torch.cuda.get_device_capability(i)))
+            arch = "{}.{}".format(*torch.cuda.get_device_capability(i))
+            if supported is not None and arch in supported:
+                archs.add(arch)
     except Exception:  # no driver, or a CPU build: the defaults alone
         pass
     ordered = sorted(archs, key=lambda a: tuple(int(p) for p in a.split(".")))
@@ -88,7 +103,7 @@ def _extensions():
     define_macros = []
     if use_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _cuda_arch_list())
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _cuda_arch_list(cuda_home))
         define_macros.append(("MVIT_WITH_CUDA", None))
         ext = cpp_extension.CUDAExtension(
             "mvit_kernels._C",
