@@ -249,6 +249,33 @@ def test_tile_rule_by_device(capability, smem_optin, rule):
         assert kernels.RULES[rule] <= smem_optin
 
 
+def _tile_choices(d_pad):
+    """Every distinct set of (fwd, bwd_dkdv, bwd_dq) tiles a rule picks at this head pad, over
+    rules, dtypes and dot precisions."""
+    choices = {}
+    for rule in kernels.RULES:
+        for dtype in kernels.DTYPES:
+            for precision in ("tf32", "ieee") if dtype == torch.float32 else ("tf32",):
+                tiles = {k: kernels.select_config(k, dtype, d_pad, rule, precision) for k in ("fwd", "bwd_dkdv", "bwd_dq")}
+                key = tuple((c.block_m, c.block_n) for c in tiles.values())
+                choices.setdefault(key, (f"rule{rule}-{str(dtype)[6:]}-{precision}", tiles))
+    return list(choices.values())
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter runs any tile shape on fp32 data")
+@pytest.mark.parametrize("name, tiles", _tile_choices(128), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_rules_tiles_run_correctly(monkeypatch, name, tiles):
+    # The fp32 interpreter tests run the sm_90 rule's fp32 tiles; the tiles of the other rules and
+    # of 16-bit inputs (128-row queries, 16- to 64-key tiles) are compiled by test_triton_aot.py
+    # but would otherwise never run. The kernels are generic in dtype, so fp32 data through each
+    # rule's tiles checks their masks and loops: 163 queries and 19 keys leave partial tiles.
+    original = kernels.select_config
+    monkeypatch.setattr(kernels, "select_config",
+                        lambda kernel, *args, **kw: tiles.get(kernel) or original(kernel, *args, **kw))
+    q, k, v, tables = make_inputs(1, 2, 96, (3, 7, 7), (3, 3, 2), True, "thw")
+    check_against_reference(q, k, v, tables, (3, 7, 7), (3, 3, 2), True, True)
+
+
 def test_config_rule_names_a_tile_rule():
     from mvit_kernels.triton import pooled_projection as projection
 

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mvit_kernels import reference
 from mvit_kernels.triton import pooled_projection as kernels
+from mvit_kernels.triton.pooling_attention import RULES
 
 # The module, not the function of the same name that mvit_kernels exports.
 pp = importlib.import_module("mvit_kernels.pooled_projection")
@@ -298,6 +299,37 @@ def test_config_rule_covers_every_dtype_and_head_pad():
             for precision in ("tf32", "ieee"):
                 cfg = kernels.select_config(dtype, d_pad, 90, precision)
                 assert cfg.block_m >= 16 and cfg.block_k >= 16
+
+
+def _tile_choices():
+    """Every distinct (forward, backward) tile pair a rule picks, over rules, dtypes, dot
+    precisions, head pads 32 and 128 and the modes."""
+    choices = {}
+    for rule in RULES:
+        for dtype in kernels.DTYPES:
+            for precision in ("tf32", "ieee") if dtype == torch.float32 else ("tf32",):
+                for d_pad in (32, 128):
+                    for mode in kernels.MODES:
+                        fwd = kernels.select_config(dtype, d_pad, rule, precision)
+                        bwd = kernels.select_bwd_config(dtype, d_pad, rule, precision, mode)
+                        key = (d_pad, fwd.block_m, fwd.block_k, bwd.block_m, bwd.block_k)
+                        choices.setdefault(key, (f"d{d_pad}-rule{rule}-{str(dtype)[6:]}-{precision}-{mode}", fwd, bwd))
+    return list(choices.values())
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter runs any tile shape on fp32 data")
+@pytest.mark.parametrize("name, fwd, bwd", _tile_choices(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_rules_tiles_run_correctly(monkeypatch, name, fwd, bwd, backward_launches):
+    # As in test_triton_attention.py: the fp32 interpreter tests run the sm_90 rule's fp32 tiles;
+    # every other rule's and dtype's tiles run here on fp32 data (33 grid rows at stride 1x2x2
+    # leave partial row tiles; C = 40 leaves a partial channel chunk).
+    monkeypatch.setattr(kernels, "select_config", lambda *args, **kw: fwd)
+    monkeypatch.setattr(kernels, "select_bwd_config", lambda *args, **kw: bwd)
+    d = 24 if name.startswith("d32") else 96
+    thw = (3, 5, 6)
+    inputs = make_inputs(1, 1, d, 40, thw, K3, "conv", True, True)
+    check_against_reference(pp.triton_pooled_projection, inputs, "v", 1, thw, K3, (1, 2, 2), P1, "conv", True)
+    assert backward_launches == ["conv"]
 
 
 def _bad(**changes):
