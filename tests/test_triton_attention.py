@@ -2,9 +2,11 @@
 forward and every gradient (q, k, v and the rel-pos tables), the registered op (opcheck,
 torch.compile, FLOP formulas) and a tiny MViTv2.
 
-In CI the kernels run in the Triton interpreter on CPU tensors (float32). On a GPU machine with
-TRITON_INTERPRET=0 the same tests run the compiled kernels on CUDA tensors, float32 with TF32 off
-(every tl.dot in IEEE fp32), plus a bfloat16 check against a float64 reference."""
+In CI the kernels run in the Triton interpreter on CPU tensors (float32, and float16 for the
+half-precision check). On a GPU machine with TRITON_INTERPRET=0 the same tests run the compiled
+kernels on CUDA tensors, float32 with TF32 off (every tl.dot in IEEE fp32), and the
+half-precision check in bfloat16; it holds results to 1e-2 of a float64 reference, or 1.5x the
+reference's own error in that dtype."""
 
 import importlib
 import os
@@ -323,14 +325,17 @@ def test_tiny_mvitv2_through_the_triton_attention(monkeypatch):
         torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.skipif(INTERPRET, reason="bfloat16 tensor-core rounding is checked on a GPU only")
 @pytest.mark.parametrize("case", CASES, ids=ids)
-def test_bfloat16_on_cuda_within_1e_2_of_float64(case):
+def test_half_precision_within_1e_2_of_float64(case):
+    # bfloat16 on a GPU; float16 in the interpreter, whose bfloat16 tl.dot is wrong (numpy has no
+    # bfloat16; elementwise bf16 is fine), so there the 16-bit path runs at float16: its tiles,
+    # the casts to the input dtype, and dk/dv's fp32 partials when split over queries.
+    low_dtype = torch.float16 if INTERPRET else torch.bfloat16
     B, heads, d, thw_q, thw_kv, has_cls, rel, residual = case
     _skip_narrow_heads_on_cuda(d)
     q, k, v, tables = make_inputs(B, heads, d, thw_q, thw_kv, has_cls, rel)
     leaves = [t for t in (q, k, v, *tables) if t is not None]
-    low = [t.detach().bfloat16().requires_grad_() for t in leaves]  # tables too, as the model casts them
+    low = [t.detach().to(low_dtype).requires_grad_() for t in leaves]  # tables too, as the model casts them
     high = [t.detach().double().requires_grad_() for t in low]
 
     def call(fn, ts):

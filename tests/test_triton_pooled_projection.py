@@ -7,7 +7,9 @@ the argument checks.
 In CI the kernel runs in the Triton interpreter on CPU tensors, float32 (the interpreter's
 tl.dot is a numpy fp32 matmul). Tolerances: atol = rtol = 1e-4 for the forward and the
 gradients; observed errors are ~1e-6 before and ~1e-5 after the LayerNorm (which divides by
-the standard deviation over d); one float16 forward is held to 2e-2 of a float64 reference.
+the standard deviation over d); one float16 forward is held to 2e-2 of a float64 reference,
+and the float16 (bfloat16 on a GPU) output and gradients to 2e-2 or 1.5x the reference's own
+error in that dtype.
 Sizes are small because the interpreter is slow. On a GPU machine with TRITON_INTERPRET=0 the
 same tests run the compiled kernel on CUDA tensors with TF32 off (IEEE fp32 dots)."""
 
@@ -173,6 +175,40 @@ def test_float16_forward_close_to_float64():
     want, _ = run(reference.pooled_projection, {k: t.detach().double() for k, t in inputs.items()}, *args)
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["conv", "avg", "max"])
+def test_half_precision_gradients_close_to_float64(mode):
+    # The 16-bit backward: float16 in the interpreter (see above), bfloat16 on a GPU. Every
+    # gradient within 2e-2 of float64 (relative norm), or no worse than 1.5x the reference's own
+    # error when run in the same dtype, where rounding alone exceeds that.
+    low_dtype = torch.float16 if INTERPRET else torch.bfloat16
+    thw = (3, 5, 6)  # avg needs every axis at least the kernel
+    inputs = make_inputs(1, 2, 96, 40, thw, K3, mode, True, True, seed=9)
+    low = {k: None if t is None else t.detach().to(low_dtype).requires_grad_() for k, t in inputs.items()}
+    high = {k: None if t is None else t.detach().double().requires_grad_() for k, t in low.items()}
+    args = ("v", 2, thw, K3, (1, 2, 2), P1, mode, True)
+    got, _ = run(pp.triton_pooled_projection, low, *args)
+    # torch's CPU avg_pool3d has no float16: that reference runs in float32 on the same values.
+    cpu_avg = not low["x"].is_cuda and mode == "avg"
+    same, _ = run(reference.pooled_projection,
+                  {k: t.float() if cpu_avg and t is not None else t for k, t in low.items()}, *args)
+    want, _ = run(reference.pooled_projection, high, *args)
+    assert got.dtype == low_dtype
+
+    def rel_err(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    assert rel_err(got, want) <= max(2e-2, 1.5 * rel_err(same, want))
+    names = [k for k, t in low.items() if t is not None]
+    grad_y = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(want.device)
+    grads = torch.autograd.grad(got, [low[k] for k in names], grad_y.to(low_dtype))
+    ref_grads = torch.autograd.grad(same, [low[k] for k in names], grad_y.to(low_dtype))
+    want_grads = torch.autograd.grad(want, [high[k] for k in names], grad_y)
+    for name, a, r, b in zip(names, grads, ref_grads, want_grads):
+        assert a.dtype == low_dtype, name
+        bound = max(2e-2, 1.5 * rel_err(r, b))
+        assert rel_err(a, b) <= bound, f"grad {name}: {rel_err(a, b):.2e} (reference in {low_dtype}: {rel_err(r, b):.2e})"
 
 
 def test_public_op_composed_path_matches_reference():
