@@ -358,7 +358,7 @@ def flex_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h
                 term = q.new_zeros(B, H, *thw_q, size)
             else:
                 R = reference.interpolate_rel_pos(table, reference.rel_pos_table_length(thw_q[axis], size))
-                R = R[reference.rel_pos_index(thw_q[axis], size).to(q.device)]
+                R = R[reference.rel_pos_index(thw_q[axis], size, q.device)]
                 term = torch.einsum(eq, grid_q, R)
             term = term.reshape(B, H, n_q - s, size)
             terms.append(torch.cat((term.new_zeros(B, H, s, size), term), 2))  # class row: no bias

@@ -163,14 +163,15 @@ def interpolate_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
     return resized.squeeze(0).t()
 
 
-def rel_pos_index(q_size: int, k_size: int) -> torch.Tensor:
-    """(q_size, k_size) indices into a table of length 2*max(q_size, k_size) - 1.
+def rel_pos_index(q_size: int, k_size: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """(q_size, k_size) indices into a table of length 2*max(q_size, k_size) - 1, built on
+    ``device`` (a CPU tensor copied to a GPU would synchronize with it every call).
 
     When q and k grids differ, the coarser one's coordinates are scaled up so that both span
     the same extent (MViTv2, Sec. 3.1)."""
     q_ratio = max(k_size / q_size, 1.0)
     k_ratio = max(q_size / k_size, 1.0)
-    dist = torch.arange(q_size)[:, None] * q_ratio - torch.arange(k_size)[None, :] * k_ratio
+    dist = torch.arange(q_size, device=device)[:, None] * q_ratio - torch.arange(k_size, device=device)[None, :] * k_ratio
     dist = dist + (k_size - 1) * k_ratio
     return dist.long()
 
@@ -198,12 +199,12 @@ def rel_pos_terms(
     r_q = r_q.reshape(B, heads, qt, qh, qw, d)
     rel_t = rel_h = rel_w = None
     if rel_pos_h is not None:
-        Rh = interpolate_rel_pos(rel_pos_h, rel_pos_table_length(qh, kh))[rel_pos_index(qh, kh).to(q.device)]
-        Rw = interpolate_rel_pos(rel_pos_w, rel_pos_table_length(qw, kw))[rel_pos_index(qw, kw).to(q.device)]
+        Rh = interpolate_rel_pos(rel_pos_h, rel_pos_table_length(qh, kh))[rel_pos_index(qh, kh, q.device)]
+        Rw = interpolate_rel_pos(rel_pos_w, rel_pos_table_length(qw, kw))[rel_pos_index(qw, kw, q.device)]
         rel_h = torch.einsum("bythwc,hkc->bythwk", r_q, Rh)
         rel_w = torch.einsum("bythwc,wkc->bythwk", r_q, Rw)
     if rel_pos_t is not None:
-        Rt = interpolate_rel_pos(rel_pos_t, rel_pos_table_length(qt, kt))[rel_pos_index(qt, kt).to(q.device)]
+        Rt = interpolate_rel_pos(rel_pos_t, rel_pos_table_length(qt, kt))[rel_pos_index(qt, kt, q.device)]
         rel_t = torch.einsum("bythwc,tkc->bythwk", r_q, Rt)
     return rel_t, rel_h, rel_w
 

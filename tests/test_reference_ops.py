@@ -54,6 +54,16 @@ def test_decomposed_rel_pos_matches_torchvision(q_thw, k_thw):
     torch.testing.assert_close(got, expected)
 
 
+def test_rel_pos_index_is_built_on_the_requested_device():
+    # Built where it is used: a CPU index copied to a GPU would synchronize host and GPU every
+    # attention call. The meta device shows no host tensor is made and moved.
+    idx = reference.rel_pos_index(7, 4, torch.device("meta"))
+    assert idx.device.type == "meta" and idx.shape == (7, 4) and idx.dtype == torch.int64
+    # q 7 long, k 4: k's coordinates scaled by 7/4 so both span the same extent (MViTv2 3.1).
+    expected = torch.tensor([[int(i - j * 7 / 4 + 3 * 7 / 4) for j in range(4)] for i in range(7)])
+    assert torch.equal(reference.rel_pos_index(7, 4, torch.device("cpu")), expected)
+
+
 def test_pooling_attention_residual_pooling_matches_torchvision_formula():
     torch.manual_seed(0)
     B, heads, d = 2, 2, 8

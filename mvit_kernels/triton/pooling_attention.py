@@ -676,13 +676,13 @@ def rel_table_grads(drel, q, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_p
             grads.append(None)
             continue
         g = torch.einsum(eq, dr[..., start:start + size], qg)
-        # Eagerly, the cached device index (a fresh host-to-device copy would synchronize every
-        # backward). Under torch.compile this runs in the traced backward, where a cached tensor
-        # would leak between fake and real modes: there the index is rebuilt (a graph constant).
+        # Eagerly, the cached device index (building it costs a few small launches a call).
+        # Under torch.compile this runs in the traced backward, where a cached tensor would leak
+        # between fake and real modes: there the index is built on the device in the graph.
         if cached_index:
             idx = rel_index(thw_q[axis], thw_kv[axis], q.device, dtype=torch.int64)
         else:
-            idx = rel_pos_index(thw_q[axis], thw_kv[axis]).to(q.device)
+            idx = rel_pos_index(thw_q[axis], thw_kv[axis], q.device)
         dtable = torch.zeros(table.shape, device=q.device, dtype=torch.float32)
         dtable.index_add_(0, idx.reshape(-1), g.reshape(-1, D))
         grads.append(dtable.to(table.dtype))
