@@ -53,8 +53,8 @@ import triton
 import triton.language as tl
 
 from ..checks import pool_output_size, pool_output_thw
-from .pooling_attention import (D_PADS, DTYPES, _check_last_dim, _check_rule, _dummy, _head_tile, device_cc, dot_precision,
-                                next_pow2)
+from .pooling_attention import (D_PADS, DTYPES, MMA_SYNC_RULES, _check_last_dim, _check_rule, _dummy, _head_tile,
+                                device_cc, dot_precision, next_pow2)
 
 MODES = ("conv", "avg", "max")
 #: The fused kernel is picked up to this recompute factor: the byte/FLOP model's crossover at
@@ -328,7 +328,7 @@ def select_bwd_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: s
     warps = 8 if d_pad >= 64 else 4
     if dtype == torch.float32:
         return ProjectionConfig(32, 16, warps, 1)
-    return ProjectionConfig(32, 16 if (cc in (80, 86) and d_pad == 32) else 32, warps, 1)
+    return ProjectionConfig(32, 16 if (cc in MMA_SYNC_RULES and d_pad == 32) else 32, warps, 1)
 
 
 def recompute_factor(kernel: Sequence[int], stride: Sequence[int], thw: Sequence[int], padding: Optional[Sequence[int]] = None) -> float:

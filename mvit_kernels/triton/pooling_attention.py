@@ -336,6 +336,9 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #:   80: 163 KB, A100 (sm_80), Jetson Orin (sm_87);
 #:   86:  99 KB, RTX 30/40/50 and RTX PRO, A10/A40, L4/L40S (sm_86/89/120).
 RULES = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024}
+#: The rules whose GPUs run tl.dot as mma.sync (Ampere, Ada, and the 99 KB Blackwell cards, which
+#: have no wgmma): their register budgets follow what the AOT figures showed on sm_80.
+MMA_SYNC_RULES = (80, 86)
 #: bf16 tensor-core dots need Ampere; older GPUs (Volta, Turing) take SDPA and the unfused ops.
 MIN_CAPABILITY = (8, 0)
 #: Opt-in shared memory by compute capability, for torch releases whose device properties
@@ -377,7 +380,7 @@ def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90, pre
     if d_pad not in D_PADS:
         raise ValueError(f"d_pad must be one of {D_PADS}, got {d_pad}")
     _check_rule(cc)
-    sm80 = cc in (80, 86)  # Ampere / Ada register allocation (mma.sync), as measured on sm_80
+    sm80 = cc in MMA_SYNC_RULES
     if kernel == "bwd_delta":  # elementwise and a row sum: 64 rows, no dots, no pipelining
         return AttentionConfig(64, 16, 4, 1)
     if precision == "ieee":
@@ -428,7 +431,7 @@ def rule_for(capability: Sequence[int], smem_per_block_optin: int) -> Optional[i
 @functools.lru_cache(maxsize=None)
 def _device_rule(index: int) -> Optional[int]:
     props = torch.cuda.get_device_properties(index)
-    smem = getattr(props, "shared_memory_per_block_optin", 0) or _SMEM_OPTIN.get((props.major, props.minor), 99 * 1024)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or _SMEM_OPTIN.get((props.major, props.minor), RULES[86])
     return rule_for((props.major, props.minor), smem)
 
 
