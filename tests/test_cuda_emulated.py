@@ -26,9 +26,10 @@ import pytest
 import torch
 
 import mvit_kernels
-from mvit_kernels.checks import pool_output_size
 from test_pool3d import CUDA_GEOMETRIES as POOL3D_GEOMETRIES
+from test_pool3d import _inputs as pool3d_inputs
 from test_pool_residual_add import CUDA_GEOMETRIES as RESIDUAL_GEOMETRIES
+from test_pool_residual_add import _inputs as residual_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -92,20 +93,13 @@ def _close(actual, expected, dtype, what):
 
 
 def _pool3d_inputs(B, heads, thw, d, kernel, mode, has_cls, norm, dtype, qkv_slice=False):
-    g = torch.Generator().manual_seed(0)
-    n = thw[0] * thw[1] * thw[2] + (1 if has_cls else 0)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g).to(dtype)
-
+    x, weight, nw, nb = pool3d_inputs(B, heads, thw, d, kernel, mode, has_cls, norm, dtype)
     if qkv_slice:  # k as the model slices it out of the qkv projection: strided over B, heads and N
-        x = _guarded(rand(B, n, 3, heads, d)).permute(2, 0, 3, 1, 4)[1]
+        qkv = torch.randn(B, x.shape[2], 3, heads, d, generator=torch.Generator().manual_seed(2)).to(dtype)
+        x = _guarded(qkv).permute(2, 0, 3, 1, 4)[1]
     else:
-        x = _guarded(rand(B, heads, n, d))
-    weight = _guarded(rand(d, 1, *kernel) * 0.3) if mode == "conv" else None
-    nw = _guarded(1 + 0.5 * rand(d)) if norm else None
-    nb = _guarded(0.5 * rand(d)) if norm else None
-    return x, weight, nw, nb
+        x = _guarded(x)
+    return x, _guarded(weight), _guarded(nw), _guarded(nb)
 
 
 def _check_pool3d(emulated, B, heads, thw, d, kernel, stride, padding, mode, has_cls, norm, dtype, qkv_slice=False):
@@ -166,13 +160,7 @@ def test_pool3d_any_grid_and_order(emulated, device_like, mode, multiprocessors,
 
 
 def _residual_inputs(B, thw, C, kernel, stride, padding, has_cls, with_scale, dtype):
-    g = torch.Generator().manual_seed(0)
-    out = [pool_output_size(s, k, st, p) for s, k, st, p in zip(thw, kernel, stride, padding)]
-    c = 1 if has_cls else 0
-    x = torch.randn(B, c + thw[0] * thw[1] * thw[2], C, generator=g).to(dtype)
-    branch = torch.randn(B, c + out[0] * out[1] * out[2], C, generator=g).to(dtype)
-    scale = (torch.rand(B, generator=g) + 0.5).to(dtype) if with_scale else None
-    return _guarded(x), _guarded(branch), _guarded(scale)
+    return tuple(_guarded(t) for t in residual_inputs(B, thw, C, kernel, stride, padding, has_cls, with_scale, dtype))
 
 
 def _check_residual(emulated, B, thw, C, kernel, stride, padding, has_cls, with_scale, dtype):
