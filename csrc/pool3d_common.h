@@ -23,6 +23,14 @@
 #endif
 #endif
 
+// Unroll the next loop n times in GPU code (the CPU kernels vectorize over channels instead).
+#if defined(__CUDA_ARCH__)
+#define MVIT_PRAGMA(x) _Pragma(#x)
+#define MVIT_UNROLL(n) MVIT_PRAGMA(unroll n)
+#else
+#define MVIT_UNROLL(n)
+#endif
+
 namespace mvit {
 
 enum PoolMode : int { kMax = 0, kAvg = 1, kConv = 2 };
@@ -44,6 +52,46 @@ struct PoolGeom {
   MVIT_HD int64_t out_grid() const { return To * Ho * Wo; }
 };
 
+// Calls f(a, b, c) for every point of the box [a0, a1) x [b0, b1) x [c0, c1) in row-major order
+// (c fastest), as one flat loop with branch-free counters, unrolled on the GPU. The loop shape
+// the GPU kernels use (see for_each_in_box); tests/cpp/index_math_test.cpp checks it on the host.
+template <class F>
+MVIT_HD MVIT_FORCE_INLINE inline void for_each_in_box_flat(int a0, int a1, int b0, int b1, int c0, int c1, F&& f) {
+  if (a1 <= a0 || b1 <= b0 || c1 <= c0) return;
+  const int n = (a1 - a0) * (b1 - b0) * (c1 - c0);
+  int a = a0, b = b0, c = c0;
+  MVIT_UNROLL(4)
+  for (int j = 0; j < n; ++j) {
+    f(a, b, c);
+    const bool next_b = ++c == c1;
+    c = next_b ? c0 : c;
+    b += next_b;
+    const bool next_a = b == b1;
+    b = next_a ? b0 : b;
+    a += next_a;
+  }
+}
+
+// Calls f(a, b, c) for every point of the box [a_lo, a_hi) x [b_lo, b_hi) x [c_lo, c_hi) in
+// row-major order (c fastest), with 32-bit coordinates (the boxes are windows and covering
+// ranges: a few elements per axis). GPU code (and its CPU emulation in the tests) takes the flat
+// loop: as three nested loops of runtime length (MViT's windows are 3 wide) the compiler ran
+// the taps one after another, each load waiting for the one before. The CPU kernels vectorize
+// f's channel loop instead, which the nested loops keep (flat, max pooling ran 12x slower).
+template <class F>
+MVIT_HD MVIT_FORCE_INLINE inline void for_each_in_box(int64_t a_lo, int64_t a_hi, int64_t b_lo, int64_t b_hi,
+                                                      int64_t c_lo, int64_t c_hi, F&& f) {
+  const int a0 = static_cast<int>(a_lo), a1 = static_cast<int>(a_hi), b0 = static_cast<int>(b_lo),
+            b1 = static_cast<int>(b_hi), c0 = static_cast<int>(c_lo), c1 = static_cast<int>(c_hi);
+#if defined(__CUDA_ARCH__) || defined(MVIT_CUDA_EMULATION)
+  for_each_in_box_flat(a0, a1, b0, b1, c0, c1, f);
+#else
+  for (int a = a0; a < a1; ++a)
+    for (int b = b0; b < b1; ++b)
+      for (int c = c0; c < c1; ++c) f(a, b, c);
+#endif
+}
+
 // Calls f(k, i) for every window position of output grid index o that falls inside the input:
 // k is the flat kernel offset ((kt * kH + kh) * kW + kw, the layout of a (d, 1, kT, kH, kW)
 // conv weight), i the input grid index. Positions in the padding are skipped: for max they are
@@ -54,19 +102,17 @@ template <class F>
 MVIT_HD MVIT_FORCE_INLINE inline void for_each_window_input_at(const PoolGeom& g, int64_t ot, int64_t oh, int64_t ow,
                                                                 F&& f) {
   const int64_t t0 = ot * g.sT - g.pT, h0 = oh * g.sH - g.pH, w0 = ow * g.sW - g.pW;
-  for (int64_t kt = 0; kt < g.kT; ++kt) {
-    const int64_t t = t0 + kt;
-    if (t < 0 || t >= g.T) continue;
-    for (int64_t kh = 0; kh < g.kH; ++kh) {
-      const int64_t h = h0 + kh;
-      if (h < 0 || h >= g.H) continue;
-      for (int64_t kw = 0; kw < g.kW; ++kw) {
-        const int64_t w = w0 + kw;
-        if (w < 0 || w >= g.W) continue;
-        f((kt * g.kH + kh) * g.kW + kw, (t * g.H + h) * g.W + w);
-      }
-    }
-  }
+  // Kernel offsets whose position is inside the input, per axis.
+  const auto lo = [](int64_t start) { return start < 0 ? -start : int64_t{0}; };
+  const auto hi = [](int64_t start, int64_t k, int64_t size) { return size - start < k ? size - start : k; };
+  // k and i in 32 bits (make_pool_geom checks the grid size), from the window's first position.
+  const int kH = static_cast<int>(g.kH), kW = static_cast<int>(g.kW), H = static_cast<int>(g.H),
+            W = static_cast<int>(g.W);
+  const int i0 = static_cast<int>((t0 * g.H + h0) * g.W + w0);  // may lie in the padding; i0 + offset does not
+  for_each_in_box(lo(t0), hi(t0, g.kT, g.T), lo(h0), hi(h0, g.kH, g.H), lo(w0), hi(w0, g.kW, g.W),
+                  [&](int kt, int kh, int kw) MVIT_FORCE_INLINE {
+                    f((kt * kH + kh) * kW + kw, i0 + (kt * H + kh) * W + kw);
+                  });
 }
 
 template <class F>
@@ -167,16 +213,17 @@ MVIT_HD MVIT_FORCE_INLINE inline void for_each_covering_output_on_line(const Poo
                                                                         F&& f) {
   int64_t w_lo, w_hi;
   covering_range(iw, g.kW, g.sW, g.pW, g.Wo, &w_lo, &w_hi);
-  for (int64_t ot = line.t_lo; ot <= line.t_hi; ++ot) {
-    const int64_t kt = line.it + g.pT - ot * g.sT;
-    for (int64_t oh = line.h_lo; oh <= line.h_hi; ++oh) {
-      const int64_t kh = line.ih + g.pH - oh * g.sH;
-      for (int64_t ow = w_lo; ow <= w_hi; ++ow) {
-        const int64_t kw = iw + g.pW - ow * g.sW;
-        f((kt * g.kH + kh) * g.kW + kw, (ot * g.Ho + oh) * g.Wo + ow);
-      }
-    }
-  }
+  // In 32 bits: a sample's output grid is smaller than its input grid (see make_pool_geom).
+  const int kH = static_cast<int>(g.kH), kW = static_cast<int>(g.kW), Ho = static_cast<int>(g.Ho),
+            Wo = static_cast<int>(g.Wo), sT = static_cast<int>(g.sT), sH = static_cast<int>(g.sH),
+            sW = static_cast<int>(g.sW);
+  const int t_at = static_cast<int>(line.it + g.pT), h_at = static_cast<int>(line.ih + g.pH),
+            w_at = static_cast<int>(iw + g.pW);
+  for_each_in_box(line.t_lo, line.t_hi + 1, line.h_lo, line.h_hi + 1, w_lo, w_hi + 1,
+                  [&](int ot, int oh, int ow) MVIT_FORCE_INLINE {
+                    const int kt = t_at - ot * sT, kh = h_at - oh * sH, kw = w_at - ow * sW;
+                    f((kt * kH + kh) * kW + kw, (ot * Ho + oh) * Wo + ow);
+                  });
 }
 
 // Calls f(k, o) for every output grid index o whose window contains input grid index i, with

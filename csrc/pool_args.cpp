@@ -36,6 +36,9 @@ PoolGeom make_pool_geom(at::IntArrayRef thw, at::IntArrayRef kernel, at::IntArra
   g.Ho = pool_out_size(g.H, g.kH, g.sH, g.pH);
   g.Wo = pool_out_size(g.W, g.kW, g.sW, g.pW);
   g.cls = has_cls ? 1 : 0;
+  // The window loops (pool3d_common.h) index a sample's grid in 32 bits.
+  TORCH_CHECK(g.in_grid() + g.cls <= INT32_MAX, op, ": at most 2^31 - 1 tokens per sample, thw=", thw, " has ",
+              g.in_grid());
   TORCH_CHECK(num_tokens == g.in_grid() + g.cls, op, ": x has ", num_tokens, " tokens but thw=", thw,
               has_cls ? " + 1 class token" : "", " implies ", g.in_grid() + g.cls);
   return g;

@@ -5,7 +5,9 @@
 // channel (reads and writes of a row are coalesced over d), threadIdx.y picks one of R rows;
 // blocks stride over the rows (the dx gathers: over input lines, their threads looping over
 // channels past 512). LayerNorm's row sums are block reductions (warp shuffles, then
-// shared memory across the row's warps).
+// shared memory across the row's warps). In conv mode each block first copies the weights
+// into shared memory, transposed to (K, d) so a warp's reads are consecutive (ConvWeights), and
+// the window loops are unrolled (pool3d_common.h), so several taps' loads are in flight.
 //
 // Launches: pool3d forward 1; pool3d backward 2 (+1 in conv mode): rows (dp, arg-max, norm
 // parameter partials), inputs (dx gathered from the covering outputs: no atomics, each dx
@@ -125,11 +127,58 @@ __device__ T row_sum(T v, T* smem) {
   return s;
 }
 
+// Elements of row_sum's scratch at the start of a block's shared memory: one per warp.
+__device__ inline int row_scratch() { return blockDim.y * (blockDim.x / 32); }
+
+// Dynamic shared memory a block may use without opting in.
+constexpr size_t kMaxDynamicSmem = 48 * 1024;
+
+// The conv weights, (d, K) in memory, as the kernels read them: weight(c, k). A warp's threads
+// are consecutive channels, so reading w[c * K + k] in place touches 32 sectors K elements
+// apart per load (for MViT's K = 27, ~14x the L1 wavefronts of the x load beside it, at every
+// tap). Blocks therefore stage them transposed, (K, d) in acc_t, in shared memory when they fit
+// (stage_conv_weights); otherwise they read w in place.
+template <class scalar_t, class acc_t>
+struct ConvWeights {
+  const scalar_t* w = nullptr;  // (d, K); null outside conv mode
+  int staged_at = -1;           // element offset of the (K, d) copy in dynamic shared memory, or -1
+  int64_t K = 0, d = 0;
+
+  // The staged copy is addressed through the shared-memory symbol, not a pointer chosen at run
+  // time, so the compiler emits shared loads (LDS) instead of generic ones.
+  __device__ acc_t operator()(int64_t c, int64_t k) const {
+    return staged_at >= 0 ? dynamic_smem<acc_t>()[staged_at + k * d + c] : static_cast<acc_t>(w[c * K + k]);
+  }
+};
+
+// Shared-memory bytes for staged conv weights of d channels, beside `used` bytes the kernel
+// already takes; 0 (read in place) when not in conv mode or when they do not fit.
+template <class acc_t>
+size_t staged_weight_bytes(PoolMode mode, const PoolGeom& g, int64_t d, size_t used) {
+  if (mode != kConv) return 0;
+  const size_t bytes = static_cast<size_t>(g.kernel_volume() * d) * sizeof(acc_t);
+  return used + bytes <= kMaxDynamicSmem ? bytes : 0;
+}
+
+// Copies w (d, K) into dynamic shared memory from element offset `at` on as (K, d) and
+// synchronizes the block, when at >= 0 (the launcher's choice, the same for the whole block:
+// every thread reaches the barrier or none does).
+template <class scalar_t, class acc_t>
+__device__ ConvWeights<scalar_t, acc_t> stage_conv_weights(const scalar_t* w, int64_t K, int64_t d, int at) {
+  if (at < 0) return {w, -1, K, d};
+  acc_t* smem = dynamic_smem<acc_t>() + at;
+  const int n = static_cast<int>(K * d), K32 = static_cast<int>(K), d32 = static_cast<int>(d);
+  for (int j = threadIdx.y * blockDim.x + threadIdx.x; j < n; j += blockDim.x * blockDim.y)
+    smem[(j % K32) * d32 + j / K32] = static_cast<acc_t>(w[j]);  // coalesced reads; once per block
+  __syncthreads();
+  return {w, at, K, d};
+}
+
 // Pooled value of channel c of the output grid token row (its ot, oh, ow), with its arg-max
 // for mode max.
 template <class scalar_t, class acc_t>
 __device__ acc_t pool_value(const scalar_t* xb, int64_t sN, const PoolGeom& g, const OutputRow& row, int64_t c,
-                            PoolMode mode, const scalar_t* w, int32_t* argmax) {
+                            PoolMode mode, const ConvWeights<scalar_t, acc_t>& weight, int32_t* argmax) {
   if (mode == kMax) {
     acc_t best = -INFINITY;
     int32_t idx = -1;
@@ -149,9 +198,8 @@ __device__ acc_t pool_value(const scalar_t* xb, int64_t sN, const PoolGeom& g, c
                              [&](int64_t, int64_t i) { acc += static_cast<acc_t>(xb[(g.cls + i) * sN + c]); });
     return acc / static_cast<acc_t>(g.kernel_volume());  // count_include_pad=True, see the CPU file
   }
-  const int64_t K = g.kernel_volume();
   for_each_window_input_at(g, row.ot, row.oh, row.ow, [&](int64_t k, int64_t i) {
-    acc += static_cast<acc_t>(w[c * K + k]) * static_cast<acc_t>(xb[(g.cls + i) * sN + c]);
+    acc += weight(c, k) * static_cast<acc_t>(xb[(g.cls + i) * sN + c]);
   });
   return acc;
 }
@@ -160,9 +208,10 @@ template <class scalar_t, class acc_t>
 __global__ void MVIT_LAUNCH_BOUNDS
 pool3d_forward_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_t sH, int64_t sN, scalar_t* __restrict__ y,
                       int64_t rows, OutputRowDivs divs, int64_t d, PoolGeom g, PoolMode mode,
-                      const scalar_t* __restrict__ w, const scalar_t* __restrict__ nw, const scalar_t* __restrict__ nb,
-                      acc_t eps) {
-  acc_t* smem = dynamic_smem<acc_t>();
+                      const scalar_t* __restrict__ w, bool stage_w, const scalar_t* __restrict__ nw,
+                      const scalar_t* __restrict__ nb, acc_t eps) {
+  acc_t* smem = dynamic_smem<acc_t>();  // row_sum's scratch, then the staged weights
+  const auto weight = stage_conv_weights<scalar_t, acc_t>(w, g.kernel_volume(), d, stage_w ? row_scratch() : -1);
   const int64_t c = threadIdx.x;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const int64_t r = base + threadIdx.y;
@@ -171,7 +220,7 @@ pool3d_forward_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_t sH, in
     if (active) {
       const OutputRow row = divs(static_cast<uint32_t>(r));
       const scalar_t* xb = x + row.batch * sB + row.head * sH;
-      v = row.is_cls ? static_cast<acc_t>(xb[c]) : pool_value<scalar_t, acc_t>(xb, sN, g, row, c, mode, w, nullptr);
+      v = row.is_cls ? static_cast<acc_t>(xb[c]) : pool_value<scalar_t, acc_t>(xb, sN, g, row, c, mode, weight, nullptr);
     }
     if (nw != nullptr) {
       const acc_t mean = row_sum<acc_t>(v, smem) / d;
@@ -190,10 +239,13 @@ __global__ void MVIT_LAUNCH_BOUNDS
 pool3d_backward_rows_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x, int64_t sB, int64_t sH,
                             int64_t sN, acc_t* __restrict__ dp, int32_t* __restrict__ argmax, int64_t rows,
                             OutputRowDivs divs, int64_t heads, int64_t d, PoolGeom g, PoolMode mode,
-                            const scalar_t* __restrict__ w, const scalar_t* __restrict__ nw, acc_t eps,
-                            acc_t* __restrict__ grad_nw, acc_t* __restrict__ grad_nb) {
-  acc_t* smem = dynamic_smem<acc_t>();
+                            const scalar_t* __restrict__ w, bool stage_w, const scalar_t* __restrict__ nw,
+                            acc_t eps, acc_t* __restrict__ grad_nw, acc_t* __restrict__ grad_nb) {
+  acc_t* smem = dynamic_smem<acc_t>();  // row_sum's scratch, then the staged weights
+  const auto weight = stage_conv_weights<scalar_t, acc_t>(w, g.kernel_volume(), d, stage_w ? row_scratch() : -1);
   const int64_t c = threadIdx.x;
+  // The pooled value is needed for the LayerNorm backward and for the arg-max only.
+  const bool recompute = nw != nullptr || mode == kMax;
   const int64_t grid_out = g.out_grid();
   acc_t acc_nw = 0, acc_nb = 0;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows; base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
@@ -205,7 +257,8 @@ pool3d_backward_rows_kernel(const scalar_t* __restrict__ gy, const scalar_t* __r
       const int64_t slab = static_cast<int64_t>(row.batch) * heads + row.head;
       const scalar_t* xb = x + row.batch * sB + row.head * sH;
       int32_t* am = (mode == kMax && !row.is_cls) ? argmax + (slab * grid_out + row.n - g.cls) * d + c : nullptr;
-      v = row.is_cls ? static_cast<acc_t>(xb[c]) : pool_value<scalar_t, acc_t>(xb, sN, g, row, c, mode, w, am);
+      if (recompute)
+        v = row.is_cls ? static_cast<acc_t>(xb[c]) : pool_value<scalar_t, acc_t>(xb, sN, g, row, c, mode, weight, am);
       dy = static_cast<acc_t>(gy[r * d + c]);
     }
     if (nw != nullptr) {
@@ -265,8 +318,9 @@ Launch line_launch(int64_t lines, int64_t d) {
 template <class scalar_t, class acc_t>
 __global__ void pool3d_backward_input_kernel(const acc_t* __restrict__ dp, const int32_t* __restrict__ argmax,
                                              scalar_t* __restrict__ gx, int64_t slabs, int64_t N, int64_t d, PoolGeom g,
-                                             PoolMode mode, const scalar_t* __restrict__ w) {
+                                             PoolMode mode, const scalar_t* __restrict__ w, bool stage_w) {
   const int64_t n_out = g.cls + g.out_grid(), grid_out = g.out_grid(), K = g.kernel_volume();
+  const auto weight = stage_conv_weights<scalar_t, acc_t>(w, K, d, stage_w ? 0 : -1);
   const int64_t grid_lines = slabs * g.T * g.H, lines = grid_lines + slabs * g.cls;
   for (int64_t line = blockIdx.x; line < lines; line += gridDim.x) {
     int64_t bh;
@@ -291,7 +345,7 @@ __global__ void pool3d_backward_input_kernel(const acc_t* __restrict__ dp, const
           } else if (mode == kAvg) {
             acc += v;
           } else {
-            acc += v * static_cast<acc_t>(w[c * K + k]);
+            acc += v * weight(c, k);
           }
         });
         if (mode == kAvg) acc /= static_cast<acc_t>(K);
@@ -302,34 +356,48 @@ __global__ void pool3d_backward_input_kernel(const acc_t* __restrict__ dp, const
 }
 
 // Backward (3), conv mode: grad_w[c, k] = sum over grid outputs o of dp[o, c] * x[in(o, k), c].
-// blockIdx.y is the kernel offset k, decomposed into (kt, kh, kw) once per block; blocks stride
-// over output lines (batch*head, ot, oh) and the block's rows (threadIdx.y) over the line's Wo
-// outputs, so each output costs a few multiply-adds of index math. (The per-output div/mod of a
-// flat row index, with k's own, were ~380 of the loop's instructions in the compiled sm_90 code.)
+// blockIdx.x is the kernel offset k, so the K blocks of a range of lines are launched side by side
+// and read the same dp and x lines, from L2. (With k in blockIdx.y, each offset swept all of dp
+// and x again: at MViT-B's block 1, batch 8, 27 passes over ~115 MB, which L2 cannot hold.)
+// Blocks stride over output lines (batch*head, ot, oh) in steps of gridDim.y, the block's rows
+// (threadIdx.y) over the line's outputs whose tap lies inside the input; the rows' sums meet in
+// shared memory, then one atomic per channel.
 template <class scalar_t, class acc_t>
 __global__ void MVIT_LAUNCH_BOUNDS
 pool3d_backward_weight_kernel(const acc_t* __restrict__ dp, const scalar_t* __restrict__ x, int64_t sB, int64_t sH,
                               int64_t sN, int64_t lines, int64_t heads, int64_t d, PoolGeom g,
                               acc_t* __restrict__ grad_w) {
   const int64_t c = threadIdx.x;
-  if (c >= d) return;  // no block-wide synchronization below
-  const int64_t k = blockIdx.y;
+  const bool active = c < d;
+  const int64_t k = blockIdx.x;
   const int64_t n_out = g.cls + g.out_grid(), K = g.kernel_volume();
   const int64_t kw = k % g.kW, kh = (k / g.kW) % g.kH, kt = k / (g.kW * g.kH);
+  // Outputs ow whose tap is inside the input: 0 <= ow * sW - pW + kw <= W - 1.
+  const int64_t before = g.pW - kw, last = g.W - 1 + g.pW - kw;
+  const int64_t ow_lo = before > 0 ? (before + g.sW - 1) / g.sW : 0;
+  const int64_t ow_hi = last < 0 ? 0 : (last / g.sW + 1 < g.Wo ? last / g.sW + 1 : g.Wo);
   acc_t acc = 0;
-  for (int64_t line = blockIdx.x; line < lines; line += gridDim.x) {
+  for (int64_t line = blockIdx.y; active && line < lines; line += gridDim.y) {
     const int64_t oh = line % g.Ho, ot = (line / g.Ho) % g.To, bh = line / (g.Ho * g.To);
     const int64_t t = ot * g.sT - g.pT + kt, h = oh * g.sH - g.pH + kh;
     if (t < 0 || t >= g.T || h < 0 || h >= g.H) continue;  // this tap is in the padding for the whole line
-    const scalar_t* xl = x + (bh / heads) * sB + (bh % heads) * sH + (g.cls + (t * g.H + h) * g.W) * sN;
-    const acc_t* dpl = dp + (bh * n_out + g.cls + (ot * g.Ho + oh) * g.Wo) * d;
-    for (int64_t ow = threadIdx.y; ow < g.Wo; ow += blockDim.y) {
-      const int64_t w = ow * g.sW - g.pW + kw;
-      if (w < 0 || w >= g.W) continue;
-      acc += dpl[ow * d + c] * static_cast<acc_t>(xl[w * sN + c]);
-    }
+    // This thread's outputs ow = ow_lo + threadIdx.y + j * blockDim.y, by pointer steps.
+    const int64_t ow0 = ow_lo + threadIdx.y;
+    const int n = ow0 < ow_hi ? static_cast<int>((ow_hi - ow0 + blockDim.y - 1) / blockDim.y) : 0;
+    const scalar_t* xp = x + (bh / heads) * sB + (bh % heads) * sH +
+                         (g.cls + (t * g.H + h) * g.W + ow0 * g.sW - g.pW + kw) * sN + c;
+    const acc_t* dpp = dp + (bh * n_out + g.cls + (ot * g.Ho + oh) * g.Wo + ow0) * d + c;
+    const int64_t x_step = blockDim.y * g.sW * sN, dp_step = blockDim.y * d;
+    MVIT_UNROLL(4)
+    for (int j = 0; j < n; ++j, xp += x_step, dpp += dp_step) acc += *dpp * static_cast<acc_t>(*xp);
   }
-  atomicAdd(grad_w + c * K + k, acc);
+  acc_t* rows = dynamic_smem<acc_t>();  // blockDim.y x blockDim.x partial sums
+  rows[threadIdx.y * blockDim.x + threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && active) {
+    for (unsigned y = 1; y < blockDim.y; ++y) acc += rows[y * blockDim.x + threadIdx.x];
+    atomicAdd(grad_w + c * K + k, acc);
+  }
 }
 
 at::Tensor pool3d_cuda(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayRef kernel, at::IntArrayRef stride,
@@ -353,10 +421,11 @@ at::Tensor pool3d_cuda(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArray
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t rows = B * heads * n_out;
     const Launch l = make_launch<acc_t>(rows, d);
-    launch_kernel(pool3d_forward_kernel<scalar_t, acc_t>, l.grid, l.block, l.smem, stream,
+    const size_t staged = staged_weight_bytes<acc_t>(mode, g, d, l.smem);
+    launch_kernel(pool3d_forward_kernel<scalar_t, acc_t>, l.grid, l.block, l.smem + staged, stream,
         x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), y.data_ptr<scalar_t>(), rows,
         output_rows(g, heads, rows, l, "mvit_kernels.pool3d"), d, g, mode,
-        w.defined() ? w.data_ptr<scalar_t>() : nullptr, norm ? nw.data_ptr<scalar_t>() : nullptr,
+        w.defined() ? w.data_ptr<scalar_t>() : nullptr, staged > 0, norm ? nw.data_ptr<scalar_t>() : nullptr,
         norm ? nb.data_ptr<scalar_t>() : nullptr, static_cast<acc_t>(eps));
   });
   return y;
@@ -395,24 +464,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cuda(
       const scalar_t* wp = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
       const int64_t rows_out = B * heads * n_out;
       const Launch l1 = make_launch<acc_t>(rows_out, d);
-      launch_kernel(pool3d_backward_rows_kernel<scalar_t, acc_t>, l1.grid, l1.block, l1.smem, stream,
+      // Without a norm, conv and avg need no recomputed pooled value (dp = grad_y), nor weights.
+      const size_t staged1 = norm ? staged_weight_bytes<acc_t>(mode, g, d, l1.smem) : 0;
+      launch_kernel(pool3d_backward_rows_kernel<scalar_t, acc_t>, l1.grid, l1.block, l1.smem + staged1, stream,
           grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2),
           dp.data_ptr<acc_t>(), mode == kMax ? argmax.data_ptr<int32_t>() : nullptr, rows_out,
-          output_rows(g, heads, rows_out, l1, "mvit_kernels.pool3d_backward"), heads, d, g, mode, wp,
+          output_rows(g, heads, rows_out, l1, "mvit_kernels.pool3d_backward"), heads, d, g, mode, wp, staged1 > 0,
           norm ? nw.data_ptr<scalar_t>() : nullptr, static_cast<acc_t>(eps),
           norm ? grad_nw_acc.data_ptr<acc_t>() : nullptr, norm ? grad_nb_acc.data_ptr<acc_t>() : nullptr);
       const Launch l2 = line_launch<acc_t>(B * heads * (g.T * g.H + g.cls), d);
-      launch_kernel(pool3d_backward_input_kernel<scalar_t, acc_t>, l2.grid, l2.block, 0, stream,
+      const size_t staged2 = staged_weight_bytes<acc_t>(mode, g, d, 0);
+      launch_kernel(pool3d_backward_input_kernel<scalar_t, acc_t>, l2.grid, l2.block, staged2, stream,
           dp.data_ptr<acc_t>(), mode == kMax ? argmax.data_ptr<int32_t>() : nullptr, grad_x.data_ptr<scalar_t>(),
-          B * heads, N, d, g, mode, wp);
+          B * heads, N, d, g, mode, wp, staged2 > 0);
       if (mode == kConv) {
         const int64_t lines = B * heads * g.To * g.Ho;  // rows of Wo outputs
-        // make_launch's block shape; one block per line, up to a few waves spread over the K
-        // kernel offsets (grid.y) to fill the GPU.
+        // make_launch's block shape; the K kernel offsets (grid.x) side by side, times up to a
+        // few waves of line ranges (grid.y) to fill the GPU; one partial sum per thread in
+        // shared memory.
         Launch l3 = make_launch<acc_t>(lines, d);
         const int64_t per_offset = static_cast<int64_t>(multiprocessors()) * 8 / std::min<int64_t>(K, 8);
-        l3.grid = dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min(lines, per_offset))), static_cast<unsigned>(K));
-        launch_kernel(pool3d_backward_weight_kernel<scalar_t, acc_t>, l3.grid, l3.block, 0, stream,
+        l3.grid = dim3(static_cast<unsigned>(K), static_cast<unsigned>(std::max<int64_t>(1, std::min(lines, per_offset))));
+        l3.smem = static_cast<size_t>(l3.block.x) * l3.block.y * sizeof(acc_t);
+        launch_kernel(pool3d_backward_weight_kernel<scalar_t, acc_t>, l3.grid, l3.block, l3.smem, stream,
             dp.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), lines, heads, d,
             g, grad_w_acc.data_ptr<acc_t>());
       }
@@ -437,7 +511,7 @@ pool_residual_add_forward_kernel(const scalar_t* __restrict__ x, int64_t sB, int
     const OutputRow row = divs(static_cast<uint32_t>(r));  // one "head" per sample
     const scalar_t* xb = x + row.batch * sB;
     const acc_t skip = row.is_cls ? static_cast<acc_t>(xb[c])
-                                  : pool_value<scalar_t, acc_t>(xb, sN, g, row, c, kMax, nullptr, nullptr);
+                                  : pool_value<scalar_t, acc_t>(xb, sN, g, row, c, kMax, {}, nullptr);
     const acc_t s = scale != nullptr ? static_cast<acc_t>(scale[row.batch]) : acc_t(1);
     out[r * C + c] = static_cast<scalar_t>(skip + s * static_cast<acc_t>(branch[r * C + c]));
   }
@@ -464,7 +538,7 @@ pool_residual_add_backward_rows_kernel(const scalar_t* __restrict__ grad, const 
       grad_branch[r * C + c] = static_cast<scalar_t>(s * gv);
       if (scale != nullptr) dot = gv * static_cast<acc_t>(branch[r * C + c]);
       if (!row.is_cls) {
-        pool_value<scalar_t, acc_t>(x + b * sB, sN, g, row, c, kMax, nullptr,
+        pool_value<scalar_t, acc_t>(x + b * sB, sN, g, row, c, kMax, {},
                                     argmax + (b * grid_out + row.n - g.cls) * C + c);
       }
     }
