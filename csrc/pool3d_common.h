@@ -181,14 +181,33 @@ struct OutputRowDivs {
   }
 };
 
+// A line index of a (slabs, M, I) space split into (slab, m, i) with fast dividers: the CUDA
+// gathers' input lines (M, I = T, H) and the weight gradient's output lines (To, Ho). Valid for
+// lines < 2^31, which the launchers check.
+struct LineDivs {
+  FastDivmod middle, inner;
+
+  LineDivs() = default;
+  LineDivs(int64_t middle_, int64_t inner_)
+      : middle(static_cast<uint32_t>(middle_)), inner(static_cast<uint32_t>(inner_)) {}
+
+  MVIT_HD void operator()(uint32_t line, uint32_t* slab, uint32_t* m, uint32_t* i) const {
+    uint32_t q;
+    inner.divmod(line, &q, i);
+    middle.divmod(q, slab, m);
+  }
+};
+
 // Range of outputs along one axis whose window covers input position i: [lo, hi].
 MVIT_HD MVIT_FORCE_INLINE inline void covering_range(int64_t i, int64_t k, int64_t s, int64_t p, int64_t n_out, int64_t* lo,
                                    int64_t* hi) {
-  // o covers i  <=>  o*s - p <= i <= o*s - p + k - 1
-  const int64_t a = i + p - k + 1;  // o*s >= a
-  int64_t l = a <= 0 ? 0 : (a + s - 1) / s;
-  int64_t h = (i + p) / s;  // i + p >= 0 always
-  if (h > n_out - 1) h = n_out - 1;
+  // o covers i  <=>  o*s - p <= i <= o*s - p + k - 1. In 32 bits (an axis is far shorter than
+  // 2^31, see make_pool_geom): on the GPU a 64-bit division is a call of ~70 instructions.
+  const int a = static_cast<int>(i + p - k + 1);  // o*s >= a
+  const int s32 = static_cast<int>(s);
+  const int l = a <= 0 ? 0 : (a + s32 - 1) / s32;
+  int h = static_cast<int>(i + p) / s32;  // i + p >= 0 always
+  if (h > n_out - 1) h = static_cast<int>(n_out - 1);
   *lo = l;
   *hi = h;
 }

@@ -289,14 +289,24 @@ pool3d_backward_rows_kernel(const scalar_t* __restrict__ gy, const scalar_t* __r
 // Input lines for the gathers below: the grid's (slab, it, ih) lines of W inputs, then one line
 // per slab for its class token row. Returns whether `line` is a grid line, with its slab and its
 // t/h covering ranges (computed once per line; the threads of a block then walk the line's w).
-__device__ inline bool input_line(const PoolGeom& g, int64_t line, int64_t grid_lines, int64_t* slab, CoverLine* cover) {
+__device__ inline bool input_line(const PoolGeom& g, const LineDivs& divs, int64_t line, int64_t grid_lines,
+                                  int64_t* slab, CoverLine* cover) {
   if (line >= grid_lines) {
     *slab = line - grid_lines;
     return false;
   }
-  *slab = line / (g.T * g.H);
-  *cover = cover_line(g, (line / g.H) % g.T, line % g.H);
+  uint32_t bh, it, ih;
+  divs(static_cast<uint32_t>(line), &bh, &it, &ih);
+  *slab = bh;
+  *cover = cover_line(g, it, ih);
   return true;
+}
+
+// The line splitter of a launch over `lines` lines (32-bit, see LineDivs).
+LineDivs line_divs(int64_t lines, int64_t middle, int64_t inner, const char* op) {
+  TORCH_CHECK(lines <= INT32_MAX, op, ": at most 2^31 - 1 token lines (batch * heads * t * h) per call on CUDA, got ",
+              lines);
+  return LineDivs(middle, inner);
 }
 
 // Grid for the gathers: one block per input line, capped at a few waves. Their threads loop
@@ -318,14 +328,15 @@ Launch line_launch(int64_t lines, int64_t d) {
 template <class scalar_t, class acc_t>
 __global__ void pool3d_backward_input_kernel(const acc_t* __restrict__ dp, const int32_t* __restrict__ argmax,
                                              scalar_t* __restrict__ gx, int64_t slabs, int64_t N, int64_t d, PoolGeom g,
-                                             PoolMode mode, const scalar_t* __restrict__ w, bool stage_w) {
+                                             PoolMode mode, const scalar_t* __restrict__ w, bool stage_w,
+                                             LineDivs divs) {
   const int64_t n_out = g.cls + g.out_grid(), grid_out = g.out_grid(), K = g.kernel_volume();
   const auto weight = stage_conv_weights<scalar_t, acc_t>(w, K, d, stage_w ? 0 : -1);
   const int64_t grid_lines = slabs * g.T * g.H, lines = grid_lines + slabs * g.cls;
   for (int64_t line = blockIdx.x; line < lines; line += gridDim.x) {
     int64_t bh;
     CoverLine cover;
-    const bool grid_line = input_line(g, line, grid_lines, &bh, &cover);
+    const bool grid_line = input_line(g, divs, line, grid_lines, &bh, &cover);
     const acc_t* dpb = dp + bh * n_out * d;
     if (!grid_line) {  // the class token passes through
       if (threadIdx.y == 0)
@@ -365,29 +376,33 @@ __global__ void pool3d_backward_input_kernel(const acc_t* __restrict__ dp, const
 template <class scalar_t, class acc_t>
 __global__ void MVIT_LAUNCH_BOUNDS
 pool3d_backward_weight_kernel(const acc_t* __restrict__ dp, const scalar_t* __restrict__ x, int64_t sB, int64_t sH,
-                              int64_t sN, int64_t lines, int64_t heads, int64_t d, PoolGeom g,
+                              int64_t sN, int64_t lines, LineDivs divs, FastDivmod heads, int64_t d, PoolGeom g,
                               acc_t* __restrict__ grad_w) {
   const int64_t c = threadIdx.x;
   const bool active = c < d;
   const int64_t k = blockIdx.x;
   const int64_t n_out = g.cls + g.out_grid(), K = g.kernel_volume();
-  const int64_t kw = k % g.kW, kh = (k / g.kW) % g.kH, kt = k / (g.kW * g.kH);
-  // Outputs ow whose tap is inside the input: 0 <= ow * sW - pW + kw <= W - 1.
-  const int64_t before = g.pW - kw, last = g.W - 1 + g.pW - kw;
-  const int64_t ow_lo = before > 0 ? (before + g.sW - 1) / g.sW : 0;
-  const int64_t ow_hi = last < 0 ? 0 : (last / g.sW + 1 < g.Wo ? last / g.sW + 1 : g.Wo);
+  // Per block, in 32 bits (small numbers; 64-bit divisions are calls on the GPU): the offset's
+  // (kt, kh, kw) and the outputs ow whose tap is inside the input, 0 <= ow * sW - pW + kw <= W - 1:
+  // this thread's are ow0 + j * blockDim.y for j < n.
+  const int kW = static_cast<int>(g.kW), kH = static_cast<int>(g.kH), sW = static_cast<int>(g.sW);
+  const int kw = static_cast<int>(k) % kW, kh = (static_cast<int>(k) / kW) % kH, kt = static_cast<int>(k) / (kW * kH);
+  const int before = static_cast<int>(g.pW) - kw, last = static_cast<int>(g.W - 1 + g.pW) - kw;
+  const int ow_lo = before > 0 ? (before + sW - 1) / sW : 0;
+  const int ow_hi = last < 0 ? 0 : (last / sW + 1 < g.Wo ? last / sW + 1 : static_cast<int>(g.Wo));
+  const int ow0 = ow_lo + static_cast<int>(threadIdx.y), by = static_cast<int>(blockDim.y);
+  const int n = ow0 < ow_hi ? (ow_hi - ow0 + by - 1) / by : 0;
+  const int64_t x_step = by * g.sW * sN, dp_step = by * d;
   acc_t acc = 0;
   for (int64_t line = blockIdx.y; active && line < lines; line += gridDim.y) {
-    const int64_t oh = line % g.Ho, ot = (line / g.Ho) % g.To, bh = line / (g.Ho * g.To);
+    uint32_t bh, ot, oh, batch, head;
+    divs(static_cast<uint32_t>(line), &bh, &ot, &oh);
     const int64_t t = ot * g.sT - g.pT + kt, h = oh * g.sH - g.pH + kh;
     if (t < 0 || t >= g.T || h < 0 || h >= g.H) continue;  // this tap is in the padding for the whole line
-    // This thread's outputs ow = ow_lo + threadIdx.y + j * blockDim.y, by pointer steps.
-    const int64_t ow0 = ow_lo + threadIdx.y;
-    const int n = ow0 < ow_hi ? static_cast<int>((ow_hi - ow0 + blockDim.y - 1) / blockDim.y) : 0;
-    const scalar_t* xp = x + (bh / heads) * sB + (bh % heads) * sH +
-                         (g.cls + (t * g.H + h) * g.W + ow0 * g.sW - g.pW + kw) * sN + c;
-    const acc_t* dpp = dp + (bh * n_out + g.cls + (ot * g.Ho + oh) * g.Wo + ow0) * d + c;
-    const int64_t x_step = blockDim.y * g.sW * sN, dp_step = blockDim.y * d;
+    heads.divmod(bh, &batch, &head);
+    const scalar_t* xp = x + batch * sB + head * sH +
+                         (g.cls + (t * g.H + h) * g.W + static_cast<int64_t>(ow0) * g.sW - g.pW + kw) * sN + c;
+    const acc_t* dpp = dp + (static_cast<int64_t>(bh) * n_out + g.cls + (ot * g.Ho + oh) * g.Wo + ow0) * d + c;
     MVIT_UNROLL(4)
     for (int j = 0; j < n; ++j, xp += x_step, dpp += dp_step) acc += *dpp * static_cast<acc_t>(*xp);
   }
@@ -476,7 +491,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cuda(
       const size_t staged2 = staged_weight_bytes<acc_t>(mode, g, d, 0);
       launch_kernel(pool3d_backward_input_kernel<scalar_t, acc_t>, l2.grid, l2.block, staged2, stream,
           dp.data_ptr<acc_t>(), mode == kMax ? argmax.data_ptr<int32_t>() : nullptr, grad_x.data_ptr<scalar_t>(),
-          B * heads, N, d, g, mode, wp, staged2 > 0);
+          B * heads, N, d, g, mode, wp, staged2 > 0,
+          line_divs(B * heads * (g.T * g.H + g.cls), g.T, g.H, "mvit_kernels.pool3d_backward"));
       if (mode == kConv) {
         const int64_t lines = B * heads * g.To * g.Ho;  // rows of Wo outputs
         // make_launch's block shape; the K kernel offsets (grid.x) side by side, times up to a
@@ -487,7 +503,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cuda(
         l3.grid = dim3(static_cast<unsigned>(K), static_cast<unsigned>(std::max<int64_t>(1, std::min(lines, per_offset))));
         l3.smem = static_cast<size_t>(l3.block.x) * l3.block.y * sizeof(acc_t);
         launch_kernel(pool3d_backward_weight_kernel<scalar_t, acc_t>, l3.grid, l3.block, l3.smem, stream,
-            dp.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), lines, heads, d,
+            dp.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), lines,
+            line_divs(lines, g.To, g.Ho, "mvit_kernels.pool3d_backward"), FastDivmod(static_cast<uint32_t>(heads)), d,
             g, grad_w_acc.data_ptr<acc_t>());
       }
     });
@@ -555,13 +572,14 @@ pool_residual_add_backward_rows_kernel(const scalar_t* __restrict__ grad, const 
 template <class scalar_t, class acc_t>
 __global__ void pool_residual_add_backward_input_kernel(const scalar_t* __restrict__ grad,
                                                         const int32_t* __restrict__ argmax, scalar_t* __restrict__ gx,
-                                                        int64_t B, int64_t N, int64_t C, PoolGeom g) {
+                                                        int64_t B, int64_t N, int64_t C, PoolGeom g,
+                                                        LineDivs divs) {
   const int64_t n_out = g.cls + g.out_grid(), grid_out = g.out_grid();
   const int64_t grid_lines = B * g.T * g.H, lines = grid_lines + B * g.cls;
   for (int64_t line = blockIdx.x; line < lines; line += gridDim.x) {
     int64_t b;
     CoverLine cover;
-    const bool grid_line = input_line(g, line, grid_lines, &b, &cover);
+    const bool grid_line = input_line(g, divs, line, grid_lines, &b, &cover);
     const scalar_t* gb = grad + b * n_out * C;
     if (!grid_line) {  // the class token passes through
       if (threadIdx.y == 0)
@@ -641,7 +659,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_residual_add_backward_cuda(
           output_rows(g, 1, rows_out, l1, "mvit_kernels.pool_residual_add_backward"), C, g);
       const Launch l2 = line_launch<acc_t>(B * (g.T * g.H + g.cls), C);
       launch_kernel(pool_residual_add_backward_input_kernel<scalar_t, acc_t>, l2.grid, l2.block, 0, stream,
-          grad.data_ptr<scalar_t>(), argmax.data_ptr<int32_t>(), grad_x.data_ptr<scalar_t>(), B, N, C, g);
+          grad.data_ptr<scalar_t>(), argmax.data_ptr<int32_t>(), grad_x.data_ptr<scalar_t>(), B, N, C, g,
+          line_divs(B * (g.T * g.H + g.cls), g.T, g.H, "mvit_kernels.pool_residual_add_backward"));
     });
   }
   return {grad_x, grad_branch, grad_scale_acc.to(x.scalar_type())};

@@ -1,4 +1,4 @@
-// Host checks of the index arithmetic in csrc/pool3d_common.h: FastDivmod and OutputRowDivs (used
+// Host checks of the index arithmetic in csrc/pool3d_common.h: FastDivmod, OutputRowDivs and LineDivs (used
 // by the CUDA kernels only), compared with plain division over many divisors and values and over
 // every row of several geometries; the window and covering loops, compared with brute force,
 // and the GPU's flat box loop with nested loops. Built and run by tests/test_index_math.py, once
@@ -59,6 +59,16 @@ static void check_rows(PoolGeom g, int64_t batch, int64_t heads) {
       const int64_t o = n - g.cls;
       expect(row.ow == o % g.Wo && row.oh == (o / g.Wo) % g.Ho && row.ot == o / (g.Wo * g.Ho), "row coords", r, o);
     }
+  }
+}
+
+// LineDivs splits every line of a (slabs, M, I) space as division does.
+static void check_lines(int64_t slabs, int64_t M, int64_t I) {
+  const mvit::LineDivs divs(M, I);
+  for (int64_t line = 0; line < slabs * M * I; ++line) {
+    uint32_t slab, m, i;
+    divs(static_cast<uint32_t>(line), &slab, &m, &i);
+    expect(slab == line / (M * I) && m == (line / I) % M && i == line % I, "line split", line, M * I);
   }
 }
 
@@ -125,6 +135,10 @@ int main() {
   check_rows({3, 5, 7, 0, 0, 0, 3, 3, 3, 2, 2, 1, 1, 1, 1, 0}, 3, 5);    // odd sizes, no class token
   check_rows({1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 1}, 2, 3);    // a one-token grid
   check_flat_box_loop();
+  check_lines(64, 8, 56);  // input lines (T, H) of MViT-B's first stage, 64 slabs
+  check_lines(3, 7, 1);
+  check_lines(5, 1, 9);
+  check_lines(2, 1, 1);
   check_windows({8, 14, 14, 0, 0, 0, 3, 3, 3, 1, 2, 2, 1, 1, 1, 0});   // MViT q pooling, a smaller grid
   check_windows({8, 16, 16, 0, 0, 0, 3, 3, 3, 1, 8, 8, 1, 1, 1, 0});   // k/v pooling: most inputs unread
   check_windows({3, 5, 7, 0, 0, 0, 3, 3, 3, 2, 2, 1, 1, 1, 1, 0});     // odd sizes
