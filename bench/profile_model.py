@@ -43,6 +43,12 @@ CATEGORIES = [
     ("pooled projection (Triton)", r"pooled_projection"),
     ("attention (Triton)", r"pooling_attention_\w*kernel|_EagerTritonAttention|pooling_attention_triton"),
     ("attention (SDPA / flash / cuDNN)", r"flash|fmha|scaled_dot_product|efficient_attention|cudnn_attention|sdpa"),
+    # Our CUDA pool kernels one by one (which of the backward's three launches costs what), then
+    # the op as a whole (CPU: the op's name).
+    ("pool3d forward (ours)", r"pool3d_forward_kernel"),
+    ("pool3d backward: dp, LayerNorm (ours)", r"pool3d_backward_rows_kernel"),
+    ("pool3d backward: dx gather (ours)", r"pool3d_backward_input_kernel"),
+    ("pool3d backward: conv weight (ours)", r"pool3d_backward_weight_kernel"),
     ("pool3d (ours)", r"mvit_kernels::pool3d|mvit_kernels_pool3d|pool3d_\w*kernel"),
     ("skip pooling + add (ours)", r"pool_residual_add"),
     ("max pool (reference skip)", r"max_pool"),

@@ -18,7 +18,14 @@ def test_attribution_takes_the_innermost_name_with_a_category():
     # A plain elementwise op inside the optimizer's step is optimizer time...
     assert pm.attribute(["aten::div", "Optimizer.step#AdamW.step"]) == "optimizer (AdamW)"
     # ...a kernel's own name wins over the op that launched it...
-    assert pm.attribute(["mvit::pool3d_backward_rows_kernel<float, float>", "mvit_kernels::pool3d_backward"]) == "pool3d (ours)"
+    assert (pm.attribute(["mvit::pool3d_backward_rows_kernel<float, float>", "mvit_kernels::pool3d_backward"])
+            == "pool3d backward: dp, LayerNorm (ours)")
+    # Each of our CUDA pool kernels has its own row; on CPU the op's name is the whole op.
+    assert pm.category("void mvit::(anonymous namespace)::pool3d_forward_kernel<c10::BFloat16, float>") == (
+        "pool3d forward (ours)")
+    assert pm.category("pool3d_backward_input_kernel<float, float>") == "pool3d backward: dx gather (ours)"
+    assert pm.category("pool3d_backward_weight_kernel<float, float>") == "pool3d backward: conv weight (ours)"
+    assert pm.category("mvit_kernels::pool3d_backward") == "pool3d (ours)"
     assert pm.attribute(["pooled_projection_bwd_kernel", "autograd::engine::evaluate_function"]) == "pooled projection (Triton)"
     # ...and an unnamed elementwise kernel takes its operator's category.
     assert pm.attribute(["void at::native::vectorized_elementwise_kernel<4>", "aten::mul",
