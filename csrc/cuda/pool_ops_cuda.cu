@@ -127,6 +127,20 @@ __device__ T row_sum(T v, T* smem) {
   return s;
 }
 
+// Adds v, summed over the block's rows (threadIdx.y), to dst (each column's own address) with
+// one atomic per column instead of one per thread. Every thread of the block must call it (it
+// synchronizes); smem: blockDim.x * blockDim.y elements, free again when it returns.
+template <class T>
+__device__ void atomic_add_column_sum(T v, bool active, T* dst, T* smem) {
+  smem[threadIdx.y * blockDim.x + threadIdx.x] = v;
+  __syncthreads();
+  if (threadIdx.y == 0 && active) {
+    for (unsigned y = 1; y < blockDim.y; ++y) v += smem[y * blockDim.x + threadIdx.x];
+    atomicAdd(dst, v);
+  }
+  __syncthreads();
+}
+
 // Elements of row_sum's scratch at the start of a block's shared memory: one per warp.
 __device__ inline int row_scratch() { return blockDim.y * (blockDim.x / 32); }
 
@@ -278,12 +292,18 @@ pool3d_backward_rows_kernel(const scalar_t* __restrict__ gy, const scalar_t* __r
       dp[r * d + c] = dy;
     }
   }
-  if (nw != nullptr && c < d) {
-    // One atomic per thread and channel after the grid-stride loop (the grid is capped at a
-    // few waves, so a few thousand adds per channel).
-    atomicAdd(grad_nw + c, acc_nw);
-    atomicAdd(grad_nb + c, acc_nb);
+  if (nw != nullptr) {
+    // After the grid-stride loop, one atomic per block and channel (the grid is capped at a few
+    // waves, so about a thousand adds per channel).
+    atomic_add_column_sum(acc_nw, c < d, grad_nw + c, smem);
+    atomic_add_column_sum(acc_nb, c < d, grad_nb + c, smem);
   }
+}
+
+// Shared memory for atomic_add_column_sum in a launch of l's block shape.
+template <class acc_t>
+size_t column_sum_bytes(const Launch& l) {
+  return static_cast<size_t>(l.block.x) * l.block.y * sizeof(acc_t);
 }
 
 // Input lines for the gathers below: the grid's (slab, it, ih) lines of W inputs, then one line
@@ -406,13 +426,7 @@ pool3d_backward_weight_kernel(const acc_t* __restrict__ dp, const scalar_t* __re
     MVIT_UNROLL(4)
     for (int j = 0; j < n; ++j, xp += x_step, dpp += dp_step) acc += *dpp * static_cast<acc_t>(*xp);
   }
-  acc_t* rows = dynamic_smem<acc_t>();  // blockDim.y x blockDim.x partial sums
-  rows[threadIdx.y * blockDim.x + threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && active) {
-    for (unsigned y = 1; y < blockDim.y; ++y) acc += rows[y * blockDim.x + threadIdx.x];
-    atomicAdd(grad_w + c * K + k, acc);
-  }
+  atomic_add_column_sum(acc, active, grad_w + c * K + k, dynamic_smem<acc_t>());
 }
 
 at::Tensor pool3d_cuda(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayRef kernel, at::IntArrayRef stride,
@@ -481,7 +495,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cuda(
       const Launch l1 = make_launch<acc_t>(rows_out, d);
       // Without a norm, conv and avg need no recomputed pooled value (dp = grad_y), nor weights.
       const size_t staged1 = norm ? staged_weight_bytes<acc_t>(mode, g, d, l1.smem) : 0;
-      launch_kernel(pool3d_backward_rows_kernel<scalar_t, acc_t>, l1.grid, l1.block, l1.smem + staged1, stream,
+      // With a norm its parameter gradients are summed over the block's rows at the end, in
+      // shared memory (column_sum_bytes).
+      const size_t smem1 = std::max(l1.smem + staged1, norm ? column_sum_bytes<acc_t>(l1) : 0);
+      launch_kernel(pool3d_backward_rows_kernel<scalar_t, acc_t>, l1.grid, l1.block, smem1, stream,
           grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2),
           dp.data_ptr<acc_t>(), mode == kMax ? argmax.data_ptr<int32_t>() : nullptr, rows_out,
           output_rows(g, heads, rows_out, l1, "mvit_kernels.pool3d_backward"), heads, d, g, mode, wp, staged1 > 0,
@@ -501,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cuda(
         Launch l3 = make_launch<acc_t>(lines, d);
         const int64_t per_offset = static_cast<int64_t>(multiprocessors()) * 8 / std::min<int64_t>(K, 8);
         l3.grid = dim3(static_cast<unsigned>(K), static_cast<unsigned>(std::max<int64_t>(1, std::min(lines, per_offset))));
-        l3.smem = static_cast<size_t>(l3.block.x) * l3.block.y * sizeof(acc_t);
+        l3.smem = column_sum_bytes<acc_t>(l3);
         launch_kernel(pool3d_backward_weight_kernel<scalar_t, acc_t>, l3.grid, l3.block, l3.smem, stream,
             dp.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), lines,
             line_divs(lines, g.To, g.Ho, "mvit_kernels.pool3d_backward"), FastDivmod(static_cast<uint32_t>(heads)), d,
