@@ -276,12 +276,16 @@ def tuning_section() -> list[str]:
     rows = tuning.summary()
     if not rows:
         return []
-    lines = ["", "Per-shape choices of `mvit_kernels.tuning` (fused op vs its alternative, best of "
-             f"{tuning.REPEATS} timed runs each, ms):", "", "| op, input, arguments | winner | ms per candidate |",
-             "|---|---|---|"]
+    lines = ["", "Per-shape choices of `mvit_kernels.tuning` (fused op vs its alternatives, best of "
+             f"{tuning.REPEATS} timed runs each, ms; with a backward, the MB each keeps for it; under the "
+             "memory policy `keep` a candidate keeping more than the fused one is passed over even when "
+             "faster):", "", "| op, input, arguments | winner | ms per candidate | MB kept for backward | "
+             "faster, passed over for memory |", "|---|---|---|---|---|"]
     for r in rows:
         ms = ", ".join(f"{name} {t:.3f}" for name, t in r["ms"].items()) or r["note"]
-        lines.append(f"| {r['op']} | {r['winner']} | {ms} |")
+        kept = ", ".join(f"{name} {mb:.1f}" for name, mb in r.get("saved_mb", {}).items()) or "—"
+        held = ", ".join(r.get("held_back", [])) or "—"
+        lines.append(f"| {r['op']} | {r['winner']} | {ms} | {kept} | {held} |")
     return lines
 
 

@@ -24,6 +24,15 @@ when a backward follows, backward (``torch.autograd.grad`` with a ones gradient,
 aliases of the inputs: the caller's tensors, ``.grad`` and RNG are untouched); the fastest
 (minimum) wins. CUDA times are CUDA-event times of each synchronized run, so slow launches count.
 
+Memory: when a backward follows, each candidate's forward also runs once under saved-tensor hooks
+that add up the new storages it keeps for the backward (the inputs' own storages not counted).
+By default (``MVIT_KERNELS_AUTOTUNE_MEMORY`` unset or ``keep``) a candidate that keeps more than
+the fused one (beyond 1% or 64 KiB) is not chosen: the fused ops keep almost nothing beyond their
+inputs, while the reference pooling keeps its convolution output and layout copies, the unfused
+K/V projection its whole output and SDPA with rel-pos its bias mask. Chosen by time alone,
+these cost peak training memory, which ``fused=True`` is also meant to save (the issue's target
+is <= 0.6x torchvision's). ``any`` decides by time alone. Without a backward only time counts.
+
 Not tuned, the default (fused) candidate runs: while torch.compile traces, under dispatch modes
 (FlopCounterMode, fake tensors), during CUDA-graph capture, and when tuning is off. If timing runs
 out of GPU memory (it needs room for a second forward and its gradients), the default is kept for
@@ -31,8 +40,8 @@ that key, with a warning; so does a failure of the other candidate (e.g. a Trito
 cannot compile). The default candidate's own errors propagate, as they would untuned.
 
 ``MVIT_KERNELS_AUTOTUNE``: unset or ``cuda``: tune CUDA tensors only; ``0``: never tune (always the
-fused kernel); ``1``: tune every device (CPU too: the tests use it). :func:`using` overrides it in
-code. :func:`choices` lists the decisions (:func:`summary` as plain data: the benchmarks print it, the
+fused kernel); ``1``: tune every device (CPU too: the tests use it). ``MVIT_KERNELS_AUTOTUNE_MEMORY``:
+``keep`` or ``any``, above. :func:`using` overrides both in code. :func:`choices` lists the decisions (:func:`summary` as plain data: the benchmarks print it, the
 trainer writes it to result.json); :func:`clear` forgets them.
 """
 
@@ -53,7 +62,13 @@ from ._dispatch import intercepted
 
 ENV = "MVIT_KERNELS_AUTOTUNE"
 MODES = {"cuda": "cuda", "0": "off", "off": "off", "1": "all", "all": "all"}
+MEMORY_ENV = "MVIT_KERNELS_AUTOTUNE_MEMORY"
+MEMORY_POLICIES = ("keep", "any")
 REPEATS = 3
+# Saved-for-backward bytes a candidate may keep beyond the default's under the "keep" policy:
+# allocation granularity and small statistics (LayerNorm's mean/rstd), not activations.
+MEMORY_SLACK_BYTES = 64 * 1024
+MEMORY_SLACK_FRACTION = 0.01
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,13 @@ class Choice:
     ms: Mapping[str, float]
     backward: bool
     note: str = ""
+    #: Per candidate, MB of new storage its forward keeps for the backward (measured when a
+    #: backward follows); under the "keep" policy a candidate above the default's is not chosen.
+    saved_mb: Mapping[str, float] = None  # type: ignore[assignment]
+    memory: str = "any"
+    #: Candidates faster than the winner that the "keep" policy passed over (not a warning: the
+    #: policy working as meant).
+    held_back: tuple = ()
 
     def label(self) -> str:
         """Short description for tables: op, the first tensor's shape and dtype, the other
@@ -80,6 +102,7 @@ class Choice:
 
 _choices: dict[tuple, Choice] = {}
 _override: Optional[str] = None
+_memory_override: Optional[str] = None
 
 
 def mode() -> str:
@@ -92,18 +115,32 @@ def mode() -> str:
     return MODES[value]
 
 
+def memory_policy() -> str:
+    """"keep" or "any": :func:`using`'s override, else ``MVIT_KERNELS_AUTOTUNE_MEMORY``."""
+    if _memory_override is not None:
+        return _memory_override
+    value = os.environ.get(MEMORY_ENV, "keep").strip().lower()
+    if value not in MEMORY_POLICIES:
+        raise ValueError(f"{MEMORY_ENV} must be one of {list(MEMORY_POLICIES)} (unset means 'keep'), got {value!r}")
+    return value
+
+
 @contextlib.contextmanager
-def using(new_mode: str) -> Iterator[None]:
+def using(new_mode: str, memory: Optional[str] = None) -> Iterator[None]:
     """Run a block with tuning mode "cuda", "off" or "all" (e.g. "off" to time the fused kernels
-    themselves, as ``bench/bench_pool_ops.py`` does)."""
-    global _override
+    themselves, as ``bench/bench_pool_ops.py`` does) and, if given, memory policy "keep" or "any"."""
+    global _override, _memory_override
     if new_mode not in ("cuda", "off", "all"):
         raise ValueError(f"tuning mode must be 'cuda', 'off' or 'all', got {new_mode!r}")
-    previous, _override = _override, new_mode
+    if memory is not None and memory not in MEMORY_POLICIES:
+        raise ValueError(f"tuning memory policy must be 'keep' or 'any', got {memory!r}")
+    previous = _override, _memory_override
+    _override = new_mode
+    _memory_override = memory if memory is not None else _memory_override
     try:
         yield
     finally:
-        _override = previous
+        _override, _memory_override = previous
 
 
 def choices() -> list[Choice]:
@@ -113,8 +150,10 @@ def choices() -> list[Choice]:
 
 def summary() -> list[dict]:
     """The decisions as plain data for logs and reports: op/shape label, winner, ms per
-    candidate, note."""
-    return [{"op": c.label(), "winner": c.winner, "ms": dict(c.ms), "note": c.note} for c in _choices.values()]
+    candidate, MB each keeps for the backward (when one follows), memory policy, the faster
+    candidates that policy passed over, note."""
+    return [{"op": c.label(), "winner": c.winner, "ms": dict(c.ms), "saved_mb": dict(c.saved_mb or {}),
+             "memory": c.memory, "held_back": list(c.held_back), "note": c.note} for c in _choices.values()]
 
 
 def clear() -> None:
@@ -152,34 +191,67 @@ def select(op: str, candidates: Mapping[str, Callable[..., Any]], args: tuple, d
         return candidates[default]
     backward = torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
     autocast_on = torch.is_autocast_enabled(x.device.type)
-    key = (op, backward, autocast_on, _describe(args))
+    memory = memory_policy()
+    key = (op, backward, autocast_on, _describe(args), memory)
     choice = _choices.get(key)
     if choice is None:
-        choice = _choices[key] = _tune(op, key, candidates, args, default, backward, x.device)
+        choice = _choices[key] = _tune(op, key, candidates, args, default, backward, x.device, memory)
         if choice.note:
             warnings.warn(f"mvit_kernels.tuning: {choice.label()}: {choice.note}", RuntimeWarning, stacklevel=2)
     return candidates[choice.winner]
 
 
-def _tune(op, key, candidates, args, default, backward, device) -> Choice:
-    """Times every candidate. A run that would work without tuning must not fail because of it:
-    out of GPU memory while timing (it needs room for a second forward and its gradients beside
-    the caller's activations) keeps the default; so does an error of another candidate (e.g. a
-    Triton kernel this GPU cannot compile). The default's own errors propagate."""
+def _tune(op, key, candidates, args, default, backward, device, memory="any") -> Choice:
+    """Times every candidate (and, when a backward follows, measures what it keeps for it). A run
+    that would work without tuning must not fail because of it: out of GPU memory while timing
+    (it needs room for a second forward and its gradients beside the caller's activations) keeps
+    the default; so does an error of another candidate (e.g. a Triton kernel this GPU cannot
+    compile). The default's own errors propagate."""
     ms: dict[str, float] = {}
+    saved: dict[str, int] = {}
     notes = []
     for name, fn in candidates.items():
         try:
             ms[name] = _best_ms(fn, args, backward, device)
+            if backward:
+                saved[name] = _saved_bytes(fn, args)
         except torch.cuda.OutOfMemoryError:
-            return Choice(op, key, default, {}, backward, "out of memory while timing: default kept")
+            return Choice(op, key, default, {}, backward, "out of memory while timing: default kept", {}, memory)
         except Exception as exc:
             if name == default:
                 raise
             ms[name] = math.inf
+            saved.pop(name, None)
             notes.append(f"{name} failed ({type(exc).__name__}: {str(exc)[:200]}): not used")
-    winner = min(ms, key=lambda name: (ms[name], name != default))  # ties go to the default
-    return Choice(op, key, winner, ms, backward, "; ".join(notes))
+    allowed = [name for name in ms if name == default or memory == "any" or name not in saved
+               or saved[name] <= _memory_budget(saved[default])]
+    winner = min(allowed, key=lambda name: (ms[name], name != default))  # ties go to the default
+    held_back = tuple(n for n in ms if ms[n] < ms[winner])  # faster, but keep more memory
+    return Choice(op, key, winner, ms, backward, "; ".join(notes), {n: b / 2**20 for n, b in saved.items()}, memory,
+                  held_back)
+
+
+def _memory_budget(default_bytes: int) -> float:
+    return default_bytes + max(MEMORY_SLACK_BYTES, MEMORY_SLACK_FRACTION * default_bytes)
+
+
+def _saved_bytes(fn: Callable[..., Any], args: tuple) -> int:
+    """Bytes of new storage that one forward of fn keeps for its backward: the storages of the
+    tensors saved for backward (saved-tensor hooks), each counted once, without the inputs' own."""
+    inputs = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, Tensor) else a for a in args)
+    own = {a.untyped_storage().data_ptr() for a in inputs if isinstance(a, Tensor)}
+    kept: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+        out = fn(*inputs)
+    del out
+    return sum(kept.values())
 
 
 def _best_ms(fn: Callable[..., Any], args: tuple, backward: bool, device: torch.device) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import sys
 
 import pytest
 import torch
@@ -102,6 +103,45 @@ def test_the_faster_candidate_runs(monkeypatch, winner):
     torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-10)
+
+
+def test_saved_bytes_counts_new_storage_kept_for_backward():
+    a = torch.randn(64, 32, dtype=torch.float64, requires_grad=True)
+    assert tuning._saved_bytes(lambda t: t * 2.0, (a,)) == 0  # a scalar product keeps nothing
+    assert tuning._saved_bytes(lambda t: t * t, (a,)) == 0  # keeps its input, not new storage
+    assert tuning._saved_bytes(lambda t: t.exp(), (a,)) == a.numel() * 8  # keeps its output
+    assert tuning._saved_bytes(lambda t: (t.exp() * t.exp()).sum(), (a,)) == 2 * a.numel() * 8  # each once
+    assert tuning._saved_bytes(lambda t: t.view(-1).exp().view(64, 32), (a,)) == a.numel() * 8
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("memory", ["keep", "any"])
+def test_keep_policy_passes_over_a_faster_candidate_that_keeps_more_memory(monkeypatch, memory):
+    # The reference pooling keeps its convolution output and layout copy for the backward (here
+    # well over the 64 KiB slack), the fused op only its inputs. Fake clock: the reference is faster.
+    monkeypatch.setattr(tuning, "_best_ms", lambda fn, *a: 1.0 if fn is POOL3D_CANDIDATES["reference"] else 2.0)
+    x, w, nw, nb = _pool3d_inputs(batch=16)
+    with tuning.using("all", memory=memory):
+        y, _ = _pool3d(x, w, nw, nb)
+    (choice,) = tuning.choices()
+    assert choice.memory == memory
+    assert choice.saved_mb["fused"] * 2**20 < tuning.MEMORY_SLACK_BYTES < choice.saved_mb["reference"] * 2**20
+    if memory == "keep":
+        assert choice.winner == "fused" and _ran_fused_op(y) and choice.held_back == ("reference",)
+    else:
+        assert choice.winner == "reference" and not _ran_fused_op(y) and choice.held_back == ()
+    assert not choice.note  # nothing failed: no warning
+    assert tuning.summary()[0]["saved_mb"] == dict(choice.saved_mb)
+    # The benchmarks' table (bench/throughput.py) shows both, and what the policy passed over.
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import throughput
+
+    row = next(line for line in throughput.tuning_section() if line.startswith("| pool3d"))
+    assert f"reference {choice.saved_mb['reference']:.1f}" in row
+    assert row.endswith("| reference |") == (memory == "keep")
+    with torch.no_grad(), tuning.using("all", memory="keep"):  # no backward: time alone decides
+        _pool3d(x, w, nw, nb)
+    assert tuning.choices()[-1].winner == "reference" and not tuning.choices()[-1].saved_mb
 
 
 def test_ties_go_to_the_fused_kernel(monkeypatch):
@@ -269,6 +309,19 @@ def test_modes(monkeypatch):
         _pool3d(x, w, nw, nb)
     with pytest.raises(ValueError, match="tuning mode"):
         with tuning.using("yes"):
+            pass
+    monkeypatch.delenv(tuning.ENV, raising=False)
+    monkeypatch.delenv(tuning.MEMORY_ENV, raising=False)
+    assert tuning.memory_policy() == "keep"
+    monkeypatch.setenv(tuning.MEMORY_ENV, "any")
+    assert tuning.memory_policy() == "any"
+    with tuning.using("all", memory="keep"):
+        assert tuning.memory_policy() == "keep"
+    monkeypatch.setenv(tuning.MEMORY_ENV, "less")
+    with pytest.raises(ValueError, match="MVIT_KERNELS_AUTOTUNE_MEMORY"):
+        tuning.memory_policy()
+    with pytest.raises(ValueError, match="tuning memory policy"):
+        with tuning.using("all", memory="some"):
             pass
 
 
