@@ -105,24 +105,24 @@ _override: Optional[str] = None
 _memory_override: Optional[str] = None
 
 
+def _setting(override: Optional[str], env: str, default: str, allowed: Mapping[str, str]) -> str:
+    """override if set, else the environment variable env (unset: default), mapped by allowed."""
+    if override is not None:
+        return override
+    value = os.environ.get(env, default).strip().lower()
+    if value not in allowed:
+        raise ValueError(f"{env} must be one of {sorted(allowed)} (unset means {default!r}), got {value!r}")
+    return allowed[value]
+
+
 def mode() -> str:
     """"cuda", "off" or "all": :func:`using`'s override, else ``MVIT_KERNELS_AUTOTUNE``."""
-    if _override is not None:
-        return _override
-    value = os.environ.get(ENV, "cuda").strip().lower()
-    if value not in MODES:
-        raise ValueError(f"{ENV} must be one of {sorted(MODES)} (unset means 'cuda'), got {value!r}")
-    return MODES[value]
+    return _setting(_override, ENV, "cuda", MODES)
 
 
 def memory_policy() -> str:
     """"keep" or "any": :func:`using`'s override, else ``MVIT_KERNELS_AUTOTUNE_MEMORY``."""
-    if _memory_override is not None:
-        return _memory_override
-    value = os.environ.get(MEMORY_ENV, "keep").strip().lower()
-    if value not in MEMORY_POLICIES:
-        raise ValueError(f"{MEMORY_ENV} must be one of {list(MEMORY_POLICIES)} (unset means 'keep'), got {value!r}")
-    return value
+    return _setting(_memory_override, MEMORY_ENV, "keep", {p: p for p in MEMORY_POLICIES})
 
 
 @contextlib.contextmanager
