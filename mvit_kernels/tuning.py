@@ -41,8 +41,9 @@ cannot compile). The default candidate's own errors propagate, as they would unt
 
 ``MVIT_KERNELS_AUTOTUNE``: unset or ``cuda``: tune CUDA tensors only; ``0``: never tune (always the
 fused kernel); ``1``: tune every device (CPU too: the tests use it). ``MVIT_KERNELS_AUTOTUNE_MEMORY``:
-``keep`` or ``any``, above. :func:`using` overrides both in code. :func:`choices` lists the decisions (:func:`summary` as plain data: the benchmarks print it, the
-trainer writes it to result.json); :func:`clear` forgets them.
+``keep`` or ``any``, above. :func:`using` overrides both in code. :func:`choices` lists the
+decisions (:func:`summary` as plain data: the benchmarks print it, the trainer writes it to
+result.json); :func:`clear` forgets them.
 """
 
 from __future__ import annotations
