@@ -9,7 +9,9 @@ and attention_blocks_<preset>_b<batch>, .md and .json) under --out, and prints t
 AOT resource table (bench/results/triton_resources.md, made by tests/test_triton_aot.py or
 ``python -m mvit_kernels.triton.aot``).
 
-The model (per clip, bf16 = 2 bytes, fp32 statistics = 4 bytes; H100: 3.0 TB/s, 790 TFLOP/s):
+The model (per clip, bf16 = 2 bytes, fp32 statistics = 4 bytes; H100: 3.0 TB/s, 790 TFLOP/s, the
+figures the issues' targets use; the measured tables' floors use the GPU's own ceilings when
+given ``--ceilings`` (bench/ceilings.py)):
 - floor(op) = max(bytes / bandwidth, FLOPs / peak); separate ops run one after another, so the
   reference path's floor is the sum over its ops; a fused kernel is one op.
 - Fused forward reads q, k, v once and writes out (+ lse, + the rel tile when training): the
@@ -39,8 +41,8 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BANDWIDTH = 3.0e12  # bytes/s, H100 device copy (DESIGN.md §6)
-PEAK = 790e12  # FLOP/s, H100 bf16 matrix product
+from ceilings import H100, Ceilings, load as load_ceilings  # noqa: E402
+
 BF16 = 2
 FP32 = 4
 
@@ -68,11 +70,7 @@ def block_shapes(preset: str, batch: int) -> list[dict]:
     return shapes
 
 
-def floor_s(nbytes: float, flops: float) -> float:
-    return max(nbytes / BANDWIDTH, flops / PEAK)
-
-
-def fused_model(s: dict, rel: bool, train: bool) -> dict:
+def fused_model(s: dict, rel: bool, train: bool, ceil: Ceilings = H100) -> dict:
     B, H, d, nq, nkv = s["batch"], s["heads"], s["d"], s["n_q"], s["n_kv"]
     ngrid = nq - 1
     kt, kh, kw = s["thw_kv"]
@@ -101,9 +99,9 @@ def fused_model(s: dict, rel: bool, train: bool) -> dict:
     bwd = dict(bytes=delta + dkdv + dq + tables, flops=bwd_flops, executed=bwd_exec)
     return dict(
         fwd_bytes=fwd["bytes"], fwd_flops=fwd["flops"], fwd_exec_flops=fwd["executed"],
-        fwd_floor_s=floor_s(fwd["bytes"], fwd["executed"]),
+        fwd_floor_s=ceil.floor_s(fwd["bytes"], fwd["executed"]),
         bwd_bytes=bwd["bytes"], bwd_flops=bwd["flops"], bwd_exec_flops=bwd["executed"],
-        bwd_floor_s=floor_s(delta, 0) + floor_s(dkdv, dkdv_exec) + floor_s(dq, dq_exec) + floor_s(tables, relf),
+        bwd_floor_s=ceil.floor_s(delta, 0) + ceil.floor_s(dkdv, dkdv_exec) + ceil.floor_s(dq, dq_exec) + ceil.floor_s(tables, relf),
     )
 
 
@@ -148,9 +146,9 @@ def reference_model(s: dict, rel: bool) -> dict:
     bwd_bytes = sum(o + 2 * i for _, i, o, _ in ops)
     return dict(
         fwd_bytes=fwd_bytes, fwd_flops=fwd_flops,
-        fwd_floor_s=sum(floor_s(i + o, f) for _, i, o, f in ops),
+        fwd_floor_s=sum(H100.floor_s(i + o, f) for _, i, o, f in ops),
         bwd_bytes=bwd_bytes, bwd_flops=2 * fwd_flops,
-        bwd_floor_s=sum(floor_s(o + 2 * i, 2 * f) for _, i, o, f in ops),
+        bwd_floor_s=sum(H100.floor_s(o + 2 * i, 2 * f) for _, i, o, f in ops),
         ops=len(ops),
     )
 
@@ -217,9 +215,9 @@ def projection_model(preset: str, batch: int) -> tuple[str, list[dict]]:
         kv_out = batch * n_kv * 2 * A * BF16
         proj = 2 * batch * n * C * 2 * A
         recompute = math.prod(spec.kernel_kv) * n_kv / n
-        a = floor_s(x + w + kv_full, proj) + floor_s(kv_full + kv_out, 0)
-        b = floor_s(x + w + kv_out, proj * recompute)
-        c = floor_s(x + w + frac * kv_full, proj * frac) + floor_s(frac * kv_full + kv_out, 0)
+        a = H100.floor_s(x + w + kv_full, proj) + H100.floor_s(kv_full + kv_out, 0)
+        b = H100.floor_s(x + w + kv_out, proj * recompute)
+        c = H100.floor_s(x + w + frac * kv_full, proj * frac) + H100.floor_s(frac * kv_full + kv_out, 0)
         best = min((a, "a"), (b, "b"), (c, "c"))[1]
         rows.append(dict(block=i, tokens=n, stride_kv=spec.stride_kv, read_fraction=frac, recompute=recompute,
                          two_pass_s=a, fused_recompute_s=b, skip_unread_s=c, best=best))
@@ -255,7 +253,9 @@ def _fmt_ms(ms) -> str:
     return f"{ms:.3f}" if ms else "fail"
 
 
-def bench_cuda(shapes: list[dict], rel: bool) -> tuple[str, list[dict]]:
+def bench_cuda(shapes: list[dict], rel: bool, ceil: Ceilings = H100) -> tuple[str, list[dict]]:
+    """Triton, reference, SDPA and FlexAttention fwd+bwd at each distinct block shape; the floor
+    column is the byte/FLOP model under ``ceil`` (the GPU's measured ceilings where given)."""
     import importlib
 
     import torch
@@ -282,7 +282,7 @@ def bench_cuda(shapes: list[dict], rel: bool) -> tuple[str, list[dict]]:
             tabs = [mk(L[0], d) * 0.1 if s["rel_t"] else None, mk(L[1], d) * 0.1, mk(L[2], d) * 0.1]
             tabs = [None if t is None else t.detach().requires_grad_() for t in tabs]
         args = (q, k, v, s["thw_q"], s["thw_kv"], True, *tabs)
-        f = fused_model(s, rel, train=True)
+        f = fused_model(s, rel, train=True, ceil=ceil)
         row = dict(block=s["block"], heads=H, n_q=s["n_q"], n_kv=s["n_kv"], floor_ms=(f["fwd_floor_s"] + f["bwd_floor_s"]) * 1e3)
         for name, fn in (("triton", pa.triton_pooling_attention), ("reference", reference.pooling_attention),
                          ("sdpa", sdpa), ("flex", flex_pooling_attention)):
@@ -482,18 +482,26 @@ def bench_blocks(preset: str, batch: int, device: str = "cuda", rep: int = 50) -
     return "\n".join(lines) + "\n", rows
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="pooling attention: byte/FLOP model and benchmark")
     parser.add_argument("--preset", default="mvit_b_16x4")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--no-rel-pos", action="store_true", help="model without the MViTv2 rel-pos bias")
-    args = parser.parse_args(argv)
+    parser.add_argument("--ceilings", default=None,
+                        help="ceilings.json of bench/ceilings.py: the measured tables' floors use this GPU's "
+                             "bandwidth and matrix rate (default: the H100 figures, as the model tables always do)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shapes = block_shapes(args.preset, args.batch)
     # MViT-B (v1) has no rel-pos; the kernels' main customer is MViTv2, so model both unless told.
-    sections, payload = [], {"preset": args.preset, "batch": args.batch, "bandwidth": BANDWIDTH, "peak_flops": PEAK}
+    sections, payload = [], {"preset": args.preset, "batch": args.batch, "bandwidth": H100.bandwidth,
+                                "peak_flops": H100.peak_flops}
     for rel in ([False] if args.no_rel_pos else [False, True]):
         shp = [dict(s, rel_pos=rel, rel_t=rel, residual=rel) for s in shapes]
         table, rows = model_table(shp, rel)
@@ -504,8 +512,9 @@ def main(argv=None) -> int:
     sections.append(
         f"## Pooled projection (k/v half of qkv + K/V pooling), {args.preset}, batch {args.batch}: which way\n\n"
         "(a) project all tokens, pool in a second pass; (b) one fused pass recomputing overlapping windows; "
-        "(c) project only tokens a window reads, once, then pool. Not built yet (see the report); this "
-        "decides its design.\n\n" + proj_table
+        "(c) project only tokens a window reads, once, then pool. The model runs (b), the Triton pooled "
+        "projection, where its recompute factor is <= 2 (strides 1x8x8 and 1x4x4: "
+        "`mvit_kernels.triton.pooled_projection.use_fused_projection`), and (a) elsewhere.\n\n" + proj_table
     )
     payload["pooled_projection"] = proj_rows
     header = (
@@ -530,12 +539,14 @@ def main(argv=None) -> int:
     except ImportError:
         cuda = False
     if cuda:
+        ceil = load_ceilings(args.ceilings)
         for rel in (False, True):
             shp = [dict(s, rel_pos=rel, rel_t=rel, residual=rel) for s in shapes]
-            table, rows = bench_cuda(shp, rel)
+            table, rows = bench_cuda(shp, rel, ceil)
             name = f"attention_bench_b{args.batch}" + ("_relpos" if rel else "")
-            (out / f"{name}.md").write_text(f"# fwd+bwd, bf16, batch {args.batch}, {torch.cuda.get_device_name()}\n\n{table}")
-            (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+            (out / f"{name}.md").write_text(f"# fwd+bwd, bf16, batch {args.batch}, {torch.cuda.get_device_name()}\n\n"
+                                            f"Floors from {ceil.describe()}.\n\n{table}")
+            (out / f"{name}.json").write_text(json.dumps(dict(ceilings=ceil.describe(), rows=rows), indent=1))
             print(table)
         table, rows = bench_projection(args.preset, args.batch)
         title = f"# Pooled K/V projection fwd+bwd, bf16, {args.preset}, batch {args.batch}, {torch.cuda.get_device_name()}"

@@ -12,9 +12,11 @@ reference / op (>1: the op is faster). The reference runs in both of its grid la
 NCDHW copy, which reach different kernels on CUDA); the ratio is against the faster one, which
 is what per-shape tuning would run in the op's place. On CPU the threads are fixed (default 2). On a GPU, CUDA
 events time it and the achieved bandwidth (the minimum bytes each pass must move: inputs read
-once, outputs written once) is reported against 3.0 TB/s (H100, DESIGN.md §6).
+once, outputs written once) is reported against the GPU's copy bandwidth from --ceilings
+(bench/ceilings.py), else against the H100's 3.0 TB/s (DESIGN.md §6).
 
     python bench/bench_pool_ops.py [--device cpu|cuda] [--threads 2] [--repeats 5] [--dtype float32]
+                                   [--ceilings ceilings.json]
 
 Writes bench/results/pool_ops_<device>.md and .json.
 """
@@ -39,7 +41,8 @@ import mvit_kernels  # noqa: E402
 from mvit import build_model  # noqa: E402
 from mvit_kernels import reference, tuning  # noqa: E402
 
-PEAK_BANDWIDTH = 3.0e12  # bytes/s, H100 device copy as measured (DESIGN.md §6)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ceilings import load as load_ceilings  # noqa: E402
 
 
 @dataclass
@@ -135,7 +138,7 @@ def time_alternately(fns, args, leaves, backward, device, repeats, warmup=1):
     return times
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)
@@ -144,7 +147,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--suffix", default="", help="appended to the output name (pool_ops_<device><suffix>.md)")
-    opts = parser.parse_args()
+    parser.add_argument("--ceilings", default=None, help="ceilings.json of bench/ceilings.py (default: H100 figures)")
+    return parser
+
+
+def main(argv=None) -> None:
+    opts = build_parser().parse_args(argv)
+    bandwidth = load_ceilings(opts.ceilings).bandwidth
     device = torch.device(opts.device)
     dtype = getattr(torch, opts.dtype)
     if device.type == "cpu":
@@ -181,7 +190,7 @@ def main() -> None:
                            speedup=min(med_ref, med_ncdhw) / med_op, min_bytes=bytes_moved,
                            op_GBps=bytes_moved / med_op / 1e9)
                 if device.type == "cuda":
-                    row["bw_fraction_of_3TBps"] = bytes_moved / med_op / PEAK_BANDWIDTH
+                    row["bw_fraction"] = bytes_moved / med_op / bandwidth
                 rows.append(row)
                 print(f"B={batch} {case.name:38s} {row['pass_']:8s} op {row['op_ms']:9.2f} ms "
                       f"[{row['op_min_ms']:.2f}-{row['op_max_ms']:.2f}]  ref {row['ref_ms']:9.2f} ms "
@@ -198,7 +207,7 @@ def main() -> None:
     malloc = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}
     meta = dict(device=machine, torch=torch.__version__, dtype=opts.dtype, repeats=opts.repeats,
                 threads=torch.get_num_threads() if device.type == "cpu" else None, load_avg_start=load_start,
-                load_avg_end=load, malloc_env=malloc)
+                load_avg_end=load, malloc_env=malloc, bandwidth=bandwidth if device.type == "cuda" else None)
     with open(stem + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     lines = [f"# Pooling ops vs reference ({device.type})", "",
@@ -210,7 +219,7 @@ def main() -> None:
              f"{meta['load_avg_end'] and round(meta['load_avg_end'][0], 2)}. Allocator settings: "
              + (" ".join(f"`{k}={v}`" for k, v in malloc.items()) or "glibc defaults") + ".", "",
              "| B | case | pass | op ms [min-max] | reference ms [min-max] | reference NCDHW ms [min-max] | speedup "
-             "| op GB/s (min bytes) |" + (" of 3.0 TB/s |" if device.type == "cuda" else ""),
+             "| op GB/s (min bytes) |" + (f" of {bandwidth / 1e12:.2f} TB/s |" if device.type == "cuda" else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|" if device.type == "cuda" else "")]
     for r in rows:
         line = (f"| {r['batch']} | {r['case']} | {r['pass_']} | {r['op_ms']:.2f} [{r['op_min_ms']:.2f}-{r['op_max_ms']:.2f}] "
@@ -218,7 +227,7 @@ def main() -> None:
                 f"| {r['ref_ncdhw_ms']:.2f} [{r['ref_ncdhw_min_ms']:.2f}-{r['ref_ncdhw_max_ms']:.2f}] "
                 f"| {r['speedup']:.2f}x | {r['op_GBps']:.1f} |")
         if device.type == "cuda":
-            line += f" {100 * r['bw_fraction_of_3TBps']:.0f}% |"
+            line += f" {100 * r['bw_fraction']:.0f}% |"
         lines.append(line)
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
