@@ -60,10 +60,14 @@ def _fused_cuda_gflops(name: str, gflops: float):
     return round(gflops - saved / 1e9, 3)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=RESULTS, help="results folder")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     fused_ok = mvit_kernels.load_extension()
     rows = []
     for name in PRESETS:

@@ -72,7 +72,7 @@ def profile_module(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mvit_b_16x4")
     parser.add_argument("--block", type=int, default=15)
@@ -81,7 +81,11 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--module", action="store_true",
                         help="profile the whole MultiScaleAttention module (bf16 autocast), fused vs reference+SDPA")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.module:
         return profile_module(args)
     shape = next(s for s in block_shapes(args.preset, args.batch) if s["block"] == args.block)

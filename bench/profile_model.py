@@ -156,7 +156,7 @@ def to_markdown(rows, device_name, what) -> str:
     return "\n".join(lines + tuning_section()) + "\n"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mvit_b_16x4")
     parser.add_argument("--batch", type=int, default=None, help="default 8 on GPU, 1 on CPU")
@@ -168,7 +168,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--out", default=RESULTS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":

@@ -182,7 +182,7 @@ def measure(name, label, spec, device, batch, mode, warmup, repeats, dtype_ctx):
     }
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mvit_b_16x4", "mvitv2_s_16x4", "mvit_b16_image"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None)
@@ -192,7 +192,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--out", default=RESULTS)
-    args = parser.parse_args()
+    parser.add_argument("--suffix", default="", help="appended to the output names (throughput_<device><suffix>.md): "
+                        "runs with other variants or batches, e.g. bench/gpu_suite.py's compiled step, keep their own files")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -226,12 +232,12 @@ def main() -> int:
                         rows.append(row)
                         print(json.dumps(row), flush=True)
                         # rewritten after every row: a run cut short still leaves its results
-                        text = _write(rows, device, device_name, args.out)
+                        text = _write(rows, device, device_name, args.out, args.suffix)
     print(text)
     return 0
 
 
-def _write(rows, device, device_name, out_dir) -> str:
+def _write(rows, device, device_name, out_dir, suffix="") -> str:
     lines = [
         f"# Throughput — {device_name}; torch {torch.__version__}; "
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}",
@@ -261,7 +267,7 @@ def _write(rows, device, device_name, out_dir) -> str:
         )
     lines += tuning_section()
     text = "\n".join(lines) + "\n"
-    tag = "gpu" if device.type == "cuda" else "cpu"
+    tag = ("gpu" if device.type == "cuda" else "cpu") + suffix
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"throughput_{tag}.md"), "w") as f:
         f.write(text)
