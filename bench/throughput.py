@@ -11,6 +11,9 @@ Variants (same weights everywhere; torchvision's through the converter):
   ours-fused / torchvision "+compile-cudagraphs" (CUDA, only when named in --variants):
                               torch.compile(mode="reduce-overhead"), which replays CUDA graphs and
                               so takes the host's per-op launch cost out of the step
+  ours-fused-timeonly         (only when named) fused=True with per-shape tuning deciding by
+                              time alone (MVIT_KERNELS_AUTOTUNE_MEMORY=any): beside ours-fused, what
+                              the default memory policy costs a training step and saves in memory
 Timing: warm-up excluded, the median of --repeats timed runs, spread (min-max) printed. GPU runs
 use bf16 autocast; CPU runs float32 with --threads threads. Ratios are against torchvision eager
 and against the best peer (the fastest variant that is not ours) measured in the same run.
@@ -31,6 +34,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 
 import torch
@@ -86,12 +90,16 @@ def _torchvision_model(name: str, state):
 def _variants(name: str, device: torch.device, want: set[str], **overrides):
     """label -> (make, context, compile mode (None: eager), state to load or None). ``overrides``
     (config fields, e.g. input_size) leave torchvision out: its builders fix the input size. The
-    CUDA-graph variants are built only when ``want`` names them (their compile is the slowest)."""
+    CUDA-graph variants are built only when ``want`` names them (their compile is the slowest), the
+    time-only tuning variant likewise."""
     base = build_model(name, **overrides).to(device)
     state = base.state_dict()
     variants = {}
     if mvit_kernels.load_extension():
         variants["ours-fused"] = (lambda: build_model(name, fused=True, **overrides).to(device), None)
+        if "ours-fused-timeonly" in want:  # opt-in; where tuning is off (CPU default) it is ours-fused
+            variants["ours-fused-timeonly"] = (lambda: build_model(name, fused=True, **overrides).to(device),
+                                               lambda: tuning.using(tuning.mode(), memory="any"))
     variants["ours-ref"] = (lambda: build_model(name, **overrides).to(device), None)
     variants["ours-ref-sdpa"] = (lambda: build_model(name, **overrides).to(device), sdpa_in_reference)
     if name in TORCHVISION and not overrides:
@@ -229,6 +237,12 @@ def main(argv=None) -> int:
                             row = measure(name, label, spec, device, batch, mode, args.warmup, args.repeats, dtype_ctx)
                         except torch.cuda.OutOfMemoryError:
                             row = {"model": name, "variant": label, "mode": mode, "batch": batch, "error": "OOM"}
+                        except Exception as exc:  # one broken variant must not cost the others' rows
+                            traceback.print_exc()
+                            row = {"model": name, "variant": label, "mode": mode, "batch": batch,
+                                   "error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:80]}"
+                                   .replace("|", "/")}
+                            gc.collect()
                         rows.append(row)
                         print(json.dumps(row), flush=True)
                         # rewritten after every row: a run cut short still leaves its results
@@ -285,13 +299,14 @@ def tuning_section() -> list[str]:
     lines = ["", "Per-shape choices of `mvit_kernels.tuning` (fused op vs its alternatives, best of "
              f"{tuning.REPEATS} timed runs each, ms; with a backward, the MB each keeps for it; under the "
              "memory policy `keep` a candidate keeping more than the fused one is passed over even when "
-             "faster):", "", "| op, input, arguments | winner | ms per candidate | MB kept for backward | "
-             "faster, passed over for memory |", "|---|---|---|---|---|"]
+             "faster; `any` decides by time alone):", "", "| op, input, arguments | memory policy | winner | "
+             "ms per candidate | MB kept for backward | faster, passed over for memory |", "|---|---|---|---|---|---|"]
     for r in rows:
         ms = ", ".join(f"{name} {t:.3f}" for name, t in r["ms"].items()) or r["note"]
         kept = ", ".join(f"{name} {mb:.1f}" for name, mb in r.get("saved_mb", {}).items()) or "—"
         held = ", ".join(r.get("held_back", [])) or "—"
-        lines.append(f"| {r['op']} | {r['winner']} | {ms} | {kept} | {held} |")
+        policy = r.get("memory", "any") if r.get("saved_mb") else "— (no backward)"
+        lines.append(f"| {r['op']} | {policy} | {r['winner']} | {ms} | {kept} | {held} |")
     return lines
 
 

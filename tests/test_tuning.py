@@ -10,6 +10,7 @@ Float64 inputs, so results agree to 1e-10 whichever candidate ran.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import os
@@ -139,9 +140,31 @@ def test_keep_policy_passes_over_a_faster_candidate_that_keeps_more_memory(monke
     row = next(line for line in throughput.tuning_section() if line.startswith("| pool3d"))
     assert f"reference {choice.saved_mb['reference']:.1f}" in row
     assert row.endswith("| reference |") == (memory == "keep")
+    assert row.split(" | ")[1] == memory  # the policy that decided the row
     with torch.no_grad(), tuning.using("all", memory="keep"):  # no backward: time alone decides
         _pool3d(x, w, nw, nb)
     assert tuning.choices()[-1].winner == "reference" and not tuning.choices()[-1].saved_mb
+    assert throughput.tuning_section()[-1].split(" | ")[1:3] == ["— (no backward)", "reference"]
+
+
+def test_throughput_time_only_variant_tunes_by_time_alone(monkeypatch):
+    # bench/throughput.py's ours-fused-timeonly runs the fused model with tuning under policy
+    # "any", beside ours-fused under the default; fake clock: the reference pooling is faster.
+    monkeypatch.setattr(tuning, "_best_ms", lambda fn, *a: 1.0 if fn is POOL3D_CANDIDATES["reference"] else 2.0)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import throughput
+
+    cpu = torch.device("cpu")
+    specs = throughput._variants("mvit_tiny", cpu, {"ours-fused", "ours-fused-timeonly"})
+    assert list(specs) == ["ours-fused", "ours-fused-timeonly"]
+    with tuning.using("all"):
+        for label, spec in specs.items():
+            row = throughput.measure("mvit_tiny", label, spec, cpu, 1, "train", 0, 1, contextlib.nullcontext)
+            assert row["variant"] == label and row["step_s"] > 0
+    trained = [c for c in tuning.choices() if c.op == "pool3d" and c.backward]
+    assert {c.memory for c in trained} == {"keep", "any"}
+    assert all(c.winner == "reference" for c in trained if c.memory == "any")  # time alone
+    assert tuning.memory_policy() == "keep"  # the variant's policy ended with it
 
 
 def test_ties_go_to_the_fused_kernel(monkeypatch):
