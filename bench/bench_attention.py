@@ -1,6 +1,7 @@
 """Pooling attention at the MViT-B 16x4 block shapes: a byte/FLOP floor model of the fused Triton
 kernels against the reference path's separate ops (always), and, when CUDA is available, measured
-forward+backward times of the Triton kernel, the reference and the SDPA path in bf16.
+forward and forward+backward times of the Triton kernels, the reference, SDPA and FlexAttention in
+bf16, with the Triton kernels' achieved TFLOP/s and GB/s beside their floor.
 
     python bench/bench_attention.py [--batch 1] [--preset mvit_b_16x4] [--out bench/results]
 
@@ -253,9 +254,14 @@ def _fmt_ms(ms) -> str:
     return f"{ms:.3f}" if ms else "fail"
 
 
+PATHS = ("triton", "reference", "sdpa", "flex")
+
+
 def bench_cuda(shapes: list[dict], rel: bool, ceil: Ceilings = H100) -> tuple[str, list[dict]]:
-    """Triton, reference, SDPA and FlexAttention fwd+bwd at each distinct block shape; the floor
-    column is the byte/FLOP model under ``ceil`` (the GPU's measured ceilings where given)."""
+    """Triton, reference, SDPA and FlexAttention at each distinct block shape, the forward (as in
+    training: autograd on, so the Triton forward also writes what its backward reads) and the
+    forward + backward; the floors are the byte/FLOP model under ``ceil`` (the GPU's measured
+    ceilings where given)."""
     import importlib
 
     import torch
@@ -283,29 +289,51 @@ def bench_cuda(shapes: list[dict], rel: bool, ceil: Ceilings = H100) -> tuple[st
             tabs = [None if t is None else t.detach().requires_grad_() for t in tabs]
         args = (q, k, v, s["thw_q"], s["thw_kv"], True, *tabs)
         f = fused_model(s, rel, train=True, ceil=ceil)
-        row = dict(block=s["block"], heads=H, n_q=s["n_q"], n_kv=s["n_kv"], floor_ms=(f["fwd_floor_s"] + f["bwd_floor_s"]) * 1e3)
-        for name, fn in (("triton", pa.triton_pooling_attention), ("reference", reference.pooling_attention),
-                         ("sdpa", sdpa), ("flex", flex_pooling_attention)):
+        row = dict(block=s["block"], heads=H, n_q=s["n_q"], n_kv=s["n_kv"],
+                   fwd_floor_ms=f["fwd_floor_s"] * 1e3, floor_ms=(f["fwd_floor_s"] + f["bwd_floor_s"]) * 1e3,
+                   fwd_bytes=f["fwd_bytes"], fwd_flops=f["fwd_flops"],
+                   bytes=f["fwd_bytes"] + f["bwd_bytes"], flops=f["fwd_flops"] + f["bwd_flops"])
+        for name, fn in zip(PATHS, (pa.triton_pooling_attention, reference.pooling_attention, sdpa,
+                                    flex_pooling_attention)):
+            def forward():
+                return fn(*args, residual_pooling=s["residual"])
+
             def step():
-                out = fn(*args, residual_pooling=s["residual"])
+                out = forward()
                 out.backward(torch.ones_like(out))
+            _time_into(row, "fwd_" + name, forward)
             _time_into(row, name, step)
             if name == "triton":
                 # The kernels' own time: replayed from a CUDA graph, without the ~1 ms of host
                 # time an eager call spends (bench/profile_attention.py), which do_bench includes
                 # whenever the host is slower than the device.
+                _time_into(row, "fwd_triton_graph", forward, graph=True)
                 _time_into(row, "triton_graph", step, graph=True)
         results.append(row)
-    lines = ["| block | heads | L_q | L_kv | floor ms | triton ms | triton graph ms | graph/floor | reference ms | sdpa ms | flex ms | ref/triton | sdpa/triton | flex/triton |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    return measured_table(results), results
+
+
+def measured_table(results: list[dict]) -> str:
+    """Two lines per shape (the forward, keys ``fwd_*``, and the forward + backward): each path's
+    time, the Triton kernels' graph-replay time over the floor, and what that time achieves:
+    the FLOPs the reference counts and the model's minimum bytes, per second."""
+    lines = ["| block | heads | L_q | L_kv | pass | floor ms | triton ms | triton graph ms | graph/floor | "
+             "triton TFLOP/s | triton GB/s | reference ms | sdpa ms | flex ms | ref/triton | sdpa/triton | flex/triton |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        t, ref, sd, fx = r.get("triton_ms"), r.get("reference_ms"), r.get("sdpa_ms"), r.get("flex_ms")
-        ratio = lambda a: f"{a / t:.2f}x" if (a and t) else "n/a"
-        g = r.get("triton_graph_ms")
-        lines.append(f"| {r['block']} | {r['heads']} | {r['n_q']} | {r['n_kv']} | {r['floor_ms']:.3f} | {_fmt_ms(t)} | {_fmt_ms(g)} | "
-                     f"{(g / r['floor_ms']) if g else float('nan'):.1f}x | {_fmt_ms(ref)} | {_fmt_ms(sd)} | {_fmt_ms(fx)} | "
-                     f"{ratio(ref)} | {ratio(sd)} | {ratio(fx)} |")
-    return "\n".join(lines) + "\n", results
+        for prefix, label in (("fwd_", "fwd"), ("", "fwd+bwd")):
+            t, g = r.get(prefix + "triton_ms"), r.get(prefix + "triton_graph_ms")
+            floor = r[prefix + "floor_ms"]
+            kernel_ms = g or t  # achieved rates from the kernels' own time where replay worked
+            ratio = lambda a: f"{a / t:.2f}x" if (a and t) else "n/a"
+            rate = lambda amount, unit: f"{amount / (kernel_ms * 1e-3) / unit:.1f}" if kernel_ms else "n/a"
+            lines.append(
+                f"| {r['block']} | {r['heads']} | {r['n_q']} | {r['n_kv']} | {label} | {floor:.3f} | {_fmt_ms(t)} | "
+                f"{_fmt_ms(g)} | {(g / floor) if g else float('nan'):.1f}x | {rate(r[prefix + 'flops'], 1e12)} | "
+                f"{rate(r[prefix + 'bytes'], 1e9)} | "
+                + " | ".join(_fmt_ms(r.get(prefix + n + "_ms")) for n in PATHS[1:]) + " | "
+                + " | ".join(ratio(r.get(prefix + n + "_ms")) for n in PATHS[1:]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 _FLEX_FNS: dict = {}
@@ -544,7 +572,8 @@ def main(argv=None) -> int:
             shp = [dict(s, rel_pos=rel, rel_t=rel, residual=rel) for s in shapes]
             table, rows = bench_cuda(shp, rel, ceil)
             name = f"attention_bench_b{args.batch}" + ("_relpos" if rel else "")
-            (out / f"{name}.md").write_text(f"# fwd+bwd, bf16, batch {args.batch}, {torch.cuda.get_device_name()}\n\n"
+            (out / f"{name}.md").write_text(f"# Pooling attention fwd and fwd+bwd, bf16, batch {args.batch}, "
+                                            f"{torch.cuda.get_device_name()}, {'with' if rel else 'no'} rel-pos\n\n"
                                             f"Floors from {ceil.describe()}.\n\n{table}")
             (out / f"{name}.json").write_text(json.dumps(dict(ceilings=ceil.describe(), rows=rows), indent=1))
             print(table)

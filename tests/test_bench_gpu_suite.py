@@ -147,3 +147,20 @@ def test_measured_floors_follow_the_given_ceilings():
         assert floors["fwd_floor_s"] == max(floors["fwd_bytes"] / ceil.bandwidth, floors["fwd_exec_flops"] / ceil.peak_flops)
     assert found["fwd_floor_s"] < h100["fwd_floor_s"] and found["bwd_floor_s"] < h100["bwd_floor_s"]
 
+
+
+def test_attention_table_shows_both_passes_with_achieved_rates():
+    import bench_attention
+
+    row = dict(block=0, heads=1, n_q=25089, n_kv=393, fwd_floor_ms=0.1, floor_ms=0.3, fwd_bytes=2e8, fwd_flops=1e11,
+               bytes=6e8, flops=3e11, fwd_triton_ms=0.5, fwd_triton_graph_ms=0.4, triton_ms=1.2, triton_graph_ms=1.0,
+               fwd_reference_ms=1.0, reference_ms=3.0, fwd_sdpa_ms=0.2, sdpa_ms=None, fwd_flex_ms=0.8, flex_ms=2.4)
+    fwd, both = bench_attention.measured_table([row]).splitlines()[2:]
+    # forward: graph 0.4 ms over a 0.1 ms floor; 1e11 FLOP and 2e8 B in 0.4 ms
+    assert fwd.startswith("| 0 | 1 | 25089 | 393 | fwd | 0.100 | 0.500 | 0.400 | 4.0x | 250.0 | 500.0 | 1.000 | 0.200 | 0.800 |")
+    assert fwd.endswith("| 2.00x | 0.40x | 1.60x |")
+    assert both.startswith("| 0 | 1 | 25089 | 393 | fwd+bwd | 0.300 | 1.200 | 1.000 | 3.3x | 300.0 | 600.0 | 3.000 | fail | 2.400 |")
+    assert both.endswith("| 2.50x | n/a | 2.00x |")
+    # Without a graph replay the eager time gives the rates.
+    del row["fwd_triton_graph_ms"]
+    assert "| fwd | 0.100 | 0.500 | fail | nanx | 200.0 | 400.0 |" in bench_attention.measured_table([row])
