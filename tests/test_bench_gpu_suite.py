@@ -164,3 +164,35 @@ def test_attention_table_shows_both_passes_with_achieved_rates():
     # Without a graph replay the eager time gives the rates.
     del row["fwd_triton_graph_ms"]
     assert "| fwd | 0.100 | 0.500 | fail | nanx | 200.0 | 400.0 |" in bench_attention.measured_table([row])
+
+
+def test_a_run_logs_each_step_saves_after_each_and_ends_with_the_targets(tmp_path, monkeypatch, capsys):
+    import tarfile
+
+    import torch
+
+    py = [sys.executable, "-c"]
+    monkeypatch.setattr(gpu_suite, "STEPS", {
+        "ok": ([*py, "print('first line'); print('last line of ok')"], 60),
+        "fails": ([*py, "import sys; print('it broke'); sys.exit(3)"], 60),
+        "hangs": ([*py, "import time; time.sleep(30)"], 1),
+        "late": ([*py, "print('never')"], 60),
+    })
+    monkeypatch.setattr(gpu_suite, "PLANS", {"lease": (["ok", "fails", "hangs", "late"], None)})
+    monkeypatch.setattr(gpu_suite, "_device_name", lambda: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    real_timeout = gpu_suite.step_timeout  # tested above; here the deadline is spent before "late"
+    monkeypatch.setattr(gpu_suite, "step_timeout", lambda name, *a: None if name == "late" else real_timeout(name, *a))
+    out, archive = tmp_path / "results", tmp_path / "results.tgz"
+    assert gpu_suite.main(["--out", str(out), "--archive", str(archive), "--deadline", "500"]) == 1
+    steps = json.loads((out / "summary.json").read_text())["steps"]
+    assert [(s["step"], s["rc"]) for s in steps] == [("ok", 0), ("fails", 3), ("hangs", "timeout"), ("late", "no time")]
+    assert steps[0]["last_line"] == "last line of ok" and (out / "fails.log").read_text() == "it broke\n"
+    with tarfile.open(archive) as tar:
+        assert "results/summary.json" in tar.getnames() and "results/ok.log" in tar.getnames()
+    text = capsys.readouterr().out
+    assert "gpu_suite: fails: rc=3" in text and "it broke" in text  # a failing step's log tail is shown
+    summary = text.rindex("| step | exit | seconds | last line |")
+    assert text.index("| ok | 0 |", summary) < text.index("| target | measured | goal | met |", summary)
+    assert text.rstrip().splitlines()[-1] == (  # the targets come last
+        "| Triton attention + rel-pos b8, worst block: graph-replay time / floor | not measured | <= 2.0x | — |")
