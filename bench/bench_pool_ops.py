@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     opts = build_parser().parse_args(argv)
-    bandwidth = load_ceilings(opts.ceilings).bandwidth
     device = torch.device(opts.device)
+    bandwidth = load_ceilings(opts.ceilings).bandwidth if device.type == "cuda" else None
     dtype = getattr(torch, opts.dtype)
     if device.type == "cpu":
         torch.set_num_threads(opts.threads)
@@ -207,7 +207,7 @@ def main(argv=None) -> None:
     malloc = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}
     meta = dict(device=machine, torch=torch.__version__, dtype=opts.dtype, repeats=opts.repeats,
                 threads=torch.get_num_threads() if device.type == "cpu" else None, load_avg_start=load_start,
-                load_avg_end=load, malloc_env=malloc, bandwidth=bandwidth if device.type == "cuda" else None)
+                load_avg_end=load, malloc_env=malloc, bandwidth=bandwidth)
     with open(stem + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     lines = [f"# Pooling ops vs reference ({device.type})", "",

@@ -151,9 +151,10 @@ def choices() -> list[Choice]:
 
 def summary() -> list[dict]:
     """The decisions as plain data for logs and reports: op/shape label, winner, ms per
-    candidate, MB each keeps for the backward (when one follows), memory policy, the faster
+    candidate, whether a backward follows, MB each keeps for it, memory policy, the faster
     candidates that policy passed over, note."""
-    return [{"op": c.label(), "winner": c.winner, "ms": dict(c.ms), "saved_mb": dict(c.saved_mb or {}),
+    return [{"op": c.label(), "winner": c.winner, "ms": dict(c.ms), "backward": c.backward,
+             "saved_mb": dict(c.saved_mb or {}),
              "memory": c.memory, "held_back": list(c.held_back), "note": c.note} for c in _choices.values()]
 
 

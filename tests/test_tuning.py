@@ -58,6 +58,12 @@ def _pool3d(x, w, nw, nb, stride=STRIDE):
     return mvit_kernels.pool3d(x, THW, KERNEL, stride, PADDING, "conv", w, True, nw, nb)
 
 
+def _bench_throughput():
+    """bench/throughput.py, whose tables and variants some tests check."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    return importlib.import_module("throughput")
+
+
 def _ran_fused_op(y) -> bool:
     name = type(y.grad_fn).__name__
     return "EagerPool3d" in name or "mvit_kernels_pool3d" in name
@@ -134,9 +140,7 @@ def test_keep_policy_passes_over_a_faster_candidate_that_keeps_more_memory(monke
     assert not choice.note  # nothing failed: no warning
     assert tuning.summary()[0]["saved_mb"] == dict(choice.saved_mb)
     # The benchmarks' table (bench/throughput.py) shows both, and what the policy passed over.
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    import throughput
-
+    throughput = _bench_throughput()
     row = next(line for line in throughput.tuning_section() if line.startswith("| pool3d"))
     assert f"reference {choice.saved_mb['reference']:.1f}" in row
     assert row.endswith("| reference |") == (memory == "keep")
@@ -151,9 +155,7 @@ def test_throughput_time_only_variant_tunes_by_time_alone(monkeypatch):
     # bench/throughput.py's ours-fused-timeonly runs the fused model with tuning under policy
     # "any", beside ours-fused under the default; fake clock: the reference pooling is faster.
     monkeypatch.setattr(tuning, "_best_ms", lambda fn, *a: 1.0 if fn is POOL3D_CANDIDATES["reference"] else 2.0)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    import throughput
-
+    throughput = _bench_throughput()
     cpu = torch.device("cpu")
     specs = throughput._variants("mvit_tiny", cpu, {"ours-fused", "ours-fused-timeonly"})
     assert list(specs) == ["ours-fused", "ours-fused-timeonly"]
