@@ -169,12 +169,27 @@ class MViTConfig:
         return "cls" if self.cls_embed else "mean"
 
     def validate(self) -> None:
-        if self.depth < 1:
-            raise ValueError(f"depth must be >= 1, got {self.depth}")
+        for name in ("depth", "num_classes", "in_chans", "embed_dim", "num_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         for name in ("input_size", "patch_kernel", "patch_stride", "patch_padding"):
             value = getattr(self, name)
             if len(value) != 3:
                 raise ValueError(f"{name} must be a (t, h, w) triple, got {value!r}")
+            least = 0 if name == "patch_padding" else 1
+            if any(v < least for v in value):
+                raise ValueError(f"{name} entries must be >= {least}, got {value!r}")
+        for name in ("pool_kvq_kernel", "pool_kv_stride_adaptive"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or any(v < 1 for v in value)):
+                raise ValueError(f"{name} must be None or a (t, h, w) triple of ints >= 1, got {value!r}")
         if self.patch_2d and (self.input_size[0] != 1 or self.patch_kernel[0] != 1 or self.patch_stride[0] != 1):
             raise ValueError("patch_2d models need input_size, patch_kernel and patch_stride with t = 1")
         if self.pool_mode not in ("conv", "avg", "max"):
@@ -185,8 +200,8 @@ class MViTConfig:
             if not 0 <= entry[0] <= self.depth:
                 raise ValueError(f"dim_mul/head_mul block index {entry[0]} outside 0..{self.depth}")
         for entry in list(self.pool_q_stride) + list(self.pool_kv_stride):
-            if not 0 <= entry[0] < self.depth or len(entry) != 4:
-                raise ValueError(f"pool stride entry {entry!r} must be (block < {self.depth}, t, h, w)")
+            if len(entry) != 4 or not 0 <= entry[0] < self.depth or any(s < 1 for s in entry[1:]):
+                raise ValueError(f"pool stride entry {entry!r} must be (block < {self.depth}, t, h, w), strides >= 1")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if any(s < 1 for s in self.patch_grid):

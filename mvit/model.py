@@ -312,6 +312,19 @@ class MViT(nn.Module):
             raise ValueError(f"input must have {cfg.in_chans} channels in dim 1, got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError("input batch is empty")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"input must be a floating-point tensor (normalized pixels), got {x.dtype}; "
+                "convert and normalize first, e.g. (x.float() / 255 - mean) / std"
+            )
+        weight = self.patch_embed.proj.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"input has dtype {x.dtype} but the model's parameters are {weight.dtype}; "
+                f"cast one to the other (x.to({weight.dtype}) or model.to({x.dtype})) or run under torch.autocast"
+            )
+        if x.device != weight.device:
+            raise ValueError(f"input is on {x.device} but the model is on {weight.device}")
         return x
 
     def _position_embedding(self, thw: Triple) -> Optional[torch.Tensor]:

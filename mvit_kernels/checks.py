@@ -7,6 +7,8 @@ expected.
 
 from __future__ import annotations
 
+import math
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -15,17 +17,45 @@ POOL_MODES = ("max", "avg", "conv")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def _as_int(value) -> int:
+    """value as an int if it is one (Python, NumPy or SymInt; an integer 0-d tensor), else
+    TypeError. Floats are refused rather than truncated (a size of 2.5 is a caller's bug), and
+    so are bools (True is an int to Python, but never meant as a size)."""
+    if isinstance(value, bool):
+        raise TypeError("bool")
+    return operator.index(value)
+
+
 def triple(value, name: str) -> tuple[int, int, int]:
     """Normalize an int or a length-3 sequence of ints to a tuple of three ints."""
-    if isinstance(value, int):
-        return (value, value, value)
     try:
-        items = tuple(int(v) for v in value)
+        one = _as_int(value)
+    except TypeError:
+        pass
+    else:
+        return (one, one, one)
+    try:
+        items = tuple(_as_int(v) for v in value)
     except TypeError:
         raise ValueError(f"{name} must be an int or a sequence of 3 ints, got {value!r}") from None
     if len(items) != 3:
         raise ValueError(f"{name} must have 3 entries (t, h, w), got {len(items)}: {value!r}")
     return items  # type: ignore[return-value]
+
+
+def check_flag(value, name: str) -> bool:
+    """A bool argument (Python or NumPy bool): a string such as "False" or a tensor would
+    otherwise be read by its truth value, silently."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def check_eps(eps) -> float:
+    """LayerNorm's eps: a finite number >= 0 (a negative one makes var + eps negative)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
 
 
 def pool_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -53,6 +83,7 @@ def check_window(kernel, stride, padding) -> tuple[tuple[int, int, int], ...]:
 
 
 def check_thw(thw: Sequence[int], num_tokens: int, has_cls: bool, name: str = "x") -> tuple[int, int, int]:
+    check_flag(has_cls, "has_cls")
     thw = triple(thw, "thw")
     if any(s < 1 for s in thw):
         raise ValueError(f"thw must be positive, got {thw}")
@@ -90,6 +121,7 @@ def check_pool3d_args(
     has_cls: bool,
     norm_weight: Optional[torch.Tensor],
     norm_bias: Optional[torch.Tensor],
+    eps: float = 1e-6,
     weight_name: str = "weight",
 ):
     """Validate pool3d's arguments; return (thw, kernel, stride, padding) as tuples. weight_name
@@ -127,6 +159,7 @@ def check_pool3d_args(
             if tuple(t.shape) != (d,):
                 raise ValueError(f"{name} must have shape ({d},) to normalize over d, got {tuple(t.shape)}")
             check_same(t, x, name, "x")
+    check_eps(eps)
     return thw, kernel, stride, padding
 
 
@@ -148,6 +181,7 @@ def check_pooled_projection_args(
     has_cls: bool,
     norm_weight: Optional[torch.Tensor],
     norm_bias: Optional[torch.Tensor],
+    eps: float = 1e-6,
 ):
     """Validate pooled_projection's arguments; return (thw, kernel, stride, padding) as tuples.
 
@@ -182,7 +216,7 @@ def check_pooled_projection_args(
     B, N, _ = x.shape
     heads_view = x.as_strided((B, num_heads, N, A // num_heads), (0, 0, 0, 0))
     return check_pool3d_args(
-        heads_view, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias,
+        heads_view, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias, eps,
         weight_name="pool_weight",
     )
 
@@ -211,7 +245,8 @@ def check_pool_residual_add_args(x, thw, kernel, stride, padding, branch, scale,
     return thw, kernel, stride, padding, out_thw
 
 
-def check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w):
+def check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling=False):
+    check_flag(residual_pooling, "residual_pooling")
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -225,6 +260,8 @@ def check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, 
         raise ValueError(
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, heads and head_dim"
         )
+    if q.shape[3] == 0:
+        raise ValueError(f"q, k and v need head_dim >= 1, got shape {tuple(q.shape)}")
     thw_q = check_thw(thw_q, q.shape[2], has_cls, "q")
     thw_kv = check_thw(thw_kv, k.shape[2], has_cls, "k")
     if (rel_pos_h is None) != (rel_pos_w is None):
@@ -232,7 +269,7 @@ def check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, 
     d = q.shape[3]
     for t, name in ((rel_pos_t, "rel_pos_t"), (rel_pos_h, "rel_pos_h"), (rel_pos_w, "rel_pos_w")):
         if t is not None:
-            if t.dim() != 2 or t.shape[1] != d:
-                raise ValueError(f"{name} must have shape (L, {d}), got {tuple(t.shape)}")
+            if t.dim() != 2 or t.shape[1] != d or t.shape[0] == 0:
+                raise ValueError(f"{name} must have shape (L, {d}) with L >= 1, got {tuple(t.shape)}")
             check_same(t, q, name, "q")
     return thw_q, thw_kv

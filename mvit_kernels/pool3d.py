@@ -49,7 +49,7 @@ def pool3d(
     reference (in either grid layout) timed faster."""
     x, weight, norm_weight, norm_bias = autocast.for_compute(x, weight, norm_weight, norm_bias)
     thw, kernel, stride, padding = check_pool3d_args(
-        x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias
+        x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps
     )
     _extension.require()
     args = (x, list(thw), list(kernel), list(stride), list(padding), mode, weight, bool(has_cls), norm_weight,

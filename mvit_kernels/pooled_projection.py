@@ -253,7 +253,8 @@ def triton_pooled_projection(
         x, weight, bias, pool_weight, norm_weight, norm_bias
     )
     thw, kernel, stride, padding = check_pooled_projection_args(
-        x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias
+        x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight,
+        norm_bias, eps
     )
     _kernels.device_cc(x)  # a GPU before Ampere (or a CPU without the interpreter): a clear error
     if not _kernel_covers(x, weight, num_heads):
@@ -324,7 +325,8 @@ def pooled_projection(
         x, weight, bias, pool_weight, norm_weight, norm_bias
     )
     thw, kernel, stride, padding = check_pooled_projection_args(
-        x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias
+        x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight,
+        norm_bias, eps
     )
     args = (x, weight, bias, which, int(num_heads), thw, kernel, stride, padding, mode, pool_weight, bool(has_cls),
             norm_weight, norm_bias, float(eps))

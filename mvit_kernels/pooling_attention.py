@@ -319,7 +319,9 @@ def triton_pooling_attention(
     if _kernels is None:
         raise RuntimeError("triton_pooling_attention needs Triton, which is not installed")
     q, k, v, rel_pos_t, rel_pos_h, rel_pos_w = autocast.for_compute(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w)
-    thw_q, thw_kv = check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w)
+    thw_q, thw_kv = check_attention_args(
+        q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling
+    )
     if not _kernels.supports(q, thw_kv, rel_pos_t is not None or rel_pos_h is not None):
         raise ValueError(
             f"the Triton kernel does not cover dtype={q.dtype}, head_dim={q.shape[-1]} (max 128), "
@@ -376,7 +378,9 @@ def pooling_attention(
     Triton kernels apply and :mod:`mvit_kernels.tuning` is on, each shape runs whichever of them
     and SDPA timed faster; :func:`prefers_triton` is the choice without tuning."""
     q, k, v, rel_pos_t, rel_pos_h, rel_pos_w = autocast.for_compute(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w)
-    thw_q, thw_kv = check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w)
+    thw_q, thw_kv = check_attention_args(
+        q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling
+    )
     has_rel = rel_pos_t is not None or rel_pos_h is not None
     args = (q, k, v, list(thw_q), list(thw_kv), bool(has_cls), rel_pos_t, rel_pos_h, rel_pos_w, bool(residual_pooling))
     if _triton_applies(q, thw_kv, has_rel):  # already checked

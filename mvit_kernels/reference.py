@@ -54,7 +54,7 @@ def pool3d(
     native NCDHW one); which is faster depends on the shape, so the fused path times both.
     """
     thw, kernel, stride, padding = check_pool3d_args(
-        x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias
+        x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps
     )
     B, heads, _, d = x.shape
     if has_cls:
@@ -106,7 +106,8 @@ def pooled_projection(
         x, weight, bias, pool_weight, norm_weight, norm_bias
     )
     check_pooled_projection_args(
-        x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight, norm_bias
+        x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight,
+        norm_bias, eps
     )
     B, N, _ = x.shape
     A = weight.shape[0] // 3
@@ -254,7 +255,9 @@ def pooling_attention(
     token's output is left as is (pySlowFast / torchvision ``residual_with_cls_embed=False``).
     """
     q, k, v, rel_pos_t, rel_pos_h, rel_pos_w = autocast.for_compute(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w)
-    thw_q, thw_kv = check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w)
+    thw_q, thw_kv = check_attention_args(
+        q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling
+    )
     B, heads, n_q, d = q.shape
     attn = (q * d**-0.5) @ k.transpose(-2, -1)
     if rel_pos_t is not None or rel_pos_h is not None:

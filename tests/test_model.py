@@ -94,6 +94,41 @@ def test_bad_inputs_give_clear_errors():
         build_model("mvit_tiny", drop_path_rate=1.0)
 
 
+def test_input_dtype_and_device_errors_name_the_fix():
+    model = build_model("mvit_tiny").eval()
+    clip = torch.randn(1, 3, 8, 32, 32)
+    with pytest.raises(TypeError, match=r"floating-point tensor \(normalized pixels\), got torch.uint8"):
+        model(torch.randint(0, 255, (1, 3, 8, 32, 32), dtype=torch.uint8))
+    with pytest.raises(TypeError, match=r"input has dtype torch.float64 but the model's parameters are torch.float32"):
+        model(clip.double())
+    with pytest.raises(ValueError, match="input is on meta but the model is on cpu"):
+        model(clip.to("meta"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(clip.bfloat16()).shape == (1, model.cfg.num_classes)  # autocast casts as usual
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(num_classes=0), r"num_classes must be an int >= 1, got 0"),
+        (dict(num_heads=0), r"num_heads must be an int >= 1"),
+        (dict(embed_dim=2.5), r"embed_dim must be an int >= 1, got 2.5"),
+        (dict(mlp_ratio=0.0), r"mlp_ratio must be > 0"),
+        (dict(head_dropout=1.0), r"head_dropout must be in \[0, 1\)"),
+        (dict(norm_eps=0.0), r"norm_eps must be > 0"),
+        (dict(patch_stride=(2, 0, 4)), r"patch_stride entries must be >= 1"),
+        (dict(patch_padding=(1, -1, 3)), r"patch_padding entries must be >= 0"),
+        (dict(pool_kvq_kernel=(3, 0, 3)), r"pool_kvq_kernel must be None or a \(t, h, w\) triple of ints >= 1"),
+        (dict(pool_q_stride=((1, 1, 0, 2),)), r"strides >= 1"),
+    ],
+)
+def test_bad_configs_fail_at_build_time(overrides, match):
+    # Before these checks, e.g. num_classes=0 built a model with empty logits and -1 failed
+    # inside nn.Linear's init.
+    with pytest.raises(ValueError, match=match):
+        build_model("mvit_tiny", **overrides)
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = build_model("mvit_tiny", drop_path_rate=0.0)

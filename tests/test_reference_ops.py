@@ -116,6 +116,48 @@ def test_reference_ops_reject_bad_input_with_named_arguments():
         reference.pooling_attention(x, x, x, (2, 4, 4), (2, 4, 4), rel_pos_h=torch.randn(7, 8))
 
 
+def test_sizes_and_flags_are_not_coerced():
+    """NumPy ints and integer 0-d tensors are sizes; floats, bools and strings are refused: a
+    truncated 2.5 or a truthy "False" would run and give a wrong answer."""
+    import numpy as np
+
+    x = torch.randn(2, 1, 1 + 2 * 4 * 4, 8)
+    y, thw = reference.pool3d(x, (np.int64(2), torch.tensor(4), 4), 3, (1, 2, 2), 1, "max")
+    assert thw == (2, 2, 2) and all(type(s) is int for s in thw)
+    assert torch.equal(y, reference.pool3d(x, (2, 4, 4), 3, (1, 2, 2), 1, "max")[0])
+    with pytest.raises(ValueError, match=r"thw must be an int or a sequence of 3 ints, got \(2, 4.5, 4\)"):
+        reference.pool3d(x, (2, 4.5, 4), 3, (1, 2, 2), 1, "max")
+    with pytest.raises(ValueError, match="padding must be an int or a sequence of 3 ints"):
+        reference.pool3d(x, (2, 4, 4), 3, (1, 2, 2), 1.0, "max")
+    with pytest.raises(ValueError, match="thw must be an int or a sequence of 3 ints"):
+        reference.pool_residual_add(x[:, 0], (2, 4, 4.0), (1, 3, 3), (1, 2, 2), (0, 1, 1), torch.randn(2, 9, 8))
+    with pytest.raises(TypeError, match="has_cls must be a bool, got int"):
+        reference.pool_residual_add(x[:, 0], (2, 4, 4), (1, 3, 3), (1, 2, 2), (0, 1, 1), torch.randn(2, 9, 8), None, 1)
+    with pytest.raises(TypeError, match="residual_pooling must be a bool, got str"):
+        reference.pooling_attention(x, x, x, (2, 4, 4), (2, 4, 4), residual_pooling="no")
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0, got -1"):
+        reference.pooled_projection(x[:, 0], torch.randn(24, 8), None, "k", 1, (2, 4, 4), 1, 1, 0, "max",
+                                    norm_weight=torch.ones(8), norm_bias=torch.zeros(8), eps=-1)
+
+
+@pytest.mark.parametrize("op", ["reference", "fused"])
+def test_attention_refuses_empty_tables_and_head_dim(op):
+    """An empty rel-pos table used to fail inside F.interpolate; head_dim 0 inside d**-0.5 in
+    the reference while SDPA returned an empty output: both now fail the same clear way."""
+    import mvit_kernels
+
+    attention = reference.pooling_attention if op == "reference" else mvit_kernels.pooling_attention
+    q = torch.randn(1, 2, 1 + 2 * 3 * 3, 8)
+    k = torch.randn(1, 2, 1 + 2 * 2 * 2, 8)
+    tables = dict(rel_pos_h=torch.randn(5, 8), rel_pos_w=torch.randn(5, 8))
+    with pytest.raises(ValueError, match=r"rel_pos_t must have shape \(L, 8\) with L >= 1, got \(0, 8\)"):
+        attention(q, k, k, (2, 3, 3), (2, 2, 2), rel_pos_t=torch.randn(0, 8), **tables)
+    with pytest.raises(ValueError, match=r"rel_pos_w must have shape \(L, 8\) with L >= 1"):
+        attention(q, k, k, (2, 3, 3), (2, 2, 2), rel_pos_h=tables["rel_pos_h"], rel_pos_w=torch.randn(0, 8))
+    with pytest.raises(ValueError, match="need head_dim >= 1"):
+        attention(q[..., :0], k[..., :0], k[..., :0], (2, 3, 3), (2, 2, 2))
+
+
 @pytest.mark.parametrize("which", ["q", "k", "v"])
 def test_pooled_projection_matches_torchvision_qkv_split_and_pool(which):
     # torchvision's MultiscaleAttention: qkv Linear, reshape (B, N, 3, heads, d), transpose, unbind.
