@@ -299,14 +299,18 @@ def tuning_section() -> list[str]:
     lines = ["", "Per-shape choices of `mvit_kernels.tuning` (fused op vs its alternatives, best of "
              f"{tuning.REPEATS} timed runs each, ms; with a backward, the MB each keeps for it; under the "
              "memory policy `keep` a candidate keeping more than the fused one is passed over even when "
-             "faster; `any` decides by time alone):", "", "| op, input, arguments | memory policy | winner | "
-             "ms per candidate | MB kept for backward | faster, passed over for memory |", "|---|---|---|---|---|---|"]
+             "faster; `any` decides by time alone; error: each candidate's forward / gradient error against "
+             "the trusted one, as `tuning.disagreement` measures it, on the step's own inputs):", "",
+             "| op, input, arguments | memory policy | winner | ms per candidate | MB kept for backward | "
+             "faster, passed over for memory | error vs trusted (fwd / grad) | note |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ms = ", ".join(f"{name} {t:.3f}" for name, t in r["ms"].items()) or r["note"]
+        ms = ", ".join(f"{name} {t:.3f}" for name, t in r["ms"].items()) or "—"
         kept = ", ".join(f"{name} {mb:.1f}" for name, mb in r.get("saved_mb", {}).items()) or "—"
         held = ", ".join(r.get("held_back", [])) or "—"
+        errors = ", ".join(f"{name} {fwd:.1e} / {grad:.1e}" for name, (fwd, grad) in r.get("checked", {}).items()) or "—"
         policy = r["memory"] if r["backward"] else "— (no backward)"
-        lines.append(f"| {r['op']} | {policy} | {r['winner']} | {ms} | {kept} | {held} |")
+        note = r["note"].replace("|", "/") or "—"
+        lines.append(f"| {r['op']} | {policy} | {r['winner']} | {ms} | {kept} | {held} | {errors} | {note} |")
     return lines
 
 

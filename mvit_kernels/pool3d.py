@@ -54,7 +54,7 @@ def pool3d(
     _extension.require()
     args = (x, list(thw), list(kernel), list(stride), list(padding), mode, weight, bool(has_cls), norm_weight,
             norm_bias, float(eps))
-    return tuning.select("pool3d", _CANDIDATES, args, "fused")(*args)
+    return tuning.select("pool3d", _CANDIDATES, args, "fused", trusted="reference")(*args)
 
 
 def _fused_op(x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps):

@@ -46,7 +46,7 @@ def pool_residual_add(
     )
     _extension.require()
     args = (x, list(thw), list(kernel), list(stride), list(padding), branch, scale, bool(has_cls))
-    return tuning.select("pool_residual_add", _CANDIDATES, args, "fused")(*args)
+    return tuning.select("pool_residual_add", _CANDIDATES, args, "fused", trusted="reference")(*args)
 
 
 def _fused_op(x, thw, kernel, stride, padding, branch, scale, has_cls):

@@ -332,7 +332,7 @@ def pooled_projection(
             norm_weight, norm_bias, float(eps))
     if uses_triton(x, weight, num_heads, thw, kernel, stride, padding):  # already cast and checked
         # The dispatch rule is a byte/FLOP model; where tuning is on, the clock decides per shape.
-        return tuning.select("pooled_projection", _CANDIDATES, args, "triton")(*args)
+        return tuning.select("pooled_projection", _CANDIDATES, args, "triton", trusted="composed")(*args)
     return _composed(*args)
 
 

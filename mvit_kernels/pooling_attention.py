@@ -385,7 +385,7 @@ def pooling_attention(
     args = (q, k, v, list(thw_q), list(thw_kv), bool(has_cls), rel_pos_t, rel_pos_h, rel_pos_w, bool(residual_pooling))
     if _triton_applies(q, thw_kv, has_rel):  # already checked
         default = "triton" if prefers_triton(True, has_rel) else "sdpa"
-        return tuning.select("pooling_attention", _CANDIDATES, args, default)(*args)
+        return tuning.select("pooling_attention", _CANDIDATES, args, default, trusted="sdpa")(*args)
     return _sdpa_pooling_attention(*args)
 
 

@@ -33,6 +33,16 @@ K/V projection its whole output and SDPA with rel-pos its bias mask. Chosen by t
 these cost peak training memory, which ``fused=True`` is also meant to save (the issue's target
 is <= 0.6x torchvision's). ``any`` decides by time alone. Without a backward only time counts.
 
+Cross-check: where an op names a trusted candidate (the plain-PyTorch or cuDNN/SDPA path), each
+other candidate's forward output and input gradients (for a random output gradient) are compared
+with the trusted one's on the caller's own inputs, once per key, before any timing. A candidate
+that disagrees (:func:`disagreement` over :data:`TOLERANCES`) is not used, the fused one
+included, with a warning: the kernels have run on few GPUs (an H100) and shapes, and a wrong
+result must not pass for a fast one. The measure is the largest error relative to the largest
+value for the forward and the relative L2 error for gradients (max pooling routes a gradient to
+either of two tied inputs, which differ locally but not in L2); the tolerances are loose enough
+for 16-bit rounding and TF32 (cuDNN's default for fp32 convolutions) and far below a bug's error.
+
 Not tuned, the default (fused) candidate runs: while torch.compile traces, under dispatch modes
 (FlopCounterMode, fake tensors), during CUDA-graph capture, and when tuning is off. If timing runs
 out of GPU memory (it needs room for a second forward and its gradients), the default is kept for
@@ -70,6 +80,12 @@ REPEATS = 3
 # allocation granularity and small statistics (LayerNorm's mean/rstd), not activations.
 MEMORY_SLACK_BYTES = 64 * 1024
 MEMORY_SLACK_FRACTION = 0.01
+#: Cross-check tolerances by dtype: (forward, gradients), as :func:`disagreement` measures them.
+#: 16-bit: the reference rounds each intermediate (convolution output, LayerNorm) to 16 bits where
+#: the fused ops keep fp32; on MViT-like pooling that is ~0.5% forward and ~1.5% in the gradients
+#: (tests/test_tuning.py measures it), a missed window tap or row tens of percent.
+TOLERANCES = {torch.float64: (1e-6, 1e-6), torch.float32: (1e-2, 1e-2), torch.bfloat16: (6e-2, 1e-1),
+              torch.float16: (6e-2, 1e-1)}
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,9 @@ class Choice:
     #: Candidates faster than the winner that the "keep" policy passed over (not a warning: the
     #: policy working as meant).
     held_back: tuple = ()
+    #: Per candidate checked against the trusted one: its (forward, gradient) disagreement; a
+    #: candidate over :data:`TOLERANCES` is not used.
+    checked: Mapping[str, tuple] = None  # type: ignore[assignment]
 
     def label(self) -> str:
         """Short description for tables: op, the first tensor's shape and dtype, the other
@@ -155,7 +174,8 @@ def summary() -> list[dict]:
     candidates that policy passed over, note."""
     return [{"op": c.label(), "winner": c.winner, "ms": dict(c.ms), "backward": c.backward,
              "saved_mb": dict(c.saved_mb or {}),
-             "memory": c.memory, "held_back": list(c.held_back), "note": c.note} for c in _choices.values()]
+             "memory": c.memory, "held_back": list(c.held_back), "checked": {n: list(e) for n, e in (c.checked or {}).items()},
+             "note": c.note} for c in _choices.values()]
 
 
 def clear() -> None:
@@ -182,9 +202,11 @@ def _can_tune(x: Tensor) -> bool:
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def select(op: str, candidates: Mapping[str, Callable[..., Any]], args: tuple, default: str) -> Callable[..., Any]:
+def select(op: str, candidates: Mapping[str, Callable[..., Any]], args: tuple, default: str,
+           trusted: Optional[str] = None) -> Callable[..., Any]:
     """The candidate to call with ``args`` (positional, the same for every candidate): the cached
-    choice for this key, else the timed winner, else (no tuning here) ``default``.
+    choice for this key, else the timed winner among those that agree with ``trusted`` (when
+    given), else (no tuning here) ``default``.
 
     Every candidate must return a tensor or a tuple whose first element is the tensor a
     backward would start from, with the same shape and dtype."""
@@ -197,40 +219,116 @@ def select(op: str, candidates: Mapping[str, Callable[..., Any]], args: tuple, d
     key = (op, backward, autocast_on, _describe(args), memory)
     choice = _choices.get(key)
     if choice is None:
-        choice = _choices[key] = _tune(op, key, candidates, args, default, backward, x.device, memory)
+        choice = _choices[key] = _tune(op, key, candidates, args, default, backward, x.device, memory, trusted)
         if choice.note:
             warnings.warn(f"mvit_kernels.tuning: {choice.label()}: {choice.note}", RuntimeWarning, stacklevel=2)
     return candidates[choice.winner]
 
 
-def _tune(op, key, candidates, args, default, backward, device, memory="any") -> Choice:
-    """Times every candidate (and, when a backward follows, measures what it keeps for it). A run
-    that would work without tuning must not fail because of it: out of GPU memory while timing
-    (it needs room for a second forward and its gradients beside the caller's activations) keeps
-    the default; so does an error of another candidate (e.g. a Triton kernel this GPU cannot
-    compile). The default's own errors propagate."""
+def _tune(op, key, candidates, args, default, backward, device, memory="any", trusted=None) -> Choice:
+    """Checks every candidate against ``trusted`` (when given), times it (and, when a backward
+    follows, measures what it keeps for it). A run that would work without tuning must not fail
+    because of it: out of GPU memory while timing (it needs room for a second forward and its
+    gradients beside the caller's activations) keeps the default; so does an error of another
+    candidate (e.g. a Triton kernel this GPU cannot compile). The default's own errors propagate."""
     ms: dict[str, float] = {}
     saved: dict[str, int] = {}
+    checked: dict[str, tuple[float, float]] = {}
+    wrong: set[str] = set()
     notes = []
+    try:
+        expected = _outputs(candidates[trusted], args, backward) if trusted is not None else None
+    except torch.cuda.OutOfMemoryError:
+        return Choice(op, key, default, {}, backward, "out of memory while timing: default kept", {}, memory)
+    except Exception as exc:
+        if trusted == default:
+            raise
+        expected = None
+        ms[trusted] = math.inf
+        notes.append(f"{trusted} failed ({type(exc).__name__}: {str(exc)[:200]}): not used, results not cross-checked")
     for name, fn in candidates.items():
+        if name in ms:  # the trusted candidate, failed above
+            continue
         try:
+            if expected is not None and name != trusted:
+                checked[name] = disagreement(_outputs(fn, args, backward), expected)
+                limits = TOLERANCES.get(expected[0].dtype, TOLERANCES[torch.float32])
+                if not all(err <= limit for err, limit in zip(checked[name], limits)):
+                    wrong.add(name)
+                    notes.append(
+                        f"{name} disagrees with {trusted} (error {checked[name][0]:.3g} forward, {checked[name][1]:.3g} "
+                        f"gradients; tolerance {limits[0]:g}, {limits[1]:g}): not used; please report this with the "
+                        f"GPU, dtype and shape"
+                    )
             ms[name] = _best_ms(fn, args, backward, device)
             if backward:
                 saved[name] = _saved_bytes(fn, args)
         except torch.cuda.OutOfMemoryError:
+            if default in wrong:  # a wrong default is not kept for lack of memory
+                return Choice(op, key, trusted, {}, backward, "; ".join(notes), {}, memory, (), checked)
             return Choice(op, key, default, {}, backward, "out of memory while timing: default kept", {}, memory)
         except Exception as exc:
             if name == default:
                 raise
             ms[name] = math.inf
             saved.pop(name, None)
+            wrong.discard(name)
             notes.append(f"{name} failed ({type(exc).__name__}: {str(exc)[:200]}): not used")
-    allowed = [name for name in ms if name == default or memory == "any" or name not in saved
-               or saved[name] <= _memory_budget(saved[default])]
-    winner = min(allowed, key=lambda name: (ms[name], name != default))  # ties go to the default
-    held_back = tuple(n for n in ms if ms[n] < ms[winner])  # faster, but keep more memory
+    # The default, or in its place the trusted candidate where the default is wrong, is always
+    # allowed; the others within the memory policy.
+    anchor = trusted if default in wrong else default
+    allowed = [name for name in ms if name not in wrong and (
+        name == anchor or memory == "any" or name not in saved or saved[name] <= _memory_budget(saved[default]))]
+    winner = min(allowed, key=lambda name: (ms[name], name != anchor))  # ties go to the anchor
+    held_back = tuple(n for n in ms if ms[n] < ms[winner] and n not in wrong)  # faster, but keep more memory
     return Choice(op, key, winner, ms, backward, "; ".join(notes), {n: b / 2**20 for n, b in saved.items()}, memory,
-                  held_back)
+                  held_back, checked)
+
+
+def disagreement(got: tuple, expected: tuple) -> tuple[float, float]:
+    """(forward, gradients) error of ``got`` against ``expected``, both as :func:`_outputs` returns
+    them: the forward's largest absolute error over its largest absolute value, and the largest
+    relative L2 error over the gradients. NaN where the other has none, or a shape or presence
+    that differs, is an infinite error."""
+    (y, grads), (y_ref, grads_ref) = got, expected
+    if len(grads) != len(grads_ref):
+        return (math.inf, math.inf)
+    forward = _error(y, y_ref, math.inf)
+    return forward, max((_error(g, e, 2) for g, e in zip(grads, grads_ref)), default=0.0)
+
+
+def _error(a: Optional[Tensor], b: Optional[Tensor], order: float) -> float:
+    """||a - b|| / ||b|| in the vector norm of ``order``; equal infinities and NaNs agree."""
+    if a is None or b is None:
+        return 0.0 if a is None and b is None else math.inf
+    if a.shape != b.shape:
+        return math.inf
+    if a.numel() == 0:
+        return 0.0
+    a, b = a.detach().float(), b.detach().float()
+    if not torch.equal(a.isnan(), b.isnan()):
+        return math.inf
+    diff = torch.where(a == b, 0.0, a - b).nan_to_num(nan=0.0, posinf=math.inf, neginf=math.inf)
+    err = torch.linalg.vector_norm(diff, order).item()
+    norm = torch.linalg.vector_norm(b.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0), order).item()
+    return err / norm if norm > 0 else (0.0 if err == 0 else math.inf)
+
+
+def _outputs(fn: Callable[..., Any], args: tuple, backward: bool) -> tuple[Tensor, tuple]:
+    """fn's forward output (the first element of a tuple) and, when a backward follows, the
+    gradients of every input that requires them, for a fixed random output gradient (a ones
+    gradient can cancel: through LayerNorm with unit weight it gives ~0, noise against noise)."""
+    inputs = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, Tensor) and backward else a for a in args)
+    leaves = [a for a in inputs if isinstance(a, Tensor) and a.requires_grad]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), torch.set_grad_enabled(backward):
+        out = fn(*inputs)
+        y = out[0] if isinstance(out, tuple) else out
+        if not backward:
+            return y.detach(), ()
+        generator = torch.Generator(device=y.device).manual_seed(0)
+        grad_y = torch.randn(y.shape, generator=generator, device=y.device, dtype=torch.float32).to(y.dtype)
+        grads = torch.autograd.grad(y, leaves, grad_y, allow_unused=True)
+    return y.detach(), grads
 
 
 def _memory_budget(default_bytes: int) -> float:

@@ -15,6 +15,7 @@ import copy
 import importlib
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -143,8 +144,10 @@ def test_keep_policy_passes_over_a_faster_candidate_that_keeps_more_memory(monke
     throughput = _bench_throughput()
     row = next(line for line in throughput.tuning_section() if line.startswith("| pool3d"))
     assert f"reference {choice.saved_mb['reference']:.1f}" in row
-    assert row.endswith("| reference |") == (memory == "keep")
-    assert row.split(" | ")[1] == memory  # the policy that decided the row
+    cells = row.split(" | ")
+    assert (cells[5] == "reference") == (memory == "keep")  # faster, passed over for memory
+    assert cells[1] == memory  # the policy that decided the row
+    assert cells[6].startswith("fused ") and "reference-ncdhw" in cells[6]  # both checked against the reference
     with torch.no_grad(), tuning.using("all", memory="keep"):  # no backward: time alone decides
         _pool3d(x, w, nw, nb)
     assert tuning.choices()[-1].winner == "reference" and not tuning.choices()[-1].saved_mb
@@ -318,6 +321,118 @@ def test_pooling_attention_tunes_triton_against_sdpa(monkeypatch, rel_pos):
         torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
 
 
+def _scaled(fn, forward=1.0, backward=1.0):
+    """fn with its output scaled by ``forward`` and its gradient by ``backward``: a wrong candidate."""
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y):
+            return y * forward
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * backward
+
+    def wrong(*args):
+        y, thw = fn(*args)
+        return Scale.apply(y), thw
+
+    return wrong
+
+
+@pytest.mark.parametrize("broken", ["fused", "reference-ncdhw"])
+@pytest.mark.parametrize("forward, backward", [(1.5, 1.0), (1.0, 0.5)], ids=["forward", "gradient"])
+def test_a_candidate_that_disagrees_with_the_trusted_one_is_not_used(monkeypatch, broken, forward, backward):
+    # A kernel bug on some GPU or shape: the wrong candidate is the fastest by a fake clock, and
+    # still the trusted reference's (or the fused op's) result is what runs, with a warning.
+    wrong = _scaled(POOL3D_CANDIDATES[broken], forward, backward)
+    monkeypatch.setitem(POOL3D_CANDIDATES, broken, wrong)
+    monkeypatch.setattr(tuning, "_best_ms", lambda fn, *a: 1.0 if fn is wrong else 2.0)
+    x, w, nw, nb = _pool3d_inputs()
+    with tuning.using("all"), pytest.warns(RuntimeWarning, match=f"{broken} disagrees with reference .*not used"):
+        y, _ = _pool3d(x, w, nw, nb)
+    (choice,) = tuning.choices()
+    assert choice.winner == ("reference" if broken == "fused" else "fused") and choice.held_back == ()
+    fwd_err, grad_err = choice.checked[broken]
+    assert fwd_err == pytest.approx(abs(forward - 1)) and grad_err == pytest.approx(abs(backward - 1))
+    others = [n for n in POOL3D_CANDIDATES if n not in (broken, "reference")]
+    assert all(max(choice.checked[n]) < 1e-12 for n in others)  # float64: the right ones agree
+    grads = torch.autograd.grad(y.square().sum(), (x, w, nw, nb))
+    y_ref, _ = reference.pool3d(x, THW, KERNEL, STRIDE, PADDING, "conv", w, True, nw, nb)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    for g, g_ref in zip(grads, torch.autograd.grad(y_ref.square().sum(), (x, w, nw, nb))):
+        torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-10)
+    row = next(line for line in _bench_throughput().tuning_section() if line.startswith("| pool3d"))
+    assert f"{broken} disagrees with reference" in row.split(" | ")[7]
+
+
+def test_a_wrong_default_is_not_kept_for_lack_of_memory(monkeypatch):
+    wrong = _scaled(POOL3D_CANDIDATES["fused"], 2.0)
+    monkeypatch.setitem(POOL3D_CANDIDATES, "fused", wrong)
+
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(tuning, "_best_ms", oom)
+    x, w, nw, nb = _pool3d_inputs()
+    with tuning.using("all"), pytest.warns(RuntimeWarning, match="fused disagrees"):
+        y, _ = _pool3d(x, w, nw, nb)
+    assert tuning.choices()[0].winner == "reference" and not _ran_fused_op(y)
+
+
+@pytest.mark.parametrize(
+    "mode, dtype",
+    # torch's CPU avg_pool3d has no bf16 kernel (the reference fails; the CUDA one has).
+    [(m, t) for m in ("conv", "max", "avg") for t in (torch.float32, torch.bfloat16) if (m, t) != ("avg", torch.bfloat16)],
+)
+def test_the_real_candidates_agree_within_the_tolerances(mode, dtype):
+    # No false alarms from rounding: the C++ op against the reference at 16-bit and fp32, max
+    # pooling included (bf16 makes ties between window inputs common; either may get the gradient).
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 1 + THW[0] * THW[1] * THW[2], 8, generator=g)
+    if mode == "max":
+        x = x.mul(4).round()  # many exact ties
+    x = x.to(dtype).requires_grad_()
+    w = torch.randn(8, 1, *KERNEL, generator=g).to(dtype).requires_grad_() if mode == "conv" else None
+    nw, nb = (torch.randn(8, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    with tuning.using("all"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a disagreement would warn
+        mvit_kernels.pool3d(x, THW, KERNEL, STRIDE, PADDING, mode, w, True, nw, nb)
+    (choice,) = tuning.choices()
+    limits = tuning.TOLERANCES[dtype]
+    assert set(choice.checked) == {"fused", "reference-ncdhw"}
+    for fwd, grad in choice.checked.values():
+        assert fwd <= limits[0] / 4 and grad <= limits[1] / 4  # well inside: the tolerance is not marginal
+
+
+def test_a_failing_trusted_candidate_leaves_the_choice_unchecked(monkeypatch):
+    def fails(*args):
+        raise NotImplementedError("no kernel for this dtype (simulated)")
+
+    monkeypatch.setitem(POOL3D_CANDIDATES, "reference", fails)
+    x, w, nw, nb = _pool3d_inputs()
+    with tuning.using("all"), pytest.warns(RuntimeWarning, match="reference failed .*not used, results not cross-checked"):
+        _pool3d(x, w, nw, nb)
+    (choice,) = tuning.choices()
+    assert choice.ms["reference"] == float("inf") and not choice.checked and choice.note.count("reference failed") == 1
+
+
+def test_disagreement_measures():
+    y = torch.tensor([1.0, -4.0, float("inf"), float("nan")])
+    grads = (torch.tensor([3.0, 4.0]), None)
+    same = (y, grads)
+    assert tuning.disagreement(same, same) == (0.0, 0.0)  # equal infinities and NaNs agree
+    assert tuning.disagreement((y + torch.tensor([0.4, 0, 0, 0]), grads), same)[0] == pytest.approx(0.1)  # of max |y|
+    routed = (torch.tensor([4.0, 3.0]), None)  # the same values, swapped (two tied inputs)
+    assert tuning.disagreement((y, routed), same)[1] == pytest.approx(2**0.5 / 5)  # L2: ||(1, -1)|| / ||(3, 4)||
+    assert tuning.disagreement((torch.tensor([1.0, -4.0, float("inf"), 0.0]), grads), same)[0] == float("inf")
+    assert tuning.disagreement((y, (torch.zeros(2), torch.zeros(1))), same)[1] == float("inf")  # None vs a tensor
+    assert tuning.disagreement((y[:3], grads), same)[0] == float("inf")  # shape
+    assert tuning.disagreement((y, (torch.tensor([3.0, float("nan")]), None)), same)[1] == float("inf")
+    empty = (torch.zeros(0), ())
+    assert tuning.disagreement(empty, empty) == (0.0, 0.0)
+
+
 def test_modes(monkeypatch):
     monkeypatch.setattr(tuning, "_override", None)  # the test fixture's "off"; read the environment
     monkeypatch.delenv(tuning.ENV, raising=False)
@@ -403,6 +518,9 @@ def test_cuda_model_default_tuning_matches_the_reference(ieee_fp32, overrides):
             logits = model(video)
             results.append((logits, torch.autograd.grad(logits.square().sum(), list(model.parameters()))))
     assert {"pool3d", "pool_residual_add", "pooling_attention"} <= {c.op for c in tuning.choices()}
+    # Every fused candidate was cross-checked against its trusted alternative on the GPU, and agreed.
+    assert all(c.checked for c in tuning.choices() if c.ms)
+    assert not [c.note for c in tuning.choices() if "disagrees" in c.note]
     (logits_ref, grads_ref), (logits, grads) = results
     torch.testing.assert_close(logits, logits_ref, atol=1e-4, rtol=1e-4)
     for (name, _), g, g_ref in zip(ref.named_parameters(), grads, grads_ref):
