@@ -218,6 +218,29 @@ def targets_table(out: str, model: str = "mvit_b_16x4", batch: int = 8) -> list[
     return lines
 
 
+def cross_check_lines(out: str) -> list[str]:
+    """What the benchmarks' per-shape tuning found when it checked each fused candidate against
+    its trusted alternative (``mvit_kernels.tuning``) at the real shapes and dtype: how many were
+    checked, the worst errors and which disagreed. A correctness result at MViT's own shapes that
+    the throughput steps produce anyway."""
+    checks = []
+    for name in ("throughput_gpu.json", "throughput_gpu_compiled.json", "profile_model_gpu.json"):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                data = json.load(f)
+            for row in data.get("tuning", []) if isinstance(data, dict) else []:
+                checks += [(row["op"], cand, err, row.get("note", "")) for cand, err in row.get("checked", {}).items()]
+    if not checks:
+        return ["Tuning cross-check: nothing checked (no tuning in these results)."]
+    wrong = sorted({f"{cand} at {op}" for op, cand, _, note in checks if f"{cand} disagrees" in note})
+    fwd = max(checks, key=lambda c: c[2][0])
+    grad = max(checks, key=lambda c: c[2][1])
+    return [f"Tuning cross-check: {len(checks)} candidate/shape pairs checked against the trusted path; worst "
+            f"forward error {fwd[2][0]:.1e} ({fwd[1]} at {fwd[0]}), worst gradient error {grad[2][1]:.1e} ({grad[1]} "
+            f"at {grad[0]}); disagreements: {'; '.join(wrong) if wrong else 'none'}."]
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -303,6 +326,7 @@ def main(argv=None) -> int:
     for s in summary:
         print(f"| {s['step']} | {s['rc']} | {s['seconds']} | {s['last_line']} |")
     print("\n" + "\n".join(targets_table(out)))
+    print("\n" + "\n".join(cross_check_lines(out)))
     return 0 if all(s["rc"] == 0 for s in summary) else 1
 
 

@@ -122,6 +122,23 @@ def test_targets_table_without_results_says_not_measured(tmp_path):
     assert len(lines) == 2 + 4 + 1 + 2 and all("not measured" in line for line in lines[2:])
 
 
+def test_cross_check_lines_summarize_the_tunings_checks(tmp_path):
+    assert gpu_suite.cross_check_lines(str(tmp_path)) == ["Tuning cross-check: nothing checked (no tuning in these results)."]
+    tuning_rows = [
+        dict(op="pool3d (8, 2, 25089, 96) bfloat16 fwd+bwd", checked={"fused": [4e-3, 1.2e-2], "reference-ncdhw": [0, 0]},
+             note=""),
+        dict(op="pooling_attention (8, 1, 25089, 96) bfloat16 fwd+bwd", checked={"triton": [3e-1, 2e-2]},
+             note="triton disagrees with sdpa (error 0.3 forward, 0.02 gradients; tolerance 0.06, 0.1): not used"),
+        dict(op="pool3d (8, 2, 25089, 96) bfloat16 fwd", ms={"fused": 1.0}),  # not checked: nothing to report
+    ]
+    (tmp_path / "throughput_gpu.json").write_text(json.dumps({"rows": [], "tuning": tuning_rows}))
+    (line,) = gpu_suite.cross_check_lines(str(tmp_path))
+    assert "3 candidate/shape pairs checked" in line
+    assert "worst forward error 3.0e-01 (triton at pooling_attention" in line
+    assert "worst gradient error 2.0e-02 (triton at pooling_attention" in line
+    assert line.endswith("disagreements: triton at pooling_attention (8, 1, 25089, 96) bfloat16 fwd+bwd.")
+
+
 def test_ceilings_floor_and_loading(tmp_path, capsys):
     h100 = ceilings.H100
     assert h100.floor_s(3.0e12, 0) == pytest.approx(1.0) and h100.floor_s(0, 790e12) == pytest.approx(1.0)
@@ -194,5 +211,7 @@ def test_a_run_logs_each_step_saves_after_each_and_ends_with_the_targets(tmp_pat
     assert "gpu_suite: fails: rc=3" in text and "it broke" in text  # a failing step's log tail is shown
     summary = text.rindex("| step | exit | seconds | last line |")
     assert text.index("| ok | 0 |", summary) < text.index("| target | measured | goal | met |", summary)
-    assert text.rstrip().splitlines()[-1] == (  # the targets come last
+    last = text.rstrip().splitlines()
+    assert last[-3] == (  # the targets come last, then the tuning's cross-check
         "| Triton attention + rel-pos b8, worst block: graph-replay time / floor | not measured | <= 2.0x | — |")
+    assert last[-2:] == ["", "Tuning cross-check: nothing checked (no tuning in these results)."]
