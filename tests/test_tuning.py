@@ -179,11 +179,12 @@ def test_ties_go_to_the_fused_kernel(monkeypatch):
     assert tuning.choices()[0].winner == "fused" and _ran_fused_op(y)
 
 
-def test_out_of_memory_while_timing_keeps_the_default(monkeypatch):
-    def oom(*args):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+def _out_of_memory(*args):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(tuning, "_best_ms", oom)
+
+def test_out_of_memory_while_timing_keeps_the_default(monkeypatch):
+    monkeypatch.setattr(tuning, "_best_ms", _out_of_memory)
     x, w, nw, nb = _pool3d_inputs()
     with tuning.using("all"), pytest.warns(RuntimeWarning, match="out of memory while timing"):
         y, _ = _pool3d(x, w, nw, nb)
@@ -369,11 +370,7 @@ def test_a_candidate_that_disagrees_with_the_trusted_one_is_not_used(monkeypatch
 def test_a_wrong_default_is_not_kept_for_lack_of_memory(monkeypatch):
     wrong = _scaled(POOL3D_CANDIDATES["fused"], 2.0)
     monkeypatch.setitem(POOL3D_CANDIDATES, "fused", wrong)
-
-    def oom(*args):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-
-    monkeypatch.setattr(tuning, "_best_ms", oom)
+    monkeypatch.setattr(tuning, "_best_ms", _out_of_memory)
     x, w, nw, nb = _pool3d_inputs()
     with tuning.using("all"), pytest.warns(RuntimeWarning, match="fused disagrees"):
         y, _ = _pool3d(x, w, nw, nb)
