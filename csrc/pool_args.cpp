@@ -2,6 +2,8 @@
 // (declared in pool_args.h). The schemas that use them are registered in ops.cpp.
 #include "pool_args.h"
 
+#include <cmath>
+
 namespace mvit {
 
 PoolMode parse_pool_mode(const std::string& mode) {
@@ -108,13 +110,15 @@ PoolGeom check_pool3d_args(const at::Tensor& x_in, at::IntArrayRef thw, at::IntA
                            at::IntArrayRef stride, at::IntArrayRef padding, PoolMode mode,
                            const c10::optional<at::Tensor>& weight, bool has_cls,
                            const c10::optional<at::Tensor>& norm_weight,
-                           const c10::optional<at::Tensor>& norm_bias, const char* op, at::Tensor* x) {
+                           const c10::optional<at::Tensor>& norm_bias, double eps, const char* op, at::Tensor* x) {
   TORCH_CHECK(x_in.dim() == 4, op, ": x must be a 4-D tensor (B, heads, N, d), got ", x_in.sizes());
   const PoolGeom g = make_pool_geom(thw, kernel, stride, padding, has_cls, x_in.size(2), op);
   TORCH_CHECK(mode != kAvg || (g.T >= g.kT && g.H >= g.kH && g.W >= g.kW), op,
               ": mode='avg' needs thw at least the kernel on every axis (as torch's avg_pool3d), got thw (", g.T,
               ", ", g.H, ", ", g.W, ") and kernel (", g.kT, ", ", g.kH, ", ", g.kW, ")");
   *x = check_pool3d_tensors(x_in, mode, weight, g, norm_weight, norm_bias);
+  // A negative eps makes var + eps negative: NaN rows, not an error, without this check.
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
   return g;
 }
 

@@ -38,7 +38,7 @@ PoolGeom check_pool3d_args(const at::Tensor& x_in, at::IntArrayRef thw, at::IntA
                            at::IntArrayRef stride, at::IntArrayRef padding, PoolMode mode,
                            const c10::optional<at::Tensor>& weight, bool has_cls,
                            const c10::optional<at::Tensor>& norm_weight,
-                           const c10::optional<at::Tensor>& norm_bias, const char* op, at::Tensor* x);
+                           const c10::optional<at::Tensor>& norm_bias, double eps, const char* op, at::Tensor* x);
 
 // All of pool_residual_add's argument checks (forward and backward); returns the geometry.
 PoolGeom check_pool_residual_add_args(const at::Tensor& x, at::IntArrayRef thw, at::IntArrayRef kernel,

@@ -341,6 +341,9 @@ def test_the_cpp_op_checks_its_arguments_too():
     with pytest.raises(RuntimeError, match=r"mode='avg' needs thw at least the kernel"):
         op(torch.randn(2, 2, 1 + 3 * 2 * 8, 8), [3, 2, 8], [3, 3, 3], [1, 1, 1], [1, 1, 1], "avg", None, True, None,
            None, 1e-6)
+    for eps in (-1e-6, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match=r"eps must be a finite number >= 0"):
+            op(x, [3, 4, 4], [3, 3, 3], [1, 1, 1], [1, 1, 1], "max", None, True, torch.ones(8), torch.zeros(8), eps)
 
 
 def test_cuda_build_flag_is_registered():

@@ -402,7 +402,7 @@ at::Tensor pool3d_cpu(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayR
   const PoolMode mode = parse_pool_mode(std::string(mode_str));
   at::Tensor x;
   const PoolGeom g = check_pool3d_args(x_in, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight,
-                                       norm_bias, "mvit_kernels.pool3d", &x);
+                                       norm_bias, eps, "mvit_kernels.pool3d", &x);
   const int64_t B = x.size(0), heads = x.size(1), d = x.size(3), n_out = out_tokens(g);
   at::Tensor y = at::empty({B, heads, n_out, d}, x.options());
   if (y.numel() == 0) return y;
@@ -466,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
   const PoolMode mode = parse_pool_mode(std::string(mode_str));
   at::Tensor x;
   const PoolGeom g = check_pool3d_args(x_in, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight,
-                                       norm_bias, "mvit_kernels.pool3d_backward", &x);
+                                       norm_bias, eps, "mvit_kernels.pool3d_backward", &x);
   const int64_t B = x.size(0), heads = x.size(1), N = x.size(2), d = x.size(3), n_out = out_tokens(g);
   const at::Tensor grad_y =
       check_grad(grad_y_in, {B, heads, n_out, d}, x, "grad_y", "mvit_kernels.pool3d_backward");

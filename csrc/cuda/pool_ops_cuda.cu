@@ -436,7 +436,7 @@ at::Tensor pool3d_cuda(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArray
   const PoolMode mode = parse_pool_mode(std::string(mode_str));
   at::Tensor x;
   const PoolGeom g = check_pool3d_args(x_in, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight,
-                                       norm_bias, "mvit_kernels.pool3d", &x);
+                                       norm_bias, eps, "mvit_kernels.pool3d", &x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), heads = x.size(1), d = x.size(3), n_out = out_tokens(g);
   at::Tensor y = at::empty({B, heads, n_out, d}, x.options());
@@ -468,7 +468,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cuda(
   const PoolMode mode = parse_pool_mode(std::string(mode_str));
   at::Tensor x;
   const PoolGeom g = check_pool3d_args(x_in, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight,
-                                       norm_bias, "mvit_kernels.pool3d_backward", &x);
+                                       norm_bias, eps, "mvit_kernels.pool3d_backward", &x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), heads = x.size(1), N = x.size(2), d = x.size(3), n_out = out_tokens(g);
   const at::Tensor grad_y =
