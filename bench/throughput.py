@@ -122,10 +122,14 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _time(fn, device, warmup: int, repeats: int) -> list[float]:
+def _time(fn, device, warmup: int, repeats: int, after_warmup=None) -> list[float]:
+    """Seconds of each of ``repeats`` runs of fn after ``warmup`` untimed ones; ``after_warmup``
+    (e.g. resetting the peak-memory counter) is called between the two."""
     for _ in range(warmup):
         fn()
     _sync(device)
+    if after_warmup is not None:
+        after_warmup()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -168,9 +172,10 @@ def measure(name, label, spec, device, batch, mode, warmup, repeats, dtype_ctx):
     ctx = spec[1]
     model, step = make_step(name, spec, device, batch, mode, dtype_ctx)
     with (ctx() if ctx else contextlib.nullcontext()):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = _time(step, device, warmup, repeats)
+        # The peak of the timed steps only: warm-up also holds what compilation and the fused
+        # model's per-shape tuning (each candidate's outputs and gradients) need once, not per step.
+        reset = torch.cuda.reset_peak_memory_stats if device.type == "cuda" else None
+        times = _time(step, device, warmup, repeats, after_warmup=reset)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     del model, step
     gc.collect()
@@ -256,7 +261,8 @@ def _write(rows, device, device_name, out_dir, suffix="") -> str:
         f"# Throughput — {device_name}; torch {torch.__version__}; "
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}",
         "",
-        "Median of the timed runs (warm-up excluded), spread = min–max. Ratios: against torchvision eager "
+        "Median of the timed runs (warm-up excluded), spread = min–max; peak GiB: the CUDA allocator's peak "
+        "over the timed runs (warm-up excluded: compilation, per-shape tuning). Ratios: against torchvision eager "
         "(× tv) and against the best peer that is not this project (× best peer), same model/mode/batch.",
         "",
         "| model | mode | batch | variant | step (ms) | spread (ms) | clips/s | peak GiB | × tv | × best peer |",

@@ -70,3 +70,25 @@ def test_throughput_variants_cuda_graphs_only_on_request_and_on_cuda():
     asked = throughput._variants("mvit_tiny", torch.device("cpu"), {"ours-fused", "ours-fused+compile-cudagraphs"})
     assert set(asked) == {"ours-fused"}  # CUDA graphs need CUDA
     assert every["ours-fused+compile"][2] == "default" and every["ours-fused"][2] is None
+
+
+def test_throughput_peak_memory_counts_the_timed_steps_only(monkeypatch):
+    # The first step of a fused model tunes each shape (every candidate's outputs and gradients
+    # held at once) and a compiled one compiles: the peak-memory counter is reset after the
+    # warm-up, so the column is the steady state a training run has.
+    import torch
+    import throughput
+
+    events = []
+    throughput._time(lambda: events.append("step"), torch.device("cpu"), 2, 3, after_warmup=lambda: events.append("reset"))
+    assert events == ["step", "step", "reset", "step", "step", "step"]
+    resets = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: resets.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 2**30)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(throughput, "_sync", lambda device: None)
+    monkeypatch.setattr(throughput, "make_step", lambda *a: (None, lambda: resets.append("step")))
+    fake_cuda = type("FakeDevice", (), {"type": "cuda"})()
+    row = throughput.measure("mvit_tiny", "ours-fused", (None, None, None, None), fake_cuda, 1, "train", 2, 2,
+                             None)
+    assert resets == ["step", "step", "reset", "step", "step"] and row["peak_gib"] == 1.0
