@@ -164,3 +164,20 @@ def test_rel_pos_mask_is_one_registered_op_under_compile():
     terms = reference.rel_pos_terms(q, thw_q, thw_kv, *tables, True)
     torch.library.opcheck(pa._rel_pos_mask_op, (*terms, q.shape[2], list(thw_q), list(thw_kv), True))
     torch.library.opcheck(pa._rel_pos_mask_op, (None, *terms[1:], q.shape[2], list(thw_q), list(thw_kv), True))
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_torch_export_with_a_dynamic_batch(v2):
+    # Deployment path: torch.export sees the registered pool ops (their fake implementations give
+    # the shapes) and the exported program runs other batch sizes than the example's.
+    overrides = dict(rel_pos_spatial=True, rel_pos_temporal=True, residual_pooling=True) if v2 else {}
+    torch.manual_seed(0)
+    model = build_model("mvit_tiny", fused=True, **overrides).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (torch.randn(2, 3, 8, 32, 32),), dynamic_shapes={"x": {0: batch}})
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"mvit_kernels.pool3d.default", "mvit_kernels.pool_residual_add.default"} <= ops
+    for b in (1, 5):
+        clip = torch.randn(b, 3, 8, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(clip), model(clip), atol=1e-5, rtol=1e-5)
