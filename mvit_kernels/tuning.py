@@ -314,12 +314,19 @@ def _error(a: Optional[Tensor], b: Optional[Tensor], order: float) -> float:
     return err / norm if norm > 0 else (0.0 if err == 0 else math.inf)
 
 
+def _aliases(args: tuple, grad: bool) -> tuple[tuple, list[Tensor]]:
+    """Detached aliases of the tensor arguments (no copies), each requiring grad as its original
+    does when ``grad``, and the aliases that do: the leaves of a graph of the tuner's own, so the
+    caller's graph and .grad are untouched."""
+    inputs = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, Tensor) and grad else a for a in args)
+    return inputs, [a for a in inputs if isinstance(a, Tensor) and a.requires_grad]
+
+
 def _outputs(fn: Callable[..., Any], args: tuple, backward: bool) -> tuple[Tensor, tuple]:
     """fn's forward output (the first element of a tuple) and, when a backward follows, the
     gradients of every input that requires them, for a fixed random output gradient (a ones
     gradient can cancel: through LayerNorm with unit weight it gives ~0, noise against noise)."""
-    inputs = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, Tensor) and backward else a for a in args)
-    leaves = [a for a in inputs if isinstance(a, Tensor) and a.requires_grad]
+    inputs, leaves = _aliases(args, backward)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), torch.set_grad_enabled(backward):
         out = fn(*inputs)
         y = out[0] if isinstance(out, tuple) else out
@@ -338,7 +345,7 @@ def _memory_budget(default_bytes: int) -> float:
 def _saved_bytes(fn: Callable[..., Any], args: tuple) -> int:
     """Bytes of new storage that one forward of fn keeps for its backward: the storages of the
     tensors saved for backward (saved-tensor hooks), each counted once, without the inputs' own."""
-    inputs = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, Tensor) else a for a in args)
+    inputs, _ = _aliases(args, grad=True)
     own = {a.untyped_storage().data_ptr() for a in inputs if isinstance(a, Tensor)}
     kept: dict[int, int] = {}
 
@@ -356,11 +363,9 @@ def _saved_bytes(fn: Callable[..., Any], args: tuple) -> int:
 
 def _best_ms(fn: Callable[..., Any], args: tuple, backward: bool, device: torch.device) -> float:
     """Fastest of REPEATS timed runs of fn (forward, + backward when asked), after one warm-up."""
-    # Detached aliases of the inputs (no copies) as the timing graph's leaves, so the caller's
-    # graph and .grad are untouched; identity saved-tensor hooks shield the timing graph from the
-    # caller's (e.g. the recompute hooks of torch.utils.checkpoint).
-    inputs = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, Tensor) and backward else a for a in args)
-    leaves = [a for a in inputs if isinstance(a, Tensor) and a.requires_grad]
+    # Identity saved-tensor hooks shield the timing graph from the caller's (e.g. the recompute
+    # hooks of torch.utils.checkpoint).
+    inputs, leaves = _aliases(args, backward)
     grad_out: list[Optional[Tensor]] = [None]
 
     def run() -> None:
