@@ -5,13 +5,13 @@ With no data arguments it trains ``mvit_tiny`` on the built-in synthetic motion 
 the frames in order and shuffled. Otherwise every default is the papers' recipe
 (``PAPER_RECIPE``: MViT / MViTv2 Kinetics training as in pySlowFast), each overridable by a flag.
 
-Reproducibility: the global torch RNG is reseeded at every optimizer step from (seed, rank, step),
-and every sample's augmentation is drawn from its own seed (see ``TrainSampler``), so resuming
-from a mid-epoch checkpoint replays exactly the losses of the uninterrupted run. The RNG states
-are saved in checkpoints too (per rank) and restored on resume. Bitwise replay also needs the
-same number of CPU threads: two default runs on a shared 2-core machine under different load
-diverged (29.6% vs 81.3% after epoch 1, both ~100% at the end), so the resume test pins
-``--threads 1``.
+Reproducibility: the initial weights are drawn after seeding the global torch RNG with --seed,
+the RNG is reseeded at every optimizer step from (seed, rank, step), and every sample's
+augmentation is drawn from its own seed (see ``TrainSampler``): two runs with the same seed are
+the same run, and resuming from a mid-epoch checkpoint replays exactly the losses of the
+uninterrupted run. The RNG states are saved in checkpoints too (per rank) and restored on
+resume. Bitwise replay also needs the same number of CPU threads (it changes how reductions
+are split), so the replay tests pin ``--threads 1``.
 """
 
 from __future__ import annotations
@@ -205,6 +205,10 @@ def train(args: argparse.Namespace) -> dict:
         overrides["input_size"] = data.input_size
     if recipe["drop_path"] is not None:
         overrides["drop_path_rate"] = recipe["drop_path"]
+    # The initial weights come from the global RNG, which torch seeds differently in every
+    # process: without this, --seed fixed the data but not the starting point. Same seed on every
+    # rank, so the replicas also start equal before DDP's broadcast.
+    torch.manual_seed(args.seed)
     model = build_model(args.preset, fused=args.fused, checkpoint_activations=args.checkpoint_activations,
                         **overrides)
     if args.finetune:
