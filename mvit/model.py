@@ -110,7 +110,7 @@ class MultiScaleAttention(nn.Module):
 
     def _fuses_kv_projection(self, x: torch.Tensor, thw: Triple, fused: bool) -> bool:
         pool = self.pool_k
-        return fused and pool is not None and _pooled_projection.uses_triton(
+        return fused and pool is not None and _pooled_projection.saves_projection(
             x, self.qkv.weight, self.num_heads, thw, pool.kernel, pool.stride, pool.padding
         )
 
@@ -118,8 +118,9 @@ class MultiScaleAttention(nn.Module):
         B, N, _ = x.shape
         thw_q = thw_kv = thw
         if self._fuses_kv_projection(x, thw, fused):
-            # Large K/V strides (MViT-B's blocks 0-2: 1x8x8, 1x4x4): k and v are projected inside
-            # the pooling kernel, only where a window reads, never written; q as usual.
+            # K/V strides larger than the kernel (MViT-B's blocks 0-2: 1x8x8, 1x4x4): k and v are
+            # projected only where a window reads (inside the pooling kernel on CUDA, from the
+            # gathered tokens elsewhere); q as usual.
             A = self.attn_dim
             q = mvit_kernels.linear(x, self.qkv.weight[:A], None if self.qkv.bias is None else self.qkv.bias[:A])
             q = q.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
