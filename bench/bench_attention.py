@@ -401,8 +401,10 @@ def flex_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h
 def bench_projection(preset: str, batch: int, device: str = "cuda", rep: int = 50) -> tuple[str, list[dict]]:
     """The K/V half of the qkv projection + K/V pooling (+ LN) of every block whose K/V stride
     makes the dispatcher fuse it (``pooled_projection.uses_triton``), fwd+bwd in bf16: the Triton
-    pooled projection against F.linear + this project's pool3d and against F.linear + the
-    reference's pooling (conv3d + LayerNorm), with the FLOPs each path executes."""
+    pooled projection against its two tuning alternatives, the gathered path (F.linear of the
+    tokens some window reads + this project's pool3d) and the composed one (F.linear of every
+    token + pool3d), and against F.linear + the reference's pooling (conv3d + LayerNorm), with
+    the FLOPs the Triton and the full projection execute."""
     import importlib
 
     import torch
@@ -431,36 +433,25 @@ def bench_projection(preset: str, batch: int, device: str = "cuda", rep: int = 5
         row = dict(block=i, tokens=n, stride_kv=spec.stride_kv,
                    fused_gflop=pp._fwd_flops(x.shape, w.shape, b.shape, pw.shape, nw.shape, nb.shape, *args[:7], args[8]) / 1e9,
                    reference_gflop=pp.reference_projection_flops(x.shape, w.shape) / 1e9)
-        paths = (("triton", pp.triton_pooled_projection), ("linear+pool3d", _unfused_projection),
-                 ("reference", reference.pooled_projection))
+        eps = 1e-6  # the candidates take every argument positionally, eps last
+        paths = (("triton", pp.triton_pooled_projection), ("gathered", lambda *a: pp._gathered(*a, eps)),
+                 ("linear+pool3d", lambda *a: pp._composed(*a, eps)), ("reference", reference.pooled_projection))
         for name, fn in paths:
             def step():
                 y, _ = fn(x, w, b, *args)
                 y.backward(torch.ones_like(y))
             _time_into(row, name, step, rep=rep)
         rows.append(row)
-    lines = ["| block | tokens | kv stride | GFLOP fused / unfused | triton ms | linear+pool3d ms | reference ms | vs linear+pool3d | vs reference |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| block | tokens | kv stride | GFLOP fused / unfused | triton ms | gathered ms | linear+pool3d ms | reference ms "
+             "| vs gathered | vs linear+pool3d | vs reference |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        t, u, ref = r.get("triton_ms"), r.get("linear+pool3d_ms"), r.get("reference_ms")
+        t, g, u, ref = r.get("triton_ms"), r.get("gathered_ms"), r.get("linear+pool3d_ms"), r.get("reference_ms")
         ratio = lambda a: f"{a / t:.2f}x" if (a and t) else "n/a"
         lines.append(f"| {r['block']} | {r['tokens']} | {'x'.join(map(str, r['stride_kv']))} | "
-                     f"{r['fused_gflop']:.2f} / {r['reference_gflop']:.2f} | {_fmt_ms(t)} | {_fmt_ms(u)} | {_fmt_ms(ref)} | {ratio(u)} | {ratio(ref)} |")
+                     f"{r['fused_gflop']:.2f} / {r['reference_gflop']:.2f} | {_fmt_ms(t)} | {_fmt_ms(g)} | {_fmt_ms(u)} | "
+                     f"{_fmt_ms(ref)} | {ratio(g)} | {ratio(u)} | {ratio(ref)} |")
     return "\n".join(lines) + "\n", rows
-
-
-def _unfused_projection(x, w, b, which, num_heads, thw, kernel, stride, padding, mode, pw, has_cls, nw, nb):
-    """F.linear of the slice + mvit_kernels.pool3d: what the fused path does where it does not
-    fuse the projection."""
-    import torch.nn.functional as F
-
-    import mvit_kernels
-
-    A = w.shape[0] // 3
-    rows = slice({"q": 0, "k": A, "v": 2 * A}[which], {"q": A, "k": 2 * A, "v": 3 * A}[which])
-    B, N, _ = x.shape
-    proj = F.linear(x, w[rows], b[rows]).view(B, N, num_heads, A // num_heads).transpose(1, 2)
-    return mvit_kernels.pool3d(proj, thw, kernel, stride, padding, mode, pw, has_cls, nw, nb)
 
 
 def bench_blocks(preset: str, batch: int, device: str = "cuda", rep: int = 50) -> tuple[str, list[dict]]:
