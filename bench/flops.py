@@ -3,11 +3,14 @@
     python bench/flops.py            # writes bench/results/flops.md and flops.json
 
 GFLOPs are multiply-adds for one view (the papers' convention), counted on the meta device by
-``mvit.flops.count_model``. The "fused" column counts the same model with ``fused=True``: the
-project's ops register FLOP formulas equal to what the reference path executes, so the two
-columns agree. "fused on CUDA" is what the fused model executes on a GPU, where the blocks the
-dispatcher fuses project K/V inside the pooling kernel: fewer FLOPs where the stride leaves tokens
-unread (1x8x8), more where overlapping windows are recomputed (1x4x4; the model chose it for bytes).
+``mvit.flops.count_model``. The "fused" column counts the same model with ``fused=True``, as it
+runs off the Triton kernels (on CPUs): where a K/V stride is larger than the kernel (MViT-B's
+blocks 0-2), k and v are projected only for the tokens some pooling window reads, so it counts
+fewer; every other op registers a FLOP formula equal to what the reference executes. "fused on
+CUDA" is what the fused model executes on a GPU by the static dispatch rule, where the blocks
+the rule fuses project K/V inside the pooling kernel, once per window tap: the unread tokens
+skipped, the windows that overlap along t recomputed (the rule chose it for bytes). Per-shape
+tuning may pick the gathered path there instead (the "fused" count for that block).
 """
 
 from __future__ import annotations
@@ -39,24 +42,34 @@ def _fused_gflops(name: str):
 
 
 def _fused_cuda_gflops(name: str, gflops: float):
-    """The fused model's multiply-adds on CUDA, where blocks whose K/V stride the dispatcher fuses
-    (``use_fused_projection``: MViT-B's blocks 0-2) project k and v per pooling-window tap: the
-    reference's projection count minus the tokens no window reads plus the recomputed overlaps.
+    """The fused model's multiply-adds on CUDA by the static rule: the reference's count, less,
+    for k and v in every block with K/V pooling, the tokens the projection skips. Blocks the rule
+    fuses (``use_fused_projection``: MViT-B's blocks 0-2) project per pooling-window tap (the
+    unread tokens skipped, overlaps recomputed: "skipped" < 0 where the recompute wins); other
+    blocks whose windows leave tokens unread take the gathered path (each read token once).
     None where Triton is not installed."""
+    import importlib
     import math
 
     try:
         from mvit_kernels.triton import pooled_projection as kernels
     except ImportError:
         return None
+    pp = importlib.import_module("mvit_kernels.pooled_projection")
     cfg = get_preset(name)
     saved = 0
     for spec in cfg.block_specs():
-        if not spec.pool_kv or not kernels.use_fused_projection(spec.kernel_kv, spec.stride_kv, spec.input_thw, spec.padding_kv):
+        if not spec.pool_kv:
             continue
+        geometry = (spec.input_thw, spec.kernel_kv, spec.stride_kv, spec.padding_kv)
         n = math.prod(spec.input_thw) + (1 if cfg.cls_embed else 0)
-        rows = kernels.projected_rows(spec.input_thw, spec.kernel_kv, spec.stride_kv, spec.padding_kv, cfg.cls_embed)
-        saved += 2 * (n - rows) * spec.dim_in * spec.attn_dim  # the k and the v slice (< 0: recompute)
+        if kernels.use_fused_projection(spec.kernel_kv, spec.stride_kv, spec.input_thw, spec.padding_kv):
+            rows = kernels.projected_rows(*geometry, cfg.cls_embed)
+        elif pp.read_grid(*geometry) is not None:
+            rows = pp.read_token_index(*geometry, cfg.cls_embed, "meta").numel()
+        else:
+            continue
+        saved += 2 * (n - rows) * spec.dim_in * spec.attn_dim  # the k and the v slice
     return round(gflops - saved / 1e9, 3)
 
 
@@ -110,10 +123,13 @@ def main(argv=None) -> int:
     lines += [
         "",
         "GFLOPs: the reference model (`fused=False`), counted by torch's FlopCounterMode on the meta device.",
-        "fused GFLOPs: the same count with `fused=True` (the ops' FLOP formulas equal the reference's).",
-        "fused on CUDA: what the fused model executes on a GPU, where the blocks whose K/V projection it",
-        "fuses with the pooling project per window tap: fewer FLOPs at 1x8x8 strides (unread tokens",
-        "skipped), more at 1x4x4 (overlapping windows recomputed, chosen by the byte/FLOP model).",
+        "fused GFLOPs: the same count with `fused=True`, as it runs on CPUs: k and v projected only for the",
+        "tokens some pooling window reads where a K/V stride exceeds the kernel (MViT-B's blocks 0-2); every",
+        "other op's FLOP formula equals the reference's.",
+        "fused on CUDA: what the fused model executes on a GPU by the static rule, where the blocks whose K/V",
+        "projection it fuses with the pooling project per window tap: unread tokens skipped, windows that",
+        "overlap along t recomputed (chosen by the byte/FLOP model). Per-shape tuning may take the gathered",
+        "path of the fused column there instead.",
     ]
     text = "\n".join(lines) + "\n"
     os.makedirs(args.out, exist_ok=True)
