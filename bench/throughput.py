@@ -21,6 +21,14 @@ Writes bench/results/throughput_<device>.md/.json and a PNG of throughput agains
 with the per-shape choices ours-fused made (``mvit_kernels.tuning``: on CUDA each fused op is
 timed against its alternative on first use, inside the warm-up; compiled graphs keep the fused
 ops).
+
+On CPU each row also gets its arithmetic floor: the multiply-adds the variant executes
+(``mvit.flops.count_model``: the fused model's own count for ours-fused, the reference's for
+the others; a training step counted as 3 forwards) at the fastest float32 matrix-product rate
+this machine reaches with the same threads, measured at the start of the run
+(:func:`cpu_matmul_rate`). MViT on a CPU is bound by its matrix products, so the floor says
+how far each variant is from the hardware and, against torchvision's step, the largest speedup
+over torchvision any implementation of the same arithmetic could show on this machine.
 """
 
 from __future__ import annotations
@@ -195,6 +203,45 @@ def measure(name, label, spec, device, batch, mode, warmup, repeats, dtype_ctx):
     }
 
 
+def cpu_matmul_rate(repeats: int = 5) -> dict:
+    """The fastest float32 matrix-product rate (FLOP/s, 2 per multiply-add) this CPU reaches with
+    the current thread count, as the best of: ``torch.mm`` of two 2048x2048 matrices (the BLAS
+    torch was built with) and oneDNN's linear on (8192, 1024) x (1024, 1024) (what the fused
+    model's inference runs); the median of ``repeats`` runs of each after a warm-up. The best
+    one, so that the floor it gives is a true lower bound."""
+    rates = {}
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    products = {"torch.mm 2048^3": (lambda: torch.mm(a, b), 2 * 2048**3)}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
+        x, w = torch.randn(8192, 1024), torch.randn(1024, 1024)
+        products["oneDNN linear 8192x1024x1024"] = (
+            lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), 2 * 8192 * 1024 * 1024)
+    for name, (fn, flop) in products.items():
+        try:
+            times = _time(fn, torch.device("cpu"), warmup=2, repeats=repeats)
+        except RuntimeError:  # a build without that kernel
+            continue
+        rates[name] = flop / statistics.median(times)
+    best = max(rates, key=rates.get)
+    return {"flop_per_s": rates[best], "best": best, "rates": rates}
+
+
+def executed_gflops(name: str, variant: str) -> float:
+    """Multiply-adds (G) of one clip's forward as the variant executes it: the fused model's own
+    count (it skips the K/V projection of tokens no pooling window reads) for ours-fused*, the
+    reference's for the others (torchvision runs the same arithmetic: the converter test)."""
+    from mvit.flops import count_model
+    from mvit.presets import get_preset
+
+    return count_model(get_preset(name), fused=variant.startswith("ours-fused")).gflops
+
+
+def floor_seconds(gflops: float, batch: int, mode: str, flop_per_s: float) -> float:
+    """The step's arithmetic at ``flop_per_s``: 2 FLOPs a multiply-add, a training step as 3
+    forwards (the backward computes two products per forward one)."""
+    return 2e9 * gflops * batch * (3 if mode == "train" else 1) / flop_per_s
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mvit_b_16x4", "mvitv2_s_16x4", "mvit_b16_image"])
@@ -227,6 +274,11 @@ def main(argv=None) -> int:
 
     rows = []
     text = ""
+    ceiling = None
+    if device.type == "cpu":
+        ceiling = cpu_matmul_rate()
+        print(f"fp32 matrix products, {args.threads} threads: " + ", ".join(
+            f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in ceiling["rates"].items()), flush=True)
     variants = {name: _variants(name, device, set(args.variants)) for name in args.models}
     # Every eager variant first, then the compiled ones: compiling takes minutes a graph, and a
     # run cut short by a time limit (the lent GPU machines allow 10 minutes a command) should
@@ -248,15 +300,18 @@ def main(argv=None) -> int:
                                    "error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:80]}"
                                    .replace("|", "/")}
                             gc.collect()
+                        if ceiling is not None and "error" not in row:
+                            row["gflops"] = executed_gflops(name, label)
+                            row["floor_s"] = floor_seconds(row["gflops"], batch, mode, ceiling["flop_per_s"])
                         rows.append(row)
                         print(json.dumps(row), flush=True)
                         # rewritten after every row: a run cut short still leaves its results
-                        text = _write(rows, device, device_name, args.out, args.suffix)
+                        text = _write(rows, device, device_name, args.out, args.suffix, ceiling)
     print(text)
     return 0
 
 
-def _write(rows, device, device_name, out_dir, suffix="") -> str:
+def _write(rows, device, device_name, out_dir, suffix="", ceiling=None) -> str:
     lines = [
         f"# Throughput — {device_name}; torch {torch.__version__}; "
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}",
@@ -264,15 +319,23 @@ def _write(rows, device, device_name, out_dir, suffix="") -> str:
         "Median of the timed runs (warm-up excluded), spread = min–max; peak GiB: the CUDA allocator's peak "
         "over the timed runs (warm-up excluded: compilation, per-shape tuning). Ratios: against torchvision eager "
         "(× tv) and against the best peer that is not this project (× best peer), same model/mode/batch.",
+    ]
+    if ceiling is not None:
+        lines += ["", f"Arithmetic floor: the GFLOPs (multiply-adds) the variant executes, x2 (x6 for a training step), "
+                  f"at {ceiling['flop_per_s'] / 1e9:.0f} GFLOP/s, the fastest float32 matrix product measured here at the "
+                  f"start of the run ({ceiling['best']}; " + ", ".join(
+                      f"{k} {v / 1e9:.0f}" for k, v in ceiling["rates"].items()) + "); × floor = step / floor."]
+    lines += [
         "",
-        "| model | mode | batch | variant | step (ms) | spread (ms) | clips/s | peak GiB | × tv | × best peer |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| model | mode | batch | variant | step (ms) | spread (ms) | clips/s | peak GiB | × tv | × best peer "
+        "| floor (ms) | × floor |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     models = list(dict.fromkeys(r["model"] for r in rows))  # in the order they were run
     # Measured eager first, then compiled; listed by model, mode, batch, variant.
     for r in sorted(rows, key=lambda r: (models.index(r["model"]), r["mode"], r["batch"], r["variant"])):
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['variant']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['variant']} | {r['error']} | | | | | | | |")
             continue
         group = [g for g in rows if "error" not in g and (g["model"], g["mode"], g["batch"]) == (r["model"], r["mode"], r["batch"])]
         tv = next((g for g in group if g["variant"] == "torchvision"), None)
@@ -281,10 +344,14 @@ def _write(rows, device, device_name, out_dir, suffix="") -> str:
         x_tv = f"{tv['step_s'] / r['step_s']:.2f}" if tv else "—"
         x_best = f"{best['step_s'] / r['step_s']:.2f}" if best else "—"
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "—"
+        floor = f"{1000 * r['floor_s']:.1f}" if r.get("floor_s") else "—"
+        x_floor = f"{r['step_s'] / r['floor_s']:.2f}" if r.get("floor_s") else "—"
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['batch']} | {r['variant']} | {1000 * r['step_s']:.1f} | "
-            f"{1000 * r['min_s']:.1f}–{1000 * r['max_s']:.1f} | {r['clips_per_s']:.2f} | {peak} | {x_tv} | {x_best} |"
+            f"{1000 * r['min_s']:.1f}–{1000 * r['max_s']:.1f} | {r['clips_per_s']:.2f} | {peak} | {x_tv} | {x_best} | "
+            f"{floor} | {x_floor} |"
         )
+    lines += floor_section(rows)
     lines += tuning_section()
     text = "\n".join(lines) + "\n"
     tag = ("gpu" if device.type == "cuda" else "cpu") + suffix
@@ -295,6 +362,24 @@ def _write(rows, device, device_name, out_dir, suffix="") -> str:
         json.dump({"device": device_name, "torch": torch.__version__, "rows": rows, "tuning": tuning.summary()}, f, indent=2)
     _plot(rows, os.path.join(out_dir, f"throughput_{tag}.png"))
     return text
+
+
+def floor_section(rows) -> list[str]:
+    """Markdown lines: per model/mode/batch with a torchvision row and floors, the largest speedup
+    over torchvision that the fused model's arithmetic allows here (torchvision's step over the
+    fused model's floor), beside the one measured."""
+    lines = []
+    groups = dict.fromkeys((r["model"], r["mode"], r["batch"]) for r in rows if "error" not in r)
+    for key in groups:
+        group = {r["variant"]: r for r in rows if "error" not in r and (r["model"], r["mode"], r["batch"]) == key}
+        tv, fused = group.get("torchvision"), group.get("ours-fused")
+        if not (tv and fused and fused.get("floor_s")):
+            continue
+        lines.append(f"- {key[0]} {key[1]} batch {key[2]}: torchvision's step is {tv['step_s'] / fused['floor_s']:.2f}x "
+                     f"the fused model's floor ({1000 * fused['floor_s']:.0f} ms, {fused['gflops']:.2f} GFLOPs a clip): "
+                     f"the most any implementation of that arithmetic could gain on torchvision here; ours-fused "
+                     f"measured {tv['step_s'] / fused['step_s']:.2f}x.")
+    return ["", *lines] if lines else []
 
 
 def tuning_section() -> list[str]:

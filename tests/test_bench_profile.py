@@ -92,3 +92,34 @@ def test_throughput_peak_memory_counts_the_timed_steps_only(monkeypatch):
     row = throughput.measure("mvit_tiny", "ours-fused", (None, None, None, None), fake_cuda, 1, "train", 2, 2,
                              None)
     assert resets == ["step", "step", "reset", "step", "step"] and row["peak_gib"] == 1.0
+
+
+def test_throughput_cpu_floor(monkeypatch, tmp_path):
+    """Each CPU row's arithmetic floor: the variant's executed multiply-adds (the fused model's
+    own count, lower where it skips unread tokens), x2 FLOPs, x3 for a training step, at the
+    measured matrix-product rate; and the line that bounds the speedup over torchvision."""
+    import torch
+    import throughput
+
+    import pytest
+
+    assert throughput.floor_seconds(10.0, 2, "infer", 1e11) == pytest.approx(0.4)  # 2 * 10e9 * 2 / 1e11
+    assert throughput.floor_seconds(10.0, 2, "train", 1e11) == pytest.approx(1.2)
+    fused = throughput.executed_gflops("mvit_b_16x4", "ours-fused+compile")
+    ref = throughput.executed_gflops("mvit_b_16x4", "torchvision")
+    assert round(ref, 3) == 70.599 and fused < ref - 1.0
+
+    rate = throughput.cpu_matmul_rate(repeats=1)
+    assert rate["flop_per_s"] == max(rate["rates"].values()) > 1e8 and rate["best"] in rate["rates"]
+
+    row = dict(mode="infer", batch=1, min_s=0.9, max_s=1.1, clips_per_s=1.0, peak_gib=None)
+    rows = [dict(row, model="mvit_b_16x4", variant="ours-fused", step_s=1.0, gflops=69.0, floor_s=0.5),
+            dict(row, model="mvit_b_16x4", variant="torchvision", step_s=1.5, gflops=70.0, floor_s=0.6),
+            dict(row, model="mvit_b_16x4", variant="ours-ref", error="OOM")]
+    ceiling = {"flop_per_s": 2.76e11, "best": "torch.mm 2048^3", "rates": {"torch.mm 2048^3": 2.76e11}}
+    monkeypatch.setattr(throughput, "_plot", lambda rows, path: None)
+    text = throughput._write(rows, torch.device("cpu"), "CPU test", str(tmp_path), ceiling=ceiling)
+    assert "at 276 GFLOP/s" in text
+    assert "| mvit_b_16x4 | infer | 1 | ours-fused | 1000.0 | 900.0–1100.0 | 1.00 | — | 1.50 | 1.50 | 500.0 | 2.00 |" in text
+    assert "torchvision's step is 3.00x the fused model's floor (500 ms, 69.00 GFLOPs a clip)" in text
+    assert "ours-fused measured 1.50x" in text
