@@ -15,7 +15,9 @@ Variants (same weights everywhere; torchvision's through the converter):
                               time alone (MVIT_KERNELS_AUTOTUNE_MEMORY=any): beside ours-fused, what
                               the default memory policy costs a training step and saves in memory
 Timing: warm-up excluded, the median of --repeats timed runs, spread (min-max) printed. GPU runs
-use bf16 autocast; CPU runs float32 with --threads threads. Ratios are against torchvision eager
+use bf16 autocast; CPU runs float32 with --threads threads. On CPU the variants of a
+model/mode/batch are timed in turns, one step each, round and round (measure_interleaved;
+--sequential times each variant's runs together, as on GPU). Ratios are against torchvision eager
 and against the best peer (the fastest variant that is not ours) measured in the same run.
 Writes bench/results/throughput_<device>.md/.json and a PNG of throughput against batch size,
 with the per-shape choices ours-fused made (``mvit_kernels.tuning``: on CUDA each fused op is
@@ -60,18 +62,21 @@ TORCHVISION = {"mvit_b_16x4": "mvit_v1_b", "mvitv2_s_16x4": "mvit_v2_s"}
 COMPILE_MODES = {"": None, "+compile": "default", "+compile-cudagraphs": "reduce-overhead"}
 
 
+def _sdpa_reference_attention(q, k, v, thw_q, thw_kv, has_cls=True, rel_pos_t=None, rel_pos_h=None, rel_pos_w=None,
+                              residual_pooling=False):
+    """The reference's pooling attention in the SDPA formulation (same math)."""
+    return _sdpa_pooling_attention(
+        q, k, v, tuple(thw_q), tuple(thw_kv), has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling
+    )
+
+
 @contextlib.contextmanager
 def sdpa_in_reference():
-    """Swap the reference's matmul attention for the SDPA formulation (same math)."""
+    """Swap the reference's matmul attention for the SDPA formulation. Always the same function
+    object: a graph compiled inside the context guards on it, and interleaved timing enters the
+    context once per step."""
     original = reference.pooling_attention
-
-    def sdpa(q, k, v, thw_q, thw_kv, has_cls=True, rel_pos_t=None, rel_pos_h=None, rel_pos_w=None,
-             residual_pooling=False):
-        return _sdpa_pooling_attention(
-            q, k, v, tuple(thw_q), tuple(thw_kv), has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling
-        )
-
-    reference.pooling_attention = sdpa
+    reference.pooling_attention = _sdpa_reference_attention
     try:
         yield
     finally:
@@ -242,6 +247,53 @@ def floor_seconds(gflops: float, batch: int, mode: str, flop_per_s: float) -> fl
     return 2e9 * gflops * batch * (3 if mode == "train" else 1) / flop_per_s
 
 
+def measure_interleaved(name, specs, device, batch, mode, warmup, repeats, dtype_ctx) -> list[dict]:
+    """Rows for every variant in ``specs`` (label -> spec) of one model/mode/batch, timed in turns:
+    each is built and warmed up, then the timed runs go round the variants (1, 2, ..., 1, 2, ...),
+    each inside its own context. A shared machine whose speed drifts over minutes (the CPU VMs
+    here: one variant's median moved by 15% between runs) then slows every variant alike, and
+    the ratios stay side by side. CPU only: the CUDA peak-memory column needs the variants apart.
+    A variant that fails is an error row; the others go on."""
+    live, rows = {}, {}
+    for label, spec in specs.items():
+        ctx = spec[1] or contextlib.nullcontext
+        try:
+            model, step = make_step(name, spec, device, batch, mode, dtype_ctx)
+            with ctx():
+                for _ in range(warmup):
+                    step()
+            live[label] = (model, step, ctx, [])
+        except Exception as exc:
+            traceback.print_exc()
+            rows[label] = _error_row(name, label, mode, batch, exc)
+    for _ in range(repeats):
+        for label, (model, step, ctx, times) in list(live.items()):
+            try:
+                with ctx():
+                    start = time.perf_counter()
+                    step()
+                    times.append(time.perf_counter() - start)
+            except Exception as exc:
+                traceback.print_exc()
+                rows[label] = _error_row(name, label, mode, batch, exc)
+                del live[label]
+    for label, (_, _, _, times) in live.items():
+        med = statistics.median(times)
+        rows[label] = {"model": name, "variant": label, "mode": mode, "batch": batch, "step_s": med,
+                       "min_s": min(times), "max_s": max(times), "clips_per_s": batch / med, "peak_gib": None,
+                       "interleaved": True}
+    live.clear()
+    gc.collect()
+    return [rows[label] for label in specs]
+
+
+def _error_row(name, label, mode, batch, exc) -> dict:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return {"model": name, "variant": label, "mode": mode, "batch": batch, "error": "OOM"}
+    return {"model": name, "variant": label, "mode": mode, "batch": batch,
+            "error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:80]}".replace("|", "/")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mvit_b_16x4", "mvitv2_s_16x4", "mvit_b16_image"])
@@ -254,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--suffix", default="", help="appended to the output names (throughput_<device><suffix>.md): "
                         "runs with other variants or batches, e.g. bench/gpu_suite.py's compiled step, keep their own files")
+    parser.add_argument("--sequential", action="store_true",
+                        help="CPU: time each variant's runs together instead of in turns (measure_interleaved); "
+                        "CUDA runs are always sequential")
     return parser
 
 
@@ -280,6 +335,26 @@ def main(argv=None) -> int:
         print(f"fp32 matrix products, {args.threads} threads: " + ", ".join(
             f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in ceiling["rates"].items()), flush=True)
     variants = {name: _variants(name, device, set(args.variants)) for name in args.models}
+
+    def record(row):
+        nonlocal text
+        if ceiling is not None and "error" not in row:
+            row["gflops"] = executed_gflops(row["model"], row["variant"])
+            row["floor_s"] = floor_seconds(row["gflops"], row["batch"], row["mode"], ceiling["flop_per_s"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        # rewritten after every row: a run cut short still leaves its results
+        text = _write(rows, device, device_name, args.out, args.suffix, ceiling)
+
+    if device.type == "cpu" and not args.sequential:
+        for name in args.models:
+            for mode in args.modes:
+                for batch in batches:
+                    for row in measure_interleaved(name, variants[name], device, batch, mode, args.warmup,
+                                                   args.repeats, dtype_ctx):
+                        record(row)
+        print(text)
+        return 0
     # Every eager variant first, then the compiled ones: compiling takes minutes a graph, and a
     # run cut short by a time limit (the lent GPU machines allow 10 minutes a command) should
     # still have every eager row, torchvision's included.
@@ -292,21 +367,12 @@ def main(argv=None) -> int:
                             continue
                         try:
                             row = measure(name, label, spec, device, batch, mode, args.warmup, args.repeats, dtype_ctx)
-                        except torch.cuda.OutOfMemoryError:
-                            row = {"model": name, "variant": label, "mode": mode, "batch": batch, "error": "OOM"}
                         except Exception as exc:  # one broken variant must not cost the others' rows
-                            traceback.print_exc()
-                            row = {"model": name, "variant": label, "mode": mode, "batch": batch,
-                                   "error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:80]}"
-                                   .replace("|", "/")}
+                            if not isinstance(exc, torch.cuda.OutOfMemoryError):
+                                traceback.print_exc()
+                            row = _error_row(name, label, mode, batch, exc)
                             gc.collect()
-                        if ceiling is not None and "error" not in row:
-                            row["gflops"] = executed_gflops(name, label)
-                            row["floor_s"] = floor_seconds(row["gflops"], batch, mode, ceiling["flop_per_s"])
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
-                        # rewritten after every row: a run cut short still leaves its results
-                        text = _write(rows, device, device_name, args.out, args.suffix, ceiling)
+                        record(row)
     print(text)
     return 0
 
@@ -320,6 +386,9 @@ def _write(rows, device, device_name, out_dir, suffix="", ceiling=None) -> str:
         "over the timed runs (warm-up excluded: compilation, per-shape tuning). Ratios: against torchvision eager "
         "(× tv) and against the best peer that is not this project (× best peer), same model/mode/batch.",
     ]
+    if any(r.get("interleaved") for r in rows):
+        lines += ["", "Timed in turns: every variant of a model/mode/batch built and warmed up, then one timed step "
+                  "of each in turn, repeated, so that drifts of a shared machine's speed fall on every variant alike."]
     if ceiling is not None:
         lines += ["", f"Arithmetic floor: the GFLOPs (multiply-adds) the variant executes, x2 (x6 for a training step), "
                   f"at {ceiling['flop_per_s'] / 1e9:.0f} GFLOP/s, the fastest float32 matrix product measured here at the "

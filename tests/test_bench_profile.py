@@ -123,3 +123,58 @@ def test_throughput_cpu_floor(monkeypatch, tmp_path):
     assert "| mvit_b_16x4 | infer | 1 | ours-fused | 1000.0 | 900.0–1100.0 | 1.00 | — | 1.50 | 1.50 | 500.0 | 2.00 |" in text
     assert "torchvision's step is 3.00x the fused model's floor (500 ms, 69.00 GFLOPs a clip)" in text
     assert "ours-fused measured 1.50x" in text
+
+
+def test_throughput_interleaves_variants_on_cpu(monkeypatch):
+    """The timed runs go round the variants, each step inside its own variant's context, after
+    every variant's warm-up; a variant that fails becomes an error row and the others go on."""
+    import contextlib
+
+    import torch
+    import throughput
+
+    events = []
+
+    def ctx_for(label):
+        @contextlib.contextmanager
+        def ctx():
+            events.append(f"enter {label}")
+            yield
+        return ctx
+
+    def make_step(name, spec, device, batch, mode, dtype_ctx):
+        label = spec[0]
+        if label == "broken":
+            raise RuntimeError("no kernel | here")
+
+        def step():
+            events.append(f"step {label}")
+            if label == "flaky" and events.count("step flaky") == 3:
+                raise RuntimeError("lost the device")
+        return None, step
+
+    monkeypatch.setattr(throughput, "make_step", make_step)
+    specs = {label: (label, ctx_for(label), None, None) for label in ("a", "broken", "flaky", "b")}
+    rows = throughput.measure_interleaved("mvit_tiny", specs, torch.device("cpu"), 2, "infer", 1, 3, None)
+    assert [r["variant"] for r in rows] == ["a", "broken", "flaky", "b"]
+    assert rows[1]["error"] == "RuntimeError: no kernel / here" and "error" in rows[2]
+    assert rows[0]["interleaved"] and rows[0]["clips_per_s"] == 2 / rows[0]["step_s"]
+    timed = [e for e in events[6:] if e.startswith("step")]  # after the three warm-ups (enter + step each)
+    assert events[:6] == ["enter a", "step a", "enter flaky", "step flaky", "enter b", "step b"]
+    assert timed == ["step a", "step flaky", "step b", "step a", "step flaky", "step b", "step a", "step b"]
+    assert all(events[i - 1] == "enter " + e.split()[1] for i, e in enumerate(events) if e.startswith("step"))
+
+
+def test_sdpa_in_reference_swaps_in_one_function():
+    # A graph compiled inside the context guards on the function: entering it again (once per
+    # interleaved step) must not swap in a new object, or every step would recompile.
+    import throughput
+    from mvit_kernels import reference
+
+    original = reference.pooling_attention
+    seen = []
+    for _ in range(2):
+        with throughput.sdpa_in_reference():
+            seen.append(reference.pooling_attention)
+    assert seen[0] is seen[1] is throughput._sdpa_reference_attention
+    assert reference.pooling_attention is original
