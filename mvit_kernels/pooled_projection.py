@@ -420,6 +420,10 @@ def read_token_index(thw: Sequence[int], kernel: Sequence[int], stride: Sequence
     return grid
 
 
+#: (thw, kernel, stride, padding, has_cls, device) -> read_token_index, for eager calls.
+_READ_INDEX_CACHE: dict = {}
+
+
 def _gathered(x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode, pool_weight, has_cls,
               norm_weight, norm_bias, eps):
     """The composed path on the tokens some window reads (:func:`read_grid`), or on all of x
@@ -429,7 +433,17 @@ def _gathered(x, weight, bias, which, num_heads, thw, kernel, stride, padding, m
         return _composed(x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode, pool_weight, has_cls,
                          norm_weight, norm_bias, eps)
     thw_read, stride_read = geometry
-    x_read = x.index_select(1, read_token_index(thw, kernel, stride, padding, has_cls, x.device))
+    # Eagerly the index is built once per geometry and device (a few small launches on a GPU); in
+    # a traced graph it is built in the graph, as a cached tensor would leak between fake and
+    # real modes.
+    if traced_or_intercepted(x):
+        index = read_token_index(thw, kernel, stride, padding, has_cls, x.device)
+    else:
+        key = (tuple(thw), tuple(kernel), tuple(stride), tuple(padding), bool(has_cls), str(x.device))
+        index = _READ_INDEX_CACHE.get(key)
+        if index is None:
+            index = _READ_INDEX_CACHE[key] = read_token_index(thw, kernel, stride, padding, has_cls, x.device)
+    x_read = x.index_select(1, index)
     return _composed(x_read, weight, bias, which, num_heads, thw_read, kernel, stride_read, padding, mode,
                      pool_weight, has_cls, norm_weight, norm_bias, eps)
 

@@ -328,3 +328,18 @@ def test_flop_counter_sees_the_gathered_projection():
     projection = 2 * read * 12 * 16
     conv = counter.get_total_flops() - projection
     assert counter.get_total_flops() > projection and conv == 2 * 2 * (2 * 3 * 3) * 8 * 27
+
+
+def test_eager_calls_reuse_the_index_and_traced_ones_build_it(monkeypatch):
+    built = []
+    real = pp.read_token_index
+    monkeypatch.setattr(pp, "read_token_index", lambda *a: built.append(a) or real(*a))
+    monkeypatch.setattr(pp, "_READ_INDEX_CACHE", {})
+    inputs = make_inputs(1, 2, 8, 12, (2, 9, 9), "conv", True, True, dtype=torch.float32, seed=16)
+    args = ("k", 2, (2, 9, 9), K3, (1, 4, 4), P1, "conv", True)
+    first, _ = run(pp.pooled_projection, inputs, *args)
+    second, _ = run(pp.pooled_projection, inputs, *args)
+    assert len(built) == 1 and torch.equal(first, second)
+    with FlopCounterMode(display=False):  # a dispatch mode sees every op: built in place
+        run(pp.pooled_projection, inputs, *args)
+    assert len(built) == 2 and len(pp._READ_INDEX_CACHE) == 1
