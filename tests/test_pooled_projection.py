@@ -47,8 +47,10 @@ def read_tokens(thw, kernel, stride, padding, has_cls):
 
 
 def make_inputs(B, heads, d, C, thw, mode, has_cls, norm, dtype=torch.float64, device="cpu", seed=0,
-                kernel=K3, bias=True):
-    """Random leaves (never zeros) requiring grad."""
+                kernel=K3, bias=True, strided=False):
+    """Random leaves (never zeros) requiring grad: x (B, N, C), the qkv weight (3A, C) and bias,
+    the conv weight (mode conv) and the LayerNorm parameters (norm). strided: x is a view with a
+    row stride wider than C. Also the inputs of tests/test_triton_pooled_projection.py."""
     g = torch.Generator().manual_seed(seed)
     n = thw[0] * thw[1] * thw[2] + int(has_cls)
     A = heads * d
@@ -56,8 +58,12 @@ def make_inputs(B, heads, d, C, thw, mode, has_cls, norm, dtype=torch.float64, d
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype).requires_grad_()
 
+    if strided:
+        x = rand(B, n, C + 5).detach()[:, :, 2:C + 2].requires_grad_()
+    else:
+        x = rand(B, n, C)
     return dict(
-        x=rand(B, n, C),
+        x=x,
         weight=rand(3 * A, C, scale=C**-0.5),
         bias=rand(3 * A) if bias else None,
         pool_weight=rand(d, 1, *kernel, scale=0.3) if mode == "conv" else None,
@@ -230,9 +236,7 @@ def test_bfloat16_close_to_float64(mode):
 
 
 def test_non_contiguous_x_batch_one_and_no_bias():
-    inputs = make_inputs(1, 4, 8, 12, (2, 9, 9), "conv", False, True, seed=11, bias=False)
-    wide = torch.randn(1, inputs["x"].shape[1], 20, dtype=torch.float64)
-    inputs["x"] = wide[:, :, 3:15].requires_grad_()
+    inputs = make_inputs(1, 4, 8, 12, (2, 9, 9), "conv", False, True, seed=11, bias=False, strided=True)
     assert not inputs["x"].is_contiguous()
     assert_matches_reference(inputs, "k", 4, (2, 9, 9), K3, (1, 4, 4), P1, "conv", False, 1e-10, 1e-10)
 

@@ -23,6 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from mvit_kernels import reference
 from mvit_kernels.triton import pooled_projection as kernels
 from mvit_kernels.triton.pooling_attention import RULES
+from test_pooled_projection import make_inputs as op_inputs
+from test_pooled_projection import run
 
 # The module, not the function of the same name that mvit_kernels exports.
 pp = importlib.import_module("mvit_kernels.pooled_projection")
@@ -53,33 +55,9 @@ def backward_launches(monkeypatch):
 
 
 def make_inputs(B, heads, d, C, thw, kernel, mode, has_cls, norm, strided=False, seed=0):
-    """Random leaves (never zeros) requiring grad: x (B, N, C), the qkv weight (3A, C) and bias,
-    the conv weight (mode conv) and the LayerNorm parameters (norm). strided: x is a view with a
-    row stride wider than C."""
-    g = torch.Generator().manual_seed(seed)
-    n = thw[0] * thw[1] * thw[2] + (1 if has_cls else 0)
-    A = heads * d
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(DEVICE).requires_grad_()
-
-    if strided:
-        x = (torch.randn(B, n, C + 5, generator=g).to(DEVICE)[:, :, 2:C + 2]).requires_grad_()
-    else:
-        x = rand(B, n, C)
-    return dict(
-        x=x,
-        weight=rand(3 * A, C, scale=C**-0.5),
-        bias=rand(3 * A),
-        pool_weight=rand(d, 1, *kernel, scale=0.3) if mode == "conv" else None,
-        norm_weight=rand(d) if norm else None,
-        norm_bias=rand(d) if norm else None,
-    )
-
-
-def run(fn, inputs, which, heads, thw, kernel, stride, padding, mode, has_cls):
-    return fn(inputs["x"], inputs["weight"], inputs["bias"], which, heads, thw, kernel, stride, padding, mode,
-              inputs["pool_weight"], has_cls, inputs["norm_weight"], inputs["norm_bias"])
+    """The op's random inputs (tests/test_pooled_projection.py) in float32 on DEVICE."""
+    return op_inputs(B, heads, d, C, thw, mode, has_cls, norm, dtype=torch.float32, device=DEVICE, seed=seed,
+                     kernel=kernel, strided=strided)
 
 
 def check_against_reference(fn, inputs, which, heads, thw, kernel, stride, padding, mode, has_cls):
