@@ -276,6 +276,17 @@ def test_torch_compile_fullgraph():
 # ------------------------------------------------------------------------------------------
 
 
+def outputs_and_gradients(models, x):
+    """Each model's output for x and its parameters' gradients of sum(output^2)."""
+    outs, grads = [], []
+    for model in models:
+        out = model(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    return outs, grads
+
+
 def test_fused_model_projects_only_read_tokens(projected_tokens):
     """MViT(fused=True) on the CPU with a K/V stride larger than the kernel (MViT-B's first
     blocks' pattern): k and v go through the gathered path, and logits and every parameter
@@ -288,12 +299,7 @@ def test_fused_model_projects_only_read_tokens(projected_tokens):
     fused = build_model("mvit_tiny", fused=True, **kw).double()
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, *ref.cfg.input_size, dtype=torch.float64)
-    outs, grads = [], []
-    for model in (ref, fused):
-        out = model(x)
-        out.square().sum().backward()
-        outs.append(out.detach())
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    outs, grads = outputs_and_gradients((ref, fused), x)
     # Block 0 (4x8x8 grid, 1x4x4 K/V stride): rows and columns {0, 1, 3, 4, 5} of 8, k and v.
     assert projected_tokens[:2] == [1 + 4 * 5 * 5] * 2
     torch.testing.assert_close(outs[1], outs[0], atol=1e-10, rtol=1e-10)

@@ -24,7 +24,7 @@ from mvit_kernels import reference
 from mvit_kernels.triton import pooled_projection as kernels
 from mvit_kernels.triton.pooling_attention import RULES
 from test_pooled_projection import make_inputs as op_inputs
-from test_pooled_projection import run
+from test_pooled_projection import outputs_and_gradients, run
 
 # The module, not the function of the same name that mvit_kernels exports.
 pp = importlib.import_module("mvit_kernels.pooled_projection")
@@ -408,12 +408,7 @@ def test_tiny_mvit_through_the_fused_kv_projection(monkeypatch):
         return picked
 
     monkeypatch.setattr(pp, "uses_triton", rule)
-    outs, grads = [], []
-    for model in (ref, fused):
-        out = model(x)
-        out.square().sum().backward()
-        outs.append(out.detach())
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    outs, grads = outputs_and_gradients((ref, fused), x)
     assert any(calls), "the fused K/V projection was never picked"
     torch.testing.assert_close(outs[1], outs[0], **TOL)
     assert grads[0].keys() == grads[1].keys()
