@@ -4,7 +4,9 @@ FLOPs follow the papers' convention: multiply-adds for one view (one clip or ima
 ``torch.utils.flop_counter.FlopCounterMode`` (which counts 2 per multiply-add; halved here) over
 matmuls, linears and convolutions. Norms, softmax, pooling and element-wise ops count zero, as in
 fvcore and torchvision's tables. The project's own ops register FLOP formulas that count what
-the reference path counts, so fused and reference models report the same figure.
+the reference path counts; a fused model (``fused=True``) counts fewer only where it skips the
+K/V projection of tokens no pooling window reads (``mvit_kernels.pooled_projection``), which is
+what it executes off the Triton kernels.
 
 Counting runs on the meta device: no memory is allocated and no arithmetic is done, so even
 MViT-B 64x3 counts in about a second.
