@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -194,18 +195,14 @@ def measure(name, label, spec, device, batch, mode, warmup, repeats, dtype_ctx):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return _timing_row(name, label, mode, batch, times, peak)
+
+
+def _timing_row(name, label, mode, batch, times, peak_gib, **extra) -> dict:
+    """A result row from the timed runs' seconds."""
     med = statistics.median(times)
-    return {
-        "model": name,
-        "variant": label,
-        "mode": mode,
-        "batch": batch,
-        "step_s": med,
-        "min_s": min(times),
-        "max_s": max(times),
-        "clips_per_s": batch / med,
-        "peak_gib": peak,
-    }
+    return {"model": name, "variant": label, "mode": mode, "batch": batch, "step_s": med, "min_s": min(times),
+            "max_s": max(times), "clips_per_s": batch / med, "peak_gib": peak_gib, **extra}
 
 
 def cpu_matmul_rate(repeats: int = 5) -> dict:
@@ -235,10 +232,16 @@ def executed_gflops(name: str, variant: str) -> float:
     """Multiply-adds (G) of one clip's forward as the variant executes it: the fused model's own
     count (it skips the K/V projection of tokens no pooling window reads) for ours-fused*, the
     reference's for the others (torchvision runs the same arithmetic: the converter test)."""
+    return _model_gflops(name, variant.startswith("ours-fused"))
+
+
+@functools.lru_cache(maxsize=None)
+def _model_gflops(name: str, fused: bool) -> float:
+    """count_model's figure, once per model and path (every row of a group asks for one of two)."""
     from mvit.flops import count_model
     from mvit.presets import get_preset
 
-    return count_model(get_preset(name), fused=variant.startswith("ours-fused")).gflops
+    return count_model(get_preset(name), fused=fused).gflops
 
 
 def floor_seconds(gflops: float, batch: int, mode: str, flop_per_s: float) -> float:
@@ -278,10 +281,7 @@ def measure_interleaved(name, specs, device, batch, mode, warmup, repeats, dtype
                 rows[label] = _error_row(name, label, mode, batch, exc)
                 del live[label]
     for label, (_, _, _, times) in live.items():
-        med = statistics.median(times)
-        rows[label] = {"model": name, "variant": label, "mode": mode, "batch": batch, "step_s": med,
-                       "min_s": min(times), "max_s": max(times), "clips_per_s": batch / med, "peak_gib": None,
-                       "interleaved": True}
+        rows[label] = _timing_row(name, label, mode, batch, times, None, interleaved=True)
     live.clear()
     gc.collect()
     return [rows[label] for label in specs]

@@ -48,7 +48,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import _extension, autocast, reference, tuning
 from ._dispatch import traced_or_intercepted
-from .checks import PROJECTION_SLICES, check_pooled_projection_args, pool_output_thw as _out_thw
+from .checks import PROJECTION_SLICES, check_pooled_projection_args, pool_output_size, pool_output_thw as _out_thw
 from .linear import linear as _linear
 from .pool3d import pool3d as _pool3d
 
@@ -374,7 +374,7 @@ def _read_axis(size: int, kernel: int, stride: int, padding: int) -> Optional[in
     window, with the same kernel offsets, and the same output length."""
     if stride < kernel:
         return None
-    n_out = (size + 2 * padding - kernel) // stride + 1
+    n_out = pool_output_size(size, kernel, stride, padding)
     cut_at_end = max(0, (n_out - 1) * stride - padding + kernel - size)
     read = n_out * kernel - padding - cut_at_end
     # An axis with one window cut at both ends can read fewer positions than the kernel: left
@@ -409,8 +409,7 @@ def read_token_index(thw: Sequence[int], kernel: Sequence[int], stride: Sequence
             continue
         # Window o's taps o*s - p + j, in order; the first p lie in the padding, the last
         # n_out*k - p - r beyond the axis.
-        n_out = (n + 2 * p - k) // s + 1
-        taps = torch.arange(n_out, device=device)[:, None] * s - p + torch.arange(k, device=device)[None, :]
+        taps = torch.arange(pool_output_size(n, k, s, p), device=device)[:, None] * s - p + torch.arange(k, device=device)[None, :]
         per_axis.append(taps.flatten()[p:p + r])
     it, ih, iw = per_axis
     T, H, W = thw
