@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 from setuptools import setup
 
@@ -100,6 +101,13 @@ def _extensions():
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O3", "-std=c++20"]
+    # at::parallel_for is a header template: without OpenMP in this build it runs every CPU kernel
+    # on one thread whatever torch.set_num_threads says. Linux wheels of torch load their libgomp
+    # first, and the extension's libgomp.so.1 resolves to that one (a single thread pool).
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     define_macros = []
     if use_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -111,6 +119,7 @@ def _extensions():
             include_dirs=[os.path.join(here, "csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
+            extra_link_args=link,
             py_limited_api=False,
         )
     else:
@@ -120,6 +129,7 @@ def _extensions():
             include_dirs=[os.path.join(here, "csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     print(f"mvit_kernels: building _C with {'C++ and CUDA' if use_cuda else 'C++ only'} ({len(sources)} sources)")
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

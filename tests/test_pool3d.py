@@ -10,6 +10,8 @@ The extension is built before the tests run (pip install -e .), so a missing bui
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -32,6 +34,11 @@ CASES = [
     # d >= 64: the CPU conv loop's 32-channel blocks (two), then a tail of 8; T = 5 gives the
     # forward both outputs computed in t pairs (inner t) and single ones (the edges).
     pytest.param(1, 2, (5, 4, 5), 72, (3, 3, 3), (1, 2, 2), (1, 1, 1), id="d72-blocks-and-tail"),
+    # Windows wholly inside the grid take the forward's precomputed-tap loop (blocks of 48, 16
+    # and 8 channels, then single ones): d = 100 is 2 x 48 + 4, and with stride 1 most windows
+    # are inside, in a t pair (t = 1, 2) and alone (t = 3 of T = 5), next to edge windows.
+    pytest.param(1, 2, (5, 5, 6), 100, (3, 3, 3), (1, 1, 1), (1, 1, 1), id="d100-inside-windows"),
+    pytest.param(2, 1, (4, 4, 4), 24, (3, 3, 3), (1, 1, 1), (1, 1, 1), id="d24-inside-16-and-8"),
 ]
 MODES = ["max", "avg", "conv"]
 
@@ -349,6 +356,55 @@ def test_the_cpp_op_checks_its_arguments_too():
 def test_cuda_build_flag_is_registered():
     assert isinstance(torch.ops.mvit_kernels.built_with_cuda(), bool)
     assert mvit_kernels.has_cuda_kernels() == torch.ops.mvit_kernels.built_with_cuda()
+
+
+# Runs in a fresh interpreter with idle OpenMP threads sleeping (OMP_WAIT_POLICY=passive), so the
+# CPU time outside the calling thread is work the op gave to torch's other intra-op thread.
+_THREAD_SHARE_SCRIPT = r"""
+import time, torch, mvit_kernels
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+x = torch.randn(1, 4, 1 + 8 * 28 * 28, 96, generator=g, requires_grad=True)
+w, nw, nb = torch.randn(96, 1, 3, 3, 3, generator=g), torch.randn(96, generator=g), torch.randn(96, generator=g)
+gy = torch.randn(1, 4, 1 + 8 * 14 * 14, 96, generator=g)
+xs = torch.randn(1, 1 + 8 * 28 * 28, 192, generator=g, requires_grad=True)
+branch = torch.randn(1, 1 + 8 * 14 * 14, 192, generator=g)
+calls = {
+    "pool3d": lambda: mvit_kernels.pool3d(x.detach(), (8, 28, 28), (3, 3, 3), (1, 2, 2), (1, 1, 1), "conv", w, True, nw, nb),
+    "pool3d backward": lambda: torch.ops.mvit_kernels.pool3d_backward(
+        gy, x.detach(), [8, 28, 28], [3, 3, 3], [1, 2, 2], [1, 1, 1], "conv", w, True, nw, nb, 1e-6),
+    "pool_residual_add": lambda: mvit_kernels.pool_residual_add(
+        xs.detach(), (8, 28, 28), (1, 3, 3), (1, 2, 2), (0, 1, 1), branch),
+    "pool_residual_add backward": lambda: torch.ops.mvit_kernels.pool_residual_add_backward(
+        branch, xs.detach(), [8, 28, 28], [1, 3, 3], [1, 2, 2], [0, 1, 1], branch, None, True),
+}
+for name, call in calls.items():
+    call()
+    thread0, process0 = time.thread_time(), time.process_time()
+    for _ in range(20):
+        call()
+    thread, process = time.thread_time() - thread0, time.process_time() - process0
+    print(name, (process - thread) / process)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="setup.py builds with OpenMP on Linux only")
+def test_cpu_kernels_run_on_torch_threads():
+    """at::parallel_for splits a loop over threads only where the extension was compiled with
+    OpenMP; without it every CPU kernel ran on one thread whatever torch.set_num_threads said."""
+    import os
+    import subprocess
+
+    assert torch.ops.mvit_kernels.built_with_cpu_threads()
+    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    result = subprocess.run([sys.executable, "-c", _THREAD_SHARE_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shares = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in result.stdout.splitlines()}
+    assert len(shares) == 4, result.stdout
+    # Two threads with equal halves of the rows: each share is near 0.5 (0 when serial).
+    for name, share in shares.items():
+        assert share > 0.2, f"{name}: {share:.2f} of its CPU time on the second thread"
 
 
 # (thw, kernel, stride, padding, has_cls) for the CUDA-vs-CPU checks (here on a GPU, and in

@@ -1,14 +1,17 @@
 // CPU implementations of pool3d and pool_residual_add (forward and backward).
 //
 // Structure (the CUDA file csrc/cuda/pool_ops_cuda.cu has the same one):
-// - forward: one pass over output rows (parallel), the window loop from pool3d_common.h, an
-//   inner loop over the d contiguous channels that the compiler vectorizes, LayerNorm on the
-//   row in registers/cache, one write;
+// - forward: one pass over output rows (parallel, in columns along t), the window loop from
+//   pool3d_common.h (or, for conv windows wholly inside the input, precomputed tap offsets),
+//   sums over the d contiguous channels in vector registers, LayerNorm on the row in
+//   registers/cache, one write;
 // - backward: (1) over output rows: recompute the pooled row (and its arg-max), LayerNorm
 //   backward -> dp, the gradient w.r.t. the pooled values, plus per-chunk partial sums of the
 //   norm/conv parameter gradients; (2) over input rows: gather dx from the dp of the outputs
 //   whose windows cover the row (no atomics, each dx written once); (3) sum the partials.
 // Accumulation is in at::opmath_type (float for half/bfloat16/float, double for double).
+// The loops split over torch's intra-op threads through at::parallel_for, which needs this file
+// compiled with OpenMP (setup.py; torch.ops.mvit_kernels.built_with_cpu_threads() says).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +22,7 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "pool3d_common.h"
@@ -99,11 +103,74 @@ inline void prefetch_window(const scalar_t* xb, int64_t sN, const PoolGeom& g, i
   for_each_window_input(lead, o, [&](int64_t, int64_t i) { prefetch_row(xb + (g.cls + i) * sN, d); });
 }
 
+// Row offsets, in elements, of a window's K taps from its first row (kernel offset order, as
+// for_each_window_input gives them), for windows wholly inside the input.
+inline std::vector<int64_t> tap_offsets(const PoolGeom& g, int64_t sN) {
+  std::vector<int64_t> taps;
+  taps.reserve(g.kernel_volume());
+  for (int64_t kt = 0; kt < g.kT; ++kt)
+    for (int64_t kh = 0; kh < g.kH; ++kh)
+      for (int64_t kw = 0; kw < g.kW; ++kw) taps.push_back(((kt * g.H + kh) * g.W + kw) * sN);
+  return taps;
+}
+
+// The output grid of one slab as columns (see pool3d_cpu): per_slab columns of len outputs,
+// output ot of column c at grid row c + ot * step. With kT > 1 a column is one (oh, ow) and
+// its To outputs; with kT == 1 every output is a column of its own.
+struct OutputColumns {
+  int64_t per_slab, len, step;
+  bool prefetching;
+
+  // Software prefetch pays where a slab's rows outgrow L2 (MViT-B's block-1 and block-3 Q
+  // pooling: 10-17% faster with it); where they fit, the t-inner walk finds its rows in L2 and
+  // the prefetches only cost issue slots (blocks 4-15: 10-15% slower with them).
+  static constexpr int64_t kPrefetchSlabBytes = int64_t{1} << 20;
+
+  OutputColumns(const PoolGeom& g, int64_t d, int64_t elem_bytes)
+      : per_slab(g.kT > 1 ? g.Ho * g.Wo : g.out_grid()),
+        len(g.kT > 1 ? g.To : 1),
+        step(g.Ho * g.Wo),
+        prefetching(g.in_grid() * d * elem_bytes > kPrefetchSlabBytes) {}
+
+  // (ot, oh, ow) of output ot of column c (of a slab).
+  void coords(const PoolGeom& g, int64_t c, int64_t ot, int64_t* t, int64_t* h, int64_t* w) const {
+    const int64_t o = c + ot * step;
+    *t = o / step;
+    *h = (o % step) / g.Wo;
+    *w = o % g.Wo;
+  }
+
+  // Calls window(slab, grid row) for the output kPrefetchAhead steps after output ot of column
+  // col (in walk order, within columns [.., end)), if there is one.
+  template <class Window>
+  void prefetch(int64_t col, int64_t ot, int64_t end, const Window& window) const {
+    if (!prefetching) return;
+    int64_t c = col, t = ot + kPrefetchAhead;
+    if (t >= len) {
+      c += t / len;
+      t %= len;
+      if (c >= end) return;
+    }
+    window(c / per_slab, c % per_slab + t * step);
+  }
+};
+
 constexpr int64_t kConvBlock = 32;  // channels: four AVX2 registers of float
+
+// Eight floats as one value (GCC/Clang vector extension; unaligned, may alias the tensor data).
+// Sums kept in such values stay in registers across a window's taps. Kept in an array of floats
+// indexed by channel, GCC left them in memory: every tap's add then waited on the store of the
+// tap before (store forwarding): about 10 GFLOP/s at MViT-B's K/V shapes on a core that runs a
+// float32 matrix product at 60 (2-core VM, 2026-12-06).
+typedef float f32x8 __attribute__((vector_size(32), aligned(4), __may_alias__));
+constexpr int64_t kF32x8 = 8;
+
+MVIT_FORCE_INLINE inline f32x8 load8(const float* p) { return *reinterpret_cast<const f32x8*>(p); }
+MVIT_FORCE_INLINE inline void store8(float* p, f32x8 v) { *reinterpret_cast<f32x8*>(p) = v; }
 
 // Conv pooling of kOut outputs one t apart at the same (oh, ow), grid rows o, o + Ho*Wo, ..., into
 // acc[0], ..., acc[kOut - 1]. With kOut > 1 each of them must have its whole t window inside the
-// input (t_pair_inside), so they use the same taps and each tap's weight block is loaded once
+// input (pool3d_cpu's `pair`), so they use the same taps and each tap's weight block is loaded once
 // for all (the forward's t-inner walk visits them one after the other). Blocks of kConvBlock
 // channels keep their sums in registers across the taps instead of a load and a store of acc
 // per tap and channel.
@@ -112,6 +179,30 @@ MVIT_FORCE_INLINE inline void conv_rows(const scalar_t* __restrict__ xb, int64_t
                                         int64_t d, const acc_t* __restrict__ wT, acc_t* const* acc) {
   const int64_t next = g.sT * g.H * g.W * sN;  // from a tap's input row for one output to the next's
   int64_t c0 = 0;
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    for (; c0 + kConvBlock <= d; c0 += kConvBlock) {
+      f32x8 s0[kOut], s1[kOut], s2[kOut], s3[kOut];
+      for (int64_t p = 0; p < kOut; ++p) s0[p] = s1[p] = s2[p] = s3[p] = f32x8{};
+      for_each_window_input(g, o, [&](int64_t k, int64_t i) MVIT_FORCE_INLINE {
+        const float* xi = xb + (g.cls + i) * sN + c0;
+        const float* wk = wT + k * d + c0;
+        const f32x8 w0 = load8(wk), w1 = load8(wk + kF32x8), w2 = load8(wk + 2 * kF32x8), w3 = load8(wk + 3 * kF32x8);
+        for (int64_t p = 0; p < kOut; ++p) {
+          const float* xp = xi + p * next;
+          s0[p] += w0 * load8(xp);
+          s1[p] += w1 * load8(xp + kF32x8);
+          s2[p] += w2 * load8(xp + 2 * kF32x8);
+          s3[p] += w3 * load8(xp + 3 * kF32x8);
+        }
+      });
+      for (int64_t p = 0; p < kOut; ++p) {
+        store8(acc[p] + c0, s0[p]);
+        store8(acc[p] + c0 + kF32x8, s1[p]);
+        store8(acc[p] + c0 + 2 * kF32x8, s2[p]);
+        store8(acc[p] + c0 + 3 * kF32x8, s3[p]);
+      }
+    }
+  }
   for (; c0 + kConvBlock <= d; c0 += kConvBlock) {
     acc_t blk[kOut][kConvBlock] = {};
     for_each_window_input(g, o, [&](int64_t k, int64_t i) MVIT_FORCE_INLINE {
@@ -132,6 +223,66 @@ MVIT_FORCE_INLINE inline void conv_rows(const scalar_t* __restrict__ xb, int64_t
     for (int64_t p = 0; p < kOut; ++p)
       for (int64_t c = c0; c < d; ++c) acc[p][c] += wk[c] * static_cast<acc_t>(xi[p * next + c]);
   });
+}
+
+// Conv pooling, channels [c0, c0 + kVec * 8) of kOut outputs one t apart whose windows lie wholly
+// inside the input: output p's tap k reads row xw + p * next + taps[k]. Float rows: the sums
+// stay in registers (kOut = 2, kVec = 6: 12 of AVX2's 16).
+template <int64_t kOut, int64_t kVec>
+MVIT_FORCE_INLINE inline void conv_inside_block_f32(const float* __restrict__ xw, int64_t next,
+                                                    const int64_t* __restrict__ taps, int64_t K, int64_t d,
+                                                    const float* __restrict__ wT, int64_t c0, float* const* acc) {
+  f32x8 s[kOut][kVec];
+  for (int64_t p = 0; p < kOut; ++p)
+    for (int64_t v = 0; v < kVec; ++v) s[p][v] = f32x8{};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* xk = xw + taps[k] + c0;
+    const float* wk = wT + k * d + c0;
+    for (int64_t v = 0; v < kVec; ++v) {
+      const f32x8 w = load8(wk + v * kF32x8);
+      for (int64_t p = 0; p < kOut; ++p) s[p][v] += w * load8(xk + p * next + v * kF32x8);
+    }
+  }
+  for (int64_t p = 0; p < kOut; ++p)
+    for (int64_t v = 0; v < kVec; ++v) store8(acc[p] + c0 + v * kF32x8, s[p][v]);
+}
+
+// conv_rows for windows wholly inside the input, from precomputed tap offsets (taps[k]: the row
+// offset of tap k from the window's first row xw) instead of the per-tap index arithmetic of
+// for_each_window_input, which cost as much as the taps' arithmetic itself.
+template <int64_t kOut, class scalar_t, class acc_t>
+MVIT_FORCE_INLINE inline void conv_inside(const scalar_t* __restrict__ xw, int64_t next, const int64_t* __restrict__ taps,
+                                          int64_t K, int64_t d, const acc_t* __restrict__ wT, acc_t* const* acc) {
+  int64_t c0 = 0;
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    for (; c0 + 6 * kF32x8 <= d; c0 += 6 * kF32x8) conv_inside_block_f32<kOut, 6>(xw, next, taps, K, d, wT, c0, acc);
+    for (; c0 + 2 * kF32x8 <= d; c0 += 2 * kF32x8) conv_inside_block_f32<kOut, 2>(xw, next, taps, K, d, wT, c0, acc);
+    for (; c0 + kF32x8 <= d; c0 += kF32x8) conv_inside_block_f32<kOut, 1>(xw, next, taps, K, d, wT, c0, acc);
+  }
+  if (c0 == d) return;
+  for (int64_t p = 0; p < kOut; ++p)
+    for (int64_t c = c0; c < d; ++c) acc[p][c] = acc_t(0);
+  for (int64_t k = 0; k < K; ++k) {
+    const scalar_t* xk = xw + taps[k];
+    const acc_t* wk = wT + k * d;
+    for (int64_t p = 0; p < kOut; ++p)
+      for (int64_t c = c0; c < d; ++c) acc[p][c] += wk[c] * static_cast<acc_t>(xk[p * next + c]);
+  }
+}
+
+// conv_inside for one output (acc1 == nullptr) or two one t apart (the dispatchers want the
+// <scalar_t, acc_t> template shape).
+template <class scalar_t, class acc_t>
+MVIT_FORCE_INLINE inline void conv_inside_rows_impl(const scalar_t* __restrict__ xw, int64_t next,
+                                                    const int64_t* __restrict__ taps, int64_t K, int64_t d,
+                                                    const acc_t* __restrict__ wT, acc_t* acc0, acc_t* acc1) {
+  if (acc1 == nullptr) {
+    acc_t* rows[1] = {acc0};
+    conv_inside<1>(xw, next, taps, K, d, wT, rows);
+  } else {
+    acc_t* rows[2] = {acc0, acc1};
+    conv_inside<2>(xw, next, taps, K, d, wT, rows);
+  }
 }
 
 // Pools one output grid row o of one (batch, head) slab xb into acc[0:d]; with idx, also the
@@ -233,13 +384,7 @@ MVIT_FORCE_INLINE inline void conv_pair_impl(const scalar_t* __restrict__ xb, in
 }
 
 MVIT_DEFINE_DISPATCH(conv_pair, conv_pair_impl)
-
-// Whether grid row o (output ot) and the next output along t both have their whole t window
-// inside the input (conv_pair's condition).
-inline bool t_pair_inside(const PoolGeom& g, int64_t o) {
-  const int64_t ot = o / (g.Ho * g.Wo);
-  return ot + 1 < g.To && ot * g.sT - g.pT >= 0 && (ot + 1) * g.sT - g.pT + g.kT <= g.T;
-}
+MVIT_DEFINE_DISPATCH(conv_inside_rows, conv_inside_rows_impl)
 
 // dx of input grid row i of one (batch, head) slab: sum over the outputs whose windows cover
 // it of dp (max: only where this row is the arg-max; avg: /K applied by the caller; conv:
@@ -328,12 +473,56 @@ MVIT_FORCE_INLINE inline void row_moments(const acc_t* v, int64_t d, double eps,
   *rstd = acc_t(1) / std::sqrt(q / d + static_cast<acc_t>(eps));
 }
 
+// sum over c < d of f(c) for a float row, f giving f32x8 blocks (fv) and single channels (f1),
+// in two vector partial sums.
+template <class FV, class F1>
+MVIT_FORCE_INLINE inline float lane_sum_f32(int64_t d, FV&& fv, F1&& f1) {
+  f32x8 s0{}, s1{};
+  int64_t c = 0;
+  for (; c + 2 * kF32x8 <= d; c += 2 * kF32x8) {
+    s0 += fv(c);
+    s1 += fv(c + kF32x8);
+  }
+  for (; c + kF32x8 <= d; c += kF32x8) s0 += fv(c);
+  s0 += s1;
+  float s = 0;
+  for (; c < d; ++c) s += f1(c);
+  for (int64_t j = 0; j < kF32x8; ++j) s += s0[j];
+  return s;
+}
+
+// row_moments of a float row with f32x8 partial sums.
+MVIT_FORCE_INLINE inline void row_moments_f32(const float* v, int64_t d, double eps, float* mean, float* rstd) {
+  const float m = lane_sum_f32(
+      d, [&](int64_t c) MVIT_FORCE_INLINE { return load8(v + c); }, [&](int64_t c) MVIT_FORCE_INLINE { return v[c]; }) / d;
+  const float q = lane_sum_f32(
+      d,
+      [&](int64_t c) MVIT_FORCE_INLINE {
+        const f32x8 e = load8(v + c) - m;
+        return e * e;
+      },
+      [&](int64_t c) MVIT_FORCE_INLINE { return (v[c] - m) * (v[c] - m); });
+  *mean = m;
+  *rstd = 1.0f / std::sqrt(q / d + static_cast<float>(eps));
+}
+
 // One output row from its pooled values acc: LayerNorm'ed with gamma/beta when norm, cast to
 // the output dtype.
 template <class scalar_t, class acc_t>
 MVIT_FORCE_INLINE inline void write_row_impl(const acc_t* __restrict__ acc, int64_t d, bool norm, double eps,
                                              const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
                                              scalar_t* __restrict__ yr) {
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (norm) {  // lane_sum's partials stayed scalar here: as f32x8 values the row takes a third of the time
+      float mean, rstd;
+      row_moments_f32(acc, d, eps, &mean, &rstd);
+      int64_t c = 0;
+      for (; c + kF32x8 <= d; c += kF32x8)
+        store8(yr + c, (load8(acc + c) - mean) * rstd * load8(gamma + c) + load8(beta + c));
+      for (; c < d; ++c) yr[c] = (acc[c] - mean) * rstd * gamma[c] + beta[c];
+      return;
+    }
+  }
   if (norm) {
     acc_t mean, rstd;
     row_moments(acc, d, eps, &mean, &rstd);
@@ -422,36 +611,60 @@ at::Tensor pool3d_cpu(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayR
     }
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    const int64_t rows = B * heads * n_out;
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / (K * d) + 1), [&](int64_t begin, int64_t end) {
+    const int64_t slabs = B * heads;
+    // The class-token rows: a copy (and LayerNorm) of d values each.
+    for (int64_t bh = 0; bh < slabs && g.cls; ++bh) {
+      std::vector<acc_t> acc(d);
+      const scalar_t* xb = xp + xr.slab(bh, heads);
+      for (int64_t c = 0; c < d; ++c) acc[c] = static_cast<acc_t>(xb[c]);
+      write_row<scalar_t, acc_t>(acc.data(), d, norm, eps, gamma.data(), beta.data(), yp + bh * n_out * d);
+    }
+    // The grid rows, as columns: a column is the outputs at one (slab, oh, ow) for every ot, walked
+    // in ot order (t-inner: consecutive outputs share kT - sT input planes, and the planes a band
+    // of oh needs for every t stay in L2). With a kernel of 1 along t there is nothing to share,
+    // and every column is one output in the plain order (streams better).
+    const OutputColumns cols(g, d, sizeof(scalar_t));
+    const std::vector<int64_t> taps = mode == kConv ? tap_offsets(g, xr.sN) : std::vector<int64_t>();
+    const int64_t next = g.sT * g.H * g.W * xr.sN;  // from a window's first row to the next t's
+    at::parallel_for(0, slabs * cols.per_slab, std::max<int64_t>(1, 4096 / (cols.len * K * d) + 1),
+                     [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(d), acc_next(d);
-      const auto prefetch = [&](int64_t j) {
-        prefetch_step(j, end, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo, [&](int64_t bh, int64_t o) {
-          prefetch_window(xp + xr.slab(bh, heads), xr.sN, g, o, d);
+      const auto prefetch = [&](int64_t col, int64_t ot) {
+        cols.prefetch(col, ot, end, [&](int64_t bh_a, int64_t o_a) {
+          prefetch_window(xp + xr.slab(bh_a, heads), xr.sN, g, o_a, d);
         });
       };
-      // In t-inner order (kT > 1) step j + 1 is the output one t later than step j's.
-      const bool pairs = mode == kConv && g.kT > 1;
-      for (int64_t j = begin; j < end; ++j) {
-        prefetch(j);
-        const int64_t r = t_inner_row(j, n_out, g.cls, g.kT, g.To, g.Ho, g.Wo);
-        const int64_t n = r % n_out, bh = r / n_out;
+      for (int64_t col = begin; col < end; ++col) {
+        const int64_t bh = col / cols.per_slab, c = col % cols.per_slab;
         const scalar_t* xb = xp + xr.slab(bh, heads);
-        if (pairs && n >= g.cls && j + 1 < end && t_pair_inside(g, n - g.cls)) {
-          prefetch(j + 1);
-          conv_pair<scalar_t, acc_t>(xb, xr.sN, g, n - g.cls, d, wT.data(), acc.data(), acc_next.data());
-          write_row<scalar_t, acc_t>(acc.data(), d, norm, eps, gamma.data(), beta.data(), yp + r * d);
-          const int64_t r_next = r + g.Ho * g.Wo;
-          write_row<scalar_t, acc_t>(acc_next.data(), d, norm, eps, gamma.data(), beta.data(), yp + r_next * d);
-          ++j;
-          continue;
+        scalar_t* yb = yp + (bh * n_out + g.cls) * d;
+        int64_t t_first, oh, ow;
+        cols.coords(g, c, 0, &t_first, &oh, &ow);
+        const int64_t h0 = oh * g.sH - g.pH, w0 = ow * g.sW - g.pW;
+        const bool hw_inside = h0 >= 0 && h0 + g.kH <= g.H && w0 >= 0 && w0 + g.kW <= g.W;
+        for (int64_t ot = 0; ot < cols.len; ++ot) {
+          const int64_t o = c + ot * cols.step, t0 = (t_first + ot) * g.sT - g.pT;
+          prefetch(col, ot);
+          // Outputs one t apart are visited one after the other (t-inner): conv pools two at a time
+          // where both windows use the same taps, loading each tap's weights once.
+          const bool pair = mode == kConv && ot + 1 < cols.len && t0 >= 0 && t0 + g.sT + g.kT <= g.T;
+          if (pair) prefetch(col, ot + 1);
+          if (mode == kConv && hw_inside && t0 >= 0 && t0 + g.kT <= g.T) {
+            const scalar_t* xw = xb + (g.cls + (t0 * g.H + h0) * g.W + w0) * xr.sN;
+            conv_inside_rows<scalar_t, acc_t>(xw, next, taps.data(), K, d, wT.data(), acc.data(),
+                                              pair ? acc_next.data() : nullptr);
+          } else if (pair) {
+            conv_pair<scalar_t, acc_t>(xb, xr.sN, g, o, d, wT.data(), acc.data(), acc_next.data());
+          } else {
+            pool_row<scalar_t, acc_t>(xb, xr.sN, g, o, d, mode, wT.data(), acc.data(), nullptr);
+          }
+          write_row<scalar_t, acc_t>(acc.data(), d, norm, eps, gamma.data(), beta.data(), yb + o * d);
+          if (pair) {
+            write_row<scalar_t, acc_t>(acc_next.data(), d, norm, eps, gamma.data(), beta.data(),
+                                       yb + (o + cols.step) * d);
+            ++ot;
+          }
         }
-        if (n < g.cls) {
-          for (int64_t c = 0; c < d; ++c) acc[c] = static_cast<acc_t>(xb[c]);
-        } else {
-          pool_row<scalar_t, acc_t>(xb, xr.sN, g, n - g.cls, d, mode, wT.data(), acc.data(), nullptr);
-        }
-        write_row<scalar_t, acc_t>(acc.data(), d, norm, eps, gamma.data(), beta.data(), yp + r * d);
       }
     });
   });
