@@ -149,8 +149,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim_out)
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        ops = _ops(fused)
-        return ops.linear(ops.linear(x, self.fc1.weight, self.fc1.bias, "gelu"), self.fc2.weight, self.fc2.bias)
+        return _ops(fused).mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
 def _drop_path_scale(x: torch.Tensor, rate: float, training: bool) -> Optional[torch.Tensor]:

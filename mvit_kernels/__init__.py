@@ -10,7 +10,8 @@ checked against it in the tests:
 - :func:`pooled_projection`: one q/k/v slice of the qkv projection, pooled and normalized, in
   one Triton pass where pooling strides are large (projection + pool3d elsewhere).
 - :func:`linear`: projection (+ GELU) with bias and activation fused into oneDNN's matmul for
-  CPU inference.
+  CPU inference; :func:`mlp`, the block's MLP on it, in token chunks where the hidden activation
+  is large.
 
 :mod:`mvit_kernels.tuning` times a fused op against its alternative once per shape (on CUDA by
 default) and runs the faster one.
@@ -19,7 +20,7 @@ default) and runs the faster one.
 from . import reference, tuning
 from ._extension import has_cuda_kernels
 from ._extension import load as load_extension
-from .linear import linear
+from .linear import linear, mlp
 from .pool3d import pool3d
 from .pool_residual_add import pool_residual_add
 from .pooled_projection import pooled_projection
@@ -41,6 +42,7 @@ __all__ = [
     "pooling_attention",
     "pooled_projection",
     "linear",
+    "mlp",
     "require_fused",
     "load_extension",
     "has_cuda_kernels",

@@ -12,6 +12,12 @@ slower than the eager one (788 vs 523 ms, MViT-B 16x4 batch 1, `throughput_cpu.m
 Everywhere else (CUDA, gradients needed, other dtypes, autocast, dispatch modes such as
 FlopCounterMode, a torch build without oneDNN) it is the reference, so FLOP counts, autograd and
 autocast behave as the reference's.
+
+``mlp`` (fc1 + GELU, fc2) on the same eager inference path runs token chunks where the hidden
+activation is large: glibc hands every allocation above 32 MiB fresh pages from the OS, and the
+first touch of each page faults. MViT-B 16x4's block 0 (25,089 tokens x 384 hidden, 38.5 MB) spent
+~12 of its ~58 ms there (2-core VM, 2026-12-06). Chunks of at most ``MLP_CHUNK_BYTES`` of hidden
+activation reuse memory the process holds, and the block's peak memory drops by as much.
 """
 
 from __future__ import annotations
@@ -63,6 +69,36 @@ def uses_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
         and (torch.compiler.is_compiling() or not intercepted(x))  # traced: the registered op
         and autocast.autocast_dtype(x) is None  # under autocast F.linear runs in its dtype
     )
+
+
+#: Hidden activations above this many bytes page-fault on every call (glibc's largest mmap
+#: threshold): the eager oneDNN ``mlp`` splits the tokens from there on ...
+MLP_CHUNKED_ABOVE_BYTES = 32 << 20
+#: ... into chunks whose hidden activation is at most this many bytes.
+MLP_CHUNK_BYTES = 8 << 20
+
+
+def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+        fc2_bias: Optional[Tensor]) -> Tensor:
+    """Same contract as :func:`mvit_kernels.reference.mlp`."""
+    hidden = fc1_weight.shape[0]
+    if (
+        torch.compiler.is_compiling()  # the compiler plans the buffers itself
+        or not uses_onednn(x, fc1_weight, fc1_bias)
+        or not uses_onednn(x, fc2_weight, fc2_bias)
+        or x.numel() // max(1, x.shape[-1]) * hidden * x.element_size() <= MLP_CHUNKED_ABOVE_BYTES
+    ):
+        return linear(linear(x, fc1_weight, fc1_bias, "gelu"), fc2_weight, fc2_bias)
+    if x.shape[-1] != fc1_weight.shape[1] or hidden != fc2_weight.shape[1]:
+        raise ValueError(f"mlp: x has {x.shape[-1]} features, fc1_weight is {tuple(fc1_weight.shape)} and "
+                         f"fc2_weight {tuple(fc2_weight.shape)}: expected (hidden, {x.shape[-1]}) and (out, hidden)")
+    rows = x.reshape(-1, x.shape[-1])
+    out = x.new_empty(rows.shape[0], fc2_weight.shape[0])
+    chunk = max(1, MLP_CHUNK_BYTES // (hidden * x.element_size()))
+    for start in range(0, rows.shape[0], chunk):
+        h = _run_onednn(rows[start:start + chunk], fc1_weight, fc1_bias, True)
+        out[start:start + chunk] = _run_onednn(h, fc2_weight, fc2_bias, False)
+    return out.reshape(*x.shape[:-1], fc2_weight.shape[0])
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:

@@ -155,6 +155,17 @@ def linear(
     return F.gelu(y) if activation == "gelu" else y
 
 
+def mlp(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """The block's MLP: fc2(GELU(fc1(x)))."""
+    return linear(linear(x, fc1_weight, fc1_bias, "gelu"), fc2_weight, fc2_bias)
+
+
 def interpolate_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
     """Resize a (L, d) relative-position table to (length, d) by linear interpolation, as the
     reference code does when a block sees a grid other than the one it was built for."""

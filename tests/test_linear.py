@@ -1,5 +1,6 @@
 """mvit_kernels.linear (the fused CPU inference path: oneDNN matmul with bias and GELU post-ops)
-against reference.linear. float32 tolerance 1e-5 (oneDNN blocks the reduction differently)."""
+against reference.linear, and mlp (the same path in token chunks where the hidden activation is large)
+against reference.mlp. float32 tolerance 1e-5 (oneDNN blocks the reduction differently)."""
 
 import importlib
 
@@ -118,3 +119,81 @@ def test_autocast_takes_the_reference():
         want = reference.linear(x, w, b, "gelu")
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got, want)
+
+
+# --- mlp: fc2(GELU(fc1(x))), in token chunks on the eager oneDNN path where the hidden is large ---
+
+def _mlp_inputs(shape, c_in, hidden, c_out, bias=True, seed=0):
+    x, w1, b1 = _inputs(shape, c_in, hidden, bias, seed)
+    _, w2, b2 = _inputs((1,), hidden, c_out, bias, seed + 1)
+    return x, w1, b1, w2, b2
+
+
+def _count_onednn_calls(monkeypatch):
+    calls = []
+    real = linear_module._run_onednn
+    # Records the tokens (rows) of each oneDNN matmul.
+    monkeypatch.setattr(linear_module, "_run_onednn",
+                        lambda x, *a: calls.append(x.numel() // x.shape[-1]) or real(x, *a))
+    return calls
+
+
+@pytest.mark.skipif(not linear_module._ONEDNN, reason="this torch build has no oneDNN: mlp is the reference")
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_mlp_chunks_match_reference(monkeypatch, bias, contiguous):
+    # 2 x 19 = 38 tokens in chunks of 5 (the last one 3 tokens), hidden 24, odd feature counts.
+    x, w1, b1, w2, b2 = _mlp_inputs((19, 2) if not contiguous else (2, 19), 13, 24, 7, bias)
+    if not contiguous:
+        x = x.transpose(0, 1)
+    monkeypatch.setattr(linear_module, "MLP_CHUNKED_ABOVE_BYTES", 0)
+    monkeypatch.setattr(linear_module, "MLP_CHUNK_BYTES", 5 * 24 * 4)
+    calls = _count_onednn_calls(monkeypatch)
+    with torch.inference_mode():
+        got = mvit_kernels.mlp(x, w1, b1, w2, b2)
+    assert calls == [5, 5] * 7 + [3, 3]  # fc1 and fc2 of every chunk
+    assert got.shape == (2, 19, 7)
+    torch.testing.assert_close(got, reference.mlp(x, w1, b1, w2, b2), **TOL)
+
+
+@pytest.mark.skipif(not linear_module._ONEDNN, reason="this torch build has no oneDNN: mlp is the reference")
+def test_mlp_is_one_pass_below_the_threshold(monkeypatch):
+    x, w1, b1, w2, b2 = _mlp_inputs((3, 40), 16, 64, 16)
+    calls = _count_onednn_calls(monkeypatch)
+    with torch.inference_mode():
+        got = mvit_kernels.mlp(x, w1, b1, w2, b2)
+    assert calls == [120, 120]  # one fc1, one fc2 over all 3 x 40 tokens
+    torch.testing.assert_close(got, reference.mlp(x, w1, b1, w2, b2), **TOL)
+
+
+def test_mlp_gradients_and_bad_shapes(monkeypatch):
+    monkeypatch.setattr(linear_module, "MLP_CHUNKED_ABOVE_BYTES", 0)
+    x, w1, b1, w2, b2 = _mlp_inputs((2, 9), 12, 20, 6)
+    w1.requires_grad_()
+    got = mvit_kernels.mlp(x, w1, b1, w2, b2)  # gradients needed: the reference path
+    got.sum().backward()
+    w1_ref = w1.detach().clone().requires_grad_()
+    reference.mlp(x, w1_ref, b1, w2, b2).sum().backward()
+    torch.testing.assert_close(w1.grad, w1_ref.grad)
+    with torch.inference_mode(), pytest.raises((ValueError, RuntimeError), match="mlp: x has 12 features|shapes"):
+        mvit_kernels.mlp(x, w1.detach(), b1, w2[:, :7], b2)
+
+
+def test_fused_model_with_chunked_mlps_matches_reference(monkeypatch):
+    # Every MLP of a tiny model chunked (4 hidden rows' worth of bytes a chunk): same logits.
+    import copy
+
+    from mvit import build_model
+
+    monkeypatch.setattr(linear_module, "MLP_CHUNKED_ABOVE_BYTES", 0)
+    monkeypatch.setattr(linear_module, "MLP_CHUNK_BYTES", 1)  # one token a chunk
+    torch.manual_seed(0)
+    ref = build_model("mvit_tiny").eval()
+    fused = copy.deepcopy(ref).set_fused(True)
+    calls = _count_onednn_calls(monkeypatch)
+    video = torch.randn(1, 3, 4, 16, 16)
+    with torch.inference_mode():
+        got = fused(video)
+        want = ref(video)
+    assert calls.count(1) > 0 or not linear_module._ONEDNN
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
