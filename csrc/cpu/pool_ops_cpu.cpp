@@ -155,8 +155,6 @@ struct OutputColumns {
   }
 };
 
-constexpr int64_t kConvBlock = 32;  // channels: four AVX2 registers of float
-
 // Eight floats as one value (GCC/Clang vector extension; unaligned, may alias the tensor data).
 // Sums kept in such values stay in registers across a window's taps. Kept in an array of floats
 // indexed by channel, GCC left them in memory: every tap's add then waited on the store of the
@@ -168,106 +166,72 @@ constexpr int64_t kF32x8 = 8;
 MVIT_FORCE_INLINE inline f32x8 load8(const float* p) { return *reinterpret_cast<const f32x8*>(p); }
 MVIT_FORCE_INLINE inline void store8(float* p, f32x8 v) { *reinterpret_cast<f32x8*>(p) = v; }
 
-// Conv pooling of kOut outputs one t apart at the same (oh, ow), grid rows o, o + Ho*Wo, ..., into
-// acc[0], ..., acc[kOut - 1]. With kOut > 1 each of them must have its whole t window inside the
-// input (pool3d_cpu's `pair`), so they use the same taps and each tap's weight block is loaded once
-// for all (the forward's t-inner walk visits them one after the other). Blocks of kConvBlock
-// channels keep their sums in registers across the taps instead of a load and a store of acc
-// per tap and channel.
-template <int64_t kOut, class scalar_t, class acc_t>
-MVIT_FORCE_INLINE inline void conv_rows(const scalar_t* __restrict__ xb, int64_t sN, const PoolGeom& g, int64_t o,
-                                        int64_t d, const acc_t* __restrict__ wT, acc_t* const* acc) {
-  const int64_t next = g.sT * g.H * g.W * sN;  // from a tap's input row for one output to the next's
-  int64_t c0 = 0;
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-    for (; c0 + kConvBlock <= d; c0 += kConvBlock) {
-      f32x8 s0[kOut], s1[kOut], s2[kOut], s3[kOut];
-      for (int64_t p = 0; p < kOut; ++p) s0[p] = s1[p] = s2[p] = s3[p] = f32x8{};
-      for_each_window_input(g, o, [&](int64_t k, int64_t i) MVIT_FORCE_INLINE {
-        const float* xi = xb + (g.cls + i) * sN + c0;
-        const float* wk = wT + k * d + c0;
-        const f32x8 w0 = load8(wk), w1 = load8(wk + kF32x8), w2 = load8(wk + 2 * kF32x8), w3 = load8(wk + 3 * kF32x8);
-        for (int64_t p = 0; p < kOut; ++p) {
-          const float* xp = xi + p * next;
-          s0[p] += w0 * load8(xp);
-          s1[p] += w1 * load8(xp + kF32x8);
-          s2[p] += w2 * load8(xp + 2 * kF32x8);
-          s3[p] += w3 * load8(xp + 3 * kF32x8);
-        }
-      });
-      for (int64_t p = 0; p < kOut; ++p) {
-        store8(acc[p] + c0, s0[p]);
-        store8(acc[p] + c0 + kF32x8, s1[p]);
-        store8(acc[p] + c0 + 2 * kF32x8, s2[p]);
-        store8(acc[p] + c0 + 3 * kF32x8, s3[p]);
-      }
-    }
-  }
-  for (; c0 + kConvBlock <= d; c0 += kConvBlock) {
-    acc_t blk[kOut][kConvBlock] = {};
-    for_each_window_input(g, o, [&](int64_t k, int64_t i) MVIT_FORCE_INLINE {
-      const scalar_t* xi = xb + (g.cls + i) * sN + c0;
-      const acc_t* wk = wT + k * d + c0;
-      for (int64_t p = 0; p < kOut; ++p)
-        for (int64_t c = 0; c < kConvBlock; ++c) blk[p][c] += wk[c] * static_cast<acc_t>(xi[p * next + c]);
-    });
-    for (int64_t p = 0; p < kOut; ++p)
-      for (int64_t c = 0; c < kConvBlock; ++c) acc[p][c0 + c] = blk[p][c];
-  }
-  if (c0 == d) return;
-  for (int64_t p = 0; p < kOut; ++p)
-    for (int64_t c = c0; c < d; ++c) acc[p][c] = acc_t(0);
-  for_each_window_input(g, o, [&](int64_t k, int64_t i) MVIT_FORCE_INLINE {
-    const scalar_t* xi = xb + (g.cls + i) * sN;
-    const acc_t* wk = wT + k * d;
-    for (int64_t p = 0; p < kOut; ++p)
-      for (int64_t c = c0; c < d; ++c) acc[p][c] += wk[c] * static_cast<acc_t>(xi[p * next + c]);
-  });
-}
-
-// Conv pooling, channels [c0, c0 + kVec * 8) of kOut outputs one t apart whose windows lie wholly
-// inside the input: output p's tap k reads row xw + p * next + taps[k]. Float rows: the sums
-// stay in registers (kOut = 2, kVec = 6: 12 of AVX2's 16).
-template <int64_t kOut, int64_t kVec>
-MVIT_FORCE_INLINE inline void conv_inside_block_f32(const float* __restrict__ xw, int64_t next,
-                                                    const int64_t* __restrict__ taps, int64_t K, int64_t d,
-                                                    const float* __restrict__ wT, int64_t c0, float* const* acc) {
+// Conv pooling, channels [c0, c0 + 8 kVec) of kOut outputs (float rows): taps(f) calls f(k, row)
+// for every tap k of output 0's window, row its input row; output p reads row + p * next. The
+// sums stay in registers (kOut = 2, kVec = 6: 12 of AVX2's 16).
+template <int64_t kOut, int64_t kVec, class Taps>
+MVIT_FORCE_INLINE inline void conv_block_f32(const Taps& taps, int64_t d, int64_t next, const float* __restrict__ wT,
+                                             int64_t c0, float* const* acc) {
   f32x8 s[kOut][kVec];
   for (int64_t p = 0; p < kOut; ++p)
     for (int64_t v = 0; v < kVec; ++v) s[p][v] = f32x8{};
-  for (int64_t k = 0; k < K; ++k) {
-    const float* xk = xw + taps[k] + c0;
+  taps([&](int64_t k, const float* row) MVIT_FORCE_INLINE {
+    const float* xk = row + c0;
     const float* wk = wT + k * d + c0;
     for (int64_t v = 0; v < kVec; ++v) {
       const f32x8 w = load8(wk + v * kF32x8);
       for (int64_t p = 0; p < kOut; ++p) s[p][v] += w * load8(xk + p * next + v * kF32x8);
     }
-  }
+  });
   for (int64_t p = 0; p < kOut; ++p)
     for (int64_t v = 0; v < kVec; ++v) store8(acc[p] + c0 + v * kF32x8, s[p][v]);
 }
 
-// conv_rows for windows wholly inside the input, from precomputed tap offsets (taps[k]: the row
-// offset of tap k from the window's first row xw) instead of the per-tap index arithmetic of
-// for_each_window_input, which cost as much as the taps' arithmetic itself.
-template <int64_t kOut, class scalar_t, class acc_t>
-MVIT_FORCE_INLINE inline void conv_inside(const scalar_t* __restrict__ xw, int64_t next, const int64_t* __restrict__ taps,
-                                          int64_t K, int64_t d, const acc_t* __restrict__ wT, acc_t* const* acc) {
+// Conv pooling of kOut outputs one t apart into acc[0], ..., acc[kOut - 1], over the taps that
+// taps(f) visits (see conv_block_f32). With kOut > 1 each output must have its whole t window
+// inside the input (pool3d_cpu's `pair`), so they use the same taps and each tap's weights are
+// loaded once for all (the forward's t-inner walk visits them one after the other). Float rows
+// in blocks of 48, 16 and 8 channels; the rest (and other dtypes) one channel at a time.
+template <int64_t kOut, class scalar_t, class acc_t, class Taps>
+MVIT_FORCE_INLINE inline void conv_taps(const Taps& taps, int64_t d, int64_t next, const acc_t* __restrict__ wT,
+                                        acc_t* const* acc) {
   int64_t c0 = 0;
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-    for (; c0 + 6 * kF32x8 <= d; c0 += 6 * kF32x8) conv_inside_block_f32<kOut, 6>(xw, next, taps, K, d, wT, c0, acc);
-    for (; c0 + 2 * kF32x8 <= d; c0 += 2 * kF32x8) conv_inside_block_f32<kOut, 2>(xw, next, taps, K, d, wT, c0, acc);
-    for (; c0 + kF32x8 <= d; c0 += kF32x8) conv_inside_block_f32<kOut, 1>(xw, next, taps, K, d, wT, c0, acc);
+    for (; c0 + 6 * kF32x8 <= d; c0 += 6 * kF32x8) conv_block_f32<kOut, 6>(taps, d, next, wT, c0, acc);
+    for (; c0 + 2 * kF32x8 <= d; c0 += 2 * kF32x8) conv_block_f32<kOut, 2>(taps, d, next, wT, c0, acc);
+    for (; c0 + kF32x8 <= d; c0 += kF32x8) conv_block_f32<kOut, 1>(taps, d, next, wT, c0, acc);
   }
   if (c0 == d) return;
   for (int64_t p = 0; p < kOut; ++p)
     for (int64_t c = c0; c < d; ++c) acc[p][c] = acc_t(0);
-  for (int64_t k = 0; k < K; ++k) {
-    const scalar_t* xk = xw + taps[k];
+  taps([&](int64_t k, const scalar_t* row) MVIT_FORCE_INLINE {
     const acc_t* wk = wT + k * d;
     for (int64_t p = 0; p < kOut; ++p)
-      for (int64_t c = c0; c < d; ++c) acc[p][c] += wk[c] * static_cast<acc_t>(xk[p * next + c]);
-  }
+      for (int64_t c = c0; c < d; ++c) acc[p][c] += wk[c] * static_cast<acc_t>(row[p * next + c]);
+  });
+}
+
+// conv_taps over grid row o's window in slab xb (and the next kOut - 1 outputs along t), taps
+// from the window loop of pool3d_common.h (padding skipped).
+template <int64_t kOut, class scalar_t, class acc_t>
+MVIT_FORCE_INLINE inline void conv_rows(const scalar_t* __restrict__ xb, int64_t sN, const PoolGeom& g, int64_t o,
+                                        int64_t d, const acc_t* __restrict__ wT, acc_t* const* acc) {
+  const auto taps = [&](auto&& f) MVIT_FORCE_INLINE {
+    for_each_window_input(g, o, [&](int64_t k, int64_t i) MVIT_FORCE_INLINE { f(k, xb + (g.cls + i) * sN); });
+  };
+  conv_taps<kOut, scalar_t>(taps, d, g.sT * g.H * g.W * sN, wT, acc);
+}
+
+// conv_taps over a window wholly inside the input whose first row is xw, from precomputed tap
+// offsets (taps[k]: the row offset of tap k from xw) instead of the per-tap index arithmetic of
+// for_each_window_input, which cost as much as the taps' arithmetic itself.
+template <int64_t kOut, class scalar_t, class acc_t>
+MVIT_FORCE_INLINE inline void conv_inside(const scalar_t* __restrict__ xw, int64_t next, const int64_t* __restrict__ taps,
+                                          int64_t K, int64_t d, const acc_t* __restrict__ wT, acc_t* const* acc) {
+  const auto visit = [&](auto&& f) MVIT_FORCE_INLINE {
+    for (int64_t k = 0; k < K; ++k) f(k, xw + taps[k]);
+  };
+  conv_taps<kOut, scalar_t>(visit, d, next, wT, acc);
 }
 
 // conv_inside for one output (acc1 == nullptr) or two one t apart (the dispatchers want the
