@@ -89,15 +89,12 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
         or x.numel() // max(1, x.shape[-1]) * hidden * x.element_size() <= MLP_CHUNKED_ABOVE_BYTES
     ):
         return linear(linear(x, fc1_weight, fc1_bias, "gelu"), fc2_weight, fc2_bias)
-    if x.shape[-1] != fc1_weight.shape[1] or hidden != fc2_weight.shape[1]:
-        raise ValueError(f"mlp: x has {x.shape[-1]} features, fc1_weight is {tuple(fc1_weight.shape)} and "
-                         f"fc2_weight {tuple(fc2_weight.shape)}: expected (hidden, {x.shape[-1]}) and (out, hidden)")
     rows = x.reshape(-1, x.shape[-1])
     out = x.new_empty(rows.shape[0], fc2_weight.shape[0])
     chunk = max(1, MLP_CHUNK_BYTES // (hidden * x.element_size()))
     for start in range(0, rows.shape[0], chunk):
-        h = _run_onednn(rows[start:start + chunk], fc1_weight, fc1_bias, True)
-        out[start:start + chunk] = _run_onednn(h, fc2_weight, fc2_bias, False)
+        h = linear(rows[start:start + chunk], fc1_weight, fc1_bias, "gelu")
+        out[start:start + chunk] = linear(h, fc2_weight, fc2_bias)
     return out.reshape(*x.shape[:-1], fc2_weight.shape[0])
 
 

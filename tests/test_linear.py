@@ -175,7 +175,7 @@ def test_mlp_gradients_and_bad_shapes(monkeypatch):
     w1_ref = w1.detach().clone().requires_grad_()
     reference.mlp(x, w1_ref, b1, w2, b2).sum().backward()
     torch.testing.assert_close(w1.grad, w1_ref.grad)
-    with torch.inference_mode(), pytest.raises((ValueError, RuntimeError), match="mlp: x has 12 features|shapes"):
+    with torch.inference_mode(), pytest.raises(ValueError, match="x has 20 features but weight expects 7"):
         mvit_kernels.mlp(x, w1.detach(), b1, w2[:, :7], b2)
 
 

@@ -132,12 +132,11 @@ struct OutputColumns {
         step(g.Ho * g.Wo),
         prefetching(g.in_grid() * d * elem_bytes > kPrefetchSlabBytes) {}
 
-  // (ot, oh, ow) of output ot of column c (of a slab).
-  void coords(const PoolGeom& g, int64_t c, int64_t ot, int64_t* t, int64_t* h, int64_t* w) const {
-    const int64_t o = c + ot * step;
-    *t = o / step;
-    *h = (o % step) / g.Wo;
-    *w = o % g.Wo;
+  // (ot, oh, ow) of the first output of column c (of a slab).
+  void first_coords(const PoolGeom& g, int64_t c, int64_t* t, int64_t* h, int64_t* w) const {
+    *t = c / step;
+    *h = (c % step) / g.Wo;
+    *w = c % g.Wo;
   }
 
   // Calls window(slab, grid row) for the output kPrefetchAhead steps after output ot of column
@@ -429,14 +428,6 @@ MVIT_FORCE_INLINE inline acc_t lane_sum(int64_t d, F&& f) {
   return s;
 }
 
-template <class acc_t>
-MVIT_FORCE_INLINE inline void row_moments(const acc_t* v, int64_t d, double eps, acc_t* mean, acc_t* rstd) {
-  const acc_t m = lane_sum<acc_t>(d, [&](int64_t c) MVIT_FORCE_INLINE { return v[c]; }) / d;
-  const acc_t q = lane_sum<acc_t>(d, [&](int64_t c) MVIT_FORCE_INLINE { return (v[c] - m) * (v[c] - m); });
-  *mean = m;
-  *rstd = acc_t(1) / std::sqrt(q / d + static_cast<acc_t>(eps));
-}
-
 // sum over c < d of f(c) for a float row, f giving f32x8 blocks (fv) and single channels (f1),
 // in two vector partial sums.
 template <class FV, class F1>
@@ -455,7 +446,8 @@ MVIT_FORCE_INLINE inline float lane_sum_f32(int64_t d, FV&& fv, F1&& f1) {
   return s;
 }
 
-// row_moments of a float row with f32x8 partial sums.
+// row_moments of a float row with f32x8 partial sums (lane_sum's float partials stayed scalar:
+// as f32x8 values the pooled row's LayerNorm took a third of the time).
 MVIT_FORCE_INLINE inline void row_moments_f32(const float* v, int64_t d, double eps, float* mean, float* rstd) {
   const float m = lane_sum_f32(
       d, [&](int64_t c) MVIT_FORCE_INLINE { return load8(v + c); }, [&](int64_t c) MVIT_FORCE_INLINE { return v[c]; }) / d;
@@ -470,23 +462,22 @@ MVIT_FORCE_INLINE inline void row_moments_f32(const float* v, int64_t d, double 
   *rstd = 1.0f / std::sqrt(q / d + static_cast<float>(eps));
 }
 
+// Mean and 1 / sqrt(variance + eps) of the row v[0:d].
+template <class acc_t>
+MVIT_FORCE_INLINE inline void row_moments(const acc_t* v, int64_t d, double eps, acc_t* mean, acc_t* rstd) {
+  if constexpr (std::is_same_v<acc_t, float>) return row_moments_f32(v, d, eps, mean, rstd);
+  const acc_t m = lane_sum<acc_t>(d, [&](int64_t c) MVIT_FORCE_INLINE { return v[c]; }) / d;
+  const acc_t q = lane_sum<acc_t>(d, [&](int64_t c) MVIT_FORCE_INLINE { return (v[c] - m) * (v[c] - m); });
+  *mean = m;
+  *rstd = acc_t(1) / std::sqrt(q / d + static_cast<acc_t>(eps));
+}
+
 // One output row from its pooled values acc: LayerNorm'ed with gamma/beta when norm, cast to
 // the output dtype.
 template <class scalar_t, class acc_t>
 MVIT_FORCE_INLINE inline void write_row_impl(const acc_t* __restrict__ acc, int64_t d, bool norm, double eps,
                                              const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
                                              scalar_t* __restrict__ yr) {
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-    if (norm) {  // lane_sum's partials stayed scalar here: as f32x8 values the row takes a third of the time
-      float mean, rstd;
-      row_moments_f32(acc, d, eps, &mean, &rstd);
-      int64_t c = 0;
-      for (; c + kF32x8 <= d; c += kF32x8)
-        store8(yr + c, (load8(acc + c) - mean) * rstd * load8(gamma + c) + load8(beta + c));
-      for (; c < d; ++c) yr[c] = (acc[c] - mean) * rstd * gamma[c] + beta[c];
-      return;
-    }
-  }
   if (norm) {
     acc_t mean, rstd;
     row_moments(acc, d, eps, &mean, &rstd);
@@ -577,11 +568,11 @@ at::Tensor pool3d_cpu(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayR
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t slabs = B * heads;
     // The class-token rows: a copy (and LayerNorm) of d values each.
+    std::vector<acc_t> cls_row(g.cls ? d : 0);
     for (int64_t bh = 0; bh < slabs && g.cls; ++bh) {
-      std::vector<acc_t> acc(d);
       const scalar_t* xb = xp + xr.slab(bh, heads);
-      for (int64_t c = 0; c < d; ++c) acc[c] = static_cast<acc_t>(xb[c]);
-      write_row<scalar_t, acc_t>(acc.data(), d, norm, eps, gamma.data(), beta.data(), yp + bh * n_out * d);
+      for (int64_t c = 0; c < d; ++c) cls_row[c] = static_cast<acc_t>(xb[c]);
+      write_row<scalar_t, acc_t>(cls_row.data(), d, norm, eps, gamma.data(), beta.data(), yp + bh * n_out * d);
     }
     // The grid rows, as columns: a column is the outputs at one (slab, oh, ow) for every ot, walked
     // in ot order (t-inner: consecutive outputs share kT - sT input planes, and the planes a band
@@ -603,7 +594,7 @@ at::Tensor pool3d_cpu(const at::Tensor& x_in, at::IntArrayRef thw, at::IntArrayR
         const scalar_t* xb = xp + xr.slab(bh, heads);
         scalar_t* yb = yp + (bh * n_out + g.cls) * d;
         int64_t t_first, oh, ow;
-        cols.coords(g, c, 0, &t_first, &oh, &ow);
+        cols.first_coords(g, c, &t_first, &oh, &ow);
         const int64_t h0 = oh * g.sH - g.pH, w0 = ow * g.sW - g.pW;
         const bool hw_inside = h0 >= 0 && h0 + g.kH <= g.H && w0 >= 0 && w0 + g.kW <= g.W;
         for (int64_t ot = 0; ot < cols.len; ++ot) {
