@@ -11,7 +11,9 @@ softmax(q k^T d^-1/2 + rel-pos bias) v (+ q), merged to (B, N_q, heads*d).
   Where ``mvit_kernels.tuning`` is on (CUDA, by default), the clock decides instead, per shape,
   wherever the kernels apply.
 - CPU tensors: ``torch.nn.functional.scaled_dot_product_attention`` with the rel-pos bias passed
-  as an additive mask. :func:`triton_pooling_attention` forces the Triton path (on CPU tensors it
+  as an additive mask; without gradients the mask is written in one pass, and a mask over 32 MiB
+  is written and used in query chunks through one 16 MiB buffer (:func:`_sdpa_rel_pos_inference`).
+  :func:`triton_pooling_attention` forces the Triton path (on CPU tensors it
   needs ``TRITON_INTERPRET=1``; the tests use it that way).
 
 Registration: ``torch.library.custom_op`` (not ``triton_op`` + ``wrap_triton``). Both trace under
@@ -42,65 +44,128 @@ except ImportError:  # no Triton in this environment: SDPA everywhere
     _kernels = None
 
 
-def _write_rel_pos_mask(rel_t: Optional[Tensor], rel_h: Optional[Tensor], rel_w: Optional[Tensor], n_q: int,
-                        thw_q: Sequence[int], thw_kv: Sequence[int], has_cls: bool) -> Tensor:
-    """The mask from the axes' terms (``reference.rel_pos_terms``) in one pass over it: the class
-    token's row and column zeroed, the grid block the sum of the two smaller axes' terms
-    broadcast against the third's, written ``out=`` a view of the mask."""
-    ref = rel_h if rel_h is not None else rel_t
-    B, heads = ref.shape[:2]
+#: CPU inference with MViTv2's rel-pos bias: the mask is written and used in query chunks of at
+#: most this many bytes, one buffer reused across the chunks. Whole, the mask is the largest
+#: tensor of MViTv2-S's early blocks (39.5 MB at block 0, 78.8 MB at block 1); a fresh buffer of
+#: that size page-faults on first touch, and the writes and SDPA's reads of it go to memory. A
+#: chunk stays in cache and its buffer stays mapped.
+REL_POS_MASK_CHUNKED_ABOVE_BYTES = 32 << 20
+REL_POS_MASK_CHUNK_BYTES = 16 << 20
+
+
+def _rel_pos_term_rows(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w, has_cls):
+    """``reference.rel_pos_terms`` with the query grid flattened: each (B, heads, N_grid, K_a) or None."""
+    terms = reference.rel_pos_terms(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+    return tuple(None if t is None else t.flatten(2, 4) for t in terms)
+
+
+def _write_rel_pos_mask(mask: Tensor, rel_t: Optional[Tensor], rel_h: Optional[Tensor], rel_w: Optional[Tensor],
+                        row0: int, thw_kv: Sequence[int], has_cls: bool) -> None:
+    """Query rows row0 .. row0 + mask.shape[2] of the mask (B, heads, N_q, N_kv) into ``mask``, from
+    the axes' terms (:func:`_rel_pos_term_rows`) in one pass over it: the class token's row and
+    column zero, each grid row the sum of the two smaller axes' terms broadcast against the
+    third's, written ``out=`` a view of the mask."""
     s = 1 if has_cls else 0
-    mask = ref.new_empty(B, heads, n_q, s + math.prod(thw_kv))
     if has_cls:
-        mask[:, :, 0].zero_()
-        mask[:, :, 1:, 0].zero_()
-    grid = mask[:, :, s:, s:].unflatten(3, tuple(thw_kv)).unflatten(2, tuple(thw_q))  # (B, heads, qt, qh, qw, kt, kh, kw)
+        mask[..., 0].zero_()
+        if row0 == 0:
+            mask[:, :, 0].zero_()
+    g0 = max(row0 - s, 0)  # first grid row of the chunk
+    g1 = row0 - s + mask.shape[2]
+    grid = mask[:, :, mask.shape[2] - (g1 - g0):, s:].unflatten(3, tuple(thw_kv))  # (B, heads, rows, kt, kh, kw)
+    rel_t, rel_h, rel_w = (None if t is None else t[:, :, g0:g1] for t in (rel_t, rel_h, rel_w))
     if rel_h is None:
         grid.copy_(rel_t[..., :, None, None].expand(grid.shape))
-        return mask
+        return
     th = rel_h[..., None, :] if rel_t is None else rel_t[..., :, None] + rel_h[..., None, :]  # (..., kt or 1, kh)
     th = th.expand(*th.shape[:-2], thw_kv[0], thw_kv[1])  # out= takes the result's full shape
     torch.add(th[..., None], rel_w[..., None, None, :], out=grid)
-    return mask
 
 
-@torch.library.custom_op("mvit_kernels::rel_pos_mask", mutates_args=())
-def _rel_pos_mask_op(rel_t: Optional[Tensor], rel_h: Optional[Tensor], rel_w: Optional[Tensor], n_q: int,
-                     thw_q: Sequence[int], thw_kv: Sequence[int], has_cls: bool) -> Tensor:
-    """:func:`_write_rel_pos_mask` as torch.compile sees it (inference only, no autograd):
-    Dynamo rejects a strided ``out=``, and Inductor's own loop for the same sum was 3x slower
-    on CPU (MViTv2-S 16x4: 0.80 vs 0.64 s a clip compiled vs eager)."""
-    return _write_rel_pos_mask(rel_t, rel_h, rel_w, n_q, thw_q, thw_kv, has_cls)
+def _mask_rows_per_chunk(q: Tensor, n_kv: int) -> int:
+    """Query rows per chunk of the inference mask: all of them off the CPU and below
+    :data:`REL_POS_MASK_CHUNKED_ABOVE_BYTES`, else as many equal chunks as
+    :data:`REL_POS_MASK_CHUNK_BYTES` asks for."""
+    B, heads, n_q, _ = q.shape
+    total = B * heads * n_q * n_kv * q.element_size()
+    if q.device.type != "cpu" or total <= REL_POS_MASK_CHUNKED_ABOVE_BYTES:
+        return n_q
+    chunks = -(-total // REL_POS_MASK_CHUNK_BYTES)
+    return -(-n_q // chunks)
 
 
-@_rel_pos_mask_op.register_fake
-def _rel_pos_mask_fake(rel_t, rel_h, rel_w, n_q, thw_q, thw_kv, has_cls):
-    ref = rel_h if rel_h is not None else rel_t
-    return ref.new_empty(ref.shape[0], ref.shape[1], n_q, (1 if has_cls else 0) + math.prod(thw_kv))
+def _sdpa_rel_pos_inference(q: Tensor, k: Tensor, v: Tensor, rel_t: Optional[Tensor], rel_h: Optional[Tensor],
+                            rel_w: Optional[Tensor], thw_kv: Sequence[int], has_cls: bool,
+                            residual_pooling: bool) -> Tensor:
+    """SDPA with the rel-pos bias, no autograd: the mask written in one pass (:func:`_write_rel_pos_mask`),
+    whole or, on CPU, in query chunks of at most :data:`REL_POS_MASK_CHUNK_BYTES` through one
+    buffer. Returns (B, N_q, heads*d)."""
+    B, heads, n_q, d = q.shape
+    n_kv = k.shape[2]
+    rows = _mask_rows_per_chunk(q, n_kv)
+    if rows >= n_q:
+        mask = q.new_empty(B, heads, n_q, n_kv)
+        _write_rel_pos_mask(mask, rel_t, rel_h, rel_w, 0, thw_kv, has_cls)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if residual_pooling:  # in place: no autograd here (the reference's cat is another pass)
+            s = 1 if has_cls else 0
+            out[:, :, s:] += q[:, :, s:]
+        return out.transpose(1, 2).reshape(B, n_q, heads * d)
+    buffer = q.new_empty(B * heads * rows * n_kv)
+    out = q.new_empty(B, n_q, heads, d)
+    for r0 in range(0, n_q, rows):
+        r1 = min(r0 + rows, n_q)
+        mask = buffer[: B * heads * (r1 - r0) * n_kv].view(B, heads, r1 - r0, n_kv)
+        _write_rel_pos_mask(mask, rel_t, rel_h, rel_w, r0, thw_kv, has_cls)
+        q_rows = q[:, :, r0:r1]
+        chunk = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=mask)
+        dst = out[:, r0:r1].transpose(1, 2)  # (B, heads, rows, d) view of the output
+        skip = 1 if has_cls and r0 == 0 else 0  # the class token's output takes no residual
+        if residual_pooling:
+            dst[:, :, :skip].copy_(chunk[:, :, :skip])
+            torch.add(chunk[:, :, skip:], q_rows[:, :, skip:], out=dst[:, :, skip:])
+        else:
+            dst.copy_(chunk)
+    return out.view(B, n_q, heads * d)
 
 
-def _rel_pos_mask(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w, has_cls) -> Tensor:
-    """MViTv2's decomposed rel-pos bias as SDPA's additive mask, (B, heads, N_q, N_kv), zero on the
-    class token's row and column.
+@torch.library.custom_op("mvit_kernels::sdpa_rel_pos_inference", mutates_args=())
+def _sdpa_rel_pos_inference_op(q: Tensor, k: Tensor, v: Tensor, rel_t: Optional[Tensor], rel_h: Optional[Tensor],
+                               rel_w: Optional[Tensor], thw_kv: Sequence[int], has_cls: bool,
+                               residual_pooling: bool) -> Tensor:
+    """:func:`_sdpa_rel_pos_inference` as torch.compile sees it (no autograd): Dynamo rejects the
+    strided ``out=``, and Inductor's own loop for the mask's sum was 3x slower on CPU (MViTv2-S
+    16x4: 0.80 vs 0.64 s a clip compiled vs eager)."""
+    return _sdpa_rel_pos_inference(q, k, v, rel_t, rel_h, rel_w, thw_kv, has_cls, residual_pooling)
 
-    Without gradients the mask is written in one pass (:func:`_write_rel_pos_mask`; the
-    registered op under torch.compile): building it as the reference does (zeros, three
-    broadcast adds, then a pad) made five passes over the largest tensor of MViTv2-S's early
-    blocks, a quarter of its CPU inference time. With gradients (``out=`` is not
-    differentiable) it is the reference's bias, padded."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, rel_pos_t, rel_pos_h, rel_pos_w)):
-        bias = reference.decomposed_rel_pos(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
-        return F.pad(bias, (1, 0, 1, 0)) if has_cls else bias
-    terms = reference.rel_pos_terms(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
-    write = _rel_pos_mask_op if torch.compiler.is_compiling() else _write_rel_pos_mask
-    return write(*terms, q.shape[2], list(thw_q), list(thw_kv), bool(has_cls))
+
+@_sdpa_rel_pos_inference_op.register_fake
+def _sdpa_rel_pos_inference_fake(q, k, v, rel_t, rel_h, rel_w, thw_kv, has_cls, residual_pooling):
+    B, heads, n_q, d = q.shape
+    return q.new_empty(B, n_q, heads * d)
 
 
 def _sdpa_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling):
+    """SDPA, with MViTv2's decomposed rel-pos bias as its additive mask (B, heads, N_q, N_kv), zero
+    on the class token's row and column.
+
+    With gradients the mask is the reference's bias, padded (``out=`` is not differentiable).
+    Without, :func:`_sdpa_rel_pos_inference` writes it in one pass, in query chunks on CPU where
+    it is large (the registered op under torch.compile): building it as the reference does
+    (zeros, three broadcast adds, then a pad) made five passes over the largest tensor of
+    MViTv2-S's early blocks, a quarter of its CPU inference time; the chunks took another 0.1 s
+    of its ~1.15 s a clip (2-core VM, 2026-12-06: block 0's 37.6 MiB mask 78 -> 55 ms, block 1's
+    75.1 MiB 125 -> 80 ms, block 3's 37.6 MiB 66 -> 43 ms, attention with the mask's writes)."""
     B, heads, n_q, d = q.shape
     mask = None
     if rel_pos_t is not None or rel_pos_h is not None:
-        mask = _rel_pos_mask(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+        if not (torch.is_grad_enabled()
+                and any(t is not None and t.requires_grad for t in (q, k, v, rel_pos_t, rel_pos_h, rel_pos_w))):
+            terms = _rel_pos_term_rows(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+            run = _sdpa_rel_pos_inference_op if torch.compiler.is_compiling() else _sdpa_rel_pos_inference
+            return run(q, k, v, *terms, list(thw_kv), bool(has_cls), bool(residual_pooling))
+        mask = reference.decomposed_rel_pos(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+        mask = F.pad(mask, (1, 0, 1, 0)) if has_cls else mask
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if residual_pooling:
         out = reference.add_residual_pooling(out, q, has_cls)

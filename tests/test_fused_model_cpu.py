@@ -54,27 +54,108 @@ REL_CASES = [((2, 4, 6), (2, 2, 3), "thw", True), ((3, 5, 5), (1, 5, 5), "hw", F
              ((4, 2, 2), (2, 2, 2), "t", True), ((1, 3, 3), (2, 5, 5), "thw", False)]
 
 
+def _rel_case(thw_q, thw_kv, axes, has_cls, B=2, heads=3, d=8, seed=3):
+    """q (B, heads, N_q, d) as a strided view of a qkv-like tensor (the model's unpooled q), k, v and
+    the tables of REL_CASES' axes, float64."""
+    g = torch.Generator().manual_seed(seed)
+    n_q = (1 if has_cls else 0) + thw_q[0] * thw_q[1] * thw_q[2]
+    n_kv = (1 if has_cls else 0) + thw_kv[0] * thw_kv[1] * thw_kv[2]
+    q = torch.randn(B, n_q, 3, heads, d, generator=g, dtype=torch.float64).permute(2, 0, 3, 1, 4)[0]
+    k, v = (torch.randn(B, heads, n_kv, d, generator=g, dtype=torch.float64) for _ in range(2))
+    tables = [torch.randn(2 * max(a, b) - 1 + (2 if i == 1 else 0), d, generator=g, dtype=torch.float64)
+              if "thw"[i] in axes else None for i, (a, b) in enumerate(zip(thw_q, thw_kv))]
+    return q, k, v, tables
+
+
 @pytest.mark.parametrize("thw_q, thw_kv, axes, has_cls", REL_CASES)
-def test_sdpa_rel_pos_mask_matches_the_reference_bias(thw_q, thw_kv, axes, has_cls):
+def test_rel_pos_mask_written_in_chunks_matches_the_reference_bias(thw_q, thw_kv, axes, has_cls):
+    # The inference mask, written chunk by chunk of query rows into buffers of the chunk's shape
+    # (one row; a chunk holding only the class token's row; uneven chunks; the whole), equals the
+    # reference's bias with the class token's row and column zero.
     import torch.nn.functional as F
 
     from mvit_kernels import reference
-    from mvit_kernels.pooling_attention import _rel_pos_mask
+    from mvit_kernels.pooling_attention import _rel_pos_term_rows, _write_rel_pos_mask
 
-    g = torch.Generator().manual_seed(3)
-    B, heads, d = 2, 3, 8
-    q = torch.randn(B, heads, (1 if has_cls else 0) + thw_q[0] * thw_q[1] * thw_q[2], d, generator=g, dtype=torch.float64)
-    tables = [torch.randn(2 * max(a, b) - 1 + (2 if i == 1 else 0), d, generator=g, dtype=torch.float64)
-              if "thw"[i] in axes else None for i, (a, b) in enumerate(zip(thw_q, thw_kv))]
+    q, k, _, tables = _rel_case(thw_q, thw_kv, axes, has_cls)
     want = reference.decomposed_rel_pos(q, thw_q, thw_kv, *tables, has_cls)
     want = F.pad(want, (1, 0, 1, 0)) if has_cls else want
-    with torch.no_grad():  # the one-pass path
-        torch.testing.assert_close(_rel_pos_mask(q, thw_q, thw_kv, *tables, has_cls), want)
-    # With gradients: the reference's bias, and its gradients reach q and the tables.
-    q.requires_grad_()
-    mask = _rel_pos_mask(q, thw_q, thw_kv, *tables, has_cls)
-    torch.testing.assert_close(mask, want)
-    assert torch.autograd.grad(mask.sum(), q)[0].abs().sum() > 0
+    terms = _rel_pos_term_rows(q, thw_q, thw_kv, *tables, has_cls)
+    n_q, n_kv = q.shape[2], k.shape[2]
+    for rows in (1, 2, 5, n_q):
+        got = torch.full_like(want, float("nan"))
+        for r0 in range(0, n_q, rows):
+            chunk = torch.full((*q.shape[:2], min(rows, n_q - r0), n_kv), float("nan"), dtype=q.dtype)
+            _write_rel_pos_mask(chunk, *terms, r0, thw_kv, has_cls)
+            got[:, :, r0:r0 + chunk.shape[2]] = chunk
+        torch.testing.assert_close(got, want, msg=lambda m: f"rows={rows}: {m}")
+
+
+@pytest.mark.parametrize("thw_q, thw_kv, axes, has_cls", REL_CASES)
+@pytest.mark.parametrize("residual_pooling", [False, True])
+@pytest.mark.parametrize("chunk_rows", [None, 1, 4], ids=["whole", "rows1", "rows4"])
+def test_sdpa_rel_pos_inference_matches_the_reference(thw_q, thw_kv, axes, has_cls, residual_pooling, chunk_rows,
+                                                      monkeypatch):
+    # Without gradients the SDPA path writes the mask itself, whole or in query chunks through one
+    # buffer (forced small here: CPU inference chunks only masks over 32 MiB); with gradients it
+    # uses the reference's bias. Both equal reference.pooling_attention, and with gradients so do
+    # the gradients of q, k, v and the tables.
+    import importlib
+
+    import torch.nn.functional as F
+
+    from mvit_kernels import reference
+
+    pa = importlib.import_module("mvit_kernels.pooling_attention")
+    q, k, v, tables = _rel_case(thw_q, thw_kv, axes, has_cls)
+    B, heads, n_q, d = q.shape
+    n_kv = k.shape[2]
+    if chunk_rows is not None:
+        monkeypatch.setattr(pa, "REL_POS_MASK_CHUNKED_ABOVE_BYTES", 0)
+        monkeypatch.setattr(pa, "REL_POS_MASK_CHUNK_BYTES", B * heads * chunk_rows * n_kv * q.element_size())
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(q, k, v, attn_mask=None, **kw):
+        calls.append(q.shape[2])
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(pa.F, "scaled_dot_product_attention", counting_sdpa)
+    args = (list(thw_q), list(thw_kv), has_cls, *tables, residual_pooling)
+    want = reference.pooling_attention(q, k, v, *args)
+    with torch.no_grad():
+        got = pa._sdpa_pooling_attention(q, k, v, *args)
+    torch.testing.assert_close(got, want)
+    rows = n_q if chunk_rows is None else -(-n_q // -(-n_q // chunk_rows))  # equal chunks
+    assert calls == [min(rows, n_q - r0) for r0 in range(0, n_q, rows)]
+
+    inputs = [t.detach().requires_grad_() for t in (q, k, v, *[t for t in tables if t is not None])]
+    it = iter(inputs[3:])
+    tables_g = [None if t is None else next(it) for t in tables]
+    args_g = (list(thw_q), list(thw_kv), has_cls, *tables_g, residual_pooling)
+    dout = torch.randn_like(want)
+    got = pa._sdpa_pooling_attention(*inputs[:3], *args_g)
+    want = reference.pooling_attention(*inputs[:3], *args_g)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, inputs, dout), torch.autograd.grad(want, inputs, dout)):
+        torch.testing.assert_close(g, w)
+
+
+def test_rel_pos_mask_chunks_on_cpu_only_above_32_mib():
+    # The rule's arithmetic on shapes alone (stride-0 tensors hold no memory): MViTv2-S's block 1
+    # (2 heads, 6273 queries, 1569 keys: 78.8 MB fp32) runs in 5 equal chunks of at most 16 MiB;
+    # block 14 (8 heads, 393 x 1569: 19.7 MB) and any mask off the CPU run whole; at batch 4 block 14
+    # chunks too.
+    from mvit_kernels.pooling_attention import REL_POS_MASK_CHUNK_BYTES, _mask_rows_per_chunk
+
+    def q(B, heads, n_q, device="cpu"):
+        return torch.empty(1, device=device).expand(B, heads, n_q, 96)
+
+    assert _mask_rows_per_chunk(q(1, 8, 393), 1569) == 393
+    rows = _mask_rows_per_chunk(q(1, 2, 6273), 1570)
+    assert rows == 1255 and 2 * rows * 1570 * 4 <= REL_POS_MASK_CHUNK_BYTES
+    assert _mask_rows_per_chunk(q(1, 2, 6273, "meta"), 1570) == 6273
+    assert _mask_rows_per_chunk(q(4, 8, 393), 1569) == 79  # the batch counts: 78.9 MB in 5 chunks
 
 
 def test_compile_fullgraph_on_a_fused_block_and_model():
@@ -125,8 +206,8 @@ def test_bf16_autocast_fused_and_reference(v2):
 
 
 def test_compile_fullgraph_v2_inference():
-    # MViTv2 inference on CPU writes the rel-pos mask with out= into a view of it; torch.compile
-    # (fullgraph) must trace that path and agree with eager.
+    # MViTv2 inference on CPU runs the rel-pos attention as one registered op (the mask written
+    # out= views of it, in chunks); torch.compile (fullgraph) must trace it and agree with eager.
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = build_model("mvit_tiny", drop_path_rate=0.0, fused=True, **V2).eval()
@@ -136,34 +217,34 @@ def test_compile_fullgraph_v2_inference():
         torch.testing.assert_close(compiled(clip), model(clip), atol=1e-5, rtol=1e-5)
 
 
-def test_rel_pos_mask_is_one_registered_op_under_compile():
-    # Inference under torch.compile writes the mask with the registered op (Inductor's own loop
-    # for the same sum was 3x slower on CPU); opcheck covers its fake implementation.
+def test_rel_pos_attention_is_one_registered_op_under_compile():
+    # Inference under torch.compile runs the rel-pos SDPA as the registered op (Inductor's own loop
+    # for the mask's sum was 3x slower on CPU); opcheck covers its fake implementation.
     import importlib
-
-    from mvit_kernels import reference
 
     pa = importlib.import_module("mvit_kernels.pooling_attention")  # the module, not the function
 
-    g = torch.Generator().manual_seed(4)
     thw_q, thw_kv = (2, 4, 4), (2, 2, 2)
-    q = torch.randn(2, 3, 1 + 32, 8, generator=g)
-    tables = [torch.randn(3, 8, generator=g), torch.randn(7, 8, generator=g), torch.randn(7, 8, generator=g)]
+    q, k, v, tables = _rel_case(thw_q, thw_kv, "thw", True, seed=4)
+    q, k, v = (t.float() for t in (q, k, v))
+    tables = [t.float() for t in tables]
     seen = []
 
     def backend(gm, inputs):
         seen.extend(str(n.target) for n in gm.graph.nodes)
         return gm.forward
 
+    def run(q):
+        return pa._sdpa_pooling_attention(q, k, v, list(thw_q), list(thw_kv), True, *tables, True)
+
     with torch.no_grad():
-        want = pa._rel_pos_mask(q, thw_q, thw_kv, *tables, True)
-        got = torch.compile(lambda q: pa._rel_pos_mask(q, thw_q, thw_kv, *tables, True), fullgraph=True,
-                            backend=backend)(q)
+        want = run(q)
+        got = torch.compile(run, fullgraph=True, backend=backend)(q)
     torch.testing.assert_close(got, want)
-    assert "mvit_kernels.rel_pos_mask.default" in seen, seen
-    terms = reference.rel_pos_terms(q, thw_q, thw_kv, *tables, True)
-    torch.library.opcheck(pa._rel_pos_mask_op, (*terms, q.shape[2], list(thw_q), list(thw_kv), True))
-    torch.library.opcheck(pa._rel_pos_mask_op, (None, *terms[1:], q.shape[2], list(thw_q), list(thw_kv), True))
+    assert "mvit_kernels.sdpa_rel_pos_inference.default" in seen, seen
+    terms = pa._rel_pos_term_rows(q, thw_q, thw_kv, *tables, True)
+    torch.library.opcheck(pa._sdpa_rel_pos_inference_op, (q, k, v, *terms, list(thw_kv), True, True))
+    torch.library.opcheck(pa._sdpa_rel_pos_inference_op, (q, k, v, None, *terms[1:], list(thw_kv), True, False))
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
