@@ -1,6 +1,7 @@
 // The schemas of the mvit_kernels C++/CUDA ops, registered once. The CPU and CUDA backends
 // live in csrc/cpu and csrc/cuda; autograd, fake tensors and FLOP formulas are registered from
-// Python (mvit_kernels/pool3d.py, mvit_kernels/pool_residual_add.py).
+// Python (mvit_kernels/pool3d.py, mvit_kernels/pool_residual_add.py,
+// mvit_kernels/pooling_attention.py).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -35,4 +36,5 @@ TORCH_LIBRARY(mvit_kernels, m) {
   m.def(mvit::kPool3dBackwardSchema);
   m.def(mvit::kPoolResidualAddSchema);
   m.def(mvit::kPoolResidualAddBackwardSchema);
+  m.def(mvit::kRelPosMaskSchema);
 }

@@ -11,8 +11,10 @@ softmax(q k^T d^-1/2 + rel-pos bias) v (+ q), merged to (B, N_q, heads*d).
   Where ``mvit_kernels.tuning`` is on (CUDA, by default), the clock decides instead, per shape,
   wherever the kernels apply.
 - CPU tensors: ``torch.nn.functional.scaled_dot_product_attention`` with the rel-pos bias passed
-  as an additive mask; without gradients the mask is written in one pass, and a mask over 32 MiB
-  is written and used in query chunks through one 16 MiB buffer (:func:`_sdpa_rel_pos_inference`).
+  as an additive mask; without gradients the mask is written in one pass by the C++ op
+  ``mvit_kernels::rel_pos_mask`` (the axes' dot products and the sums, from q and the tables),
+  and a mask over 32 MiB is written and used in query chunks through one 16 MiB buffer
+  (:func:`_sdpa_rel_pos_inference`).
   :func:`triton_pooling_attention` forces the Triton path (on CPU tensors it
   needs ``TRITON_INTERPRET=1``; the tests use it that way).
 
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import autocast, reference, tuning
+from . import _extension, autocast, reference, tuning
 from ._dispatch import traced_or_intercepted
 from .checks import check_attention_args
 
@@ -94,18 +96,32 @@ def _mask_rows_per_chunk(q: Tensor, n_kv: int) -> int:
     return -(-n_q // chunks)
 
 
-def _sdpa_rel_pos_inference(q: Tensor, k: Tensor, v: Tensor, rel_t: Optional[Tensor], rel_h: Optional[Tensor],
-                            rel_w: Optional[Tensor], thw_kv: Sequence[int], has_cls: bool,
+def _mask_writer(q: Tensor, thw_q: Sequence[int], thw_kv: Sequence[int], rel_pos_t: Optional[Tensor],
+                 rel_pos_h: Optional[Tensor], rel_pos_w: Optional[Tensor], has_cls: bool):
+    """f(mask, row0) that writes query rows row0 .. of the inference mask into ``mask``: on CPU the
+    C++ op ``mvit_kernels::rel_pos_mask`` (terms and mask in one pass from q and the gathered
+    tables), elsewhere (or without the extension) :func:`_write_rel_pos_mask` from the terms."""
+    if q.device.type == "cpu" and _extension.load():
+        tables = reference.rel_pos_tables(thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w)
+        op = torch.ops.mvit_kernels.rel_pos_mask
+        return lambda mask, row0: op(q, *tables, list(thw_q), list(thw_kv), has_cls, row0, mask)
+    terms = _rel_pos_term_rows(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
+    return lambda mask, row0: _write_rel_pos_mask(mask, *terms, row0, thw_kv, has_cls)
+
+
+def _sdpa_rel_pos_inference(q: Tensor, k: Tensor, v: Tensor, rel_pos_t: Optional[Tensor], rel_pos_h: Optional[Tensor],
+                            rel_pos_w: Optional[Tensor], thw_q: Sequence[int], thw_kv: Sequence[int], has_cls: bool,
                             residual_pooling: bool) -> Tensor:
-    """SDPA with the rel-pos bias, no autograd: the mask written in one pass (:func:`_write_rel_pos_mask`),
+    """SDPA with the rel-pos bias, no autograd: the mask written in one pass (:func:`_mask_writer`),
     whole or, on CPU, in query chunks of at most :data:`REL_POS_MASK_CHUNK_BYTES` through one
     buffer. Returns (B, N_q, heads*d)."""
     B, heads, n_q, d = q.shape
     n_kv = k.shape[2]
+    write = _mask_writer(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
     rows = _mask_rows_per_chunk(q, n_kv)
     if rows >= n_q:
         mask = q.new_empty(B, heads, n_q, n_kv)
-        _write_rel_pos_mask(mask, rel_t, rel_h, rel_w, 0, thw_kv, has_cls)
+        write(mask, 0)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if residual_pooling:  # in place: no autograd here (the reference's cat is another pass)
             s = 1 if has_cls else 0
@@ -116,7 +132,7 @@ def _sdpa_rel_pos_inference(q: Tensor, k: Tensor, v: Tensor, rel_t: Optional[Ten
     for r0 in range(0, n_q, rows):
         r1 = min(r0 + rows, n_q)
         mask = buffer[: B * heads * (r1 - r0) * n_kv].view(B, heads, r1 - r0, n_kv)
-        _write_rel_pos_mask(mask, rel_t, rel_h, rel_w, r0, thw_kv, has_cls)
+        write(mask, r0)
         q_rows = q[:, :, r0:r1]
         chunk = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=mask)
         dst = out[:, r0:r1].transpose(1, 2)  # (B, heads, rows, d) view of the output
@@ -130,19 +146,35 @@ def _sdpa_rel_pos_inference(q: Tensor, k: Tensor, v: Tensor, rel_t: Optional[Ten
 
 
 @torch.library.custom_op("mvit_kernels::sdpa_rel_pos_inference", mutates_args=())
-def _sdpa_rel_pos_inference_op(q: Tensor, k: Tensor, v: Tensor, rel_t: Optional[Tensor], rel_h: Optional[Tensor],
-                               rel_w: Optional[Tensor], thw_kv: Sequence[int], has_cls: bool,
-                               residual_pooling: bool) -> Tensor:
+def _sdpa_rel_pos_inference_op(q: Tensor, k: Tensor, v: Tensor, rel_pos_t: Optional[Tensor],
+                               rel_pos_h: Optional[Tensor], rel_pos_w: Optional[Tensor], thw_q: Sequence[int],
+                               thw_kv: Sequence[int], has_cls: bool, residual_pooling: bool) -> Tensor:
     """:func:`_sdpa_rel_pos_inference` as torch.compile sees it (no autograd): Dynamo rejects the
     strided ``out=``, and Inductor's own loop for the mask's sum was 3x slower on CPU (MViTv2-S
     16x4: 0.80 vs 0.64 s a clip compiled vs eager)."""
-    return _sdpa_rel_pos_inference(q, k, v, rel_t, rel_h, rel_w, thw_kv, has_cls, residual_pooling)
+    return _sdpa_rel_pos_inference(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling)
 
 
 @_sdpa_rel_pos_inference_op.register_fake
-def _sdpa_rel_pos_inference_fake(q, k, v, rel_t, rel_h, rel_w, thw_kv, has_cls, residual_pooling):
+def _sdpa_rel_pos_inference_fake(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling):
     B, heads, n_q, d = q.shape
     return q.new_empty(B, n_q, heads * d)
+
+
+if _extension.load():
+
+    @torch.library.register_fake("mvit_kernels::rel_pos_mask")
+    def _rel_pos_mask_fake(q, table_t, table_h, table_w, thw_q, thw_kv, has_cls, row0, out):
+        return None
+
+    @register_flop_formula(torch.ops.mvit_kernels.rel_pos_mask)
+    def _rel_pos_mask_flops(q_shape, t_shape, h_shape, w_shape, thw_q, thw_kv, has_cls, row0, mask_shape, **kwargs) -> int:
+        # The axes' dot products, as the einsums of reference.rel_pos_terms count them (the sums
+        # of the terms are not multiply-adds).
+        B, heads, rows, _ = mask_shape
+        grid_rows = rows - (1 if has_cls and row0 == 0 and rows > 0 else 0)
+        keys = sum(shape[1] for shape in (t_shape, h_shape, w_shape) if shape is not None)
+        return 2 * B * heads * grid_rows * q_shape[3] * keys
 
 
 def _sdpa_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling):
@@ -161,9 +193,9 @@ def _sdpa_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_
     if rel_pos_t is not None or rel_pos_h is not None:
         if not (torch.is_grad_enabled()
                 and any(t is not None and t.requires_grad for t in (q, k, v, rel_pos_t, rel_pos_h, rel_pos_w))):
-            terms = _rel_pos_term_rows(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
             run = _sdpa_rel_pos_inference_op if torch.compiler.is_compiling() else _sdpa_rel_pos_inference
-            return run(q, k, v, *terms, list(thw_kv), bool(has_cls), bool(residual_pooling))
+            return run(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, list(thw_q), list(thw_kv), bool(has_cls),
+                       bool(residual_pooling))
         mask = reference.decomposed_rel_pos(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
         mask = F.pad(mask, (1, 0, 1, 0)) if has_cls else mask
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

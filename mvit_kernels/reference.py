@@ -192,6 +192,27 @@ def rel_pos_table_length(q_size: int, k_size: int) -> int:
     return 2 * max(q_size, k_size) - 1
 
 
+def rel_pos_tables(
+    thw_q: Sequence[int],
+    thw_kv: Sequence[int],
+    rel_pos_t: Optional[torch.Tensor],
+    rel_pos_h: Optional[torch.Tensor],
+    rel_pos_w: Optional[torch.Tensor],
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Each axis' table interpolated to 2 max(Q_a, K_a) - 1 rows and indexed by the (query, key)
+    coordinates' distance (:func:`rel_pos_index`): R_a (Q_a, K_a, d), None where there is no
+    table."""
+    out = []
+    for axis, table in enumerate((rel_pos_t, rel_pos_h, rel_pos_w)):
+        if table is not None:
+            q_size, k_size = thw_q[axis], thw_kv[axis]
+            table = interpolate_rel_pos(table, rel_pos_table_length(q_size, k_size))[
+                rel_pos_index(q_size, k_size, table.device)
+            ]
+        out.append(table)
+    return tuple(out)
+
+
 def rel_pos_terms(
     q: torch.Tensor,
     thw_q: Sequence[int],
@@ -205,18 +226,15 @@ def rel_pos_terms(
     table): rel_a[b, n, qt, qh, qw, k] = q . R_a[q_a, k] for the query's coordinate q_a on axis a,
     each (B, heads, Tq, Hq, Wq, K_a)."""
     qt, qh, qw = thw_q
-    kt, kh, kw = thw_kv
     B, heads, _, d = q.shape
     r_q = q[:, :, 1:] if has_cls else q
     r_q = r_q.reshape(B, heads, qt, qh, qw, d)
+    Rt, Rh, Rw = rel_pos_tables(thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w)
     rel_t = rel_h = rel_w = None
-    if rel_pos_h is not None:
-        Rh = interpolate_rel_pos(rel_pos_h, rel_pos_table_length(qh, kh))[rel_pos_index(qh, kh, q.device)]
-        Rw = interpolate_rel_pos(rel_pos_w, rel_pos_table_length(qw, kw))[rel_pos_index(qw, kw, q.device)]
+    if Rh is not None:
         rel_h = torch.einsum("bythwc,hkc->bythwk", r_q, Rh)
         rel_w = torch.einsum("bythwc,wkc->bythwk", r_q, Rw)
-    if rel_pos_t is not None:
-        Rt = interpolate_rel_pos(rel_pos_t, rel_pos_table_length(qt, kt))[rel_pos_index(qt, kt, q.device)]
+    if Rt is not None:
         rel_t = torch.einsum("bythwc,tkc->bythwk", r_q, Rt)
     return rel_t, rel_h, rel_w
 

@@ -94,12 +94,14 @@ def test_rel_pos_mask_written_in_chunks_matches_the_reference_bias(thw_q, thw_kv
 @pytest.mark.parametrize("thw_q, thw_kv, axes, has_cls", REL_CASES)
 @pytest.mark.parametrize("residual_pooling", [False, True])
 @pytest.mark.parametrize("chunk_rows", [None, 1, 4], ids=["whole", "rows1", "rows4"])
+@pytest.mark.parametrize("writer", ["cpp", "torch"])
 def test_sdpa_rel_pos_inference_matches_the_reference(thw_q, thw_kv, axes, has_cls, residual_pooling, chunk_rows,
-                                                      monkeypatch):
-    # Without gradients the SDPA path writes the mask itself, whole or in query chunks through one
-    # buffer (forced small here: CPU inference chunks only masks over 32 MiB); with gradients it
-    # uses the reference's bias. Both equal reference.pooling_attention, and with gradients so do
-    # the gradients of q, k, v and the tables.
+                                                      writer, monkeypatch):
+    # Without gradients the SDPA path writes the mask itself (on CPU with the C++ op; the torch
+    # writer is what CUDA tensors and builds without the extension take), whole or in query
+    # chunks through one buffer (forced small here: CPU inference chunks only masks over 32 MiB);
+    # with gradients it uses the reference's bias. Both equal reference.pooling_attention, and
+    # with gradients so do the gradients of q, k, v and the tables.
     import importlib
 
     import torch.nn.functional as F
@@ -107,6 +109,11 @@ def test_sdpa_rel_pos_inference_matches_the_reference(thw_q, thw_kv, axes, has_c
     from mvit_kernels import reference
 
     pa = importlib.import_module("mvit_kernels.pooling_attention")
+    if writer == "torch":
+        monkeypatch.setattr(pa._extension, "load", lambda: False)
+    cpp_calls = []
+    op = torch.ops.mvit_kernels.rel_pos_mask
+    monkeypatch.setattr(torch.ops.mvit_kernels, "rel_pos_mask", lambda *a: cpp_calls.append(a[7]) or op(*a))
     q, k, v, tables = _rel_case(thw_q, thw_kv, axes, has_cls)
     B, heads, n_q, d = q.shape
     n_kv = k.shape[2]
@@ -128,6 +135,7 @@ def test_sdpa_rel_pos_inference_matches_the_reference(thw_q, thw_kv, axes, has_c
     torch.testing.assert_close(got, want)
     rows = n_q if chunk_rows is None else -(-n_q // -(-n_q // chunk_rows))  # equal chunks
     assert calls == [min(rows, n_q - r0) for r0 in range(0, n_q, rows)]
+    assert cpp_calls == (list(range(0, n_q, rows)) if writer == "cpp" else [])
 
     inputs = [t.detach().requires_grad_() for t in (q, k, v, *[t for t in tables if t is not None])]
     it = iter(inputs[3:])
@@ -242,9 +250,9 @@ def test_rel_pos_attention_is_one_registered_op_under_compile():
         got = torch.compile(run, fullgraph=True, backend=backend)(q)
     torch.testing.assert_close(got, want)
     assert "mvit_kernels.sdpa_rel_pos_inference.default" in seen, seen
-    terms = pa._rel_pos_term_rows(q, thw_q, thw_kv, *tables, True)
-    torch.library.opcheck(pa._sdpa_rel_pos_inference_op, (q, k, v, *terms, list(thw_kv), True, True))
-    torch.library.opcheck(pa._sdpa_rel_pos_inference_op, (q, k, v, None, *terms[1:], list(thw_kv), True, False))
+    torch.library.opcheck(pa._sdpa_rel_pos_inference_op, (q, k, v, *tables, list(thw_q), list(thw_kv), True, True))
+    torch.library.opcheck(pa._sdpa_rel_pos_inference_op,
+                          (q, k, v, None, *tables[1:], list(thw_q), list(thw_kv), True, False))
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])

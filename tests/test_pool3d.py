@@ -369,6 +369,8 @@ w, nw, nb = torch.randn(96, 1, 3, 3, 3, generator=g), torch.randn(96, generator=
 gy = torch.randn(1, 4, 1 + 8 * 14 * 14, 96, generator=g)
 xs = torch.randn(1, 1 + 8 * 28 * 28, 192, generator=g, requires_grad=True)
 branch = torch.randn(1, 1 + 8 * 14 * 14, 192, generator=g)
+tables = [torch.randn(a, b, 96, generator=g) for a, b in ((8, 8), (28, 14), (28, 14))]
+mask = torch.empty(1, 4, 1 + 8 * 28 * 28, 1 + 8 * 14 * 14)
 calls = {
     "pool3d": lambda: mvit_kernels.pool3d(x.detach(), (8, 28, 28), (3, 3, 3), (1, 2, 2), (1, 1, 1), "conv", w, True, nw, nb),
     "pool3d backward": lambda: torch.ops.mvit_kernels.pool3d_backward(
@@ -377,6 +379,8 @@ calls = {
         xs.detach(), (8, 28, 28), (1, 3, 3), (1, 2, 2), (0, 1, 1), branch),
     "pool_residual_add backward": lambda: torch.ops.mvit_kernels.pool_residual_add_backward(
         branch, xs.detach(), [8, 28, 28], [1, 3, 3], [1, 2, 2], [0, 1, 1], branch, None, True),
+    "rel_pos_mask": lambda: torch.ops.mvit_kernels.rel_pos_mask(
+        x.detach(), *tables, [8, 28, 28], [8, 14, 14], True, 0, mask),
 }
 for name, call in calls.items():
     call()
@@ -391,7 +395,8 @@ for name, call in calls.items():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="setup.py builds with OpenMP on Linux only")
 def test_cpu_kernels_run_on_torch_threads():
     """at::parallel_for splits a loop over threads only where the extension was compiled with
-    OpenMP; without it every CPU kernel ran on one thread whatever torch.set_num_threads said."""
+    OpenMP; without it every CPU kernel ran on one thread whatever torch.set_num_threads said.
+    Every C++ CPU op: the pool ops forward and backward, the rel-pos mask."""
     import os
     import subprocess
 
@@ -401,7 +406,7 @@ def test_cpu_kernels_run_on_torch_threads():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     shares = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in result.stdout.splitlines()}
-    assert len(shares) == 4, result.stdout
+    assert len(shares) == 5, result.stdout
     # Two threads with equal halves of the rows: each share is near 0.5 (0 when serial).
     for name, share in shares.items():
         assert share > 0.2, f"{name}: {share:.2f} of its CPU time on the second thread"
@@ -456,7 +461,8 @@ def test_cuda_zero_channels_and_empty_batch():
 
 
 def test_cpu_default_isa_path_matches_reference():
-    """The CPU kernels have an AVX2 build picked at run time; run the portable one too."""
+    """The CPU kernels (pool ops, rel-pos mask) have an AVX2 build picked at run time; run the
+    portable one too."""
     import os
     import subprocess
     import sys
@@ -464,6 +470,7 @@ def test_cpu_default_isa_path_matches_reference():
     code = (
         "import sys, pytest; sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', "
         "'tests/test_pool3d.py::test_matches_reference', 'tests/test_pool_residual_add.py::test_matches_reference', "
+        "'tests/test_rel_pos_mask.py::test_matches_reference', "
         "'-k', 'fp32']))"
     )
     env = dict(os.environ, MVIT_KERNELS_CPU_AVX2="0")

@@ -25,6 +25,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "pool3d_common.h"
 #include "pool_args.h"
 
@@ -293,49 +294,7 @@ MVIT_FORCE_INLINE inline void pool_row_impl(const scalar_t* __restrict__ xb, int
   }
 }
 
-// x86: the hot loops again, compiled for AVX2+FMA and picked at run time (the extension is
-// built without -march flags, so the default versions use SSE2 only).
-#if defined(__GNUC__) && defined(__x86_64__)
-#define MVIT_CPU_AVX2 1
-#define MVIT_TARGET_AVX2 __attribute__((target("avx2,fma")))
-// MVIT_KERNELS_CPU_AVX2=0 forces the default versions (tests run both; read once).
-bool cpu_has_avx2() {
-  static const bool has = [] {
-    const char* env = std::getenv("MVIT_KERNELS_CPU_AVX2");
-    if (env != nullptr && env[0] == '0') return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return has;
-}
-#endif
-
-// One implementation, two compilations: Impl is a generic callable wrapping the always-inline
-// body, so both copies come from the same source.
-#define MVIT_DEFINE_DISPATCH(name, impl)                                      \
-  template <class scalar_t, class acc_t, class... Args>                       \
-  void name##_default(Args... args) {                                         \
-    impl<scalar_t, acc_t>(args...);                                           \
-  }                                                                           \
-  MVIT_DEFINE_AVX2(name, impl)                                                \
-  template <class scalar_t, class acc_t, class... Args>                       \
-  void name(Args... args) {                                                   \
-    MVIT_CALL_AVX2(name, args)                                                \
-    name##_default<scalar_t, acc_t>(args...);                                 \
-  }
-
-#ifdef MVIT_CPU_AVX2
-#define MVIT_DEFINE_AVX2(name, impl)                                          \
-  template <class scalar_t, class acc_t, class... Args>                       \
-  MVIT_TARGET_AVX2 void name##_avx2(Args... args) {                           \
-    impl<scalar_t, acc_t>(args...);                                           \
-  }
-#define MVIT_CALL_AVX2(name, args)                                            \
-  if (cpu_has_avx2()) return name##_avx2<scalar_t, acc_t>(args...);
-#else
-#define MVIT_DEFINE_AVX2(name, impl)
-#define MVIT_CALL_AVX2(name, args)
-#endif
-
+// The hot loops, compiled twice (cpu_isa.h).
 MVIT_DEFINE_DISPATCH(pool_row, pool_row_impl)
 
 // conv_rows for two outputs (the dispatchers want the <scalar_t, acc_t> template shape).
