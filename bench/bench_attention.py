@@ -4,11 +4,13 @@ forward and forward+backward times of the Triton kernels, the reference, SDPA an
 bf16, with the Triton kernels' achieved TFLOP/s and GB/s beside their floor.
 
     python bench/bench_attention.py [--batch 1] [--preset mvit_b_16x4] [--out bench/results]
+    python bench/bench_attention.py --cpu [--preset mvitv2_s_16x4] [--threads 2] [--repeats 7]
 
 Writes attention_model.{md,json} (and on CUDA attention_bench_b<batch>[_relpos], pooled_projection_b<batch>
 and attention_blocks_<preset>_b<batch>, .md and .json) under --out, and prints the
 AOT resource table (bench/results/triton_resources.md, made by tests/test_triton_aot.py or
-``python -m mvit_kernels.triton.aot``).
+``python -m mvit_kernels.triton.aot``). With ``--cpu`` it measures the CPU inference path instead
+(float32, no gradients; :func:`bench_cpu`) and writes attention_cpu_<preset>_b<batch>.{md,json}.
 
 The model (per clip, bf16 = 2 bytes, fp32 statistics = 4 bytes; H100: 3.0 TB/s, 790 TFLOP/s, the
 figures the issues' targets use; the measured tables' floors use the GPU's own ceilings when
@@ -336,6 +338,95 @@ def measured_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+CPU_PATHS = ("fused", "sdpa_ref_mask", "reference", "sdpa_no_bias")
+
+
+def _sdpa_with_reference_mask(q, k, v, thw_q, thw_kv, has_cls, t, h, w, residual_pooling):
+    """SDPA with the reference's bias as its mask (zeros, three broadcast adds, the pad): the
+    unfused way to run SDPA with MViTv2's bias."""
+    import torch.nn.functional as F
+    from mvit_kernels import reference
+
+    mask = None
+    if t is not None or h is not None:
+        mask = reference.decomposed_rel_pos(q, thw_q, thw_kv, t, h, w, has_cls)
+        mask = F.pad(mask, (1, 0, 1, 0)) if has_cls else mask
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if residual_pooling:
+        out = reference.add_residual_pooling(out, q, has_cls)
+    B, heads, n_q, d = q.shape
+    return out.transpose(1, 2).reshape(B, n_q, heads * d)
+
+
+def bench_cpu(shapes: list[dict], repeats: int = 7, threads: int = 2) -> tuple[str, list[dict]]:
+    """CPU float32 inference at each distinct block shape (no gradients), timed in turns (one call
+    of each path, round and round, so a shared machine's drifts fall on all alike), medians:
+    the fused path (``mvit_kernels.pooling_attention``: the C++ rel-pos mask, query chunks,
+    SDPA), SDPA with the reference's bias as its mask, the reference (matmul + softmax), and
+    SDPA without any bias, which bounds from below what the bias may cost. q is the strided
+    view of a qkv-like tensor, as the model's unpooled q."""
+    import time
+
+    import torch
+
+    import mvit_kernels
+    from mvit_kernels import reference
+
+    torch.set_num_threads(threads)
+    counts: dict = {}
+    for s in shapes:
+        key = (s["heads"], s["d"], s["thw_q"], s["thw_kv"])
+        counts.setdefault(key, []).append(s["block"])
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for s in shapes:
+        key = (s["heads"], s["d"], s["thw_q"], s["thw_kv"])
+        if counts[key][0] != s["block"]:
+            continue
+        B, H, d = s["batch"], s["heads"], s["d"]
+        q = torch.randn(B, s["n_q"], 3, H, d, generator=g).permute(2, 0, 3, 1, 4)[0]
+        k, v = torch.randn(B, H, s["n_kv"], d, generator=g), torch.randn(B, H, s["n_kv"], d, generator=g)
+        L = [2 * max(a, b) - 1 for a, b in zip(s["thw_q"], s["thw_kv"])]
+        tabs = [torch.randn(L[0], d, generator=g) * 0.1 if s["rel_t"] else None] + [
+            torch.randn(n, d, generator=g) * 0.1 if s["rel_pos"] else None for n in L[1:]]
+        args = (q, k, v, s["thw_q"], s["thw_kv"], True, *tabs, s["residual"])
+        paths = {
+            "fused": lambda: mvit_kernels.pooling_attention(*args[:6], *tabs, residual_pooling=s["residual"]),
+            "sdpa_ref_mask": lambda: _sdpa_with_reference_mask(*args),
+            "reference": lambda: reference.pooling_attention(*args[:6], *tabs, residual_pooling=s["residual"]),
+            "sdpa_no_bias": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+        }
+        times: dict = {name: [] for name in paths}
+        with torch.inference_mode():
+            want = paths["reference"]()
+            err = (paths["fused"]() - want).abs().max().item() / want.abs().max().item()
+            for _ in range(repeats):
+                for name, call in paths.items():
+                    start = time.perf_counter()
+                    call()
+                    times[name].append((time.perf_counter() - start) * 1e3)
+        row = dict(blocks=counts[key], heads=H, d=d, n_q=s["n_q"], n_kv=s["n_kv"], fused_rel_err=err)
+        for name in paths:
+            row[name + "_ms"] = sorted(times[name])[len(times[name]) // 2]
+            row[name + "_spread_ms"] = (min(times[name]), max(times[name]))
+        rows.append(row)
+    lines = ["| blocks | heads | L_q | L_kv | fused ms | SDPA + reference mask ms | reference ms | SDPA, no bias ms "
+             "| ref-mask SDPA / fused | reference / fused | fused error |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    total = {name: 0.0 for name in CPU_PATHS}
+    for r in rows:
+        for name in CPU_PATHS:
+            total[name] += r[name + "_ms"] * len(r["blocks"])
+        lines.append(
+            f"| {','.join(map(str, r['blocks']))} | {r['heads']} | {r['n_q']} | {r['n_kv']} | "
+            + " | ".join(f"{r[n + '_ms']:.1f}" for n in CPU_PATHS)
+            + f" | {r['sdpa_ref_mask_ms'] / r['fused_ms']:.2f}x | {r['reference_ms'] / r['fused_ms']:.2f}x"
+            f" | {r['fused_rel_err']:.1e} |")
+    lines.append("| all (per clip) | | | | " + " | ".join(f"{total[n]:.0f}" for n in CPU_PATHS)
+                 + f" | {total['sdpa_ref_mask'] / total['fused']:.2f}x | {total['reference'] / total['fused']:.2f}x | |")
+    return "\n".join(lines) + "\n", rows
+
+
 _FLEX_FNS: dict = {}
 
 
@@ -507,6 +598,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--no-rel-pos", action="store_true", help="model without the MViTv2 rel-pos bias")
+    parser.add_argument("--cpu", action="store_true",
+                        help="measure the CPU inference path (float32, no gradients) at the preset's block shapes "
+                             "instead of the model tables and the CUDA benchmarks")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (--cpu)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (--cpu)")
     parser.add_argument("--ceilings", default=None,
                         help="ceilings.json of bench/ceilings.py: the measured tables' floors use this GPU's "
                              "bandwidth and matrix rate (default: the H100 figures, as the model tables always do)")
@@ -518,6 +614,22 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shapes = block_shapes(args.preset, args.batch)
+    if args.cpu:
+        import platform
+
+        import torch
+
+        table, rows = bench_cpu(shapes, args.repeats, args.threads)
+        title = (f"# Pooling attention, CPU inference, float32, {args.threads} threads, {args.preset}, batch "
+                 f"{args.batch} ({platform.machine()}, torch {torch.__version__})\n\n"
+                 f"Median of {args.repeats} rounds, each path timed in turn; q a strided view as in the model. "
+                 "fused: `mvit_kernels.pooling_attention` on CPU tensors. fused error: largest difference from "
+                 "the reference over the reference's largest value.\n\n")
+        name = f"attention_cpu_{args.preset}_b{args.batch}"
+        (out / f"{name}.md").write_text(title + table)
+        (out / f"{name}.json").write_text(json.dumps(dict(threads=args.threads, rows=rows), indent=1, default=list))
+        print(title + table)
+        return 0
     # MViT-B (v1) has no rel-pos; the kernels' main customer is MViTv2, so model both unless told.
     sections, payload = [], {"preset": args.preset, "batch": args.batch, "bandwidth": H100.bandwidth,
                                 "peak_flops": H100.peak_flops}

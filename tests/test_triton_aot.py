@@ -91,3 +91,35 @@ def test_bench_attention_model_runs_on_cpu(tmp_path):
     for row in plain + payload["with_rel_pos"]:
         assert row["fused"]["fwd_bytes"] < row["reference"]["fwd_bytes"]
         assert row["fused"]["fwd_flops"] == row["reference"]["fwd_flops"]
+
+
+
+def test_bench_attention_cpu_measures_every_path_once_per_distinct_shape():
+    # --cpu: the fused path, SDPA with the reference's mask, the reference and bias-free SDPA at
+    # each distinct block shape (blocks sharing one are listed together), on tiny shapes here.
+    import math
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_attention
+
+    base = dict(batch=1, d=8, has_cls=True, rel_pos=True, rel_t=True, residual=True)
+    shapes = [dict(base, block=0, heads=1, thw_q=(2, 4, 4), thw_kv=(2, 2, 2)),
+              dict(base, block=1, heads=2, thw_q=(2, 2, 2), thw_kv=(2, 2, 2)),
+              dict(base, block=2, heads=2, thw_q=(2, 2, 2), thw_kv=(2, 2, 2))]
+    for shape in shapes:
+        shape.update(n_q=1 + math.prod(shape["thw_q"]), n_kv=1 + math.prod(shape["thw_kv"]))
+    threads = torch.get_num_threads()
+    try:
+        table, rows = bench_attention.bench_cpu(shapes, repeats=2, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["blocks"] for r in rows] == [[0], [1, 2]]
+    for r in rows:
+        assert r["fused_rel_err"] < 1e-5
+        for name in bench_attention.CPU_PATHS:
+            assert r[name + "_ms"] > 0 and r[name + "_spread_ms"][0] <= r[name + "_ms"] <= r[name + "_spread_ms"][1]
+    last = table.splitlines()[-1]
+    total = rows[0]["fused_ms"] + 2 * rows[1]["fused_ms"]
+    assert last.startswith(f"| all (per clip) | | | | {total:.0f} |"), last
