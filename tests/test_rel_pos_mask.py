@@ -90,6 +90,19 @@ def test_batch1_one_head_contiguous_q_and_mvit_head_dim():
     torch.testing.assert_close(got.double(), want, atol=TOLS[torch.float32] * want.abs().max().item(), rtol=0)
 
 
+def test_q_with_a_channel_stride():
+    # q read through all four strides: here channels are not contiguous (a transposed view).
+    g = torch.Generator().manual_seed(2)
+    thw_q, thw_kv = (2, 3, 4), (1, 3, 2)
+    q = torch.randn(2, 3, 16, 1 + 24, generator=g, dtype=torch.float64).transpose(2, 3)
+    assert q.stride(3) != 1
+    tables = [torch.randn(3, 16, generator=g, dtype=torch.float64), torch.randn(5, 16, generator=g, dtype=torch.float64),
+              torch.randn(7, 16, generator=g, dtype=torch.float64)]
+    got = _mask(q, thw_q, thw_kv, tables, True, 4)
+    want = _want(q, thw_q, thw_kv, tables, True)
+    torch.testing.assert_close(got, want, atol=TOLS[torch.float64] * want.abs().max().item(), rtol=0)
+
+
 def _args(thw_q=(2, 4, 6), thw_kv=(2, 2, 3), has_cls=True, rows=None, dtype=torch.float32):
     q, tables = _inputs(thw_q, thw_kv, "thw", has_cls, dtype)
     gathered = list(reference.rel_pos_tables(thw_q, thw_kv, *tables))
