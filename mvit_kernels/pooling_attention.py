@@ -28,7 +28,6 @@ do for an attention kernel anyway.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
