@@ -32,6 +32,10 @@ CASES = [
     pytest.param((3, 5, 5), (1, 5, 5), "hw", False, id="spatial-only"),
     pytest.param((4, 2, 2), (2, 2, 2), "t", True, id="temporal-only"),
     pytest.param((3, 7, 5), (3, 4, 3), "thw", True, id="odd-grids"),
+    # Float rows take the dot products in blocks of 8 keys: 2 + 2 + 2 blocks (the most it keeps in
+    # registers), and 1 + 3 + 3, past that, where they fall back to one product at a time.
+    pytest.param((2, 3, 3), (9, 9, 10), "thw", True, id="six-key-blocks"),
+    pytest.param((1, 2, 3), (3, 20, 17), "thw", False, id="seven-key-blocks"),
 ]
 
 

@@ -2,9 +2,11 @@
 // extension is built without -march flags, so SSE2 only) and, on x86, an AVX2+FMA one.
 // MVIT_DEFINE_DISPATCH(name, impl) turns an always-inline body impl<scalar_t, acc_t>(args...)
 // into name<scalar_t, acc_t>(args...), which calls the AVX2 copy where the CPU has it.
-// Used by pool_ops_cpu.cpp and rel_pos_mask_cpu.cpp.
+// Also the f32x8 value type their float loops keep sums in. Used by pool_ops_cpu.cpp and
+// rel_pos_mask_cpu.cpp.
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
 
 #include "pool3d_common.h"  // MVIT_FORCE_INLINE: the bodies must inline into each compilation
@@ -24,6 +26,17 @@ inline bool cpu_has_avx2() {
   return has;
 }
 #endif
+
+// Eight floats as one value (GCC/Clang vector extension; unaligned, may alias the tensor data).
+// Sums kept in such values stay in registers across a loop. Kept in an array of floats indexed
+// by channel, GCC left them in memory: every add then waited on the store before it (store
+// forwarding): about 10 GFLOP/s in pool3d's conv at MViT-B's K/V shapes on a core that runs a
+// float32 matrix product at 60 (2-core VM, 2026-12-06).
+typedef float f32x8 __attribute__((vector_size(32), aligned(4), __may_alias__));
+constexpr int64_t kF32x8 = 8;
+
+MVIT_FORCE_INLINE inline f32x8 load8(const float* p) { return *reinterpret_cast<const f32x8*>(p); }
+MVIT_FORCE_INLINE inline void store8(float* p, f32x8 v) { *reinterpret_cast<f32x8*>(p) = v; }
 
 }  // namespace mvit
 

@@ -155,17 +155,6 @@ struct OutputColumns {
   }
 };
 
-// Eight floats as one value (GCC/Clang vector extension; unaligned, may alias the tensor data).
-// Sums kept in such values stay in registers across a window's taps. Kept in an array of floats
-// indexed by channel, GCC left them in memory: every tap's add then waited on the store of the
-// tap before (store forwarding): about 10 GFLOP/s at MViT-B's K/V shapes on a core that runs a
-// float32 matrix product at 60 (2-core VM, 2026-12-06).
-typedef float f32x8 __attribute__((vector_size(32), aligned(4), __may_alias__));
-constexpr int64_t kF32x8 = 8;
-
-MVIT_FORCE_INLINE inline f32x8 load8(const float* p) { return *reinterpret_cast<const f32x8*>(p); }
-MVIT_FORCE_INLINE inline void store8(float* p, f32x8 v) { *reinterpret_cast<f32x8*>(p) = v; }
-
 // Conv pooling, channels [c0, c0 + 8 kVec) of kOut outputs (float rows): taps(f) calls f(k, row)
 // for every tap k of output 0's window, row its input row; output p reads row + p * next. The
 // sums stay in registers (kOut = 2, kVec = 6: 12 of AVX2's 16).
