@@ -27,13 +27,18 @@ def _as_int(value) -> int:
 
 
 def triple(value, name: str) -> tuple[int, int, int]:
-    """Normalize an int or a length-3 sequence of ints to a tuple of three ints."""
-    try:
-        one = _as_int(value)
-    except TypeError:
-        pass
-    else:
-        return (one, one, one)
+    """Normalize an int or a length-3 sequence of ints to a tuple of three ints.
+
+    A list or tuple (what the model passes) is read without trying it as an int first: under
+    torch.compile with torch 2.11, Dynamo turns the TypeError of ``operator.index((1, 2, 2))``
+    into an internal error instead of letting the ``except`` catch it (torch 2.14 catches it)."""
+    if not isinstance(value, (list, tuple)):
+        try:
+            one = _as_int(value)
+        except TypeError:
+            pass
+        else:
+            return (one, one, one)
     try:
         items = tuple(_as_int(v) for v in value)
     except TypeError:

@@ -140,6 +140,20 @@ def test_sizes_and_flags_are_not_coerced():
                                     norm_weight=torch.ones(8), norm_bias=torch.zeros(8), eps=-1)
 
 
+def test_size_sequences_are_read_without_a_caught_error(monkeypatch):
+    """A list or tuple of sizes (what the model passes) must not go through operator.index first:
+    under torch.compile with torch 2.11 (the GPU machines' release), Dynamo turned that caught
+    TypeError into an internal error, and compiling any fused model failed."""
+    from mvit_kernels import checks
+
+    seen = []
+    as_int = checks._as_int
+    monkeypatch.setattr(checks, "_as_int", lambda v: seen.append(v) or as_int(v))
+    assert checks.triple((1, 2, 2), "stride") == (1, 2, 2) and checks.triple([3, 3, 3], "kernel") == (3, 3, 3)
+    assert checks.triple(2, "padding") == (2, 2, 2)
+    assert seen == [1, 2, 2, 3, 3, 3, 2]
+
+
 @pytest.mark.parametrize("op", ["reference", "fused"])
 def test_attention_refuses_empty_tables_and_head_dim(op):
     """An empty rel-pos table used to fail inside F.interpolate; head_dim 0 inside d**-0.5 in
