@@ -39,7 +39,7 @@ MVIT_FORCE_INLINE inline void axis_terms(const acc_t* __restrict__ q, const acc_
 
 // Float rows: the dot products of all three axes at once, vectorized over keys. Each axis' table
 // at one query coordinate is stored as blocks of 8 keys, (d, 8) each, padded with zero keys
-// (KeyBlocks), and block j's sums are one f32x8: sum_c q[c] * block_j[c]. Sums across lanes
+// (AxisTables::blocks), and block j's sums are one f32x8: sum_c q[c] * block_j[c]. Sums across lanes
 // (one per dot product, from a store and scalar adds) took most of the op's time at MViTv2's
 // 393-key blocks; these sums need none. Two accumulators per block (even and odd c) halve the
 // chains of dependent adds. kMaxKeyBlocks: the 12 accumulators leave AVX2 registers for loads.
