@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from mvit_kernels import _extension, reference
+from test_fused_model_cpu import _rel_case
 
 pytestmark = pytest.mark.skipif(not _extension.load(), reason="needs the C++ extension")
 
@@ -40,16 +41,14 @@ CASES = [
 
 
 def _inputs(thw_q, thw_kv, axes, has_cls, dtype, B=2, heads=3, d=24, seed=0):
-    """q as the model's unpooled q (a strided view of a qkv-like tensor) and the axes' tables,
-    interpolated to the grids' length in float64 before the cast (the op takes gathered tables:
-    an interpolation in bf16 would round them before the op sees them, and the reference not)."""
-    g = torch.Generator().manual_seed(seed)
-    n_q = (1 if has_cls else 0) + thw_q[0] * thw_q[1] * thw_q[2]
-    q = torch.randn(B, n_q, 3, heads, d, generator=g, dtype=torch.float64).permute(2, 0, 3, 1, 4)[0].to(dtype)
-    tables = [reference.interpolate_rel_pos(torch.randn(2 * max(a, b) + 2, d, generator=g, dtype=torch.float64),
-                                            reference.rel_pos_table_length(a, b)).to(dtype)
-              if "thw"[i] in axes else None for i, (a, b) in enumerate(zip(thw_q, thw_kv))]
-    return q, tables
+    """q as the model's unpooled q (a strided view of a qkv-like tensor) and the axes' tables
+    (``_rel_case``'s), interpolated to the grids' length in float64 before the cast (the op takes
+    gathered tables: an interpolation in bf16 would round them before the op sees them, and the
+    reference not)."""
+    q, _, _, tables = _rel_case(thw_q, thw_kv, axes, has_cls, B, heads, d, seed)
+    tables = [None if t is None else reference.interpolate_rel_pos(t, reference.rel_pos_table_length(a, b)).to(dtype)
+              for t, a, b in zip(tables, thw_q, thw_kv)]
+    return q.to(dtype), tables
 
 
 def _want(q, thw_q, thw_kv, tables, has_cls):
