@@ -135,12 +135,10 @@ def _sdpa_rel_pos_inference(q: Tensor, k: Tensor, v: Tensor, rel_pos_t: Optional
         q_rows = q[:, :, r0:r1]
         chunk = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=mask)
         dst = out[:, r0:r1].transpose(1, 2)  # (B, heads, rows, d) view of the output
-        skip = 1 if has_cls and r0 == 0 else 0  # the class token's output takes no residual
-        if residual_pooling:
-            dst[:, :, :skip].copy_(chunk[:, :, :skip])
-            torch.add(chunk[:, :, skip:], q_rows[:, :, skip:], out=dst[:, :, skip:])
-        else:
-            dst.copy_(chunk)
+        dst.copy_(chunk)
+        if residual_pooling:  # as the whole path: the class token's output takes no residual
+            s = 1 if has_cls and r0 == 0 else 0
+            dst[:, :, s:] += q_rows[:, :, s:]
     return out.view(B, n_q, heads * d)
 
 
