@@ -341,23 +341,6 @@ def measured_table(results: list[dict]) -> str:
 CPU_PATHS = ("fused", "sdpa_ref_mask", "reference", "sdpa_no_bias")
 
 
-def _sdpa_with_reference_mask(q, k, v, thw_q, thw_kv, has_cls, t, h, w, residual_pooling):
-    """SDPA with the reference's bias as its mask (zeros, three broadcast adds, the pad): the
-    unfused way to run SDPA with MViTv2's bias."""
-    import torch.nn.functional as F
-    from mvit_kernels import reference
-
-    mask = None
-    if t is not None or h is not None:
-        mask = reference.decomposed_rel_pos(q, thw_q, thw_kv, t, h, w, has_cls)
-        mask = F.pad(mask, (1, 0, 1, 0)) if has_cls else mask
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if residual_pooling:
-        out = reference.add_residual_pooling(out, q, has_cls)
-    B, heads, n_q, d = q.shape
-    return out.transpose(1, 2).reshape(B, n_q, heads * d)
-
-
 def bench_cpu(shapes: list[dict], repeats: int = 7, threads: int = 2) -> tuple[str, list[dict]]:
     """CPU float32 inference at each distinct block shape (no gradients), timed in turns (one call
     of each path, round and round, so a shared machine's drifts fall on all alike), medians:
@@ -365,6 +348,7 @@ def bench_cpu(shapes: list[dict], repeats: int = 7, threads: int = 2) -> tuple[s
     SDPA), SDPA with the reference's bias as its mask, the reference (matmul + softmax), and
     SDPA without any bias, which bounds from below what the bias may cost. q is the strided
     view of a qkv-like tensor, as the model's unpooled q."""
+    import importlib
     import time
 
     import torch
@@ -372,6 +356,7 @@ def bench_cpu(shapes: list[dict], repeats: int = 7, threads: int = 2) -> tuple[s
     import mvit_kernels
     from mvit_kernels import reference
 
+    pa = importlib.import_module("mvit_kernels.pooling_attention")
     torch.set_num_threads(threads)
     counts: dict = {}
     for s in shapes:
@@ -392,7 +377,7 @@ def bench_cpu(shapes: list[dict], repeats: int = 7, threads: int = 2) -> tuple[s
         args = (q, k, v, s["thw_q"], s["thw_kv"], True, *tabs, s["residual"])
         paths = {
             "fused": lambda: mvit_kernels.pooling_attention(*args[:6], *tabs, residual_pooling=s["residual"]),
-            "sdpa_ref_mask": lambda: _sdpa_with_reference_mask(*args),
+            "sdpa_ref_mask": lambda: pa._sdpa_with_reference_mask(*args),
             "reference": lambda: reference.pooling_attention(*args[:6], *tabs, residual_pooling=s["residual"]),
             "sdpa_no_bias": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
         }

@@ -178,21 +178,31 @@ def _sdpa_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_
     """SDPA, with MViTv2's decomposed rel-pos bias as its additive mask (B, heads, N_q, N_kv), zero
     on the class token's row and column.
 
-    With gradients the mask is the reference's bias, padded (``out=`` is not differentiable).
-    Without, :func:`_sdpa_rel_pos_inference` writes it in one pass, in query chunks on CPU where
-    it is large (the registered op under torch.compile): building it as the reference does
-    (zeros, three broadcast adds, then a pad) made five passes over the largest tensor of
-    MViTv2-S's early blocks, a quarter of its CPU inference time; the chunks took another 0.1 s
-    of its ~1.15 s a clip (2-core VM, 2026-12-06: block 0's 37.6 MiB mask 78 -> 55 ms, block 1's
-    75.1 MiB 125 -> 80 ms, block 3's 37.6 MiB 66 -> 43 ms, attention with the mask's writes)."""
+    With gradients the mask is the reference's bias, padded (``out=`` is not differentiable):
+    :func:`_sdpa_with_reference_mask`. Without, :func:`_sdpa_rel_pos_inference` writes it in one
+    pass, in query chunks on CPU where it is large (the registered op under torch.compile):
+    building it as the reference does (zeros, three broadcast adds, then a pad) made five passes
+    over the largest tensor of MViTv2-S's early blocks, a quarter of its CPU inference time; the
+    chunks took another 0.1 s of its ~1.15 s a clip (2-core VM, 2026-12-06: block 0's 37.6 MiB
+    mask 78 -> 55 ms, block 1's 75.1 MiB 125 -> 80 ms, block 3's 37.6 MiB 66 -> 43 ms, attention
+    with the mask's writes)."""
+    if (rel_pos_t is not None or rel_pos_h is not None) and not (
+        torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (q, k, v, rel_pos_t, rel_pos_h, rel_pos_w))
+    ):
+        run = _sdpa_rel_pos_inference_op if torch.compiler.is_compiling() else _sdpa_rel_pos_inference
+        return run(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, list(thw_q), list(thw_kv), bool(has_cls),
+                   bool(residual_pooling))
+    return _sdpa_with_reference_mask(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w,
+                                     residual_pooling)
+
+
+def _sdpa_with_reference_mask(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling):
+    """SDPA with the reference's bias as its mask (zeros, three broadcast adds, the pad; none
+    without tables), differentiable: the unfused way to run SDPA with MViTv2's bias."""
     B, heads, n_q, d = q.shape
     mask = None
     if rel_pos_t is not None or rel_pos_h is not None:
-        if not (torch.is_grad_enabled()
-                and any(t is not None and t.requires_grad for t in (q, k, v, rel_pos_t, rel_pos_h, rel_pos_w))):
-            run = _sdpa_rel_pos_inference_op if torch.compiler.is_compiling() else _sdpa_rel_pos_inference
-            return run(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, list(thw_q), list(thw_kv), bool(has_cls),
-                       bool(residual_pooling))
         mask = reference.decomposed_rel_pos(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w, has_cls)
         mask = F.pad(mask, (1, 0, 1, 0)) if has_cls else mask
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
