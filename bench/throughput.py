@@ -18,7 +18,10 @@ Timing: warm-up excluded, the median of --repeats timed runs, spread (min-max) p
 use bf16 autocast; CPU runs float32 with --threads threads. On CPU the variants of a
 model/mode/batch are timed in turns, one step each, round and round (measure_interleaved;
 --sequential times each variant's runs together, as on GPU). Ratios are against torchvision eager
-and against the best peer (the fastest variant that is not ours) measured in the same run.
+and against the best peer (the fastest variant that is not ours) measured in the same run; timed in
+turns, each of our variants also gets its per-round speedups over both (the peer's step over ours
+within one round, median and quartiles over the rounds), which a drift of the machine's speed
+between rounds does not move (:func:`paired_ratios`).
 Writes bench/results/throughput_<device>.md/.json and a PNG of throughput against batch size,
 with the per-shape choices ours-fused made (``mvit_kernels.tuning``: on CUDA each fused op is
 timed against its alternative on first use, inside the warm-up; compiled graphs keep the fused
@@ -47,6 +50,7 @@ import sys
 import time
 import traceback
 from datetime import datetime, timezone
+from typing import Optional
 
 import torch
 
@@ -281,7 +285,8 @@ def measure_interleaved(name, specs, device, batch, mode, warmup, repeats, dtype
                 rows[label] = _error_row(name, label, mode, batch, exc)
                 del live[label]
     for label, (_, _, _, times) in live.items():
-        rows[label] = _timing_row(name, label, mode, batch, times, None, interleaved=True)
+        # times_s kept in round order: round i of every variant is index i (paired_ratios)
+        rows[label] = _timing_row(name, label, mode, batch, times, None, interleaved=True, times_s=times)
     live.clear()
     gc.collect()
     return [rows[label] for label in specs]
@@ -421,6 +426,7 @@ def _write(rows, device, device_name, out_dir, suffix="", ceiling=None) -> str:
             f"{floor} | {x_floor} |"
         )
     lines += floor_section(rows)
+    lines += paired_section(rows)
     lines += tuning_section()
     text = "\n".join(lines) + "\n"
     tag = ("gpu" if device.type == "cuda" else "cpu") + suffix
@@ -449,6 +455,56 @@ def floor_section(rows) -> list[str]:
                      f"the most any implementation of that arithmetic could gain on torchvision here; ours-fused "
                      f"measured {tv['step_s'] / fused['step_s']:.2f}x.")
     return ["", *lines] if lines else []
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """The q-quantile of values, linear between order statistics."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def paired_ratios(ours: dict, peer: dict) -> Optional[dict]:
+    """Per-round speedups of ``ours`` over ``peer`` from interleaved rows: round i's peer step over
+    round i's own (the two ran back to back, so a drift of the machine's speed over minutes
+    cancels in each ratio, where it does not between two medians taken over the whole run).
+    Their median, quartiles and the rounds; None without paired times."""
+    pairs = list(zip(ours.get("times_s") or [], peer.get("times_s") or []))
+    if not pairs:
+        return None
+    ratios = [p / o for o, p in pairs]
+    return {"median": statistics.median(ratios), "q1": _quantile(ratios, 0.25), "q3": _quantile(ratios, 0.75),
+            "rounds": len(ratios)}
+
+
+def paired_section(rows) -> list[str]:
+    """Markdown lines: for interleaved groups, each of our variants' per-round speedup over
+    torchvision eager and over the best peer (by median), as :func:`paired_ratios` gives it."""
+    lines = []
+    groups = dict.fromkeys((r["model"], r["mode"], r["batch"]) for r in rows if r.get("times_s"))
+    for key in groups:
+        group = [r for r in rows if r.get("times_s") and (r["model"], r["mode"], r["batch"]) == key]
+        peers = [g for g in group if not g["variant"].startswith("ours")]
+        targets = {g["variant"]: g for g in peers if g["variant"] == "torchvision"}
+        if peers:
+            best = min(peers, key=lambda g: g["step_s"])
+            targets.setdefault(best["variant"], best)
+        for r in group:
+            if not r["variant"].startswith("ours"):
+                continue
+            for peer in targets.values():
+                p = paired_ratios(r, peer)
+                lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {r['variant']} | {peer['variant']} | "
+                             f"{p['median']:.2f} | {p['q1']:.2f}–{p['q3']:.2f} | {p['rounds']} |")
+    if not lines:
+        return []
+    return ["", "Per-round speedups (interleaved runs): in each round, the peer's step over ours, the two "
+            "timed back to back; the median over the rounds and its quartiles. A drift of the machine's speed "
+            "cancels within a round, so this is the steadier of the two ratios.", "",
+            "| model | mode | batch | variant | over | median speedup | quartiles | rounds |",
+            "|---|---|---:|---|---|---:|---:|---:|", *lines]
 
 
 def tuning_section() -> list[str]:

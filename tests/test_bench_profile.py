@@ -159,10 +159,39 @@ def test_throughput_interleaves_variants_on_cpu(monkeypatch):
     assert [r["variant"] for r in rows] == ["a", "broken", "flaky", "b"]
     assert rows[1]["error"] == "RuntimeError: no kernel / here" and "error" in rows[2]
     assert rows[0]["interleaved"] and rows[0]["clips_per_s"] == 2 / rows[0]["step_s"]
+    assert len(rows[0]["times_s"]) == len(rows[3]["times_s"]) == 3  # round order, for the paired ratios
     timed = [e for e in events[6:] if e.startswith("step")]  # after the three warm-ups (enter + step each)
     assert events[:6] == ["enter a", "step a", "enter flaky", "step flaky", "enter b", "step b"]
     assert timed == ["step a", "step flaky", "step b", "step a", "step flaky", "step b", "step a", "step b"]
     assert all(events[i - 1] == "enter " + e.split()[1] for i, e in enumerate(events) if e.startswith("step"))
+
+
+def test_throughput_paired_ratios(monkeypatch, tmp_path):
+    """Interleaved rows get per-round speedups: round i's peer step over ours, median and
+    quartiles, over torchvision eager and over the best peer by median; rows timed apart (no
+    times_s) get none."""
+    import pytest
+    import torch
+    import throughput
+
+    row = dict(model="mvit_b_16x4", mode="infer", batch=1, min_s=1.0, max_s=3.2, clips_per_s=1.0, peak_gib=None,
+               interleaved=True)
+    ours = dict(row, variant="ours-fused", step_s=1.5, times_s=[1.0, 2.0, 1.0, 2.0])
+    tv = dict(row, variant="torchvision", step_s=2.3, times_s=[1.6, 3.0, 1.4, 3.2])
+    compiled = dict(row, variant="torchvision+compile", step_s=2.0, times_s=[1.2, 2.4, 1.5, 2.6, 9.9])
+    p = throughput.paired_ratios(ours, tv)
+    # ratios 1.6, 1.5, 1.4, 1.6: median 1.55; quartiles at positions 0.75 and 2.25 of the sorted four
+    assert p["rounds"] == 4 and p["median"] == pytest.approx(1.55)
+    assert p["q1"] == pytest.approx(1.475) and p["q3"] == pytest.approx(1.6)
+    assert throughput.paired_ratios(ours, compiled)["rounds"] == 4  # a fifth round without ours is not paired
+    assert throughput.paired_ratios(ours, dict(tv, times_s=None)) is None
+
+    monkeypatch.setattr(throughput, "_plot", lambda rows, path: None)
+    text = throughput._write([ours, tv, compiled], torch.device("cpu"), "CPU test", str(tmp_path))
+    assert "| mvit_b_16x4 | infer | 1 | ours-fused | torchvision | 1.55 | 1.48–1.60 | 4 |" in text
+    assert "| mvit_b_16x4 | infer | 1 | ours-fused | torchvision+compile | 1.25 |" in text  # ratios 1.2 1.2 1.5 1.3
+    apart = [{k: v for k, v in r.items() if k not in ("times_s", "interleaved")} for r in (ours, tv)]
+    assert "Per-round speedups" not in throughput._write(apart, torch.device("cpu"), "CPU test", str(tmp_path))
 
 
 def test_sdpa_in_reference_swaps_in_one_function():
