@@ -115,6 +115,33 @@ def check_same(t: Optional[torch.Tensor], ref: torch.Tensor, name: str, ref_name
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
 
 
+def _check_weight_bias(weight: torch.Tensor, bias: Optional[torch.Tensor], w_name: str, b_name: str) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"{w_name} must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"{b_name} must have shape ({weight.shape[0]},) to match {w_name}, got {tuple(bias.shape)}")
+
+
+def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      names: Sequence[str] = ("x", "weight", "bias")) -> None:
+    """Shapes of a linear layer's arguments: weight (out_features, in_features), bias None or
+    (out_features,), x (..., in_features). oneDNN's fused path would otherwise read a weight of
+    another rank as the 2-D one silently, and fail on a bias of the wrong length with an error
+    that names neither. Dtypes and devices are left to F.linear (autocast mixes dtypes on purpose)."""
+    x_name, w_name, b_name = names
+    _check_weight_bias(weight, bias, w_name, b_name)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{x_name} has {x.shape[-1] if x.dim() else 0} features but {w_name} expects {weight.shape[1]}")
+
+
+def check_mlp_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) -> None:
+    """The MLP's two linear layers (:func:`check_linear_args`), fc2 reading fc1's output."""
+    check_linear_args(x, fc1_weight, fc1_bias, ("x", "fc1_weight", "fc1_bias"))
+    _check_weight_bias(fc2_weight, fc2_bias, "fc2_weight", "fc2_bias")
+    if fc2_weight.shape[1] != fc1_weight.shape[0]:
+        raise ValueError(f"fc2_weight expects {fc2_weight.shape[1]} features but fc1_weight gives {fc1_weight.shape[0]}")
+
+
 def check_pool3d_args(
     x: torch.Tensor,
     thw,

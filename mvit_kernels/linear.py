@@ -29,6 +29,7 @@ from torch import Tensor
 
 from . import autocast, reference
 from ._dispatch import intercepted
+from .checks import check_linear_args, check_mlp_args
 
 
 def _onednn_linear_available() -> bool:
@@ -81,6 +82,7 @@ MLP_CHUNK_BYTES = 8 << 20
 def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
         fc2_bias: Optional[Tensor]) -> Tensor:
     """Same contract as :func:`mvit_kernels.reference.mlp`."""
+    check_mlp_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     hidden = fc1_weight.shape[0]
     if (
         torch.compiler.is_compiling()  # the compiler plans the buffers itself
@@ -104,8 +106,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
         raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
     if not uses_onednn(x, weight, bias):
         return reference.linear(x, weight, bias, activation)
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x has {x.shape[-1]} features but weight expects {weight.shape[1]}")
+    check_linear_args(x, weight, bias)
     if torch.compiler.is_compiling():
         return _linear_onednn_op(x, weight, bias, activation == "gelu")
     return _run_onednn(x, weight, bias, activation == "gelu")

@@ -21,6 +21,8 @@ from . import autocast
 from .checks import (
     PROJECTION_SLICES,
     check_attention_args,
+    check_linear_args,
+    check_mlp_args,
     check_pool3d_args,
     check_pool_residual_add_args,
     check_pooled_projection_args,
@@ -151,6 +153,7 @@ def linear(
     fc1 + GELU, and with no activation every other projection of the model."""
     if activation not in (None, "gelu"):
         raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
+    check_linear_args(x, weight, bias)
     y = F.linear(x, weight, bias)
     return F.gelu(y) if activation == "gelu" else y
 
@@ -163,6 +166,7 @@ def mlp(
     fc2_bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """The block's MLP: fc2(GELU(fc1(x)))."""
+    check_mlp_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     return linear(linear(x, fc1_weight, fc1_bias, "gelu"), fc2_weight, fc2_bias)
 
 

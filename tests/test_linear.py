@@ -2,6 +2,7 @@
 against reference.linear, and mlp (the same path in token chunks where the hidden activation is large)
 against reference.mlp. float32 tolerance 1e-5 (oneDNN blocks the reduction differently)."""
 
+import contextlib
 import importlib
 
 import pytest
@@ -70,8 +71,33 @@ def test_other_dtypes_and_bad_input():
                                    reference.linear(x.double(), w.double(), b.double()))
         with pytest.raises(ValueError, match="activation"):
             mvit_kernels.linear(x, w, b, "relu")
-        with pytest.raises((ValueError, RuntimeError)):
-            mvit_kernels.linear(torch.randn(2, 3, 5), w, b)
+
+
+def _bad_linear_args():
+    x, w, b = _inputs((2, 3), 8, 4)
+    return [
+        ("features", (torch.randn(2, 3, 5), w, b), "x has 5 features but weight expects 8"),
+        # oneDNN read this weight as the (4, 8) one and answered, silently
+        ("weight rank", (x, w.unsqueeze(-1), b), r"weight must be 2-D \(out_features, in_features\), got shape \(4, 8, 1\)"),
+        ("weight 1-D", (x, w[0], None), r"weight must be 2-D .* got shape \(8,\)"),
+        # oneDNN failed with "could not create a primitive descriptor"
+        ("bias length", (x, w, b[:3]), r"bias must have shape \(4,\) to match weight, got \(3,\)"),
+        ("bias rank", (x, w, b[None]), r"bias must have shape \(4,\) to match weight, got \(1, 4\)"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_linear_args(), ids=lambda c: c[0])
+@pytest.mark.parametrize("path", ["reference", "fused", "fused-inference"])
+def test_bad_shapes_name_the_argument_on_every_path(case, path):
+    """The same error, naming the argument, on the reference, on the fused op with gradients (the
+    reference's ops) and on its oneDNN inference path."""
+    _, args, message = case
+    fn = reference.linear if path == "reference" else mvit_kernels.linear
+    ctx = torch.inference_mode() if path == "fused-inference" else contextlib.nullcontext()
+    if path == "fused":
+        args = (args[0].requires_grad_(), *args[1:])
+    with ctx, pytest.raises(ValueError, match=message):
+        fn(*args)
 
 
 def _compiled_graph_ops(fn, *args):
@@ -175,8 +201,18 @@ def test_mlp_gradients_and_bad_shapes(monkeypatch):
     w1_ref = w1.detach().clone().requires_grad_()
     reference.mlp(x, w1_ref, b1, w2, b2).sum().backward()
     torch.testing.assert_close(w1.grad, w1_ref.grad)
-    with torch.inference_mode(), pytest.raises(ValueError, match="x has 20 features but weight expects 7"):
-        mvit_kernels.mlp(x, w1.detach(), b1, w2[:, :7], b2)
+    for fn in (reference.mlp, mvit_kernels.mlp):
+        with torch.inference_mode():  # the chunked oneDNN path for the fused op
+            with pytest.raises(ValueError, match="fc2_weight expects 7 features but fc1_weight gives 20"):
+                fn(x, w1.detach(), b1, w2[:, :7], b2)
+            with pytest.raises(ValueError, match=r"fc1_bias must have shape \(20,\)"):
+                fn(x, w1.detach(), b1[:5], w2, b2)
+            with pytest.raises(ValueError, match=r"fc2_bias must have shape \(6,\)"):
+                fn(x, w1.detach(), b1, w2, b2[:5])
+            with pytest.raises(ValueError, match="fc2_weight must be 2-D"):
+                fn(x, w1.detach(), b1, w2[None], b2)
+            with pytest.raises(ValueError, match="x has 11 features but fc1_weight expects 12"):
+                fn(x[..., :11], w1.detach(), b1, w2, b2)
 
 
 def test_fused_model_with_chunked_mlps_matches_reference(monkeypatch):
