@@ -130,8 +130,10 @@ def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     that names neither. Dtypes and devices are left to F.linear (autocast mixes dtypes on purpose)."""
     x_name, w_name, b_name = names
     _check_weight_bias(weight, bias, w_name, b_name)
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{x_name} has {x.shape[-1] if x.dim() else 0} features but {w_name} expects {weight.shape[1]}")
+    if x.dim() < 1:
+        raise ValueError(f"{x_name} must be (..., in_features), got a 0-d tensor")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{x_name} has {x.shape[-1]} features but {w_name} expects {weight.shape[1]}")
 
 
 def check_mlp_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) -> None:

@@ -77,6 +77,7 @@ def _bad_linear_args():
     x, w, b = _inputs((2, 3), 8, 4)
     return [
         ("features", (torch.randn(2, 3, 5), w, b), "x has 5 features but weight expects 8"),
+        ("x 0-d", (torch.tensor(1.0), w, b), r"x must be \(..., in_features\), got a 0-d tensor"),
         # oneDNN read this weight as the (4, 8) one and answered, silently
         ("weight rank", (x, w.unsqueeze(-1), b), r"weight must be 2-D \(out_features, in_features\), got shape \(4, 8, 1\)"),
         ("weight 1-D", (x, w[0], None), r"weight must be 2-D .* got shape \(8,\)"),
