@@ -435,3 +435,26 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
             pa.triton_pooling_attention(q, k, v, (1, 2, 2), (1, 1, 1), True, None, None, None, residual_pooling=True)
     finally:
         kernels.interpreter_problem.cache_clear()
+
+
+def test_dispatch_rules_compile_without_the_lru_cache_warning(monkeypatch):
+    # torch.compile traces the device rule inside the user's graph (the fused ops ask it on every
+    # call); Dynamo warned "Silent incorrectness is only a potential risk" for every
+    # functools.lru_cache-wrapped function it met. A fake Hopper's properties, as constants.
+    import types
+    import warnings
+
+    import torch._dynamo.utils
+
+    hopper = types.SimpleNamespace(major=9, minor=0, shared_memory_per_block_optin=232448)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: hopper)
+    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())  # Dynamo warns once a process
+    kernels._device_rule.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = torch.compile(lambda x: x * kernels._device_rule(0), fullgraph=True, backend="eager")(torch.ones(2))
+        assert got.tolist() == [90.0, 90.0]  # the sm_90 tile rule
+        assert not [w for w in caught if "lru_cache" in str(w.message)]
+    finally:
+        kernels._device_rule.cache_clear()

@@ -428,7 +428,24 @@ def rule_for(capability: Sequence[int], smem_per_block_optin: int) -> Optional[i
     return next((rule for rule, limit in RULES.items() if smem_per_block_optin >= limit), None)
 
 
-@functools.lru_cache(maxsize=None)
+def _memo(fn):
+    """``functools.lru_cache`` for the dispatch rules, as a plain dict: torch.compile traces these
+    functions (the dispatch runs inside the user's graph), and Dynamo warns about every
+    lru_cache-wrapped function it meets ("Silent incorrectness is only a potential risk") where
+    it traces a dict lookup silently. ``cache_clear`` as lru_cache's."""
+    cache: dict = {}
+
+    @functools.wraps(fn)
+    def cached(*args):
+        if args not in cache:
+            cache[args] = fn(*args)
+        return cache[args]
+
+    cached.cache_clear = cache.clear
+    return cached
+
+
+@_memo
 def _device_rule(index: int) -> Optional[int]:
     props = torch.cuda.get_device_properties(index)
     smem = getattr(props, "shared_memory_per_block_optin", 0) or _SMEM_OPTIN.get((props.major, props.minor), RULES[86])
@@ -466,7 +483,7 @@ def device_cc(t: torch.Tensor) -> int:
     return 90
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def interpreter_problem() -> Optional[str]:
     """Why the Triton interpreter cannot run these kernels on CPU tensors, or None if it can.
 
