@@ -5,8 +5,9 @@
 GFLOPs are multiply-adds for one view (the papers' convention), counted on the meta device by
 ``mvit.flops.count_model``. The "fused" column counts the same model with ``fused=True``, as it
 runs off the Triton kernels (on CPUs): where a K/V stride is larger than the kernel (MViT-B's
-blocks 0-2), k and v are projected only for the tokens some pooling window reads, so it counts
-fewer; every other op registers a FLOP formula equal to what the reference executes. "fused on
+blocks 0-2), k and v are projected only for the tokens some pooling window reads, and the last
+block of a model with a class token computes that token's output alone, so it counts fewer;
+every other op registers a FLOP formula equal to what the reference executes. "fused on
 CUDA" is what the fused model executes on a GPU by the static dispatch rule, where the blocks
 the rule fuses project K/V inside the pooling kernel, once per window tap: the unread tokens
 skipped, the windows that overlap along t recomputed (the rule chose it for bytes). Per-shape
@@ -42,8 +43,9 @@ def _fused_gflops(name: str):
 
 
 def _fused_cuda_gflops(name: str, gflops: float):
-    """The fused model's multiply-adds on CUDA by the static rule: the reference's count, less,
-    for k and v in every block with K/V pooling, the tokens the projection skips. Blocks the rule
+    """The fused model's multiply-adds on CUDA by the static rule: ``gflops`` (the reference's
+    count with the fused model's class-token-only last block), less, for k and v in every block
+    with K/V pooling, the tokens the projection skips. Blocks the rule
     fuses (``use_fused_projection``: MViT-B's blocks 0-2) project per pooling-window tap (the
     unread tokens skipped, overlaps recomputed: "skipped" < 0 where the recompute wins); other
     blocks whose windows leave tokens unread take the gathered path (each read token once).
@@ -84,7 +86,8 @@ def main(argv=None) -> int:
     fused_ok = mvit_kernels.load_extension()
     rows = []
     for name in PRESETS:
-        count = count_model(get_preset(name))
+        cfg = get_preset(name)
+        count = count_model(cfg)
         fig = PAPER_FIGURES.get(name)
         row = {
             "preset": name,
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
             "params": count.params,
             "gflops": round(count.gflops, 3),
             "gflops_fused": _fused_gflops(name) if fused_ok else None,
-            "gflops_fused_cuda": _fused_cuda_gflops(name, count.gflops),
+            "gflops_fused_cuda": _fused_cuda_gflops(name, count_model(get_preset(name), cls_only=cfg.cls_embed).gflops),
             "paper_params_m": fig.params_m if fig else None,
             "paper_gflops": fig.gflops if fig else None,
             "source": fig.source if fig else "not a paper model",
@@ -124,8 +127,9 @@ def main(argv=None) -> int:
         "",
         "GFLOPs: the reference model (`fused=False`), counted by torch's FlopCounterMode on the meta device.",
         "fused GFLOPs: the same count with `fused=True`, as it runs on CPUs: k and v projected only for the",
-        "tokens some pooling window reads where a K/V stride exceeds the kernel (MViT-B's blocks 0-2); every",
-        "other op's FLOP formula equals the reference's.",
+        "tokens some pooling window reads where a K/V stride exceeds the kernel (MViT-B's blocks 0-2), and, in",
+        "models with a class token, the last block computing the class token's output alone (the classifier",
+        "reads nothing else); every other op's FLOP formula equals the reference's.",
         "fused on CUDA: what the fused model executes on a GPU by the static rule, where the blocks whose K/V",
         "projection it fuses with the pooling project per window tap: unread tokens skipped, windows that",
         "overlap along t recomputed (chosen by the byte/FLOP model). Per-shape tuning may take the gathered",

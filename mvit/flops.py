@@ -5,8 +5,9 @@ FLOPs follow the papers' convention: multiply-adds for one view (one clip or ima
 matmuls, linears and convolutions. Norms, softmax, pooling and element-wise ops count zero, as in
 fvcore and torchvision's tables. The project's own ops register FLOP formulas that count what
 the reference path counts; a fused model (``fused=True``) counts fewer only where it skips the
-K/V projection of tokens no pooling window reads (``mvit_kernels.pooled_projection``), which is
-what it executes off the Triton kernels.
+K/V projection of tokens no pooling window reads (``mvit_kernels.pooled_projection``) and, with
+a class token, the last block's other tokens (``MViT.forward_features(cls_only=True)``), which
+is what it executes off the Triton kernels.
 
 Counting runs on the meta device: no memory is allocated and no arithmetic is done, so even
 MViT-B 64x3 counts in about a second.
@@ -62,11 +63,14 @@ def count_model(
     input_size: Optional[Sequence[int]] = None,
     fused: bool = False,
     device: str = "meta",
+    cls_only: Optional[bool] = None,
 ) -> ModelCount:
     """Parameters and GFLOPs (multiply-adds, one view) of a model, with a per-stage breakdown.
 
     ``input_size`` (T, H, W) feeds the model an input other than its preset's (the model is
     still built at the preset's size, as when a trained model is evaluated on another crop).
+    ``cls_only``: as :meth:`MViT.forward`'s (None: the fused model's last block computes the
+    class token alone, the reference's every token).
     """
     with torch.device(device):
         model = MViT(cfg, fused=fused)
@@ -76,7 +80,7 @@ def count_model(
     x = torch.empty(shape, device=device)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(x)
+        model(x, cls_only=cls_only)
     per_module = counter.get_flop_counts()
     total = counter.get_total_flops() / 2 / 1e9
 

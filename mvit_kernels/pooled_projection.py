@@ -16,8 +16,8 @@ token grid and LayerNorm-ed: the contract of :func:`mvit_kernels.reference.poole
   of x first (one ``index_select``), pooled on their smaller grid with the stride set to the
   kernel, which gives every window the same taps (:func:`read_grid`). Each token is projected
   at most once, so it does fewer multiply-adds than both the composed path and the Triton
-  kernel (which recomputes overlaps along t): 1.49 G fewer than the reference for MViT-B 16x4
-  (69.11 against 70.60 GFLOPs).
+  kernel (which recomputes overlaps along t): 1.49 GFLOPs (multiply-adds) fewer than the
+  reference for MViT-B 16x4.
 - :func:`triton_pooled_projection` forces the Triton kernel (on CPU tensors it needs
   ``TRITON_INTERPRET=1``; the tests use it that way).
 

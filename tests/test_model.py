@@ -181,3 +181,78 @@ def test_specs_are_explicit_per_block():
     assert len(model.specs) == 2 and model.specs == get_preset("mvit_b_16x4").replace(
         depth=2, dim_mul=(), head_mul=(), pool_q_stride=()
     ).block_specs()
+
+
+CLS_ONLY_CASES = {"v1-conv": dict(), "v1-max": dict(pool_mode="max"), "v2": V2_TINY,
+                  "v2-max-no-residual": dict(V2_TINY, pool_mode="max", residual_pooling=False)}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("overrides", CLS_ONLY_CASES.values(), ids=CLS_ONLY_CASES.keys())
+def test_cls_only_block_is_row_0_of_the_whole_block(overrides, fused):
+    """Every block of the tiny models (q pooling with its LayerNorm, the pooled skip, channel
+    expansion in the attention (v2) or the MLP (v1), rel-pos, residual pooling) run for the
+    class token alone gives row 0 of its whole output, and the same parameter gradients from it;
+    in training mode, stochastic depth drawing the same per-sample factors. float64, 1e-10."""
+    torch.manual_seed(0)
+    model = build_model("mvit_tiny", drop_path_rate=0.5, **overrides).double().train()
+    if fused:
+        model.set_fused(True)
+    x, thw = model.patch_embed(_video().double())
+    x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+    kinds = set()
+    for block in model.blocks:
+        params = [p for p in block.parameters()]
+        torch.manual_seed(1)
+        whole, thw_whole = block(x, thw, fused)
+        grads_whole = torch.autograd.grad(whole[:, :1].square().sum(), params, allow_unused=True)
+        torch.manual_seed(1)
+        cls, thw_cls = block(x, thw, fused, cls_only=True)
+        grads_cls = torch.autograd.grad(cls.square().sum(), params, allow_unused=True)
+        assert cls.shape == (x.shape[0], 1, whole.shape[-1]) and thw_cls == thw_whole
+        torch.testing.assert_close(cls, whole[:, :1], atol=1e-10, rtol=1e-10)
+        for p, g_cls, g_whole in zip(params, grads_cls, grads_whole):
+            # None where the class token's row does not reach a parameter: the rel-pos tables
+            # (its row takes no bias), which the whole block reaches with a zero gradient
+            zero = torch.zeros_like(p)
+            torch.testing.assert_close(zero if g_cls is None else g_cls, zero if g_whole is None else g_whole,
+                                       atol=1e-10, rtol=1e-10)
+        kinds |= {"pool_skip"} if block.spec.pool_skip else set()
+        kinds |= {"proj"} if block.proj is not None else set()
+        x, thw = whole.detach(), thw_whole
+    assert kinds == {"pool_skip", "proj"}  # the cases above reach both
+
+
+def test_forward_runs_the_last_block_for_the_class_token_on_the_fused_path():
+    torch.manual_seed(0)
+    ref = build_model("mvit_tiny").double().eval()
+    fused = build_model("mvit_tiny", fused=True).double().eval()
+    fused.load_state_dict(ref.state_dict())
+    seen = []
+    for model in (ref, fused):
+        model.blocks[-1].register_forward_hook(lambda mod, args, out: seen.append(out[0].shape[1]))
+    x = _video().double()
+    torch.testing.assert_close(fused(x), ref(x), atol=1e-10, rtol=1e-10)
+    assert seen == [1, 1 + 4 * 2 * 2]  # the fused model's class token, the reference's every token (4x2x2 grid)
+    seen.clear()
+    logits = ref(x, cls_only=True)  # asked of the reference
+    assert seen == [1]
+    torch.testing.assert_close(logits, fused(x), atol=1e-10, rtol=1e-10)
+    features, thw = fused.forward_features(x)  # all tokens unless asked
+    assert features.shape[1] == 1 + 4 * 2 * 2 and thw == (4, 2, 2)
+    nocls = build_model("mvit_tiny", cls_embed=False, fused=True).eval()
+    assert nocls(_video()).shape == (2, 4)  # mean pooling reads every token: the whole last block
+    with pytest.raises(ValueError, match="cls_only needs a class token; mvit_tiny has none"):
+        nocls.forward_features(_video(), cls_only=True)
+
+
+def test_cls_only_skips_the_last_blocks_other_tokens_flops():
+    """MViT-B 16x4's last block: 392 grid tokens, 393 keys, 768 channels, MLP 3072: the class
+    token alone saves their projection and MLP, and their attention rows (q k^T and p v)."""
+    from mvit.flops import count_model
+
+    cfg = get_preset("mvit_b_16x4")
+    whole, cls = (count_model(cfg, cls_only=c).gflops for c in (False, True))
+    saved = 392 * (768 * 768 + 768 * 3072 + 3072 * 768) + 2 * 392 * 393 * 768
+    assert whole - cls == pytest.approx(saved / 1e9, rel=1e-9)
+    assert count_model(cfg).gflops == whole  # the reference's default: every token
