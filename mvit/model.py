@@ -141,6 +141,13 @@ class MultiScaleAttention(nn.Module):
             # The class token's row takes neither the rel-pos bias nor the residual pooling
             # connection (reference.pooling_attention): plain attention of one query over every key.
             out = F.scaled_dot_product_attention(q[:, :, :1], k, v).transpose(1, 2).reshape(B, 1, self.attn_dim)
+            # The rel-pos tables then take no part; they get the zero gradient the whole block gives
+            # them instead of none, which DistributedDataParallel would refuse ("parameters that were
+            # not used in producing loss"). An empty slice sums to 0 whatever the table holds.
+            if torch.is_grad_enabled():
+                for table in (self.rel_pos_t, self.rel_pos_h, self.rel_pos_w):
+                    if table is not None and table.requires_grad:
+                        out = out + table[:0].sum()
         else:
             tables = tuple(None if t is None else t.to(q.dtype) for t in (self.rel_pos_t, self.rel_pos_h, self.rel_pos_w))
             out = _ops(fused).pooling_attention(

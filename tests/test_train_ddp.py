@@ -55,3 +55,33 @@ def test_failing_rank_fails_the_job(tmp_path):
     proc = _torchrun([str(script)], tmp_path, timeout=120)
     assert proc.returncode != 0
     assert "[rank 1] failed: RuntimeError: injected failure" in proc.stderr
+
+
+def test_ddp_trains_a_fused_model_whose_last_block_skips_the_rel_pos_tables(tmp_path):
+    # The fused model's last block computes the class token alone, whose row reads no rel-pos
+    # table; DistributedDataParallel (find_unused_parameters=False, the trainer's) failed on the
+    # second step while those tables got no gradient.
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent("""
+        import torch, torch.distributed as dist
+        from mvit import build_model
+        dist.init_process_group("gloo")
+        torch.manual_seed(0)
+        model = build_model("mvit_tiny", fused=True, abs_pos="none", rel_pos_spatial=True,
+                            rel_pos_temporal=True, residual_pooling=True, dim_mul_in_att=True)
+        net = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        for step in range(3):
+            net(torch.randn(2, 3, 8, 32, 32)).square().sum().backward()
+            opt.step()
+            if step < 2:
+                opt.zero_grad()
+        last = model.blocks[-1].attn
+        assert all(t.grad is not None and not t.grad.any() for t in (last.rel_pos_t, last.rel_pos_h, last.rel_pos_w))
+        assert all(p.grad is not None for p in model.parameters())
+        print("rank", dist.get_rank(), "trained")
+        dist.destroy_process_group()
+    """))
+    proc = _torchrun([str(script)], tmp_path, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained") == 2
