@@ -129,10 +129,11 @@ def test_bad_configs_fail_at_build_time(overrides, match):
         build_model("mvit_tiny", **overrides)
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused-cls-only-last-block"])
+def test_activation_checkpointing_gives_the_same_gradients(fused):
     torch.manual_seed(0)
-    model = build_model("mvit_tiny", drop_path_rate=0.0)
-    ckpt = build_model("mvit_tiny", drop_path_rate=0.0, checkpoint_activations=True)
+    model = build_model("mvit_tiny", drop_path_rate=0.0, fused=fused)
+    ckpt = build_model("mvit_tiny", drop_path_rate=0.0, checkpoint_activations=True, fused=fused)
     ckpt.load_state_dict(model.state_dict())
     x = _video()
     model(x).square().sum().backward()
