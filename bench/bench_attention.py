@@ -286,7 +286,7 @@ def bench_cuda(shapes: list[dict], rel: bool, ceil: Ceilings = H100) -> tuple[st
         q, k, v = mk(B, H, s["n_q"], d), mk(B, H, s["n_kv"], d), mk(B, H, s["n_kv"], d)
         tabs = [None, None, None]
         if rel:
-            L = [2 * max(a, b) - 1 for a, b in zip(s["thw_q"], s["thw_kv"])]
+            L = [reference.rel_pos_table_length(a, b) for a, b in zip(s["thw_q"], s["thw_kv"])]
             tabs = [mk(L[0], d) * 0.1 if s["rel_t"] else None, mk(L[1], d) * 0.1, mk(L[2], d) * 0.1]
             tabs = [None if t is None else t.detach().requires_grad_() for t in tabs]
         args = (q, k, v, s["thw_q"], s["thw_kv"], True, *tabs)
@@ -371,7 +371,7 @@ def bench_cpu(shapes: list[dict], repeats: int = 7, threads: int = 2) -> tuple[s
         B, H, d = s["batch"], s["heads"], s["d"]
         q = torch.randn(B, s["n_q"], 3, H, d, generator=g).permute(2, 0, 3, 1, 4)[0]
         k, v = torch.randn(B, H, s["n_kv"], d, generator=g), torch.randn(B, H, s["n_kv"], d, generator=g)
-        L = [2 * max(a, b) - 1 for a, b in zip(s["thw_q"], s["thw_kv"])]
+        L = [reference.rel_pos_table_length(a, b) for a, b in zip(s["thw_q"], s["thw_kv"])]
         tabs = [torch.randn(L[0], d, generator=g) * 0.1 if s["rel_t"] else None] + [
             torch.randn(n, d, generator=g) * 0.1 if s["rel_pos"] else None for n in L[1:]]
         args = (q, k, v, s["thw_q"], s["thw_kv"], True, *tabs, s["residual"])

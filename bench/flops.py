@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             "params": count.params,
             "gflops": round(count.gflops, 3),
             "gflops_fused": _fused_gflops(name) if fused_ok else None,
-            "gflops_fused_cuda": _fused_cuda_gflops(name, count_model(get_preset(name), cls_only=cfg.cls_embed).gflops),
+            "gflops_fused_cuda": _fused_cuda_gflops(name, count_model(cfg, cls_only=cfg.cls_embed).gflops),
             "paper_params_m": fig.params_m if fig else None,
             "paper_gflops": fig.gflops if fig else None,
             "source": fig.source if fig else "not a paper model",
