@@ -58,9 +58,11 @@ def check_flag(value, name: str) -> bool:
 
 def check_eps(eps) -> float:
     """LayerNorm's eps: a finite number >= 0 (a negative one makes var + eps negative)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) a module's float
+    # is a SymFloat, which isfinite would turn into a graph break (NaN fails both comparisons).
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, torch.SymInt, torch.SymFloat)) or not 0 <= eps < math.inf:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    return float(eps)
+    return eps if isinstance(eps, torch.SymFloat) else float(eps)
 
 
 def pool_output_size(size: int, kernel: int, stride: int, padding: int) -> int:

@@ -256,6 +256,24 @@ def test_rel_pos_attention_is_one_registered_op_under_compile():
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_compile_dynamic_shapes_fullgraph(v2):
+    # torch.compile(dynamic=True) makes a module's floats symbolic too: the pool norms' eps was
+    # checked with math.isfinite, a graph break per pooled tensor (36 in mvit_tiny), after which
+    # every block recompiled per instance past Dynamo's recompile limit. fullgraph=True fails on
+    # any break; one compiled graph then serves two batch sizes, forward and backward.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model("mvit_tiny", drop_path_rate=0.0, fused=True, **(V2 if v2 else {}))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch in (2, 3):
+        clip = torch.randn(batch, 3, 8, 32, 32)
+        got, want = compiled(clip), model(clip)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        grads = [torch.autograd.grad(out.square().sum(), model.patch_embed.proj.weight)[0] for out in (got, want)]
+        torch.testing.assert_close(*grads, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 def test_torch_export_with_a_dynamic_batch(v2):
     # Deployment path: torch.export sees the registered pool ops (their fake implementations give
     # the shapes) and the exported program runs other batch sizes than the example's.
