@@ -44,6 +44,8 @@ _ONEDNN = _onednn_linear_available()
 
 def _run_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool) -> Tensor:
     attr, algorithm = ("gelu", "none") if gelu else ("none", "")
+    # oneDNN reads the bias as dense whatever its strides (a strided one gave a silent wrong answer).
+    bias = None if bias is None else bias.contiguous()
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, attr, [], algorithm)
 
 
@@ -66,6 +68,7 @@ def uses_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
         and x.device.type == "cpu"
         and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
         and x.dim() >= 2
+        and x.shape[-1] > 0  # oneDNN cannot describe an empty reduction; the reference gives the bias
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         and (torch.compiler.is_compiling() or not intercepted(x))  # traced: the registered op
         and autocast.autocast_dtype(x) is None  # under autocast F.linear runs in its dtype

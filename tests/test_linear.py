@@ -45,6 +45,36 @@ def test_non_contiguous_input():
     torch.testing.assert_close(got, reference.linear(x, w, b, "gelu"), **TOL)
 
 
+def _strided(*shape, layout):
+    """A random tensor of shape whose last dim is strided (every other element) or expanded (stride 0)."""
+    if layout == "strided":
+        return torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2]
+    return torch.randn(*shape[:-1], 1).expand(*shape)
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_non_contiguous_bias_and_weight(layout):
+    # oneDNN read a strided bias as dense: every output column but the first was wrong, silently.
+    torch.manual_seed(3)
+    x = torch.randn(3, 5, 12)
+    w1, b1 = _strided(10, 12, layout=layout), _strided(10, layout=layout)
+    w2, b2 = _strided(10, 7, layout=layout).mT, _strided(7, layout=layout)  # transposed too
+    with torch.inference_mode():
+        assert linear_module.uses_onednn(x, w1, b1) == linear_module._ONEDNN
+        got, got_mlp = mvit_kernels.linear(x, w1, b1, "gelu"), mvit_kernels.mlp(x, w1, b1, w2, b2)
+    torch.testing.assert_close(got, reference.linear(x, w1, b1, "gelu"), **TOL)
+    torch.testing.assert_close(got_mlp, reference.mlp(x, w1, b1, w2, b2), **TOL)
+
+
+def test_no_input_features_gives_the_bias():
+    # oneDNN failed with "could not create a primitive descriptor" on an empty reduction.
+    x, w, b = torch.randn(3, 5, 0), torch.randn(4, 0), torch.randn(4)
+    with torch.inference_mode():
+        got = mvit_kernels.linear(x, w, b)
+    torch.testing.assert_close(got, b.expand(3, 5, 4))
+    torch.testing.assert_close(got, reference.linear(x, w, b))
+
+
 def test_gradients_take_the_reference():
     x, w, b = _inputs((2, 5), 12, 7)
     w.requires_grad_()
