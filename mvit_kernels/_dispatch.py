@@ -18,3 +18,14 @@ def traced_or_intercepted(t: Tensor) -> bool:
     """True when the call must go through registered ops or plain torch ops: torch.compile is
     tracing, or :func:`intercepted`."""
     return torch.compiler.is_compiling() or intercepted(t)
+
+
+def cached_constant(cache: dict, key, build):
+    """cache[key], built by build() on first use outside inference mode: a tensor made under
+    torch.inference_mode() is an inference tensor, which a later training call could not save
+    for backward ("Inference tensors cannot be saved for backward")."""
+    value = cache.get(key)
+    if value is None:
+        with torch.inference_mode(False):
+            value = cache[key] = build()
+    return value

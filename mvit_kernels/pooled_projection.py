@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from . import _extension, autocast, reference, tuning
-from ._dispatch import traced_or_intercepted
+from ._dispatch import cached_constant, traced_or_intercepted
 from .checks import PROJECTION_SLICES, check_pooled_projection_args, pool_output_size, pool_output_thw as _out_thw
 from .linear import linear as _linear
 from .pool3d import pool3d as _pool3d
@@ -439,9 +439,8 @@ def _gathered(x, weight, bias, which, num_heads, thw, kernel, stride, padding, m
         index = read_token_index(thw, kernel, stride, padding, has_cls, x.device)
     else:
         key = (tuple(thw), tuple(kernel), tuple(stride), tuple(padding), bool(has_cls), str(x.device))
-        index = _READ_INDEX_CACHE.get(key)
-        if index is None:
-            index = _READ_INDEX_CACHE[key] = read_token_index(thw, kernel, stride, padding, has_cls, x.device)
+        index = cached_constant(_READ_INDEX_CACHE, key,
+                                lambda: read_token_index(thw, kernel, stride, padding, has_cls, x.device))
     x_read = x.index_select(1, index)
     return _composed(x_read, weight, bias, which, num_heads, thw_read, kernel, stride_read, padding, mode,
                      pool_weight, has_cls, norm_weight, norm_bias, eps)

@@ -354,3 +354,14 @@ def test_eager_calls_reuse_the_index_and_traced_ones_build_it(monkeypatch):
     with FlopCounterMode(display=False):  # a dispatch mode sees every op: built in place
         run(pp.pooled_projection, inputs, *args)
     assert len(built) == 2 and len(pp._READ_INDEX_CACHE) == 1
+
+
+def test_inference_mode_first_then_training(monkeypatch):
+    # An eval pass under inference_mode cached the read index as an inference tensor; every later
+    # training call with that geometry then failed ("Inference tensors cannot be saved for backward").
+    monkeypatch.setattr(pp, "_READ_INDEX_CACHE", {})
+    inputs = make_inputs(1, 2, 8, 12, (2, 9, 9), "max", True, True, seed=17)
+    args = ("k", 2, (2, 9, 9), K3, (1, 4, 4), P1, "max", True)
+    with torch.inference_mode():
+        run(pp.pooled_projection, inputs, *args)
+    assert_matches_reference(inputs, *args, 1e-10, 1e-10)

@@ -136,6 +136,20 @@ def test_strided_views_as_the_model_passes_them():
     check_against_reference(q, k, v, tables, thw, thw, True, True)
 
 
+def test_inference_mode_first_then_training():
+    # The cached index and placeholder tensors, made under inference_mode by an eval pass, were
+    # inference tensors. The kernels only launch with them, but the same pattern broke the
+    # gathered pooled projection (test_pooled_projection), whose index autograd saves.
+    kernels._REL_INDEX_CACHE.clear()  # rebuilt on use
+    kernels._DUMMY_CACHE.clear()
+    thw_q, thw_kv = (1, 3, 3), (1, 2, 2)
+    q, k, v, tables = make_inputs(1, 2, 16, thw_q, thw_kv, True, "hw")
+    with torch.inference_mode():
+        pa.triton_pooling_attention(q, k, v, thw_q, thw_kv, True, *tables, residual_pooling=True)
+    assert kernels._REL_INDEX_CACHE and not any(t.is_inference() for t in kernels._REL_INDEX_CACHE.values())
+    check_against_reference(q, k, v, tables, thw_q, thw_kv, True, True)
+
+
 def test_no_grad_skips_the_rel_tile():
     thw_q, thw_kv = (1, 3, 3), (1, 2, 2)
     q, k, v, tables = make_inputs(1, 1, 16, thw_q, thw_kv, True, "hw")

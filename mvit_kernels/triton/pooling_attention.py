@@ -322,6 +322,8 @@ from typing import Optional, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
+from .._dispatch import cached_constant  # noqa: E402
+
 #: head_dim is padded to the next of these (tl.arange needs a power of two); larger heads fall
 #: back to SDPA.
 D_PADS = (16, 32, 64, 128)
@@ -531,9 +533,8 @@ def rel_index(q_size: int, k_size: int, device, offset: int = 0, dtype: torch.dt
     from ..reference import rel_pos_index
 
     key = (q_size, k_size, offset, dtype, str(device))
-    if key not in _REL_INDEX_CACHE:
-        _REL_INDEX_CACHE[key] = (rel_pos_index(q_size, k_size) + offset).to(device=device, dtype=dtype).contiguous()
-    return _REL_INDEX_CACHE[key]
+    return cached_constant(_REL_INDEX_CACHE, key,
+                           lambda: (rel_pos_index(q_size, k_size) + offset).to(device=device, dtype=dtype).contiguous())
 
 
 _DUMMY_CACHE: dict = {}
@@ -543,9 +544,7 @@ def _dummy(device, dtype) -> torch.Tensor:
     """A one-element placeholder for pointer arguments a launch does not read (no rel-pos, no bias);
     cached, since allocating it each call costs more host time than the kernel at small shapes."""
     key = (str(device), dtype)
-    if key not in _DUMMY_CACHE:
-        _DUMMY_CACHE[key] = torch.zeros(1, device=device, dtype=dtype)
-    return _DUMMY_CACHE[key]
+    return cached_constant(_DUMMY_CACHE, key, lambda: torch.zeros(1, device=device, dtype=dtype))
 
 
 class RelTables:
