@@ -37,5 +37,20 @@ def test_geometry_helpers():
     g = torch.Generator().manual_seed(0)
     assert T.random_crop(clip, 16, g).shape[-2:] == (16, 16)
     assert T.parse_rand_augment("m7-n4") == (7, 4) and T.parse_rand_augment("none") is None
-    with pytest.raises(ValueError):
-        T.parse_rand_augment("mx-n2")
+
+
+@pytest.mark.parametrize("spec", ["mx-n2", "garbage", "7-4", "m7", "n4-m7x", "m7-n4-m9", "m-n2", "m7_n4"])
+def test_rand_augment_spec_must_be_m_n(spec):
+    # these used to parse as the default m9-n2: a typo silently changed the augmentation
+    with pytest.raises(ValueError, match="--rand-augment must look like 'm7-n4'"):
+        T.parse_rand_augment(spec)
+
+
+def test_rand_augment_magnitude_and_ops_ranges():
+    assert T.parse_rand_augment("m30-n1") == (30, 1) and T.parse_rand_augment("M0-N3") == (0, 3)
+    with pytest.raises(ValueError, match="magnitude must be 0..30"):
+        T.parse_rand_augment("m31-n2")  # torchvision's RandAugment would fail on the first sample
+    with pytest.raises(ValueError, match="at least one op"):
+        T.parse_rand_augment("m9-n0")
+    clip = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    T.rand_augment(clip, 30, 2)  # the largest accepted magnitude runs

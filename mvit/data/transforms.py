@@ -9,6 +9,7 @@ augmentation is a function of its sample seed alone.
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional
 
 import torch
@@ -63,15 +64,26 @@ def uniform_crop(clip: torch.Tensor, size: int, spatial_idx: int) -> torch.Tenso
     return clip[..., y : y + size, x : x + size]
 
 
+# torchvision's RandAugment splits each op's range into 31 bins: magnitudes 0..30
+RAND_AUGMENT_MAX_MAGNITUDE = 30
+_RAND_AUGMENT = re.compile(r"^m(\d+)-n(\d+)$")
+
+
 def parse_rand_augment(spec: Optional[str]) -> Optional[tuple[int, int]]:
-    """'m7-n4' -> (magnitude 7, ops 4); 'none' / '' / None -> None."""
+    """'m7-n4' -> (magnitude 7, ops 4); 'none' / '' / None -> None. Anything else is an error
+    (a typo must not silently become some default strength)."""
     if not spec or spec.lower() in ("none", "off", "0"):
         return None
-    parts = dict((p[0], p[1:]) for p in spec.lower().split("-") if p)
-    try:
-        return int(parts.get("m", 9)), int(parts.get("n", 2))
-    except ValueError:
-        raise ValueError(f"--rand-augment must look like 'm7-n4' or 'none', got {spec!r}") from None
+    m = _RAND_AUGMENT.match(spec.strip().lower())
+    if not m:
+        raise ValueError(f"--rand-augment must look like 'm7-n4' (magnitude 7, 4 ops) or 'none', got {spec!r}")
+    magnitude, ops = int(m.group(1)), int(m.group(2))
+    if magnitude > RAND_AUGMENT_MAX_MAGNITUDE:
+        raise ValueError(f"--rand-augment magnitude must be 0..{RAND_AUGMENT_MAX_MAGNITUDE} "
+                         f"(torchvision's RandAugment bins), got {spec!r}")
+    if ops < 1:
+        raise ValueError(f"--rand-augment needs at least one op (n >= 1; 'none' turns it off), got {spec!r}")
+    return magnitude, ops
 
 
 def rand_augment(clip_uint8: torch.Tensor, magnitude: int, num_ops: int) -> torch.Tensor:
