@@ -168,3 +168,36 @@ def test_forked_worker_decodes_after_the_parent_did(tmp_path):
                                          multiprocessing_context="fork")
     (clip, label), = list(loader)
     assert clip.shape == (1, 3, 4, 16, 16) and label.tolist() == [0]
+
+
+@pytest.mark.parametrize("spec, train, message", [
+    (ClipSpec(frames=4, crop=32, jitter=(16, 40)), True, "--jitter-scales 16 40: the short side is scaled to at least"),
+    (ClipSpec(frames=4, crop=32, jitter=(48, 40)), True, "MIN <= MAX"),
+    (ClipSpec(frames=4, crop=16, jitter=(16, 20), rand_augment=(31, 2)), True, "magnitude of 0..30"),
+    (ClipSpec(frames=4, crop=16, jitter=(16, 20), erasing=1.5), True, "--random-erasing is a probability"),
+    (ClipSpec(frames=4, crop=16, stride=0), True, "--sampling-rate must be >= 1"),
+    (ClipSpec(frames=4, crop=16, test_clips=0), False, "--test-clips must be >= 1"),
+    (ClipSpec(frames=4, crop=16, test_crops=2), False, "--test-crops must be 1 or 3"),
+])
+def test_settings_no_video_could_satisfy_fail_up_front(tmp_path, spec, train, message):
+    # These used to fail inside __getitem__, where they were taken for unreadable videos and
+    # retried on other samples until "11 videos in a row could not be read".
+    path = make_video(tmp_path / "v.mkv", num_frames=12)
+    with pytest.raises(ValueError, match=message):
+        VideoDataset([(path, 0)], spec, train=train, num_classes=2)
+
+
+def test_only_decoding_errors_are_retried(tmp_path, monkeypatch, caplog):
+    from mvit.data import video
+
+    path = make_video(tmp_path / "v.mkv", num_frames=12)
+    ds = VideoDataset([(path, 0), (path, 1)], ClipSpec(frames=4, stride=1, target_fps=None, crop=16, jitter=(16, 20)),
+                      train=True, num_classes=2)
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug in a transform")
+
+    monkeypatch.setattr(video.T, "normalize", broken)
+    with caplog.at_level(logging.WARNING, logger="mvit.data"), pytest.raises(KeyError, match="a bug in a transform"):
+        ds[(0, 1)]
+    assert "unreadable video" not in caplog.text  # not passed off as a bad file

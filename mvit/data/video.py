@@ -148,12 +148,46 @@ class ClipSpec:
     test_clips: int = 1
     test_crops: int = 1
 
+    def check(self, train: bool) -> None:
+        """Raise ValueError (naming the command-line option) for settings no video could satisfy.
+        Checked once up front: inside ``__getitem__`` they would look like unreadable videos."""
+        from .transforms import RAND_AUGMENT_MAX_MAGNITUDE
+
+        if self.frames < 1:
+            raise ValueError(f"--num-frames must be >= 1, got {self.frames}")
+        if self.stride < 1:
+            raise ValueError(f"--sampling-rate must be >= 1, got {self.stride}")
+        if self.target_fps is not None and not self.target_fps > 0:
+            raise ValueError(f"--target-fps must be > 0, got {self.target_fps}")
+        if self.crop < 1:
+            raise ValueError(f"--crop-size must be >= 1, got {self.crop}")
+        if train:
+            lo, hi = self.jitter
+            if lo > hi:
+                raise ValueError(f"--jitter-scales must be MIN MAX with MIN <= MAX, got {lo} {hi}")
+            if lo < self.crop:
+                raise ValueError(f"--jitter-scales {lo} {hi}: the short side is scaled to at least the crop "
+                                 f"size, {self.crop} (--crop-size), to crop from it; got a minimum of {lo}")
+            if self.rand_augment is not None:
+                magnitude, ops = self.rand_augment
+                if not (0 <= magnitude <= RAND_AUGMENT_MAX_MAGNITUDE and ops >= 1):
+                    raise ValueError(f"--rand-augment needs a magnitude of 0..{RAND_AUGMENT_MAX_MAGNITUDE} and "
+                                     f">= 1 op, got m{magnitude}-n{ops}")
+            if not 0.0 <= self.erasing <= 1.0:
+                raise ValueError(f"--random-erasing is a probability in [0, 1], got {self.erasing}")
+        else:
+            if self.test_clips < 1:
+                raise ValueError(f"--test-clips must be >= 1, got {self.test_clips}")
+            if self.test_crops not in (1, 3):
+                raise ValueError(f"--test-crops must be 1 or 3, got {self.test_crops}")
+
 
 class VideoDataset(Dataset):
     """``train=True``: one augmented clip per sample; else all test views of a video, (V, 3, T, H, W)."""
 
     def __init__(self, items: list, spec: ClipSpec, train: bool, num_classes: int,
                  multi_label: bool = False, max_retries: int = 10):
+        spec.check(train)
         self.items, self.spec, self.train = items, spec, train
         self.num_classes, self.multi_label, self.max_retries = num_classes, multi_label, max_retries
 
@@ -177,24 +211,32 @@ class VideoDataset(Dataset):
         for attempt in range(self.max_retries + 1):
             path, label = self.items[index]
             try:
-                x = self._load(path, gen, seed)
-                return x, self._target(label)
-            except ImportError:
-                raise
-            except Exception as exc:
+                frames = self._decode(path, gen)
+            except _decode_errors() as exc:
+                # Only decoding is retried: a bad setting must fail, not pass for a bad video.
                 log.warning("unreadable video %s (%s: %s); using another sample", path, type(exc).__name__, exc)
                 index = int(torch.randint(0, len(self.items), (1,), generator=gen))
+                continue
+            return self._transform(frames, gen, seed), self._target(label)
         raise RuntimeError(f"{self.max_retries + 1} videos in a row could not be read; last: {path}")
 
-    def _load(self, path: str, gen: torch.Generator, seed: int) -> torch.Tensor:
+    def _decode(self, path: str, gen: torch.Generator) -> torch.Tensor:
+        """The frames of one training clip, or of every test clip one after another: (N, C, H, W) uint8."""
         s = self.spec
         if self.train:
             def wanted(n, fps):
                 return clip_frame_indices(n, s.frames, s.stride, fps, s.target_fps, -1, 1, gen)
+        else:
+            def wanted(n, fps):
+                return [i for k in range(s.test_clips)
+                        for i in clip_frame_indices(n, s.frames, s.stride, fps, s.target_fps, k, s.test_clips)]
+        frames, _ = decode_frames(path, wanted)
+        return torch.from_numpy(frames).permute(0, 3, 1, 2)
 
-            frames, _ = decode_frames(path, wanted)
-            clip = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, C, H, W) uint8
-            clip = T.random_short_side_scale(clip, *s.jitter, gen=gen)
+    def _transform(self, frames: torch.Tensor, gen: torch.Generator, seed: int) -> torch.Tensor:
+        s = self.spec
+        if self.train:
+            clip = T.random_short_side_scale(frames, *s.jitter, gen=gen)
             clip = T.random_crop(clip, s.crop, gen)
             if s.flip:
                 clip = T.random_flip(clip, 0.5, gen)
@@ -206,18 +248,18 @@ class VideoDataset(Dataset):
                 clip = T.random_erasing(clip, s.erasing)
             return clip.permute(1, 0, 2, 3).contiguous()  # (C, T, H, W)
 
-        def wanted(n, fps):
-            return [i for k in range(s.test_clips)
-                    for i in clip_frame_indices(n, s.frames, s.stride, fps, s.target_fps, k, s.test_clips)]
-
-        frames, _ = decode_frames(path, wanted)
-        clips = torch.from_numpy(frames).permute(0, 3, 1, 2).split(s.frames)
         views = []
-        for clip in clips:
+        for clip in frames.split(s.frames):
             clip = T.short_side_scale(clip, s.crop)
             for c in ([1] if s.test_crops == 1 else [0, 1, 2]):
                 views.append(T.normalize(T.uniform_crop(clip, s.crop, c), MEAN, STD).permute(1, 0, 2, 3))
         return torch.stack(views)
+
+
+def _decode_errors() -> tuple[type, ...]:
+    """What a missing, corrupt or empty video raises: PyAV's errors, OS errors, and the
+    ValueErrors of :func:`decode_frames` / :func:`clip_frame_indices` for videos without frames."""
+    return (_av().FFmpegError, OSError, EOFError, ValueError)
 
 
 def index_seed(index: int) -> int:
