@@ -201,3 +201,29 @@ def test_only_decoding_errors_are_retried(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="mvit.data"), pytest.raises(KeyError, match="a bug in a transform"):
         ds[(0, 1)]
     assert "unreadable video" not in caplog.text  # not passed off as a bad file
+
+
+def test_list_labels_are_range_checked_with_file_and_line(tmp_path):
+    csv = tmp_path / "val.csv"
+    csv.write_text("a.mp4 0\n\nb.mp4 2\nc.mp4 5\n")
+    assert [l for _, l in read_csv(str(csv), num_classes=6)] == [0, 2, 5]
+    with pytest.raises(ValueError, match=rf"{csv}:4: label 5 is outside \[0, 3\) \(3 classes\)"):
+        read_csv(str(csv), num_classes=3, classes_from=" (3 classes)")
+    csv.write_text("a.mp4 1\nb.mp4 -1\n")
+    with pytest.raises(ValueError, match=rf"{csv}:2: label -1 is outside >= 0"):
+        read_csv(str(csv))
+    csv.write_text("a.mp4 1,2\nb.mp4 0,4\n")  # multi-label: every id of the line
+    with pytest.raises(ValueError, match=rf"{csv}:2: label 4 is outside \[0, 4\)"):
+        read_csv(str(csv), multi_label=True, num_classes=4)
+    with pytest.raises(ValueError, match="comma-separated labels need --multi-label"):
+        read_csv(str(csv))
+
+
+def test_validation_class_folders_must_be_training_classes(tmp_path):
+    for split, names in (("train", ("jump", "run")), ("val", ("jump", "run", "swim"))):
+        for cls in names:
+            os.makedirs(tmp_path / split / cls)
+            (tmp_path / split / cls / "a.mp4").write_bytes(b"")
+    _, classes = class_folders(str(tmp_path), "train")
+    with pytest.raises(ValueError, match="class folders the training classes lack: swim"):
+        class_folders(str(tmp_path), "val", classes=classes)  # its videos were skipped silently

@@ -20,3 +20,50 @@ def test_bad_arguments(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert message in err, err
     assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+@pytest.fixture
+def listed_videos(tmp_path):
+    """Class folders and lists of (empty) video files: every check below fails before decoding."""
+    for split in ("train", "val"):
+        for cls in ("a", "b", "c"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                (tmp_path / split / cls / f"{i}.mp4").write_bytes(b"")
+    (tmp_path / "train.csv").write_text("".join(f"train/{c}/{i}.mp4 {k}\n" for k, c in enumerate("abc") for i in range(2)))
+    return tmp_path
+
+
+@pytest.mark.parametrize("extra, files, message", [
+    # validation labels used to be taken as they came: never counted as hits (or "unreadable")
+    (["--train-csv", "train.csv", "--val-csv", "val.csv"], {"val.csv": "val/a/0.mp4 0\nval/c/1.mp4 7\n"},
+     "val.csv:2: label 7 is outside [0, 3) (3 classes, from the largest label in --train-csv"),
+    (["--train-csv", "train.csv", "--val-csv", "val.csv", "--num-classes", "5"], {"val.csv": "val/a/0.mp4 5\n"},
+     "val.csv:1: label 5 is outside [0, 5) (--num-classes 5)"),
+    (["--train-csv", "ml.csv", "--val-csv", "val.csv", "--multi-label"],
+     {"ml.csv": "train/a/0.mp4 0,1\ntrain/b/0.mp4 2\n", "val.csv": "val/a/0.mp4 1,3\n"}, "val.csv:1: label 3 is outside [0, 3)"),
+    (["--train-csv", "train.csv", "--num-classes", "2"], {}, "train.csv:5: label 2 is outside [0, 2) (--num-classes 2)"),
+    (["--data-root", "."], {"val.csv": "val/a/0.mp4 3\n"}, None),
+    (["--data-root", ".", "--val-csv", "val.csv"], {"val.csv": "val/a/0.mp4 3\n"},
+     "val.csv:1: label 3 is outside [0, 3) (3 class folders in --data-root)"),
+    (["--data-root", ".", "--num-classes", "2"], {}, "--num-classes 2 is smaller than the 3 class folders"),
+    (["--data-root", ".", "--multi-label"], {}, "--multi-label needs --train-csv"),
+])
+def test_labels_are_checked_against_the_classes(listed_videos, extra, files, message, capsys, monkeypatch):
+    monkeypatch.chdir(listed_videos)
+    for name, text in files.items():
+        (listed_videos / name).write_text(text)
+    if message is None:  # a valid setup gets past every check: stop it at the first decode
+        from mvit.data import video
+
+        def stop(*args, **kwargs):
+            raise KeyError("stopped at the first decode")
+
+        monkeypatch.setattr(video, "decode_frames", stop)
+        with pytest.raises(KeyError):
+            main(["train", "--workers", "0", "--batch-size", "2", "--output-dir", "run"] + extra)
+        return
+    assert main(["train", "--output-dir", "run"] + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1

@@ -72,3 +72,20 @@ def test_multi_label_csv(video_root, tmp_path):
                  "--multi-label", "--workers", "0", "--output-dir", str(out)] + SMALL) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["val"]["videos"] == 2 and 0 <= result["val"]["mAP"] <= 100
+
+
+def test_val_csv_with_class_folders(video_root, tmp_path, capsys):
+    # --val-csv was ignored when the training videos came from class folders
+    val_csv = tmp_path / "val.csv"
+    val_csv.write_text("val/spin/0.mkv 2\nval/pull/1.mkv 0\n")  # labels index the sorted folders
+    out = tmp_path / "folders"
+    assert main(["train", "--data-root", str(video_root), "--val-csv", str(val_csv), "--workers", "0",
+                 "--output-dir", str(out)] + SMALL) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["val"]["videos"] == 2  # not the 6 of val/
+    # `mvit eval` checks a list's labels against the checkpoint's classes
+    val_csv.write_text("val/spin/0.mkv 2\nval/pull/1.mkv 3\n")
+    capsys.readouterr()
+    assert main(["eval", str(out), "--val-csv", str(val_csv), "--data-root", str(video_root)]) == 2
+    err = capsys.readouterr().err
+    assert f"{val_csv}:2: label 3 is outside [0, 3) (the checkpoint's model has 3 classes)" in err, err

@@ -97,11 +97,15 @@ def build_eval_dataset(args, state: dict):
     from .video import ClipSpec, VideoDataset, class_folders, read_csv
 
     if args.val_csv:
-        items = read_csv(args.val_csv, args.data_root, multi)
+        items = read_csv(args.val_csv, args.data_root, multi, cfg.num_classes,
+                         f" (the checkpoint's model has {cfg.num_classes} classes)")
     else:
         if not os.path.isdir(args.data_root):
             raise FileNotFoundError(f"--data-root not found: {args.data_root}")
-        items = class_folders(args.data_root, "val", classes=state.get("classes"))[0]
+        items, classes = class_folders(args.data_root, "val", classes=state.get("classes"))
+        if len(classes) > cfg.num_classes:
+            raise ValueError(f"{os.path.join(args.data_root, 'val')} has {len(classes)} class folders; the "
+                             f"checkpoint's model has {cfg.num_classes} classes")
     fps = args.target_fps if args.target_fps is not None else train_args.get("target_fps", 30.0)
     spec = ClipSpec(frames=cfg.input_size[0], crop=cfg.input_size[1],
                     stride=args.sampling_rate or train_args.get("sampling_rate", 4), target_fps=fps or None,

@@ -86,9 +86,12 @@ def decode_frames(path: str, indices_for: "callable") -> tuple[np.ndarray, list[
     return np.stack([frames[i] for i in wanted]), wanted
 
 
-def read_csv(path: str, root: Optional[str] = None, multi_label: bool = False) -> list[tuple[str, Label]]:
+def read_csv(path: str, root: Optional[str] = None, multi_label: bool = False,
+             num_classes: Optional[int] = None, classes_from: str = "") -> list[tuple[str, Label]]:
     """pySlowFast list: ``path label`` per line (space or comma... label field last; multi-label:
-    comma-separated class ids). Relative paths are taken relative to ``root``."""
+    comma-separated class ids). Relative paths are taken relative to ``root``. Labels must be
+    >= 0 and, when ``num_classes`` is given, < ``num_classes`` (``classes_from`` says where that
+    number came from, for the error message, which names the file and line)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"list file not found: {path}")
     items = []
@@ -104,7 +107,13 @@ def read_csv(path: str, root: Optional[str] = None, multi_label: bool = False) -
             try:
                 label: Label = tuple(int(c) for c in lab.split(",")) if multi_label else int(lab)
             except ValueError:
-                raise ValueError(f"{path}:{n}: label {lab!r} is not an integer") from None
+                raise ValueError(f"{path}:{n}: label {lab!r} is not an integer"
+                                 + ("" if multi_label or "," not in lab else " (comma-separated labels need --multi-label)")
+                                 ) from None
+            for c in (label if multi_label else (label,)):
+                if c < 0 or (num_classes is not None and c >= num_classes):
+                    bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+                    raise ValueError(f"{path}:{n}: label {c} is outside {bound}{classes_from}")
             if root and not os.path.isabs(vid):
                 vid = os.path.join(root, vid)
             items.append((vid, label))
@@ -113,13 +122,23 @@ def read_csv(path: str, root: Optional[str] = None, multi_label: bool = False) -
     return items
 
 
+def max_label(items: list, multi_label: bool = False) -> int:
+    return max(c for _, lab in items for c in (lab if multi_label else (lab,)))
+
+
 def class_folders(root: str, split: str, extensions=VIDEO_EXTENSIONS,
                   classes: Optional[Sequence[str]] = None) -> tuple[list[tuple[str, int]], list[str]]:
     """ROOT/<split>/<class>/<file> -> items and the sorted class names."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"data folder not found: {folder}")
-    classes = list(classes) if classes else sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    found = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if classes:
+        # a folder of a class the model was not trained on would be skipped without a word
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ValueError(f"{folder} has class folders the training classes lack: {', '.join(unknown)}")
+    classes = list(classes) if classes else found
     if not classes:
         raise ValueError(f"{folder} has no class folders")
     items = []
@@ -284,22 +303,44 @@ def build_video_datasets(args, recipe: dict, cfg, workers: int):
     from . import DataBundle
 
     multi = bool(args.multi_label)
-    classes = None
-    if args.train_csv:
-        train_items = read_csv(args.train_csv, args.data_root, multi)
-        val_items = read_csv(args.val_csv, args.data_root, multi) if args.val_csv else None
-    else:
-        if not os.path.isdir(args.data_root):
-            raise FileNotFoundError(f"--data-root not found: {args.data_root}")
-        train_items, classes = class_folders(args.data_root, "train")
-        val_dir = os.path.join(args.data_root, "val")
-        val_items = class_folders(args.data_root, "val", classes=classes)[0] if os.path.isdir(val_dir) else None
-    labels = [l for _, lab in train_items for l in (lab if multi else (lab,))]
-    num_classes = args.num_classes or (len(classes) if classes else max(labels) + 1)
-    if max(labels) >= num_classes or min(labels) < 0:
-        raise ValueError(f"labels must lie in [0, {num_classes}); found {min(labels)}..{max(labels)}")
+    train_items, val_items, classes, num_classes = labelled_items(args, VIDEO_EXTENSIONS)
     train = VideoDataset(train_items, _spec(args, recipe, cfg, True, 1, 1), True, num_classes, multi)
     val = (VideoDataset(val_items, _spec(args, recipe, cfg, False, args.test_clips, args.test_crops), False,
                         num_classes, multi) if val_items else None)
     spec = train.spec
     return DataBundle(train, val, num_classes, classes, multi, (spec.frames, spec.crop, spec.crop), workers)
+
+
+def labelled_items(args, extensions) -> tuple[list, Optional[list], Optional[list[str]], int]:
+    """(train items, validation items or None, class names or None, number of classes) from
+    ``--train-csv`` / ``--val-csv`` lists or ``--data-root`` class folders, every label checked
+    against the number of classes (``--num-classes``, else the class folders or the largest
+    training label)."""
+    multi = bool(args.multi_label)
+    given = args.num_classes
+    if args.train_csv:
+        train_items = read_csv(args.train_csv, args.data_root, multi, given, f" (--num-classes {given})")
+        classes = None
+        num_classes = given or max_label(train_items, multi) + 1
+        why = (f" (--num-classes {given})" if given else
+               f" ({num_classes} classes, from the largest label in --train-csv {args.train_csv}; "
+               "give --num-classes if there are more)")
+    else:
+        if multi:
+            raise ValueError("--multi-label needs --train-csv (and --val-csv) lists: class folders give one "
+                             "label per file")
+        if not os.path.isdir(args.data_root):
+            raise FileNotFoundError(f"--data-root not found: {args.data_root}")
+        train_items, classes = class_folders(args.data_root, "train", extensions)
+        if given is not None and given < len(classes):
+            raise ValueError(f"--num-classes {given} is smaller than the {len(classes)} class folders in "
+                             f"{os.path.join(args.data_root, 'train')}")
+        num_classes = given or len(classes)
+        why = f" (--num-classes {given})" if given else f" ({num_classes} class folders in --data-root)"
+    if args.val_csv:
+        val_items = read_csv(args.val_csv, args.data_root, multi, num_classes, why)
+    elif classes is not None and os.path.isdir(os.path.join(args.data_root, "val")):
+        val_items = class_folders(args.data_root, "val", extensions, classes)[0]
+    else:
+        val_items = None
+    return train_items, val_items, classes, num_classes
