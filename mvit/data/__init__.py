@@ -88,13 +88,9 @@ def build_eval_dataset(args, state: dict):
                                         seed=train_args.get("seed", 0)))
         return ds, False, 0 if args.workers is None else args.workers
     multi = bool(train_args.get("multi_label"))
-    if args.image_folders or cfg.patch_2d:
-        from .image import IMAGE_EXTENSIONS, ImageFolderDataset
-        from .video import class_folders
-
-        items = class_folders(args.data_root, "val", IMAGE_EXTENSIONS, state.get("classes"))[0]
-        return ImageFolderDataset(items, cfg.input_size[1], False), False, workers
-    from .video import ClipSpec, VideoDataset, class_folders, read_csv
+    image = args.image_folders or cfg.patch_2d
+    from .image import IMAGE_EXTENSIONS, ImageFolderDataset
+    from .video import VIDEO_EXTENSIONS, ClipSpec, VideoDataset, class_folders, read_csv
 
     if args.val_csv:
         items = read_csv(args.val_csv, args.data_root, multi, cfg.num_classes,
@@ -102,10 +98,14 @@ def build_eval_dataset(args, state: dict):
     else:
         if not os.path.isdir(args.data_root):
             raise FileNotFoundError(f"--data-root not found: {args.data_root}")
-        items, classes = class_folders(args.data_root, "val", classes=state.get("classes"))
+        items, classes = class_folders(args.data_root, "val", IMAGE_EXTENSIONS if image else VIDEO_EXTENSIONS,
+                                       state.get("classes"))
         if len(classes) > cfg.num_classes:
             raise ValueError(f"{os.path.join(args.data_root, 'val')} has {len(classes)} class folders; the "
                              f"checkpoint's model has {cfg.num_classes} classes")
+    if image:
+        return ImageFolderDataset(items, cfg.input_size[1], False, num_classes=cfg.num_classes,
+                                  multi_label=multi), multi, workers
     fps = args.target_fps if args.target_fps is not None else train_args.get("target_fps", 30.0)
     spec = ClipSpec(frames=cfg.input_size[0], crop=cfg.input_size[1],
                     stride=args.sampling_rate or train_args.get("sampling_rate", 4), target_fps=fps or None,

@@ -8,12 +8,13 @@ MViT/DeiT ImageNet recipe). Val: resize to crop/0.875 on the short side, centre 
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 from torch.utils.data import Dataset
 
 from . import transforms as T
-from .video import class_folders
+from .video import label_target
 
 log = logging.getLogger("mvit.data")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -26,13 +27,23 @@ def read_image(path: str) -> torch.Tensor:
     from PIL import Image  # Pillow comes with matplotlib
 
     with Image.open(path) as img:
+        if img.mode.startswith("I;16") or img.mode == "I":
+            # 16-bit grayscale (PNG; older Pillow opens it as "I"): convert("RGB") clips every
+            # value above 255 to white, so scale 0..65535 to 0..255 first.
+            gray = np.asarray(img).astype(np.float32) / 257.0
+            gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+            return torch.from_numpy(gray).expand(3, *gray.shape).clone()
         return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
 
 class ImageFolderDataset(Dataset):
     def __init__(self, items, crop: int, train: bool, rand_augment=None, erasing: float = 0.0,
-                 flip: bool = True, max_retries: int = 10):
+                 flip: bool = True, max_retries: int = 10, num_classes: Optional[int] = None,
+                 multi_label: bool = False):
+        if multi_label and not num_classes:
+            raise ValueError("multi-label images need num_classes")
         self.items, self.crop, self.train = items, crop, train
+        self.num_classes, self.multi_label = num_classes, multi_label
         self.rand_augment, self.erasing, self.flip, self.max_retries = rand_augment, erasing, flip, max_retries
 
     def __len__(self) -> int:
@@ -55,7 +66,8 @@ class ImageFolderDataset(Dataset):
             raise RuntimeError(f"{self.max_retries + 1} images in a row could not be read")
         x = self._transform(img[None], gen, seed)  # (1, 3, H, W)
         x = x.permute(1, 0, 2, 3).contiguous()  # (3, 1, H, W)
-        return (x, label) if self.train else (x[None], label)
+        target = label_target(label, self.num_classes, self.multi_label)
+        return (x, target) if self.train else (x[None], target)
 
     def _transform(self, img: torch.Tensor, gen, seed: int) -> torch.Tensor:
         if not self.train:
@@ -75,20 +87,19 @@ class ImageFolderDataset(Dataset):
 
 
 def build_image_datasets(args, recipe: dict, cfg, workers: int):
-    import os
-
     from . import DataBundle
+    from .video import labelled_items
 
-    if not args.data_root:
-        raise ValueError("image training needs --data-root with train/ (and val/) class folders")
-    if not os.path.isdir(args.data_root):
-        raise FileNotFoundError(f"--data-root not found: {args.data_root}")
-    train_items, classes = class_folders(args.data_root, "train", IMAGE_EXTENSIONS)
-    has_val = os.path.isdir(os.path.join(args.data_root, "val"))
-    val_items = class_folders(args.data_root, "val", IMAGE_EXTENSIONS, classes)[0] if has_val else None
+    multi = bool(args.multi_label)
+    train_items, val_items, classes, num_classes = labelled_items(args, IMAGE_EXTENSIONS)
     crop = args.crop_size or cfg.input_size[1]
+    if crop < 1:
+        raise ValueError(f"--crop-size must be >= 1, got {crop}")
     ra = T.parse_rand_augment(recipe.get("rand_augment"))
-    train = ImageFolderDataset(train_items, crop, True, ra, recipe.get("random_erasing", 0.0),
-                               bool(recipe.get("flip", True)))
-    val = ImageFolderDataset(val_items, crop, False) if val_items else None
-    return DataBundle(train, val, args.num_classes or len(classes), classes, False, (1, crop, crop), workers)
+    erasing = recipe.get("random_erasing", 0.0)
+    if not 0.0 <= erasing <= 1.0:
+        raise ValueError(f"--random-erasing is a probability in [0, 1], got {erasing}")
+    train = ImageFolderDataset(train_items, crop, True, ra, erasing, bool(recipe.get("flip", True)),
+                               num_classes=num_classes, multi_label=multi)
+    val = ImageFolderDataset(val_items, crop, False, num_classes=num_classes, multi_label=multi) if val_items else None
+    return DataBundle(train, val, num_classes, classes, multi, (1, crop, crop), workers)

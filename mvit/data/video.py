@@ -118,7 +118,7 @@ def read_csv(path: str, root: Optional[str] = None, multi_label: bool = False,
                 vid = os.path.join(root, vid)
             items.append((vid, label))
     if not items:
-        raise ValueError(f"{path} lists no videos")
+        raise ValueError(f"{path} lists no files")
     return items
 
 
@@ -218,11 +218,7 @@ class VideoDataset(Dataset):
         return len(self.items)
 
     def _target(self, label: Label):
-        if not self.multi_label:
-            return int(label)
-        t = torch.zeros(self.num_classes)
-        t[list(label)] = 1.0
-        return t
+        return label_target(label, self.num_classes, self.multi_label)
 
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, index_seed(key))
@@ -279,6 +275,15 @@ def _decode_errors() -> tuple[type, ...]:
     """What a missing, corrupt or empty video raises: PyAV's errors, OS errors, and the
     ValueErrors of :func:`decode_frames` / :func:`clip_frame_indices` for videos without frames."""
     return (_av().FFmpegError, OSError, EOFError, ValueError)
+
+
+def label_target(label: Label, num_classes: Optional[int], multi_label: bool):
+    """An int class id, or for multi-label a (num_classes,) 0/1 float vector."""
+    if not multi_label:
+        return int(label)
+    t = torch.zeros(num_classes)
+    t[list(label)] = 1.0
+    return t
 
 
 def index_seed(index: int) -> int:
