@@ -123,6 +123,28 @@ def test_pool3d_matches_cpu(emulated, geometry, mode, norm):
     _check_pool3d(emulated, 2, 2, thw, 24, kernel, stride, padding, mode, has_cls, norm, torch.float32)
 
 
+def test_max_windows_of_minus_infinity(emulated):
+    # The arg-max of a window of -inf values is its first input (as on the CPU and in torch), not
+    # unset; the gradient reaches it.
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 2, 1 + 3 * 5 * 5, 24, generator=g)
+    x[:, :, 1:51, :12] = float("-inf")
+    x = _guarded(x)
+    args = ([3, 5, 5], [3, 3, 3], [1, 2, 2], [1, 1, 1], "max", None, True, None, None, 1e-6)
+    y = torch.ops.mvit_kernels.pool3d(x, *args)
+    gy = torch.randn(y.shape, generator=g)
+    expected = torch.ops.mvit_kernels.pool3d_backward(gy, x, *args)[0]
+    assert expected[:, :, 1:26, :12].abs().sum() > 0
+    _close(emulated.pool3d_backward(gy, x, *args)[0], expected, torch.float32, "grad_x")
+    xr = _guarded(x[:, 0].contiguous())  # (B, N, C) for the max-pooled skip
+    branch = torch.randn(2, 1 + 3 * 3 * 3, 24, generator=g)
+    rargs = ([3, 5, 5], [3, 3, 3], [1, 2, 2], [1, 1, 1])
+    grad = torch.randn(branch.shape, generator=g)
+    expected = torch.ops.mvit_kernels.pool_residual_add_backward(grad, xr, *rargs, branch, None, True)[0]
+    got = emulated.pool_residual_add_backward(grad, xr, *rargs, branch, None, True)[0]
+    _close(got, expected, torch.float32, "pool_residual_add grad_x")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=["fp64", "bf16", "fp16"])
 @pytest.mark.parametrize("mode", ["max", "avg", "conv"])
 def test_pool3d_dtypes(emulated, mode, dtype):

@@ -169,6 +169,21 @@ def test_max_ties_route_to_first_index(mode):
     torch.testing.assert_close(grads[0], grads_ref[0], atol=1e-12, rtol=0)
 
 
+def test_max_windows_of_minus_infinity_route_to_the_first_input():
+    # -inf > -inf is false: the arg-max was left unset (-1) and the window's gradient was dropped,
+    # silently. torch (the reference) gives it to the window's first input inside the grid.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 2, 1 + 3 * 5 * 5, 4, generator=g).double()
+    x[:, :, 1:1 + 2 * 25, :2] = float("-inf")  # whole windows in channels 0-1, partial ones at t = 1-2
+    x[0, 1, 5:9, 3] = float("-inf")
+    args = ((3, 5, 5), 3, (1, 2, 2), 1, "max", None, True, None, None)
+    y, _, grads = _run(mvit_kernels.pool3d, x, *args)
+    y_ref, _, grads_ref = _run(reference.pool3d, x, *args)
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    assert grads_ref[0][:, :, 1:26, :2].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads_ref[0], atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck_float64(mode):
     x, w, nw, nb = _inputs(2, 2, (3, 4, 5), 5, (3, 3, 3), mode, True, True, torch.float64, seed=4)

@@ -132,6 +132,19 @@ def test_max_ties_route_to_first_index():
     torch.testing.assert_close(grads[0], grads_ref[0], atol=1e-12, rtol=0)
 
 
+def test_max_windows_of_minus_infinity_route_to_the_first_input():
+    # As test_pool3d's: a window of -inf values gives its gradient to its first input, like torch.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 1 + 2 * 7 * 7, 4, generator=g).double()
+    x[:, 1:1 + 49, :3] = float("-inf")
+    branch = torch.randn(2, 1 + 2 * 4 * 4, 4, generator=g).double()
+    args = ((2, 7, 7), (1, 3, 3), (1, 2, 2), (0, 1, 1), branch, None, True)
+    _, grads = _run(mvit_kernels.pool_residual_add, x, *args)
+    _, grads_ref = _run(reference.pool_residual_add, x, *args)
+    assert grads_ref[0][:, 1:50, :3].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads_ref[0], atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("has_cls", [True, False])
 def test_gradcheck_float64(has_cls):
     x, branch, scale = _inputs(2, (3, 5, 5), 4, (1, 3, 3), (1, 2, 2), (0, 1, 1), has_cls, True, torch.float64, seed=3)

@@ -251,9 +251,10 @@ MVIT_FORCE_INLINE inline void pool_row_impl(const scalar_t* __restrict__ xb, int
       for_each_window_input(g, o, [&](int64_t, int64_t i) MVIT_FORCE_INLINE {
         const scalar_t* xi = xb + (g.cls + i) * sN;
         for (int64_t c = 0; c < d; ++c) {
-          // Branch-free select, so the loop over d vectorizes.
+          // Branch-free select, so the loop over d vectorizes. The first input is always taken,
+          // as by torch's max pooling: a window of -inf values then routes its gradient to it.
           const acc_t v = static_cast<acc_t>(xi[c]);
-          const bool take = max_takes(v, acc[c]);
+          const bool take = max_takes(v, acc[c]) | (idx[c] < 0);
           acc[c] = take ? v : acc[c];
           idx[c] = take ? static_cast<int32_t>(i) : idx[c];
         }

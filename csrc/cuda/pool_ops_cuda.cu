@@ -198,7 +198,7 @@ __device__ acc_t pool_value(const scalar_t* xb, int64_t sN, const PoolGeom& g, c
     int32_t idx = -1;
     for_each_window_input_at(g, row.ot, row.oh, row.ow, [&](int64_t, int64_t i) {
       const acc_t v = static_cast<acc_t>(xb[(g.cls + i) * sN + c]);
-      if (max_takes(v, best)) {
+      if (max_takes(v, best) || idx < 0) {  // the first input always: see pool_ops_cpu.cpp
         best = v;
         idx = static_cast<int32_t>(i);
       }
