@@ -24,6 +24,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import register_flop_formula
 
 from . import _extension, autocast, reference, tuning
+from ._autograd import first_order_only
 from ._dispatch import traced_or_intercepted
 from .checks import check_pool3d_args, pool_output_thw as _out_thw
 
@@ -117,6 +118,7 @@ class _EagerPool3d(torch.autograd.Function):
                                                  norm_bias, eps)
 
     @staticmethod
+    @first_order_only("pool3d")
     def backward(ctx, grad_y):
         return (*_gradients(ctx, grad_y), None)
 
@@ -141,6 +143,7 @@ if _extension.load():
         ctx.save_for_backward(x, weight, norm_weight, norm_bias)
         ctx.window = (thw, kernel, stride, padding, mode, has_cls, eps)
 
+    @first_order_only("pool3d")
     def _backward(ctx, grad_y):
         grad_x, grad_w, grad_nw, grad_nb = _gradients(ctx, grad_y)
         return grad_x, None, None, None, None, None, grad_w, None, grad_nw, grad_nb, None

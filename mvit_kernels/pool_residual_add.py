@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from . import _extension, autocast, reference, tuning
+from ._autograd import first_order_only
 from ._dispatch import traced_or_intercepted
 from .checks import check_pool_residual_add_args
 
@@ -87,6 +88,7 @@ class _EagerPoolResidualAdd(torch.autograd.Function):
             return torch.ops.mvit_kernels.pool_residual_add(x, thw, kernel, stride, padding, branch, scale, has_cls)
 
     @staticmethod
+    @first_order_only("pool_residual_add")
     def backward(ctx, grad_out):
         return (*_gradients(ctx, grad_out), None)
 
@@ -107,6 +109,7 @@ if _extension.load():
         ctx.save_for_backward(x, branch, scale)
         ctx.window = (thw, kernel, stride, padding, has_cls)
 
+    @first_order_only("pool_residual_add")
     def _backward(ctx, grad_out):
         grad_x, grad_branch, grad_scale = _gradients(ctx, grad_out)
         return grad_x, None, None, None, None, grad_branch, grad_scale, None

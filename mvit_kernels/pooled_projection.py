@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from . import _extension, autocast, reference, tuning
+from ._autograd import first_order_only
 from ._dispatch import cached_constant, traced_or_intercepted
 from .checks import PROJECTION_SLICES, check_pooled_projection_args, pool_output_size, pool_output_thw as _out_thw
 from .linear import linear as _linear
@@ -169,6 +170,7 @@ def _gradients(ctx, grad_y, backward):
     return tuple(g if (t is not None and need) else None for g, t, need in zip(grads, saved, ctx.needs_input_grad))
 
 
+@first_order_only("pooled_projection")
 def _backward(ctx, grad_y):
     return (*_gradients(ctx, grad_y, _bwd_op), *([None] * len(ctx.args)))
 
@@ -189,6 +191,7 @@ class _EagerTritonProjection(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only("pooled_projection")
     def backward(ctx, grad_y):
         return (*_gradients(ctx, grad_y, _launch_backward), *([None] * len(ctx.args)))
 

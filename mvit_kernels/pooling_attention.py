@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from . import _extension, autocast, reference, tuning
+from ._autograd import first_order_only
 from ._dispatch import traced_or_intercepted
 from .checks import check_attention_args
 
@@ -200,6 +201,11 @@ def _sdpa_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_
 def _sdpa_with_reference_mask(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling):
     """SDPA with the reference's bias as its mask (zeros, three broadcast adds, the pad; none
     without tables), differentiable: the unfused way to run SDPA with MViTv2's bias."""
+    if q.numel() == 0 or k.numel() == 0:
+        # SDPA's backward of an empty batch leaves the mask out of the graph: the tables would get
+        # no gradient instead of the zeros the reference gives them.
+        return reference.pooling_attention(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w,
+                                           residual_pooling=residual_pooling)
     B, heads, n_q, d = q.shape
     mask = None
     if rel_pos_t is not None or rel_pos_h is not None:
@@ -321,6 +327,7 @@ def _gradients(saved, args, dout, backward, eager: bool):
     return dq, dk, dv, dt, dh, dw
 
 
+@first_order_only("pooling_attention")
 def _backward(ctx, dout, _dlse, _drel, _do_attn):
     return (*_gradients(ctx.saved_tensors, ctx.args, dout, _bwd_op, eager=False), None, None, None, None, None)
 
@@ -357,6 +364,7 @@ class _EagerTritonAttention(torch.autograd.Function):
         return out, lse, rel, o_attn
 
     @staticmethod
+    @first_order_only("pooling_attention")
     def backward(ctx, dout, _dlse, _drel, _do_attn):
         return (*_gradients(ctx.saved_tensors, ctx.args, dout, _launch_backward, eager=True),
                 None, None, None, None, None)

@@ -13,7 +13,9 @@ import copy
 import pytest
 import torch
 
+import mvit_kernels
 from mvit import build_model
+from mvit_kernels import reference
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(pool_mode="max", cls_embed=False)], ids=["conv-cls", "max-nocls"])
@@ -147,6 +149,20 @@ def test_sdpa_rel_pos_inference_matches_the_reference(thw_q, thw_kv, axes, has_c
     torch.testing.assert_close(got, want)
     for g, w in zip(torch.autograd.grad(got, inputs, dout), torch.autograd.grad(want, inputs, dout)):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("qkv_grad", [False, True], ids=["tables-only", "with-qkv"])
+def test_empty_batch_gives_the_tables_zero_gradients(qkv_grad):
+    # SDPA's backward of an empty batch dropped the mask from the graph: the tables got no
+    # gradient at all (an error from autograd.grad, None from backward) instead of zeros.
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(0, 2, 1 + 2 * 2 * 2, 4, generator=g).requires_grad_(qkv_grad) for _ in range(3))
+    tables = [torch.randn(n, 4, generator=g).requires_grad_() for n in (3, 3, 3)]
+    for op in (reference.pooling_attention, mvit_kernels.pooling_attention):
+        out = op(q, k, v, (2, 2, 2), (2, 2, 2), True, *tables, residual_pooling=True)
+        assert out.shape == (0, 9, 8)
+        for grad in torch.autograd.grad(out.sum(), tables):
+            assert grad.shape == (3, 4) and not grad.any()
 
 
 def test_rel_pos_mask_chunks_on_cpu_only_above_32_mib():
