@@ -6,7 +6,8 @@ LayerNorm-ed k is fp32 while an unpooled q is bf16), and the residual stream (fp
 branch. Custom ops are invisible to autocast, so each op applies this rule on entry:
 
 - ``pool3d`` and ``pooling_attention`` compute in the autocast dtype, as autocast runs the conv
-  and the matmuls they stand for: every floating input is cast to it.
+  and the matmuls they stand for: every floating input is cast to it, except float64, which
+  autocast leaves alone (its eligible tensors are the floating ones of lower precision).
 - ``pool_residual_add`` adds like ``+``: both sides are cast to their promoted dtype.
 
 Outside autocast nothing is cast, and mixed dtypes are an error (``checks``).
@@ -21,18 +22,25 @@ from torch import Tensor
 
 
 def autocast_dtype(t: Tensor) -> Optional[torch.dtype]:
-    """The autocast dtype for t's device, or None when autocast is off there."""
+    """The autocast dtype for t's device, or None when autocast is off there (or t is no tensor:
+    the op's argument checks then name it)."""
+    if not isinstance(t, Tensor):
+        return None
     device_type = t.device.type
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
 
+def _castable(t: Optional[Tensor], dtype: torch.dtype) -> bool:
+    return isinstance(t, Tensor) and t.is_floating_point() and t.dtype not in (dtype, torch.float64)
+
+
 def cast_all(dtype: Optional[torch.dtype], *tensors: Optional[Tensor]) -> tuple:
-    """tensors with every floating one cast to dtype (unchanged when dtype is None)."""
+    """tensors with every floating one but float64 cast to dtype (unchanged when dtype is None)."""
     if dtype is None:
         return tensors
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t for t in tensors)
+    return tuple(t.to(dtype) if _castable(t, dtype) else t for t in tensors)
 
 
 def for_compute(x: Tensor, *tensors: Optional[Tensor]) -> tuple:
@@ -46,6 +54,6 @@ def for_add(x: Tensor, *tensors: Optional[Tensor]) -> tuple:
         return (x, *tensors)
     dtype = x.dtype
     for t in tensors:
-        if t is not None:
+        if isinstance(t, Tensor):
             dtype = torch.promote_types(dtype, t.dtype)
     return cast_all(dtype, x, *tensors)

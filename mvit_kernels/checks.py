@@ -117,7 +117,18 @@ def check_same(t: Optional[torch.Tensor], ref: torch.Tensor, name: str, ref_name
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
 
 
+def _check_tensors(**named) -> None:
+    """Each argument a tensor (or None where the name ends in "_"): another type would fail later
+    on a missing attribute, far from the argument."""
+    for name, value in named.items():
+        optional = name.endswith("_")
+        if not isinstance(value, torch.Tensor) and not (optional and value is None):
+            raise TypeError(f"{name.rstrip('_')} must be a tensor{' or None' if optional else ''}, "
+                            f"got {type(value).__name__}")
+
+
 def _check_weight_bias(weight: torch.Tensor, bias: Optional[torch.Tensor], w_name: str, b_name: str) -> None:
+    _check_tensors(**{w_name: weight, b_name + "_": bias})
     if weight.dim() != 2:
         raise ValueError(f"{w_name} must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
@@ -131,6 +142,7 @@ def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     another rank as the 2-D one silently, and fail on a bias of the wrong length with an error
     that names neither. Dtypes and devices are left to F.linear (autocast mixes dtypes on purpose)."""
     x_name, w_name, b_name = names
+    _check_tensors(**{x_name: x})
     _check_weight_bias(weight, bias, w_name, b_name)
     if x.dim() < 1:
         raise ValueError(f"{x_name} must be (..., in_features), got a 0-d tensor")
@@ -166,6 +178,8 @@ def check_pool3d_args(
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a 4-D tensor (B, heads, N, d), got {shape}")
     check_float(x, "x")
+    if x.shape[3] < 1:  # torch's pooling and conv (the reference) refuse it too, less clearly
+        raise ValueError(f"x must have d >= 1 channels, got shape {tuple(x.shape)}")
     if mode not in POOL_MODES:
         raise ValueError(f"mode must be one of {POOL_MODES}, got {mode!r}")
     kernel, stride, padding = check_window(kernel, stride, padding)
@@ -228,6 +242,8 @@ def check_pooled_projection_args(
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a 3-D tensor (B, N, C), got {shape}")
     check_float(x, "x")
+    if x.shape[2] < 1:
+        raise ValueError(f"x must have C >= 1 channels, got shape {tuple(x.shape)}")
     if which not in PROJECTION_SLICES:
         raise ValueError(f"which must be one of {PROJECTION_SLICES}, got {which!r}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -262,6 +278,8 @@ def check_pool_residual_add_args(x, thw, kernel, stride, padding, branch, scale,
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a 3-D tensor (B, N, C), got {shape}")
     check_float(x, "x")
+    if x.shape[2] < 1:
+        raise ValueError(f"x must have C >= 1 channels, got shape {tuple(x.shape)}")
     kernel, stride, padding = check_window(kernel, stride, padding)
     thw = check_thw(thw, x.shape[1], has_cls)
     for axis, size, k, p in zip("thw", thw, kernel, padding):

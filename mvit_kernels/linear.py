@@ -65,6 +65,7 @@ def uses_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     tensors = [t for t in (x, weight, bias) if t is not None]
     return (
         _ONEDNN
+        and all(isinstance(t, Tensor) for t in tensors)  # else the reference's checks name the argument
         and x.device.type == "cpu"
         and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
         and x.dim() >= 2
