@@ -150,11 +150,14 @@ def pyslowfast_config(state: Mapping[str, torch.Tensor], cfg: MViTConfig) -> MVi
     if head is not None and head.shape[0] != cfg.num_classes:
         cfg = cfg.replace(num_classes=head.shape[0])
     # A block that exists in the checkpoint but has no pool_k although the grammar gives it K/V
-    # pooling was built by the old kernel = stride + 1 rule (stride 1 -> no pooling).
+    # pooling was built by the old kernel = stride + 1 rule (stride 1 -> no pooling). Only a
+    # stride-1 block can be one; elsewhere a missing pool_k is a checkpoint that does not fit,
+    # which check_state_dict then reports (it loaded as another architecture, silently).
     no_kv = tuple(
         i
         for i, spec in enumerate(cfg.block_specs())
         if spec.pool_kv
+        and spec.stride_kv == (1, 1, 1)
         and cfg.pool_mode == "conv"
         and f"blocks.{i}.attn.pool_k.weight" not in src
         and f"blocks.{i}.norm1.weight" in src
@@ -219,7 +222,8 @@ def from_pretrained(
         cfg = pyslowfast_config(raw, cfg)
         state = convert_pyslowfast(raw, cfg)
     else:
-        stored = raw.get("config")
+        # "model_config": the key `mvit train` writes its checkpoints with.
+        stored = raw.get("config", raw.get("model_config"))
         if isinstance(stored, Mapping):
             stored = MViTConfig.from_dict(stored)
         cfg = cfg or (stored if isinstance(stored, MViTConfig) else None)

@@ -90,6 +90,29 @@ def test_old_pyslowfast_checkpoints_without_kv_pooling_in_the_last_blocks():
         assert (source(x) - model(x)).abs().max().item() <= ATOL
 
 
+def test_missing_kv_pooling_of_a_strided_block_is_an_error_not_another_architecture():
+    # Only stride-1 blocks can be SlowFast#456's; mvit_tiny's block 0 has K/V stride (1, 2, 2).
+    # Its missing pool_k/pool_v loaded as a block without K/V pooling, outputs 0.05 off, silently.
+    source = build_model("mvit_tiny")
+    assert source.blocks[0].spec.stride_kv != (1, 1, 1)
+    checkpoint = _to_pyslowfast_layout(source, drop_kv_blocks=(0,))
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(6\): blocks\.0\.attn\.pool_k"):
+        from_pretrained(checkpoint, source="pyslowfast", preset="mvit_tiny")
+
+
+def test_checkpoints_of_mvit_train_load_with_their_config(tmp_path):
+    # `mvit train` stores the config as "model_config"; from_pretrained only read "config".
+    torch.manual_seed(5)
+    source = build_model("mvit_tiny", num_classes=3).eval()
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": source.state_dict(), "model_config": source.cfg, "epoch": 1}, path)
+    model = from_pretrained(path).eval()
+    assert model.cfg == source.cfg
+    x = torch.randn(1, 3, 8, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), atol=0, rtol=0)
+
+
 def test_pyslowfast_errors_list_every_bad_key():
     source = build_model("mvit_tiny")
     checkpoint = _to_pyslowfast_layout(source)
