@@ -196,12 +196,23 @@ class MViTConfig:
             raise ValueError(f"pool_mode must be 'conv', 'avg' or 'max', got {self.pool_mode!r}")
         if self.abs_pos not in ("separate", "joint", "none"):
             raise ValueError(f"abs_pos must be 'separate', 'joint' or 'none', got {self.abs_pos!r}")
-        for entry in list(self.dim_mul) + list(self.head_mul):
-            if not 0 <= entry[0] <= self.depth:
-                raise ValueError(f"dim_mul/head_mul block index {entry[0]} outside 0..{self.depth}")
+        for name in ("dim_mul", "head_mul"):
+            for entry in getattr(self, name):
+                if (not isinstance(entry, (tuple, list)) or len(entry) != 2 or not _is_int(entry[0])
+                        or not _is_number(entry[1]) or not entry[1] > 0):
+                    raise ValueError(f"{name} entries must be (block: int, multiplier > 0) pairs, got {entry!r}")
+                if not 0 <= entry[0] <= self.depth:
+                    raise ValueError(f"{name} block index {entry[0]} outside 0..{self.depth}")
         for entry in list(self.pool_q_stride) + list(self.pool_kv_stride):
             if len(entry) != 4 or not 0 <= entry[0] < self.depth or any(s < 1 for s in entry[1:]):
                 raise ValueError(f"pool stride entry {entry!r} must be (block < {self.depth}, t, h, w), strides >= 1")
+        if self.pool_kv_stride and self.pool_kv_stride_adaptive is not None:
+            # The adaptive rule wins in block_specs: the explicit strides were dropped, silently.
+            raise ValueError("pool_kv_stride and pool_kv_stride_adaptive are exclusive: "
+                             "set pool_kv_stride_adaptive=None to give the K/V strides per block")
+        for i in self.no_kv_pool_blocks:
+            if not _is_int(i) or not 0 <= i < self.depth:
+                raise ValueError(f"no_kv_pool_blocks entries must be block indices in 0..{self.depth - 1}, got {i!r}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if any(s < 1 for s in self.patch_grid):
@@ -276,6 +287,7 @@ class MViTConfig:
                 )
             )
             if stride_q[i] is not None:
+                _check_q_grid_is_the_skips(i, thw, kernel_q[i], stride_q[i])
                 thw = tuple(max(s // st, 1) for s, st in zip(thw, stride_q[i]))  # type: ignore[assignment]
             embed_dim = dim_out
         return specs
@@ -287,6 +299,30 @@ class MViTConfig:
         q_size = size // spec.stride_q[1]
         kv_size = size // spec.stride_kv[1]
         return 2 * max(q_size, kv_size) - 1, 2 * t - 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_q_grid_is_the_skips(block: int, thw: Triple, kernel: Triple, stride: Triple) -> None:
+    """The pooled q and the max-pooled skip (kernel stride + 1 where stride > 1, padding kernel // 2)
+    must give the same grid, or the residual add fails in forward with an error about its branch.
+    (n + 2 * (k // 2) - k) // s + 1 depends on k only through its parity: an even q kernel where
+    the skip's is odd (or the reverse) gives another grid wherever s divides n."""
+    for axis, n, k, s in zip("thw", thw, kernel, stride):
+        k_skip = s + 1 if s > 1 else s
+        q_len, skip_len = ((n + 2 * (kk // 2) - kk) // s + 1 for kk in (k, k_skip))
+        if q_len != skip_len:
+            raise ValueError(
+                f"block {block}: q pooling with kernel {tuple(kernel)} (pool_kvq_kernel) and stride {tuple(stride)} "
+                f"gives {q_len} tokens on axis {axis} of the {tuple(thw)} grid, the skip's pooling (kernel {k_skip}) "
+                f"{skip_len}: on that axis the kernel must be {'odd' if k_skip % 2 else 'even'}"
+            )
 
 
 def field_names() -> list[str]:

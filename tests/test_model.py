@@ -120,6 +120,20 @@ def test_input_dtype_and_device_errors_name_the_fix():
         (dict(patch_padding=(1, -1, 3)), r"patch_padding entries must be >= 0"),
         (dict(pool_kvq_kernel=(3, 0, 3)), r"pool_kvq_kernel must be None or a \(t, h, w\) triple of ints >= 1"),
         (dict(pool_q_stride=((1, 1, 0, 2),)), r"strides >= 1"),
+        # The explicit strides were dropped for the adaptive ones, silently.
+        (dict(pool_kv_stride=((0, 1, 4, 4),)), r"pool_kv_stride and pool_kv_stride_adaptive are exclusive"),
+        # -1 was read as the last block; 7 an IndexError.
+        (dict(no_kv_pool_blocks=(-1,)), r"no_kv_pool_blocks entries must be block indices in 0..3, got -1"),
+        (dict(no_kv_pool_blocks=(7,)), r"no_kv_pool_blocks entries must be block indices in 0..3, got 7"),
+        # Unpacking errors ("too many values to unpack") and a TypeError.
+        (dict(dim_mul=((1, 2.0, 5),)), r"dim_mul entries must be \(block: int, multiplier > 0\) pairs, got \(1, 2.0, 5\)"),
+        (dict(head_mul=((1.5, 2.0),)), r"head_mul entries must be \(block: int, multiplier > 0\) pairs"),
+        (dict(dim_mul=((1, 0.0),)), r"dim_mul entries must be"),
+        # Built, then failed in forward: "branch must have shape (1, 65, 64) (the pooled x)".
+        (dict(pool_kvq_kernel=(2, 2, 2)), r"block 1: q pooling with kernel \(2, 2, 2\) \(pool_kvq_kernel\) and stride "
+                                          r"\(1, 2, 2\) gives 5 tokens on axis t of the \(4, 8, 8\) grid"),
+        (dict(pool_kvq_kernel=(3, 3, 3), pool_q_stride=((1, 1, 3, 3),), input_size=(8, 36, 36)),
+         r"block 1: .* must be even"),
     ],
 )
 def test_bad_configs_fail_at_build_time(overrides, match):
@@ -127,6 +141,17 @@ def test_bad_configs_fail_at_build_time(overrides, match):
     # inside nn.Linear's init.
     with pytest.raises(ValueError, match=match):
         build_model("mvit_tiny", **overrides)
+
+
+def test_q_kernels_that_give_the_skips_grid_build_and_run():
+    # The q/skip grid check refuses only what fails: kernel 3 at q stride 3 gives the skip's grid
+    # where 3 does not divide the axis (8 -> 3 either way), and the stride + 1 rule's even kernel
+    # always does.
+    for overrides in (dict(pool_kvq_kernel=(3, 3, 3)), dict(pool_kvq_kernel=None)):
+        model = build_model("mvit_tiny", pool_q_stride=((1, 1, 3, 3),), dim_mul=((1, 2.0),), head_mul=((1, 2.0),),
+                            **overrides)
+        assert model.specs[1].stride_q == (1, 3, 3)
+        assert model(torch.randn(1, 3, 8, 32, 32)).shape == (1, 4)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused-cls-only-last-block"])
