@@ -73,16 +73,16 @@ def add_parser(subparsers) -> None:
                    help="labels are comma-separated class ids (Charades): BCE loss, mAP")
     d.add_argument("--num-classes", type=int, help="default: from the data")
     d.add_argument("--num-frames", type=int, help="frames per clip T (default: the preset's)")
-    d.add_argument("--sampling-rate", type=int, default=4, help="tau: frames between samples")
-    d.add_argument("--target-fps", type=float, default=30.0, help="frame rate tau is counted at")
+    d.add_argument("--sampling-rate", type=int, help="tau: frames between samples (default 4)")
+    d.add_argument("--target-fps", type=float, help="frame rate tau is counted at (default 30)")
     d.add_argument("--crop-size", type=int, help="default: the preset's")
     d.add_argument("--jitter-scales", type=int, nargs=2, default=None,
                    help="train short-side scale range (default 256 320 at 224 crop, scaled)")
-    d.add_argument("--test-clips", type=int, default=1, help="temporal views at validation")
-    d.add_argument("--test-crops", type=int, default=1, choices=(1, 3), help="spatial views at validation")
+    d.add_argument("--test-clips", type=int, help="temporal views at validation (default 1)")
+    d.add_argument("--test-crops", type=int, choices=(1, 3), help="spatial views at validation (default 1)")
     d.add_argument("--synthetic-size", type=int, nargs=2, metavar=("TRAIN", "VAL"),
-                   default=(SYNTHETIC_TRAIN_LENGTH, SYNTHETIC_VAL_LENGTH),
-                   help="clips per epoch and validation clips of the synthetic task")
+                   help=f"clips per epoch and validation clips of the synthetic task (default "
+                        f"{SYNTHETIC_TRAIN_LENGTH} {SYNTHETIC_VAL_LENGTH}; VAL 0: no validation)")
     d.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4; 0 synthetic)")
 
     m = p.add_argument_group("model")
@@ -140,6 +140,61 @@ def resolve_recipe(args: argparse.Namespace) -> dict:
     return recipe
 
 
+# Data options only some tasks read, and their defaults. They default to None in the parser, so
+# that an option given to a task that does not read it is an error rather than silently unused.
+DATA_DEFAULTS = dict(sampling_rate=4, target_fps=30.0, test_clips=1, test_crops=1,
+                     synthetic_size=(SYNTHETIC_TRAIN_LENGTH, SYNTHETIC_VAL_LENGTH))
+
+
+def _unused_options(args: argparse.Namespace, recipe: dict, image: bool) -> list[str]:
+    """The options given that this task would not use (or use differently from what they say)."""
+    from .data.synthetic import SyntheticMotion
+    from .data.transforms import parse_rand_augment
+
+    video_only = {
+        "--sampling-rate": args.sampling_rate is not None,
+        "--target-fps": args.target_fps is not None,
+        "--jitter-scales": args.jitter_scales is not None,
+        "--test-clips": args.test_clips not in (None, 1),
+        "--test-crops": args.test_crops not in (None, 1),
+    }
+    if recipe["synthetic"]:
+        # the synthetic task renders clips at the model's size, one view each, without augmentation
+        given = video_only | {
+            "--image-folders": args.image_folders,
+            "--multi-label": args.multi_label,
+            "--num-classes": args.num_classes not in (None, SyntheticMotion.num_classes),
+            "--rand-augment": parse_rand_augment(recipe["rand_augment"]) is not None,
+            "--random-erasing": recipe["random_erasing"] > 0,
+        }
+    elif image:  # one frame, one centre crop per image
+        given = video_only | {"--num-frames": args.num_frames not in (None, 1),
+                              "--synthetic-size": args.synthetic_size is not None}
+    else:
+        given = {"--synthetic-size": args.synthetic_size is not None}
+    return [name for name, used in given.items() if used]
+
+
+def check_options_used(args: argparse.Namespace, recipe: dict) -> None:
+    """Raise ValueError for options the task would ignore: a run must not differ silently from
+    what its command line says."""
+    from .presets import get_preset
+
+    image = bool(args.image_folders or get_preset(args.preset).patch_2d)
+    if recipe["synthetic"] and args.val_csv:
+        raise ValueError("--val-csv needs the training data too (--train-csv or --data-root); without them "
+                         "the built-in synthetic task runs, with its own validation clips")
+    unused = _unused_options(args, recipe, image)
+    if unused:
+        task = ("the built-in synthetic task (no --train-csv or --data-root)" if recipe["synthetic"] else
+                "an image run" if image else "a video run")
+        raise ValueError(f"{task} does not use {', '.join(unused)}: leave "
+                         f"{'it' if len(unused) == 1 else 'them'} out")
+    for name, value in DATA_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 @dataclass
 class TrainState:
     epoch: int = 0
@@ -187,6 +242,7 @@ def train(args: argparse.Namespace) -> dict:
 
     t_start = time.time()
     recipe = resolve_recipe(args)
+    check_options_used(args, recipe)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.accum_steps < 1:

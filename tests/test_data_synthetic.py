@@ -35,3 +35,17 @@ def test_motion_direction_matches_label():
         assert y[-1] > y[0] + 3  # down
         y, x = _object_track(3, seed)
         assert y[-1] < y[0] - 3  # up
+
+
+def test_smallest_size_keeps_the_square_in_frame():
+    import pytest
+
+    from mvit.data.synthetic import min_size
+
+    for frames in (1, 2, 8, 16):
+        size = min_size(frames)
+        for seed in range(200):  # the fastest, largest squares included
+            assert render_clip(np.random.default_rng(seed), seed % 4, frames, size).shape == (frames, size, size, 3)
+    assert min_size(8) == 31  # mvit_tiny's 8 x 32 x 32 fits
+    with pytest.raises(ValueError, match=r"size >= 3 \* \(frames - 1\) \+ 10 \(= 55\)"):
+        SyntheticMotion("train", 8, frames=16, size=32)

@@ -73,3 +73,20 @@ def test_shuffle_views_permutes_frames_reproducibly():
     a, b = shuffle_views(views, 7), shuffle_views(views, 7)
     assert torch.equal(a, b)
     assert sorted(a[0, 0, :, 0, 0].tolist()) == list(range(8)) and not torch.equal(a, views)
+
+
+def test_eval_of_a_synthetic_run_without_validation_clips(tmp_path):
+    # trained with --synthetic-size N 0, `mvit eval` evaluated 0 videos and reported success
+    import json
+
+    from mvit.cli import main
+    from mvit.train import SYNTHETIC_VAL_LENGTH
+
+    run = tmp_path / "run"
+    assert main(["train", "--synthetic-size", "8", "0", "--batch-size", "8", "--epochs", "1", "--threads", "1",
+                 "--no-progress", "--output-dir", str(run)]) == 0
+    assert json.loads((run / "result.json").read_text())["val"] == {}
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(run), "--report", str(report)]) == 0
+    ev = json.loads(report.read_text())
+    assert ev["videos"] == SYNTHETIC_VAL_LENGTH and 0 <= ev["top1"] <= 100

@@ -49,11 +49,18 @@ def build_datasets(args, recipe: dict) -> DataBundle:
 
     cfg = get_preset(args.preset)  # unknown preset: ValueError before any data is touched
     if recipe["synthetic"]:
-        from .synthetic import SyntheticMotion
+        from .synthetic import SyntheticMotion, min_size
         if cfg.patch_2d:
             raise ValueError(f"the built-in synthetic task is a video task; {args.preset} is an image preset")
         t = args.num_frames or cfg.input_size[0]
         s = args.crop_size or cfg.input_size[1]
+        if t < 1:
+            raise ValueError(f"--num-frames must be >= 1, got {t}")
+        if s < min_size(t):
+            # the moving square would leave the frame (or not fit at all)
+            raise ValueError(f"the synthetic task needs --crop-size >= 3 * (--num-frames - 1) + 10 = {min_size(t)} "
+                             f"at {t} frames" + (" (the preset's)" if not args.num_frames else "") +
+                             f"; got {s}" + ("" if args.crop_size else " (the preset's)"))
         n_train, n_val = args.synthetic_size
         train = SyntheticMotion("train", n_train, t, s, seed=args.seed)
         val = SingleView(SyntheticMotion("val", n_val, t, s, seed=args.seed)) if n_val > 0 else None
@@ -83,9 +90,13 @@ def build_eval_dataset(args, state: dict):
     if not (args.val_csv or args.data_root):
         if not recipe.get("synthetic"):
             raise ValueError("give --val-csv or --data-root (the checkpoint was not trained on the synthetic task)")
+        from ..train import SYNTHETIC_VAL_LENGTH
+
         t, s = cfg.input_size[0], cfg.input_size[1]
-        ds = SingleView(SyntheticMotion("val", (train_args.get("synthetic_size") or (0, 1024))[1], t, s,
-                                        seed=train_args.get("seed", 0)))
+        # A run trained without validation clips (--synthetic-size N 0) is evaluated on the
+        # default number: its validation split is a pure function of the seed like any other.
+        n_val = (train_args.get("synthetic_size") or (0, 0))[1] or SYNTHETIC_VAL_LENGTH
+        ds = SingleView(SyntheticMotion("val", n_val, t, s, seed=train_args.get("seed", 0)))
         return ds, False, 0 if args.workers is None else args.workers
     multi = bool(train_args.get("multi_label"))
     image = args.image_folders or cfg.patch_2d

@@ -32,6 +32,16 @@ MEAN = (0.45, 0.45, 0.45)
 STD = (0.225, 0.225, 0.225)
 
 
+# The moving square is up to 10 pixels wide and moves up to 3 pixels a frame, and its whole path
+# stays in frame: that needs size >= 3 * (frames - 1) + 10.
+_MAX_SQUARE, _MAX_SPEED = 10, 3.0
+
+
+def min_size(frames: int) -> int:
+    """The smallest frame size (pixels) whose clips of ``frames`` frames keep the square in frame."""
+    return int(_MAX_SPEED * (frames - 1)) + _MAX_SQUARE
+
+
 def render_clip(rng: np.random.Generator, label: int, frames: int = 8, size: int = 32) -> np.ndarray:
     """One clip as float32 (T, H, W, 3) in [0, 1]."""
     # background clutter: coarse random colour blobs (bilinear-upsampled 4x4 noise) + fine noise
@@ -56,10 +66,10 @@ def render_clip(rng: np.random.Generator, label: int, frames: int = 8, size: int
         y, x = rng.integers(0, size - s, 2)
         bg[y : y + s, x : x + s] = texture(s)
 
-    s = int(rng.integers(6, 11))
+    s = int(rng.integers(6, _MAX_SQUARE + 1))
     obj = texture(s)
     dy, dx = _DIRECTIONS[label]
-    speed = rng.uniform(1.5, 3.0)
+    speed = rng.uniform(1.5, _MAX_SPEED)
     travel = speed * (frames - 1)
     room = size - s
     along0 = rng.uniform(0, room - travel)  # start so that the whole path stays in frame
@@ -92,6 +102,10 @@ class SyntheticMotion(Dataset):
                  seed: int = 0):
         if split not in _SPLIT_IDS:
             raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
+        if frames < 1 or size < min_size(frames):
+            raise ValueError(f"the synthetic task needs frames >= 1 and size >= 3 * (frames - 1) + 10 "
+                             f"(= {min_size(max(frames, 1))}) to keep the square in frame; got {frames} frames of "
+                             f"{size}x{size}")
         self.split, self.length, self.frames, self.size = split, length, frames, size
         self.seed = seed
         self.mean = torch.tensor(MEAN).view(3, 1, 1, 1)
