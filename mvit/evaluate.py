@@ -161,6 +161,12 @@ def main(args: argparse.Namespace) -> dict:
     from .train import _autocast
     from .training import checkpoint as ckpt
 
+    for name, value, lo in (("--test-clips", args.test_clips, 1), ("--sampling-rate", args.sampling_rate, 1),
+                            ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+        if value is not None and value < lo:
+            raise ValueError(f"{name} must be >= {lo}, got {value}")
+    if args.target_fps is not None and not args.target_fps > 0:
+        raise ValueError(f"--target-fps must be > 0, got {args.target_fps}")
     if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     if os.path.isdir(args.checkpoint):

@@ -112,7 +112,8 @@ def add_parser(subparsers) -> None:
     o.add_argument("--repeated-aug", type=int, help="repeated augmentation copies (1 = off)")
     o.add_argument("--clip-grad", type=float, help="max gradient L2 norm (0 = off)")
     o.add_argument("--no-flip", dest="flip", action="store_const", const=False, default=None)
-    o.add_argument("--ema-decay", type=float, default=0.0, help="EMA of weights (0 = off), e.g. 0.9999")
+    o.add_argument("--ema-decay", type=float, default=0.0,
+                   help="EMA of weights, in [0, 1): each step moves it 1 - decay of the way (0 = off), e.g. 0.9999")
     o.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="autocast dtype (auto: bf16 on GPU, fp32 on CPU); fp16 uses a GradScaler")
     o.add_argument("--seed", type=int, default=0)
@@ -121,11 +122,11 @@ def add_parser(subparsers) -> None:
     r.add_argument("--output-dir", help="default: runs/<preset>[_synthetic]")
     r.add_argument("--resume", help="a checkpoint path, or 'auto' (latest valid one in the output dir)")
     r.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps (0: per epoch)")
-    r.add_argument("--keep-ckpts", type=int, default=3)
+    r.add_argument("--keep-ckpts", type=int, default=3, help="checkpoints kept, newest first (0: all)")
     r.add_argument("--eval-every", type=int, help="validate every N epochs (and after the last)")
     r.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
-    r.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    r.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (0: leave)")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda (cuda:N single-process)")
+    r.add_argument("--threads", type=int, help="torch CPU threads per rank (default: torch's)")
     r.add_argument("--dist-timeout", type=float, default=600.0, help="seconds before a collective fails")
     r.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -195,6 +196,47 @@ def check_options_used(args: argparse.Namespace, recipe: dict) -> None:
             setattr(args, name, value)
 
 
+def check_values(args: argparse.Namespace, recipe: dict) -> None:
+    """Raise ValueError, naming the option, for values no run can use. Checked before anything is
+    built: out of range, they made runs that did nothing (--epochs 0) or failed late (--eval-every 0
+    after the first epoch)."""
+    r = recipe
+
+    def opt(name):  # the value as the run will use it
+        return r[name] if name in r else getattr(args, name)
+
+    def at_least(name, lo):
+        v = opt(name)
+        return v is None or v >= lo, f"--{name.replace('_', '-')} must be >= {lo}, got {v}"
+
+    def within(name, lo, hi, hi_open=False):
+        v = opt(name)
+        ok = v is None or (lo <= v < hi if hi_open else lo <= v <= hi)
+        return ok, f"--{name.replace('_', '-')} must be in [{lo}, {hi}{')' if hi_open else ']'}, got {v}"
+
+    def above(name, lo):
+        v = opt(name)
+        return v is None or v > lo, f"--{name.replace('_', '-')} must be > {lo}, got {v}"
+
+    checks = [
+        at_least("epochs", 1), at_least("warmup_epochs", 0), at_least("batch_size", 1), at_least("accum_steps", 1),
+        above("base_lr", 0), at_least("min_lr", 0), at_least("weight_decay", 0), within("label_smoothing", 0, 1, True),
+        at_least("mixup", 0), at_least("cutmix", 0), within("mixup_prob", 0, 1), within("mixup_switch_prob", 0, 1),
+        within("random_erasing", 0, 1), at_least("repeated_aug", 1), at_least("clip_grad", 0),
+        within("drop_path", 0, 1, True), within("ema_decay", 0, 1, True), at_least("eval_every", 1),
+        at_least("max_steps", 0), at_least("ckpt_every", 0), at_least("keep_ckpts", 0), at_least("threads", 1),
+        at_least("workers", 0), above("dist_timeout", 0), at_least("num_classes", 1), at_least("num_frames", 1),
+        at_least("crop_size", 1), at_least("sampling_rate", 1), above("target_fps", 0), at_least("test_clips", 1),
+    ]
+    if not 0 < args.layer_decay <= 1:
+        checks.append((False, f"--layer-decay must be in (0, 1], got {args.layer_decay}"))
+    if args.synthetic_size is not None and (args.synthetic_size[0] < 1 or args.synthetic_size[1] < 0):
+        checks.append((False, f"--synthetic-size needs TRAIN >= 1 and VAL >= 0 clips, got {' '.join(map(str, args.synthetic_size))}"))
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 @dataclass
 class TrainState:
     epoch: int = 0
@@ -242,17 +284,24 @@ def train(args: argparse.Namespace) -> dict:
 
     t_start = time.time()
     recipe = resolve_recipe(args)
+    check_values(args, recipe)
     check_options_used(args, recipe)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.accum_steps < 1:
-        raise ValueError("--accum-steps must be >= 1")
     info = dist_utils.init(args.device, args.dist_timeout)
     micro, rem = divmod(recipe["batch_size"], info.world_size * args.accum_steps)
     if rem or micro < 1:
         raise ValueError(
             f"--batch-size {recipe['batch_size']} is not divisible by world size {info.world_size} x "
             f"--accum-steps {args.accum_steps}")
+    mixing = recipe["mixup_prob"] > 0 and (recipe["mixup"] > 0 or recipe["cutmix"] > 0)
+    if mixing and micro == 1:
+        # mixup/cutmix pair each clip with another of its micro-batch (the batch reversed): with
+        # one clip it would be paired with itself and the run would train without mixing
+        raise ValueError(
+            f"mixup/cutmix mix the clips of a micro-batch, and --batch-size {recipe['batch_size']} / world size "
+            f"{info.world_size} / --accum-steps {args.accum_steps} leaves 1 clip per micro-batch: give "
+            "--mixup 0 --cutmix 0, or a larger --batch-size (or fewer --accum-steps)")
 
     data = build_datasets(args, recipe)
     out_dir = args.output_dir or os.path.join("runs", args.preset + ("_synthetic" if recipe["synthetic"] else ""))

@@ -90,3 +90,15 @@ def test_eval_of_a_synthetic_run_without_validation_clips(tmp_path):
     assert main(["eval", str(run), "--report", str(report)]) == 0
     ev = json.loads(report.read_text())
     assert ev["videos"] == SYNTHETIC_VAL_LENGTH and 0 <= ev["top1"] <= 100
+
+
+def test_eval_of_a_synthetic_run_refuses_video_view_options(tmp_path, capsys):
+    from mvit.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--synthetic-size", "8", "0", "--batch-size", "8", "--epochs", "1", "--threads", "1",
+                 "--no-progress", "--output-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--test-clips", "5", "--sampling-rate", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the synthetic task's evaluation does not use --test-clips, --sampling-rate: leave them out" in err, err

@@ -99,3 +99,54 @@ def test_options_that_match_the_synthetic_task_are_accepted(tmp_path):
     assert main(["train", "--rand-augment", "none", "--random-erasing", "0", "--num-classes", "4", "--test-clips", "1",
                  "--synthetic-size", "8", "0", "--batch-size", "8", "--epochs", "1", "--threads", "1", "--no-progress",
                  "--output-dir", str(tmp_path / "run")]) == 0
+
+
+def _short(argv):
+    """argv plus what keeps a synthetic run short, where argv does not set it (should a check be missing)."""
+    fast = {"--synthetic-size": ["8", "0"], "--batch-size": ["8"], "--max-steps": ["1"], "--epochs": ["1"]}
+    return argv + [x for flag, value in fast.items() if flag not in argv for x in [flag] + value] + ["--no-progress"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),  # these two "succeeded", doing nothing
+    (["--epochs", "-1"], "--epochs must be >= 1, got -1"),
+    (["--max-steps", "-1"], "--max-steps must be >= 0, got -1"),
+    (["--eval-every", "0"], "--eval-every must be >= 1, got 0"),  # ZeroDivisionError after an epoch
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--threads", "-2"], "--threads must be >= 1, got -2"),
+    (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["--device", "cpu:1"], "--device must be auto, cpu, cuda or cuda:N, got 'cpu:1'"),
+    (["--device", "cuda:99"], "--device cuda:99"),
+    (["--ema-decay", "1.0"], "--ema-decay must be in [0, 1), got 1.0"),  # the EMA would never move
+    (["--ema-decay", "-0.5"], "--ema-decay must be in [0, 1), got -0.5"),
+    (["--sampling-rate", "0"], "--sampling-rate must be >= 1, got 0"),
+    (["--synthetic-size", "0", "8"], "--synthetic-size needs TRAIN >= 1 and VAL >= 0 clips, got 0 8"),
+    (["--layer-decay", "0"], "--layer-decay must be in (0, 1], got 0.0"),
+    (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1), got 1.5"),
+    (["--base-lr", "0"], "--base-lr must be > 0, got 0.0"),
+    # mixup/cutmix of a one-clip micro-batch mixed each clip with itself
+    (["--batch-size", "8", "--accum-steps", "8", "--cutmix", "1.0"],
+     "leaves 1 clip per micro-batch: give --mixup 0 --cutmix 0, or a larger --batch-size"),
+])
+def test_values_out_of_range(argv, message, capsys, tmp_path):
+    assert main(["train"] + _short(argv) + ["--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_one_clip_micro_batches_without_mixing_are_fine(tmp_path):
+    assert main(["train"] + _short(["--batch-size", "2", "--accum-steps", "2", "--threads", "1"])
+                + ["--output-dir", str(tmp_path / "run")]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--test-clips", "0"], "--test-clips must be >= 1, got 0"),  # was taken as the default, 10
+    (["--sampling-rate", "0"], "--sampling-rate must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+])
+def test_eval_values_out_of_range(argv, message, capsys, tmp_path):
+    assert main(["eval", str(tmp_path)] + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err

@@ -90,6 +90,13 @@ def build_eval_dataset(args, state: dict):
     if not (args.val_csv or args.data_root):
         if not recipe.get("synthetic"):
             raise ValueError("give --val-csv or --data-root (the checkpoint was not trained on the synthetic task)")
+        unused = [name for name, given in (
+            ("--test-clips", args.test_clips not in (None, 1)), ("--test-crops", args.test_crops not in (None, 1)),
+            ("--sampling-rate", args.sampling_rate is not None), ("--target-fps", args.target_fps is not None),
+            ("--image-folders", args.image_folders)) if given]
+        if unused:  # one view per synthetic clip, rendered at the model's size
+            raise ValueError(f"the synthetic task's evaluation does not use {', '.join(unused)}: leave "
+                             f"{'it' if len(unused) == 1 else 'them'} out")
         from ..train import SYNTHETIC_VAL_LENGTH
 
         t, s = cfg.input_size[0], cfg.input_size[1]
@@ -117,8 +124,10 @@ def build_eval_dataset(args, state: dict):
     if image:
         return ImageFolderDataset(items, cfg.input_size[1], False, num_classes=cfg.num_classes,
                                   multi_label=multi), multi, workers
+    # unset: the training run's settings (an older run's stored target_fps of 0 meant the source rate)
     fps = args.target_fps if args.target_fps is not None else train_args.get("target_fps", 30.0)
-    spec = ClipSpec(frames=cfg.input_size[0], crop=cfg.input_size[1],
-                    stride=args.sampling_rate or train_args.get("sampling_rate", 4), target_fps=fps or None,
-                    test_clips=args.test_clips or 10, test_crops=args.test_crops or 3)
+    stride = args.sampling_rate if args.sampling_rate is not None else train_args.get("sampling_rate") or 4
+    spec = ClipSpec(frames=cfg.input_size[0], crop=cfg.input_size[1], stride=stride, target_fps=fps or None,
+                    test_clips=10 if args.test_clips is None else args.test_clips,
+                    test_crops=3 if args.test_crops is None else args.test_crops)
     return VideoDataset(items, spec, False, cfg.num_classes, multi), multi, workers
