@@ -72,10 +72,15 @@ def count_model(
     ``cls_only``: as :meth:`MViT.forward`'s (None: the fused model's last block computes the
     class token alone, the reference's every token).
     """
+    t, h, w = tuple(input_size) if input_size is not None else cfg.input_size
+    if cfg.patch_2d and t != 1:
+        # The image model reads (B, C, H, W): the count would be one frame's under a header of T.
+        raise ValueError(f"input_size: {cfg.name} is an image model, T must be 1, got {t}")
+    if min(t, h, w) < 1 or min(cfg.grid_for((t, h, w))) < 1:
+        raise ValueError(f"input_size {(t, h, w)} is too small for {cfg.name}'s patch embedding")
     with torch.device(device):
         model = MViT(cfg, fused=fused)
     model.eval()
-    t, h, w = tuple(input_size) if input_size is not None else cfg.input_size
     shape = (1, cfg.in_chans, h, w) if cfg.patch_2d else (1, cfg.in_chans, t, h, w)
     x = torch.empty(shape, device=device)
     counter = FlopCounterMode(display=False)

@@ -282,3 +282,41 @@ def test_cls_only_skips_the_last_blocks_other_tokens_flops():
     saved = 392 * (768 * 768 + 768 * 3072 + 3072 * 768) + 2 * 392 * 393 * 768
     assert whole - cls == pytest.approx(saved / 1e9, rel=1e-9)
     assert count_model(cfg).gflops == whole  # the reference's default: every token
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_fused_flops_on_cpu_tensors_are_the_meta_count(v2):
+    # FlopCounterMode had no formula for CPU SDPA (the fused path's attention on CPU): the fused
+    # count on CPU tensors was 15% short of the same model's on meta (where SDPA runs as matmuls).
+    # Its backward is counted as torch counts the CUDA flash backward (which recomputes q k^T), so
+    # a training step's count is compared forward only.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mvit.flops import count_model
+
+    cfg = get_preset("mvit_tiny").replace(**(V2_TINY if v2 else {}))
+    assert count_model(cfg, fused=True, device="cpu").gflops == count_model(cfg, fused=True).gflops
+    forward = []
+    for device in ("meta", "cpu"):
+        with torch.device(device):
+            model = build_model(cfg, fused=True, drop_path_rate=0.0)  # train mode, with gradients
+        with FlopCounterMode(display=False) as counter:
+            loss = model(torch.randn(2, 3, 8, 32, 32, device=device)).sum()
+        forward.append(counter.get_total_flops())
+        with FlopCounterMode(display=False) as counter:
+            loss.backward()
+        if device == "cpu":
+            counts = counter.get_flop_counts()["Global"]
+            assert counts[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] > 0
+    assert forward[0] == forward[1] > 0
+
+
+def test_flop_counts_refuse_input_sizes_the_model_cannot_read():
+    from mvit.flops import count_model
+
+    # An image model counted one frame under a header of 16.
+    with pytest.raises(ValueError, match="mvitv2_s_image is an image model, T must be 1, got 16"):
+        count_model(get_preset("mvitv2_s_image"), input_size=(16, 224, 224))
+    # A conv error inside the count, a traceback from `mvit flops`.
+    with pytest.raises(ValueError, match=r"input_size \(8, 0, 0\) is too small for mvit_tiny's patch embedding"):
+        count_model(get_preset("mvit_tiny"), input_size=(8, 0, 0))
