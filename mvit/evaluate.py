@@ -170,15 +170,13 @@ def main(args: argparse.Namespace) -> dict:
     if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     if os.path.isdir(args.checkpoint):
-        found = ckpt.latest_valid(args.checkpoint)
+        found = ckpt.latest_valid(args.checkpoint, ckpt.MODEL_KEYS)
         if found is None:
-            raise FileNotFoundError(f"no checkpoint in {args.checkpoint}")
+            raise FileNotFoundError(f"no readable checkpoint in {args.checkpoint}")
         args.checkpoint = found[0]
         state = found[1]
     else:
-        state = ckpt.load(args.checkpoint)
-    if "model_config" not in state:
-        raise ValueError(f"{args.checkpoint} is not a checkpoint written by `mvit train`")
+        state = ckpt.load_checked(args.checkpoint, "", ckpt.MODEL_KEYS)
     info = dist_utils.init(args.device)
     model = MViT(state["model_config"], fused=args.fused)
     if args.ema:

@@ -303,8 +303,16 @@ def train(args: argparse.Namespace) -> dict:
             f"{info.world_size} / --accum-steps {args.accum_steps} leaves 1 clip per micro-batch: give "
             "--mixup 0 --cutmix 0, or a larger --batch-size (or fewer --accum-steps)")
 
-    data = build_datasets(args, recipe)
     out_dir = args.output_dir or os.path.join("runs", args.preset + ("_synthetic" if recipe["synthetic"] else ""))
+    existing = ckpt.list_checkpoints(out_dir)
+    if existing and not args.resume:
+        # Pruning keeps the highest steps and eval / --resume auto take the newest: the two runs'
+        # checkpoints would mix, and this run's could be the ones deleted.
+        raise ValueError(f"--output-dir {out_dir} already holds checkpoints of a run ({os.path.basename(existing[0])}"
+                         f"{', ...' if len(existing) > 1 else ''}): give --resume auto to continue that run, or "
+                         "another --output-dir")
+
+    data = build_datasets(args, recipe)
     overrides = {"num_classes": data.num_classes}
     if data.input_size is not None:
         overrides["input_size"] = data.input_size
@@ -340,7 +348,7 @@ def train(args: argparse.Namespace) -> dict:
 
     state = TrainState()
     log = JsonLog(os.path.join(out_dir, "log.jsonl") if info.is_main else None)
-    resumed = _maybe_resume(args, out_dir, model, optimizer, sched, scaler, ema, state, info)
+    resumed = _maybe_resume(args, recipe, out_dir, model, optimizer, scaler, ema, state, info)
     if info.is_main and not resumed and os.path.exists(os.path.join(out_dir, "log.jsonl")):
         os.unlink(os.path.join(out_dir, "log.jsonl"))
 
@@ -454,6 +462,14 @@ def train(args: argparse.Namespace) -> dict:
                 print(f"epoch {state.epoch}: " + _fmt(last_metrics), file=sys.stderr, flush=True)
         save(state.epoch)
 
+    if data.val is not None and not last_metrics:
+        # Resumed at the end of its run (or past a shortened --epochs / --max-steps): nothing was
+        # trained, so evaluate the checkpoint rather than report no metrics.
+        if info.is_main:
+            print(f"nothing left to train (epoch {state.epoch} of {recipe['epochs']}, step {state.step}): "
+                  "evaluating the checkpoint", file=sys.stderr, flush=True)
+        last_metrics = evaluate(ema.module if ema else model, data.val, info, batch_size=max(1, micro),
+                                workers=data.workers, multi_label=multi_label, autocast=autocast)
     result = {"val": last_metrics, "steps": state.step, "epochs": state.epoch}
     if recipe["synthetic"] and data.val is not None:
         shuffled = evaluate(ema.module if ema else model, data.val, info, batch_size=max(1, micro),
@@ -500,26 +516,54 @@ def _load_finetune(model, path: str, verbose: bool) -> None:
         print(f"fine-tuning from {path}: re-initialized {sorted(set(missing) | set(dropped))}", file=sys.stderr)
 
 
-def _maybe_resume(args, out_dir, model, optimizer, sched, scaler, ema, state: TrainState, info) -> bool:
+def _maybe_resume(args, recipe: dict, out_dir: str, model, optimizer, scaler, ema, state: TrainState,
+                  info) -> bool:
+    """Restore model, optimizer, EMA, position and RNGs from ``--resume``. The LR schedule is not
+    restored: it is built from the current --epochs / --warmup-epochs / --base-lr / --min-lr, so a
+    run can be extended; changed settings are listed. A change of model or batch size is refused."""
     if not args.resume:
         return False
     if args.resume == "auto":
-        found = ckpt.latest_valid(out_dir)
+        found = ckpt.latest_valid(out_dir, ckpt.TRAINING_KEYS)
         if found is None:
+            if ckpt.list_checkpoints(out_dir):
+                raise ValueError(f"--resume auto: no checkpoint in {out_dir} can be read (see the warnings above): "
+                                 "move them away, or give another --output-dir")
             if info.is_main:
                 print(f"--resume auto: no checkpoint in {out_dir}, starting fresh", file=sys.stderr)
             return False
         path, obj = found
     else:
-        if not os.path.exists(args.resume):
-            raise FileNotFoundError(f"--resume checkpoint not found: {args.resume}")
-        path, obj = args.resume, ckpt.load(args.resume)
-    model.load_state_dict(obj["model"])
-    optimizer.load_state_dict(obj["optimizer"])
-    sched.load_state_dict(obj["scheduler"])
+        path, obj = args.resume, ckpt.load_checked(args.resume, "--resume")
+        later = [p for p in ckpt.list_checkpoints(out_dir)
+                 if ckpt.step_of(p) > obj["step"] and not os.path.samefile(p, path)]
+        if later:
+            # they would outrank this run's checkpoints in pruning, eval and --resume auto
+            raise ValueError(f"--resume {path} is at step {obj['step']}, but --output-dir {out_dir} holds later "
+                             f"checkpoints ({os.path.basename(later[0])}): resume the latest (--resume auto), move "
+                             "them away, or give another --output-dir")
+    changed = _check_same_run(path, obj, model, args, recipe)
+    if changed and info.is_main:
+        print(f"resuming with changed settings, which apply from here on (the LR schedule follows them): "
+              f"{', '.join(changed)}", file=sys.stderr)
+    try:
+        model.load_state_dict(obj["model"])
+    except RuntimeError as exc:  # a checkpoint without model_config, of another model
+        raise ValueError(f"--resume {path}: its weights do not fit this run's model "
+                         f"({str(exc).strip().splitlines()[0]} ...)") from None
+    # The parameter groups' weight decay and LR scale follow the current arguments, like the schedule.
+    current = [{k: g[k] for k in ("weight_decay", "lr_scale") if k in g} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(obj["optimizer"])
+    except ValueError as exc:
+        raise ValueError(f"--resume {path}: the optimizer state does not fit this run's parameter groups ({exc})") from None
+    for group, values in zip(optimizer.param_groups, current):
+        group.update(values)
     scaler.load_state_dict(obj["scaler"])
-    if ema is not None and obj.get("ema") is not None:
-        ema.load_state_dict(obj["ema"])
+    if ema is not None:
+        # without EMA weights in the checkpoint the average starts from the resumed weights (it was
+        # copied from the initial ones when built)
+        ema.load_state_dict(obj["ema"] if obj.get("ema") is not None else model.state_dict())
     state.epoch, state.step = obj["epoch"], obj["step"]
     state.epoch_pos = obj["sampler"]["position"]
     rngs = obj.get("rng") or []
@@ -528,3 +572,31 @@ def _maybe_resume(args, out_dir, model, optimizer, sched, scaler, ema, state: Tr
     if info.is_main:
         print(f"resumed from {path} (epoch {state.epoch}, step {state.step})", file=sys.stderr)
     return True
+
+
+def _check_same_run(path: str, obj: dict, model, args, recipe: dict) -> list[str]:
+    """Refuse a resume whose model or batch size differs from the checkpoint's; return the other
+    settings that changed (they apply from the resumed step on), as '--name old -> new'."""
+    import dataclasses
+
+    saved = obj.get("model_config")
+    if saved is not None:
+        # drop_path_rate changes no parameter: it may change like the other regularization settings
+        diff = [f"{f.name} {getattr(saved, f.name)} in the checkpoint, {getattr(model.cfg, f.name)} now"
+                for f in dataclasses.fields(model.cfg) if f.name != "drop_path_rate"
+                and getattr(saved, f.name, None) != getattr(model.cfg, f.name)]
+        if diff:
+            raise ValueError(f"--resume {path}: the checkpoint's model differs from this run's ({'; '.join(diff)}): "
+                             "give the run's --preset, --num-frames, --crop-size and data, or start a new run from "
+                             "it with --finetune")
+    old_recipe, old_args = obj.get("recipe") or {}, obj.get("args") or {}
+    if "batch_size" in old_recipe and old_recipe["batch_size"] != recipe["batch_size"]:
+        raise ValueError(f"--resume {path}: the run was started with --batch-size {old_recipe['batch_size']}, not "
+                         f"{recipe['batch_size']}; its step count and data position are in those batches: give "
+                         f"--batch-size {old_recipe['batch_size']}, or start a new run from it with --finetune")
+    if "layer_decay" in old_args and old_args["layer_decay"] != args.layer_decay:
+        raise ValueError(f"--resume {path}: the run was started with --layer-decay {old_args['layer_decay']}, not "
+                         f"{args.layer_decay} (the optimizer's parameter groups differ): give --layer-decay "
+                         f"{old_args['layer_decay']}, or start a new run from it with --finetune")
+    return [f"--{k.replace('_', '-')} {old_recipe[k]} -> {v}" for k, v in recipe.items()
+            if k in old_recipe and old_recipe[k] != v]

@@ -66,3 +66,111 @@ def test_same_seed_same_run_whatever_the_rng_state_before(tmp_path):
     assert sorted(runs["a"]) == [1, 2]
     assert runs["a"] == runs["b"]
     assert runs["c"][1] != runs["a"][1]  # another seed, another start (step 1's loss precedes any update)
+
+
+SHORT = ["train", "--synthetic-size", "32", "8", "--batch-size", "16", "--threads", "1", "--no-progress",
+         "--keep-ckpts", "0"]
+
+
+def _one_line_error(capsys, *messages):
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for message in messages:
+        assert message in err, err
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path, capsys):
+    # Pruning keeps the highest steps: the new run's own checkpoint was deleted, and eval and
+    # --resume auto then took the old run's.
+    out = str(tmp_path / "run")
+    assert main(SHORT + ["--epochs", "2", "--output-dir", out]) == 0
+    before = {p: os.path.getmtime(p) for p in ckpt.list_checkpoints(out)}
+    capsys.readouterr()
+    assert main(SHORT + ["--epochs", "1", "--output-dir", out]) == 2
+    _one_line_error(capsys, f"--output-dir {out} already holds checkpoints of a run (checkpoint_e0002_s00000004.pt",
+                    "give --resume auto to continue that run, or another --output-dir")
+    assert {p: os.path.getmtime(p) for p in ckpt.list_checkpoints(out)} == before
+    # resuming an earlier checkpoint of the folder: the later ones would outrank the new run's
+    earlier = [p for p in before if p.endswith(ckpt.checkpoint_name(1, 2))][0]
+    assert main(SHORT + ["--epochs", "2", "--output-dir", out, "--resume", earlier]) == 2
+    _one_line_error(capsys, "is at step 2, but --output-dir", "holds later checkpoints (checkpoint_e0002_s00000004.pt)")
+
+
+def _lrs(folder):
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        return {r["step"]: r["lr"] for r in map(json.loads, f) if r["kind"] == "train"}
+
+
+def test_resume_follows_a_changed_schedule_and_says_so(tmp_path, capsys):
+    # --epochs (and the other schedule settings) were silently replaced by the checkpoint's
+    from mvit.training.optim import WarmupCosine
+
+    out = str(tmp_path / "run")
+    assert main(SHORT + ["--epochs", "2", "--output-dir", out]) == 0
+    capsys.readouterr()
+    assert main(SHORT + ["--epochs", "4", "--base-lr", "4e-3", "--output-dir", out, "--resume", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming with changed settings" in err and "--epochs 2 -> 4" in err and "--base-lr 0.008 -> 0.004" in err
+    lrs = _lrs(out)
+    assert sorted(lrs) == list(range(1, 9))
+    peak = 4e-3 * 16 / 512  # 2 steps per epoch, 1 warmup epoch
+    extended = WarmupCosine(peak, 8, 2, start_lr=1e-6, end_lr=1e-5)
+    for step in range(5, 9):  # the log's step s ran at schedule position s - 1
+        assert lrs[step] == pytest.approx(extended.lr_at(step - 1), rel=1e-12), step
+    assert lrs[5] > 5e-5  # the 2-epoch schedule had ended at min_lr (1e-5)
+
+
+def test_resuming_a_finished_run_keeps_its_metrics(tmp_path, capsys):
+    # result.json said "val": {}: nothing was trained, so nothing was evaluated
+    out = str(tmp_path / "run")
+    assert main(SHORT + ["--epochs", "1", "--output-dir", out]) == 0
+    with open(os.path.join(out, "result.json")) as f:
+        first = json.load(f)
+    assert first["val"]["videos"] == 8
+    capsys.readouterr()
+    assert main(SHORT + ["--epochs", "1", "--output-dir", out, "--resume", "auto"]) == 0
+    assert "nothing left to train (epoch 1 of 1, step 2): evaluating the checkpoint" in capsys.readouterr().err
+    with open(os.path.join(out, "result.json")) as f:
+        again = json.load(f)
+    assert again["val"] == first["val"] and again["val_shuffled_frames"] == first["val_shuffled_frames"]
+    assert again["steps"] == 2
+
+
+def test_resume_refuses_another_model_batch_size_or_file(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(SHORT + ["--epochs", "1", "--output-dir", out]) == 0
+    [last] = ckpt.list_checkpoints(out)
+    capsys.readouterr()
+    resume = SHORT + ["--epochs", "2", "--output-dir", out, "--resume"]
+    assert main(resume + ["auto", "--crop-size", "40"]) == 2  # was a size-mismatch traceback
+    _one_line_error(capsys, f"--resume {last}: the checkpoint's model differs from this run's "
+                            "(input_size (8, 32, 32) in the checkpoint, (8, 40, 40) now)")
+    assert main(resume + ["auto", "--batch-size", "8"]) == 2
+    _one_line_error(capsys, "the run was started with --batch-size 16, not 8")
+    assert main(resume + ["auto", "--layer-decay", "0.5"]) == 2
+    _one_line_error(capsys, "the run was started with --layer-decay 1.0, not 0.5")
+    foreign = str(tmp_path / "weights.pt")
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    assert main(resume + [foreign]) == 2  # was KeyError: 'model'
+    _one_line_error(capsys, f"--resume {foreign} is not a checkpoint written by `mvit train` (it has no 'model'")
+    log = os.path.join(out, "log.jsonl")
+    assert main(resume + [log]) == 2  # was an UnpicklingError traceback
+    _one_line_error(capsys, f"--resume {log} cannot be read as a checkpoint (UnpicklingError")
+    assert main(["eval", log]) == 2
+    _one_line_error(capsys, f"{log} cannot be read as a checkpoint (UnpicklingError")
+    assert main(["eval", foreign]) == 2
+    _one_line_error(capsys, "is not a checkpoint written by `mvit train` (it has no 'model', 'model_config')")
+
+
+def test_ema_added_on_resume_starts_from_the_resumed_weights(tmp_path):
+    # it was copied from the freshly initialized model before the checkpoint was loaded
+    out = str(tmp_path / "run")
+    assert main(SHORT + ["--epochs", "1", "--output-dir", out]) == 0
+    [first] = ckpt.list_checkpoints(out)
+    resumed_weights = ckpt.load(first)["model"]
+    assert main(SHORT + ["--epochs", "2", "--max-steps", "3", "--ema-decay", "0.999999", "--output-dir", out,
+                         "--resume", "auto"]) == 0
+    ema = ckpt.load(ckpt.list_checkpoints(out)[0])["ema"]
+    for name, w in resumed_weights.items():
+        if w.is_floating_point():
+            assert torch.allclose(ema[name], w, atol=1e-4), name

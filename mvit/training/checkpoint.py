@@ -57,21 +57,54 @@ def list_checkpoints(folder: str) -> list[str]:
     return [p for _, _, p in sorted(found, reverse=True)]
 
 
+# what `mvit train` writes, and what resuming needs
+TRAINING_KEYS = ("model", "optimizer", "scaler", "epoch", "step", "sampler")
+# what evaluating needs
+MODEL_KEYS = ("model", "model_config")
+
+
 def load(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def latest_valid(folder: str) -> Optional[tuple[str, dict]]:
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def load_checked(path: str, what: str, required=TRAINING_KEYS) -> dict:
+    """The checkpoint at ``path``, or one ValueError line, starting with ``what`` (the option the
+    path came from, or ""), when the file is no checkpoint (a log, a torn file) or lacks one of
+    ``required``. A missing file is a FileNotFoundError."""
+    what = f"{what} " if what else ""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what}checkpoint not found: {path}")
+    try:
+        state = load(path)
+    except Exception as exc:  # pickle, zip and I/O errors alike: the file is not a checkpoint
+        raise ValueError(f"{what}{path} cannot be read as a checkpoint ({_first_line(exc)})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{what}{path} holds a {type(state).__name__}, not a checkpoint written by `mvit train`")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"{what}{path} is not a checkpoint written by `mvit train` (it has no "
+                         f"{', '.join(repr(k) for k in missing)})")
+    return state
+
+
+def latest_valid(folder: str, required=("model",)) -> Optional[tuple[str, dict]]:
     """The newest checkpoint in ``folder`` that loads, skipping corrupt ones with a warning."""
     for path in list_checkpoints(folder):
         try:
-            state = load(path)
-            if not isinstance(state, dict) or "model" not in state:
-                raise ValueError("not a training checkpoint")
-            return path, state
-        except Exception as exc:  # a torn or foreign file: fall back to the previous one
-            warnings.warn(f"skipping unreadable checkpoint {path}: {type(exc).__name__}: {exc}")
+            return path, load_checked(path, "", required)
+        except (ValueError, FileNotFoundError) as exc:  # torn, foreign, or pruned meanwhile: the previous one
+            warnings.warn(f"skipping unreadable checkpoint {path}: {exc}")
     return None
+
+
+def step_of(path: str) -> int:
+    """The optimizer step in a checkpoint's file name."""
+    return int(_NAME.search(path).group(2))
 
 
 def prune(folder: str, keep: int) -> None:
