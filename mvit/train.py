@@ -88,7 +88,8 @@ def add_parser(subparsers) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--preset", default="mvit_tiny")
     m.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the preset's)")
-    m.add_argument("--finetune", help="initialize from this checkpoint; a head of another size is re-made")
+    m.add_argument("--finetune", help="initialize from this checkpoint (mvit train's, pySlowFast's or torchvision's); "
+                   "position tables are interpolated to the input size, a head of another size is re-made")
     m.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise LR decay (1 = off)")
     m.add_argument("--fused", action="store_true", help="use the fused kernels (needs the built extension)")
     m.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -504,16 +505,90 @@ def _fmt(metrics: dict) -> str:
 
 
 def _load_finetune(model, path: str, verbose: bool) -> None:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--finetune checkpoint not found: {path}")
-    state = ckpt.load(path)
-    weights = state.get("model", state)
+    """Initialize ``model`` from a checkpoint: this project's, a pySlowFast / facebookresearch/mvit
+    one (``model_state`` nesting, ``module.`` prefixes, ``norm_q`` and separate q/k/v names) or a
+    torchvision state_dict. Position embeddings and rel-pos tables of another input size are
+    interpolated as the model does for inputs of another size; tensors that still do not fit (a
+    head of another size) keep their fresh initialization and are listed."""
+    # _unwrap: the same unwrapping as from_pretrained (model_state / model / state_dict, module.)
+    from .convert import _unwrap, convert_pyslowfast, convert_torchvision
+
+    raw = ckpt.load_checked(path, "--finetune", required=())
+    weights = _unwrap(raw)
+    if not weights:
+        raise ValueError(f"--finetune {path} holds no weights (no tensors, nor a 'model_state', 'model' or "
+                         "'state_dict' of them)")
+    if "conv_proj.weight" in weights or any(k.startswith("pos_encoding.") for k in weights):
+        weights = convert_torchvision(weights)
+    else:  # pySlowFast's names; this project's own pass through unchanged
+        weights = convert_pyslowfast(weights, model.cfg)
+    saved_cfg = raw.get("model_config")
+    interpolated = _fit_position_tables(weights, model, getattr(saved_cfg, "patch_grid", None))
     own = model.state_dict()
-    dropped = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
-    weights = {k: v for k, v in weights.items() if k in own and k not in dropped}
-    missing, _ = model.load_state_dict(weights, strict=False)
+    fitting = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    if not fitting:
+        # e.g. a checkpoint of another architecture: "fine-tuning" it would train from scratch
+        raise ValueError(f"--finetune {path}: none of its {len(weights)} tensors fits {model.cfg.name} (such as "
+                         f"{', '.join(sorted(weights)[:3])}): is it a checkpoint of another model?")
+    model.load_state_dict(fitting, strict=False)
     if verbose:
-        print(f"fine-tuning from {path}: re-initialized {sorted(set(missing) | set(dropped))}", file=sys.stderr)
+        fresh = sorted(set(own) - set(fitting))
+        print(f"fine-tuning from {path}: loaded {len(fitting)} of the model's {len(own)} tensors"
+              + (f", interpolated {interpolated} to this input size" if interpolated else "")
+              + f"; re-initialized {fresh}", file=sys.stderr)
+
+
+def _fit_position_tables(weights: dict, model, source_grid) -> list[str]:
+    """Resize, in ``weights``, the absolute position embeddings and rel-pos tables of another input
+    size to ``model``'s, the way the model resizes them for an input of another size: the loaded
+    model then computes what the checkpoint's model computed at this size. ``source_grid``: the
+    checkpoint's token grid (T, H, W), when known; else the spatial grid is taken to be square
+    (and a joint table's frames those of the model or of its preset).
+    Returns the names of the tables resized."""
+    import math
+
+    from mvit_kernels.reference import interpolate_rel_pos
+
+    from .model import _resize_grid  # the model's own resizing of position tables
+    from .presets import get_preset
+
+    own = model.state_dict()
+    t, h, w = model.grid
+    cls = int(model.cfg.cls_embed)
+
+    def square(n: int, frames: int):
+        side = math.isqrt(n // frames) if n % frames == 0 else 0
+        return (frames, side, side) if side * side * frames == n else None
+
+    def preset_frames() -> int:
+        try:
+            return get_preset(model.cfg.name).patch_grid[0]
+        except ValueError:  # a model built from its own config
+            return t
+
+    resized = []
+    for name, table in list(weights.items()):
+        if name not in own or own[name].shape == table.shape or own[name].shape[-1] != table.shape[-1]:
+            continue
+        if name == "pos_embed_spatial":
+            src = (1, *source_grid[1:]) if source_grid else square(table.shape[1], 1)
+            new = _resize_grid(table, src, (1, h, w), "trilinear") if src else None
+        elif name == "pos_embed_temporal":
+            new = _resize_grid(table, (table.shape[1], 1, 1), (t, 1, 1), "trilinear")
+        elif name == "pos_embed":
+            # without the checkpoint's grid: the frames of this model, else of the preset's input
+            n = table.shape[1] - cls
+            src = source_grid or square(n, t) or square(n, preset_frames())
+            new = (torch.cat((table[:, :cls], _resize_grid(table[:, cls:], src, (t, h, w), "trilinear")), dim=1)
+                   if src and math.prod(src) == table.shape[1] - cls else None)
+        elif name.rsplit(".", 1)[-1] in ("rel_pos_t", "rel_pos_h", "rel_pos_w"):
+            new = interpolate_rel_pos(table, own[name].shape[0])
+        else:
+            continue
+        if new is not None and new.shape == own[name].shape:
+            weights[name] = new
+            resized.append(name)
+    return resized
 
 
 def _maybe_resume(args, recipe: dict, out_dir: str, model, optimizer, scaler, ema, state: TrainState,

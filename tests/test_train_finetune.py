@@ -1,0 +1,87 @@
+"""--finetune: checkpoints of this project, pySlowFast's layout (model_state, module., norm_q,
+separate q/k/v) and another input size load into the new model; a file that fits nothing is an error."""
+
+import pytest
+import torch
+
+from mvit import build_model
+from mvit.cli import main
+from mvit.train import _load_finetune
+
+# the model kinds whose position tables differ: separate and joint absolute embeddings, MViTv2's rel-pos tables
+VARIANTS = {
+    "separate": {},
+    "joint": {"abs_pos": "joint"},
+    "rel_pos": {"abs_pos": "none", "rel_pos_spatial": True, "rel_pos_temporal": True, "residual_pooling": True,
+                "dim_mul_in_att": True},
+}
+
+
+def _random_model(seed, **overrides):
+    torch.manual_seed(seed)
+    model = build_model("mvit_tiny", **overrides)
+    with torch.no_grad():
+        for p in model.parameters():  # every table non-zero (rel-pos tables start at zero)
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def _pyslowfast_layout(model) -> dict:
+    """The key layout of pySlowFast's model zoo files: norm_q/k/v, separate q/k/v, module., model_state."""
+    out = {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if len(parts) == 6 and parts[3].startswith("pool_") and parts[4] == "norm":
+            key = f"blocks.{parts[1]}.attn.norm_{parts[3][-1]}.{parts[5]}"
+        if key.endswith(("attn.qkv.weight", "attn.qkv.bias")):
+            prefix, part = key.rsplit(".qkv.", 1)
+            for name, chunk in zip("qkv", value.chunk(3, dim=0)):
+                out[f"module.{prefix}.{name}.{part}"] = chunk.clone()
+            continue
+        out[f"module.{key}"] = value.clone()
+    return {"model_state": out, "epoch": 30}
+
+
+@pytest.mark.parametrize("layout", ["mvit_train", "pyslowfast"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_another_input_size_computes_what_the_checkpoint_computes_there(tmp_path, layout, variant):
+    # The README: inputs of other sizes work, position tables interpolated. Fine-tuning at another
+    # size re-initialized every position table instead (another shape); from pySlowFast's layout,
+    # every tensor (the model_state nesting was not unwrapped).
+    source = _random_model(0, **VARIANTS[variant])
+    path = str(tmp_path / "source.pt")
+    torch.save({"model": source.state_dict(), "model_config": source.cfg} if layout == "mvit_train"
+               else _pyslowfast_layout(source), path)
+    target = _random_model(1, input_size=(16, 48, 48), **VARIANTS[variant])
+    _load_finetune(target, path, verbose=False)
+    x = torch.randn(2, 3, 16, 48, 48)
+    with torch.no_grad():
+        expected = source(x)  # the source model resizes its tables for this input
+        assert (target(x) - expected).abs().max().item() < 1e-5
+
+
+def test_finetune_from_pyslowfast_layout_on_the_command_line(tmp_path, capsys):
+    source = _random_model(0, num_classes=6)
+    path = str(tmp_path / "K400.pyth")
+    torch.save(_pyslowfast_layout(source), path)
+    out = tmp_path / "ft"
+    assert main(["train", "--finetune", path, "--crop-size", "40", "--synthetic-size", "8", "0", "--batch-size", "8",
+                 "--max-steps", "1", "--threads", "1", "--no-progress", "--output-dir", str(out)]) == 0
+    err = capsys.readouterr().err
+    n = len(source.state_dict())
+    assert f"loaded {n - 2} of the model's {n} tensors, interpolated ['pos_embed_spatial']" in err, err
+    assert "re-initialized ['head.projection.bias', 'head.projection.weight']" in err, err
+
+
+def test_a_checkpoint_that_fits_nothing_is_an_error(tmp_path, capsys):
+    other = str(tmp_path / "other.pt")
+    torch.save({"model": {"encoder.layer.0.weight": torch.zeros(3, 3)}}, other)
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"kind": "train"}\n')
+    for path, message in ((other, f"--finetune {other}: none of its 1 tensors fits mvit_tiny (such as "
+                                  "encoder.layer.0.weight): is it a checkpoint of another model?"),
+                          (str(log), f"--finetune {log} cannot be read as a checkpoint (UnpicklingError")):
+        assert main(["train", "--finetune", path, "--synthetic-size", "8", "0", "--batch-size", "8", "--max-steps", "1",
+                     "--no-progress", "--output-dir", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
