@@ -232,7 +232,8 @@ def check_values(args: argparse.Namespace, recipe: dict) -> None:
     if not 0 < args.layer_decay <= 1:
         checks.append((False, f"--layer-decay must be in (0, 1], got {args.layer_decay}"))
     if args.synthetic_size is not None and (args.synthetic_size[0] < 1 or args.synthetic_size[1] < 0):
-        checks.append((False, f"--synthetic-size needs TRAIN >= 1 and VAL >= 0 clips, got {' '.join(map(str, args.synthetic_size))}"))
+        n_train, n_val = args.synthetic_size
+        checks.append((False, f"--synthetic-size needs TRAIN >= 1 and VAL >= 0 clips, got {n_train} {n_val}"))
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
@@ -624,14 +625,16 @@ def _maybe_resume(args, recipe: dict, out_dir: str, model, optimizer, scaler, em
     try:
         model.load_state_dict(obj["model"])
     except RuntimeError as exc:  # a checkpoint without model_config, of another model
-        raise ValueError(f"--resume {path}: its weights do not fit this run's model "
-                         f"({str(exc).strip().splitlines()[0]} ...)") from None
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip())
+        raise ValueError(f"--resume {path}: its weights do not fit this run's model ({detail[:300]}"
+                         f"{' ...' if len(detail) > 300 else ''})") from None
     # The parameter groups' weight decay and LR scale follow the current arguments, like the schedule.
     current = [{k: g[k] for k in ("weight_decay", "lr_scale") if k in g} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(obj["optimizer"])
     except ValueError as exc:
-        raise ValueError(f"--resume {path}: the optimizer state does not fit this run's parameter groups ({exc})") from None
+        raise ValueError(f"--resume {path}: the optimizer state does not fit this run's parameter groups "
+                         f"({exc})") from None
     for group, values in zip(optimizer.param_groups, current):
         group.update(values)
     scaler.load_state_dict(obj["scaler"])

@@ -68,7 +68,8 @@ def test_image_lists_multi_label_and_eval(image_root, tmp_path):
     out = tmp_path / "ml"
     assert main(["train", "--preset", "mvitv2_t_image", "--train-csv", str(train_csv), "--val-csv", str(val_csv),
                  "--data-root", str(image_root), "--multi-label", "--crop-size", "64", "--batch-size", "2",
-                 "--max-steps", "1", "--workers", "0", "--threads", "1", "--no-progress", "--output-dir", str(out)]) == 0
+                 "--max-steps", "1", "--workers", "0", "--threads", "1", "--no-progress",
+                 "--output-dir", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["val"]["videos"] == 3 and 0 <= result["val"]["mAP"] <= 100
     report = tmp_path / "eval.json"

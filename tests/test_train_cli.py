@@ -30,7 +30,8 @@ def listed_videos(tmp_path):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(2):
                 (tmp_path / split / cls / f"{i}.mp4").write_bytes(b"")
-    (tmp_path / "train.csv").write_text("".join(f"train/{c}/{i}.mp4 {k}\n" for k, c in enumerate("abc") for i in range(2)))
+    lines = [f"train/{c}/{i}.mp4 {k}\n" for k, c in enumerate("abc") for i in range(2)]
+    (tmp_path / "train.csv").write_text("".join(lines))
     return tmp_path
 
 
@@ -41,8 +42,10 @@ def listed_videos(tmp_path):
     (["--train-csv", "train.csv", "--val-csv", "val.csv", "--num-classes", "5"], {"val.csv": "val/a/0.mp4 5\n"},
      "val.csv:1: label 5 is outside [0, 5) (--num-classes 5)"),
     (["--train-csv", "ml.csv", "--val-csv", "val.csv", "--multi-label"],
-     {"ml.csv": "train/a/0.mp4 0,1\ntrain/b/0.mp4 2\n", "val.csv": "val/a/0.mp4 1,3\n"}, "val.csv:1: label 3 is outside [0, 3)"),
-    (["--train-csv", "train.csv", "--num-classes", "2"], {}, "train.csv:5: label 2 is outside [0, 2) (--num-classes 2)"),
+     {"ml.csv": "train/a/0.mp4 0,1\ntrain/b/0.mp4 2\n", "val.csv": "val/a/0.mp4 1,3\n"},
+     "val.csv:1: label 3 is outside [0, 3)"),
+    (["--train-csv", "train.csv", "--num-classes", "2"], {},
+     "train.csv:5: label 2 is outside [0, 2) (--num-classes 2)"),
     (["--data-root", "."], {"val.csv": "val/a/0.mp4 3\n"}, None),
     (["--data-root", ".", "--val-csv", "val.csv"], {"val.csv": "val/a/0.mp4 3\n"},
      "val.csv:1: label 3 is outside [0, 3) (3 class folders in --data-root)"),
@@ -75,7 +78,8 @@ def test_labels_are_checked_against_the_classes(listed_videos, extra, files, mes
                                   "--rand-augment: leave it out"),
     (["--random-erasing", "0.25", "--jitter-scales", "36", "40", "--sampling-rate", "2"],
      "does not use --sampling-rate, --jitter-scales, --random-erasing: leave them out"),
-    (["--num-classes", "10", "--multi-label", "--test-clips", "3"], "does not use --test-clips, --multi-label, --num-classes"),
+    (["--num-classes", "10", "--multi-label", "--test-clips", "3"],
+     "does not use --test-clips, --multi-label, --num-classes"),
     (["--val-csv", "val.csv"], "--val-csv needs the training data too (--train-csv or --data-root)"),
     (["--preset", "mvitv2_t_image", "--data-root", ".", "--sampling-rate", "2", "--test-crops", "3"],
      "an image run does not use --sampling-rate, --test-crops"),

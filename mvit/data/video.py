@@ -107,9 +107,8 @@ def read_csv(path: str, root: Optional[str] = None, multi_label: bool = False,
             try:
                 label: Label = tuple(int(c) for c in lab.split(",")) if multi_label else int(lab)
             except ValueError:
-                raise ValueError(f"{path}:{n}: label {lab!r} is not an integer"
-                                 + ("" if multi_label or "," not in lab else " (comma-separated labels need --multi-label)")
-                                 ) from None
+                hint = "" if multi_label or "," not in lab else " (comma-separated labels need --multi-label)"
+                raise ValueError(f"{path}:{n}: label {lab!r} is not an integer{hint}") from None
             for c in (label if multi_label else (label,)):
                 if c < 0 or (num_classes is not None and c >= num_classes):
                     bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
