@@ -77,6 +77,8 @@ def test_image_lists_multi_label_and_eval(image_root, tmp_path):
                  "--report", str(report)]) == 0
     ev = json.loads(report.read_text())
     assert ev["videos"] == 3 and ev["mAP"] == result["val"]["mAP"]
+    # one centre crop per image: video views are refused, not ignored
+    assert main(["eval", str(out), "--val-csv", str(val_csv), "--data-root", str(image_root), "--test-crops", "3"]) == 2
 
 
 def test_num_classes_below_the_class_folders(image_root, tmp_path, capsys):

@@ -90,13 +90,9 @@ def build_eval_dataset(args, state: dict):
     if not (args.val_csv or args.data_root):
         if not recipe.get("synthetic"):
             raise ValueError("give --val-csv or --data-root (the checkpoint was not trained on the synthetic task)")
-        unused = [name for name, given in (
-            ("--test-clips", args.test_clips not in (None, 1)), ("--test-crops", args.test_crops not in (None, 1)),
-            ("--sampling-rate", args.sampling_rate is not None), ("--target-fps", args.target_fps is not None),
-            ("--image-folders", args.image_folders)) if given]
-        if unused:  # one view per synthetic clip, rendered at the model's size
-            raise ValueError(f"the synthetic task's evaluation does not use {', '.join(unused)}: leave "
-                             f"{'it' if len(unused) == 1 else 'them'} out")
+        # one view per synthetic clip, rendered at the model's size
+        _reject_unused("the synthetic task's evaluation",
+                       _clip_options(args) + [("--image-folders", args.image_folders)])
         from ..train import SYNTHETIC_VAL_LENGTH
 
         t, s = cfg.input_size[0], cfg.input_size[1]
@@ -121,7 +117,8 @@ def build_eval_dataset(args, state: dict):
         if len(classes) > cfg.num_classes:
             raise ValueError(f"{os.path.join(args.data_root, 'val')} has {len(classes)} class folders; the "
                              f"checkpoint's model has {cfg.num_classes} classes")
-    if image:
+    if image:  # one centre crop of one frame per image
+        _reject_unused("an image checkpoint's evaluation", _clip_options(args))
         return ImageFolderDataset(items, cfg.input_size[1], False, num_classes=cfg.num_classes,
                                   multi_label=multi), multi, workers
     # unset: the training run's settings (an older run's stored target_fps of 0 meant the source rate)
@@ -131,3 +128,16 @@ def build_eval_dataset(args, state: dict):
                     test_clips=10 if args.test_clips is None else args.test_clips,
                     test_crops=3 if args.test_crops is None else args.test_crops)
     return VideoDataset(items, spec, False, cfg.num_classes, multi), multi, workers
+
+
+def _clip_options(args) -> list[tuple[str, bool]]:
+    """(option, given) for mvit eval's options of video clips and views."""
+    return [("--test-clips", args.test_clips not in (None, 1)), ("--test-crops", args.test_crops not in (None, 1)),
+            ("--sampling-rate", args.sampling_rate is not None), ("--target-fps", args.target_fps is not None)]
+
+
+def _reject_unused(task: str, options: list[tuple[str, bool]]) -> None:
+    """An option the evaluation would ignore is an error, not silently dropped."""
+    unused = [name for name, given in options if given]
+    if unused:
+        raise ValueError(f"{task} does not use {', '.join(unused)}: leave {'it' if len(unused) == 1 else 'them'} out")
