@@ -6,7 +6,7 @@ bf16, with the Triton kernels' achieved TFLOP/s and GB/s beside their floor.
     python bench/bench_attention.py [--batch 1] [--preset mvit_b_16x4] [--out bench/results]
     python bench/bench_attention.py --cpu [--preset mvitv2_s_16x4] [--threads 2] [--repeats 7]
 
-Writes attention_model.{md,json} (and on CUDA attention_bench_b<batch>[_relpos], pooled_projection_b<batch>
+Writes attention_model.{md,json} (attention_model_b<batch> for a batch other than 1; and on CUDA attention_bench_b<batch>[_relpos], pooled_projection_b<batch>
 and attention_blocks_<preset>_b<batch>, .md and .json) under --out, and prints the
 AOT resource table (bench/results/triton_resources.md, made by tests/test_triton_aot.py or
 ``python -m mvit_kernels.triton.aot``). With ``--cpu`` it measures the CPU inference path instead
@@ -39,6 +39,7 @@ import json
 import math
 import os
 import pathlib
+import statistics
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -60,6 +61,7 @@ def block_shapes(preset: str, batch: int) -> list[dict]:
     from mvit.presets import get_preset
 
     cfg = get_preset(preset)
+    cls = int(cfg.cls_embed)
     shapes = []
     for i, spec in enumerate(cfg.block_specs()):
         thw = spec.input_thw
@@ -67,7 +69,7 @@ def block_shapes(preset: str, batch: int) -> list[dict]:
         thw_kv = tuple(pool_size(s, k, st, p) for s, k, st, p in zip(thw, spec.kernel_kv, spec.stride_kv, spec.padding_kv)) if spec.pool_kv else thw
         shapes.append(dict(
             block=i, batch=batch, heads=spec.num_heads, d=spec.head_dim, thw_q=thw_q, thw_kv=thw_kv,
-            n_q=math.prod(thw_q) + 1, n_kv=math.prod(thw_kv) + 1, has_cls=True,
+            n_q=math.prod(thw_q) + cls, n_kv=math.prod(thw_kv) + cls, has_cls=bool(cls),
             rel_pos=bool(cfg.rel_pos_spatial), rel_t=bool(cfg.rel_pos_temporal), residual=bool(cfg.residual_pooling),
         ))
     return shapes
@@ -75,7 +77,7 @@ def block_shapes(preset: str, batch: int) -> list[dict]:
 
 def fused_model(s: dict, rel: bool, train: bool, ceil: Ceilings = H100) -> dict:
     B, H, d, nq, nkv = s["batch"], s["heads"], s["d"], s["n_q"], s["n_kv"]
-    ngrid = nq - 1
+    ngrid = nq - int(s["has_cls"])
     kt, kh, kw = s["thw_kv"]
     rcols = kt + kh + kw if rel else 0
     rpad = max(16, 1 << (rcols - 1).bit_length()) if rel else 0
@@ -111,7 +113,7 @@ def fused_model(s: dict, rel: bool, train: bool, ceil: Ceilings = H100) -> dict:
 def reference_ops(s: dict, rel: bool) -> list[tuple[str, float, float, float]]:
     """(op, input bytes, output bytes, FLOPs) for each separate op of the reference forward."""
     B, H, d, nq, nkv = s["batch"], s["heads"], s["d"], s["n_q"], s["n_kv"]
-    ngrid, nkgrid = nq - 1, nkv - 1
+    ngrid, nkgrid = nq - int(s["has_cls"]), nkv - int(s["has_cls"])
     kt, kh, kw = s["thw_kv"]
     q = B * H * nq * d * BF16
     kv = B * H * nkv * d * BF16
@@ -181,7 +183,7 @@ def model_table(shapes: list[dict], rel: bool) -> tuple[str, list[dict]]:
             f"{(r['fwd_floor_s'] + r['bwd_floor_s']) / (f['fwd_floor_s'] + f['bwd_floor_s']):.1f}x |"
         )
     lines.append(
-        f"| all 16 | | | | | | | {tot['ff'] * us:.0f} | | {tot['rf'] * us:.0f} | {tot['fb'] * us:.0f} | {tot['rb'] * us:.0f} | "
+        f"| all {len(shapes)} | | | | | | | {tot['ff'] * us:.0f} | | {tot['rf'] * us:.0f} | {tot['fb'] * us:.0f} | {tot['rb'] * us:.0f} | "
         f"{(tot['rf'] + tot['rb']) / (tot['ff'] + tot['fb']):.1f}x |"
     )
     return "\n".join(lines) + "\n", rows
@@ -289,7 +291,7 @@ def bench_cuda(shapes: list[dict], rel: bool, ceil: Ceilings = H100) -> tuple[st
             L = [reference.rel_pos_table_length(a, b) for a, b in zip(s["thw_q"], s["thw_kv"])]
             tabs = [mk(L[0], d) * 0.1 if s["rel_t"] else None, mk(L[1], d) * 0.1, mk(L[2], d) * 0.1]
             tabs = [None if t is None else t.detach().requires_grad_() for t in tabs]
-        args = (q, k, v, s["thw_q"], s["thw_kv"], True, *tabs)
+        args = (q, k, v, s["thw_q"], s["thw_kv"], s["has_cls"], *tabs)
         f = fused_model(s, rel, train=True, ceil=ceil)
         row = dict(block=s["block"], heads=H, n_q=s["n_q"], n_kv=s["n_kv"],
                    fwd_floor_ms=f["fwd_floor_s"] * 1e3, floor_ms=(f["fwd_floor_s"] + f["bwd_floor_s"]) * 1e3,
@@ -374,7 +376,7 @@ def bench_cpu(shapes: list[dict], repeats: int = 7, threads: int = 2) -> tuple[s
         L = [reference.rel_pos_table_length(a, b) for a, b in zip(s["thw_q"], s["thw_kv"])]
         tabs = [torch.randn(L[0], d, generator=g) * 0.1 if s["rel_t"] else None] + [
             torch.randn(n, d, generator=g) * 0.1 if s["rel_pos"] else None for n in L[1:]]
-        args = (q, k, v, s["thw_q"], s["thw_kv"], True, *tabs, s["residual"])
+        args = (q, k, v, s["thw_q"], s["thw_kv"], s["has_cls"], *tabs, s["residual"])
         paths = {
             "fused": lambda: mvit_kernels.pooling_attention(*args[:6], *tabs, residual_pooling=s["residual"]),
             "sdpa_ref_mask": lambda: pa._sdpa_with_reference_mask(*args),
@@ -392,7 +394,7 @@ def bench_cpu(shapes: list[dict], repeats: int = 7, threads: int = 2) -> tuple[s
                     times[name].append((time.perf_counter() - start) * 1e3)
         row = dict(blocks=counts[key], heads=H, d=d, n_q=s["n_q"], n_kv=s["n_kv"], fused_rel_err=err)
         for name in paths:
-            row[name + "_ms"] = sorted(times[name])[len(times[name]) // 2]
+            row[name + "_ms"] = statistics.median(times[name])
             row[name + "_spread_ms"] = (min(times[name]), max(times[name]))
         rows.append(row)
     lines = ["| blocks | heads | L_q | L_kv | fused ms | SDPA + reference mask ms | reference ms | SDPA, no bias ms "
@@ -407,7 +409,9 @@ def bench_cpu(shapes: list[dict], repeats: int = 7, threads: int = 2) -> tuple[s
             + " | ".join(f"{r[n + '_ms']:.1f}" for n in CPU_PATHS)
             + f" | {r['sdpa_ref_mask_ms'] / r['fused_ms']:.2f}x | {r['reference_ms'] / r['fused_ms']:.2f}x"
             f" | {r['fused_rel_err']:.1e} |")
-    lines.append("| all (per clip) | | | | " + " | ".join(f"{total[n]:.0f}" for n in CPU_PATHS)
+    batch = shapes[0]["batch"]
+    lines.append(f"| all ({'per clip' if batch == 1 else f'per batch of {batch} clips'}) | | | | "
+                 + " | ".join(f"{total[n]:.0f}" for n in CPU_PATHS)
                  + f" | {total['sdpa_ref_mask'] / total['fused']:.2f}x | {total['reference'] / total['fused']:.2f}x | |")
     return "\n".join(lines) + "\n", rows
 
@@ -599,6 +603,8 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shapes = block_shapes(args.preset, args.batch)
+    if args.no_rel_pos:  # as for the model tables: the v1 attention, no rel-pos and no residual pooling
+        shapes = [dict(s, rel_pos=False, rel_t=False, residual=False) for s in shapes]
     if args.cpu:
         import platform
 
@@ -614,6 +620,7 @@ def main(argv=None) -> int:
         (out / f"{name}.md").write_text(title + table)
         (out / f"{name}.json").write_text(json.dumps(dict(threads=args.threads, rows=rows), indent=1, default=list))
         print(title + table)
+        print(f"wrote {out / name}.md and .json")
         return 0
     # MViT-B (v1) has no rel-pos; the kernels' main customer is MViTv2, so model both unless told.
     sections, payload = [], {"preset": args.preset, "batch": args.batch, "bandwidth": H100.bandwidth,
@@ -640,10 +647,14 @@ def main(argv=None) -> int:
         "expansion, which the floor uses.\n\n"
     )
     text = header + "\n".join(sections)
-    (out / "attention_model.md").write_text(text)
-    (out / "attention_model.json").write_text(json.dumps(payload, indent=1, default=list))
+    # One file per batch: the GPU suite models batch 8 and then batch 1 into one folder.
+    model_name = "attention_model" + (f"_b{args.batch}" if args.batch != 1 else "")
+    (out / f"{model_name}.md").write_text(text)
+    (out / f"{model_name}.json").write_text(json.dumps(payload, indent=1, default=list))
     print(text)
-    resources = out / "triton_resources.md"
+    print(f"wrote {out / model_name}.md and .json")
+    # Made by tests/test_triton_aot.py into bench/results, wherever --out points.
+    resources = ROOT / "bench" / "results" / "triton_resources.md"
     if resources.exists():
         print(resources.read_text())
     else:

@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "flops.json"), "w") as f:
         json.dump({"date": stamp, "torch": torch.__version__, "rows": rows}, f, indent=2)
     print(text)
+    print(f"wrote {os.path.join(args.out, 'flops')}.md and .json")
     return 0
 
 

@@ -55,6 +55,8 @@ def profile_module(args) -> int:
     from throughput import sdpa_in_reference
 
     cfg = get_preset(args.preset)
+    if args.rel_pos:  # as for the bare attention below: MViTv2's rel-pos tables and residual pooling
+        cfg = cfg.replace(rel_pos_spatial=True, rel_pos_temporal=True, residual_pooling=True)
     spec = cfg.block_specs()[args.block]
     attn = model_module.MultiScaleAttention(spec, cfg).cuda()
     n = math.prod(spec.input_thw) + (1 if cfg.cls_embed else 0)
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_attention: profiles the CUDA kernels, and no CUDA device is here", file=sys.stderr)
+        return 1
     if args.module:
         return profile_module(args)
     shape = next(s for s in block_shapes(args.preset, args.batch) if s["block"] == args.block)
@@ -97,7 +102,7 @@ def main(argv=None) -> int:
         tabs = [mk(2 * max(a, b) - 1, d) for a, b in zip(shape["thw_q"], shape["thw_kv"])]
     for name, fn in (("triton", pa.triton_pooling_attention), ("sdpa", pa._sdpa_pooling_attention)):
         def step():
-            out = fn(q, k, v, shape["thw_q"], shape["thw_kv"], True, *tabs, args.rel_pos)
+            out = fn(q, k, v, shape["thw_q"], shape["thw_kv"], shape["has_cls"], *tabs, args.rel_pos)
             out.backward(torch.ones_like(out))
         host, total, prof = timed_and_profiled(step, args.iters)
         print(f"\n## {name}: block {args.block} B={B} heads={H} L_q={shape['n_q']} L_kv={shape['n_kv']} rel={args.rel_pos}: "

@@ -208,6 +208,7 @@ def main(argv=None) -> int:
         json.dump({"device": device_name, "torch": torch.__version__, "rows": rows, "tuning": tuning.summary()}, f,
                   indent=2)
     print(text)
+    print(f"wrote {os.path.join(args.out, f'profile_model_{tag}')}.md and .json")
     return 0 if rows else 1
 
 

@@ -317,8 +317,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Every label _variants can build somewhere (another device, a model with a torchvision build).
+ALL_VARIANTS = {key + suffix for key in ("ours-fused", "ours-fused-timeonly", "ours-ref", "ours-ref-sdpa", "torchvision")
+                for suffix in COMPILE_MODES}
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name, least in (("warmup", 0), ("repeats", 1), ("threads", 1)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name} must be >= {least}, got {getattr(args, name)}")
+    if args.batch_sizes and min(args.batch_sizes) < 1:
+        parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
+    unknown = sorted(set(args.variants) - ALL_VARIANTS)
+    if unknown:
+        parser.error(f"unknown --variants {', '.join(unknown)}; known: {', '.join(sorted(ALL_VARIANTS))}")
+
+
+def _report_unbuilt(parser, variants: dict, wanted: list[str]) -> None:
+    """Say which asked-for variants this machine or model cannot build (torchvision has no build of
+    the tiny and image presets; CUDA graphs need CUDA; the fused ones the extension); stop when
+    nothing is left to measure, instead of writing an empty table."""
+    for name, built in variants.items():
+        missing = [label for label in wanted if label not in built]
+        if missing:
+            print(f"{name}: not available here: {', '.join(missing)}", file=sys.stderr, flush=True)
+    if not any(variants.values()):
+        parser.error("none of the asked variants can run here (see above)")
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -340,6 +370,7 @@ def main(argv=None) -> int:
         print(f"fp32 matrix products, {args.threads} threads: " + ", ".join(
             f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in ceiling["rates"].items()), flush=True)
     variants = {name: _variants(name, device, set(args.variants)) for name in args.models}
+    _report_unbuilt(parser, variants, args.variants)
 
     def record(row):
         nonlocal text
@@ -359,6 +390,7 @@ def main(argv=None) -> int:
                                                    args.repeats, dtype_ctx):
                         record(row)
         print(text)
+        _print_written(device, args)
         return 0
     # Every eager variant first, then the compiled ones: compiling takes minutes a graph, and a
     # run cut short by a time limit (the lent GPU machines allow 10 minutes a command) should
@@ -379,7 +411,17 @@ def main(argv=None) -> int:
                             gc.collect()
                         record(row)
     print(text)
+    _print_written(device, args)
     return 0
+
+
+def _output_stem(out_dir: str, device, suffix: str) -> str:
+    """Where _write puts throughput_<cpu|gpu><suffix>.{md,json,png}."""
+    return os.path.join(out_dir, f"throughput_{'gpu' if device.type == 'cuda' else 'cpu'}{suffix}")
+
+
+def _print_written(device, args) -> None:
+    print(f"wrote {_output_stem(args.out, device, args.suffix)}.md, .json and .png", flush=True)
 
 
 def _write(rows, device, device_name, out_dir, suffix="", ceiling=None) -> str:
@@ -429,13 +471,13 @@ def _write(rows, device, device_name, out_dir, suffix="", ceiling=None) -> str:
     lines += paired_section(rows)
     lines += tuning_section()
     text = "\n".join(lines) + "\n"
-    tag = ("gpu" if device.type == "cuda" else "cpu") + suffix
+    stem = _output_stem(out_dir, device, suffix)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"throughput_{tag}.md"), "w") as f:
+    with open(stem + ".md", "w") as f:
         f.write(text)
-    with open(os.path.join(out_dir, f"throughput_{tag}.json"), "w") as f:
+    with open(stem + ".json", "w") as f:
         json.dump({"device": device_name, "torch": torch.__version__, "rows": rows, "tuning": tuning.summary()}, f, indent=2)
-    _plot(rows, os.path.join(out_dir, f"throughput_{tag}.png"))
+    _plot(rows, stem + ".png")
     return text
 
 

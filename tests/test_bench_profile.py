@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -101,7 +103,6 @@ def test_throughput_cpu_floor(monkeypatch, tmp_path):
     import torch
     import throughput
 
-    import pytest
 
     assert throughput.floor_seconds(10.0, 2, "infer", 1e11) == pytest.approx(0.4)  # 2 * 10e9 * 2 / 1e11
     assert throughput.floor_seconds(10.0, 2, "train", 1e11) == pytest.approx(1.2)
@@ -170,7 +171,6 @@ def test_throughput_paired_ratios(monkeypatch, tmp_path):
     """Interleaved rows get per-round speedups: round i's peer step over ours, median and
     quartiles, over torchvision eager and over the best peer by median; rows timed apart (no
     times_s) get none."""
-    import pytest
     import torch
     import throughput
 
@@ -207,3 +207,35 @@ def test_sdpa_in_reference_swaps_in_one_function():
             seen.append(reference.pooling_attention)
     assert seen[0] is seen[1] is throughput._sdpa_reference_attention
     assert reference.pooling_attention is original
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "ours_fused"], "unknown --variants ours_fused"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--batch-sizes", "0"], "--batch-sizes must be >= 1"),
+    # mvit_tiny has no torchvision build: an empty table and exit 0 before.
+    (["--variants", "torchvision"], "none of the asked variants can run here"),
+])
+def test_throughput_refuses_what_it_would_not_measure(argv, message, capsys, monkeypatch):
+    import throughput
+
+    monkeypatch.setattr(throughput, "cpu_matmul_rate", lambda: {"rates": {}, "flop_per_s": 1e11, "best": ""})
+    with pytest.raises(SystemExit) as info:
+        throughput.main(["--models", "mvit_tiny", "--modes", "infer", "--out", "unused", *argv])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    if "torchvision" in argv:
+        assert "mvit_tiny: not available here: torchvision" in captured.err
+
+
+def test_profile_attention_without_cuda_says_so(capsys):
+    # It died in torch.randn(device="cuda") with "Found no NVIDIA driver".
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the script profiles it")
+    import profile_attention
+
+    assert profile_attention.main(["--block", "0"]) == 1
+    assert "no CUDA device" in capsys.readouterr().err
