@@ -117,18 +117,16 @@ def check_same(t: Optional[torch.Tensor], ref: torch.Tensor, name: str, ref_name
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
 
 
-def _check_tensors(**named) -> None:
-    """Each argument a tensor (or None where the name ends in "_"): another type would fail later
-    on a missing attribute, far from the argument."""
-    for name, value in named.items():
-        optional = name.endswith("_")
-        if not isinstance(value, torch.Tensor) and not (optional and value is None):
-            raise TypeError(f"{name.rstrip('_')} must be a tensor{' or None' if optional else ''}, "
-                            f"got {type(value).__name__}")
+def _check_tensor(value, name: str, optional: bool = False) -> None:
+    """A tensor (or None where optional): another type would fail later on a missing attribute,
+    far from the argument."""
+    if not isinstance(value, torch.Tensor) and not (optional and value is None):
+        raise TypeError(f"{name} must be a tensor{' or None' if optional else ''}, got {type(value).__name__}")
 
 
 def _check_weight_bias(weight: torch.Tensor, bias: Optional[torch.Tensor], w_name: str, b_name: str) -> None:
-    _check_tensors(**{w_name: weight, b_name + "_": bias})
+    _check_tensor(weight, w_name)
+    _check_tensor(bias, b_name, optional=True)
     if weight.dim() != 2:
         raise ValueError(f"{w_name} must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
@@ -142,7 +140,7 @@ def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     another rank as the 2-D one silently, and fail on a bias of the wrong length with an error
     that names neither. Dtypes and devices are left to F.linear (autocast mixes dtypes on purpose)."""
     x_name, w_name, b_name = names
-    _check_tensors(**{x_name: x})
+    _check_tensor(x, x_name)
     _check_weight_bias(weight, bias, w_name, b_name)
     if x.dim() < 1:
         raise ValueError(f"{x_name} must be (..., in_features), got a 0-d tensor")
