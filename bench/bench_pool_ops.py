@@ -18,7 +18,7 @@ once, outputs written once) is reported against the GPU's copy bandwidth from --
     python bench/bench_pool_ops.py [--device cpu|cuda] [--threads 2] [--repeats 5] [--dtype float32]
                                    [--ceilings ceilings.json]
 
-Writes bench/results/pool_ops_<device>.md and .json.
+Writes bench/results/pool_ops_<device>[_<dtype> unless float32][<suffix>].md and .json.
 """
 
 from __future__ import annotations
@@ -138,6 +138,13 @@ def time_alternately(fns, args, leaves, backward, device, repeats, warmup=1):
     return times
 
 
+def output_stem(out: str, device_type: str, dtype: str, suffix: str = "") -> str:
+    """pool_ops_<device>[_<dtype>]<suffix>: a 16-bit run keeps its own file (a bf16 run replaced
+    the committed float32 table, the CPU default)."""
+    precision = "" if dtype == "float32" else f"_{dtype}"
+    return os.path.join(out, f"pool_ops_{device_type}{precision}{suffix}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -146,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--suffix", default="", help="appended to the output name (pool_ops_<device><suffix>.md)")
+    parser.add_argument("--suffix", default="", help="appended to the output name (pool_ops_<device>[_<dtype>]<suffix>.md)")
     parser.add_argument("--ceilings", default=None, help="ceilings.json of bench/ceilings.py (default: H100 figures)")
     return parser
 
@@ -200,7 +207,7 @@ def main(argv=None) -> None:
                 del args, leaves
 
     os.makedirs(opts.out, exist_ok=True)
-    stem = os.path.join(opts.out, f"pool_ops_{device.type}{opts.suffix}")
+    stem = output_stem(opts.out, device.type, opts.dtype, opts.suffix)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     # glibc malloc settings change CPU timings a lot: every fresh large buffer page-faults on
     # first touch unless freed memory is kept (README, "On CPUs the memory allocator matters").

@@ -312,7 +312,7 @@ def main(argv=None) -> int:
     shown += [f"pooled_projection_b{b}.md" for b in (1, 8)]
     shown += [f"attention_blocks_{p}_b{b}.md" for b in (1, 8) for p in ("mvit_b_16x4", "mvitv2_s_16x4")]
     shown += [f"throughput_gpu{suffix}.md" for suffix in ("", "_compiled", "_cudagraphs", "_sweep")]
-    for name in shown + ["profile_model_gpu.md", "pool_ops_cuda.md"]:
+    for name in shown + ["profile_model_gpu.md", "pool_ops_cuda_bfloat16.md"]:
         path = os.path.join(out, name)
         if os.path.exists(path):
             print("\n" + open(path).read())

@@ -239,3 +239,11 @@ def test_profile_attention_without_cuda_says_so(capsys):
 
     assert profile_attention.main(["--block", "0"]) == 1
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_pool_ops_files_of_16_bit_runs_keep_their_own_name():
+    # The GPU suite's bf16 run and a CPU bf16 run wrote pool_ops_<device>.md, the float32 table's name.
+    import bench_pool_ops
+
+    assert bench_pool_ops.output_stem("out", "cpu", "float32") == os.path.join("out", "pool_ops_cpu")
+    assert bench_pool_ops.output_stem("out", "cuda", "bfloat16", "_x") == os.path.join("out", "pool_ops_cuda_bfloat16_x")
