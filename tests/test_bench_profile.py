@@ -72,6 +72,9 @@ def test_throughput_variants_cuda_graphs_only_on_request_and_on_cuda():
     asked = throughput._variants("mvit_tiny", torch.device("cpu"), {"ours-fused", "ours-fused+compile-cudagraphs"})
     assert set(asked) == {"ours-fused"}  # CUDA graphs need CUDA
     assert every["ours-fused+compile"][2] == "default" and every["ours-fused"][2] is None
+    # --variants is checked against ALL_VARIANTS, a list beside _variants': every label built is in it.
+    timeonly = throughput._variants("mvit_tiny", torch.device("cpu"), {"ours-fused-timeonly"})
+    assert set(every) | set(timeonly) <= throughput.ALL_VARIANTS and "ours-fused-timeonly" in timeonly
 
 
 def test_throughput_peak_memory_counts_the_timed_steps_only(monkeypatch):
