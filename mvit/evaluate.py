@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 from typing import Callable
 
 import numpy as np
@@ -140,7 +141,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--sampling-rate", type=int, default=None)
     p.add_argument("--target-fps", type=float, default=None)
     p.add_argument("--shuffle-frames", action="store_true", help="shuffle each view's frames")
-    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights stored in the checkpoint")
+    p.add_argument("--ema", action="store_true",
+                   help="evaluate the EMA weights stored in the checkpoint (those a run with --ema-decay validated: "
+                        "its result.json says \"ema\": true)")
     p.add_argument("--batch-size", type=int, default=8, help="videos per batch per rank")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--device", default="auto")
@@ -185,6 +188,10 @@ def main(args: argparse.Namespace) -> dict:
         model.load_state_dict(state["ema"])
     else:
         model.load_state_dict(state["model"])
+        if state.get("ema") and info.is_main:
+            # its run validated (and reported) the EMA weights: without this these numbers differ silently
+            print("note: the checkpoint also holds EMA weights, which its run validated: --ema evaluates those",
+                  file=sys.stderr)
     model.to(info.device).eval()
     dataset, multi_label, workers = build_eval_dataset(args, state)
     autocast, _ = _autocast(info.device, args.precision)

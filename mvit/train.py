@@ -423,6 +423,11 @@ def train(args: argparse.Namespace) -> dict:
                         raise FloatingPointError(f"loss is {loss.item()} at step {state.step}")
                     scaler.scale(loss / args.accum_steps).backward()
                 loss_sum += loss.item() / args.accum_steps
+            if info.distributed:
+                # the logged loss is the whole global batch's, as in one process (rank 0's own was
+                # the loss of 1 / world size of it)
+                loss_t = torch.tensor([loss_sum], dtype=torch.float64, device=info.device)
+                loss_sum = dist_utils.all_reduce_sum(loss_t).item() / info.world_size
             if recipe["clip_grad"] > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip_grad"])
@@ -449,7 +454,9 @@ def train(args: argparse.Namespace) -> dict:
         if bar:
             bar.close()
         del it, loader
-        epoch_done = state.epoch_pos >= steps_per_epoch * micro * args.accum_steps
+        # done when no full step is left: a position that is no multiple of a step must end the
+        # epoch too, not start it again and again with nothing to train
+        epoch_done = sampler.per_rank - state.epoch_pos < micro * args.accum_steps
         if epoch_done:
             state.epoch += 1
             state.epoch_pos = 0
@@ -460,7 +467,7 @@ def train(args: argparse.Namespace) -> dict:
                                     multi_label=multi_label, autocast=autocast)
             if info.is_main:
                 log.write(kind="val", epoch=state.epoch, step=state.step, time=round(time.time() - t_start, 2),
-                          **last_metrics)
+                          ema=ema is not None, **last_metrics)
                 print(f"epoch {state.epoch}: " + _fmt(last_metrics), file=sys.stderr, flush=True)
         save(state.epoch)
 
@@ -472,7 +479,8 @@ def train(args: argparse.Namespace) -> dict:
                   "evaluating the checkpoint", file=sys.stderr, flush=True)
         last_metrics = evaluate(ema.module if ema else model, data.val, info, batch_size=max(1, micro),
                                 workers=data.workers, multi_label=multi_label, autocast=autocast)
-    result = {"val": last_metrics, "steps": state.step, "epochs": state.epoch}
+    # with --ema-decay the EMA weights are validated, and `mvit eval` scores them with --ema only
+    result = {"val": last_metrics, "ema": ema is not None, "steps": state.step, "epochs": state.epoch}
     if recipe["synthetic"] and data.val is not None:
         shuffled = evaluate(ema.module if ema else model, data.val, info, batch_size=max(1, micro),
                             workers=data.workers, multi_label=False, autocast=autocast, shuffle_frames=True)
@@ -490,7 +498,7 @@ def train(args: argparse.Namespace) -> dict:
             print(f"warning: could not plot curves: {exc}", file=sys.stderr)
         line = f"done: {state.epoch} epochs, {state.step} steps, {result['wall_s']:.0f} s"
         if last_metrics:
-            line += "; validation " + _fmt(last_metrics)
+            line += "; validation " + ("of the EMA weights " if ema else "") + _fmt(last_metrics)
         if "val_shuffled_frames" in result:
             line += "; with frames shuffled " + _fmt(result["val_shuffled_frames"])
         print(line)
@@ -643,7 +651,12 @@ def _maybe_resume(args, recipe: dict, out_dir: str, model, optimizer, scaler, em
         # copied from the initial ones when built)
         ema.load_state_dict(obj["ema"] if obj.get("ema") is not None else model.state_dict())
     state.epoch, state.step = obj["epoch"], obj["step"]
-    state.epoch_pos = obj["sampler"]["position"]
+    # The position counts one rank's samples. Step k takes positions [k * batch, (k + 1) * batch)
+    # of the epoch's list whatever the number of ranks (each rank its strided share), so the
+    # checkpoint's ranks had consumed position * their number; resumed with another number of
+    # processes, each rank skips its share of that (it skipped too few, or never ended the epoch).
+    saved_world = obj.get("world_size") or info.world_size
+    state.epoch_pos = obj["sampler"]["position"] * saved_world // info.world_size
     rngs = obj.get("rng") or []
     if obj.get("world_size") == info.world_size and info.rank < len(rngs):
         _set_rng_state(rngs[info.rank])

@@ -102,3 +102,29 @@ def test_eval_of_a_synthetic_run_refuses_video_view_options(tmp_path, capsys):
     assert main(["eval", str(run), "--test-clips", "5", "--sampling-rate", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "the synthetic task's evaluation does not use --test-clips, --sampling-rate: leave them out" in err, err
+
+
+def test_a_run_with_ema_says_its_validation_scored_the_ema_weights(tmp_path, capsys):
+    # the trainer validates the EMA weights, `mvit eval` the raw ones unless --ema: result.json
+    # reported one model's accuracy and `mvit eval RUN` another's, with nothing saying so
+    import json
+
+    from mvit.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--synthetic-size", "16", "12", "--batch-size", "8", "--epochs", "1", "--ema-decay", "0.5",
+                 "--threads", "1", "--no-progress", "--output-dir", str(run)]) == 0
+    result = json.loads((run / "result.json").read_text())
+    assert result["ema"] is True
+    assert "validation of the EMA weights top-1" in capsys.readouterr().out
+    records = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["kind"] == "val"]
+    assert val and all(r["ema"] is True for r in val)
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(run), "--ema", "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["top1"] == result["val"]["top1"]
+    capsys.readouterr()
+    assert main(["eval", str(run), "--report", str(report)]) == 0
+    assert "the checkpoint also holds EMA weights, which its run validated: --ema evaluates those" in \
+        capsys.readouterr().err
+    assert json.loads(report.read_text())["ema"] is False

@@ -17,11 +17,19 @@ def _torchrun(args, tmp_path, timeout=240):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(tmp_path), env=env)
 
 
+def _train_losses(folder):
+    records = [json.loads(l) for l in (folder / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
 def test_two_process_training_and_eval(tmp_path):
+    from mvit.cli import main
+
     out = tmp_path / "run"
-    proc = _torchrun(["-m", "mvit", "train", "--synthetic-size", "96", "30", "--batch-size", "16",
-                      "--accum-steps", "2", "--epochs", "1", "--max-steps", "3", "--threads", "1",
-                      "--no-progress", "--output-dir", str(out)], tmp_path)
+    # without stochastic depth (drawn per rank) the two runs compute the same steps
+    args = ["train", "--synthetic-size", "96", "30", "--batch-size", "16", "--accum-steps", "2", "--epochs", "1",
+            "--max-steps", "3", "--drop-path", "0", "--threads", "1", "--no-progress"]
+    proc = _torchrun(["-m", "mvit"] + args + ["--output-dir", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     config = next(r for r in records if r["kind"] == "config")
@@ -30,6 +38,15 @@ def test_two_process_training_and_eval(tmp_path):
     result = json.loads((out / "result.json").read_text())
     # 30 validation clips over 2 ranks: each counted exactly once, no padding duplicates
     assert result["val"]["videos"] == 30 and result["val_shuffled_frames"]["videos"] == 30
+
+    # a step of 2 ranks takes the clips one process takes, and the logged loss is the whole
+    # batch's (it was rank 0's, half of it)
+    single = tmp_path / "single"
+    assert main(args + ["--output-dir", str(single)]) == 0
+    two, one = _train_losses(out), _train_losses(single)
+    for step in (1, 2, 3):
+        assert abs(two[step] - one[step]) < 1e-4, (step, two, one)
+    assert json.loads((single / "result.json").read_text())["val"] == result["val"]
 
     # multi-view evaluation of that checkpoint under DDP
     report = tmp_path / "eval.json"

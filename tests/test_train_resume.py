@@ -174,3 +174,30 @@ def test_ema_added_on_resume_starts_from_the_resumed_weights(tmp_path):
     for name, w in resumed_weights.items():
         if w.is_floating_point():
             assert torch.allclose(ema[name], w, atol=1e-4), name
+
+
+def test_resume_mid_epoch_with_another_number_of_processes(tmp_path):
+    # The data position is counted in one rank's samples: a 2-process run's mid-epoch checkpoint
+    # resumed in one process skipped half the clips already trained on, and the epoch never ended
+    # (the loop restarted it with no step left, rewriting the same checkpoint for ever). The
+    # checkpoint below is what rank 0 of 2 writes after 3 steps of 4 + 4 clips (batch 8):
+    # position 12; the weights are a 1-process run's, which step 3 of either run computes alike.
+    argv = ["train", "--synthetic-size", "64", "4", "--batch-size", "8", "--epochs", "2", "--drop-path", "0",
+            "--threads", "1", "--no-progress", "--max-steps", "8"]
+    full = str(tmp_path / "full")
+    assert main(argv + ["--output-dir", full, "--ckpt-every", "3", "--keep-ckpts", "0"]) == 0
+    reference = _losses(full)
+    [mid] = [p for p in ckpt.list_checkpoints(full) if p.endswith(ckpt.checkpoint_name(0, 3))]
+    state = ckpt.load(mid)
+    assert state["sampler"]["position"] == 24 and state["world_size"] == 1
+    state["sampler"]["position"], state["world_size"], state["rng"] = 12, 2, state["rng"] * 2
+    resumed = str(tmp_path / "resumed")
+    ckpt.atomic_save(state, os.path.join(resumed, os.path.basename(mid)))
+    # --max-steps 8, the epoch's last step, bounds the run of the old code, which never ended it
+    assert main(argv + ["--output-dir", resumed, "--resume", "auto"]) == 0
+    again = _losses(resumed)
+    assert sorted(again) == [4, 5, 6, 7, 8]
+    for step, loss in again.items():  # the same clips as the uninterrupted run's steps
+        assert loss == pytest.approx(reference[step], abs=1e-6), step
+    last = ckpt.load(ckpt.list_checkpoints(resumed)[0])
+    assert (last["epoch"], last["step"], last["sampler"]["position"]) == (1, 8, 0)  # the epoch ended at step 8

@@ -53,7 +53,7 @@ class TrainSampler(Sampler):
         return iter(self.epoch_items()[self.start:])
 
     def __len__(self) -> int:
-        return self.per_rank - self.start
+        return max(0, self.per_rank - self.start)
 
 
 def shard_indices(length: int, rank: int, world_size: int) -> list[int]:
