@@ -140,7 +140,13 @@ class MultiScaleAttention(nn.Module):
         if cls_only:
             # The class token's row takes neither the rel-pos bias nor the residual pooling
             # connection (reference.pooling_attention): plain attention of one query over every key.
-            out = F.scaled_dot_product_attention(q[:, :, :1], k, v).transpose(1, 2).reshape(B, 1, self.attn_dim)
+            if fused:
+                out = F.scaled_dot_product_attention(q[:, :, :1], k, v)
+            else:
+                # The reference's own ops: SDPA's CPU kernel has no double backward, and the
+                # reference path has every order (a gradient penalty, create_graph=True).
+                out = ((q[:, :, :1] * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+            out = out.transpose(1, 2).reshape(B, 1, self.attn_dim)
             # The rel-pos tables then take no part; they get the zero gradient the whole block gives
             # them instead of none, which DistributedDataParallel would refuse ("parameters that were
             # not used in producing loss"). An empty slice sums to 0 whatever the table holds.

@@ -7,11 +7,22 @@ from torch import Tensor
 
 
 def intercepted(t: Tensor) -> bool:
-    """True when a dispatch mode (FlopCounterMode, fake tensors) must see every op, or t is not a
-    plain CPU/CUDA tensor (meta, subclasses)."""
+    """True when a dispatch mode (FlopCounterMode, fake tensors) must see every op, a torch.func
+    transform is active (:func:`in_functorch_transform`), or t is not a plain CPU/CUDA tensor
+    (meta, subclasses)."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    return _get_current_dispatch_mode() is not None or type(t) is not torch.Tensor or t.device.type not in ("cuda", "cpu")
+    return (_get_current_dispatch_mode() is not None or in_functorch_transform() or type(t) is not torch.Tensor
+            or t.device.type not in ("cuda", "cpu"))
+
+
+def in_functorch_transform() -> bool:
+    """True inside a torch.func transform (grad, vjp, jacrev, vmap, ...) run eagerly. The fused
+    ops' kernels cannot run there: their autograd (the eager Functions and torch.library's
+    registered one alike) has no setup_context, which torch.func requires, and the C++/Triton ops
+    have no batching rules. The fused ops then run their references, plain torch ops, which have
+    both."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 def traced_or_intercepted(t: Tensor) -> bool:

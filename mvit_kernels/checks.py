@@ -7,6 +7,7 @@ expected.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from typing import Optional, Sequence
@@ -101,6 +102,25 @@ def check_thw(thw: Sequence[int], num_tokens: int, has_cls: bool, name: str = "x
             f"{name} has {num_tokens} tokens but thw={thw}{cls} implies {expected}"
         )
     return thw
+
+
+@contextlib.contextmanager
+def as_op_error(op: str):
+    """These checks' errors raised as the C++ ops raise theirs (RuntimeError "op: message"): the
+    ops' fake implementations check with them, so that tracing a call the op would refuse fails
+    there, with the op's message, instead of giving the output a shape."""
+    try:
+        yield
+    except (TypeError, ValueError) as exc:
+        raise RuntimeError(f"{op}: {exc}") from None
+
+
+def check_grad_shape(grad, expected, name: str, x: torch.Tensor) -> None:
+    """A backward op's incoming gradient: the forward output's shape, x's dtype and device."""
+    _check_tensor(grad, name)
+    if tuple(grad.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(grad.shape)}")
+    check_same(grad, x, name, "x")
 
 
 def check_float(t: torch.Tensor, name: str) -> None:

@@ -25,8 +25,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import _extension, autocast, reference, tuning
 from ._autograd import first_order_only
-from ._dispatch import traced_or_intercepted
-from .checks import check_pool3d_args, pool_output_thw as _out_thw
+from ._dispatch import in_functorch_transform, traced_or_intercepted
+from .checks import as_op_error, check_grad_shape, check_pool3d_args, pool_output_thw as _out_thw
 
 _extension.load()  # registers torch.ops.mvit_kernels.* when the extension is built
 
@@ -55,6 +55,8 @@ def pool3d(
     _extension.require()
     args = (x, list(thw), list(kernel), list(stride), list(padding), mode, weight, bool(has_cls), norm_weight,
             norm_bias, float(eps))
+    if in_functorch_transform():  # torch.func cannot run the op's autograd (see _dispatch)
+        return _reference_op(*args)
     return tuning.select("pool3d", _CANDIDATES, args, "fused", trusted="reference")(*args)
 
 
@@ -125,14 +127,27 @@ class _EagerPool3d(torch.autograd.Function):
 
 if _extension.load():
 
-    @torch.library.register_fake("mvit_kernels::pool3d")
-    def _pool3d_fake(x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps):
+    def _fake_output_shape(op, x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps):
+        # The op's checks (csrc/pool_args.cpp) in Python: a call the op refuses fails when traced
+        # too, not later when the traced program runs (or with an unpacking error here).
+        with as_op_error(op):
+            check_pool3d_args(x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps)
         t, h, w = _out_thw(thw, kernel, stride, padding)
         B, heads, _, d = x.shape
-        return x.new_empty((B, heads, t * h * w + (1 if has_cls else 0), d))
+        return (B, heads, t * h * w + (1 if has_cls else 0), d)
+
+    @torch.library.register_fake("mvit_kernels::pool3d")
+    def _pool3d_fake(x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps):
+        return x.new_empty(_fake_output_shape("mvit_kernels.pool3d", x, thw, kernel, stride, padding, mode, weight,
+                                              has_cls, norm_weight, norm_bias, eps))
 
     @torch.library.register_fake("mvit_kernels::pool3d_backward")
     def _pool3d_backward_fake(grad_y, x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight, norm_bias, eps):
+        op = "mvit_kernels.pool3d_backward"
+        y_shape = _fake_output_shape(op, x, thw, kernel, stride, padding, mode, weight, has_cls, norm_weight,
+                                     norm_bias, eps)
+        with as_op_error(op):
+            check_grad_shape(grad_y, y_shape, "grad_y", x)
         d = x.shape[3]
         grad_w = x.new_empty(weight.shape) if mode == "conv" else x.new_empty((0,))
         norm_shape = (d,) if norm_weight is not None else (0,)

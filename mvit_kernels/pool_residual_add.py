@@ -22,8 +22,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import _extension, autocast, reference, tuning
 from ._autograd import first_order_only
-from ._dispatch import traced_or_intercepted
-from .checks import check_pool_residual_add_args
+from ._dispatch import in_functorch_transform, traced_or_intercepted
+from .checks import as_op_error, check_grad_shape, check_pool_residual_add_args
 
 _extension.load()
 
@@ -47,6 +47,8 @@ def pool_residual_add(
     )
     _extension.require()
     args = (x, list(thw), list(kernel), list(stride), list(padding), branch, scale, bool(has_cls))
+    if in_functorch_transform():  # torch.func cannot run the op's autograd (see _dispatch)
+        return reference.pool_residual_add(*args)
     return tuning.select("pool_residual_add", _CANDIDATES, args, "fused", trusted="reference")(*args)
 
 
@@ -95,12 +97,19 @@ class _EagerPoolResidualAdd(torch.autograd.Function):
 
 if _extension.load():
 
+    # The fakes check as the op does (csrc/pool_args.cpp): a call the op refuses fails when traced
+    # too, instead of taking the branch's shape and failing only when the traced program runs.
     @torch.library.register_fake("mvit_kernels::pool_residual_add")
     def _fake(x, thw, kernel, stride, padding, branch, scale, has_cls):
+        with as_op_error("mvit_kernels.pool_residual_add"):
+            check_pool_residual_add_args(x, thw, kernel, stride, padding, branch, scale, has_cls)
         return branch.new_empty(branch.shape)
 
     @torch.library.register_fake("mvit_kernels::pool_residual_add_backward")
     def _backward_fake(grad_out, x, thw, kernel, stride, padding, branch, scale, has_cls):
+        with as_op_error("mvit_kernels.pool_residual_add_backward"):
+            check_pool_residual_add_args(x, thw, kernel, stride, padding, branch, scale, has_cls)
+            check_grad_shape(grad_out, branch.shape, "grad_out", x)
         grad_scale = x.new_empty((x.shape[0],)) if scale is not None else x.new_empty((0,))
         return x.new_empty(x.shape), branch.new_empty(branch.shape), grad_scale
 

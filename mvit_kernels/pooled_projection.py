@@ -48,7 +48,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import _extension, autocast, reference, tuning
 from ._autograd import first_order_only
-from ._dispatch import cached_constant, traced_or_intercepted
+from ._dispatch import cached_constant, in_functorch_transform, traced_or_intercepted
 from .checks import PROJECTION_SLICES, check_pooled_projection_args, pool_output_size, pool_output_thw as _out_thw
 from .linear import linear as _linear
 from .pool3d import pool3d as _pool3d
@@ -342,6 +342,8 @@ def pooled_projection(
     )
     args = (x, weight, bias, which, int(num_heads), thw, kernel, stride, padding, mode, pool_weight, bool(has_cls),
             norm_weight, norm_bias, float(eps))
+    if in_functorch_transform():  # torch.func cannot run the ops' autograd (see _dispatch)
+        return reference.pooled_projection(*args)
     if uses_triton(x, weight, num_heads, thw, kernel, stride, padding):  # already cast and checked
         # The dispatch rule is a byte/FLOP model; where tuning is on, the clock decides per shape.
         return tuning.select("pooled_projection", _CANDIDATES, args, "triton", trusted="composed")(*args)

@@ -37,7 +37,7 @@ from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_
 
 from . import _extension, autocast, reference, tuning
 from ._autograd import first_order_only
-from ._dispatch import traced_or_intercepted
+from ._dispatch import in_functorch_transform, traced_or_intercepted
 from .checks import check_attention_args
 
 try:
@@ -513,6 +513,10 @@ def pooling_attention(
     )
     has_rel = rel_pos_t is not None or rel_pos_h is not None
     args = (q, k, v, list(thw_q), list(thw_kv), bool(has_cls), rel_pos_t, rel_pos_h, rel_pos_w, bool(residual_pooling))
+    if in_functorch_transform():
+        # torch.func cannot run the Triton op's autograd (see _dispatch), nor vmap SDPA's CPU
+        # kernel with a mask that requires grad.
+        return reference.pooling_attention(*args)
     if _triton_applies(q, thw_kv, has_rel):  # already checked
         default = "triton" if prefers_triton(True, has_rel) else "sdpa"
         return tuning.select("pooling_attention", _CANDIDATES, args, default, trusted="sdpa")(*args)

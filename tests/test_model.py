@@ -272,6 +272,22 @@ def test_forward_runs_the_last_block_for_the_class_token_on_the_fused_path():
         nocls.forward_features(_video(), cls_only=True)
 
 
+@pytest.mark.parametrize("overrides", [dict(), V2_TINY], ids=["v1", "v2"])
+def test_reference_class_token_path_has_a_double_backward(overrides):
+    # The reference path promises every order (README). Before, cls_only=True ran the class row's
+    # attention through SDPA, whose CPU kernel has no double backward: a gradient penalty failed
+    # ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented").
+    torch.manual_seed(0)
+    model = build_model("mvit_tiny", drop_path_rate=0.0, **overrides).double()
+    x = _video(b=1).double()
+    penalties = []
+    for cls_only in (False, True):
+        leaf = x.clone().requires_grad_()
+        grad_x, = torch.autograd.grad(model(leaf, cls_only=cls_only).square().sum(), leaf, create_graph=True)
+        penalties.append(torch.autograd.grad(grad_x.square().sum(), model.blocks[-1].attn.qkv.weight)[0])
+    torch.testing.assert_close(penalties[1], penalties[0], atol=1e-10, rtol=1e-10)
+
+
 def test_cls_only_skips_the_last_blocks_other_tokens_flops():
     """MViT-B 16x4's last block: 392 grid tokens, 393 keys, 768 channels, MLP 3072: the class
     token alone saves their projection and MLP, and their attention rows (q k^T and p v)."""
