@@ -131,6 +131,7 @@ def check_float(t: torch.Tensor, name: str) -> None:
 def check_same(t: Optional[torch.Tensor], ref: torch.Tensor, name: str, ref_name: str) -> None:
     if t is None:
         return
+    _check_tensor(t, name)  # a NumPy array has a device and a dtype too: the message would not say why
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
     if t.dtype != ref.dtype:
@@ -211,6 +212,8 @@ def check_pool3d_args(
             # torch's avg_pool3d (the reference) refuses this even when padding makes room.
             raise ValueError(f"mode='avg' needs thw[{axis}]={size} >= kernel[{axis}]={k}, as torch's avg_pool3d does")
     d = x.shape[3]
+    for t, name in ((weight, weight_name), (norm_weight, "norm_weight"), (norm_bias, "norm_bias")):
+        _check_tensor(t, name, optional=True)
     if mode == "conv":
         if weight is None:
             raise ValueError(f"mode='conv' needs {weight_name} of shape (d, 1, kT, kH, kW)")
@@ -273,6 +276,7 @@ def check_pooled_projection_args(
     if rows % 3 != 0:
         raise ValueError(f"weight must have 3*A rows ([q | k | v]), got {rows}")
     check_same(weight, x, "weight", "x")
+    _check_tensor(bias, "bias", optional=True)
     if bias is not None:
         if tuple(bias.shape) != (rows,):
             raise ValueError(f"bias must have shape ({rows},) (one per weight row), got {tuple(bias.shape)}")
@@ -310,6 +314,7 @@ def check_pool_residual_add_args(x, thw, kernel, stride, padding, branch, scale,
         got = tuple(branch.shape) if isinstance(branch, torch.Tensor) else type(branch).__name__
         raise ValueError(f"branch must have shape {expected} (the pooled x), got {got}")
     check_same(branch, x, "branch", "x")
+    _check_tensor(scale, "scale", optional=True)
     if scale is not None:
         if tuple(scale.shape) != (x.shape[0],):
             raise ValueError(f"scale must have shape ({x.shape[0]},) (one factor per sample), got {tuple(scale.shape)}")
@@ -336,6 +341,8 @@ def check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, 
         raise ValueError(f"q, k and v need head_dim >= 1, got shape {tuple(q.shape)}")
     thw_q = check_thw(thw_q, q.shape[2], has_cls, "q")
     thw_kv = check_thw(thw_kv, k.shape[2], has_cls, "k")
+    for t, name in ((rel_pos_t, "rel_pos_t"), (rel_pos_h, "rel_pos_h"), (rel_pos_w, "rel_pos_w")):
+        _check_tensor(t, name, optional=True)
     if (rel_pos_h is None) != (rel_pos_w is None):
         raise ValueError("rel_pos_h and rel_pos_w must be given together")
     d = q.shape[3]

@@ -82,3 +82,50 @@ def test_zero_channels_are_refused_by_name(name, path):
     call = _calls(channels=0)[name]
     with _grad_mode(path), pytest.raises(ValueError, match=r"x must have (d|C) >= 1 channels"):
         call(_ops(path))
+
+
+def _optional_argument_call(op, name, value):
+    """op's call with its optional tensor argument ``name`` replaced by ``value``."""
+    g = torch.Generator().manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    d = 4
+    q, tokens = rand(2, 2, 1 + 2 * 5 * 5, d), rand(2, 1 + 2 * 5 * 5, d)
+    kv, branch = rand(2, 2, 1 + 2 * 3 * 3, d), rand(2, 1 + 2 * 3 * 3, d)
+    pool = dict(weight=rand(d, 1, 3, 3, 3), norm_weight=rand(d), norm_bias=rand(d))
+    proj = dict(bias=rand(18), pool_weight=rand(3, 1, 1, 3, 3), norm_weight=rand(3), norm_bias=rand(3))
+    attn = dict(rel_pos_t=rand(3, d), rel_pos_h=rand(9, d), rel_pos_w=rand(9, d))
+    cases = {
+        "pool3d": (pool, lambda ops, kw: ops.pool3d(q, (2, 5, 5), 3, (1, 2, 2), 1, "conv", kw["weight"], True,
+                                                    kw["norm_weight"], kw["norm_bias"])),
+        "pool_residual_add": (dict(scale=rand(2)), lambda ops, kw: ops.pool_residual_add(
+            tokens, (2, 5, 5), (1, 3, 3), (1, 2, 2), (0, 1, 1), branch, kw["scale"], True)),
+        "pooled_projection": (proj, lambda ops, kw: ops.pooled_projection(
+            tokens, rand(18, d), kw["bias"], "k", 2, (2, 5, 5), (1, 3, 3), (1, 4, 4), (0, 1, 1), "conv",
+            kw["pool_weight"], True, kw["norm_weight"], kw["norm_bias"])),
+        "pooling_attention": (attn, lambda ops, kw: ops.pooling_attention(
+            q, kv, kv, (2, 5, 5), (2, 3, 3), True, kw["rel_pos_t"], kw["rel_pos_h"], kw["rel_pos_w"])),
+    }
+    kwargs, call = cases[op]
+    kwargs[name] = value(kwargs[name])
+    return lambda ops: call(ops, kwargs)
+
+
+OPTIONAL_TENSORS = [("pool3d", "weight"), ("pool3d", "norm_weight"), ("pool3d", "norm_bias"),
+                    ("pool_residual_add", "scale"), ("pooled_projection", "bias"),
+                    ("pooled_projection", "pool_weight"), ("pooled_projection", "norm_weight"),
+                    ("pooling_attention", "rel_pos_t"), ("pooling_attention", "rel_pos_h")]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("op, name", OPTIONAL_TENSORS)
+@pytest.mark.parametrize("kind", ["float", "numpy"])
+def test_an_optional_argument_that_is_not_a_tensor_is_named(op, name, kind, path):
+    # These failed on a missing attribute ("'float' object has no attribute 'shape'"), or, for a
+    # NumPy array (which has a device and a dtype), with "weight is on cpu but x is on cpu".
+    value = (lambda t: 1.0) if kind == "float" else (lambda t: t.numpy())
+    call = _optional_argument_call(op, name, value)
+    with _grad_mode(path), pytest.raises(TypeError, match=rf"^{name} must be a tensor or None, got "):
+        call(_ops(path))
