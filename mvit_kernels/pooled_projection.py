@@ -278,9 +278,12 @@ def triton_pooled_projection(
 
 
 def _kernel_covers(x: Tensor, weight: Tensor, num_heads: int) -> bool:
-    """Whether the Triton kernel handles x's dtype, the head dim and x's device."""
-    return (_kernels is not None and x.dtype in _kernels.DTYPES and weight.shape[0] // 3 // num_heads <= _kernels.D_PADS[-1]
-            and _runs_on(x))
+    """Whether the Triton kernel handles x's dtype, the head dim, the (batch, head) grid axis and
+    x's device. Heads narrower than 16 on CUDA take the unfused ops, as in the attention
+    (``triton.pooling_attention.supports``): no MViT has them."""
+    d = weight.shape[0] // 3 // num_heads
+    return (_kernels is not None and x.dtype in _kernels.DTYPES and d <= _kernels.D_PADS[-1]
+            and not (x.is_cuda and d < 16) and x.shape[0] * num_heads <= _kernels.MAX_GRID_Y and _runs_on(x))
 
 
 def _run_triton(x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode,

@@ -223,8 +223,9 @@ def _sdpa_with_reference_mask(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_po
 # ------------------------------------------------------------------------------------------
 
 
-def _rel_pad(thw_kv: Sequence[int]) -> int:
-    return max(16, 1 << (max(sum(thw_kv), 1) - 1).bit_length())
+def _rel_pad(q: Tensor, thw_kv: Sequence[int]) -> int:
+    """The rel tile's width the launcher picks (``RelTables``), for the fakes' shapes."""
+    return _kernels.select_r_pad(sum(thw_kv), q.dtype, _kernels.device_cc(q))
 
 
 @torch.library.custom_op("mvit_kernels::pooling_attention_triton", mutates_args=())
@@ -256,7 +257,7 @@ def _fwd_fake(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, 
     has_rel = rel_pos_t is not None or rel_pos_h is not None
     out = q.new_empty(B, n_q, H * D)
     lse = q.new_empty(B, H, n_q, dtype=torch.float32)
-    rel_shape = (B, H, n_q, _rel_pad(thw_kv)) if (for_backward and has_rel) else (0,)
+    rel_shape = (B, H, n_q, _rel_pad(q, thw_kv)) if (for_backward and has_rel) else (0,)
     o_attn = q.new_empty((B, n_q, H * D) if (for_backward and residual_pooling) else (0,))
     return out, lse, q.new_empty(rel_shape, dtype=torch.float32), o_attn
 
@@ -289,7 +290,7 @@ def _bwd_op(
 def _bwd_fake(dout, q, k, v, o_attn, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling):
     B, H, n_q, D = q.shape
     has_rel = rel_pos_t is not None or rel_pos_h is not None
-    drel_shape = (B, H, n_q, _rel_pad(thw_kv)) if has_rel else (0,)
+    drel_shape = (B, H, n_q, _rel_pad(q, thw_kv)) if has_rel else (0,)
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         torch.empty_like(k, memory_format=torch.contiguous_format),

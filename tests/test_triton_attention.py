@@ -244,8 +244,24 @@ def test_dispatch_rule():
     assert not kernels.supports(torch.randn(1, 1, 5, 160), (1, 2, 2), False)
     assert not kernels.supports(q, (8, 28, 29), True)  # rel tile wider than 64
     assert kernels.supports(q, (8, 28, 29), False)
+    # (batch, head) is grid axis 1, whose limit is 65,535 programs (expanded: no memory needed)
+    assert kernels.supports(q.expand(8191, 8, 5, 16), (1, 2, 2), False)
+    assert not kernels.supports(q.expand(8192, 8, 5, 16), (1, 2, 2), False)
     with pytest.raises(ValueError, match="does not cover"):
         pa.triton_pooling_attention(q.double(), q.double(), q.double(), (1, 2, 2), (1, 2, 2), True)
+
+
+def test_rel_tile_width_rule():
+    # Narrow rel tiles only where the AOT figures showed them free of spills (sm_90, 16-bit);
+    # the widest elsewhere. The width is what the forward stores and the backward reads.
+    assert kernels.select_r_pad(22, torch.bfloat16, 90) == 32  # MViTv2-S's 8x7x7 key grids
+    assert kernels.select_r_pad(3, torch.float16, 90) == 16
+    assert kernels.select_r_pad(22, torch.float32, 90) == 64
+    assert kernels.select_r_pad(22, torch.bfloat16, 80) == kernels.select_r_pad(22, torch.bfloat16, 86) == 64
+    q = torch.randn(1, 1, 1 + 2 * 4 * 4, 16)
+    for dtype, width in ((torch.bfloat16, 16), (torch.float32, 64)):
+        tabs = kernels.RelTables(q.to(dtype), (2, 4, 4), (2, 2, 2), None, torch.randn(7, 16), torch.randn(7, 16))
+        assert tabs.r_pad == width
 
 
 def test_config_rule_covers_every_dtype_and_head_pad():

@@ -453,3 +453,12 @@ def test_empty_batch_forward_and_backward(mode):
     leaves = [t for t in inputs.values() if t is not None]
     for leaf, g in zip(leaves, torch.autograd.grad(y.sum(), leaves)):
         assert g.shape == leaf.shape and not g.any()
+
+
+def test_kernel_covers_the_batch_head_grid_axis_up_to_its_limit():
+    # (batch, head) is grid axis 1 of both kernels, whose limit is 65,535 programs; past it the
+    # launch fails, so the composed ops take it (expanded inputs: no memory needed).
+    x = torch.randn(1, 1 + 2 * 4 * 4, 16)
+    weight = torch.randn(3 * 8 * 16, 16)
+    assert pp._kernel_covers(x.expand(8191, -1, -1), weight, 8)
+    assert not pp._kernel_covers(x.expand(8192, -1, -1), weight, 8)

@@ -60,6 +60,12 @@ _SIGS = {
 }
 #: fp32 scalar arguments (every other non-pointer, non-constexpr argument is int32).
 _FLOAT_ARGS = ("sm_scale", "inv_count", "eps")
+#: int arguments the launchers pass as multiples of 16 at every MViT shape (the padded head dim's
+#: source D = 96 / 64, the channels C = 96 * 2^k, the qkv weight's row offset W_ROW0 of k or v, a
+#: multiple of heads * head dim), which Triton specializes as divisible by 16 like the strides.
+#: That changes register allocation: the projection's backward spilled 488-536 B per thread with C
+#: and W_ROW0 marked, and nothing without.
+_ALIGNED_INTS = ("D", "C", "W_ROW0")
 _STRIDES = ["stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
             "stride_vb", "stride_vh", "stride_vn"]
 
@@ -78,10 +84,11 @@ def _kernel(name):
     }[name]
 
 
-def all_configs():
+def all_configs(kernels=None):
     """Every (kernel, dtype, d_pad) the dispatcher can launch, with the config select_config
-    gives it. Each is compiled with every feature on and the widest rel tile (R_PAD 64): the
-    worst case for registers and shared memory of that tile config."""
+    gives it, compiled with every feature on and, for the kernels with a rel tile, at every
+    R_PAD select_r_pad can pick (the widest is not the worst case: at R_PAD 16 and 32 the dq
+    kernel spilled up to 1,920 B where 64 spilled nothing). ``kernels``: only these."""
     import torch
 
     from . import pooling_attention as k
@@ -98,9 +105,13 @@ def all_configs():
                     for partial in partials:
                         for cc in TARGETS:
                             cfg = k.select_config(kernel, dtype, d_pad, cc, precision)
-                            out.append(dict(kernel=kernel, dtype=str(dtype).replace("torch.", ""), d_pad=d_pad,
-                                            precision=precision, partials=partial, r_pad=k.R_PADS[-1], cc=cc, **vars(cfg)))
-    return out + projection_configs()
+                            # every rel tile width select_r_pad can pick for this dtype and target
+                            r_pads = sorted({k.select_r_pad(r, dtype, cc) for r in k.R_PADS})
+                            for r_pad in r_pads if "R_PAD" in _kernel(kernel).arg_names else (None,):
+                                out.append(dict(kernel=kernel, dtype=str(dtype).replace("torch.", ""), d_pad=d_pad,
+                                                precision=precision, partials=partial, r_pad=r_pad, cc=cc, **vars(cfg)))
+    out += projection_configs()
+    return [e for e in out if kernels is None or e["kernel"] in kernels]
 
 
 def projection_configs():
@@ -146,10 +157,10 @@ def compile_one(entry: dict, cc: int) -> dict:
             signature[param.name] = "fp32"
         else:
             signature[param.name] = "i32"
-    # What the launcher specializes at MViT shapes: 16-byte aligned pointers, strides and head
-    # dim multiples of 16 (d = 96).
+    # What the launcher specializes at MViT shapes: 16-byte aligned pointers, strides and
+    # _ALIGNED_INTS multiples of 16.
     for i, name in enumerate(fn.arg_names):
-        if signature[name].startswith("*") or name.startswith("stride") or name == "D":
+        if signature[name].startswith("*") or name.startswith("stride") or name in _ALIGNED_INTS:
             attrs[(i,)] = [["tt.divisibility", 16]]
     constexprs = dict(
         HAS_CLS=True, HAS_REL=True, HAS_T=True, HAS_HW=True, RESIDUAL=True, STORE_REL=True, STORE_OATTN=True,
@@ -189,8 +200,8 @@ def _job(args):
     return compile_one(entry, cc)
 
 
-def compile_all(workers: int = 2) -> list[dict]:
-    jobs = [(e, e["cc"]) for e in all_configs()]
+def compile_all(workers: int = 2, kernels=None) -> list[dict]:
+    jobs = [(e, e["cc"]) for e in all_configs(kernels)]
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
         return list(pool.map(_job, jobs))
 
@@ -214,13 +225,14 @@ def markdown(rows: list[dict]) -> str:
         "# Triton kernels (pooling attention, pooled projection): AOT resource usage",
         "",
         "Every config `select_config` can pick, compiled without a GPU (`python -m mvit_kernels.triton.aot`),",
-        "all features on and the widest rel tile (R_PAD 64). REG/STACK/LOCAL/SHARED from `cuobjdump",
+        "all features on, at every rel tile width R_PAD, with the channels and head dims of MViT (multiples",
+        "of 16) specialized as the launchers do. REG/STACK/LOCAL/SHARED from `cuobjdump",
         "--dump-resource-usage`; shared is the larger of cuobjdump's static figure and Triton's dynamic",
         f"`metadata.shared`. Limits: LOCAL 0, STACK <= {STACK_LIMIT} B, shared <= "
         + " / ".join(f"{SMEM_LIMIT[cc] // 1024} KB (sm_{cc})" for cc in TARGETS) + ".",
         "",
-        "| kernel | dtype | dot | partials | d_pad | BLOCK_M | BLOCK_N | warps | stages | target | REG | STACK | LOCAL | shared (B) | ok |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | dtype | dot | partials | d_pad | R_PAD | BLOCK_M | BLOCK_N | warps | stages | target | REG | STACK | LOCAL | shared (B) | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["kernel"] in ("proj", "proj_bwd"):
@@ -228,7 +240,7 @@ def markdown(rows: list[dict]) -> str:
         smem = max(r["shared"], r["shared_triton"])
         ok = "; ".join(check(r)) or "yes"
         lines.append(
-            f"| {r['kernel']} | {r['dtype']} | {r['precision']} | {'yes' if r['partials'] else ''} | {r['d_pad']} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | "
+            f"| {r['kernel']} | {r['dtype']} | {r['precision']} | {'yes' if r['partials'] else ''} | {r['d_pad']} | {r.get('r_pad') or ''} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | "
             f"{r['num_stages']} | {r['target']} | {r['reg']} | {r['stack']} | {r['local']} | {smem} | {ok} |"
         )
     for kernel, name in (("proj", "pooled_projection_fwd_kernel"), ("proj_bwd", "pooled_projection_bwd_kernel")):
@@ -257,11 +269,13 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--markdown", help="write the Markdown table here")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--kernels", nargs="+", choices=sorted(_SIGS), default=None,
+                        help="compile only these kernels (when re-tuning one rule)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("run with TRITON_INTERPRET unset or 0 (the interpreter cannot compile)", file=sys.stderr)
         return 2
-    rows = compile_all(args.workers)
+    rows = compile_all(args.workers, args.kernels)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

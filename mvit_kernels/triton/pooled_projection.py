@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from ..checks import pool_output_size, pool_output_thw
-from .pooling_attention import (D_PADS, DTYPES, MMA_SYNC_RULES, _check_last_dim, _check_rule, _dummy, _head_tile,
+from .pooling_attention import (D_PADS, DTYPES, MAX_GRID_Y, MMA_SYNC_RULES, _check_last_dim, _check_rule, _dummy, _head_tile,
                                 device_cc, dot_precision, next_pow2)
 
 MODES = ("conv", "avg", "max")
@@ -317,15 +317,30 @@ def select_bwd_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: s
     allocations differ: 16-bit inputs at head 32 on sm_80 take 16-channel chunks (32 put 16-24 B
     on the stack under 3.6), and IEEE fp32 at head 128 in modes avg and max takes two pipeline
     stages (one stage put 24 B on the sm_90 stack under 3.6 and 430-460 B under 3.9; 32-channel
-    chunks spilled 600-720 B under 3.9; conv keeps one stage, which spills with two)."""
+    chunks spilled 600-720 B under 3.9). Conv at head 128 is narrower still (below): those
+    figures came from compiles without MViT's channel counts specialized, and with them (as the
+    GPU runs them; the AOT check now compiles that case) the 32-row conv tiles spilled. The
+    conv rows below were checked under 3.6 and 3.8 only."""
     if d_pad not in D_PADS:
         raise ValueError(f"d_pad must be one of {D_PADS}, got {d_pad}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     _check_rule(cc)
+    # conv at head 128 with MViT's channels (multiples of 16, which Triton specializes): 32 rows
+    # put 450-610 B on the stack on every target under Triton 3.6 and on sm_90 under 3.8, with 16-
+    # or 32-channel chunks; 16 rows and 32-channel chunks spill nothing. IEEE fp32 conv spilled
+    # 24-56 B on sm_90 with one stage; stages per target are the counts free of stack use there
+    # under 3.8 (and 3.6, but for sm_80, where one stage leaves 32 B there and any other count
+    # spills under 3.8).
     if precision == "ieee":
-        return ProjectionConfig(16, 16, 4, 2 if (d_pad >= 128 and mode != "conv") else 1)
+        if mode == "conv":
+            stages = ({90: 3, 86: 3}.get(cc, 1) if d_pad >= 128 else 2 if (cc == 90 and d_pad >= 64) else 1)
+        else:
+            stages = 2 if d_pad >= 128 else 1
+        return ProjectionConfig(16, 16, 4, stages)
     warps = 8 if d_pad >= 64 else 4
+    if mode == "conv" and d_pad >= 128:
+        return ProjectionConfig(16, 32, warps, 1)
     if dtype == torch.float32:
         return ProjectionConfig(32, 16, warps, 1)
     return ProjectionConfig(32, 16 if (cc in MMA_SYNC_RULES and d_pad == 32) else 32, warps, 1)

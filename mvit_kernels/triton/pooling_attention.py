@@ -341,6 +341,9 @@ RULES = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024}
 #: The rules whose GPUs run tl.dot as mma.sync (Ampere, Ada, and the 99 KB Blackwell cards, which
 #: have no wgmma): their register budgets follow what the AOT figures showed on sm_80.
 MMA_SYNC_RULES = (80, 86)
+#: CUDA's limit on grid axes 1 and 2: the kernels put (batch, head) on axis 1, so B * heads above
+#: it (MViTv2 image inference at batch 8,192) takes SDPA. Triton does not check it at launch.
+MAX_GRID_Y = 65535
 #: bf16 tensor-core dots need Ampere; older GPUs (Volta, Turing) take SDPA and the unfused ops.
 MIN_CAPABILITY = (8, 0)
 #: Opt-in shared memory by compute capability, for torch releases whose device properties
@@ -405,6 +408,19 @@ def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90, pre
         # under Triton 3.6, though not under 3.8).
         return AttentionConfig(32 if d_pad >= 128 else 64, 32 if (sm80 and d_pad == 64) else 64, warps, 2)
     return AttentionConfig(32 if (sm80 and d_pad >= 64) else 64, 64, warps, 2)
+
+
+def select_r_pad(width: int, dtype: torch.dtype, cc: int = 90) -> int:
+    """The packed rel tile's width (one of :data:`R_PADS`) for key grid axes summing to ``width``
+    (at most ``R_PADS[-1]``): the narrowest that holds it on sm_90 with 16-bit inputs, else the
+    widest. All three kernels share it (the forward stores the tile the backward reads), and
+    the dq kernel's narrower tiles spilled everywhere else (AOT figures, Triton 3.6 and 3.8, MViT's
+    strides and head dims specialized: 16-bit inputs on sm_80/86, 40-1,920 B; fp32 at head 128,
+    450-570 B on every target), while 64 spilled nothing. The narrow tile saves one-hot work
+    (2 * N_q * N_kv * R_PAD FLOPs per head) where it compiles cleanly, as on the H100s."""
+    if cc == 90 and dtype in (torch.bfloat16, torch.float16):
+        return next_pow2(width)
+    return R_PADS[-1]
 
 
 def query_splits(programs: int, query_tiles: int, q: torch.Tensor) -> int:
@@ -520,6 +536,8 @@ def supports(q: torch.Tensor, thw_kv: Sequence[int], has_rel: bool) -> bool:
         return False
     if has_rel and sum(thw_kv) > R_PADS[-1]:
         return False
+    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        return False  # (batch, head) is grid axis 1; a launch past its limit fails
     return True
 
 
@@ -571,7 +589,7 @@ class RelTables:
             tables.append(table.float())
             offset += table.shape[0]
         self.table = torch.cat(tables).contiguous() if tables else _dummy(dev, torch.float32)
-        self.r_pad = next_pow2(sum(thw_kv)) if self.has_rel else 16
+        self.r_pad = select_r_pad(sum(thw_kv), q.dtype, device_cc(q)) if self.has_rel else 16
 
 
 def dot_precision(q: torch.Tensor) -> str:
