@@ -49,7 +49,9 @@ def pool_residual_add(
     args = (x, list(thw), list(kernel), list(stride), list(padding), branch, scale, bool(has_cls))
     if in_functorch_transform():  # torch.func cannot run the op's autograd (see _dispatch)
         return reference.pool_residual_add(*args)
-    return tuning.select("pool_residual_add", _CANDIDATES, args, "fused", trusted="reference")(*args)
+    # The CUDA backward adds scale's gradient with float atomics.
+    return tuning.select("pool_residual_add", _CANDIDATES, args, "fused", trusted="reference",
+                         deterministic="reference" if (scale is not None and scale.requires_grad) else None)(*args)
 
 
 def _fused_op(x, thw, kernel, stride, padding, branch, scale, has_cls):

@@ -349,7 +349,10 @@ def pooled_projection(
         return reference.pooled_projection(*args)
     if uses_triton(x, weight, num_heads, thw, kernel, stride, padding):  # already cast and checked
         # The dispatch rule is a byte/FLOP model; where tuning is on, the clock decides per shape.
-        return tuning.select("pooled_projection", _CANDIDATES, args, "triton", trusted="composed")(*args)
+        # The Triton backward accumulates every gradient with atomics; composed runs pool3d, which
+        # takes its reference there.
+        return tuning.select("pooled_projection", _CANDIDATES, args, "triton", trusted="composed",
+                             deterministic="composed")(*args)
     return _gathered(*args)
 
 

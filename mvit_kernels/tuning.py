@@ -194,7 +194,9 @@ def _describe(a: Any) -> Any:
 
 
 def _can_tune(x: Tensor) -> bool:
-    if torch.compiler.is_compiling() or intercepted(x):
+    # Under torch.use_deterministic_algorithms a timed choice could differ from run to run (as
+    # cudnn.benchmark's can): the fixed rules decide.
+    if torch.compiler.is_compiling() or intercepted(x) or torch.are_deterministic_algorithms_enabled():
         return False
     m = mode()
     if m == "off" or (m == "cuda" and not x.is_cuda):
@@ -203,14 +205,21 @@ def _can_tune(x: Tensor) -> bool:
 
 
 def select(op: str, candidates: Mapping[str, Callable[..., Any]], args: tuple, default: str,
-           trusted: Optional[str] = None) -> Callable[..., Any]:
+           trusted: Optional[str] = None, deterministic: Optional[str] = None) -> Callable[..., Any]:
     """The candidate to call with ``args`` (positional, the same for every candidate): the cached
     choice for this key, else the timed winner among those that agree with ``trusted`` (when
     given), else (no tuning here) ``default``.
 
+    ``deterministic``: the candidate to run instead on CUDA under
+    ``torch.use_deterministic_algorithms(True)`` when a backward follows, for ops whose CUDA
+    backward sums with float atomics (its low bits depend on the order).
+
     Every candidate must return a tensor or a tuple whose first element is the tensor a
     backward would start from, with the same shape and dtype."""
     x = next(a for a in args if isinstance(a, Tensor))
+    if (deterministic is not None and x.is_cuda and torch.are_deterministic_algorithms_enabled()
+            and torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
+        return candidates[deterministic]
     if not _can_tune(x):
         return candidates[default]
     backward = torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)

@@ -523,3 +523,35 @@ def test_cuda_model_default_tuning_matches_the_reference(ieee_fp32, overrides):
     torch.testing.assert_close(logits, logits_ref, atol=1e-4, rtol=1e-4)
     for (name, _), g, g_ref in zip(ref.named_parameters(), grads, grads_ref):
         torch.testing.assert_close(g, g_ref, atol=1e-3, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_deterministic_algorithms_take_the_deterministic_candidate_on_cuda_with_a_backward():
+    # The CUDA backwards of pool3d, pool_residual_add (scale) and the Triton projection add with
+    # float atomics; under torch.use_deterministic_algorithms(True) their references run
+    # instead, and nothing is timed (a timed choice can differ from run to run). A fake CUDA
+    # tensor stands in for a GPU: select only reads its device and flags.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 3, device="cuda", requires_grad=True)
+        x_cpu = torch.empty(2, 3, requires_grad=True)
+    candidates = {"fused": "fused", "reference": "reference"}
+
+    def pick(t, **kw):
+        return tuning.select("pool3d", candidates, (t,), "fused", trusted="reference", **kw)
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert pick(x, deterministic="reference") == "reference"
+        assert pick(x) == "fused"  # an op whose backward is deterministic keeps its kernel
+        assert pick(x_cpu, deterministic="reference") == "fused"  # the CPU backwards reduce in order
+        with torch.no_grad():
+            assert pick(x, deterministic="reference") == "fused"  # no backward follows
+        with tuning.using("all"):
+            assert not tuning._can_tune(torch.empty(2))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert pick(x, deterministic="reference") == "fused"
+    with tuning.using("all"):
+        assert tuning._can_tune(torch.empty(2))
