@@ -244,6 +244,7 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     epoch_pos: int = 0  # samples of the current epoch this rank has consumed
+    wall_before: float = 0.0  # seconds the run's earlier processes took (resumed from a checkpoint)
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -373,6 +374,7 @@ def train(args: argparse.Namespace) -> dict:
                 "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
                 "epoch": state.epoch, "step": state.step, "sampler": {"epoch": state.epoch, "position": state.epoch_pos},
                 "rng": rngs, "world_size": info.world_size, "preset": args.preset,
+                "wall_s": state.wall_before + time.time() - t_start,
                 "num_classes": data.num_classes, "model_config": model.cfg, "classes": data.classes,
                 "args": vars(args) | {"func": None}, "recipe": recipe,
             }
@@ -441,7 +443,7 @@ def train(args: argparse.Namespace) -> dict:
             clips_since += global_batch
             if info.is_main:
                 log.write(kind="train", epoch=state.epoch, step=state.step, loss=loss_sum, lr=cur_lr,
-                          time=round(time.time() - t_start, 2))
+                          time=round(state.wall_before + time.time() - t_start, 2))
             if bar:
                 now = time.time()
                 bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{cur_lr:.2e}",
@@ -466,7 +468,8 @@ def train(args: argparse.Namespace) -> dict:
             last_metrics = evaluate(eval_model, data.val, info, batch_size=max(1, micro), workers=data.workers,
                                     multi_label=multi_label, autocast=autocast)
             if info.is_main:
-                log.write(kind="val", epoch=state.epoch, step=state.step, time=round(time.time() - t_start, 2),
+                log.write(kind="val", epoch=state.epoch, step=state.step,
+                          time=round(state.wall_before + time.time() - t_start, 2),
                           ema=ema is not None, **last_metrics)
                 print(f"epoch {state.epoch}: " + _fmt(last_metrics), file=sys.stderr, flush=True)
         save(state.epoch)
@@ -485,7 +488,9 @@ def train(args: argparse.Namespace) -> dict:
         shuffled = evaluate(ema.module if ema else model, data.val, info, batch_size=max(1, micro),
                             workers=data.workers, multi_label=False, autocast=autocast, shuffle_frames=True)
         result["val_shuffled_frames"] = shuffled
-    result["wall_s"] = round(time.time() - t_start, 1)
+    # the whole run's, over resumes (a finished run resumed to evaluate it again kept only the
+    # evaluation's seconds)
+    result["wall_s"] = round(state.wall_before + time.time() - t_start, 1)
     if mvit_kernels.tuning.choices():  # fused ops timed against their alternatives (CUDA by default)
         result["kernel_choices"] = mvit_kernels.tuning.summary()
     if info.is_main:
@@ -651,6 +656,7 @@ def _maybe_resume(args, recipe: dict, out_dir: str, model, optimizer, scaler, em
         # copied from the initial ones when built)
         ema.load_state_dict(obj["ema"] if obj.get("ema") is not None else model.state_dict())
     state.epoch, state.step = obj["epoch"], obj["step"]
+    state.wall_before = float(obj.get("wall_s", 0.0))
     # The position counts one rank's samples. Step k takes positions [k * batch, (k + 1) * batch)
     # of the epoch's list whatever the number of ranks (each rank its strided share), so the
     # checkpoint's ranks had consumed position * their number; resumed with another number of

@@ -134,6 +134,10 @@ def test_resuming_a_finished_run_keeps_its_metrics(tmp_path, capsys):
         again = json.load(f)
     assert again["val"] == first["val"] and again["val_shuffled_frames"] == first["val_shuffled_frames"]
     assert again["steps"] == 2
+    # wall_s is the run's, over its processes: it held only the evaluation's seconds
+    last = sorted(p for p in os.listdir(out) if p.endswith(".pt"))[-1]
+    trained = torch.load(os.path.join(out, last), map_location="cpu", weights_only=False)["wall_s"]
+    assert trained > 0 and again["wall_s"] >= round(trained, 1)
 
 
 def test_resume_refuses_another_model_batch_size_or_file(tmp_path, capsys):
