@@ -83,11 +83,14 @@ def _pool3d_args(dtype, B, has_cls, strided, seed, mode="conv"):
     return (x, THW, KERNEL, STRIDE, PAD, mode, w, has_cls, nw, nb, 1e-6)
 
 
-def _pool3d_backward_args(dtype, B, has_cls, strided, seed):
-    args = _detached(_pool3d_args(dtype, B, has_cls, strided, seed))
-    y = ops.pool3d(*args)
-    gy = _rand(torch.Generator().manual_seed(seed + 1), *y.shape, dtype=dtype, strided=strided)
-    return (gy, *args)
+def _backward_args(forward, forward_args):
+    """A backward op's arguments: a random gradient of forward's output, then forward's arguments."""
+    def make(dtype, B, has_cls, strided, seed):
+        args = _detached(forward_args(dtype, B, has_cls, strided, seed))
+        y = forward(*args)
+        gy = _rand(torch.Generator().manual_seed(seed + 1), *y.shape, dtype=dtype, strided=strided)
+        return (gy, *args)
+    return make
 
 
 def _pool_residual_add_args(dtype, B, has_cls, strided, seed):
@@ -160,13 +163,6 @@ def _projection_triton_args(dtype, B, has_cls, strided, seed):
     return (x, w, b, pw, nw, nb, "k", heads, [2, 5, 5], [1, 3, 3], [1, 4, 4], [0, 1, 1], mode, has_cls, 1e-6)
 
 
-def _projection_triton_backward_args(dtype, B, has_cls, strided, seed):
-    args = _detached(_projection_triton_args(dtype, B, has_cls, strided, seed))
-    y = pp._fwd_op(*args)
-    gy = _rand(torch.Generator().manual_seed(seed + 1), *y.shape, dtype=dtype, strided=strided)
-    return (gy, *args)
-
-
 def _linear_onednn_args(dtype, B, has_cls, strided, seed):
     g = torch.Generator().manual_seed(seed)
     x = _rand(g, B, 5 + has_cls, 8, dtype=dtype, strided=strided)
@@ -178,7 +174,7 @@ ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 # (op name, callable, builder, dtypes). The Triton ops run in the interpreter (slow): fewer cases.
 CASES = [
     ("pool3d", ops.pool3d.default, _pool3d_args, ALL_DTYPES),
-    ("pool3d_backward", ops.pool3d_backward.default, _pool3d_backward_args, ALL_DTYPES),
+    ("pool3d_backward", ops.pool3d_backward.default, _backward_args(ops.pool3d, _pool3d_args), ALL_DTYPES),
     ("pool_residual_add", ops.pool_residual_add.default, _pool_residual_add_args, ALL_DTYPES),
     ("pool_residual_add_backward", ops.pool_residual_add_backward.default, _pool_residual_add_backward_args, ALL_DTYPES),
     ("rel_pos_mask", ops.rel_pos_mask.default, _rel_pos_mask_args, ALL_DTYPES),
@@ -187,7 +183,7 @@ CASES = [
     ("pooling_attention_triton", pa._fwd_op, _attention_triton_args, (torch.bfloat16,)),
     ("pooling_attention_triton_backward", pa._bwd_op, _attention_triton_backward_args, (torch.float32,)),
     ("pooled_projection_triton", pp._fwd_op, _projection_triton_args, (torch.bfloat16,)),
-    ("pooled_projection_triton_backward", pp._bwd_op, _projection_triton_backward_args, (torch.float32,)),
+    ("pooled_projection_triton_backward", pp._bwd_op, _backward_args(pp._fwd_op, _projection_triton_args), (torch.float32,)),
 ]
 TRITON_OPS = {name for name, *_ in CASES if "triton" in name}
 
