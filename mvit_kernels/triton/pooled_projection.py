@@ -331,7 +331,8 @@ def select_bwd_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: s
     # or 32-channel chunks; 16 rows and 32-channel chunks spill nothing. IEEE fp32 conv spilled
     # 24-56 B on sm_90 with one stage; stages per target are the counts free of stack use there
     # under 3.8 (and 3.6, but for sm_80, where one stage leaves 32 B there and any other count
-    # spills under 3.8).
+    # spills under 3.8). With channels that are no multiple of 16 (no MViT's) the 2-3 stages of
+    # IEEE conv at head 128 spill 170-210 B instead; no count is clean for both, MViT's win.
     if precision == "ieee":
         if mode == "conv":
             stages = ({90: 3, 86: 3}.get(cc, 1) if d_pad >= 128 else 2 if (cc == 90 and d_pad >= 64) else 1)
