@@ -32,6 +32,12 @@ TARGETS = tuple(sorted(RULES))
 #: 1,240 bytes before their tiles were narrowed) are exactly what this bound catches.
 STACK_LIMIT = 16
 
+#: The configs with no tile free of stack use under every Triton release the project supports,
+#: and the stack they may use: IEEE fp32 (TF32 off, an accuracy mode) conv at head 128 on sm_80
+#: puts 32 B there under Triton 3.6 with the one tile clean under 3.8; every other tile tried
+#: spilled 100-800 B under one of them.
+STACK_EXCEPTIONS = {("proj_bwd", "conv", "float32", "ieee", 128, "sm_80"): 32}
+
 _TL_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 # Argument kinds per kernel: "p:<dtype>" pointer, "i" int32, "f" fp32, "c" constexpr.
@@ -213,8 +219,10 @@ def check(row: dict) -> list[str]:
     problems = []
     if row["local"] > 0:
         problems.append(f"spills: LOCAL={row['local']}")
-    if row["stack"] > STACK_LIMIT:
-        problems.append(f"STACK={row['stack']} > {STACK_LIMIT}")
+    limit = STACK_EXCEPTIONS.get((row["kernel"], row.get("mode"), row["dtype"], row["precision"], row["d_pad"],
+                                  row["target"]), STACK_LIMIT)
+    if row["stack"] > limit:
+        problems.append(f"STACK={row['stack']} > {limit}")
     if smem > SMEM_LIMIT[cc]:
         problems.append(f"shared {smem} B > {SMEM_LIMIT[cc]} B")
     return problems
@@ -228,7 +236,7 @@ def markdown(rows: list[dict]) -> str:
         "all features on, at every rel tile width R_PAD, with the channels and head dims of MViT (multiples",
         "of 16) specialized as the launchers do. REG/STACK/LOCAL/SHARED from `cuobjdump",
         "--dump-resource-usage`; shared is the larger of cuobjdump's static figure and Triton's dynamic",
-        f"`metadata.shared`. Limits: LOCAL 0, STACK <= {STACK_LIMIT} B, shared <= "
+        f"`metadata.shared`. Limits: LOCAL 0, STACK <= {STACK_LIMIT} B (but STACK_EXCEPTIONS), shared <= "
         + " / ".join(f"{SMEM_LIMIT[cc] // 1024} KB (sm_{cc})" for cc in TARGETS) + ".",
         "",
         "| kernel | dtype | dot | partials | d_pad | R_PAD | BLOCK_M | BLOCK_N | warps | stages | target | REG | STACK | LOCAL | shared (B) | ok |",
