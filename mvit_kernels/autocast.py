@@ -1,4 +1,7 @@
-"""How the ops treat ``torch.autocast``: one rule, used by the reference and the fused paths.
+"""How the ops treat ``torch.autocast``: one rule, used by the fused ops and the reference ops
+(but ``reference.pool3d``, which stays the plain torch ops under autocast: its conv runs in the
+autocast dtype and its LayerNorm, as autocast runs it, returns float32, where the fused op
+returns the autocast dtype; the values agree within that dtype's rounding).
 
 Autocast casts the inputs of the PyTorch ops it knows (matmul, conv to bf16; layer_norm to fp32),
 so inside the reference model q, k and v can reach the attention in different dtypes (a pooled,
