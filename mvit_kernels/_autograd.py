@@ -13,9 +13,7 @@ import functools
 import torch
 from torch import Tensor
 
-
-def _requires_grad(values) -> bool:
-    return any(isinstance(t, Tensor) and t.requires_grad for t in values)
+from ._dispatch import needs_grad
 
 
 def first_order_only(op_name: str):
@@ -29,7 +27,9 @@ def first_order_only(op_name: str):
         def backward(ctx, *grads):
             with torch.no_grad():
                 outputs = fn(ctx, *grads)
-            if not torch.is_grad_enabled() or not (_requires_grad(grads) or _requires_grad(ctx.saved_tensors)):
+            # grad mode first: outside create_graph, ctx.saved_tensors is not read a second time
+            # (under activation checkpointing it may be unpacked only once)
+            if not torch.is_grad_enabled() or not (needs_grad(grads) or needs_grad(ctx.saved_tensors)):
                 return outputs
             message = (f"{op_name}: the fused op has no double backward (a gradient of its gradient, "
                        "create_graph=True); run the reference ops (fused=False) for that")

@@ -25,6 +25,12 @@ def in_functorch_transform() -> bool:
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
+def needs_grad(values) -> bool:
+    """Whether autograd records a call on ``values``: grad mode is on and a tensor among them
+    requires grad (None and other values are skipped)."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in values)
+
+
 def traced_or_intercepted(t: Tensor) -> bool:
     """True when the call must go through registered ops or plain torch ops: torch.compile is
     tracing, or :func:`intercepted`."""

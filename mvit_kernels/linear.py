@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import autocast, reference
-from ._dispatch import intercepted
+from ._dispatch import intercepted, needs_grad
 from .checks import check_linear_args, check_mlp_args
 
 
@@ -70,7 +70,7 @@ def uses_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
         and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
         and x.dim() >= 2
         and x.shape[-1] > 0  # oneDNN cannot describe an empty reduction; the reference gives the bias
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and not needs_grad(tensors)
         and (torch.compiler.is_compiling() or not intercepted(x))  # traced: the registered op
         and autocast.autocast_dtype(x) is None  # under autocast F.linear runs in its dtype
     )

@@ -37,7 +37,7 @@ from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_
 
 from . import _extension, autocast, reference, tuning
 from ._autograd import first_order_only
-from ._dispatch import in_functorch_transform, traced_or_intercepted
+from ._dispatch import in_functorch_transform, needs_grad, traced_or_intercepted
 from .checks import check_attention_args
 
 try:
@@ -187,10 +187,7 @@ def _sdpa_pooling_attention(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_
     chunks took another 0.1 s of its ~1.15 s a clip (2-core VM, 2026-12-06: block 0's 37.6 MiB
     mask 78 -> 55 ms, block 1's 75.1 MiB 125 -> 80 ms, block 3's 37.6 MiB 66 -> 43 ms, attention
     with the mask's writes)."""
-    if (rel_pos_t is not None or rel_pos_h is not None) and not (
-        torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (q, k, v, rel_pos_t, rel_pos_h, rel_pos_w))
-    ):
+    if (rel_pos_t is not None or rel_pos_h is not None) and not needs_grad((q, k, v, rel_pos_t, rel_pos_h, rel_pos_w)):
         run = _sdpa_rel_pos_inference_op if torch.compiler.is_compiling() else _sdpa_rel_pos_inference
         return run(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, list(thw_q), list(thw_kv), bool(has_cls),
                    bool(residual_pooling))
@@ -470,11 +467,9 @@ def _run_triton(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w
         if table is not None:
             table = reference.interpolate_rel_pos(table, reference.rel_pos_table_length(thw_q[axis], thw_kv[axis]))
         tables.append(table)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, *tables)
-    )
+    for_backward = needs_grad((q, k, v, *tables))
     op = _fwd_op if traced_or_intercepted(q) else _EagerTritonAttention.apply
-    out, _, _, _ = op(q, k, v, *tables, list(thw_q), list(thw_kv), bool(has_cls), bool(residual_pooling), needs_grad)
+    out, _, _, _ = op(q, k, v, *tables, list(thw_q), list(thw_kv), bool(has_cls), bool(residual_pooling), for_backward)
     return out
 
 

@@ -69,7 +69,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 from torch import Tensor
 
-from ._dispatch import intercepted
+from ._dispatch import intercepted, needs_grad
 
 ENV = "MVIT_KERNELS_AUTOTUNE"
 MODES = {"cuda": "cuda", "0": "off", "off": "off", "1": "all", "all": "all"}
@@ -217,12 +217,11 @@ def select(op: str, candidates: Mapping[str, Callable[..., Any]], args: tuple, d
     Every candidate must return a tensor or a tuple whose first element is the tensor a
     backward would start from, with the same shape and dtype."""
     x = next(a for a in args if isinstance(a, Tensor))
-    if (deterministic is not None and x.is_cuda and torch.are_deterministic_algorithms_enabled()
-            and torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
+    if deterministic is not None and x.is_cuda and torch.are_deterministic_algorithms_enabled() and needs_grad(args):
         return candidates[deterministic]
     if not _can_tune(x):
         return candidates[default]
-    backward = torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+    backward = needs_grad(args)
     autocast_on = torch.is_autocast_enabled(x.device.type)
     memory = memory_policy()
     key = (op, backward, autocast_on, _describe(args), memory)
