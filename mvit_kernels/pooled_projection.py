@@ -55,9 +55,9 @@ from .pool3d import pool3d as _pool3d
 
 try:
     from .triton import pooled_projection as _kernels
-    from .triton.pooling_attention import runs_on as _runs_on
+    from .triton.pooling_attention import covers as _triton_covers
 except ImportError:  # no Triton in this environment: the composed path everywhere
-    _kernels = _runs_on = None
+    _kernels = _triton_covers = None
 
 
 def _slice_rows(weight: Tensor, which: str) -> slice:
@@ -278,12 +278,9 @@ def triton_pooled_projection(
 
 
 def _kernel_covers(x: Tensor, weight: Tensor, num_heads: int) -> bool:
-    """Whether the Triton kernel handles x's dtype, the head dim, the (batch, head) grid axis and
-    x's device. Heads narrower than 16 on CUDA take the unfused ops, as in the attention
-    (``triton.pooling_attention.supports``): no MViT has them."""
-    d = weight.shape[0] // 3 // num_heads
-    return (_kernels is not None and x.dtype in _kernels.DTYPES and d <= _kernels.D_PADS[-1]
-            and not (x.is_cuda and d < 16) and x.shape[0] * num_heads <= _kernels.MAX_GRID_Y and _runs_on(x))
+    """Whether the Triton kernel handles x's dtype and device, the head dim and the (batch, head)
+    grid (the attention kernels' rule, ``triton.pooling_attention.covers``)."""
+    return _kernels is not None and _triton_covers(x, x.shape[0] * num_heads, weight.shape[0] // 3 // num_heads)
 
 
 def _run_triton(x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode,

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from ..checks import pool_output_size, pool_output_thw
-from .pooling_attention import (D_PADS, DTYPES, MAX_GRID_Y, MMA_SYNC_RULES, _check_last_dim, _check_rule, _dummy, _head_tile,
+from .pooling_attention import (D_PADS, DTYPES, MMA_SYNC_RULES, _check_last_dim, _check_rule, _dummy, _head_tile,
                                 device_cc, dot_precision, next_pow2)
 
 MODES = ("conv", "avg", "max")

@@ -525,20 +525,24 @@ def interpreter_problem() -> Optional[str]:
     return None
 
 
-def supports(q: torch.Tensor, thw_kv: Sequence[int], has_rel: bool) -> bool:
-    """Whether the Triton kernels cover this call (else the caller falls back to SDPA)."""
-    if q.dtype not in DTYPES or q.shape[-1] > D_PADS[-1] or not runs_on(q):
+def covers(t: torch.Tensor, batch_heads: int, head_dim: int) -> bool:
+    """Whether the kernels (attention and projection alike) launch for inputs like t with
+    ``batch_heads`` (batch, head) programs on grid axis 1 and heads of ``head_dim``."""
+    if t.dtype not in DTYPES or head_dim > D_PADS[-1] or not runs_on(t):
         return False
-    if q.is_cuda and q.shape[-1] < 16:
+    if t.is_cuda and head_dim < 16:
         # Heads narrower than one 16-wide tile: an H100 run (Triton 3.6) of a bf16 head-8 case
         # ended in an illegal address that compute-sanitizer could not reproduce in isolation;
-        # no MViT has such heads, so they take SDPA rather than risk it.
+        # no MViT has such heads, so they take the unfused ops rather than risk it.
         return False
-    if has_rel and sum(thw_kv) > R_PADS[-1]:
+    return batch_heads <= MAX_GRID_Y  # a launch past the axis' limit fails
+
+
+def supports(q: torch.Tensor, thw_kv: Sequence[int], has_rel: bool) -> bool:
+    """Whether the Triton kernels cover this call (else the caller falls back to SDPA)."""
+    if not covers(q, q.shape[0] * q.shape[1], q.shape[-1]):
         return False
-    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
-        return False  # (batch, head) is grid axis 1; a launch past its limit fails
-    return True
+    return not (has_rel and sum(thw_kv) > R_PADS[-1])
 
 
 _REL_INDEX_CACHE: dict = {}
