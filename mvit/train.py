@@ -350,6 +350,10 @@ def train(args: argparse.Namespace) -> dict:
                       recipe["mixup_switch_prob"], recipe["label_smoothing"])
 
     state = TrainState()
+
+    def run_seconds() -> float:  # the run's wall time over its processes (resumes)
+        return state.wall_before + time.time() - t_start
+
     log = JsonLog(os.path.join(out_dir, "log.jsonl") if info.is_main else None)
     resumed = _maybe_resume(args, recipe, out_dir, model, optimizer, scaler, ema, state, info)
     if info.is_main and not resumed and os.path.exists(os.path.join(out_dir, "log.jsonl")):
@@ -374,7 +378,7 @@ def train(args: argparse.Namespace) -> dict:
                 "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
                 "epoch": state.epoch, "step": state.step, "sampler": {"epoch": state.epoch, "position": state.epoch_pos},
                 "rng": rngs, "world_size": info.world_size, "preset": args.preset,
-                "wall_s": state.wall_before + time.time() - t_start,
+                "wall_s": run_seconds(),
                 "num_classes": data.num_classes, "model_config": model.cfg, "classes": data.classes,
                 "args": vars(args) | {"func": None}, "recipe": recipe,
             }
@@ -443,7 +447,7 @@ def train(args: argparse.Namespace) -> dict:
             clips_since += global_batch
             if info.is_main:
                 log.write(kind="train", epoch=state.epoch, step=state.step, loss=loss_sum, lr=cur_lr,
-                          time=round(state.wall_before + time.time() - t_start, 2))
+                          time=round(run_seconds(), 2))
             if bar:
                 now = time.time()
                 bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{cur_lr:.2e}",
@@ -469,7 +473,7 @@ def train(args: argparse.Namespace) -> dict:
                                     multi_label=multi_label, autocast=autocast)
             if info.is_main:
                 log.write(kind="val", epoch=state.epoch, step=state.step,
-                          time=round(state.wall_before + time.time() - t_start, 2),
+                          time=round(run_seconds(), 2),
                           ema=ema is not None, **last_metrics)
                 print(f"epoch {state.epoch}: " + _fmt(last_metrics), file=sys.stderr, flush=True)
         save(state.epoch)
@@ -490,7 +494,7 @@ def train(args: argparse.Namespace) -> dict:
         result["val_shuffled_frames"] = shuffled
     # the whole run's, over resumes (a finished run resumed to evaluate it again kept only the
     # evaluation's seconds)
-    result["wall_s"] = round(state.wall_before + time.time() - t_start, 1)
+    result["wall_s"] = round(run_seconds(), 1)
     if mvit_kernels.tuning.choices():  # fused ops timed against their alternatives (CUDA by default)
         result["kernel_choices"] = mvit_kernels.tuning.summary()
     if info.is_main:
