@@ -45,7 +45,8 @@ _V2_VIDEO = MViTConfig(
 )
 
 _V2_IMAGE = MViTConfig(
-    # facebookresearch/mvit configs/MVITv2_{T,S,B}.yaml (mean-pooled head, no class token).
+    # facebookresearch/mvit config/defaults.py: 2-D patches, conv pooling of Q at every block,
+    # adaptive K/V strides from 4x4, spatial rel-pos, residual pooling, mean-pooled head.
     name="mvitv2_s_image",
     num_classes=1000,
     input_size=(1, 224, 224),
@@ -53,8 +54,6 @@ _V2_IMAGE = MViTConfig(
     patch_stride=(1, 4, 4),
     patch_padding=(0, 3, 3),
     patch_2d=True,
-    depth=16,
-    pool_q_stride=_q_stride_every_block(16, {1: (1, 2, 2), 3: (1, 2, 2), 14: (1, 2, 2)}),
     pool_kvq_kernel=(1, 3, 3),
     pool_kv_stride_adaptive=(1, 4, 4),
     cls_embed=False,
@@ -65,6 +64,23 @@ _V2_IMAGE = MViTConfig(
     drop_path_rate=0.1,
     head_dropout=0.0,
 )
+
+
+def mvitv2_image(name: str, depths: tuple[int, ...], **fields) -> MViTConfig:
+    """An image MViTv2 from its blocks per stage (facebookresearch/mvit and timm describe the
+    family this way): channels and heads double, and Q is pooled 2x2, at the first block of every
+    stage after the first. ``fields`` set the rest (embed_dim, num_heads, cls_embed, ...)."""
+    starts = [sum(depths[:i]) for i in range(1, len(depths))]
+    depth = sum(depths)
+    return _V2_IMAGE.replace(
+        name=name,
+        depth=depth,
+        dim_mul=tuple((i, 2.0) for i in starts),
+        head_mul=tuple((i, 2.0) for i in starts),
+        pool_q_stride=_q_stride_every_block(depth, {i: (1, 2, 2) for i in starts}),
+        **fields,
+    )
+
 
 _B24_MUL = ((2, 2.0), (5, 2.0), (21, 2.0))
 
@@ -125,21 +141,13 @@ PRESETS: dict[str, MViTConfig] = {
         pool_q_stride=_q_stride_every_block(24, {2: (1, 2, 2), 5: (1, 2, 2), 21: (1, 2, 2)}),
         drop_path_rate=0.3,
     ),
-    "mvitv2_t_image": _V2_IMAGE.replace(
-        name="mvitv2_t_image",
-        depth=10,
-        dim_mul=((1, 2.0), (3, 2.0), (8, 2.0)),
-        head_mul=((1, 2.0), (3, 2.0), (8, 2.0)),
-        pool_q_stride=_q_stride_every_block(10, {1: (1, 2, 2), 3: (1, 2, 2), 8: (1, 2, 2)}),
-    ),
-    "mvitv2_s_image": _V2_IMAGE,
-    "mvitv2_b_image": _V2_IMAGE.replace(
-        name="mvitv2_b_image",
-        depth=24,
-        dim_mul=_B24_MUL,
-        head_mul=_B24_MUL,
-        pool_q_stride=_q_stride_every_block(24, {2: (1, 2, 2), 5: (1, 2, 2), 21: (1, 2, 2)}),
-        drop_path_rate=0.3,
+    # facebookresearch/mvit configs/MVITv2_{T,S,B}.yaml and configs/test/MVITv2_L_test.yaml
+    # (the L model expands channels in the MLP, not in attention); timm mvitv2_{tiny,...,large}.
+    "mvitv2_t_image": mvitv2_image("mvitv2_t_image", (1, 2, 5, 2), drop_path_rate=0.1),
+    "mvitv2_s_image": mvitv2_image("mvitv2_s_image", (1, 2, 11, 2), drop_path_rate=0.1),
+    "mvitv2_b_image": mvitv2_image("mvitv2_b_image", (2, 3, 16, 3), drop_path_rate=0.3),
+    "mvitv2_l_image": mvitv2_image(
+        "mvitv2_l_image", (2, 6, 36, 4), embed_dim=144, num_heads=2, dim_mul_in_att=False, drop_path_rate=0.5
     ),
     # Not a paper model: small enough to train on two CPU cores in minutes (the built-in task),
     # yet every MViT mechanism is present (Q pooling twice, adaptive K/V strides, skip pooling,
@@ -186,6 +194,9 @@ PAPER_FIGURES: dict[str, PaperFigures] = {
     "mvitv2_s_image": PaperFigures(7.0, 35.0, "MViTv2 paper, Table 2 (IN-1K)"),
     # The paper rounds 51.5 M up to 52; timm's model card for the authors' weights gives 51.5 M.
     "mvitv2_b_image": PaperFigures(10.2, 51.5, "MViTv2 paper, Table 2 (IN-1K: 52 M); timm mvitv2_base: 51.5 M"),
+    # The released model has the paper's parameters but 43.71 GFLOPs, in timm's count too; the
+    # paper's 42.1 fits the class-token variant with channels grown in attention (tests/test_presets.py).
+    "mvitv2_l_image": PaperFigures(42.1, 218.0, "MViTv2 paper, Table 2 (IN-1K); timm mvitv2_large: 217.99 M, 43.71 G"),
 }
 
 
