@@ -127,6 +127,9 @@ class MViTConfig:
     rel_pos_temporal: bool = False
     rel_pos_zero_init: bool = False
     residual_pooling: bool = False
+    # Whether the residual pooling connection adds the pooled q to the class token's output too:
+    # facebookresearch/mvit's image models (and timm's port) do, pySlowFast and torchvision do not.
+    residual_pooling_cls: bool = False
     dim_mul_in_att: bool = False
     drop_path_rate: float = 0.2
     head_dropout: float = 0.5
@@ -196,6 +199,8 @@ class MViTConfig:
             raise ValueError(f"pool_mode must be 'conv', 'avg' or 'max', got {self.pool_mode!r}")
         if self.abs_pos not in ("separate", "joint", "none"):
             raise ValueError(f"abs_pos must be 'separate', 'joint' or 'none', got {self.abs_pos!r}")
+        if self.residual_pooling_cls and not self.residual_pooling:
+            raise ValueError("residual_pooling_cls=True needs residual_pooling=True (it says which rows that connection adds to)")
         for name in ("dim_mul", "head_mul"):
             for entry in getattr(self, name):
                 if (not isinstance(entry, (tuple, list)) or len(entry) != 2 or not _is_int(entry[0])

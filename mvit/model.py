@@ -85,6 +85,9 @@ class MultiScaleAttention(nn.Module):
         self.attn_dim = spec.attn_dim
         self.has_cls = cfg.cls_embed
         self.residual_pooling = cfg.residual_pooling
+        # The class token's row of the residual pooling connection (MViTConfig.residual_pooling_cls):
+        # the ops leave it out (pySlowFast's rule), and it is added here where a config asks for it.
+        self.residual_cls = cfg.residual_pooling and cfg.residual_pooling_cls and cfg.cls_embed
         self.qkv = nn.Linear(spec.dim_in, 3 * spec.attn_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(spec.attn_dim, spec.attn_dim)
         self.pool_q = (
@@ -138,14 +141,17 @@ class MultiScaleAttention(nn.Module):
         if self.pool_q is not None:
             q, thw_q = self.pool_q(q, thw, self.has_cls, fused)
         if cls_only:
-            # The class token's row takes neither the rel-pos bias nor the residual pooling
-            # connection (reference.pooling_attention): plain attention of one query over every key.
+            # The class token's row takes no rel-pos bias, and the residual pooling connection only
+            # where the config asks (reference.pooling_attention): plain attention of one query
+            # over every key.
             if fused:
                 out = F.scaled_dot_product_attention(q[:, :, :1], k, v)
             else:
                 # The reference's own ops: SDPA's CPU kernel has no double backward, and the
                 # reference path has every order (a gradient penalty, create_graph=True).
                 out = ((q[:, :, :1] * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+            if self.residual_cls:
+                out = out + q[:, :, :1]
             out = out.transpose(1, 2).reshape(B, 1, self.attn_dim)
             # The rel-pos tables then take no part; they get the zero gradient the whole block gives
             # them instead of none, which DistributedDataParallel would refuse ("parameters that were
@@ -159,6 +165,9 @@ class MultiScaleAttention(nn.Module):
             out = _ops(fused).pooling_attention(
                 q, k, v, thw_q, thw_kv, self.has_cls, *tables, residual_pooling=self.residual_pooling
             )
+            if self.residual_cls:
+                cls = out[:, :1] + q[:, :, :1].transpose(1, 2).reshape(B, 1, self.attn_dim).to(out.dtype)
+                out = torch.cat([cls, out[:, 1:]], dim=1)
         return _ops(fused).linear(out, self.proj.weight, self.proj.bias), thw_q
 
 

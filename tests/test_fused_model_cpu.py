@@ -18,7 +18,14 @@ from mvit import build_model
 from mvit_kernels import reference
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(pool_mode="max", cls_embed=False)], ids=["conv-cls", "max-nocls"])
+V2 = dict(rel_pos_spatial=True, rel_pos_temporal=True, residual_pooling=True, dim_mul_in_att=True, abs_pos="none")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(pool_mode="max", cls_embed=False), dict(V2, residual_pooling_cls=True)],
+    ids=["conv-cls", "max-nocls", "v2-residual-pooling-of-the-class-token"],
+)
 def test_fused_model_matches_reference(overrides):
     torch.manual_seed(0)
     ref = build_model("mvit_tiny", **overrides).double().train()
@@ -35,9 +42,6 @@ def test_fused_model_matches_reference(overrides):
     names = [n for n, _ in ref.named_parameters()]
     for name, g, g_ref in zip(names, grads, grads_ref):
         torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-8, msg=lambda m: f"{name}: {m}")
-
-
-V2 = dict(rel_pos_spatial=True, rel_pos_temporal=True, residual_pooling=True, dim_mul_in_att=True, abs_pos="none")
 
 
 @pytest.mark.parametrize("overrides", [dict(), V2], ids=["v1", "v2-relpos-residual"])

@@ -123,3 +123,8 @@ def test_config_round_trips_through_dict():
 
 
 
+
+def test_residual_pooling_of_the_class_token_needs_residual_pooling():
+    with pytest.raises(ValueError, match="residual_pooling_cls=True needs residual_pooling=True"):
+        get_preset("mvit_tiny").replace(residual_pooling_cls=True).block_specs()
+    get_preset("mvitv2_s_16x4").replace(residual_pooling_cls=True).block_specs()
