@@ -5,7 +5,9 @@
   ``q``/``k``/``v`` projections, ``model_state`` nesting, DDP ``module.`` prefixes, and the older
   MViT-B checkpoints whose stride-1 blocks have no K/V pooling (SlowFast#456): those blocks are
   detected from the missing keys and built without K/V pooling;
-- facebookresearch/mvit image checkpoints (``source="mvit"``): same layout with 2-D convs.
+- facebookresearch/mvit image checkpoints (``source="mvit"``): same layout with 2-D convs;
+- timm ``mvitv2_*`` image models (``source="timm"``: its ``stages.S.blocks.B`` layout, e.g. the
+  authors' weights as timm's ``model.safetensors``); the architecture is read from the weights.
 
 Every converter maps names and shapes, then checks the result against the model's own
 state_dict: missing, unexpected or mis-shaped keys raise one error that lists all of them.
@@ -21,10 +23,10 @@ import torch
 
 from .config import MViTConfig
 from .model import MViT
-from .presets import get_preset
+from .presets import PRESETS, get_preset, mvitv2_image
 
 StateDict = dict[str, torch.Tensor]
-SOURCES = ("mvit_kernels", "torchvision", "pyslowfast", "mvit")
+SOURCES = ("mvit_kernels", "torchvision", "pyslowfast", "mvit", "timm")
 
 
 class CheckpointMismatchError(ValueError):
@@ -167,6 +169,86 @@ def pyslowfast_config(state: Mapping[str, torch.Tensor], cfg: MViTConfig) -> MVi
     return cfg
 
 
+# --- timm ---------------------------------------------------------------------------------------
+
+_TIMM_RULES = [
+    # timm's transition blocks name the shortcut projection by where channels grow; here it is
+    # ``proj`` either way (facebookresearch/mvit's name), and the config says where they grow.
+    (r"^blocks\.(\d+)\.shortcut_proj_(?:attn|mlp)\.", r"blocks.\1.proj."),
+    (r"^head\.fc\.", "head.projection."),
+]
+
+
+def _timm_stage_depths(state: Mapping[str, torch.Tensor]) -> list[int]:
+    depths: dict[int, int] = {}
+    for key in state:
+        m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.", key)
+        if m:
+            stage, block = int(m.group(1)), int(m.group(2))
+            depths[stage] = max(depths.get(stage, 0), block + 1)
+    if sorted(depths) != list(range(len(depths))) or not depths:
+        raise CheckpointMismatchError(
+            f"not a timm MViTv2 state_dict: expected keys stages.<s>.blocks.<b>.*, found stages {sorted(depths)}"
+        )
+    return [depths[s] for s in range(len(depths))]
+
+
+def convert_timm(state: Mapping[str, torch.Tensor], cfg: Optional[MViTConfig] = None) -> StateDict:
+    """timm ``MultiScaleVit`` names and shapes -> this project's: blocks numbered across stages,
+    then the facebookresearch/mvit rules (pooling norms, 2-D pooling convs)."""
+    src = _unwrap(state)
+    depths = _timm_stage_depths(src)
+    first = [sum(depths[:s]) for s in range(len(depths))]
+    flat: StateDict = {}
+    for key, value in src.items():
+        m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.*)$", key)
+        if m:
+            key = f"blocks.{first[int(m.group(1))] + int(m.group(2))}.{m.group(3)}"
+        flat[_rename(key, _TIMM_RULES)] = value
+    return convert_pyslowfast(flat, cfg)
+
+
+def timm_config(state: Mapping[str, torch.Tensor]) -> MViTConfig:
+    """The architecture a timm MViTv2 state_dict holds: blocks per stage, width, heads, class
+    token, where channels grow, classes, input size. A preset where the architecture is one (with
+    its name and training settings), else a config named after its blocks per stage."""
+    src = _unwrap(state)
+    depths = _timm_stage_depths(src)
+
+    def shape(key):
+        if key not in src:
+            raise CheckpointMismatchError(f"not a timm MViTv2 state_dict: no {key}")
+        return tuple(src[key].shape)
+
+    embed_dim = shape("patch_embed.proj.weight")[0]
+    head_dim = shape("stages.0.blocks.0.attn.pool_q.weight")[0]
+    if embed_dim % head_dim:
+        raise CheckpointMismatchError(f"width {embed_dim} is not a multiple of the head dim {head_dim}")
+    fields = dict(
+        embed_dim=embed_dim,
+        num_heads=embed_dim // head_dim,
+        cls_embed="cls_token" in src,
+        residual_pooling_cls="cls_token" in src,  # timm adds q to every row, as facebookresearch/mvit
+        # Channels grow in attention at a stage's first block (shortcut_proj_attn), or in the MLP
+        # at the previous stage's last block (shortcut_proj_mlp: MViTv2-L).
+        dim_mul_in_att=not any(".shortcut_proj_mlp." in k for k in src),
+        abs_pos="joint" if "pos_embed" in src else "none",
+    )
+    if "head.fc.weight" in src:
+        fields["num_classes"] = shape("head.fc.weight")[0]
+    rel = src.get("stages.0.blocks.0.attn.rel_pos_h")
+    if rel is not None:  # 2 * side - 1 rows at block 0 (queries unpooled there), side = size / 4
+        side = (rel.shape[0] + 1) // 2
+        fields["input_size"] = (1, side * 4, side * 4)
+    fields["rel_pos_spatial"] = rel is not None
+    cfg = mvitv2_image("mvitv2_image_" + "-".join(map(str, depths)), tuple(depths), **fields)
+    own = dict(num_classes=cfg.num_classes, input_size=cfg.input_size)
+    for preset in PRESETS.values():
+        if preset.replace(name=cfg.name, drop_path_rate=cfg.drop_path_rate, **own) == cfg:
+            return preset.replace(**own)
+    return cfg
+
+
 # --- checking and loading ---------------------------------------------------------------------
 
 def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -187,6 +269,19 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
         raise CheckpointMismatchError("\n".join(parts))
 
 
+def is_safetensors(path: Union[str, os.PathLike]) -> bool:
+    return os.fspath(path).endswith(".safetensors")
+
+
+def read_safetensors(path: Union[str, os.PathLike]) -> StateDict:
+    """A ``.safetensors`` weights file (how timm's weights are published), on the CPU."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError(f"reading {path} needs the safetensors package: pip install safetensors") from None
+    return load_file(os.fspath(path), device="cpu")
+
+
 def from_pretrained(
     path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
     source: str = "mvit_kernels",
@@ -199,14 +294,20 @@ def from_pretrained(
     source: "mvit_kernels" (this project's own checkpoints, e.g. from ``mvit train``),
     "torchvision" (``mvit_v1_b`` / ``mvit_v2_s``; the preset is inferred), "pyslowfast" or
     "mvit" (facebookresearch/mvit image models): these two need ``preset`` naming the
-    architecture (e.g. "mvit_b_16x4", "mvitv2_s_image"); the class count is read from the head.
+    architecture (e.g. "mvit_b_16x4", "mvitv2_s_image"); the class count is read from the head,
+    and for "mvit" whether there is a class token (its IN-21K models have one).
+    "timm" (timm ``mvitv2_*``): the architecture is read from the weights unless ``preset`` names
+    it. A path ending in ``.safetensors`` is read with safetensors (timm's weights on the hub).
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         if not os.path.exists(path_or_state_dict):
             raise FileNotFoundError(f"checkpoint not found: {path_or_state_dict}")
-        raw = torch.load(path_or_state_dict, map_location="cpu", weights_only=False)
+        if is_safetensors(path_or_state_dict):
+            raw = read_safetensors(path_or_state_dict)
+        else:
+            raw = torch.load(path_or_state_dict, map_location="cpu", weights_only=False)
     else:
         raw = path_or_state_dict
     if not isinstance(raw, Mapping):
@@ -220,7 +321,16 @@ def from_pretrained(
         if cfg is None:
             raise ValueError(f"source={source!r} needs preset=... naming the architecture of the checkpoint")
         cfg = pyslowfast_config(raw, cfg)
+        if source == "mvit":
+            # facebookresearch/mvit: a class token where the checkpoint has one (its IN-21K
+            # models), which also takes the residual pooling connection there.
+            has_cls = "cls_token" in _unwrap(raw)
+            cfg = cfg.replace(cls_embed=has_cls, residual_pooling_cls=has_cls)
         state = convert_pyslowfast(raw, cfg)
+    elif source == "timm":
+        inferred = timm_config(raw)
+        cfg = cfg.replace(num_classes=inferred.num_classes) if cfg is not None else inferred
+        state = convert_timm(raw, cfg)
     else:
         # "model_config": the key `mvit train` writes its checkpoints with.
         stored = raw.get("config", raw.get("model_config"))

@@ -88,7 +88,8 @@ def add_parser(subparsers) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--preset", default="mvit_tiny")
     m.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the preset's)")
-    m.add_argument("--finetune", help="initialize from this checkpoint (mvit train's, pySlowFast's or torchvision's); "
+    m.add_argument("--finetune", help="initialize from this checkpoint (mvit train's, pySlowFast's, torchvision's or "
+                   "timm's, .safetensors included); "
                    "position tables are interpolated to the input size, a head of another size is re-made")
     m.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise LR decay (1 = off)")
     m.add_argument("--fused", action="store_true", help="use the fused kernels (needs the built extension)")
@@ -524,20 +525,27 @@ def _fmt(metrics: dict) -> str:
 
 def _load_finetune(model, path: str, verbose: bool) -> None:
     """Initialize ``model`` from a checkpoint: this project's, a pySlowFast / facebookresearch/mvit
-    one (``model_state`` nesting, ``module.`` prefixes, ``norm_q`` and separate q/k/v names) or a
-    torchvision state_dict. Position embeddings and rel-pos tables of another input size are
+    one (``model_state`` nesting, ``module.`` prefixes, ``norm_q`` and separate q/k/v names), a
+    torchvision state_dict or timm's (``stages.S.blocks.B`` names; ``.safetensors`` files too). Position embeddings and rel-pos tables of another input size are
     interpolated as the model does for inputs of another size; tensors that still do not fit (a
     head of another size) keep their fresh initialization and are listed."""
     # _unwrap: the same unwrapping as from_pretrained (model_state / model / state_dict, module.)
-    from .convert import _unwrap, convert_pyslowfast, convert_torchvision
+    from .convert import _unwrap, convert_pyslowfast, convert_timm, convert_torchvision, is_safetensors, read_safetensors
 
-    raw = ckpt.load_checked(path, "--finetune", required=())
+    if is_safetensors(path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--finetune checkpoint not found: {path}")
+        raw = read_safetensors(path)
+    else:
+        raw = ckpt.load_checked(path, "--finetune", required=())
     weights = _unwrap(raw)
     if not weights:
         raise ValueError(f"--finetune {path} holds no weights (no tensors, nor a 'model_state', 'model' or "
                          "'state_dict' of them)")
     if "conv_proj.weight" in weights or any(k.startswith("pos_encoding.") for k in weights):
         weights = convert_torchvision(weights)
+    elif any(k.startswith("stages.") for k in weights):
+        weights = convert_timm(weights, model.cfg)
     else:  # pySlowFast's names; this project's own pass through unchanged
         weights = convert_pyslowfast(weights, model.cfg)
     saved_cfg = raw.get("model_config")

@@ -1,12 +1,15 @@
-"""Checkpoint converters against the source models (torchvision) and hand-built layouts
+"""Checkpoint converters against the source models (torchvision, timm) and hand-built layouts
 (pySlowFast). Tolerance: fp32 max abs difference <= 1e-5 on the logits."""
 
 import pytest
+import timm
 import torch
 import torchvision
+from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 
-from mvit import build_model
-from mvit.convert import CheckpointMismatchError, convert_torchvision, from_pretrained
+from mvit import build_model, get_preset
+from mvit.convert import CheckpointMismatchError, convert_torchvision, from_pretrained, timm_config
+from mvit.flops import count_model
 
 ATOL = 1e-5
 
@@ -132,7 +135,7 @@ def test_pyslowfast_needs_a_preset_and_sources_are_checked(tmp_path):
     with pytest.raises(ValueError, match="needs preset"):
         from_pretrained({}, source="pyslowfast")
     with pytest.raises(ValueError, match="source must be one of"):
-        from_pretrained({}, source="timm")
+        from_pretrained({}, source="detectron2")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         from_pretrained(tmp_path / "nope.pyth", source="pyslowfast", preset="mvit_tiny")
 
@@ -158,3 +161,104 @@ def test_convert_torchvision_reshapes_position_tables():
     assert state["pos_embed_spatial"].shape == (1, 56 * 56, 96)
     assert state["pos_embed_temporal"].shape == (1, 8, 96)
     assert state["head.projection.weight"].shape == (400, 768)
+
+
+# --- timm: an independent implementation of the image MViTv2 models -------------------------------
+
+
+def _randomize(model):
+    """Every parameter random (LayerNorm scales around 1), so that no term of the forward is
+    left out of the comparison by a zero or identity initialization."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.05 + (1.0 if ("norm" in name and name.endswith("weight")) else 0.0))
+    return model.eval()
+
+
+_TIMM_SMALL = dict(depths=(1, 2, 1, 1), embed_dim=32, num_heads=2)
+
+
+@pytest.mark.parametrize(
+    "make, size, name",
+    [
+        # The registered model at its real size: the preset is recognized from the weights.
+        (lambda: timm.create_model("mvitv2_tiny"), 224, "mvitv2_t_image"),
+        # Small stand-ins for the others: class token (timm's *_cls, the authors' IN-21K models),
+        # channels grown in the MLP (MViTv2-L), absolute position embeddings, other class counts.
+        (lambda: MultiScaleVit(MultiScaleVitCfg(**_TIMM_SMALL, use_cls_token=True), img_size=64, num_classes=7),
+         64, "mvitv2_image_1-2-1-1"),
+        (lambda: MultiScaleVit(MultiScaleVitCfg(**_TIMM_SMALL, expand_attn=False), img_size=64, num_classes=5),
+         64, "mvitv2_image_1-2-1-1"),
+        (lambda: MultiScaleVit(MultiScaleVitCfg(**_TIMM_SMALL, expand_attn=False, use_cls_token=True,
+                                                use_abs_pos=True), img_size=64, num_classes=3),
+         64, "mvitv2_image_1-2-1-1"),
+    ],
+    ids=["mvitv2_tiny", "cls_token", "mlp_grows_channels", "cls_abs_pos_mlp_grows"],
+)
+@pytest.mark.parametrize("fused", [False, True])
+def test_timm_mvitv2_gives_the_same_outputs(make, size, name, fused):
+    torch.manual_seed(5)
+    source = _randomize(make())
+    model = from_pretrained(source.state_dict(), source="timm", fused=fused).eval()
+    assert model.cfg.name == name
+    assert model.cfg.num_classes == source.num_classes
+    assert model.cfg.input_size == (1, size, size)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in source.parameters())
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected, got = source(x), model(x)
+    assert (expected - got).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize(
+    "timm_name, preset",
+    [("mvitv2_tiny", "mvitv2_t_image"), ("mvitv2_small", "mvitv2_s_image"), ("mvitv2_base", "mvitv2_b_image"),
+     ("mvitv2_large", "mvitv2_l_image"), ("mvitv2_base_cls", None), ("mvitv2_huge_cls", None)],
+)
+def test_timm_architectures_are_read_from_the_weights(timm_name, preset):
+    """Every registered timm MViTv2 (weights on the meta device: shapes only) maps to a config
+    with exactly its parameters; the IN-1K ones are this project's presets."""
+    source = timm.create_model(timm_name, device="meta")
+    cfg = timm_config(source.state_dict())
+    if preset is not None:
+        assert cfg == get_preset(preset)
+    else:
+        assert cfg.cls_embed and cfg.name.startswith("mvitv2_image_")
+    assert count_model(cfg).params == sum(p.numel() for p in source.parameters())
+
+
+def test_timm_safetensors_file_preset_override_and_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(6)
+    source = _randomize(MultiScaleVit(MultiScaleVitCfg(**_TIMM_SMALL), img_size=64, num_classes=4))
+    path = tmp_path / "model.safetensors"
+    save_file(source.state_dict(), str(path))
+    model = from_pretrained(path, source="timm").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (source(x) - model(x)).abs().max().item() <= ATOL
+    # A preset names another architecture: every mismatch is listed, nothing loads silently.
+    with pytest.raises(CheckpointMismatchError, match="mis-shaped keys.*patch_embed.proj.weight"):
+        from_pretrained(path, source="timm", preset="mvitv2_t_image")
+    with pytest.raises(CheckpointMismatchError, match="not a timm MViTv2 state_dict"):
+        from_pretrained(torchvision.models.video.mvit_v1_b().state_dict(), source="timm")
+
+
+def test_mvit_repository_checkpoint_with_a_class_token():
+    """facebookresearch/mvit's IN-21K models have a class token, which its residual pooling
+    connection includes (as timm's port does; pySlowFast leaves it out): the token is read from the
+    checkpoint, the preset names the rest."""
+    torch.manual_seed(7)
+    source = _randomize(MultiScaleVit(MultiScaleVitCfg(**_TIMM_SMALL, use_cls_token=True), img_size=64, num_classes=6))
+    ours = from_pretrained(source.state_dict(), source="timm")
+    checkpoint = _to_pyslowfast_layout(ours)
+    state = checkpoint["model_state"]
+    for key in [k for k in state if k.endswith(("pool_q.weight", "pool_k.weight", "pool_v.weight"))]:
+        state[key] = state[key].squeeze(2)  # the image repository's Conv2d pooling
+    preset = ours.cfg.replace(cls_embed=False, residual_pooling_cls=False, num_classes=1000)
+    model = from_pretrained(checkpoint, source="mvit", preset=preset).eval()
+    assert model.cfg.cls_embed and model.cfg.residual_pooling_cls and model.cfg.num_classes == 6
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (source(x) - model(x)).abs().max().item() <= ATOL

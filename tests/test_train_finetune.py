@@ -85,3 +85,29 @@ def test_a_checkpoint_that_fits_nothing_is_an_error(tmp_path, capsys):
                      "--no-progress", "--output-dir", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_finetune_from_timm_safetensors_at_another_size(tmp_path):
+    # timm publishes the authors' image MViTv2 weights as model.safetensors in its own layout
+    # (stages.S.blocks.B, shortcut_proj_attn, head.fc).
+    from safetensors.torch import save_file
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    from mvit.convert import from_pretrained
+
+    torch.manual_seed(0)
+    timm_model = MultiScaleVit(MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=32, num_heads=2), img_size=64,
+                               num_classes=5)
+    with torch.no_grad():
+        for p in timm_model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = str(tmp_path / "model.safetensors")
+    save_file(timm_model.state_dict(), path)
+    source = from_pretrained(path, source="timm").eval()
+    target = build_model(source.cfg.replace(input_size=(1, 96, 96)))
+    _load_finetune(target, path, verbose=False)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert (target.eval()(x) - source(x)).abs().max().item() < 1e-5
+    with pytest.raises(FileNotFoundError, match="--finetune checkpoint not found"):
+        _load_finetune(target, str(tmp_path / "missing.safetensors"), verbose=False)
