@@ -134,6 +134,9 @@ class MViTConfig:
     drop_path_rate: float = 0.2
     head_dropout: float = 0.5
     norm_eps: float = 1e-6
+    # LayerNorm eps after Q/K/V pooling; None: norm_eps. pytorchvideo's MViT builds those norms with
+    # torch's default, 1e-5, and its other norms with 1e-6.
+    pool_norm_eps: Optional[float] = None
     # Blocks whose K/V pooling is switched off even though the grammar gives it (old pySlowFast
     # checkpoints built kernel = stride + 1, so stride-1 blocks had no K/V pooling; SlowFast#456).
     no_kv_pool_blocks: tuple[int, ...] = ()
@@ -180,8 +183,11 @@ class MViTConfig:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         if not 0.0 <= self.head_dropout < 1.0:
             raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        for name, value in (("norm_eps", self.norm_eps), ("pool_norm_eps", self.pool_norm_eps)):
+            if value is None and name == "pool_norm_eps":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
         for name in ("input_size", "patch_kernel", "patch_stride", "patch_padding"):
             value = getattr(self, name)
             if len(value) != 3:

@@ -7,7 +7,9 @@
   detected from the missing keys and built without K/V pooling;
 - facebookresearch/mvit image checkpoints (``source="mvit"``): same layout with 2-D convs;
 - timm ``mvitv2_*`` image models (``source="timm"``: its ``stages.S.blocks.B`` layout, e.g. the
-  authors' weights as timm's ``model.safetensors``); the architecture is read from the weights.
+  authors' weights as timm's ``model.safetensors``); the architecture is read from the weights;
+- pytorchvideo's MViT-B models (``source="pytorchvideo"``: ``mvit_base_16x4``, ``mvit_base_32x3``,
+  ``mvit_base_16`` of its model zoo); the architecture is read from the weights.
 
 Every converter maps names and shapes, then checks the result against the model's own
 state_dict: missing, unexpected or mis-shaped keys raise one error that lists all of them.
@@ -26,7 +28,7 @@ from .model import MViT
 from .presets import PRESETS, get_preset, mvitv2_image
 
 StateDict = dict[str, torch.Tensor]
-SOURCES = ("mvit_kernels", "torchvision", "pyslowfast", "mvit", "timm")
+SOURCES = ("mvit_kernels", "torchvision", "pyslowfast", "mvit", "timm", "pytorchvideo")
 
 
 class CheckpointMismatchError(ValueError):
@@ -240,13 +242,81 @@ def timm_config(state: Mapping[str, torch.Tensor]) -> MViTConfig:
     if rel is not None:  # 2 * side - 1 rows at block 0 (queries unpooled there), side = size / 4
         side = (rel.shape[0] + 1) // 2
         fields["input_size"] = (1, side * 4, side * 4)
+    elif "pos_embed" in src:  # one row per token (and the class token's)
+        side = _square_side(shape("pos_embed")[1] - int(fields["cls_embed"]))
+        fields["input_size"] = (1, side * 4, side * 4)
     fields["rel_pos_spatial"] = rel is not None
     cfg = mvitv2_image("mvitv2_image_" + "-".join(map(str, depths)), tuple(depths), **fields)
-    own = dict(num_classes=cfg.num_classes, input_size=cfg.input_size)
-    for preset in PRESETS.values():
-        if preset.replace(name=cfg.name, drop_path_rate=cfg.drop_path_rate, **own) == cfg:
-            return preset.replace(**own)
+    return _as_preset(cfg, num_classes=cfg.num_classes, input_size=cfg.input_size)
+
+
+def _square_side(n: int) -> int:
+    side = int(round(n**0.5))
+    if side * side != n:
+        raise CheckpointMismatchError(f"a position table of {n} tokens is not a square grid")
+    return side
+
+
+def _as_preset(cfg: MViTConfig, **own) -> MViTConfig:
+    """The preset whose architecture ``cfg`` is (under its name, with its training settings and
+    the checkpoint's ``own`` fields), or ``cfg`` itself where none is. A preset of the same input
+    size first (mvit_b_32x3 rather than mvit_b_16x4 at 32 frames)."""
+    for same_size in (True, False):
+        for preset in PRESETS.values():
+            if same_size and preset.input_size != cfg.input_size:
+                continue
+            if preset.replace(name=cfg.name, drop_path_rate=cfg.drop_path_rate, head_dropout=cfg.head_dropout, **own) == cfg:
+                return preset.replace(**own)
     return cfg
+
+
+# --- pytorchvideo ----------------------------------------------------------------------------------
+
+_PTV_RULES = [
+    (r"^patch_embed\.patch_model\.", "patch_embed.proj."),
+    (r"^cls_positional_encoding\.", ""),
+    (r"^norm_embed\.", "norm."),
+    (r"^head\.proj\.", "head.projection."),
+]
+
+
+def convert_pytorchvideo(state: Mapping[str, torch.Tensor], cfg: Optional[MViTConfig] = None) -> StateDict:
+    """pytorchvideo ``create_multiscale_vision_transformers`` names -> this project's, then the
+    pySlowFast rules (separate q/k/v, norm_k). Separate position tables go into one joint table
+    where ``cfg`` has one (its image MViT-B keeps them separate over its single frame)."""
+    out = convert_pyslowfast({_rename(k, _PTV_RULES): v for k, v in _unwrap(state).items()}, cfg)
+    separate = ("pos_embed_spatial", "pos_embed_temporal")
+    if cfg is not None and cfg.abs_pos == "joint" and all(k in out for k in separate):
+        spatial, temporal = out.pop("pos_embed_spatial"), out.pop("pos_embed_temporal")
+        joint = spatial.repeat(1, temporal.shape[1], 1) + temporal.repeat_interleave(spatial.shape[1], dim=1)
+        if "pos_embed_class" in out:
+            joint = torch.cat([out.pop("pos_embed_class"), joint], dim=1)
+        out["pos_embed"] = joint
+    return out
+
+
+def pytorchvideo_config(state: Mapping[str, torch.Tensor]) -> MViTConfig:
+    """The MViT-B a pytorchvideo state_dict holds (its model zoo has the 16x4 and 32x3 Kinetics
+    models and the ImageNet one): video or image from the patch conv, input size from the position
+    tables, classes from the head. pytorchvideo's pooling LayerNorms use eps 1e-5."""
+    src = _unwrap(state)
+    patch = src.get("patch_embed.patch_model.weight")
+    if patch is None:
+        raise CheckpointMismatchError("not a pytorchvideo MViT state_dict: no patch_embed.patch_model.weight")
+    cfg = get_preset("mvit_b16_image" if patch.dim() == 4 else "mvit_b_16x4")
+    own = dict(pool_norm_eps=1e-5, cls_embed="cls_positional_encoding.cls_token" in src)
+    head = src.get("head.proj.weight")
+    if head is not None:
+        own["num_classes"] = head.shape[0]
+    spatial = src.get("cls_positional_encoding.pos_embed_spatial")
+    temporal = src.get("cls_positional_encoding.pos_embed_temporal")
+    if spatial is not None and temporal is not None:
+        side = _square_side(spatial.shape[1]) * cfg.patch_stride[1]
+        frames = 1 if cfg.patch_2d else temporal.shape[1] * cfg.patch_stride[0]
+        own["input_size"] = (frames, side, side)
+    cfg = cfg.replace(**own)
+    # Another frame count is another preset (mvit_b_32x3): its name and training settings.
+    return _as_preset(cfg, **own)
 
 
 # --- checking and loading ---------------------------------------------------------------------
@@ -296,8 +366,9 @@ def from_pretrained(
     "mvit" (facebookresearch/mvit image models): these two need ``preset`` naming the
     architecture (e.g. "mvit_b_16x4", "mvitv2_s_image"); the class count is read from the head,
     and for "mvit" whether there is a class token (its IN-21K models have one).
-    "timm" (timm ``mvitv2_*``): the architecture is read from the weights unless ``preset`` names
-    it. A path ending in ``.safetensors`` is read with safetensors (timm's weights on the hub).
+    "timm" (timm ``mvitv2_*``) and "pytorchvideo" (its MViT-B models): the architecture is read
+    from the weights unless ``preset`` names it. A path ending in ``.safetensors`` is read with
+    safetensors (timm's weights on the hub).
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
@@ -331,6 +402,12 @@ def from_pretrained(
         inferred = timm_config(raw)
         cfg = cfg.replace(num_classes=inferred.num_classes) if cfg is not None else inferred
         state = convert_timm(raw, cfg)
+    elif source == "pytorchvideo":
+        inferred = pytorchvideo_config(raw)
+        if cfg is not None:
+            cfg = cfg.replace(num_classes=inferred.num_classes, pool_norm_eps=inferred.pool_norm_eps)
+        cfg = cfg or inferred
+        state = convert_pytorchvideo(raw, cfg)
     else:
         # "model_config": the key `mvit train` writes its checkpoints with.
         stored = raw.get("config", raw.get("model_config"))

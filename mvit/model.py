@@ -90,15 +90,16 @@ class MultiScaleAttention(nn.Module):
         self.residual_cls = cfg.residual_pooling and cfg.residual_pooling_cls and cfg.cls_embed
         self.qkv = nn.Linear(spec.dim_in, 3 * spec.attn_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(spec.attn_dim, spec.attn_dim)
+        eps = cfg.norm_eps if cfg.pool_norm_eps is None else cfg.pool_norm_eps
         self.pool_q = (
-            Pool(cfg.pool_mode, self.head_dim, spec.kernel_q, spec.stride_q, spec.padding_q, cfg.norm_eps)
+            Pool(cfg.pool_mode, self.head_dim, spec.kernel_q, spec.stride_q, spec.padding_q, eps)
             if spec.pool_q
             else None
         )
         self.pool_k = self.pool_v = None
         if spec.pool_kv:
-            self.pool_k = Pool(cfg.pool_mode, self.head_dim, spec.kernel_kv, spec.stride_kv, spec.padding_kv, cfg.norm_eps)
-            self.pool_v = Pool(cfg.pool_mode, self.head_dim, spec.kernel_kv, spec.stride_kv, spec.padding_kv, cfg.norm_eps)
+            self.pool_k = Pool(cfg.pool_mode, self.head_dim, spec.kernel_kv, spec.stride_kv, spec.padding_kv, eps)
+            self.pool_v = Pool(cfg.pool_mode, self.head_dim, spec.kernel_kv, spec.stride_kv, spec.padding_kv, eps)
         spatial_len, temporal_len = cfg.rel_pos_lengths(spec)
         self.rel_pos_h = self.rel_pos_w = self.rel_pos_t = None
         if cfg.rel_pos_spatial:

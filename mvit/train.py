@@ -88,8 +88,8 @@ def add_parser(subparsers) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--preset", default="mvit_tiny")
     m.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the preset's)")
-    m.add_argument("--finetune", help="initialize from this checkpoint (mvit train's, pySlowFast's, torchvision's or "
-                   "timm's, .safetensors included); "
+    m.add_argument("--finetune", help="initialize from this checkpoint (mvit train's, pySlowFast's, torchvision's, "
+                   "pytorchvideo's or timm's, .safetensors included); "
                    "position tables are interpolated to the input size, a head of another size is re-made")
     m.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise LR decay (1 = off)")
     m.add_argument("--fused", action="store_true", help="use the fused kernels (needs the built extension)")
@@ -526,11 +526,20 @@ def _fmt(metrics: dict) -> str:
 def _load_finetune(model, path: str, verbose: bool) -> None:
     """Initialize ``model`` from a checkpoint: this project's, a pySlowFast / facebookresearch/mvit
     one (``model_state`` nesting, ``module.`` prefixes, ``norm_q`` and separate q/k/v names), a
-    torchvision state_dict or timm's (``stages.S.blocks.B`` names; ``.safetensors`` files too). Position embeddings and rel-pos tables of another input size are
-    interpolated as the model does for inputs of another size; tensors that still do not fit (a
-    head of another size) keep their fresh initialization and are listed."""
+    torchvision, pytorchvideo or timm state_dict (timm's ``.safetensors`` files too). Position
+    embeddings and rel-pos tables of another input size are interpolated as the model does for
+    inputs of another size; tensors that still do not fit (a head of another size) keep their
+    fresh initialization and are listed."""
     # _unwrap: the same unwrapping as from_pretrained (model_state / model / state_dict, module.)
-    from .convert import _unwrap, convert_pyslowfast, convert_timm, convert_torchvision, is_safetensors, read_safetensors
+    from .convert import (
+        _unwrap,
+        convert_pyslowfast,
+        convert_pytorchvideo,
+        convert_timm,
+        convert_torchvision,
+        is_safetensors,
+        read_safetensors,
+    )
 
     if is_safetensors(path):
         if not os.path.exists(path):
@@ -546,6 +555,10 @@ def _load_finetune(model, path: str, verbose: bool) -> None:
         weights = convert_torchvision(weights)
     elif any(k.startswith("stages.") for k in weights):
         weights = convert_timm(weights, model.cfg)
+    elif "patch_embed.patch_model.weight" in weights:
+        # pytorchvideo's; its pooling norms' eps (1e-5) stays the preset's, a difference that
+        # fine-tuning absorbs (from_pretrained(..., source="pytorchvideo") keeps it).
+        weights = convert_pytorchvideo(weights, model.cfg)
     else:  # pySlowFast's names; this project's own pass through unchanged
         weights = convert_pyslowfast(weights, model.cfg)
     saved_cfg = raw.get("model_config")

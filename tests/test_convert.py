@@ -1,14 +1,21 @@
-"""Checkpoint converters against the source models (torchvision, timm) and hand-built layouts
-(pySlowFast). Tolerance: fp32 max abs difference <= 1e-5 on the logits."""
+"""Checkpoint converters against the source models (torchvision, timm, pytorchvideo) and hand-built
+layouts (pySlowFast). Tolerance: fp32 max abs difference <= 1e-5 on the logits."""
 
 import pytest
 import timm
 import torch
 import torchvision
+from pytorchvideo.models.hub import vision_transformers as ptv
 from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 
 from mvit import build_model, get_preset
-from mvit.convert import CheckpointMismatchError, convert_torchvision, from_pretrained, timm_config
+from mvit.convert import (
+    CheckpointMismatchError,
+    convert_torchvision,
+    from_pretrained,
+    pytorchvideo_config,
+    timm_config,
+)
 from mvit.flops import count_model
 
 ATOL = 1e-5
@@ -262,3 +269,56 @@ def test_mvit_repository_checkpoint_with_a_class_token():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert (source(x) - model(x)).abs().max().item() <= ATOL
+
+
+# --- pytorchvideo: its MViT-B models (Kinetics 16x4 and 32x3, ImageNet) ---------------------------
+
+
+@pytest.mark.parametrize(
+    "make, x",
+    [
+        (lambda: ptv.mvit_base_16x4(spatial_size=64, temporal_size=8, head_num_classes=7), torch.randn(2, 3, 8, 64, 64)),
+        # Its image model keeps separate position tables over one frame: one joint table here.
+        (lambda: ptv.mvit_base_16(spatial_size=64, head_num_classes=5), torch.randn(2, 3, 64, 64)),
+    ],
+    ids=["mvit_base_16x4", "mvit_base_16"],
+)
+@pytest.mark.parametrize("fused", [False, True])
+def test_pytorchvideo_weights_give_the_same_outputs(make, x, fused):
+    """pytorchvideo's MViT differs from pySlowFast's in one place: the LayerNorms after pooling
+    use eps 1e-5 (torch's default), the others 1e-6. With 1e-6 there the logits here are 2e-4 apart."""
+    torch.manual_seed(8)
+    source = _randomize(make())
+    model = from_pretrained(source.state_dict(), source="pytorchvideo", fused=fused).eval()
+    assert model.cfg.pool_norm_eps == 1e-5 and model.cfg.num_classes == source.head.proj.out_features
+    with torch.no_grad():
+        expected, got = source(x), model(x)
+    assert (expected - got).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize(
+    "make, preset, folded",
+    [(ptv.mvit_base_16x4, "mvit_b_16x4", 0), (ptv.mvit_base_32x3, "mvit_b_32x3", 0),
+     (lambda: ptv.mvit_base_16(head_num_classes=1000), "mvit_b16_image", 96)],
+)
+def test_pytorchvideo_models_are_presets(make, preset, folded):
+    """The model zoo's three MViTs are presets here, with their parameter counts (the image model's
+    class and one-frame temporal position rows, 2 x 96, fold into one joint class row)."""
+    source = make()
+    cfg = pytorchvideo_config(source.state_dict())
+    assert cfg == get_preset(preset).replace(pool_norm_eps=1e-5)
+    assert count_model(cfg).params == sum(p.numel() for p in source.parameters()) - folded
+
+
+def test_pytorchvideo_preset_override_and_errors():
+    torch.manual_seed(9)
+    source = _randomize(ptv.mvit_base_16x4(spatial_size=64, temporal_size=8, head_num_classes=3))
+    model = from_pretrained(source.state_dict(), source="pytorchvideo", preset="mvit_b_16x4",
+                            input_size=(8, 64, 64)).eval()
+    x = torch.randn(1, 3, 8, 64, 64)
+    with torch.no_grad():
+        assert (source(x) - model(x)).abs().max().item() <= ATOL
+    with pytest.raises(CheckpointMismatchError, match="unexpected keys.*pos_embed_spatial"):
+        from_pretrained(source.state_dict(), source="pytorchvideo", preset="mvitv2_s_16x4")
+    with pytest.raises(CheckpointMismatchError, match="not a pytorchvideo MViT state_dict"):
+        from_pretrained(torchvision.models.video.mvit_v1_b().state_dict(), source="pytorchvideo")

@@ -120,11 +120,3 @@ def test_config_round_trips_through_dict():
     for name in ("mvit_b_16x4", "mvitv2_b_image"):
         cfg = get_preset(name)
         assert MViTConfig.from_dict(cfg.to_dict()) == cfg
-
-
-
-
-def test_residual_pooling_of_the_class_token_needs_residual_pooling():
-    with pytest.raises(ValueError, match="residual_pooling_cls=True needs residual_pooling=True"):
-        get_preset("mvit_tiny").replace(residual_pooling_cls=True).block_specs()
-    get_preset("mvitv2_s_16x4").replace(residual_pooling_cls=True).block_specs()

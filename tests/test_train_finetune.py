@@ -111,3 +111,17 @@ def test_finetune_from_timm_safetensors_at_another_size(tmp_path):
         assert (target.eval()(x) - source(x)).abs().max().item() < 1e-5
     with pytest.raises(FileNotFoundError, match="--finetune checkpoint not found"):
         _load_finetune(target, str(tmp_path / "missing.safetensors"), verbose=False)
+
+
+def test_finetune_from_pytorchvideo_layout(tmp_path):
+    from pytorchvideo.models.hub.vision_transformers import mvit_base_16x4
+
+    torch.manual_seed(1)
+    source = mvit_base_16x4(spatial_size=64, temporal_size=8, head_num_classes=4).eval()
+    path = str(tmp_path / "MVIT_B_16x4.pyth")
+    torch.save({"model_state": source.state_dict()}, path)
+    target = build_model("mvit_b_16x4", input_size=(8, 64, 64), num_classes=4, pool_norm_eps=1e-5)
+    _load_finetune(target, path, verbose=False)
+    x = torch.randn(1, 3, 8, 64, 64)
+    with torch.no_grad():
+        assert (target.eval()(x) - source(x)).abs().max().item() < 1e-5
