@@ -60,8 +60,7 @@ static void check_float(const at::Tensor& x, const char* op) {
 
 at::Tensor check_pool3d_tensors(const at::Tensor& x, PoolMode mode, const c10::optional<at::Tensor>& weight,
                                 const PoolGeom& g, const c10::optional<at::Tensor>& norm_weight,
-                                const c10::optional<at::Tensor>& norm_bias) {
-  const char* op = "mvit_kernels.pool3d";
+                                const c10::optional<at::Tensor>& norm_bias, const char* op) {
   TORCH_CHECK(x.dim() == 4, op, ": x must be a 4-D tensor (B, heads, N, d), got ", x.sizes());
   check_float(x, op);
   const int64_t d = x.size(3);
@@ -91,8 +90,7 @@ at::Tensor check_pool3d_tensors(const at::Tensor& x, PoolMode mode, const c10::o
 }
 
 void check_pool_residual_add_tensors(const at::Tensor& x, const at::Tensor& branch,
-                                     const c10::optional<at::Tensor>& scale, const PoolGeom& g) {
-  const char* op = "mvit_kernels.pool_residual_add";
+                                     const c10::optional<at::Tensor>& scale, const PoolGeom& g, const char* op) {
   TORCH_CHECK(x.dim() == 3, op, ": x must be a 3-D tensor (B, N, C), got ", x.sizes());
   check_float(x, op);
   const std::vector<int64_t> expected{x.size(0), out_tokens(g), x.size(2)};
@@ -116,7 +114,7 @@ PoolGeom check_pool3d_args(const at::Tensor& x_in, at::IntArrayRef thw, at::IntA
   TORCH_CHECK(mode != kAvg || (g.T >= g.kT && g.H >= g.kH && g.W >= g.kW), op,
               ": mode='avg' needs thw at least the kernel on every axis (as torch's avg_pool3d), got thw (", g.T,
               ", ", g.H, ", ", g.W, ") and kernel (", g.kT, ", ", g.kH, ", ", g.kW, ")");
-  *x = check_pool3d_tensors(x_in, mode, weight, g, norm_weight, norm_bias);
+  *x = check_pool3d_tensors(x_in, mode, weight, g, norm_weight, norm_bias, op);
   // A negative eps makes var + eps negative: NaN rows, not an error, without this check.
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
   return g;
@@ -127,7 +125,7 @@ PoolGeom check_pool_residual_add_args(const at::Tensor& x, at::IntArrayRef thw, 
                                       const c10::optional<at::Tensor>& scale, bool has_cls, const char* op) {
   TORCH_CHECK(x.dim() == 3, op, ": x must be a 3-D tensor (B, N, C), got ", x.sizes());
   const PoolGeom g = make_pool_geom(thw, kernel, stride, padding, has_cls, x.size(1), op);
-  check_pool_residual_add_tensors(x, branch, scale, g);
+  check_pool_residual_add_tensors(x, branch, scale, g, op);
   return g;
 }
 

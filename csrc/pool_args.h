@@ -24,11 +24,11 @@ void check_like(const at::Tensor& t, const at::Tensor& x, const char* name, cons
 // Checks pool3d's tensors; returns x with a unit stride over d (other strides are kept).
 at::Tensor check_pool3d_tensors(const at::Tensor& x, PoolMode mode, const c10::optional<at::Tensor>& weight,
                                 const PoolGeom& g, const c10::optional<at::Tensor>& norm_weight,
-                                const c10::optional<at::Tensor>& norm_bias);
+                                const c10::optional<at::Tensor>& norm_bias, const char* op);
 
 // Checks pool_residual_add's tensors (x (B, N, C), branch (B, N', C), scale (B,) or none).
 void check_pool_residual_add_tensors(const at::Tensor& x, const at::Tensor& branch,
-                                     const c10::optional<at::Tensor>& scale, const PoolGeom& g);
+                                     const c10::optional<at::Tensor>& scale, const PoolGeom& g, const char* op);
 
 inline int64_t out_tokens(const PoolGeom& g) { return g.cls + g.out_grid(); }
 

@@ -129,3 +129,20 @@ def test_an_optional_argument_that_is_not_a_tensor_is_named(op, name, kind, path
     call = _optional_argument_call(op, name, value)
     with _grad_mode(path), pytest.raises(TypeError, match=rf"^{name} must be a tensor or None, got "):
         call(_ops(path))
+
+
+@pytest.mark.parametrize(
+    "op, call",
+    [
+        ("pool3d_backward", lambda x, g: torch.ops.mvit_kernels.pool3d_backward(
+            g, x, [2, 5, 5], [3, 3, 3], [1, 2, 2], [1, 1, 1], "conv", torch.randn(4, 1, 3, 3), True, None, None, 1e-6)),
+        ("pool_residual_add_backward", lambda x, g: torch.ops.mvit_kernels.pool_residual_add_backward(
+            g, x[0], [2, 5, 5], [1, 3, 3], [1, 2, 2], [0, 1, 1], torch.randn(2, 7, 4), None, True)),
+    ],
+)
+def test_the_cpp_backward_ops_name_themselves_in_their_errors(op, call):
+    """Their tensor checks are shared with the forward ops, whose name they reported (a backward
+    with a bad weight said "mvit_kernels.pool3d: weight must have shape ...")."""
+    x = torch.randn(2, 2, 1 + 2 * 5 * 5, 4)
+    with pytest.raises(RuntimeError, match=rf"^mvit_kernels\.{op}: (weight|branch) must have shape"):
+        call(x, torch.randn(2, 2, 1 + 2 * 3 * 3, 4))
