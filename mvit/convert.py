@@ -396,11 +396,13 @@ def from_pretrained(
             # facebookresearch/mvit: a class token where the checkpoint has one (its IN-21K
             # models), which also takes the residual pooling connection there.
             has_cls = "cls_token" in _unwrap(raw)
-            cfg = cfg.replace(cls_embed=has_cls, residual_pooling_cls=has_cls)
+            cfg = cfg.replace(cls_embed=has_cls, residual_pooling_cls=has_cls and cfg.residual_pooling)
         state = convert_pyslowfast(raw, cfg)
     elif source == "timm":
         inferred = timm_config(raw)
-        cfg = cfg.replace(num_classes=inferred.num_classes) if cfg is not None else inferred
+        if cfg is not None:  # timm's semantics whatever the preset: q added to the class row too
+            cfg = cfg.replace(num_classes=inferred.num_classes, residual_pooling_cls=cfg.cls_embed and cfg.residual_pooling)
+        cfg = cfg or inferred
         state = convert_timm(raw, cfg)
     elif source == "pytorchvideo":
         inferred = pytorchvideo_config(raw)

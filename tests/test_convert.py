@@ -266,9 +266,16 @@ def test_mvit_repository_checkpoint_with_a_class_token():
     preset = ours.cfg.replace(cls_embed=False, residual_pooling_cls=False, num_classes=1000)
     model = from_pretrained(checkpoint, source="mvit", preset=preset).eval()
     assert model.cfg.cls_embed and model.cfg.residual_pooling_cls and model.cfg.num_classes == 6
+    # timm's own file with a preset naming the architecture: timm's rule for the class row still.
+    named = from_pretrained(source.state_dict(), source="timm", preset=preset.replace(cls_embed=True)).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert (source(x) - model(x)).abs().max().item() <= ATOL
+        assert (source(x) - named(x)).abs().max().item() <= ATOL
+    # A class-token model without residual pooling (MViT v1) keeps the connection off.
+    v1 = build_model("mvit_b16_image", num_classes=3, input_size=(1, 64, 64))
+    loaded = from_pretrained(_to_pyslowfast_layout(v1), source="mvit", preset="mvit_b16_image", input_size=(1, 64, 64))
+    assert loaded.cfg.cls_embed and not loaded.cfg.residual_pooling_cls
 
 
 # --- pytorchvideo: its MViT-B models (Kinetics 16x4 and 32x3, ImageNet) ---------------------------
