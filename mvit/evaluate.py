@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .convert import SOURCES
 from .training import distributed as dist_utils
 
 
@@ -132,7 +133,12 @@ def evaluate(model: torch.nn.Module, dataset, info, batch_size: int = 8, workers
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="multi-view evaluation of a checkpoint",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint written by `mvit train`, or a run folder (its latest one)")
+    p.add_argument("checkpoint", help="a checkpoint written by `mvit train`, or a run folder (its latest one); "
+                   "with --source, weights of another implementation")
+    p.add_argument("--source", choices=SOURCES, default="mvit_kernels",
+                   help="whose weights: torchvision's, pySlowFast's, facebookresearch/mvit's (these two with "
+                        "--preset), timm's or pytorchvideo's (see mvit.convert.from_pretrained)")
+    p.add_argument("--preset", help="with --source: the architecture, where the weights do not say it")
     p.add_argument("--val-csv", help="pySlowFast list (default: the synthetic task if trained on it)")
     p.add_argument("--data-root", help="class folders ROOT/val/<class>/ (or prefix of CSV paths)")
     p.add_argument("--image-folders", action="store_true")
@@ -160,8 +166,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(args: argparse.Namespace) -> dict:
     from . import MViT
-    from .data import build_eval_dataset
-    from .train import _autocast
     from .training import checkpoint as ckpt
 
     for name, value, lo in (("--test-clips", args.test_clips, 1), ("--sampling-rate", args.sampling_rate, 1),
@@ -172,6 +176,10 @@ def main(args: argparse.Namespace) -> dict:
         raise ValueError(f"--target-fps must be > 0, got {args.target_fps}")
     if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    if args.source != "mvit_kernels":
+        return _evaluate_converted(args)
+    if args.preset:
+        raise ValueError("--preset goes with --source: a checkpoint of `mvit train` holds its model's config")
     if os.path.isdir(args.checkpoint):
         found = ckpt.latest_valid(args.checkpoint, ckpt.MODEL_KEYS)
         if found is None:
@@ -192,12 +200,39 @@ def main(args: argparse.Namespace) -> dict:
             # its run validated (and reported) the EMA weights: without this these numbers differ silently
             print("note: the checkpoint also holds EMA weights, which its run validated: --ema evaluates those",
                   file=sys.stderr)
+    return _score(args, model, state, info)
+
+
+def _evaluate_converted(args: argparse.Namespace) -> dict:
+    """Weights of another implementation (--source), converted as from_pretrained does. Their
+    labels are the class indices they were trained with: a --val-csv of those, or class folders
+    whose sorted names give the same order (ImageNet's synset folders do)."""
+    from .convert import from_pretrained
+
+    if args.ema:
+        raise ValueError("--ema reads the EMA weights of a checkpoint of `mvit train`, not --source weights")
+    if os.path.isdir(args.checkpoint):
+        raise ValueError(f"--source {args.source} needs a weights file, got the folder {args.checkpoint}")
+    if not (args.val_csv or args.data_root):
+        raise ValueError(f"give --val-csv or --data-root to evaluate --source {args.source} weights")
+    model = from_pretrained(args.checkpoint, source=args.source, preset=args.preset, fused=args.fused)
+    info = dist_utils.init(args.device)
+    return _score(args, model, {"model_config": model.cfg}, info)
+
+
+def _score(args: argparse.Namespace, model, state: dict, info) -> dict:
+    """Evaluate ``model`` on the data the arguments (and the checkpoint's run) name, write the report."""
+    from .data import build_eval_dataset
+    from .train import _autocast
+
     model.to(info.device).eval()
     dataset, multi_label, workers = build_eval_dataset(args, state)
     autocast, _ = _autocast(info.device, args.precision)
     metrics = evaluate(model, dataset, info, args.batch_size, workers, multi_label, autocast, args.shuffle_frames)
     report = {"checkpoint": os.path.abspath(args.checkpoint), "shuffle_frames": args.shuffle_frames,
               "ema": args.ema, "views_per_video": getattr(dataset, "views_per_video", 1), **metrics}
+    if args.source != "mvit_kernels":
+        report.update(source=args.source, model=model.cfg.name)
     if info.is_main:
         path = args.report or os.path.splitext(args.checkpoint)[0] + (
             "_eval_shuffled.json" if args.shuffle_frames else "_eval.json")

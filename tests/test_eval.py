@@ -128,3 +128,56 @@ def test_a_run_with_ema_says_its_validation_scored_the_ema_weights(tmp_path, cap
     assert "the checkpoint also holds EMA weights, which its run validated: --ema evaluates those" in \
         capsys.readouterr().err
     assert json.loads(report.read_text())["ema"] is False
+
+
+def test_eval_of_timm_weights_scores_what_timm_scores(tmp_path, capsys):
+    """mvit eval WEIGHTS --source timm: the converted model on image folders gives the metrics
+    timm's own model gives on the same preprocessed images."""
+    import json
+
+    from PIL import Image
+    from safetensors.torch import save_file
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    from mvit.cli import main
+    from mvit.data.image import ImageFolderDataset
+    from mvit.data.video import class_folders
+
+    g = torch.Generator().manual_seed(0)
+    for cls in ("ant", "bee", "cat"):
+        (tmp_path / "val" / cls).mkdir(parents=True)
+        for i in range(4):
+            img = torch.randint(0, 256, (3, 70, 90), dtype=torch.uint8, generator=g)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "val" / cls / f"{i}.png")
+    torch.manual_seed(1)
+    source = MultiScaleVit(MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=32, num_heads=2), img_size=64,
+                           num_classes=3).eval()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    weights = tmp_path / "model.safetensors"
+    save_file(source.state_dict(), str(weights))
+
+    items, _ = class_folders(str(tmp_path), "val", (".png",), None)
+    dataset = ImageFolderDataset(items, 64, False, num_classes=3)
+    triples = score_videos(lambda x: source(x[:, :, 0]), dataset, 0, 1, torch.device("cpu"), batch_size=5)
+    expected = metrics_from_scores(triples, multi_label=False)
+
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(weights), "--source", "timm", "--data-root", str(tmp_path), "--workers", "0",
+                 "--report", str(report)]) == 0
+    got = json.loads(report.read_text())
+    assert got["source"] == "timm" and got["model"] == "mvitv2_image_1-2-1-1"
+    assert {k: got[k] for k in expected} == expected
+    assert 0 < expected["top1"] < 100  # the model tells some classes apart, not all
+
+    capsys.readouterr()
+    for extra, message in ((["--ema"], "--ema reads the EMA weights of a checkpoint of `mvit train`"),
+                           ([], "give --val-csv or --data-root")):
+        args = ["eval", str(weights), "--source", "timm", *extra]
+        if extra:
+            args += ["--data-root", str(tmp_path)]
+        assert main(args) == 2
+        assert message in capsys.readouterr().err
+    assert main(["eval", str(weights), "--preset", "mvitv2_t_image", "--data-root", str(tmp_path)]) == 2
+    assert "--preset goes with --source" in capsys.readouterr().err
