@@ -7,6 +7,9 @@ Variants (same weights everywhere; torchvision's through the converter):
   ours-fused, ours-ref        this project with fused=True / fused=False
   ours-ref-sdpa               the reference path with SDPA in place of its matmul attention
   torchvision                 torchvision mvit_v1_b / mvit_v2_s (eager)
+  pytorchvideo                pytorchvideo mvit_base_16x4 / mvit_base_16 (eager), where installed:
+                              MViT-B 16x4 and the image MViT-B, the latter's only peer; its own
+                              random weights (the time of these ops does not depend on the values)
   each of the above "+compile": torch.compile of the same module
   ours-fused / torchvision "+compile-cudagraphs" (CUDA, only when named in --variants):
                               torch.compile(mode="reduce-overhead"), which replays CUDA graphs and
@@ -63,6 +66,7 @@ from mvit_kernels import reference, tuning  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TORCHVISION = {"mvit_b_16x4": "mvit_v1_b", "mvitv2_s_16x4": "mvit_v2_s"}
+PYTORCHVIDEO = {"mvit_b_16x4": "mvit_base_16x4", "mvit_b16_image": "mvit_base_16"}
 #: label suffix -> torch.compile mode (None: eager).
 COMPILE_MODES = {"": None, "+compile": "default", "+compile-cudagraphs": "reduce-overhead"}
 
@@ -105,6 +109,19 @@ def _torchvision_model(name: str, state):
     return tv
 
 
+def _pytorchvideo_model(name: str, num_classes: int):
+    """pytorchvideo's build of the preset (the same architecture: tests/test_convert.py)."""
+    from pytorchvideo.models.hub import vision_transformers
+
+    return getattr(vision_transformers, PYTORCHVIDEO[name])(head_num_classes=num_classes)
+
+
+def _has_pytorchvideo() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pytorchvideo") is not None
+
+
 def _variants(name: str, device: torch.device, want: set[str], **overrides):
     """label -> (make, context, compile mode (None: eager), state to load or None). ``overrides``
     (config fields, e.g. input_size) leave torchvision out: its builders fix the input size. The
@@ -122,6 +139,9 @@ def _variants(name: str, device: torch.device, want: set[str], **overrides):
     variants["ours-ref-sdpa"] = (lambda: build_model(name, **overrides).to(device), sdpa_in_reference)
     if name in TORCHVISION and not overrides:
         variants["torchvision"] = (lambda: _torchvision_model(name, state).to(device), None)
+    if name in PYTORCHVIDEO and not overrides and _has_pytorchvideo():
+        num_classes = base.cfg.num_classes
+        variants["pytorchvideo"] = (lambda: _pytorchvideo_model(name, num_classes).to(device), None)
     out = {}
     for key, (make, ctx) in variants.items():
         for suffix, compile_mode in COMPILE_MODES.items():
@@ -235,7 +255,8 @@ def cpu_matmul_rate(repeats: int = 5) -> dict:
 def executed_gflops(name: str, variant: str) -> float:
     """Multiply-adds (G) of one clip's forward as the variant executes it: the fused model's own
     count (it skips the K/V projection of tokens no pooling window reads) for ours-fused*, the
-    reference's for the others (torchvision runs the same arithmetic: the converter test)."""
+    reference's for the others (torchvision and pytorchvideo run the same arithmetic: the
+    converter tests)."""
     return _model_gflops(name, variant.startswith("ours-fused"))
 
 
@@ -317,8 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Every label _variants can build somewhere (another device, a model with a torchvision build).
-ALL_VARIANTS = {key + suffix for key in ("ours-fused", "ours-fused-timeonly", "ours-ref", "ours-ref-sdpa", "torchvision")
+#: Every label _variants can build somewhere (another device, a model with a torchvision or
+#: pytorchvideo build).
+ALL_VARIANTS = {key + suffix
+                for key in ("ours-fused", "ours-fused-timeonly", "ours-ref", "ours-ref-sdpa", "torchvision", "pytorchvideo")
                 for suffix in COMPILE_MODES}
 
 
@@ -335,8 +358,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 def _report_unbuilt(parser, variants: dict, wanted: list[str]) -> None:
     """Say which asked-for variants this machine or model cannot build (torchvision has no build of
-    the tiny and image presets; CUDA graphs need CUDA; the fused ones the extension); stop when
-    nothing is left to measure, instead of writing an empty table."""
+    the tiny and image presets, pytorchvideo only MViT-B's and may not be installed; CUDA graphs
+    need CUDA; the fused ones the extension); stop when nothing is left to measure, instead of
+    writing an empty table."""
     for name, built in variants.items():
         missing = [label for label in wanted if label not in built]
         if missing:

@@ -77,6 +77,24 @@ def test_throughput_variants_cuda_graphs_only_on_request_and_on_cuda():
     assert set(every) | set(timeonly) <= throughput.ALL_VARIANTS and "ours-fused-timeonly" in timeonly
 
 
+def test_throughput_pytorchvideo_peer_runs_the_presets_step():
+    """The image MViT-B had no peer (torchvision has no build of it): pytorchvideo's is one, and its
+    step runs on the input the preset's rows get (its image model takes (B, 3, H, W) too)."""
+    import contextlib
+
+    import throughput
+    import torch
+
+    image = throughput._variants("mvit_b16_image", torch.device("cpu"), {"pytorchvideo", "pytorchvideo+compile"})
+    assert set(image) == {"pytorchvideo", "pytorchvideo+compile"} <= throughput.ALL_VARIANTS
+    model, step = throughput.make_step("mvit_b16_image", image["pytorchvideo"], torch.device("cpu"), 1, "infer",
+                                       contextlib.nullcontext)
+    step()
+    assert sum(p.numel() for p in model.parameters()) == 36_982_696  # ours 36,982,600 + its separate class row
+    assert "pytorchvideo" in throughput._variants("mvit_b_16x4", torch.device("cpu"), {"pytorchvideo"})
+    assert "pytorchvideo" not in throughput._variants("mvitv2_s_16x4", torch.device("cpu"), {"pytorchvideo"})
+
+
 def test_throughput_peak_memory_counts_the_timed_steps_only(monkeypatch):
     # The first step of a fused model tunes each shape (every candidate's outputs and gradients
     # held at once) and a compiled one compiles: the peak-memory counter is reset after the
