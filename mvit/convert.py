@@ -26,6 +26,7 @@ import torch
 from .config import MViTConfig
 from .model import MViT
 from .presets import PRESETS, get_preset, mvitv2_image
+from .training.checkpoint import load as load_checkpoint
 
 StateDict = dict[str, torch.Tensor]
 SOURCES = ("mvit_kernels", "torchvision", "pyslowfast", "mvit", "timm", "pytorchvideo")
@@ -378,7 +379,7 @@ def from_pretrained(
         if is_safetensors(path_or_state_dict):
             raw = read_safetensors(path_or_state_dict)
         else:
-            raw = torch.load(path_or_state_dict, map_location="cpu", weights_only=False)
+            raw = load_checkpoint(os.fspath(path_or_state_dict))
     else:
         raw = path_or_state_dict
     if not isinstance(raw, Mapping):

@@ -69,3 +69,43 @@ def test_prune_keeps_newest(tmp_path):
         ckpt.atomic_save(_state(float(s)), str(tmp_path / ckpt.checkpoint_name(0, s)))
     ckpt.prune(str(tmp_path), 2)
     assert [ckpt.load(p)["step"] for p in ckpt.list_checkpoints(str(tmp_path))] == [4, 3]
+
+
+class _Touch:
+    """Pickles as a call that creates a file: what loading a hostile checkpoint could run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def test_a_file_that_pickles_a_call_is_refused_unrun(tmp_path, capsys):
+    # torch.load(weights_only=False) ran whatever a downloaded .pyth pickled, for --finetune,
+    # mvit eval and from_pretrained alike.
+    from mvit.cli import main
+    from mvit.convert import from_pretrained
+
+    marker = tmp_path / "ran"
+    hostile = str(tmp_path / "MVIT_B_16x4.pyth")
+    torch.save({"model_state": {"blocks.0.norm1.weight": torch.ones(3)}, "cfg": _Touch(marker)}, hostile)
+    refused = r"MVIT_B_16x4.pyth pickles \S+, which loading would have to run: refused"
+    with pytest.raises(ckpt.UnsafeCheckpointError, match=refused):
+        ckpt.load(hostile)
+    with pytest.raises(ckpt.UnsafeCheckpointError):
+        from_pretrained(hostile, source="pyslowfast", preset="mvit_tiny")
+    assert main(["eval", hostile, "--source", "pyslowfast", "--preset", "mvit_tiny", "--data-root", str(tmp_path)]) == 2
+    assert main(["train", "--finetune", hostile, "--synthetic-size", "8", "0", "--batch-size", "8", "--max-steps", "1",
+                 "--no-progress", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("which loading would have to run: refused") == 2 and "--finetune " + hostile in err, err
+    assert not marker.exists()
+    # What this project writes still loads: the config and NumPy's RNG state are allowed.
+    run = tmp_path / "ok"
+    assert main(["train", "--synthetic-size", "8", "0", "--batch-size", "8", "--max-steps", "1", "--threads", "1",
+                 "--no-progress", "--output-dir", str(run)]) == 0
+    state = ckpt.load(ckpt.list_checkpoints(str(run))[0])
+    assert state["model_config"].name == "mvit_tiny" and state["rng"]

@@ -63,8 +63,43 @@ TRAINING_KEYS = ("model", "optimizer", "scaler", "epoch", "step", "sampler")
 MODEL_KEYS = ("model", "model_config")
 
 
+class UnsafeCheckpointError(ValueError):
+    """The file pickles an object that loading would have to construct or call: refused before it runs."""
+
+
+def _safe_globals() -> list:
+    """What `mvit train`'s checkpoints hold besides tensors and plain containers: the model's
+    config and NumPy's RNG state (an array). Published weights (pySlowFast, pytorchvideo,
+    torchvision state_dicts) hold none of these."""
+    import numpy as np
+
+    from ..config import MViTConfig
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    dtypes = {type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.float32, np.bool_)}
+    # Arrays pickled under NumPy 1 name their constructor numpy.core.multiarray._reconstruct.
+    names = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct")
+    return [MViTConfig, np.ndarray, np.dtype, *dtypes, *((multiarray._reconstruct, n) for n in names)]
+
+
 def load(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint (this project's or published weights) without running code from the file:
+    ``weights_only`` unpickling, which builds tensors and plain containers only, plus the few
+    types our own checkpoints hold. A file that pickles anything else (a downloaded ``.pyth`` can)
+    is an :class:`UnsafeCheckpointError` naming the object."""
+    import pickle
+
+    with torch.serialization.safe_globals(_safe_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            if found is None:
+                raise
+            raise UnsafeCheckpointError(
+                f"{path} pickles {found.group(1)}, which loading would have to run: refused. If you trust "
+                "the file, torch.load(path, weights_only=False) it yourself and pass the dict "
+                "(mvit.convert.from_pretrained takes one)") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -81,6 +116,8 @@ def load_checked(path: str, what: str, required=TRAINING_KEYS) -> dict:
         raise FileNotFoundError(f"{what}checkpoint not found: {path}")
     try:
         state = load(path)
+    except UnsafeCheckpointError as exc:
+        raise UnsafeCheckpointError(f"{what}{exc}") from None
     except Exception as exc:  # pickle, zip and I/O errors alike: the file is not a checkpoint
         raise ValueError(f"{what}{path} cannot be read as a checkpoint ({_first_line(exc)})") from None
     if not isinstance(state, dict):
