@@ -182,10 +182,14 @@ _TIMM_RULES = [
 ]
 
 
+#: timm's block keys: stages.<stage>.blocks.<block in the stage>.<rest>
+_TIMM_BLOCK = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.(.*)$")
+
+
 def _timm_stage_depths(state: Mapping[str, torch.Tensor]) -> list[int]:
     depths: dict[int, int] = {}
     for key in state:
-        m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.", key)
+        m = _TIMM_BLOCK.match(key)
         if m:
             stage, block = int(m.group(1)), int(m.group(2))
             depths[stage] = max(depths.get(stage, 0), block + 1)
@@ -204,7 +208,7 @@ def convert_timm(state: Mapping[str, torch.Tensor], cfg: Optional[MViTConfig] = 
     first = [sum(depths[:s]) for s in range(len(depths))]
     flat: StateDict = {}
     for key, value in src.items():
-        m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.*)$", key)
+        m = _TIMM_BLOCK.match(key)
         if m:
             key = f"blocks.{first[int(m.group(1))] + int(m.group(2))}.{m.group(3)}"
         flat[_rename(key, _TIMM_RULES)] = value
