@@ -344,19 +344,6 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
         raise CheckpointMismatchError("\n".join(parts))
 
 
-def is_safetensors(path: Union[str, os.PathLike]) -> bool:
-    return os.fspath(path).endswith(".safetensors")
-
-
-def read_safetensors(path: Union[str, os.PathLike]) -> StateDict:
-    """A ``.safetensors`` weights file (how timm's weights are published), on the CPU."""
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        raise ImportError(f"reading {path} needs the safetensors package: pip install safetensors") from None
-    return load_file(os.fspath(path), device="cpu")
-
-
 def from_pretrained(
     path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
     source: str = "mvit_kernels",
@@ -380,10 +367,7 @@ def from_pretrained(
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         if not os.path.exists(path_or_state_dict):
             raise FileNotFoundError(f"checkpoint not found: {path_or_state_dict}")
-        if is_safetensors(path_or_state_dict):
-            raw = read_safetensors(path_or_state_dict)
-        else:
-            raw = load_checkpoint(os.fspath(path_or_state_dict))
+        raw = load_checkpoint(os.fspath(path_or_state_dict))
     else:
         raw = path_or_state_dict
     if not isinstance(raw, Mapping):

@@ -531,22 +531,9 @@ def _load_finetune(model, path: str, verbose: bool) -> None:
     inputs of another size; tensors that still do not fit (a head of another size) keep their
     fresh initialization and are listed."""
     # _unwrap: the same unwrapping as from_pretrained (model_state / model / state_dict, module.)
-    from .convert import (
-        _unwrap,
-        convert_pyslowfast,
-        convert_pytorchvideo,
-        convert_timm,
-        convert_torchvision,
-        is_safetensors,
-        read_safetensors,
-    )
+    from .convert import _unwrap, convert_pyslowfast, convert_pytorchvideo, convert_timm, convert_torchvision
 
-    if is_safetensors(path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--finetune checkpoint not found: {path}")
-        raw = read_safetensors(path)
-    else:
-        raw = ckpt.load_checked(path, "--finetune", required=())
+    raw = ckpt.load_checked(path, "--finetune", required=())
     weights = _unwrap(raw)
     if not weights:
         raise ValueError(f"--finetune {path} holds no weights (no tensors, nor a 'model_state', 'model' or "

@@ -86,9 +86,16 @@ def load(path: str) -> dict:
     """A checkpoint (this project's or published weights) without running code from the file:
     ``weights_only`` unpickling, which builds tensors and plain containers only, plus the few
     types our own checkpoints hold. A file that pickles anything else (a downloaded ``.pyth`` can)
-    is an :class:`UnsafeCheckpointError` naming the object."""
+    is an :class:`UnsafeCheckpointError` naming the object. A ``.safetensors`` file (how timm
+    publishes weights) is read with safetensors."""
     import pickle
 
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"reading {path} needs the safetensors package: pip install safetensors") from None
+        return load_file(path, device="cpu")
     with torch.serialization.safe_globals(_safe_globals()):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
