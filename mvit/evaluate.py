@@ -142,10 +142,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--val-csv", help="pySlowFast list (default: the synthetic task if trained on it)")
     p.add_argument("--data-root", help="class folders ROOT/val/<class>/ (or prefix of CSV paths)")
     p.add_argument("--image-folders", action="store_true")
-    p.add_argument("--test-clips", type=int, default=None, help="temporal views K (default 10 video, 1 synthetic)")
-    p.add_argument("--test-crops", type=int, default=None, choices=(1, 3), help="spatial views (default 3 video)")
+    p.add_argument("--test-clips", type=int, default=None,
+                   help="temporal views K (default 5 video, as the MViT papers; 1 synthetic)")
+    p.add_argument("--test-crops", type=int, default=None, choices=(1, 3),
+                   help="spatial views (default 1 video, as the MViT papers)")
     p.add_argument("--sampling-rate", type=int, default=None)
     p.add_argument("--target-fps", type=float, default=None)
+    p.add_argument("--crop-fraction", type=float, default=None,
+                   help="images: the centre crop's share of the resized short side (default 0.875, as "
+                        "facebookresearch/mvit; timm evaluates the same weights at 0.9)")
     p.add_argument("--shuffle-frames", action="store_true", help="shuffle each view's frames")
     p.add_argument("--ema", action="store_true",
                    help="evaluate the EMA weights stored in the checkpoint (those a run with --ema-decay validated: "

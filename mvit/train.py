@@ -2,8 +2,9 @@
 
 With no data arguments it trains ``mvit_tiny`` on the built-in synthetic motion task
 (:mod:`mvit.data.synthetic`) with the settings in ``SYNTHETIC_RECIPE``, then evaluates it with
-the frames in order and shuffled. Otherwise every default is the papers' recipe
-(``PAPER_RECIPE``: MViT / MViTv2 Kinetics training as in pySlowFast), each overridable by a flag.
+the frames in order and shuffled. Otherwise every default is the papers' recipe, each overridable
+by a flag: ``PAPER_RECIPE`` for videos (MViT / MViTv2 Kinetics training as in pySlowFast) and
+``IMAGE_RECIPE`` for images (MViTv2 ImageNet training as in facebookresearch/mvit).
 
 Reproducibility: the initial weights are drawn after seeding the global torch RNG with --seed,
 the RNG is reseeded at every optimizer step from (seed, rank, step), and every sample's
@@ -38,12 +39,22 @@ from .training.logs import JsonLog, plot_curves
 from .training.mixup import MixupCutmix, soft_target_cross_entropy
 from .training.optim import WarmupCosine, build_optimizer
 
-# The papers' recipe (MViT paper A.1 / MViTv2 paper, pySlowFast MVIT*_CONV configs).
+# The papers' Kinetics recipe (MViT paper A.1 / MViTv2 paper, pySlowFast's MVIT_B_16x4_CONV and
+# MVITv2_S_16x4 configs): AUG.AA_TYPE rand-m7-n4-mstd0.5-inc1, random resized crops of 8-100% of
+# the area (DATA.TRAIN_JITTER_SCALES_RELATIVE), two augmented copies of each clip (AUG.NUM_SAMPLE).
 PAPER_RECIPE = dict(
     epochs=200, warmup_epochs=30.0, batch_size=64, base_lr=1.6e-3, min_lr=1e-6, weight_decay=0.05,
     label_smoothing=0.1, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,
-    rand_augment="m7-n4", random_erasing=0.25, repeated_aug=2, clip_grad=1.0, drop_path=None,
-    flip=True, eval_every=5,
+    rand_augment="rand-m7-n4-mstd0.5-inc1", random_erasing=0.25, repeated_aug=2, clip_grad=1.0, drop_path=None,
+    flip=True, eval_every=5, crop_scale=(0.08, 1.0),
+)
+
+# facebookresearch/mvit's ImageNet recipe (its config defaults and configs/MVITv2_{T,S,B}.yaml):
+# 300 epochs, 70 of warmup, AdamW at 2.5e-4 per 256 images, RandAugment rand-m9-n6-mstd0.5-inc1,
+# one copy of each image (AUG.NUM_SAMPLE 1); the rest as for videos.
+IMAGE_RECIPE = dict(
+    PAPER_RECIPE, epochs=300, warmup_epochs=70.0, base_lr=5e-4, rand_augment="rand-m9-n6-mstd0.5-inc1",
+    repeated_aug=1,
 )
 
 # The built-in synthetic task: small, fast, and motion direction must survive augmentation (no
@@ -76,8 +87,11 @@ def add_parser(subparsers) -> None:
     d.add_argument("--sampling-rate", type=int, help="tau: frames between samples (default 4)")
     d.add_argument("--target-fps", type=float, help="frame rate tau is counted at (default 30)")
     d.add_argument("--crop-size", type=int, help="default: the preset's")
+    d.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="random resized crop: fractions of the area (default 0.08 1.0, the papers')")
     d.add_argument("--jitter-scales", type=int, nargs=2, default=None,
-                   help="train short-side scale range (default 256 320 at 224 crop, scaled)")
+                   help="videos: a random short-side scale in this range and a random crop instead of the "
+                        "random resized crop (pySlowFast's other models; 256 320 at 224 crops is its default)")
     d.add_argument("--test-clips", type=int, help="temporal views at validation (default 1)")
     d.add_argument("--test-crops", type=int, choices=(1, 3), help="spatial views at validation (default 1)")
     d.add_argument("--synthetic-size", type=int, nargs=2, metavar=("TRAIN", "VAL"),
@@ -109,7 +123,8 @@ def add_parser(subparsers) -> None:
     o.add_argument("--cutmix", type=float, help="cutmix alpha (0 = off)")
     o.add_argument("--mixup-prob", type=float)
     o.add_argument("--mixup-switch-prob", type=float)
-    o.add_argument("--rand-augment", help="'mM-nN' (e.g. m7-n4) or 'none'")
+    o.add_argument("--rand-augment", help="timm's form, e.g. 'rand-m7-n4-mstd0.5-inc1' (magnitude of 10, ops, "
+                   "magnitude noise, increasing ops), or 'none'")
     o.add_argument("--random-erasing", type=float, help="probability (0 = off)")
     o.add_argument("--repeated-aug", type=int, help="repeated augmentation copies (1 = off)")
     o.add_argument("--clip-grad", type=float, help="max gradient L2 norm (0 = off)")
@@ -137,10 +152,23 @@ def add_parser(subparsers) -> None:
 def resolve_recipe(args: argparse.Namespace) -> dict:
     """Flags given explicitly win; the rest come from the synthetic or the paper recipe."""
     synthetic = not (args.train_csv or args.data_root)
-    base = SYNTHETIC_RECIPE if synthetic else PAPER_RECIPE
-    recipe = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
+    base = SYNTHETIC_RECIPE if synthetic else IMAGE_RECIPE if _image_task(args) else PAPER_RECIPE
+    recipe = {k: (getattr(args, k, None) if getattr(args, k, None) is not None else v) for k, v in base.items()}
     recipe["synthetic"] = synthetic
+    if getattr(args, "jitter_scales", None) is not None:
+        if getattr(args, "crop_scale", None) is not None:
+            raise ValueError("--jitter-scales and --crop-scale choose between two ways of cropping: give one")
+        recipe["crop_scale"] = None  # the short-side jitter and random crop instead
     return recipe
+
+
+def _image_task(args: argparse.Namespace) -> bool:
+    from .presets import get_preset
+
+    try:
+        return bool(args.image_folders or get_preset(args.preset).patch_2d)
+    except ValueError:  # an unknown preset: reported where the model is built
+        return bool(args.image_folders)
 
 
 # Data options only some tasks read, and their defaults. They default to None in the parser, so
@@ -152,7 +180,7 @@ DATA_DEFAULTS = dict(sampling_rate=4, target_fps=30.0, test_clips=1, test_crops=
 def _unused_options(args: argparse.Namespace, recipe: dict, image: bool) -> list[str]:
     """The options given that this task would not use (or use differently from what they say)."""
     from .data.synthetic import SyntheticMotion
-    from .data.transforms import parse_rand_augment
+    from .data.rand_augment import parse as parse_rand_augment
 
     video_only = {
         "--sampling-rate": args.sampling_rate is not None,
@@ -169,6 +197,7 @@ def _unused_options(args: argparse.Namespace, recipe: dict, image: bool) -> list
             "--num-classes": args.num_classes not in (None, SyntheticMotion.num_classes),
             "--rand-augment": parse_rand_augment(recipe["rand_augment"]) is not None,
             "--random-erasing": recipe["random_erasing"] > 0,
+            "--crop-scale": args.crop_scale is not None,
         }
     elif image:  # one frame, one centre crop per image
         given = video_only | {"--num-frames": args.num_frames not in (None, 1),

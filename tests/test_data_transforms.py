@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mvit.data import rand_augment
 from mvit.data import transforms as T
 
 pytest.importorskip("torchvision")
@@ -16,10 +17,13 @@ def test_rand_augment_and_erasing_are_consistent_across_frames():
     torch.manual_seed(0)
     frame = torch.randint(0, 256, (1, 3, 24, 24), dtype=torch.uint8)
     clip = frame.expand(6, -1, -1, -1).contiguous()  # six identical frames
-    for seed in range(5):
-        torch.manual_seed(seed)
-        out = T.rand_augment(clip, magnitude=9, num_ops=3)
+    spec = rand_augment.parse("rand-m9-n3-mstd0.5-inc1")
+    changed = 0
+    for seed in range(8):
+        out = rand_augment.rand_augment(clip, spec, torch.Generator().manual_seed(seed))
         assert _same_frames(out)
+        changed += not torch.equal(out, clip)
+    assert changed >= 4  # P(no op applies) = 1/8 per clip
     x = T.normalize(clip, (0.5,) * 3, (0.25,) * 3)
     torch.manual_seed(1)
     erased = T.random_erasing(x, prob=1.0)
@@ -36,21 +40,42 @@ def test_geometry_helpers():
     assert torch.equal(T.uniform_crop(clip, 10, 1), clip[..., 5:15, 10:20])
     g = torch.Generator().manual_seed(0)
     assert T.random_crop(clip, 16, g).shape[-2:] == (16, 16)
-    assert T.parse_rand_augment("m7-n4") == (7, 4) and T.parse_rand_augment("none") is None
 
 
-@pytest.mark.parametrize("spec", ["mx-n2", "garbage", "7-4", "m7", "n4-m7x", "m7-n4-m9", "m-n2", "m7_n4"])
-def test_rand_augment_spec_must_be_m_n(spec):
-    # these used to parse as the default m9-n2: a typo silently changed the augmentation
-    with pytest.raises(ValueError, match="--rand-augment must look like 'm7-n4'"):
-        T.parse_rand_augment(spec)
+def test_centre_crops_round_as_their_references():
+    clip = torch.arange(21 * 26, dtype=torch.float32).view(1, 1, 21, 26)
+    # pySlowFast's uniform_crop: ceil((h - size) / 2); 21 - 16 = 5 -> 3, 26 - 16 = 10 -> 5
+    assert torch.equal(T.uniform_crop(clip, 16, 1), clip[..., 3:19, 5:21])
+    # torchvision's CenterCrop: round((h - size) / 2), Python's rounding: 2.5 -> 2, 5 -> 5
+    assert torch.equal(T.center_crop(clip, 16), clip[..., 2:18, 5:21])
+    assert torch.equal(T.center_crop(clip[..., :19, :], 16), clip[..., 2:18, 5:21])  # 1.5 -> 2
 
 
-def test_rand_augment_magnitude_and_ops_ranges():
-    assert T.parse_rand_augment("m30-n1") == (30, 1) and T.parse_rand_augment("M0-N3") == (0, 3)
-    with pytest.raises(ValueError, match="magnitude must be 0..30"):
-        T.parse_rand_augment("m31-n2")  # torchvision's RandAugment would fail on the first sample
-    with pytest.raises(ValueError, match="at least one op"):
-        T.parse_rand_augment("m9-n0")
-    clip = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
-    T.rand_augment(clip, 30, 2)  # the largest accepted magnitude runs
+def test_random_resized_crop_boxes(monkeypatch):
+    h, w = 60, 80
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    clip = torch.stack([ys, xs])[None]  # channel 0: row, channel 1: column
+
+    def box(scale, ratio, gen):
+        """(top, left, height, width) of the box cut before the resize."""
+        with monkeypatch.context() as m:
+            m.setattr(T, "resize", lambda crop, *a, **k: crop)
+            crop = T.random_resized_crop(clip, 12, scale, ratio, gen)
+        return int(crop[0, 0, 0, 0]), int(crop[0, 1, 0, 0]), crop.shape[-2], crop.shape[-1]
+
+    g = torch.Generator().manual_seed(0)
+    areas, aspects = [], []
+    for _ in range(300):
+        top, left, bh, bw = box((0.08, 1.0), (3 / 4, 4 / 3), g)
+        assert 0 <= top and top + bh <= h and 0 <= left and left + bw <= w
+        areas.append(bh * bw / (h * w))
+        aspects.append(bw / bh)
+    assert 0.07 < min(areas) < 0.2 and max(areas) > 0.8  # drawn over the range
+    assert min(aspects) > 0.7 and max(aspects) < 1.4 and min(aspects) < 0.85 and max(aspects) > 1.2
+    assert box((1.0, 1.0), (w / h, w / h), g) == (0, 0, h, w)  # the whole frame
+    # no box of aspect 4-5 fits at 99% of the area: the centre box of aspect 4 (torchvision's fallback)
+    assert box((0.99, 1.0), (4.0, 5.0), g) == ((h - 20) // 2, 0, 20, w)
+    uint8 = torch.randint(0, 256, (3, 3, 50, 40), dtype=torch.uint8)
+    a = T.random_resized_crop(uint8, 16, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(3), "bicubic", True)
+    b = T.random_resized_crop(uint8, 16, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(3), "bicubic", True)
+    assert a.dtype == torch.uint8 and a.shape == (3, 3, 16, 16) and torch.equal(a, b)

@@ -86,6 +86,34 @@ def test_train_clip_is_reproducible_and_ordered(tmp_path):
     assert len(starts) > 1  # the start is random across samples
 
 
+def test_train_clip_with_the_papers_crop_and_rand_augment(tmp_path):
+    from mvit.data.rand_augment import parse
+
+    path = make_video(tmp_path / "v.mkv", num_frames=40)
+    spec = ClipSpec(frames=4, stride=3, target_fps=30, crop=16, crop_scale=(0.08, 1.0),
+                    rand_augment=parse("rand-m7-n4-mstd0.5-inc1"), erasing=0.25)
+    ds = VideoDataset([(path, 1)], spec, train=True, num_classes=2)
+    a, _ = ds[(0, 7)]
+    assert a.shape == (3, 4, 16, 16) and torch.equal(a, ds[(0, 7)][0])
+    assert not torch.equal(a, ds[(0, 8)][0])
+
+
+def test_test_views_scale_the_short_side_as_pyslowfast():
+    """One crop: the short side to jitter[0], the centre crop; three: the short side to the crop."""
+    from mvit.data import transforms as T
+
+    h, w = 24, 40
+    frames = (torch.arange(w).view(1, 1, 1, w) * 6 + torch.arange(h).view(1, 1, h, 1)).to(torch.uint8)
+    frames = frames.expand(4, 3, h, w).contiguous()
+    for crops, short in ((1, 20), (3, 16)):
+        spec = ClipSpec(frames=4, crop=16, jitter=(20, 25), test_clips=1, test_crops=crops)
+        views = VideoDataset([], spec, train=False, num_classes=1)._transform(frames, None, 0)
+        scaled = T.short_side_scale(frames, short)
+        expected = [T.normalize(T.uniform_crop(scaled, 16, c), MEAN, STD).permute(1, 0, 2, 3)
+                    for c in ([1] if crops == 1 else [0, 1, 2])]
+        assert torch.equal(views, torch.stack(expected))
+
+
 def test_corrupt_video_is_logged_and_replaced(tmp_path, caplog):
     good = make_video(tmp_path / "good.mkv", num_frames=12)
     bad = tmp_path / "bad.mkv"
@@ -173,7 +201,8 @@ def test_forked_worker_decodes_after_the_parent_did(tmp_path):
 @pytest.mark.parametrize("spec, train, message", [
     (ClipSpec(frames=4, crop=32, jitter=(16, 40)), True, "--jitter-scales 16 40: the short side is scaled to at least"),
     (ClipSpec(frames=4, crop=32, jitter=(48, 40)), True, "MIN <= MAX"),
-    (ClipSpec(frames=4, crop=16, jitter=(16, 20), rand_augment=(31, 2)), True, "magnitude of 0..30"),
+    (ClipSpec(frames=4, crop=16, crop_scale=(0.5, 1.2)), True, "--crop-scale must be MIN MAX with 0 < MIN <= MAX <= 1"),
+    (ClipSpec(frames=4, crop=16, crop_scale=(0.0, 1.0)), True, "--crop-scale must be MIN MAX"),
     (ClipSpec(frames=4, crop=16, jitter=(16, 20), erasing=1.5), True, "--random-erasing is a probability"),
     (ClipSpec(frames=4, crop=16, stride=0), True, "--sampling-rate must be >= 1"),
     (ClipSpec(frames=4, crop=16, test_clips=0), False, "--test-clips must be >= 1"),

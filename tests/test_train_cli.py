@@ -74,8 +74,9 @@ def test_labels_are_checked_against_the_classes(listed_videos, extra, files, mes
 
 @pytest.mark.parametrize("argv, message", [
     # options the synthetic task has no use for were dropped without a word
-    (["--rand-augment", "m7-n4"], "the built-in synthetic task (no --train-csv or --data-root) does not use "
-                                  "--rand-augment: leave it out"),
+    (["--rand-augment", "rand-m7-n4", "--crop-scale", "0.5", "1"],
+     "the built-in synthetic task (no --train-csv or --data-root) does not use --rand-augment, --crop-scale: "
+     "leave them out"),
     (["--random-erasing", "0.25", "--jitter-scales", "36", "40", "--sampling-rate", "2"],
      "does not use --sampling-rate, --jitter-scales, --random-erasing: leave them out"),
     (["--num-classes", "10", "--multi-label", "--test-clips", "3"],
@@ -154,3 +155,29 @@ def test_eval_values_out_of_range(argv, message, capsys, tmp_path):
     assert main(["eval", str(tmp_path)] + argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_image_runs_default_to_the_image_recipe_and_videos_to_kinetics():
+    import argparse
+
+    from mvit.train import IMAGE_RECIPE, PAPER_RECIPE, resolve_recipe
+
+    def recipe(*argv):
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers()
+        import mvit.train
+
+        mvit.train.add_parser(sub)
+        return resolve_recipe(parser.parse_args(["train", *argv]))
+
+    image = recipe("--preset", "mvitv2_s_image", "--data-root", ".")
+    assert (image["epochs"], image["warmup_epochs"], image["base_lr"], image["repeated_aug"]) == (300, 70.0, 5e-4, 1)
+    assert image["rand_augment"] == "rand-m9-n6-mstd0.5-inc1" == IMAGE_RECIPE["rand_augment"]
+    assert recipe("--preset", "mvit_tiny", "--image-folders", "--data-root", ".")["epochs"] == 300
+    video = recipe("--preset", "mvit_b_16x4", "--data-root", ".")
+    assert video["rand_augment"] == "rand-m7-n4-mstd0.5-inc1" and video["repeated_aug"] == 2
+    assert tuple(video["crop_scale"]) == (0.08, 1.0) == PAPER_RECIPE["crop_scale"]
+    assert recipe("--data-root", ".", "--jitter-scales", "256", "320")["crop_scale"] is None
+    assert recipe("--data-root", ".", "--crop-scale", "0.3", "1")["crop_scale"] == [0.3, 1.0]
+    with pytest.raises(ValueError, match="--jitter-scales and --crop-scale choose between two ways of cropping"):
+        recipe("--data-root", ".", "--jitter-scales", "256", "320", "--crop-scale", "0.3", "1")

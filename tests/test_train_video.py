@@ -38,6 +38,9 @@ def video_root(tmp_path_factory):
 
 SMALL = ["--num-frames", "8", "--crop-size", "32", "--jitter-scales", "32", "40", "--sampling-rate", "2",
          "--batch-size", "4", "--max-steps", "2", "--threads", "1", "--no-progress"]
+# the papers' cropping (random resized crops) and RandAugment, the recipe's defaults
+SMALL_PAPER_CROP = SMALL[:4] + SMALL[7:]
+assert "--jitter-scales" not in SMALL_PAPER_CROP and "--crop-size" in SMALL_PAPER_CROP
 
 
 def test_finetune_class_folders_new_head(video_root, tmp_path):
@@ -61,6 +64,10 @@ def test_finetune_class_folders_new_head(video_root, tmp_path):
                  "--workers", "0", "--report", str(report)]) == 0
     ev = json.loads(report.read_text())
     assert ev["videos"] == 6 and ev["views_per_video"] == 6 and ev["top1"] == result["val"]["top1"]
+    # the MViT papers' views by default: 5 clips x 1 crop
+    assert main(["eval", ck, "--data-root", str(video_root), "--workers", "0", "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["views_per_video"] == 5
+    assert main(["eval", ck, "--data-root", str(video_root), "--crop-fraction", "0.9"]) == 2
 
 
 def test_multi_label_csv(video_root, tmp_path):
@@ -69,7 +76,7 @@ def test_multi_label_csv(video_root, tmp_path):
     val_csv.write_text("val/spin/0.mkv 2,3\nval/pull/1.mkv 1\n")
     out = tmp_path / "ml"
     assert main(["train", "--train-csv", str(train_csv), "--val-csv", str(val_csv), "--data-root", str(video_root),
-                 "--multi-label", "--workers", "0", "--output-dir", str(out)] + SMALL) == 0
+                 "--multi-label", "--workers", "0", "--output-dir", str(out)] + SMALL_PAPER_CROP) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["val"]["videos"] == 2 and 0 <= result["val"]["mAP"] <= 100
 

@@ -92,7 +92,8 @@ def build_eval_dataset(args, state: dict):
             raise ValueError("give --val-csv or --data-root (the checkpoint was not trained on the synthetic task)")
         # one view per synthetic clip, rendered at the model's size
         _reject_unused("the synthetic task's evaluation",
-                       _clip_options(args) + [("--image-folders", args.image_folders)])
+                       _clip_options(args) + [("--image-folders", args.image_folders),
+                                              ("--crop-fraction", args.crop_fraction is not None)])
         from ..train import SYNTHETIC_VAL_LENGTH
 
         t, s = cfg.input_size[0], cfg.input_size[1]
@@ -103,8 +104,8 @@ def build_eval_dataset(args, state: dict):
         return ds, False, 0 if args.workers is None else args.workers
     multi = bool(train_args.get("multi_label"))
     image = args.image_folders or cfg.patch_2d
-    from .image import IMAGE_EXTENSIONS, ImageFolderDataset
-    from .video import VIDEO_EXTENSIONS, ClipSpec, VideoDataset, class_folders, read_csv
+    from .image import CROP_FRACTION, IMAGE_EXTENSIONS, ImageFolderDataset
+    from .video import VIDEO_EXTENSIONS, ClipSpec, VideoDataset, class_folders, default_jitter, read_csv
 
     if args.val_csv:
         items = read_csv(args.val_csv, args.data_root, multi, cfg.num_classes,
@@ -119,14 +120,20 @@ def build_eval_dataset(args, state: dict):
                              f"checkpoint's model has {cfg.num_classes} classes")
     if image:  # one centre crop of one frame per image
         _reject_unused("an image checkpoint's evaluation", _clip_options(args))
+        fraction = CROP_FRACTION if args.crop_fraction is None else args.crop_fraction
         return ImageFolderDataset(items, cfg.input_size[1], False, num_classes=cfg.num_classes,
-                                  multi_label=multi), multi, workers
+                                  multi_label=multi, crop_fraction=fraction), multi, workers
     # unset: the training run's settings (an older run's stored target_fps of 0 meant the source rate)
     fps = args.target_fps if args.target_fps is not None else train_args.get("target_fps", 30.0)
     stride = args.sampling_rate if args.sampling_rate is not None else train_args.get("sampling_rate") or 4
-    spec = ClipSpec(frames=cfg.input_size[0], crop=cfg.input_size[1], stride=stride, target_fps=fps or None,
-                    test_clips=10 if args.test_clips is None else args.test_clips,
-                    test_crops=3 if args.test_crops is None else args.test_crops)
+    _reject_unused("a video checkpoint's evaluation", [("--crop-fraction", args.crop_fraction is not None)])
+    # The MViT papers' Kinetics views: 5 clips x 1 crop, the short side scaled as in training (256
+    # for 224 crops) before the centre crop.
+    crop = cfg.input_size[1]
+    jitter = train_args.get("jitter_scales") or default_jitter(crop)
+    spec = ClipSpec(frames=cfg.input_size[0], crop=crop, stride=stride, target_fps=fps or None,
+                    jitter=tuple(jitter), test_clips=5 if args.test_clips is None else args.test_clips,
+                    test_crops=1 if args.test_crops is None else args.test_crops)
     return VideoDataset(items, spec, False, cfg.num_classes, multi), multi, workers
 
 

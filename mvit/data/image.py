@@ -1,8 +1,11 @@
 """Image folders (ImageNet layout: ROOT/train/<class>/<image>, ROOT/val/<class>/<image>) for the
 image presets. Samples are (3, 1, H, W) clips of one frame, so the rest of the pipeline is shared.
 
-Train: random resized crop (scale 0.08-1), flip, RandAugment, normalization, random erasing (the
-MViT/DeiT ImageNet recipe). Val: resize to crop/0.875 on the short side, centre crop.
+As facebookresearch/mvit trains and evaluates its ImageNet models (timm's transforms, PIL images):
+train: random resized crop (area 0.08-1, aspect 3/4-4/3, bicubic), flip, RandAugment
+(:mod:`.rand_augment`, uncovered pixels the ImageNet mean), normalization, random erasing.
+Val: the short side resized to int(crop / crop_fraction) (bicubic, antialiased as PIL resizes:
+256 for 224 crops at the default 0.875), the centre crop.
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ import torch
 from torch.utils.data import Dataset
 
 from . import transforms as T
+from .rand_augment import RandAugmentSpec, rand_augment
 from .video import label_target
 
 log = logging.getLogger("mvit.data")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: timm's ``img_mean`` fill for RandAugment's geometric ops: the mean in 0..255.
+IMAGENET_FILL = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)
+#: facebookresearch/mvit's ``DATA.VAL_CROP_RATIO`` (timm's model cards say 0.9 for the same weights).
+CROP_FRACTION = 0.875
 
 
 def read_image(path: str) -> torch.Tensor:
@@ -37,12 +45,16 @@ def read_image(path: str) -> torch.Tensor:
 
 
 class ImageFolderDataset(Dataset):
-    def __init__(self, items, crop: int, train: bool, rand_augment=None, erasing: float = 0.0,
-                 flip: bool = True, max_retries: int = 10, num_classes: Optional[int] = None,
-                 multi_label: bool = False):
+    def __init__(self, items, crop: int, train: bool, rand_augment: Optional[RandAugmentSpec] = None,
+                 erasing: float = 0.0, flip: bool = True, max_retries: int = 10, num_classes: Optional[int] = None,
+                 multi_label: bool = False, crop_scale: tuple[float, float] = (0.08, 1.0),
+                 crop_fraction: float = CROP_FRACTION):
         if multi_label and not num_classes:
             raise ValueError("multi-label images need num_classes")
+        if not 0.0 < crop_fraction <= 1.0:
+            raise ValueError(f"--crop-fraction must be in (0, 1], got {crop_fraction}")
         self.items, self.crop, self.train = items, crop, train
+        self.crop_scale, self.crop_fraction = tuple(crop_scale), crop_fraction
         self.num_classes, self.multi_label = num_classes, multi_label
         self.rand_augment, self.erasing, self.flip, self.max_retries = rand_augment, erasing, flip, max_retries
 
@@ -71,35 +83,35 @@ class ImageFolderDataset(Dataset):
 
     def _transform(self, img: torch.Tensor, gen, seed: int) -> torch.Tensor:
         if not self.train:
-            img = T.short_side_scale(img, round(self.crop / 0.875))
-            return T.normalize(T.uniform_crop(img, self.crop, 1), IMAGENET_MEAN, IMAGENET_STD)
-        from torchvision.transforms import v2
-
+            img = T.short_side_scale(img, int(self.crop / self.crop_fraction), "bicubic", antialias=True)
+            return T.normalize(T.center_crop(img, self.crop), IMAGENET_MEAN, IMAGENET_STD)
+        img = T.random_resized_crop(img, self.crop, self.crop_scale, (3 / 4, 4 / 3), gen, "bicubic", antialias=True)
+        if self.flip:
+            img = T.random_flip(img, 0.5, gen)
+        if self.rand_augment:
+            img = rand_augment(img, self.rand_augment, gen, IMAGENET_FILL)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            img = v2.RandomResizedCrop(self.crop, scale=(0.08, 1.0), antialias=True)(img)
-            if self.flip:
-                img = T.random_flip(img, 0.5, gen)
-            if self.rand_augment:
-                img = T.rand_augment(img, *self.rand_augment)
-            x = T.normalize(img, IMAGENET_MEAN, IMAGENET_STD)
-            return T.random_erasing(x, self.erasing)
+            torch.manual_seed(seed)  # torchvision's RandomErasing draws from the global RNG
+            return T.random_erasing(T.normalize(img, IMAGENET_MEAN, IMAGENET_STD), self.erasing)
 
 
 def build_image_datasets(args, recipe: dict, cfg, workers: int):
     from . import DataBundle
-    from .video import labelled_items
+    from .rand_augment import parse as parse_rand_augment
+    from .video import check_crop_scale, labelled_items
 
     multi = bool(args.multi_label)
     train_items, val_items, classes, num_classes = labelled_items(args, IMAGE_EXTENSIONS)
     crop = args.crop_size or cfg.input_size[1]
     if crop < 1:
         raise ValueError(f"--crop-size must be >= 1, got {crop}")
-    ra = T.parse_rand_augment(recipe.get("rand_augment"))
+    ra = parse_rand_augment(recipe.get("rand_augment"))
     erasing = recipe.get("random_erasing", 0.0)
     if not 0.0 <= erasing <= 1.0:
         raise ValueError(f"--random-erasing is a probability in [0, 1], got {erasing}")
+    crop_scale = tuple(recipe.get("crop_scale") or (0.08, 1.0))
+    check_crop_scale(crop_scale, (3 / 4, 4 / 3))
     train = ImageFolderDataset(train_items, crop, True, ra, erasing, bool(recipe.get("flip", True)),
-                               num_classes=num_classes, multi_label=multi)
+                               num_classes=num_classes, multi_label=multi, crop_scale=crop_scale)
     val = ImageFolderDataset(val_items, crop, False, num_classes=num_classes, multi_label=multi) if val_items else None
     return DataBundle(train, val, num_classes, classes, multi, (1, crop, crop), workers)

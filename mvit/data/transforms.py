@@ -1,15 +1,15 @@
 """Clip transforms on (T, C, H, W) tensors; every random choice is made once per clip, so all
-frames of a clip get the same scale, crop, flip, RandAugment ops and erased box.
+frames of a clip get the same scale, crop, flip, RandAugment ops (:mod:`.rand_augment`) and
+erased box.
 
-Randomness comes from an explicit ``torch.Generator`` (or, for the torchvision RandAugment and
-RandomErasing transforms, from the global RNG that the dataset seeds per sample), so a sample's
-augmentation is a function of its sample seed alone.
+Randomness comes from an explicit ``torch.Generator`` (or, for torchvision's RandomErasing, from
+the global RNG that the dataset seeds per sample), so a sample's augmentation is a function of its
+sample seed alone.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from typing import Optional
 
 import torch
@@ -21,8 +21,19 @@ def _randint(lo: int, hi: int, gen: Optional[torch.Generator]) -> int:
     return int(torch.randint(lo, hi + 1, (1,), generator=gen))
 
 
-def short_side_scale(clip: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize (T, C, H, W) so that its shorter side is ``size`` (bilinear), keeping aspect ratio."""
+def resize(clip: torch.Tensor, size: tuple[int, int], mode: str = "bilinear", antialias: bool = False) -> torch.Tensor:
+    """(T, C, H, W) to ``size`` = (H', W'), keeping uint8 uint8 (rounded, clamped: bicubic overshoots)."""
+    if tuple(clip.shape[-2:]) == tuple(size):
+        return clip
+    dtype = clip.dtype
+    out = F.interpolate(clip.float(), size=size, mode=mode, align_corners=False, antialias=antialias)
+    return out.round_().clamp_(0, 255).to(dtype) if dtype == torch.uint8 else out
+
+
+def short_side_scale(clip: torch.Tensor, size: int, mode: str = "bilinear", antialias: bool = False) -> torch.Tensor:
+    """Resize (T, C, H, W) so that its shorter side is ``size``, keeping aspect ratio (the longer
+    side rounded down, as pySlowFast and torchvision's ``Resize(int)``). Videos: bilinear without
+    antialiasing (pySlowFast's ``F.interpolate``); images: bicubic with it (PIL's resize)."""
     h, w = clip.shape[-2:]
     if min(h, w) == size:
         return clip
@@ -30,9 +41,7 @@ def short_side_scale(clip: torch.Tensor, size: int) -> torch.Tensor:
         new_h, new_w = size, int(math.floor(w * size / h))
     else:
         new_h, new_w = int(math.floor(h * size / w)), size
-    dtype = clip.dtype
-    out = F.interpolate(clip.float(), size=(new_h, new_w), mode="bilinear", align_corners=False)
-    return out.round().clamp(0, 255).to(dtype) if dtype == torch.uint8 else out
+    return resize(clip, (new_h, new_w), mode, antialias)
 
 
 def random_short_side_scale(clip: torch.Tensor, min_size: int, max_size: int, gen=None) -> torch.Tensor:
@@ -47,6 +56,34 @@ def random_crop(clip: torch.Tensor, size: int, gen=None) -> torch.Tensor:
     return clip[..., y : y + size, x : x + size]
 
 
+def random_resized_crop(clip: torch.Tensor, size: int, scale: tuple[float, float], ratio: tuple[float, float],
+                        gen=None, mode: str = "bilinear", antialias: bool = False) -> torch.Tensor:
+    """A box of ``scale`` of the area and aspect ratio (w/h) in ``ratio`` (drawn log-uniformly),
+    resized to size x size: torchvision's ``RandomResizedCrop`` rule, which pySlowFast's
+    ``random_resized_crop`` (MViT's Kinetics training) and timm's (its ImageNet training) share.
+    After 10 draws that do not fit, the centre box of the nearest aspect ratio."""
+    h, w = clip.shape[-2:]
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * float(torch.rand((), generator=gen)))
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * float(torch.rand((), generator=gen)))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            y, x = _randint(0, h - ch, gen), _randint(0, w - cw, gen)
+            break
+    else:
+        in_ratio = w / h
+        if in_ratio < min(ratio):
+            cw, ch = w, int(round(w / min(ratio)))
+        elif in_ratio > max(ratio):
+            cw, ch = int(round(h * max(ratio))), h
+        else:
+            cw, ch = w, h
+        y, x = (h - ch) // 2, (w - cw) // 2
+    return resize(clip[..., y : y + ch, x : x + cw], (size, size), mode, antialias)
+
+
 def random_flip(clip: torch.Tensor, prob: float = 0.5, gen=None) -> torch.Tensor:
     return clip.flip(-1) if float(torch.rand((), generator=gen)) < prob else clip
 
@@ -55,7 +92,7 @@ def uniform_crop(clip: torch.Tensor, size: int, spatial_idx: int) -> torch.Tenso
     """pySlowFast ``uniform_crop``: crop 0/1/2 = left/centre/right (top/centre/bottom when the
     frame is taller than wide) along the longer side, centred along the shorter."""
     h, w = clip.shape[-2:]
-    y, x = (h - size) // 2, (w - size) // 2
+    y, x = -((size - h) // 2), -((size - w) // 2)  # ceil((h - size) / 2), as pySlowFast
     if spatial_idx != 1:
         if h > w:
             y = 0 if spatial_idx == 0 else h - size
@@ -64,33 +101,12 @@ def uniform_crop(clip: torch.Tensor, size: int, spatial_idx: int) -> torch.Tenso
     return clip[..., y : y + size, x : x + size]
 
 
-# torchvision's RandAugment splits each op's range into 31 bins: magnitudes 0..30
-RAND_AUGMENT_MAX_MAGNITUDE = 30
-_RAND_AUGMENT = re.compile(r"^m(\d+)-n(\d+)$")
-
-
-def parse_rand_augment(spec: Optional[str]) -> Optional[tuple[int, int]]:
-    """'m7-n4' -> (magnitude 7, ops 4); 'none' / '' / None -> None. Anything else is an error
-    (a typo must not silently become some default strength)."""
-    if not spec or spec.lower() in ("none", "off", "0"):
-        return None
-    m = _RAND_AUGMENT.match(spec.strip().lower())
-    if not m:
-        raise ValueError(f"--rand-augment must look like 'm7-n4' (magnitude 7, 4 ops) or 'none', got {spec!r}")
-    magnitude, ops = int(m.group(1)), int(m.group(2))
-    if magnitude > RAND_AUGMENT_MAX_MAGNITUDE:
-        raise ValueError(f"--rand-augment magnitude must be 0..{RAND_AUGMENT_MAX_MAGNITUDE} "
-                         f"(torchvision's RandAugment bins), got {spec!r}")
-    if ops < 1:
-        raise ValueError(f"--rand-augment needs at least one op (n >= 1; 'none' turns it off), got {spec!r}")
-    return magnitude, ops
-
-
-def rand_augment(clip_uint8: torch.Tensor, magnitude: int, num_ops: int) -> torch.Tensor:
-    """torchvision RandAugment on (T, C, H, W) uint8: one draw of ops for the whole clip."""
-    from torchvision.transforms import v2
-
-    return v2.RandAugment(num_ops=num_ops, magnitude=magnitude)(clip_uint8)
+def center_crop(clip: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision's ``CenterCrop`` (the image models' evaluation): offsets round((h - size) / 2),
+    where :func:`uniform_crop` (pySlowFast's, for videos) takes the ceiling."""
+    h, w = clip.shape[-2:]
+    y, x = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return clip[..., y : y + size, x : x + size]
 
 
 def random_erasing(clip: torch.Tensor, prob: float) -> torch.Tensor:

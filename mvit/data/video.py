@@ -4,10 +4,14 @@ PyAV is an optional extra (``pip install -e .[video]``) imported only when a vid
 Decoding happens in DataLoader workers. A video that cannot be read is logged and replaced by
 another sample (chosen from the sample's seed, so the run stays reproducible).
 
-Training clip: T frames every tau frames at ``target_fps`` from a random start
-(:func:`~mvit.data.samplers.clip_frame_indices`), random short-side scale in ``jitter``, random
-crop, horizontal flip, RandAugment, normalization, random erasing. Test views: K uniformly spaced
-clips x 1 (centre) or 3 (left/centre/right) crops after scaling the short side to the crop size.
+Training clip, as pySlowFast trains MViT on Kinetics: T frames every tau frames at ``target_fps``
+from a random start (:func:`~mvit.data.samplers.clip_frame_indices`), RandAugment on the decoded
+frames (:mod:`.rand_augment`), a random resized crop (``crop_scale`` of the area, aspect ratio in
+``crop_ratio``; or, with ``crop_scale=None``, a random short-side scale in ``jitter`` and a random
+crop, pySlowFast's rule for its other models), horizontal flip, normalization, random erasing.
+Test views: K uniformly spaced clips x 1 or 3 crops. One crop: the short side scaled to
+``jitter[0]`` (256 for 224 crops) and the centre crop; three: the short side scaled to the crop
+size and left/centre/right crops (pySlowFast's two test rules).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import transforms as T
+from .rand_augment import VIDEO_FILL, RandAugmentSpec, rand_augment
 from .samplers import clip_frame_indices
 from .synthetic import MEAN, STD
 
@@ -160,8 +165,10 @@ class ClipSpec:
     target_fps: Optional[float] = 30.0
     crop: int = 224
     jitter: tuple[int, int] = (256, 320)
+    crop_scale: Optional[tuple[float, float]] = None  # random resized crop's area fraction; None: jitter
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
-    rand_augment: Optional[tuple[int, int]] = None  # (magnitude, ops)
+    rand_augment: Optional[RandAugmentSpec] = None
     erasing: float = 0.0
     test_clips: int = 1
     test_crops: int = 1
@@ -169,8 +176,6 @@ class ClipSpec:
     def check(self, train: bool) -> None:
         """Raise ValueError (naming the command-line option) for settings no video could satisfy.
         Checked once up front: inside ``__getitem__`` they would look like unreadable videos."""
-        from .transforms import RAND_AUGMENT_MAX_MAGNITUDE
-
         if self.frames < 1:
             raise ValueError(f"--num-frames must be >= 1, got {self.frames}")
         if self.stride < 1:
@@ -179,18 +184,15 @@ class ClipSpec:
             raise ValueError(f"--target-fps must be > 0, got {self.target_fps}")
         if self.crop < 1:
             raise ValueError(f"--crop-size must be >= 1, got {self.crop}")
+        lo, hi = self.jitter
+        if lo > hi:
+            raise ValueError(f"--jitter-scales must be MIN MAX with MIN <= MAX, got {lo} {hi}")
+        if lo < self.crop:
+            raise ValueError(f"--jitter-scales {lo} {hi}: the short side is scaled to at least the crop "
+                             f"size, {self.crop} (--crop-size), to crop from it; got a minimum of {lo}")
         if train:
-            lo, hi = self.jitter
-            if lo > hi:
-                raise ValueError(f"--jitter-scales must be MIN MAX with MIN <= MAX, got {lo} {hi}")
-            if lo < self.crop:
-                raise ValueError(f"--jitter-scales {lo} {hi}: the short side is scaled to at least the crop "
-                                 f"size, {self.crop} (--crop-size), to crop from it; got a minimum of {lo}")
-            if self.rand_augment is not None:
-                magnitude, ops = self.rand_augment
-                if not (0 <= magnitude <= RAND_AUGMENT_MAX_MAGNITUDE and ops >= 1):
-                    raise ValueError(f"--rand-augment needs a magnitude of 0..{RAND_AUGMENT_MAX_MAGNITUDE} and "
-                                     f">= 1 op, got m{magnitude}-n{ops}")
+            if self.crop_scale is not None:
+                check_crop_scale(self.crop_scale, self.crop_ratio)
             if not 0.0 <= self.erasing <= 1.0:
                 raise ValueError(f"--random-erasing is a probability in [0, 1], got {self.erasing}")
         else:
@@ -198,6 +200,16 @@ class ClipSpec:
                 raise ValueError(f"--test-clips must be >= 1, got {self.test_clips}")
             if self.test_crops not in (1, 3):
                 raise ValueError(f"--test-crops must be 1 or 3, got {self.test_crops}")
+
+
+def check_crop_scale(scale, ratio) -> None:
+    """The random resized crop's ranges (--crop-scale: fractions of the frame's area)."""
+    lo, hi = scale
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"--crop-scale must be MIN MAX with 0 < MIN <= MAX <= 1 (fractions of the area), "
+                         f"got {lo} {hi}")
+    if not 0.0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"the crop's aspect ratio range must be 0 < MIN <= MAX, got {ratio[0]} {ratio[1]}")
 
 
 class VideoDataset(Dataset):
@@ -250,21 +262,23 @@ class VideoDataset(Dataset):
     def _transform(self, frames: torch.Tensor, gen: torch.Generator, seed: int) -> torch.Tensor:
         s = self.spec
         if self.train:
-            clip = T.random_short_side_scale(frames, *s.jitter, gen=gen)
-            clip = T.random_crop(clip, s.crop, gen)
+            # pySlowFast: RandAugment on the decoded frames, then the crop
+            clip = rand_augment(frames, s.rand_augment, gen, VIDEO_FILL) if s.rand_augment else frames
+            if s.crop_scale is not None:
+                clip = T.random_resized_crop(clip, s.crop, s.crop_scale, s.crop_ratio, gen)
+            else:
+                clip = T.random_crop(T.random_short_side_scale(clip, *s.jitter, gen=gen), s.crop, gen)
             if s.flip:
                 clip = T.random_flip(clip, 0.5, gen)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)  # torchvision's transforms draw from the global RNG
-                if s.rand_augment:
-                    clip = T.rand_augment(clip, *s.rand_augment)
+                torch.manual_seed(seed)  # torchvision's RandomErasing draws from the global RNG
                 clip = T.normalize(clip, MEAN, STD)
                 clip = T.random_erasing(clip, s.erasing)
             return clip.permute(1, 0, 2, 3).contiguous()  # (C, T, H, W)
 
         views = []
         for clip in frames.split(s.frames):
-            clip = T.short_side_scale(clip, s.crop)
+            clip = T.short_side_scale(clip, s.jitter[0] if s.test_crops == 1 else s.crop)
             for c in ([1] if s.test_crops == 1 else [0, 1, 2]):
                 views.append(T.normalize(T.uniform_crop(clip, s.crop, c), MEAN, STD).permute(1, 0, 2, 3))
         return torch.stack(views)
@@ -289,16 +303,22 @@ def index_seed(index: int) -> int:
     return (index * 2_654_435_761) & 0x7FFFFFFF
 
 
+def default_jitter(crop: int) -> tuple[int, int]:
+    """pySlowFast's short-side range (256, 320) for 224 crops, scaled to ``crop``."""
+    return round(crop * 256 / 224), round(crop * 320 / 224)
+
+
 def _spec(args, recipe: dict, cfg, train: bool, test_clips: int, test_crops: int) -> ClipSpec:
-    from .transforms import parse_rand_augment
+    from .rand_augment import parse
 
     frames = args.num_frames or cfg.input_size[0]
     crop = args.crop_size or cfg.input_size[1]
-    jitter = tuple(args.jitter_scales) if getattr(args, "jitter_scales", None) else (
-        round(crop * 256 / 224), round(crop * 320 / 224))
+    jitter = tuple(args.jitter_scales) if getattr(args, "jitter_scales", None) else default_jitter(crop)
+    crop_scale = recipe.get("crop_scale")
     return ClipSpec(frames=frames, stride=args.sampling_rate, target_fps=args.target_fps or None, crop=crop,
-                    jitter=jitter, flip=bool(recipe.get("flip", True)),
-                    rand_augment=parse_rand_augment(recipe.get("rand_augment")) if train else None,
+                    jitter=jitter, crop_scale=tuple(crop_scale) if crop_scale else None,
+                    flip=bool(recipe.get("flip", True)),
+                    rand_augment=parse(recipe.get("rand_augment")) if train else None,
                     erasing=recipe.get("random_erasing", 0.0) if train else 0.0,
                     test_clips=test_clips, test_crops=test_crops)
 
