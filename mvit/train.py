@@ -25,6 +25,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -313,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> dict:
     from .data import build_datasets
     from .evaluate import evaluate
+    from .presets import get_preset
     from . import build_model
 
     t_start = time.time()
@@ -354,11 +356,18 @@ def train(args: argparse.Namespace) -> dict:
     # The initial weights come from the global RNG, which torch seeds differently in every
     # process: without this, --seed fixed the data but not the starting point. Same seed on every
     # rank, so the replicas also start equal before DDP's broadcast.
+    finetune = ckpt.load_checked(args.finetune, "--finetune", required=()) if args.finetune else None
+    if finetune is not None:
+        semantics = _finetune_semantics(finetune, get_preset(args.preset).replace(**overrides))
+        if semantics and info.is_main:
+            print(f"--finetune {args.finetune}: its model computed with {semantics}; so does this one",
+                  file=sys.stderr)
+        overrides.update(semantics)
     torch.manual_seed(args.seed)
     model = build_model(args.preset, fused=args.fused, checkpoint_activations=args.checkpoint_activations,
                         **overrides)
-    if args.finetune:
-        _load_finetune(model, args.finetune, info.is_main)
+    if finetune is not None:
+        _load_finetune(model, args.finetune, info.is_main, raw=finetune)
     model.to(info.device)
 
     global_batch = recipe["batch_size"]
@@ -552,7 +561,35 @@ def _fmt(metrics: dict) -> str:
     return f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% ({metrics['videos']} videos)"
 
 
-def _load_finetune(model, path: str, verbose: bool) -> None:
+#: Config fields that change what given weights compute, and that a checkpoint's layout can say.
+SEMANTIC_FIELDS = ("pool_norm_eps", "residual_pooling_cls")
+
+
+def _finetune_semantics(raw: dict, cfg) -> dict:
+    """The config fields of :data:`SEMANTIC_FIELDS` under which the --finetune checkpoint's model
+    computed, where its layout says so without doubt, and where they differ from ``cfg``'s (the
+    model about to be built): a `mvit train` checkpoint's stored config; pytorchvideo's pooling
+    norms (eps 1e-5); timm's class-token models (q added to the class row too). pySlowFast's and
+    facebookresearch/mvit's share one layout but not the class row's rule: those keep ``cfg``'s."""
+    from .config import MViTConfig
+    from .convert import _unwrap
+
+    saved = raw.get("model_config")
+    weights = _unwrap(raw)
+    if isinstance(saved, MViTConfig):
+        wanted = {f: getattr(saved, f) for f in SEMANTIC_FIELDS}
+    elif "patch_embed.patch_model.weight" in weights:
+        wanted = {"pool_norm_eps": 1e-5}
+    elif any(k.startswith("stages.") for k in weights):
+        wanted = {"residual_pooling_cls": "cls_token" in weights}
+    else:
+        wanted = {}
+    if wanted.get("residual_pooling_cls") and not (cfg.residual_pooling and cfg.cls_embed):
+        del wanted["residual_pooling_cls"]  # no class row takes the connection in this model
+    return {k: v for k, v in wanted.items() if getattr(cfg, k) != v}
+
+
+def _load_finetune(model, path: str, verbose: bool, raw: Optional[dict] = None) -> None:
     """Initialize ``model`` from a checkpoint: this project's, a pySlowFast / facebookresearch/mvit
     one (``model_state`` nesting, ``module.`` prefixes, ``norm_q`` and separate q/k/v names), a
     torchvision, pytorchvideo or timm state_dict (timm's ``.safetensors`` files too). Position
@@ -562,7 +599,8 @@ def _load_finetune(model, path: str, verbose: bool) -> None:
     # _unwrap: the same unwrapping as from_pretrained (model_state / model / state_dict, module.)
     from .convert import _unwrap, convert_pyslowfast, convert_pytorchvideo, convert_timm, convert_torchvision
 
-    raw = ckpt.load_checked(path, "--finetune", required=())
+    if raw is None:
+        raw = ckpt.load_checked(path, "--finetune", required=())
     weights = _unwrap(raw)
     if not weights:
         raise ValueError(f"--finetune {path} holds no weights (no tensors, nor a 'model_state', 'model' or "
@@ -571,9 +609,7 @@ def _load_finetune(model, path: str, verbose: bool) -> None:
         weights = convert_torchvision(weights)
     elif any(k.startswith("stages.") for k in weights):
         weights = convert_timm(weights, model.cfg)
-    elif "patch_embed.patch_model.weight" in weights:
-        # pytorchvideo's; its pooling norms' eps (1e-5) stays the preset's, a difference that
-        # fine-tuning absorbs (from_pretrained(..., source="pytorchvideo") keeps it).
+    elif "patch_embed.patch_model.weight" in weights:  # pytorchvideo's (mvit train: its norms' eps too)
         weights = convert_pytorchvideo(weights, model.cfg)
     else:  # pySlowFast's names; this project's own pass through unchanged
         weights = convert_pyslowfast(weights, model.cfg)

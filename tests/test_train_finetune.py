@@ -125,3 +125,42 @@ def test_finetune_from_pytorchvideo_layout(tmp_path):
     x = torch.randn(1, 3, 8, 64, 64)
     with torch.no_grad():
         assert (target.eval()(x) - source(x)).abs().max().item() < 1e-5
+
+
+def test_finetune_keeps_what_the_source_model_computed(tmp_path, capsys):
+    """pytorchvideo's pooling norms use eps 1e-5: a model fine-tuned from its weights on the
+    command line is built with that eps (it kept the preset's 1e-6, a different function)."""
+    from pytorchvideo.models.hub.vision_transformers import mvit_base_16x4
+
+    from mvit.training import checkpoint as ckpt
+
+    torch.manual_seed(2)
+    source = mvit_base_16x4(spatial_size=32, temporal_size=4, head_num_classes=4)
+    path = str(tmp_path / "MVIT_B_16x4.pyth")
+    torch.save({"model_state": source.state_dict()}, path)
+    out = tmp_path / "ft"
+    assert main(["train", "--preset", "mvit_b_16x4", "--finetune", path, "--num-frames", "4", "--crop-size", "32",
+                 "--synthetic-size", "8", "0", "--batch-size", "8", "--max-steps", "1", "--threads", "1",
+                 "--no-progress", "--output-dir", str(out)]) == 0
+    assert "its model computed with {'pool_norm_eps': 1e-05}; so does this one" in capsys.readouterr().err
+    [ck] = ckpt.list_checkpoints(str(out))
+    assert ckpt.load(ck)["model_config"].pool_norm_eps == 1e-5
+
+
+def test_finetune_semantics_by_layout():
+    from mvit.presets import get_preset
+    from mvit.train import _finetune_semantics
+
+    v2_cls = get_preset("mvitv2_s_16x4")  # a class token and residual pooling
+    assert v2_cls.cls_embed and v2_cls.residual_pooling and not v2_cls.residual_pooling_cls
+    w = torch.zeros(1)
+    timm_cls = {"stages.0.blocks.0.norm1.weight": w, "cls_token": w}
+    assert _finetune_semantics(timm_cls, v2_cls) == {"residual_pooling_cls": True}
+    assert _finetune_semantics({"stages.0.blocks.0.norm1.weight": w}, v2_cls) == {}  # timm without a class token
+    assert _finetune_semantics(timm_cls, get_preset("mvitv2_s_image")) == {}  # no class row in this model
+    assert _finetune_semantics({"model_state": {"patch_embed.patch_model.weight": w}}, v2_cls) == {"pool_norm_eps": 1e-5}
+    own = {"model": {}, "model_config": v2_cls.replace(residual_pooling_cls=True, pool_norm_eps=1e-4)}
+    assert _finetune_semantics(own, v2_cls) == {"residual_pooling_cls": True, "pool_norm_eps": 1e-4}
+    assert _finetune_semantics({"model": {}, "model_config": v2_cls}, v2_cls) == {}
+    # pySlowFast's and facebookresearch/mvit's layout is one: neither rule is guessed
+    assert _finetune_semantics({"model_state": {"cls_token": w, "blocks.0.attn.qkv.weight": w}}, v2_cls) == {}
