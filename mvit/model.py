@@ -329,7 +329,8 @@ class MViT(nn.Module):
         return self
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names the papers' recipe exempts from weight decay (besides 1-D ones)."""
+        """Position tables and class token: what pySlowFast's MVIT.ZERO_DECAY_POS_CLS exempts from
+        weight decay (besides 1-D parameters); the papers' configs turn that option off."""
         names = {"cls_token", "pos_embed", "pos_embed_spatial", "pos_embed_temporal", "pos_embed_class"}
         return {n for n, _ in self.named_parameters() if n.split(".")[-1] in names or "rel_pos" in n}
 

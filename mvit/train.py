@@ -42,12 +42,13 @@ from .training.optim import WarmupCosine, build_optimizer
 
 # The papers' Kinetics recipe (MViT paper A.1 / MViTv2 paper, pySlowFast's MVIT_B_16x4_CONV and
 # MVITv2_S_16x4 configs): AUG.AA_TYPE rand-m7-n4-mstd0.5-inc1, random resized crops of 8-100% of
-# the area (DATA.TRAIN_JITTER_SCALES_RELATIVE), two augmented copies of each clip (AUG.NUM_SAMPLE).
+# the area (DATA.TRAIN_JITTER_SCALES_RELATIVE), two augmented copies of each clip (AUG.NUM_SAMPLE),
+# weight decay on the position tables and class token too (MVIT.ZERO_DECAY_POS_CLS False).
 PAPER_RECIPE = dict(
     epochs=200, warmup_epochs=30.0, batch_size=64, base_lr=1.6e-3, min_lr=1e-6, weight_decay=0.05,
     label_smoothing=0.1, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,
     rand_augment="rand-m7-n4-mstd0.5-inc1", random_erasing=0.25, repeated_aug=2, clip_grad=1.0, drop_path=None,
-    flip=True, eval_every=5, crop_scale=(0.08, 1.0),
+    flip=True, eval_every=5, crop_scale=(0.08, 1.0), zero_decay_pos_cls=False,
 )
 
 # facebookresearch/mvit's ImageNet recipe (its config defaults and configs/MVITv2_{T,S,B}.yaml):
@@ -64,7 +65,7 @@ SYNTHETIC_RECIPE = dict(
     epochs=4, warmup_epochs=1.0, batch_size=64, base_lr=8e-3, min_lr=1e-5, weight_decay=0.05,
     label_smoothing=0.1, mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5,
     rand_augment="none", random_erasing=0.0, repeated_aug=1, clip_grad=1.0, drop_path=None,
-    flip=False, eval_every=1,
+    flip=False, eval_every=1, zero_decay_pos_cls=True,  # as its seeds were measured (README)
 )
 SYNTHETIC_TRAIN_LENGTH = 8192
 SYNTHETIC_VAL_LENGTH = 1024
@@ -119,6 +120,9 @@ def add_parser(subparsers) -> None:
     o.add_argument("--base-lr", type=float, help="LR for a global batch of 512 (scaled linearly)")
     o.add_argument("--min-lr", type=float)
     o.add_argument("--weight-decay", type=float)
+    o.add_argument("--zero-decay-pos-cls", action=argparse.BooleanOptionalAction, default=None,
+                   help="exempt position tables and the class token from weight decay (pySlowFast's "
+                        "MVIT.ZERO_DECAY_POS_CLS; the papers' configs: no)")
     o.add_argument("--label-smoothing", type=float)
     o.add_argument("--mixup", type=float, help="mixup alpha (0 = off)")
     o.add_argument("--cutmix", type=float, help="cutmix alpha (0 = off)")
@@ -372,7 +376,8 @@ def train(args: argparse.Namespace) -> dict:
 
     global_batch = recipe["batch_size"]
     lr = recipe["base_lr"] * global_batch / 512.0
-    optimizer = build_optimizer(model, lr, recipe["weight_decay"], args.layer_decay)
+    optimizer = build_optimizer(model, lr, recipe["weight_decay"], args.layer_decay,
+                                zero_decay_pos_cls=recipe["zero_decay_pos_cls"])
     from .data.samplers import TrainSampler
 
     sampler = TrainSampler(len(data.train), info.rank, info.world_size, recipe["repeated_aug"], args.seed)
@@ -772,5 +777,11 @@ def _check_same_run(path: str, obj: dict, model, args, recipe: dict) -> list[str
         raise ValueError(f"--resume {path}: the run was started with --layer-decay {old_args['layer_decay']}, not "
                          f"{args.layer_decay} (the optimizer's parameter groups differ): give --layer-decay "
                          f"{old_args['layer_decay']}, or start a new run from it with --finetune")
+    # runs started before the option existed exempted position tables and the class token
+    old_zero = old_recipe.get("zero_decay_pos_cls", True) if old_recipe else recipe["zero_decay_pos_cls"]
+    if old_zero != recipe["zero_decay_pos_cls"]:
+        flag = "--zero-decay-pos-cls" if old_zero else "--no-zero-decay-pos-cls"
+        raise ValueError(f"--resume {path}: the run was started with {flag} (the optimizer's parameter groups "
+                         f"differ): give {flag}, or start a new run from it with --finetune")
     return [f"--{k.replace('_', '-')} {old_recipe[k]} -> {v}" for k, v in recipe.items()
             if k in old_recipe and old_recipe[k] != v]

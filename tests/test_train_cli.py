@@ -173,6 +173,8 @@ def test_image_runs_default_to_the_image_recipe_and_videos_to_kinetics():
     image = recipe("--preset", "mvitv2_s_image", "--data-root", ".")
     assert (image["epochs"], image["warmup_epochs"], image["base_lr"], image["repeated_aug"]) == (300, 70.0, 5e-4, 1)
     assert image["rand_augment"] == "rand-m9-n6-mstd0.5-inc1" == IMAGE_RECIPE["rand_augment"]
+    assert image["zero_decay_pos_cls"] is False and recipe()["zero_decay_pos_cls"] is True  # synthetic: as measured
+    assert recipe("--data-root", ".", "--zero-decay-pos-cls")["zero_decay_pos_cls"] is True
     assert recipe("--preset", "mvit_tiny", "--image-folders", "--data-root", ".")["epochs"] == 300
     video = recipe("--preset", "mvit_b_16x4", "--data-root", ".")
     assert video["rand_augment"] == "rand-m7-n4-mstd0.5-inc1" and video["repeated_aug"] == 2

@@ -70,6 +70,20 @@ def test_weight_decay_exemptions():
     assert decayed | exempt == {n for n, _ in model.named_parameters()}
 
 
+
+@pytest.mark.parametrize("preset", ["mvit_tiny", "mvitv2_s_16x4"])
+def test_the_papers_configs_decay_position_tables_and_class_token(preset):
+    """pySlowFast's MViT configs set MVIT.ZERO_DECAY_POS_CLS False: only 1-D parameters are exempt."""
+    model = build_model(preset)
+    groups = param_groups(model, 0.05, zero_decay_pos_cls=False)
+    exempt = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
+    assert exempt == {n for n, p in model.named_parameters() if p.ndim <= 1}
+    tables = model.no_weight_decay()
+    assert "cls_token" in tables and any("pos" in n for n in tables)
+    assert tables <= {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
+    assert tables <= {n for g in param_groups(model, 0.05) if g["weight_decay"] == 0 for n in g["names"]}
+
+
 def test_layer_decay_scales():
     model = build_model("mvit_tiny")
     opt = build_optimizer(model, 1e-3, 0.05, layer_decay=0.5)

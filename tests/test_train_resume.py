@@ -153,6 +153,9 @@ def test_resume_refuses_another_model_batch_size_or_file(tmp_path, capsys):
     _one_line_error(capsys, "the run was started with --batch-size 16, not 8")
     assert main(resume + ["auto", "--layer-decay", "0.5"]) == 2
     _one_line_error(capsys, "the run was started with --layer-decay 1.0, not 0.5")
+    assert main(resume + ["auto", "--no-zero-decay-pos-cls"]) == 2  # other parameter groups
+    _one_line_error(capsys, "the run was started with --zero-decay-pos-cls (the optimizer's parameter groups "
+                            "differ): give --zero-decay-pos-cls")
     foreign = str(tmp_path / "weights.pt")
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
     assert main(resume + [foreign]) == 2  # was KeyError: 'model'

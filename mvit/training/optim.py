@@ -18,11 +18,13 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
-    """Groups for AdamW: no decay for 1-D parameters (biases, norms) and for
-    ``model.no_weight_decay()`` (position embeddings, class token, rel-pos tables); with
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
+                 zero_decay_pos_cls: bool = True) -> list[dict]:
+    """Groups for AdamW: no decay for 1-D parameters (biases, norms), nor, with
+    ``zero_decay_pos_cls`` (pySlowFast's MVIT.ZERO_DECAY_POS_CLS, which the papers' configs turn
+    off), for ``model.no_weight_decay()`` (position embeddings, class token, rel-pos tables); with
     ``layer_decay < 1`` each group also carries ``lr_scale = layer_decay ** (depth + 1 - layer)``."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    skip = set(model.no_weight_decay()) if zero_decay_pos_cls and hasattr(model, "no_weight_decay") else set()
     depth = len(getattr(model, "blocks", []))
     groups: dict[tuple[bool, int], dict] = {}
     for name, p in model.named_parameters():
@@ -41,8 +43,8 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, layer_decay: float = 1.0,
-                    betas=(0.9, 0.999)) -> torch.optim.AdamW:
-    groups = param_groups(model, weight_decay, layer_decay)
+                    betas=(0.9, 0.999), zero_decay_pos_cls: bool = True) -> torch.optim.AdamW:
+    groups = param_groups(model, weight_decay, layer_decay, zero_decay_pos_cls)
     names = [g.pop("names") for g in groups]
     opt = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
     opt.group_names = names  # kept for inspection and tests, not saved
