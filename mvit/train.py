@@ -599,8 +599,9 @@ def _load_finetune(model, path: str, verbose: bool, raw: Optional[dict] = None) 
     one (``model_state`` nesting, ``module.`` prefixes, ``norm_q`` and separate q/k/v names), a
     torchvision, pytorchvideo or timm state_dict (timm's ``.safetensors`` files too). Position
     embeddings and rel-pos tables of another input size are interpolated as the model does for
-    inputs of another size; tensors that still do not fit (a head of another size) keep their
-    fresh initialization and are listed."""
+    inputs of another size, an image model's convolutions inflated over time into a video model;
+    tensors that still do not fit (a head of another size) keep their fresh initialization and are
+    listed. ``raw``: the checkpoint, when the caller has read it already."""
     # _unwrap: the same unwrapping as from_pretrained (model_state / model / state_dict, module.)
     from .convert import _unwrap, convert_pyslowfast, convert_pytorchvideo, convert_timm, convert_torchvision
 
@@ -621,6 +622,7 @@ def _load_finetune(model, path: str, verbose: bool, raw: Optional[dict] = None) 
     saved_cfg = raw.get("model_config")
     interpolated = _fit_position_tables(weights, model, getattr(saved_cfg, "patch_grid", None))
     own = model.state_dict()
+    inflated = _inflate_image_convs(weights, own)
     fitting = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     if not fitting:
         # e.g. a checkpoint of another architecture: "fine-tuning" it would train from scratch
@@ -631,7 +633,27 @@ def _load_finetune(model, path: str, verbose: bool, raw: Optional[dict] = None) 
         fresh = sorted(set(own) - set(fitting))
         print(f"fine-tuning from {path}: loaded {len(fitting)} of the model's {len(own)} tensors"
               + (f", interpolated {interpolated} to this input size" if interpolated else "")
+              + (f", inflated {len(inflated)} image convolutions over time" if inflated else "")
               + f"; re-initialized {fresh}", file=sys.stderr)
+
+
+def _inflate_image_convs(weights: dict, own: dict) -> list[str]:
+    """An image model's convolutions in a video model (pySlowFast's TRAIN.CHECKPOINT_INFLATE, how
+    MViTv2's Kinetics models start from ImageNet weights): a 2-D kernel, or a 3-D one of one
+    frame, repeated over the video kernel's frames and divided by their number, so that a still
+    clip gets the image's response away from the first and last frames. In ``weights``, in place;
+    returns the names inflated."""
+    inflated = []
+    for name, w in list(weights.items()):
+        target = own.get(name)
+        if target is None or target.dim() != 5 or w.shape == target.shape or w.dim() not in (4, 5):
+            continue
+        w = w.unsqueeze(2) if w.dim() == 4 else w
+        if w.shape[2] == 1 and w.shape[:2] == target.shape[:2] and w.shape[3:] == target.shape[3:]:
+            frames = target.shape[2]
+            weights[name] = w.repeat(1, 1, frames, 1, 1) / frames
+            inflated.append(name)
+    return inflated
 
 
 def _fit_position_tables(weights: dict, model, source_grid) -> list[str]:

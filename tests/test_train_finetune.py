@@ -164,3 +164,44 @@ def test_finetune_semantics_by_layout():
     assert _finetune_semantics({"model": {}, "model_config": v2_cls}, v2_cls) == {}
     # pySlowFast's and facebookresearch/mvit's layout is one: neither rule is guessed
     assert _finetune_semantics({"model_state": {"cls_token": w, "blocks.0.attn.qkv.weight": w}}, v2_cls) == {}
+
+
+@pytest.mark.parametrize("layout", ["mvit_train", "facebookresearch_mvit"])
+def test_image_weights_inflate_into_a_video_model(tmp_path, layout, capsys):
+    """pySlowFast's inflation (MViTv2's Kinetics models from ImageNet weights): every 2-D kernel,
+    or 3-D kernel of one frame, repeated over the video kernel's frames and divided by them."""
+    image = build_model("mvitv2_t_image", input_size=(1, 64, 64), num_classes=7)
+    with torch.no_grad():
+        for p in image.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    src = image.state_dict()
+    video_cfg = image.cfg.replace(patch_2d=False, input_size=(4, 64, 64), patch_kernel=(3, 7, 7),
+                                  patch_stride=(2, 4, 4), patch_padding=(1, 3, 3), pool_kvq_kernel=(3, 3, 3),
+                                  rel_pos_temporal=True, num_classes=5)
+    target = build_model(video_cfg)
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    path = str(tmp_path / "in1k.pyth")
+    if layout == "mvit_train":
+        torch.save({"model": src, "model_config": image.cfg}, path)
+    else:  # Conv2d pooling kernels (d, 1, kH, kW), as facebookresearch/mvit's checkpoints hold them
+        torch.save({"model_state": {k: v.squeeze(2) if ".pool_" in k and v.dim() == 5 else v for k, v in src.items()}},
+                   path)
+    _load_finetune(target, path, verbose=True)
+    err = capsys.readouterr().err
+    got = target.state_dict()
+    convs = [k for k, v in got.items() if v.dim() == 5]
+    assert "patch_embed.proj.weight" in convs and len(convs) == 1 + 3 * sum(".pool_q." in k for k in convs)
+    assert f"inflated {len(convs)} image convolutions over time" in err, err
+    for name in convs:
+        w2d = src[name] if src[name].dim() == 5 else src[name].unsqueeze(2)
+        torch.testing.assert_close(got[name], w2d.expand_as(got[name]) / 3, rtol=0, atol=0)
+    assert torch.equal(got["blocks.3.attn.qkv.weight"], src["blocks.3.attn.qkv.weight"])
+    assert torch.equal(got["blocks.0.attn.rel_pos_t"], fresh["blocks.0.attn.rel_pos_t"])  # video only: fresh
+    assert torch.equal(got["head.projection.weight"], fresh["head.projection.weight"])  # 7 classes -> 5
+    # A still clip: away from the first and last frames (zero padding) each inflated convolution
+    # responds as the image's, so the patch embedding of the middle frame equals the image's.
+    frame = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        tokens_2d = image.patch_embed.proj(frame)
+        tokens_3d = target.patch_embed.proj(frame.unsqueeze(2).expand(1, 3, 4, 64, 64))
+    torch.testing.assert_close(tokens_3d[:, :, 1], tokens_2d, rtol=1e-5, atol=1e-5)
