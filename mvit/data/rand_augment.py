@@ -14,8 +14,9 @@ timm's semantics, which differ from torchvision's ``RandAugment``:
   128 grey; facebookresearch/mvit through timm: the ImageNet mean).
 
 The ops follow PIL's definitions (timm applies them to PIL images); ``tests/test_rand_augment.py``
-compares each with timm's on random images. Resampling is torch's bicubic (a = -0.75; PIL's uses
--0.5), and the enhancements blend in float like torchvision's: both a level or two apart at most.
+compares each with timm's on random images: lookups equal; the enhancements, which blend in float
+like torchvision's, within a level; the geometric ops, resampled with torch's bicubic (a = -0.75
+where PIL's uses -0.5), under a level on average and a few levels at the sharpest edges.
 """
 
 from __future__ import annotations
