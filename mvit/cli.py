@@ -12,12 +12,12 @@ import sys
 from typing import Optional, Sequence
 
 # module paths of the subcommands, in the order `mvit --help` shows them
-SUBCOMMANDS = ("mvit.flops", "mvit.train", "mvit.evaluate")
+SUBCOMMANDS = ("mvit.flops", "mvit.train", "mvit.evaluate", "mvit.predict")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mvit", description="Multiscale Vision Transformers: train, evaluate, count FLOPs."
+        prog="mvit", description="Multiscale Vision Transformers: train, evaluate, predict, count FLOPs."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

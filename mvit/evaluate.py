@@ -170,9 +170,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from . import MViT
-    from .training import checkpoint as ckpt
-
     for name, value, lo in (("--test-clips", args.test_clips, 1), ("--sampling-rate", args.sampling_rate, 1),
                             ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
         if value is not None and value < lo:
@@ -181,19 +178,48 @@ def main(args: argparse.Namespace) -> dict:
         raise ValueError(f"--target-fps must be > 0, got {args.target_fps}")
     if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    if args.source != "mvit_kernels" and not (args.val_csv or args.data_root):
+        # Their labels are the class indices they were trained with: a --val-csv of those, or class
+        # folders whose sorted names give the same order (ImageNet's synset folders do).
+        raise ValueError(f"give --val-csv or --data-root to evaluate --source {args.source} weights")
+    model, state = load_model(args)
+    info = dist_utils.init(args.device)
+    if state.get("ema") and not args.ema and info.is_main:
+        # its run validated (and reported) the EMA weights: without this these numbers differ silently
+        print("note: the checkpoint also holds EMA weights, which its run validated: --ema evaluates those",
+              file=sys.stderr)
+    return _score(args, model, state, info)
+
+
+def load_model(args: argparse.Namespace):
+    """The model ``args`` name (``checkpoint``, ``source``, ``preset``, ``ema``, ``fused``) and
+    its state: a checkpoint of `mvit train` (or a run folder: its latest), with its run's
+    ``args``, ``recipe`` and ``classes``; with ``--source``, another implementation's weights,
+    converted as :func:`mvit.convert.from_pretrained` does. ``args.checkpoint`` becomes the file
+    read. Returns (model, state); the state holds at least ``model_config``."""
+    from . import MViT
+    from .training import checkpoint as ckpt
+
+    if not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     if args.source != "mvit_kernels":
-        return _evaluate_converted(args)
+        from .convert import from_pretrained
+
+        if args.ema:
+            raise ValueError("--ema reads the EMA weights of a checkpoint of `mvit train`, not --source weights")
+        if os.path.isdir(args.checkpoint):
+            raise ValueError(f"--source {args.source} needs a weights file, got the folder {args.checkpoint}")
+        model = from_pretrained(args.checkpoint, source=args.source, preset=args.preset, fused=args.fused)
+        return model, {"model_config": model.cfg}
     if args.preset:
         raise ValueError("--preset goes with --source: a checkpoint of `mvit train` holds its model's config")
     if os.path.isdir(args.checkpoint):
         found = ckpt.latest_valid(args.checkpoint, ckpt.MODEL_KEYS)
         if found is None:
             raise FileNotFoundError(f"no readable checkpoint in {args.checkpoint}")
-        args.checkpoint = found[0]
-        state = found[1]
+        args.checkpoint, state = found
     else:
         state = ckpt.load_checked(args.checkpoint, "", ckpt.MODEL_KEYS)
-    info = dist_utils.init(args.device)
     model = MViT(state["model_config"], fused=args.fused)
     if args.ema:
         if not state.get("ema"):
@@ -201,28 +227,7 @@ def main(args: argparse.Namespace) -> dict:
         model.load_state_dict(state["ema"])
     else:
         model.load_state_dict(state["model"])
-        if state.get("ema") and info.is_main:
-            # its run validated (and reported) the EMA weights: without this these numbers differ silently
-            print("note: the checkpoint also holds EMA weights, which its run validated: --ema evaluates those",
-                  file=sys.stderr)
-    return _score(args, model, state, info)
-
-
-def _evaluate_converted(args: argparse.Namespace) -> dict:
-    """Weights of another implementation (--source), converted as from_pretrained does. Their
-    labels are the class indices they were trained with: a --val-csv of those, or class folders
-    whose sorted names give the same order (ImageNet's synset folders do)."""
-    from .convert import from_pretrained
-
-    if args.ema:
-        raise ValueError("--ema reads the EMA weights of a checkpoint of `mvit train`, not --source weights")
-    if os.path.isdir(args.checkpoint):
-        raise ValueError(f"--source {args.source} needs a weights file, got the folder {args.checkpoint}")
-    if not (args.val_csv or args.data_root):
-        raise ValueError(f"give --val-csv or --data-root to evaluate --source {args.source} weights")
-    model = from_pretrained(args.checkpoint, source=args.source, preset=args.preset, fused=args.fused)
-    info = dist_utils.init(args.device)
-    return _score(args, model, {"model_config": model.cfg}, info)
+    return model, state
 
 
 def _score(args: argparse.Namespace, model, state: dict, info) -> dict:

@@ -104,8 +104,8 @@ def build_eval_dataset(args, state: dict):
         return ds, False, 0 if args.workers is None else args.workers
     multi = bool(train_args.get("multi_label"))
     image = args.image_folders or cfg.patch_2d
-    from .image import CROP_FRACTION, IMAGE_EXTENSIONS, ImageFolderDataset
-    from .video import VIDEO_EXTENSIONS, ClipSpec, VideoDataset, class_folders, default_jitter, read_csv
+    from .image import IMAGE_EXTENSIONS
+    from .video import VIDEO_EXTENSIONS, class_folders, read_csv
 
     if args.val_csv:
         items = read_csv(args.val_csv, args.data_root, multi, cfg.num_classes,
@@ -118,11 +118,25 @@ def build_eval_dataset(args, state: dict):
         if len(classes) > cfg.num_classes:
             raise ValueError(f"{os.path.join(args.data_root, 'val')} has {len(classes)} class folders; the "
                              f"checkpoint's model has {cfg.num_classes} classes")
+    return eval_views(args, state, items, image), multi, workers
+
+
+def eval_views(args, state: dict, items: list, image: bool) -> Dataset:
+    """The test views of ``items`` ((path, label) pairs) for ``mvit eval`` and ``mvit predict``:
+    an image's centre crop (``args.crop_fraction``), or a video's clips x crops (``args.test_clips``,
+    ``args.test_crops``, ``args.sampling_rate``, ``args.target_fps``; unset: the papers' views and
+    the checkpoint's run's sampling). An option the input does not use is an error."""
+    from .image import CROP_FRACTION, ImageFolderDataset
+    from .video import ClipSpec, VideoDataset, default_jitter
+
+    cfg = state["model_config"]
+    train_args = state.get("args") or {}
+    multi = bool(train_args.get("multi_label"))
     if image:  # one centre crop of one frame per image
         _reject_unused("an image checkpoint's evaluation", _clip_options(args))
         fraction = CROP_FRACTION if args.crop_fraction is None else args.crop_fraction
         return ImageFolderDataset(items, cfg.input_size[1], False, num_classes=cfg.num_classes,
-                                  multi_label=multi, crop_fraction=fraction), multi, workers
+                                  multi_label=multi, crop_fraction=fraction)
     # unset: the training run's settings (an older run's stored target_fps of 0 meant the source rate)
     fps = args.target_fps if args.target_fps is not None else train_args.get("target_fps", 30.0)
     stride = args.sampling_rate if args.sampling_rate is not None else train_args.get("sampling_rate") or 4
@@ -134,7 +148,7 @@ def build_eval_dataset(args, state: dict):
     spec = ClipSpec(frames=cfg.input_size[0], crop=crop, stride=stride, target_fps=fps or None,
                     jitter=tuple(jitter), test_clips=5 if args.test_clips is None else args.test_clips,
                     test_crops=1 if args.test_crops is None else args.test_crops)
-    return VideoDataset(items, spec, False, cfg.num_classes, multi), multi, workers
+    return VideoDataset(items, spec, False, cfg.num_classes, multi)
 
 
 def _clip_options(args) -> list[tuple[str, bool]]:

@@ -1,0 +1,137 @@
+"""``mvit predict``: classify video and image files with a trained or published model.
+
+Each file is scored as ``mvit eval`` scores it (a video: the average of the softmax over its test
+views, by default the MViT papers' 5 clips x 1 crop; an image: its centre crop) and its top
+classes are printed, named by, in order: ``--labels`` (one name per line, in class order), the
+class names a `mvit train` run stored, or for torchvision's weights their Kinetics-400 names and
+for the ImageNet weights of timm and facebookresearch/mvit the ImageNet-1k names. Otherwise the
+class index is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from .convert import SOURCES
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="top classes of video / image files",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint written by `mvit train`, or a run folder (its latest one); "
+                   "with --source, weights of another implementation")
+    p.add_argument("inputs", nargs="+", metavar="FILE", help="videos or images")
+    p.add_argument("--source", choices=SOURCES, default="mvit_kernels", help="whose weights (as mvit eval)")
+    p.add_argument("--preset", help="with --source: the architecture, where the weights do not say it")
+    p.add_argument("--labels", help="class names, one per line in class order")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--test-clips", type=int, default=None, help="videos: temporal views (default 5)")
+    p.add_argument("--test-crops", type=int, default=None, choices=(1, 3), help="videos: spatial views (default 1)")
+    p.add_argument("--sampling-rate", type=int, default=None, help="videos: default the run's, else 4")
+    p.add_argument("--target-fps", type=float, default=None, help="videos: default the run's, else 30")
+    p.add_argument("--crop-fraction", type=float, default=None, help="images: default 0.875")
+    p.add_argument("--ema", action="store_true", help="the EMA weights of a `mvit train` checkpoint")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
+    p.add_argument("--fused", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per file instead of text")
+    p.set_defaults(func=run)
+
+
+def class_names(args: argparse.Namespace, state: dict) -> Optional[list[str]]:
+    """Names for the model's classes, or None (see the module docstring for the order)."""
+    num_classes = state["model_config"].num_classes
+    if args.labels:
+        if not os.path.isfile(args.labels):
+            raise FileNotFoundError(f"--labels not found: {args.labels}")
+        with open(args.labels, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+        if len(names) != num_classes:
+            raise ValueError(f"--labels {args.labels} names {len(names)} classes; the model has {num_classes}")
+        return names
+    if state.get("classes"):
+        return list(state["classes"])
+    from torchvision.models import _meta
+
+    if args.source == "torchvision" and num_classes == len(_meta._KINETICS400_CATEGORIES):
+        return list(_meta._KINETICS400_CATEGORIES)
+    if args.source in ("timm", "mvit") and num_classes == len(_meta._IMAGENET_CATEGORIES):
+        return list(_meta._IMAGENET_CATEGORIES)
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    main(args)
+    return 0
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    from .data import eval_views
+    from .data.image import IMAGE_EXTENSIONS
+    from .data.video import VIDEO_EXTENSIONS
+    from .evaluate import aggregate_views, load_model
+    from .train import _autocast
+    from .training import distributed as dist_utils
+
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    for name, value in (("--test-clips", args.test_clips), ("--sampling-rate", args.sampling_rate)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if args.target_fps is not None and not args.target_fps > 0:
+        raise ValueError(f"--target-fps must be > 0, got {args.target_fps}")
+    kinds = []
+    for path in args.inputs:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"input not found: {path}")
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS:
+            raise ValueError(f"{path}: not a video ({', '.join(VIDEO_EXTENSIONS)}) or image "
+                             f"({', '.join(IMAGE_EXTENSIONS)}) file name")
+        kinds.append(ext in IMAGE_EXTENSIONS)
+    model, state = load_model(args)
+    cfg = state["model_config"]
+    if cfg.patch_2d and not all(kinds):
+        raise ValueError(f"{cfg.name} is an image model: {args.inputs[kinds.index(False)]} is a video")
+    names = class_names(args, state)
+    multi = bool((state.get("args") or {}).get("multi_label"))
+    info = dist_utils.init(args.device)
+    model.to(info.device).eval()
+    autocast, _ = _autocast(info.device, args.precision)
+    results = []
+    for path, image in zip(args.inputs, kinds):
+        dataset = eval_views(args, state, [(path, 0)], image)
+        dataset.max_retries = 0  # one file: an unreadable one is an error, not replaced by another
+        try:
+            views, _ = dataset[0]
+        except Exception as exc:  # the decoders' many error types
+            raise ValueError(f"cannot read {path}: {exc}") from None
+        with torch.no_grad(), (autocast or contextlib.nullcontext)():
+            logits = model(views.to(info.device))
+        probs = aggregate_views(logits[None], multi)[0].cpu()
+        top = probs.topk(min(args.top_k, probs.numel()))
+        ranked = [{"class": int(i), "label": names[int(i)] if names else None, "prob": float(p)}
+                  for p, i in zip(top.values, top.indices)]
+        results.append({"input": path, "views": views.shape[0], "top": ranked})
+        _print(results[-1], args.json)
+    dist_utils.cleanup()
+    return results
+
+
+def _print(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(result["input"])
+    for row in result["top"]:
+        name = row["label"] if row["label"] is not None else f"class {row['class']}"
+        print(f"  {row['prob']:.4f}  {name}")
+    sys.stdout.flush()
+

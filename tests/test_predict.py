@@ -1,0 +1,133 @@
+"""mvit predict: the top classes of files, scored as mvit eval scores them, with class names."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+av = pytest.importorskip("av")
+from PIL import Image  # noqa: E402
+
+from mvit.cli import main  # noqa: E402
+
+
+def _video(path, frames=40, h=36, w=44, seed=0):
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("ffv1", rate=30)
+        s.width, s.height, s.pix_fmt = w, h, "yuv444p"
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), format="rgb24")
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    assert main(["train", "--synthetic-size", "16", "0", "--batch-size", "8", "--epochs", "1", "--threads", "1",
+                 "--no-progress", "--output-dir", str(run)]) == 0
+    return run
+
+
+def test_video_top_classes_are_the_mean_softmax_over_the_papers_views(synthetic_run, tmp_path, capsys):
+    from mvit.data.synthetic import SyntheticMotion
+    from mvit.data.video import ClipSpec, VideoDataset
+    from mvit.evaluate import load_model
+    from mvit.training import checkpoint as ckpt
+
+    clip = _video(tmp_path / "clip.mkv")
+    capsys.readouterr()
+    assert main(["predict", str(synthetic_run), clip, "--top-k", "10", "--json", "--device", "cpu"]) == 0
+    [line] = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(line)
+    assert result["input"] == clip and result["views"] == 5  # 5 clips x 1 crop
+    top = result["top"]
+    n = SyntheticMotion.num_classes
+    assert len(top) == n and sorted(r["class"] for r in top) == list(range(n))  # --top-k above the classes
+    assert [r["label"] for r in top] == [SyntheticMotion.classes[r["class"]] for r in top]  # the run's names
+    probs = [r["prob"] for r in top]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-5)
+
+    # the same number by hand: the run's model over pySlowFast's one-crop views, softmax averaged
+    [path] = ckpt.list_checkpoints(str(synthetic_run))
+    state = ckpt.load(path)
+    model, _ = load_model(argparse.Namespace(checkpoint=path, source="mvit_kernels", preset=None, ema=False,
+                                             fused=False))
+    t, s = state["model_config"].input_size[:2]
+    spec = ClipSpec(frames=t, crop=s, stride=4, target_fps=30, jitter=(round(s * 256 / 224), round(s * 320 / 224)),
+                    test_clips=5, test_crops=1)
+    views, _ = VideoDataset([(clip, 0)], spec, False, n)[0]
+    with torch.no_grad():
+        expected = model.eval()(views).softmax(-1).mean(0)
+    for r in top:
+        assert r["prob"] == pytest.approx(float(expected[r["class"]]), abs=1e-5)
+
+    capsys.readouterr()
+    assert main(["predict", str(synthetic_run), clip, "--top-k", "2", "--test-clips", "2", "--test-crops", "3",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == clip and len(out) == 3 and out[1].split()[1] in SyntheticMotion.classes
+
+
+def test_image_weights_get_imagenet_names(tmp_path, capsys):
+    from safetensors.torch import save_file
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    torch.manual_seed(0)
+    source = MultiScaleVit(MultiScaleVitCfg(depths=(1, 1, 1, 1), embed_dim=16, num_heads=1), img_size=64,
+                           num_classes=1000).eval()
+    weights = tmp_path / "model.safetensors"
+    save_file(source.state_dict(), str(weights))
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(photo)
+    capsys.readouterr()
+    assert main(["predict", str(weights), str(photo), "--source", "timm", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["views"] == 1 and len(result["top"]) == 5
+    assert all(r["label"] == _IMAGENET_CATEGORIES[r["class"]] for r in result["top"])
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"thing {i}\n" for i in range(1000)))
+    capsys.readouterr()
+    assert main(["predict", str(weights), str(photo), "--source", "timm", "--labels", str(labels), "--top-k", "1",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split("  ")[-1].startswith("thing ")
+
+
+def test_bad_inputs_are_one_line_errors(synthetic_run, tmp_path, capsys):
+    clip = _video(tmp_path / "clip.mkv")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all" * 4)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\n")
+    for argv, message in (
+        ([str(tmp_path / "missing.mp4")], "input not found"),
+        ([str(tmp_path / "notes.txt")], "not a video (.mp4"),
+        ([clip, "--top-k", "0"], "--top-k must be >= 1"),
+        ([clip, "--labels", str(labels)], "names 2 classes; the model has 4"),
+        ([clip, "--crop-fraction", "0.9"], "does not use --crop-fraction"),
+        ([str(tmp_path / "broken.mp4")], "cannot read"),
+    ):
+        capsys.readouterr()
+        assert main(["predict", str(synthetic_run), *argv, "--device", "cpu"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1], (argv, err)
+
+
+def test_a_video_for_an_image_model_is_an_error(tmp_path, capsys):
+    from mvit import build_model
+    from mvit.training import checkpoint as ckpt
+
+    model = build_model("mvitv2_t_image", input_size=(1, 64, 64), num_classes=3)
+    path = tmp_path / "img.pt"
+    torch.save({"model": model.state_dict(), "model_config": model.cfg}, path)
+    assert ckpt.load(str(path))["model_config"].patch_2d
+    clip = _video(tmp_path / "clip.mkv")
+    assert main(["predict", str(path), clip]) == 2
+    assert "mvitv2_t_image is an image model: " in capsys.readouterr().err
