@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .convert import SOURCES
+from .data.video import TEMPORAL_SAMPLING
 from .training import distributed as dist_utils
 
 
@@ -147,6 +148,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--test-crops", type=int, default=None, choices=(1, 3),
                    help="spatial views (default 1 video, as the MViT papers)")
     p.add_argument("--sampling-rate", type=int, default=None)
+    p.add_argument("--temporal-sampling", choices=TEMPORAL_SAMPLING, default=None,
+                   help="videos: default the run's, else 'stride'; 'segments' (Something-Something) tests 1 clip "
+                        "x 3 crops by default")
     p.add_argument("--target-fps", type=float, default=None)
     p.add_argument("--crop-fraction", type=float, default=None,
                    help="images: the centre crop's share of the resized short side (default 0.875, as "

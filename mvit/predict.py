@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from .convert import SOURCES
+from .data.video import TEMPORAL_SAMPLING
 
 
 def add_parser(subparsers) -> None:
@@ -32,9 +33,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--preset", help="with --source: the architecture, where the weights do not say it")
     p.add_argument("--labels", help="class names, one per line in class order")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--test-clips", type=int, default=None, help="videos: temporal views (default 5)")
-    p.add_argument("--test-crops", type=int, default=None, choices=(1, 3), help="videos: spatial views (default 1)")
+    p.add_argument("--test-clips", type=int, default=None, help="videos: temporal views (default 5; segments 1)")
+    p.add_argument("--test-crops", type=int, default=None, choices=(1, 3),
+                   help="videos: spatial views (default 1; segments 3)")
     p.add_argument("--sampling-rate", type=int, default=None, help="videos: default the run's, else 4")
+    p.add_argument("--temporal-sampling", choices=TEMPORAL_SAMPLING, default=None,
+                   help="videos: default the run's, else 'stride' ('segments': 1 clip x 3 crops by default)")
     p.add_argument("--target-fps", type=float, default=None, help="videos: default the run's, else 30")
     p.add_argument("--crop-fraction", type=float, default=None, help="images: default 0.875")
     p.add_argument("--ema", action="store_true", help="the EMA weights of a `mvit train` checkpoint")

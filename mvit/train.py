@@ -38,7 +38,8 @@ from .training import distributed as dist_utils
 from .training.ema import ModelEMA
 from .training.logs import JsonLog, plot_curves
 from .training.mixup import MixupCutmix, soft_target_cross_entropy
-from .training.optim import WarmupCosine, build_optimizer
+from .data.video import TEMPORAL_SAMPLING
+from .training.optim import OPTIMIZERS, WarmupCosine, build_optimizer
 
 # The papers' Kinetics recipe (MViT paper A.1 / MViTv2 paper, pySlowFast's MVIT_B_16x4_CONV and
 # MVITv2_S_16x4 configs): AUG.AA_TYPE rand-m7-n4-mstd0.5-inc1, random resized crops of 8-100% of
@@ -48,7 +49,8 @@ PAPER_RECIPE = dict(
     epochs=200, warmup_epochs=30.0, batch_size=64, base_lr=1.6e-3, min_lr=1e-6, weight_decay=0.05,
     label_smoothing=0.1, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,
     rand_augment="rand-m7-n4-mstd0.5-inc1", random_erasing=0.25, repeated_aug=2, clip_grad=1.0, drop_path=None,
-    flip=True, eval_every=5, crop_scale=(0.08, 1.0), zero_decay_pos_cls=False,
+    flip=True, eval_every=5, crop_scale=(0.08, 1.0), zero_decay_pos_cls=False, optimizer="adamw",
+    temporal_sampling="stride", inverse_uniform_jitter=False,
 )
 
 # facebookresearch/mvit's ImageNet recipe (its config defaults and configs/MVITv2_{T,S,B}.yaml):
@@ -59,6 +61,21 @@ IMAGE_RECIPE = dict(
     repeated_aug=1,
 )
 
+# pySlowFast's Something-Something v2 configs (SSv2/MVITv2_S_16x4.yaml; MVITv2_B_32x3 differs only
+# in its LR, 0.0015 per 16 clips = 0.048 per 512): one frame from each of T segments of the video,
+# no flips (the labels name directions), a short-side jitter drawn inverse-uniformly and a random
+# crop, SGD with Nesterov momentum at 0.0025 per 16 clips, weight decay 1e-4, 100 epochs, 3 of
+# warmup, stochastic depth 0.4, one copy per clip; tested on 1 clip x 3 crops. The papers
+# fine-tune from Kinetics weights (--finetune).
+SSV2_RECIPE = dict(
+    PAPER_RECIPE, epochs=100, warmup_epochs=3.0, base_lr=0.08, weight_decay=1e-4, optimizer="sgd", repeated_aug=1,
+    flip=False, crop_scale=None, inverse_uniform_jitter=True, temporal_sampling="segments", drop_path=0.4,
+    eval_every=2,
+)
+
+#: --recipe choices; without it, image runs take "imagenet" and video runs "kinetics".
+RECIPES = {"kinetics": PAPER_RECIPE, "imagenet": IMAGE_RECIPE, "ssv2": SSV2_RECIPE}
+
 # The built-in synthetic task: small, fast, and motion direction must survive augmentation (no
 # flips, no RandAugment geometry, no mixing that blends two directions into one clip).
 SYNTHETIC_RECIPE = dict(
@@ -66,6 +83,7 @@ SYNTHETIC_RECIPE = dict(
     label_smoothing=0.1, mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5,
     rand_augment="none", random_erasing=0.0, repeated_aug=1, clip_grad=1.0, drop_path=None,
     flip=False, eval_every=1, zero_decay_pos_cls=True,  # as its seeds were measured (README)
+    optimizer="adamw",
 )
 SYNTHETIC_TRAIN_LENGTH = 8192
 SYNTHETIC_VAL_LENGTH = 1024
@@ -89,6 +107,12 @@ def add_parser(subparsers) -> None:
     d.add_argument("--sampling-rate", type=int, help="tau: frames between samples (default 4)")
     d.add_argument("--target-fps", type=float, help="frame rate tau is counted at (default 30)")
     d.add_argument("--crop-size", type=int, help="default: the preset's")
+    d.add_argument("--temporal-sampling", choices=TEMPORAL_SAMPLING,
+                   help="videos: 'stride' (T frames every --sampling-rate frames; Kinetics) or 'segments' (one "
+                        "frame from each of T segments of the video; Something-Something)")
+    d.add_argument("--inverse-uniform-jitter", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --jitter-scales: draw the short side as 1 / uniform(1 / MAX, 1 / MIN) (pySlowFast's "
+                        "INV_UNIFORM_SAMPLE)")
     d.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="random resized crop: fractions of the area (default 0.08 1.0, the papers')")
     d.add_argument("--jitter-scales", type=int, nargs=2, default=None,
@@ -113,6 +137,11 @@ def add_parser(subparsers) -> None:
     m.add_argument("--checkpoint-activations", action="store_true", help="recompute blocks in backward")
 
     o = p.add_argument_group("optimization (defaults: the papers' recipe; synthetic: SYNTHETIC_RECIPE)")
+    o.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="the defaults of every option below and of the augmentations: pySlowFast's Kinetics or "
+                        "Something-Something v2 configs, facebookresearch/mvit's ImageNet ones (default: imagenet "
+                        "for image runs, else kinetics)")
+    o.add_argument("--optimizer", choices=OPTIMIZERS)
     o.add_argument("--epochs", type=int)
     o.add_argument("--warmup-epochs", type=float)
     o.add_argument("--batch-size", type=int, help="global clips per optimizer step (all ranks, all micro-batches)")
@@ -157,7 +186,8 @@ def add_parser(subparsers) -> None:
 def resolve_recipe(args: argparse.Namespace) -> dict:
     """Flags given explicitly win; the rest come from the synthetic or the paper recipe."""
     synthetic = not (args.train_csv or args.data_root)
-    base = SYNTHETIC_RECIPE if synthetic else IMAGE_RECIPE if _image_task(args) else PAPER_RECIPE
+    name = getattr(args, "recipe", None) or ("imagenet" if _image_task(args) else "kinetics")
+    base = SYNTHETIC_RECIPE if synthetic else RECIPES[name]
     recipe = {k: (getattr(args, k, None) if getattr(args, k, None) is not None else v) for k, v in base.items()}
     recipe["synthetic"] = synthetic
     if getattr(args, "jitter_scales", None) is not None:
@@ -193,6 +223,8 @@ def _unused_options(args: argparse.Namespace, recipe: dict, image: bool) -> list
         "--jitter-scales": args.jitter_scales is not None,
         "--test-clips": args.test_clips not in (None, 1),
         "--test-crops": args.test_crops not in (None, 1),
+        "--temporal-sampling": args.temporal_sampling is not None,
+        "--inverse-uniform-jitter": args.inverse_uniform_jitter is not None,
     }
     if recipe["synthetic"]:
         # the synthetic task renders clips at the model's size, one view each, without augmentation
@@ -203,12 +235,17 @@ def _unused_options(args: argparse.Namespace, recipe: dict, image: bool) -> list
             "--rand-augment": parse_rand_augment(recipe["rand_augment"]) is not None,
             "--random-erasing": recipe["random_erasing"] > 0,
             "--crop-scale": args.crop_scale is not None,
+            "--recipe": args.recipe is not None,
         }
     elif image:  # one frame, one centre crop per image
         given = video_only | {"--num-frames": args.num_frames not in (None, 1),
                               "--synthetic-size": args.synthetic_size is not None}
     else:
-        given = {"--synthetic-size": args.synthetic_size is not None}
+        segments = recipe.get("temporal_sampling") == "segments"  # the frames span the whole video
+        given = {"--synthetic-size": args.synthetic_size is not None,
+                 "--sampling-rate": segments and args.sampling_rate is not None,
+                 "--target-fps": segments and args.target_fps is not None,
+                 "--inverse-uniform-jitter": recipe.get("crop_scale") is not None and args.inverse_uniform_jitter}
     return [name for name, used in given.items() if used]
 
 
@@ -377,7 +414,7 @@ def train(args: argparse.Namespace) -> dict:
     global_batch = recipe["batch_size"]
     lr = recipe["base_lr"] * global_batch / 512.0
     optimizer = build_optimizer(model, lr, recipe["weight_decay"], args.layer_decay,
-                                zero_decay_pos_cls=recipe["zero_decay_pos_cls"])
+                                zero_decay_pos_cls=recipe["zero_decay_pos_cls"], kind=recipe["optimizer"])
     from .data.samplers import TrainSampler
 
     sampler = TrainSampler(len(data.train), info.rank, info.world_size, recipe["repeated_aug"], args.seed)
@@ -799,6 +836,11 @@ def _check_same_run(path: str, obj: dict, model, args, recipe: dict) -> list[str
         raise ValueError(f"--resume {path}: the run was started with --layer-decay {old_args['layer_decay']}, not "
                          f"{args.layer_decay} (the optimizer's parameter groups differ): give --layer-decay "
                          f"{old_args['layer_decay']}, or start a new run from it with --finetune")
+    old_optimizer = old_recipe.get("optimizer", "adamw") if old_recipe else recipe["optimizer"]
+    if old_optimizer != recipe["optimizer"]:
+        raise ValueError(f"--resume {path}: the run was started with --optimizer {old_optimizer}, not "
+                         f"{recipe['optimizer']}: give --optimizer {old_optimizer}, or start a new run from it "
+                         "with --finetune")
     # runs started before the option existed exempted position tables and the class token
     old_zero = old_recipe.get("zero_decay_pos_cls", True) if old_recipe else recipe["zero_decay_pos_cls"]
     if old_zero != recipe["zero_decay_pos_cls"]:

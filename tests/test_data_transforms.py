@@ -79,3 +79,14 @@ def test_random_resized_crop_boxes(monkeypatch):
     a = T.random_resized_crop(uint8, 16, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(3), "bicubic", True)
     b = T.random_resized_crop(uint8, 16, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(3), "bicubic", True)
     assert a.dtype == torch.uint8 and a.shape == (3, 3, 16, 16) and torch.equal(a, b)
+
+
+def test_inverse_uniform_jitter_leans_to_the_small_sizes():
+    """pySlowFast's INV_UNIFORM_SAMPLE: 1 / uniform(1 / max, 1 / min); between 16 and 64 its median
+    is 1 / 0.0390625 = 25.6 where a uniform draw's is 40."""
+    clip = torch.zeros(1, 1, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    inv = sorted(T.random_short_side_scale(clip, 16, 64, g, inverse_uniform=True).shape[-1] for _ in range(300))
+    uni = sorted(T.random_short_side_scale(clip, 16, 64, g).shape[-1] for _ in range(300))
+    assert 16 <= inv[0] and inv[-1] <= 64 and 16 <= uni[0] and uni[-1] <= 64
+    assert 22 <= inv[150] <= 30 and 35 <= uni[150] <= 45

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mvit.data.samplers import TrainSampler, clip_frame_indices, shard_indices
+from mvit.data.samplers import TrainSampler, clip_frame_indices, segment_frame_indices, shard_indices
 from mvit.data.synthetic import MEAN, STD
 
 av = pytest.importorskip("av")
@@ -47,6 +47,35 @@ def test_index_math():
     g = torch.Generator().manual_seed(0)
     idx = clip_frame_indices(100, 8, 4, 30, 30, -1, 1, g)
     assert 0 <= idx[0] <= 100 - 32 and np.all(np.diff(idx) >= 4) and np.all(np.diff(idx) <= 5)
+
+
+def test_segment_indices_as_pyslowfast_ssv2():
+    # 40 frames, 4 segments: s = 39 / 4 = 9.75; bounds round(9.75 i): 0, 10, 20 (19.5, half to even), 29, 39
+    assert segment_frame_indices(40, 4) == [5, 15, 24, 34]  # (start + end) // 2
+    g = torch.Generator().manual_seed(0)
+    draws = [segment_frame_indices(40, 4, g, train=True) for _ in range(200)]
+    for i, (lo, hi) in enumerate([(0, 10), (10, 20), (20, 29), (29, 39)]):
+        seen = {d[i] for d in draws}
+        assert min(seen) == lo and max(seen) == hi  # both ends included, as random.randint
+    # short videos repeat frames: s = 2 / 6, bounds 0, 0, 1, 1, 1, 2, 2 -> middles 0, 0, 1, 1, 1, 2
+    assert segment_frame_indices(3, 6) == [0, 0, 1, 1, 1, 2]
+    with pytest.raises(ValueError, match="no frames"):
+        segment_frame_indices(0, 4)
+
+
+def test_segment_sampling_takes_these_frames(tmp_path):
+    path = make_video(tmp_path / "v.mkv", num_frames=40)
+    spec = ClipSpec(frames=4, crop=16, temporal_sampling="segments", test_clips=1, test_crops=3)
+    views, _ = VideoDataset([(path, 0)], spec, train=False, num_classes=1)[0]
+    assert views.shape == (3, 3, 4, 16, 16) and [frame_ids(v) for v in views] == [[5, 15, 24, 34]] * 3
+    train = VideoDataset([(path, 0)], ClipSpec(frames=4, crop=16, jitter=(16, 20), temporal_sampling="segments",
+                                               inverse_uniform=True, flip=False), train=True, num_classes=1)
+    ids = [frame_ids(train[(0, seed)][0]) for seed in range(6)]
+    assert all(0 <= a <= 10 <= b <= 20 <= c <= 29 <= d <= 39 for a, b, c, d in ids) and len({tuple(i) for i in ids}) > 1
+    with pytest.raises(ValueError, match="--temporal-sampling segments takes one clip"):
+        VideoDataset([(path, 0)], ClipSpec(frames=4, crop=16, temporal_sampling="segments", test_clips=2), False, 1)
+    with pytest.raises(ValueError, match="--temporal-sampling must be one of"):
+        VideoDataset([(path, 0)], ClipSpec(frames=4, crop=16, temporal_sampling="tsn"), False, 1)
 
 
 def test_decoder_reads_the_frames_asked_for(tmp_path):

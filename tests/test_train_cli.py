@@ -183,3 +183,22 @@ def test_image_runs_default_to_the_image_recipe_and_videos_to_kinetics():
     assert recipe("--data-root", ".", "--crop-scale", "0.3", "1")["crop_scale"] == [0.3, 1.0]
     with pytest.raises(ValueError, match="--jitter-scales and --crop-scale choose between two ways of cropping"):
         recipe("--data-root", ".", "--jitter-scales", "256", "320", "--crop-scale", "0.3", "1")
+    ssv2 = recipe("--preset", "mvitv2_s_16x4", "--data-root", ".", "--recipe", "ssv2")
+    assert (ssv2["optimizer"], ssv2["weight_decay"], ssv2["epochs"], ssv2["warmup_epochs"]) == ("sgd", 1e-4, 100, 3.0)
+    assert (ssv2["temporal_sampling"], ssv2["flip"], ssv2["crop_scale"], ssv2["inverse_uniform_jitter"]) == (
+        "segments", False, None, True)
+    assert ssv2["base_lr"] == pytest.approx(0.0025 * 512 / 16) and ssv2["drop_path"] == 0.4
+    assert recipe("--data-root", ".", "--recipe", "ssv2", "--optimizer", "adamw")["optimizer"] == "adamw"
+    assert recipe("--preset", "mvitv2_s_image", "--data-root", ".", "--recipe", "kinetics")["epochs"] == 200
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recipe", "kinetics"], "the built-in synthetic task (no --train-csv or --data-root) does not use --recipe"),
+    (["--data-root", ".", "--recipe", "ssv2", "--sampling-rate", "2"], "a video run does not use --sampling-rate"),
+    (["--data-root", ".", "--inverse-uniform-jitter"], "a video run does not use --inverse-uniform-jitter"),
+    (["--preset", "mvitv2_t_image", "--data-root", ".", "--temporal-sampling", "segments"],
+     "an image run does not use --temporal-sampling"),
+])
+def test_options_the_recipe_makes_unused(argv, message, tmp_path, capsys):
+    assert main(["train", *argv, "--output-dir", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err

@@ -101,3 +101,13 @@ def test_warmup_cosine():
     opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr_scale": 0.5}], lr=1)
     s.apply(opt, 10)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+
+
+def test_sgd_is_pyslowfasts():
+    model = build_model("mvit_tiny")
+    opt = build_optimizer(model, 0.1, 1e-4, kind="sgd")
+    assert isinstance(opt, torch.optim.SGD)
+    assert all(g["momentum"] == 0.9 and g["nesterov"] and g["dampening"] == 0 for g in opt.param_groups)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 1e-4}
+    with pytest.raises(ValueError, match="--optimizer must be one of"):
+        build_optimizer(model, 0.1, 1e-4, kind="lamb")

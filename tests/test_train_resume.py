@@ -153,6 +153,8 @@ def test_resume_refuses_another_model_batch_size_or_file(tmp_path, capsys):
     _one_line_error(capsys, "the run was started with --batch-size 16, not 8")
     assert main(resume + ["auto", "--layer-decay", "0.5"]) == 2
     _one_line_error(capsys, "the run was started with --layer-decay 1.0, not 0.5")
+    assert main(resume + ["auto", "--optimizer", "sgd"]) == 2  # other optimizer state
+    _one_line_error(capsys, "the run was started with --optimizer adamw, not sgd")
     assert main(resume + ["auto", "--no-zero-decay-pos-cls"]) == 2  # other parameter groups
     _one_line_error(capsys, "the run was started with --zero-decay-pos-cls (the optimizer's parameter groups "
                             "differ): give --zero-decay-pos-cls")

@@ -96,3 +96,19 @@ def test_val_csv_with_class_folders(video_root, tmp_path, capsys):
     assert main(["eval", str(out), "--val-csv", str(val_csv), "--data-root", str(video_root)]) == 2
     err = capsys.readouterr().err
     assert f"{val_csv}:2: label 3 is outside [0, 3) (the checkpoint's model has 3 classes)" in err, err
+
+
+def test_something_something_recipe(video_root, tmp_path):
+    """--recipe ssv2: segment frames, SGD, no flips; mvit eval then tests 1 clip x 3 crops."""
+    out = tmp_path / "ssv2"
+    argv = ["--num-frames", "8", "--crop-size", "32", "--jitter-scales", "32", "40", "--batch-size", "4",
+            "--max-steps", "2", "--threads", "1", "--no-progress", "--workers", "0"]
+    assert main(["train", "--data-root", str(video_root), "--recipe", "ssv2", "--output-dir", str(out)] + argv) == 0
+    [ck] = ckpt.list_checkpoints(str(out))
+    state = ckpt.load(ck)
+    assert state["recipe"]["temporal_sampling"] == "segments" and state["recipe"]["optimizer"] == "sgd"
+    assert "momentum_buffer" in next(iter(state["optimizer"]["state"].values()))
+    report = tmp_path / "eval.json"
+    assert main(["eval", ck, "--data-root", str(video_root), "--workers", "0", "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["views_per_video"] == 3
+    assert main(["eval", ck, "--data-root", str(video_root), "--test-clips", "2"]) == 2

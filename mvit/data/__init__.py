@@ -124,8 +124,8 @@ def build_eval_dataset(args, state: dict):
 def eval_views(args, state: dict, items: list, image: bool) -> Dataset:
     """The test views of ``items`` ((path, label) pairs) for ``mvit eval`` and ``mvit predict``:
     an image's centre crop (``args.crop_fraction``), or a video's clips x crops (``args.test_clips``,
-    ``args.test_crops``, ``args.sampling_rate``, ``args.target_fps``; unset: the papers' views and
-    the checkpoint's run's sampling). An option the input does not use is an error."""
+    ``args.test_crops``, ``args.sampling_rate``, ``args.target_fps``, ``args.temporal_sampling``;
+    unset: the checkpoint's run's sampling and the papers' views for it). An option the input does not use is an error."""
     from .image import CROP_FRACTION, ImageFolderDataset
     from .video import ClipSpec, VideoDataset, default_jitter
 
@@ -140,21 +140,28 @@ def eval_views(args, state: dict, items: list, image: bool) -> Dataset:
     # unset: the training run's settings (an older run's stored target_fps of 0 meant the source rate)
     fps = args.target_fps if args.target_fps is not None else train_args.get("target_fps", 30.0)
     stride = args.sampling_rate if args.sampling_rate is not None else train_args.get("sampling_rate") or 4
-    _reject_unused("a video checkpoint's evaluation", [("--crop-fraction", args.crop_fraction is not None)])
-    # The MViT papers' Kinetics views: 5 clips x 1 crop, the short side scaled as in training (256
-    # for 224 crops) before the centre crop.
+    sampling = (getattr(args, "temporal_sampling", None) or (state.get("recipe") or {}).get("temporal_sampling")
+                or "stride")
+    segments = sampling == "segments"
+    _reject_unused("a video checkpoint's evaluation", [("--crop-fraction", args.crop_fraction is not None)] + (
+        [("--sampling-rate", args.sampling_rate is not None), ("--target-fps", args.target_fps is not None)]
+        if segments else []))
+    # The MViT papers' views: Kinetics 5 clips x 1 crop, the short side scaled as in training (256
+    # for 224 crops) before the centre crop; Something-Something (segments) 1 clip x 3 crops.
     crop = cfg.input_size[1]
     jitter = train_args.get("jitter_scales") or default_jitter(crop)
     spec = ClipSpec(frames=cfg.input_size[0], crop=crop, stride=stride, target_fps=fps or None,
-                    jitter=tuple(jitter), test_clips=5 if args.test_clips is None else args.test_clips,
-                    test_crops=1 if args.test_crops is None else args.test_crops)
+                    jitter=tuple(jitter), temporal_sampling=sampling,
+                    test_clips=(1 if segments else 5) if args.test_clips is None else args.test_clips,
+                    test_crops=(3 if segments else 1) if args.test_crops is None else args.test_crops)
     return VideoDataset(items, spec, False, cfg.num_classes, multi)
 
 
 def _clip_options(args) -> list[tuple[str, bool]]:
     """(option, given) for mvit eval's options of video clips and views."""
     return [("--test-clips", args.test_clips not in (None, 1)), ("--test-crops", args.test_crops not in (None, 1)),
-            ("--sampling-rate", args.sampling_rate is not None), ("--target-fps", args.target_fps is not None)]
+            ("--sampling-rate", args.sampling_rate is not None), ("--target-fps", args.target_fps is not None),
+            ("--temporal-sampling", getattr(args, "temporal_sampling", None) is not None)]
 
 
 def _reject_unused(task: str, options: list[tuple[str, bool]]) -> None:

@@ -11,7 +11,10 @@ loads it, and ``start`` skips the items already consumed (mid-epoch resume).
 ``shard_indices``: evaluation sharding without padding, so every video is counted exactly once.
 
 ``clip_frame_indices``: pySlowFast's clip sampling, T frames every tau frames at the target frame
-rate, mapped to the source frame rate.
+rate, mapped to the source frame rate (Kinetics).
+
+``segment_frame_indices``: pySlowFast's Something-Something sampling, one frame from each of T
+equal segments of the whole video.
 """
 
 from __future__ import annotations
@@ -86,3 +89,20 @@ def clip_frame_indices(num_frames: int, frames: int, stride: int, source_fps: fl
     end = start + span - 1.0
     idx = torch.linspace(start, end, frames).long().clamp_(0, num_frames - 1)
     return idx.tolist()
+
+
+def segment_frame_indices(num_frames: int, frames: int, rng: Optional[torch.Generator] = None,
+                          train: bool = False) -> list[int]:
+    """One frame from each of ``frames`` equal segments spanning the whole video (pySlowFast's
+    ``Ssv2.get_seq_frames``): segment i runs from round(i * s) to round((i + 1) * s) with
+    s = (num_frames - 1) / frames, both ends included; training takes a random frame of each
+    (``rng``), testing the middle one. Short videos repeat frames."""
+    if num_frames < 1:
+        raise ValueError("video has no frames")
+    size = (num_frames - 1) / frames
+    out = []
+    for i in range(frames):
+        # numpy's round (half to even), as pySlowFast's np.round
+        start, end = int(round(size * i)), int(round(size * (i + 1)))
+        out.append(int(torch.randint(start, end + 1, (1,), generator=rng)) if train else (start + end) // 2)
+    return out

@@ -44,7 +44,14 @@ def short_side_scale(clip: torch.Tensor, size: int, mode: str = "bilinear", anti
     return resize(clip, (new_h, new_w), mode, antialias)
 
 
-def random_short_side_scale(clip: torch.Tensor, min_size: int, max_size: int, gen=None) -> torch.Tensor:
+def random_short_side_scale(clip: torch.Tensor, min_size: int, max_size: int, gen=None,
+                            inverse_uniform: bool = False) -> torch.Tensor:
+    """The short side to a size drawn from [min_size, max_size]: uniformly, or with
+    ``inverse_uniform`` (pySlowFast's DATA.INV_UNIFORM_SAMPLE, its Something-Something configs)
+    round(1 / u) for u uniform in [1 / max_size, 1 / min_size]."""
+    if inverse_uniform:
+        u = 1.0 / max_size + (1.0 / min_size - 1.0 / max_size) * float(torch.rand((), generator=gen))
+        return short_side_scale(clip, int(round(1.0 / u)))
     return short_side_scale(clip, _randint(min_size, max_size, gen))
 
 

@@ -8,8 +8,11 @@ Training clip, as pySlowFast trains MViT on Kinetics: T frames every tau frames 
 from a random start (:func:`~mvit.data.samplers.clip_frame_indices`), RandAugment on the decoded
 frames (:mod:`.rand_augment`), a random resized crop (``crop_scale`` of the area, aspect ratio in
 ``crop_ratio``; or, with ``crop_scale=None``, a random short-side scale in ``jitter`` and a random
-crop, pySlowFast's rule for its other models), horizontal flip, normalization, random erasing.
-Test views: K uniformly spaced clips x 1 or 3 crops. One crop: the short side scaled to
+crop, pySlowFast's rule for its other models and Something-Something), horizontal flip,
+normalization, random erasing. ``temporal_sampling="segments"``: pySlowFast's Something-Something
+frames instead, one from each of T equal segments of the whole video (random in training, the
+middle in testing; :func:`~mvit.data.samplers.segment_frame_indices`).
+Test views: K uniformly spaced clips (segments: the one clip) x 1 or 3 crops. One crop: the short side scaled to
 ``jitter[0]`` (256 for 224 crops) and the centre crop; three: the short side scaled to the crop
 size and left/centre/right crops (pySlowFast's two test rules).
 """
@@ -27,11 +30,13 @@ from torch.utils.data import Dataset
 
 from . import transforms as T
 from .rand_augment import VIDEO_FILL, RandAugmentSpec, rand_augment
-from .samplers import clip_frame_indices
+from .samplers import clip_frame_indices, segment_frame_indices
 from .synthetic import MEAN, STD
 
 log = logging.getLogger("mvit.data")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
+#: clip_frame_indices (Kinetics: T frames tau apart) or segment_frame_indices (Something-Something)
+TEMPORAL_SAMPLING = ("stride", "segments")
 Label = Union[int, tuple[int, ...]]
 
 
@@ -167,6 +172,8 @@ class ClipSpec:
     jitter: tuple[int, int] = (256, 320)
     crop_scale: Optional[tuple[float, float]] = None  # random resized crop's area fraction; None: jitter
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    inverse_uniform: bool = False  # the jitter's short side drawn as pySlowFast's INV_UNIFORM_SAMPLE
+    temporal_sampling: str = "stride"  # or "segments": one frame per segment of the video (SSv2)
     flip: bool = True
     rand_augment: Optional[RandAugmentSpec] = None
     erasing: float = 0.0
@@ -178,6 +185,9 @@ class ClipSpec:
         Checked once up front: inside ``__getitem__`` they would look like unreadable videos."""
         if self.frames < 1:
             raise ValueError(f"--num-frames must be >= 1, got {self.frames}")
+        if self.temporal_sampling not in TEMPORAL_SAMPLING:
+            raise ValueError(f"--temporal-sampling must be one of {TEMPORAL_SAMPLING}, "
+                             f"got {self.temporal_sampling!r}")
         if self.stride < 1:
             raise ValueError(f"--sampling-rate must be >= 1, got {self.stride}")
         if self.target_fps is not None and not self.target_fps > 0:
@@ -200,6 +210,9 @@ class ClipSpec:
                 raise ValueError(f"--test-clips must be >= 1, got {self.test_clips}")
             if self.test_crops not in (1, 3):
                 raise ValueError(f"--test-crops must be 1 or 3, got {self.test_crops}")
+            if self.temporal_sampling == "segments" and self.test_clips != 1:
+                raise ValueError(f"--temporal-sampling segments takes one clip spanning the video (its middle "
+                                 f"frames); --test-clips {self.test_clips} would repeat it")
 
 
 def check_crop_scale(scale, ratio) -> None:
@@ -249,7 +262,10 @@ class VideoDataset(Dataset):
     def _decode(self, path: str, gen: torch.Generator) -> torch.Tensor:
         """The frames of one training clip, or of every test clip one after another: (N, C, H, W) uint8."""
         s = self.spec
-        if self.train:
+        if s.temporal_sampling == "segments":
+            def wanted(n, fps):
+                return segment_frame_indices(n, s.frames, gen, train=self.train)
+        elif self.train:
             def wanted(n, fps):
                 return clip_frame_indices(n, s.frames, s.stride, fps, s.target_fps, -1, 1, gen)
         else:
@@ -267,7 +283,8 @@ class VideoDataset(Dataset):
             if s.crop_scale is not None:
                 clip = T.random_resized_crop(clip, s.crop, s.crop_scale, s.crop_ratio, gen)
             else:
-                clip = T.random_crop(T.random_short_side_scale(clip, *s.jitter, gen=gen), s.crop, gen)
+                clip = T.random_short_side_scale(clip, *s.jitter, gen=gen, inverse_uniform=s.inverse_uniform)
+                clip = T.random_crop(clip, s.crop, gen)
             if s.flip:
                 clip = T.random_flip(clip, 0.5, gen)
             with torch.random.fork_rng(devices=[]):
@@ -317,6 +334,8 @@ def _spec(args, recipe: dict, cfg, train: bool, test_clips: int, test_crops: int
     crop_scale = recipe.get("crop_scale")
     return ClipSpec(frames=frames, stride=args.sampling_rate, target_fps=args.target_fps or None, crop=crop,
                     jitter=jitter, crop_scale=tuple(crop_scale) if crop_scale else None,
+                    inverse_uniform=bool(recipe.get("inverse_uniform_jitter", False)),
+                    temporal_sampling=recipe.get("temporal_sampling") or "stride",
                     flip=bool(recipe.get("flip", True)),
                     rand_augment=parse(recipe.get("rand_augment")) if train else None,
                     erasing=recipe.get("random_erasing", 0.0) if train else 0.0,

@@ -42,11 +42,22 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     return [groups[k] for k in sorted(groups)]
 
 
+#: ``--optimizer`` choices: pySlowFast's SOLVER.OPTIMIZING_METHOD values the MViT configs use.
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, layer_decay: float = 1.0,
-                    betas=(0.9, 0.999), zero_decay_pos_cls: bool = True) -> torch.optim.AdamW:
+                    betas=(0.9, 0.999), zero_decay_pos_cls: bool = True, kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (Kinetics, ImageNet) or SGD with Nesterov momentum 0.9 (Something-Something), as
+    pySlowFast builds them: SOLVER.MOMENTUM 0.9, DAMPENING 0, NESTEROV true."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {kind!r}")
     groups = param_groups(model, weight_decay, layer_decay, zero_decay_pos_cls)
     names = [g.pop("names") for g in groups]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+    if kind == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
     opt.group_names = names  # kept for inspection and tests, not saved
     return opt
 
