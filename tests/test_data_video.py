@@ -168,6 +168,45 @@ def test_lists_and_class_folders(tmp_path):
     assert read_csv(str(csv), multi_label=True) == [("x/a.mp4", (1, 4))]
 
 
+def _ssv2_lists(folder, entries):
+    """The download's layout: labels (template -> number as a string) beside the lists."""
+    import json
+
+    labels = {"Pushing something from left to right": "1", "Holding something": "0",
+              "Turning something upside down": "2"}
+    (folder / "something-something-v2-labels.json").write_text(json.dumps(labels))
+    path = folder / "something-something-v2-train.json"
+    path.write_text(json.dumps(entries))
+    return str(path)
+
+
+def test_something_something_json_lists(tmp_path):
+    from mvit.data.video import read_list
+
+    path = _ssv2_lists(tmp_path, [
+        {"id": "78687", "label": "holding potato", "template": "Holding [something]", "placeholders": ["potato"]},
+        {"id": "42326", "label": "pushing a cup from left to right",
+         "template": "Pushing [something] from left to right", "placeholders": ["a cup"]},
+    ])
+    items, classes = read_list(path, "/data/ssv2")
+    assert items == [("/data/ssv2/78687.webm", 0), ("/data/ssv2/42326.webm", 1)]
+    assert classes == ["Holding something", "Pushing something from left to right", "Turning something upside down"]
+    assert read_list(path, "/data/ssv2", num_classes=3)[1] == classes
+    with pytest.raises(ValueError, match="3 classes in something-something-v2-labels.json, more than 2"):
+        read_list(path, num_classes=2)
+    with pytest.raises(ValueError, match="one label per video"):
+        read_list(path, multi_label=True)
+    bad = _ssv2_lists(tmp_path, [{"id": "1", "template": "Dropping [something]"}])
+    with pytest.raises(ValueError, match="template 'Dropping something' is not in"):
+        read_list(bad)
+    test_list = _ssv2_lists(tmp_path, [{"id": "1"}])
+    with pytest.raises(ValueError, match="has no template, so no label"):
+        read_list(test_list)
+    (tmp_path / "something-something-v2-labels.json").unlink()
+    with pytest.raises(FileNotFoundError, match="need something-something-v2-labels.json beside them"):
+        read_list(test_list)
+
+
 def test_train_sampler_sharding_repeats_and_resume():
     n, world = 10, 2
     samplers = [TrainSampler(n, r, world, repeats=2, seed=1) for r in range(world)]

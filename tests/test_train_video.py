@@ -112,3 +112,39 @@ def test_something_something_recipe(video_root, tmp_path):
     assert main(["eval", ck, "--data-root", str(video_root), "--workers", "0", "--report", str(report)]) == 0
     assert json.loads(report.read_text())["views_per_video"] == 3
     assert main(["eval", ck, "--data-root", str(video_root), "--test-clips", "2"]) == 2
+
+
+def test_something_something_download_layout(tmp_path, capsys):
+    """Something-Something v2 as downloaded: <id>.webm videos and its JSON lists, read as
+    pySlowFast reads them; the run keeps the class names, which mvit predict prints."""
+    rng = np.random.default_rng(0)
+    labels = {"Holding something": "0", "Pushing something from left to right": "1"}
+    (tmp_path / "something-something-v2-labels.json").write_text(json.dumps(labels))
+    entries = []
+    for i in range(6):
+        with av.open(str(tmp_path / f"{100 + i}.webm"), "w") as c:
+            s = c.add_stream("libvpx-vp9", rate=12)
+            s.width, s.height, s.pix_fmt = 48, 40, "yuv420p"
+            for _ in range(14):
+                frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8), format="rgb24")
+                for p in s.encode(frame):
+                    c.mux(p)
+            for p in s.encode(None):
+                c.mux(p)
+        template = "Holding [something]" if i % 2 else "Pushing [something] from left to right"
+        entries.append({"id": str(100 + i), "template": template, "placeholders": ["x"]})
+    (tmp_path / "something-something-v2-train.json").write_text(json.dumps(entries))
+    (tmp_path / "something-something-v2-validation.json").write_text(json.dumps(entries[:2]))
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "ssv2", "--data-root", str(tmp_path),
+                 "--train-csv", str(tmp_path / "something-something-v2-train.json"),
+                 "--val-csv", str(tmp_path / "something-something-v2-validation.json"),
+                 "--num-frames", "8", "--crop-size", "32", "--jitter-scales", "32", "40", "--batch-size", "2",
+                 "--max-steps", "2", "--threads", "1", "--no-progress", "--workers", "0",
+                 "--output-dir", str(out)]) == 0
+    [ck] = ckpt.list_checkpoints(str(out))
+    assert ckpt.load(ck)["classes"] == ["Holding something", "Pushing something from left to right"]
+    capsys.readouterr()
+    assert main(["predict", ck, str(tmp_path / "100.webm"), "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["views"] == 3 and {r["label"] for r in result["top"]} == set(labels)

@@ -105,11 +105,11 @@ def build_eval_dataset(args, state: dict):
     multi = bool(train_args.get("multi_label"))
     image = args.image_folders or cfg.patch_2d
     from .image import IMAGE_EXTENSIONS
-    from .video import VIDEO_EXTENSIONS, class_folders, read_csv
+    from .video import VIDEO_EXTENSIONS, class_folders, read_list
 
     if args.val_csv:
-        items = read_csv(args.val_csv, args.data_root, multi, cfg.num_classes,
-                         f" (the checkpoint's model has {cfg.num_classes} classes)")
+        items = read_list(args.val_csv, args.data_root, multi, cfg.num_classes,
+                          f" (the checkpoint's model has {cfg.num_classes} classes)")[0]
     else:
         if not os.path.isdir(args.data_root):
             raise FileNotFoundError(f"--data-root not found: {args.data_root}")
@@ -125,7 +125,8 @@ def eval_views(args, state: dict, items: list, image: bool) -> Dataset:
     """The test views of ``items`` ((path, label) pairs) for ``mvit eval`` and ``mvit predict``:
     an image's centre crop (``args.crop_fraction``), or a video's clips x crops (``args.test_clips``,
     ``args.test_crops``, ``args.sampling_rate``, ``args.target_fps``, ``args.temporal_sampling``;
-    unset: the checkpoint's run's sampling and the papers' views for it). An option the input does not use is an error."""
+    unset: the checkpoint's run's sampling and the papers' views for it). An option the input
+    does not use is an error."""
     from .image import CROP_FRACTION, ImageFolderDataset
     from .video import ClipSpec, VideoDataset, default_jitter
 

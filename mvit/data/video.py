@@ -131,6 +131,59 @@ def read_csv(path: str, root: Optional[str] = None, multi_label: bool = False,
     return items
 
 
+#: Something-Something v2's class names, beside its train and validation lists in the download.
+SSV2_LABELS = "something-something-v2-labels.json"
+
+
+def read_ssv2_json(path: str, root: Optional[str] = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """Something-Something v2's own lists (``something-something-v2-{train,validation}.json``:
+    entries with an ``id`` and a ``template``) as pySlowFast reads them: the label is the number
+    that :data:`SSV2_LABELS`, in the same folder, gives the template with its brackets removed;
+    the video is ROOT/<id>.webm, the download's names. Returns (items, class names by label)."""
+    import json
+
+    labels_path = os.path.join(os.path.dirname(os.path.abspath(path)), SSV2_LABELS)
+    if not os.path.exists(labels_path):
+        raise FileNotFoundError(f"{path}: Something-Something v2 lists need {SSV2_LABELS} beside them "
+                                f"(not found: {labels_path})")
+    with open(labels_path) as f:
+        label_ids = {name: int(i) for name, i in json.load(f).items()}
+    classes = [name for name, _ in sorted(label_ids.items(), key=lambda kv: kv[1])]
+    if [label_ids[c] for c in classes] != list(range(len(classes))):
+        raise ValueError(f"{labels_path}: the class numbers are not 0..{len(classes) - 1}")
+    with open(path) as f:
+        entries = json.load(f)
+    items = []
+    for n, entry in enumerate(entries):
+        if "template" not in entry:
+            raise ValueError(f"{path}: entry {n} ({entry.get('id')!r}) has no template, so no label (the test "
+                             "list has none)")
+        template = entry["template"].replace("[", "").replace("]", "")
+        if template not in label_ids:
+            raise ValueError(f"{path}: entry {n} ({entry.get('id')!r}): template {template!r} is not in {labels_path}")
+        video = f"{entry['id']}.webm"
+        items.append((os.path.join(root, video) if root else video, label_ids[template]))
+    if not items:
+        raise ValueError(f"{path} lists no files")
+    return items, classes
+
+
+def read_list(path: str, root: Optional[str] = None, multi_label: bool = False, num_classes: Optional[int] = None,
+              classes_from: str = "") -> tuple[list[tuple[str, Label]], Optional[list[str]]]:
+    """A pySlowFast CSV list (:func:`read_csv`), or Something-Something v2's JSON list
+    (:func:`read_ssv2_json`, which names the classes). Returns (items, class names or None)."""
+    if not path.endswith(".json"):
+        return read_csv(path, root, multi_label, num_classes, classes_from), None
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"list file not found: {path}")
+    if multi_label:
+        raise ValueError(f"{path}: Something-Something v2 lists give one label per video; leave out --multi-label")
+    items, classes = read_ssv2_json(path, root)
+    if num_classes is not None and len(classes) > num_classes:
+        raise ValueError(f"{path}: {len(classes)} classes in {SSV2_LABELS}, more than {num_classes}{classes_from}")
+    return items, classes
+
+
 def max_label(items: list, multi_label: bool = False) -> int:
     return max(c for _, lab in items for c in (lab if multi_label else (lab,)))
 
@@ -362,10 +415,9 @@ def labelled_items(args, extensions) -> tuple[list, Optional[list], Optional[lis
     multi = bool(args.multi_label)
     given = args.num_classes
     if args.train_csv:
-        train_items = read_csv(args.train_csv, args.data_root, multi, given, f" (--num-classes {given})")
-        classes = None
-        num_classes = given or max_label(train_items, multi) + 1
-        why = (f" (--num-classes {given})" if given else
+        train_items, classes = read_list(args.train_csv, args.data_root, multi, given, f" (--num-classes {given})")
+        num_classes = given or (len(classes) if classes else max_label(train_items, multi) + 1)
+        why = (f" (--num-classes {given})" if given else f" ({num_classes} classes in {SSV2_LABELS})" if classes else
                f" ({num_classes} classes, from the largest label in --train-csv {args.train_csv}; "
                "give --num-classes if there are more)")
     else:
@@ -381,7 +433,7 @@ def labelled_items(args, extensions) -> tuple[list, Optional[list], Optional[lis
         num_classes = given or len(classes)
         why = f" (--num-classes {given})" if given else f" ({num_classes} class folders in --data-root)"
     if args.val_csv:
-        val_items = read_csv(args.val_csv, args.data_root, multi, num_classes, why)
+        val_items = read_list(args.val_csv, args.data_root, multi, num_classes, why)[0]
     elif classes is not None and os.path.isdir(os.path.join(args.data_root, "val")):
         val_items = class_folders(args.data_root, "val", extensions, classes)[0]
     else:
