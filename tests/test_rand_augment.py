@@ -137,3 +137,24 @@ def test_every_op_at_every_magnitude_keeps_the_clip_shape_and_range():
 def test_rand_augment_rejects_float_clips():
     with pytest.raises(ValueError, match="uint8 \\(T, C, H, W\\)"):
         ra.rand_augment(torch.rand(2, 3, 8, 8), ra.parse("rand-m7-n2"))
+
+
+def test_fast_paths_equal_the_general_ones():
+    """Shears and translations shift lines with 4 taps instead of the 16 of a 2-D bicubic
+    sample; sharpness sums 3x3 boxes separably: against the 2-D affine sampler and torchvision's
+    adjust_sharpness (a float convolution), odd sizes, both fills."""
+    from torchvision.transforms.v2 import functional as TF
+
+    g = torch.Generator().manual_seed(0)
+    clip = torch.randint(0, 256, (3, 3, 37, 53), dtype=torch.uint8, generator=g)
+    h, w = clip.shape[-2:]
+    for fill in (ra.VIDEO_FILL, (124, 116, 104)):
+        for fast, coeffs in [(ra.shear_x(clip, 0.23, fill), (1, 0.23, 0, 0, 1, 0)),
+                             (ra.shear_y(clip, -0.17, fill), (1, 0, 0, -0.17, 1, 0)),
+                             (ra.translate_x_rel(clip, 0.31, fill), (1, 0, 0.31 * w, 0, 1, 0)),
+                             (ra.translate_y_rel(clip, -0.4, fill), (1, 0, 0, 0, 1, -0.4 * h))]:
+            diff = (fast.int() - ra._affine(clip, coeffs, fill).int()).abs()
+            assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= 10  # float rounding only
+    for factor in (0.1, 0.55, 1.9):
+        assert torch.equal(ra.sharpness(clip, factor), TF.adjust_sharpness(clip, factor))
+    assert torch.equal(ra.sharpness(clip[..., :2, :], 0.3), clip[..., :2, :])  # nothing inside a border
