@@ -62,7 +62,7 @@ IMAGE_RECIPE = dict(
 )
 
 # pySlowFast's Something-Something v2 configs (SSv2/MVITv2_S_16x4.yaml; MVITv2_B_32x3 differs only
-# in its LR, 0.0015 per 16 clips = 0.048 per 512): one frame from each of T segments of the video,
+# in its LR, 0.0015 per 16 clips: PRESET_BASE_LR): one frame from each of T segments of the video,
 # no flips (the labels name directions), a short-side jitter drawn inverse-uniformly and a random
 # crop, SGD with Nesterov momentum at 0.0025 per 16 clips, weight decay 1e-4, 100 epochs, 3 of
 # warmup, stochastic depth 0.4, one copy per clip; tested on 1 clip x 3 crops. The papers
@@ -72,6 +72,9 @@ SSV2_RECIPE = dict(
     flip=False, crop_scale=None, inverse_uniform_jitter=True, temporal_sampling="segments", drop_path=0.4,
     eval_every=2,
 )
+
+#: Where a preset's config sets another LR than its recipe's (per 512 clips; pySlowFast's per 16).
+PRESET_BASE_LR = {("ssv2", "mvitv2_b_32x3"): 0.0015 * 512 / 16}
 
 #: --recipe choices; without it, image runs take "imagenet" and video runs "kinetics".
 RECIPES = {"kinetics": PAPER_RECIPE, "imagenet": IMAGE_RECIPE, "ssv2": SSV2_RECIPE}
@@ -189,6 +192,8 @@ def resolve_recipe(args: argparse.Namespace) -> dict:
     name = getattr(args, "recipe", None) or ("imagenet" if _image_task(args) else "kinetics")
     base = SYNTHETIC_RECIPE if synthetic else RECIPES[name]
     recipe = {k: (getattr(args, k, None) if getattr(args, k, None) is not None else v) for k, v in base.items()}
+    if not synthetic and getattr(args, "base_lr", None) is None:
+        recipe["base_lr"] = PRESET_BASE_LR.get((name, getattr(args, "preset", None)), recipe["base_lr"])
     recipe["synthetic"] = synthetic
     if getattr(args, "jitter_scales", None) is not None:
         if getattr(args, "crop_scale", None) is not None:

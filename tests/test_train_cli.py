@@ -189,6 +189,11 @@ def test_image_runs_default_to_the_image_recipe_and_videos_to_kinetics():
         "segments", False, None, True)
     assert ssv2["base_lr"] == pytest.approx(0.0025 * 512 / 16) and ssv2["drop_path"] == 0.4
     assert recipe("--data-root", ".", "--recipe", "ssv2", "--optimizer", "adamw")["optimizer"] == "adamw"
+    assert recipe("--preset", "mvitv2_b_32x3", "--data-root", ".", "--recipe", "ssv2")["base_lr"] == pytest.approx(
+        0.0015 * 512 / 16)  # its own config's LR
+    assert recipe("--preset", "mvitv2_b_32x3", "--data-root", ".", "--recipe", "ssv2", "--base-lr", "0.01")[
+        "base_lr"] == 0.01
+    assert recipe("--preset", "mvitv2_b_32x3", "--data-root", ".")["base_lr"] == PAPER_RECIPE["base_lr"]
     assert recipe("--preset", "mvitv2_s_image", "--data-root", ".", "--recipe", "kinetics")["epochs"] == 200
 
 
