@@ -3,8 +3,9 @@
 With no data arguments it trains ``mvit_tiny`` on the built-in synthetic motion task
 (:mod:`mvit.data.synthetic`) with the settings in ``SYNTHETIC_RECIPE``, then evaluates it with
 the frames in order and shuffled. Otherwise every default is the papers' recipe, each overridable
-by a flag: ``PAPER_RECIPE`` for videos (MViT / MViTv2 Kinetics training as in pySlowFast) and
-``IMAGE_RECIPE`` for images (MViTv2 ImageNet training as in facebookresearch/mvit).
+by a flag: ``PAPER_RECIPE`` for videos (MViT / MViTv2 Kinetics training as in pySlowFast),
+``IMAGE_RECIPE`` for images (MViTv2 ImageNet training as in facebookresearch/mvit), or with
+``--recipe ssv2`` ``SSV2_RECIPE`` (Something-Something v2 as in pySlowFast).
 
 Reproducibility: the initial weights are drawn after seeding the global torch RNG with --seed,
 the RNG is reseeded at every optimizer step from (seed, rank, step), and every sample's
@@ -65,12 +66,12 @@ IMAGE_RECIPE = dict(
 # in its LR, 0.0015 per 16 clips: PRESET_BASE_LR): one frame from each of T segments of the video,
 # no flips (the labels name directions), a short-side jitter drawn inverse-uniformly and a random
 # crop, SGD with Nesterov momentum at 0.0025 per 16 clips, weight decay 1e-4, 100 epochs, 3 of
-# warmup, stochastic depth 0.4, one copy per clip; tested on 1 clip x 3 crops. The papers
-# fine-tune from Kinetics weights (--finetune).
+# warmup, stochastic depth 0.4, one copy per clip, no gradient clipping (no CLIP_GRAD_L2NORM);
+# tested on 1 clip x 3 crops. The papers fine-tune from Kinetics weights (--finetune).
 SSV2_RECIPE = dict(
     PAPER_RECIPE, epochs=100, warmup_epochs=3.0, base_lr=0.08, weight_decay=1e-4, optimizer="sgd", repeated_aug=1,
     flip=False, crop_scale=None, inverse_uniform_jitter=True, temporal_sampling="segments", drop_path=0.4,
-    eval_every=2,
+    eval_every=2, clip_grad=0.0,
 )
 
 #: Where a preset's config sets another LR than its recipe's (per 512 clips; pySlowFast's per 16).

@@ -188,6 +188,7 @@ def test_image_runs_default_to_the_image_recipe_and_videos_to_kinetics():
     assert (ssv2["temporal_sampling"], ssv2["flip"], ssv2["crop_scale"], ssv2["inverse_uniform_jitter"]) == (
         "segments", False, None, True)
     assert ssv2["base_lr"] == pytest.approx(0.0025 * 512 / 16) and ssv2["drop_path"] == 0.4
+    assert ssv2["clip_grad"] == 0 and video["clip_grad"] == image["clip_grad"] == 1.0  # SSv2 configs set none
     assert recipe("--data-root", ".", "--recipe", "ssv2", "--optimizer", "adamw")["optimizer"] == "adamw"
     assert recipe("--preset", "mvitv2_b_32x3", "--data-root", ".", "--recipe", "ssv2")["base_lr"] == pytest.approx(
         0.0015 * 512 / 16)  # its own config's LR
