@@ -31,7 +31,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("inputs", nargs="+", metavar="FILE", help="videos or images")
     p.add_argument("--source", choices=SOURCES, default="mvit_kernels", help="whose weights (as mvit eval)")
     p.add_argument("--preset", help="with --source: the architecture, where the weights do not say it")
-    p.add_argument("--labels", help="class names, one per line in class order")
+    p.add_argument("--labels", help="class names, one per line in class order; or JSON: a list of names, or "
+                   "{name: number} (Something-Something v2's labels file)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--test-clips", type=int, default=None, help="videos: temporal views (default 5; segments 1)")
     p.add_argument("--test-crops", type=int, default=None, choices=(1, 3),
@@ -56,7 +57,12 @@ def class_names(args: argparse.Namespace, state: dict) -> Optional[list[str]]:
         if not os.path.isfile(args.labels):
             raise FileNotFoundError(f"--labels not found: {args.labels}")
         with open(args.labels, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip()]
+            if args.labels.endswith(".json"):  # a list of names, or {name: number} as Something-Something's
+                loaded = json.load(f)
+                names = ([n for n, _ in sorted(loaded.items(), key=lambda kv: int(kv[1]))]
+                         if isinstance(loaded, dict) else [str(n) for n in loaded])
+            else:
+                names = [line.strip() for line in f if line.strip()]
         if len(names) != num_classes:
             raise ValueError(f"--labels {args.labels} names {len(names)} classes; the model has {num_classes}")
         return names

@@ -98,6 +98,12 @@ def test_image_weights_get_imagenet_names(tmp_path, capsys):
     assert main(["predict", str(weights), str(photo), "--source", "timm", "--labels", str(labels), "--top-k", "1",
                  "--device", "cpu"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split("  ")[-1].startswith("thing ")
+    as_json = tmp_path / "labels.json"  # Something-Something's form: {name: number as a string}
+    as_json.write_text(json.dumps({f"thing {i}": str(999 - i) for i in range(1000)}))
+    capsys.readouterr()
+    assert main(["predict", str(weights), str(photo), "--source", "timm", "--labels", str(as_json), "--json",
+                 "--device", "cpu"]) == 0
+    assert all(r["label"] == f"thing {999 - r['class']}" for r in json.loads(capsys.readouterr().out)["top"])
 
 
 def test_bad_inputs_are_one_line_errors(synthetic_run, tmp_path, capsys):
