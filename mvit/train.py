@@ -45,9 +45,12 @@ from .training.optim import OPTIMIZERS, WarmupCosine, build_optimizer
 # The papers' Kinetics recipe (MViT paper A.1 / MViTv2 paper, pySlowFast's MVIT_B_16x4_CONV and
 # MVITv2_S_16x4 configs): AUG.AA_TYPE rand-m7-n4-mstd0.5-inc1, random resized crops of 8-100% of
 # the area (DATA.TRAIN_JITTER_SCALES_RELATIVE), two augmented copies of each clip (AUG.NUM_SAMPLE),
-# weight decay on the position tables and class token too (MVIT.ZERO_DECAY_POS_CLS False).
+# weight decay on the position tables and class token too (MVIT.ZERO_DECAY_POS_CLS False). The LRs
+# are per 512 clips, scaled linearly as pySlowFast scales them with the machines (BASE_LR,
+# WARMUP_START_LR and COSINE_END_LR 1e-4, 1e-6, 1e-6 per 32 clips: 16 videos x 2 copies).
 PAPER_RECIPE = dict(
-    epochs=200, warmup_epochs=30.0, batch_size=64, base_lr=1.6e-3, min_lr=1e-6, weight_decay=0.05,
+    epochs=200, warmup_epochs=30.0, batch_size=64, base_lr=1.6e-3, min_lr=1.6e-5, warmup_start_lr=1.6e-5,
+    weight_decay=0.05,
     label_smoothing=0.1, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,
     rand_augment="rand-m7-n4-mstd0.5-inc1", random_erasing=0.25, repeated_aug=2, clip_grad=1.0, drop_path=None,
     flip=True, eval_every=5, crop_scale=(0.08, 1.0), zero_decay_pos_cls=False, optimizer="adamw",
@@ -55,21 +58,24 @@ PAPER_RECIPE = dict(
 )
 
 # facebookresearch/mvit's ImageNet recipe (its config defaults and configs/MVITv2_{T,S,B}.yaml):
-# 300 epochs, 70 of warmup, AdamW at 2.5e-4 per 256 images, RandAugment rand-m9-n6-mstd0.5-inc1,
+# 300 epochs, 70 of warmup, AdamW at 2.5e-4 per 256 images (from 1e-8, down to 1e-6), RandAugment
+# rand-m9-n6-mstd0.5-inc1,
 # one copy of each image (AUG.NUM_SAMPLE 1); the rest as for videos.
 IMAGE_RECIPE = dict(
-    PAPER_RECIPE, epochs=300, warmup_epochs=70.0, base_lr=5e-4, rand_augment="rand-m9-n6-mstd0.5-inc1",
-    repeated_aug=1,
+    PAPER_RECIPE, epochs=300, warmup_epochs=70.0, base_lr=5e-4, min_lr=2e-6, warmup_start_lr=2e-8,
+    rand_augment="rand-m9-n6-mstd0.5-inc1", repeated_aug=1,
 )
 
 # pySlowFast's Something-Something v2 configs (SSv2/MVITv2_S_16x4.yaml; MVITv2_B_32x3 differs only
 # in its LR, 0.0015 per 16 clips: PRESET_BASE_LR): one frame from each of T segments of the video,
 # no flips (the labels name directions), a short-side jitter drawn inverse-uniformly and a random
-# crop, SGD with Nesterov momentum at 0.0025 per 16 clips, weight decay 1e-4, 100 epochs, 3 of
+# crop, SGD with Nesterov momentum at 0.0025 per 16 clips (from 1e-4, down to 1e-6), weight decay
+# 1e-4, 100 epochs, 3 of
 # warmup, stochastic depth 0.4, one copy per clip, no gradient clipping (no CLIP_GRAD_L2NORM);
 # tested on 1 clip x 3 crops. The papers fine-tune from Kinetics weights (--finetune).
 SSV2_RECIPE = dict(
-    PAPER_RECIPE, epochs=100, warmup_epochs=3.0, base_lr=0.08, weight_decay=1e-4, optimizer="sgd", repeated_aug=1,
+    PAPER_RECIPE, epochs=100, warmup_epochs=3.0, base_lr=0.08, min_lr=3.2e-5, warmup_start_lr=3.2e-3,
+    weight_decay=1e-4, optimizer="sgd", repeated_aug=1,
     flip=False, crop_scale=None, inverse_uniform_jitter=True, temporal_sampling="segments", drop_path=0.4,
     eval_every=2, clip_grad=0.0,
 )
@@ -83,7 +89,7 @@ RECIPES = {"kinetics": PAPER_RECIPE, "imagenet": IMAGE_RECIPE, "ssv2": SSV2_RECI
 # The built-in synthetic task: small, fast, and motion direction must survive augmentation (no
 # flips, no RandAugment geometry, no mixing that blends two directions into one clip).
 SYNTHETIC_RECIPE = dict(
-    epochs=4, warmup_epochs=1.0, batch_size=64, base_lr=8e-3, min_lr=1e-5, weight_decay=0.05,
+    epochs=4, warmup_epochs=1.0, batch_size=64, base_lr=8e-3, min_lr=8e-5, warmup_start_lr=8e-6, weight_decay=0.05,
     label_smoothing=0.1, mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5,
     rand_augment="none", random_erasing=0.0, repeated_aug=1, clip_grad=1.0, drop_path=None,
     flip=False, eval_every=1, zero_decay_pos_cls=True,  # as its seeds were measured (README)
@@ -151,7 +157,8 @@ def add_parser(subparsers) -> None:
     o.add_argument("--batch-size", type=int, help="global clips per optimizer step (all ranks, all micro-batches)")
     o.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation micro-batches")
     o.add_argument("--base-lr", type=float, help="LR for a global batch of 512 (scaled linearly)")
-    o.add_argument("--min-lr", type=float)
+    o.add_argument("--min-lr", type=float, help="the cosine's last LR, per 512 as --base-lr")
+    o.add_argument("--warmup-start-lr", type=float, help="the warmup's first LR, per 512 as --base-lr")
     o.add_argument("--weight-decay", type=float)
     o.add_argument("--zero-decay-pos-cls", action=argparse.BooleanOptionalAction, default=None,
                    help="exempt position tables and the class token from weight decay (pySlowFast's "
@@ -299,7 +306,8 @@ def check_values(args: argparse.Namespace, recipe: dict) -> None:
 
     checks = [
         at_least("epochs", 1), at_least("warmup_epochs", 0), at_least("batch_size", 1), at_least("accum_steps", 1),
-        above("base_lr", 0), at_least("min_lr", 0), at_least("weight_decay", 0), within("label_smoothing", 0, 1, True),
+        above("base_lr", 0), at_least("min_lr", 0), at_least("warmup_start_lr", 0), at_least("weight_decay", 0),
+        within("label_smoothing", 0, 1, True),
         at_least("mixup", 0), at_least("cutmix", 0), within("mixup_prob", 0, 1), within("mixup_switch_prob", 0, 1),
         within("random_erasing", 0, 1), at_least("repeated_aug", 1), at_least("clip_grad", 0),
         within("drop_path", 0, 1, True), within("ema_decay", 0, 1, True), at_least("eval_every", 1),
@@ -429,7 +437,8 @@ def train(args: argparse.Namespace) -> dict:
         raise ValueError(f"the training set ({len(data.train)} samples) is smaller than one batch per rank")
     total_steps = recipe["epochs"] * steps_per_epoch
     sched = WarmupCosine(lr, total_steps, int(recipe["warmup_epochs"] * steps_per_epoch),
-                         start_lr=min(1e-6, lr), end_lr=min(recipe["min_lr"], lr))
+                         start_lr=min(recipe["warmup_start_lr"] * global_batch / 512.0, lr),
+                         end_lr=min(recipe["min_lr"] * global_batch / 512.0, lr))
     autocast, precision = _autocast(info.device, args.precision)
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
     ema = ModelEMA(model, args.ema_decay) if args.ema_decay > 0 else None

@@ -114,10 +114,27 @@ def test_resume_follows_a_changed_schedule_and_says_so(tmp_path, capsys):
     lrs = _lrs(out)
     assert sorted(lrs) == list(range(1, 9))
     peak = 4e-3 * 16 / 512  # 2 steps per epoch, 1 warmup epoch
-    extended = WarmupCosine(peak, 8, 2, start_lr=1e-6, end_lr=1e-5)
+    # the synthetic recipe's warmup start and end LRs (8e-6 and 8e-5 per 512) at this batch of 16
+    extended = WarmupCosine(peak, 8, 2, start_lr=8e-6 * 16 / 512, end_lr=8e-5 * 16 / 512)
     for step in range(5, 9):  # the log's step s ran at schedule position s - 1
         assert lrs[step] == pytest.approx(extended.lr_at(step - 1), rel=1e-12), step
-    assert lrs[5] > 5e-5  # the 2-epoch schedule had ended at min_lr (1e-5)
+    assert lrs[5] > 5e-5  # the 2-epoch schedule had ended at min_lr (2.5e-6)
+
+
+def test_warmup_start_and_end_lrs_scale_with_the_batch_like_the_base_lr(tmp_path):
+    """pySlowFast scales BASE_LR, WARMUP_START_LR and COSINE_END_LR alike with the machines; all
+    three are per 512 clips here. 32 clips / batch 16 = 2 steps an epoch, 1 warmup epoch, 3 epochs."""
+    from mvit.training.optim import WarmupCosine
+
+    out = str(tmp_path / "run")
+    assert main(SHORT + ["--epochs", "3", "--base-lr", "0.0512", "--warmup-start-lr", "0.00512", "--min-lr",
+                         "0.000512", "--output-dir", out]) == 0
+    lrs = _lrs(out)
+    scale = 16 / 512
+    schedule = WarmupCosine(0.0512 * scale, 6, 2, start_lr=0.00512 * scale, end_lr=0.000512 * scale)
+    assert lrs[1] == pytest.approx(0.00512 * scale, rel=1e-12)  # the first step: the warmup's start
+    for step in range(1, 7):
+        assert lrs[step] == pytest.approx(schedule.lr_at(step - 1), rel=1e-12), step
 
 
 def test_resuming_a_finished_run_keeps_its_metrics(tmp_path, capsys):
