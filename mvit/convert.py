@@ -300,6 +300,10 @@ def convert_pytorchvideo(state: Mapping[str, torch.Tensor], cfg: Optional[MViTCo
     return out
 
 
+#: pytorchvideo builds its pooling LayerNorms with torch's default eps (its other norms: 1e-6).
+PYTORCHVIDEO_POOL_NORM_EPS = 1e-5
+
+
 def pytorchvideo_config(state: Mapping[str, torch.Tensor]) -> MViTConfig:
     """The MViT-B a pytorchvideo state_dict holds (its model zoo has the 16x4 and 32x3 Kinetics
     models and the ImageNet one): video or image from the patch conv, input size from the position
@@ -309,7 +313,7 @@ def pytorchvideo_config(state: Mapping[str, torch.Tensor]) -> MViTConfig:
     if patch is None:
         raise CheckpointMismatchError("not a pytorchvideo MViT state_dict: no patch_embed.patch_model.weight")
     cfg = get_preset("mvit_b16_image" if patch.dim() == 4 else "mvit_b_16x4")
-    own = dict(pool_norm_eps=1e-5, cls_embed="cls_positional_encoding.cls_token" in src)
+    own = dict(pool_norm_eps=PYTORCHVIDEO_POOL_NORM_EPS, cls_embed="cls_positional_encoding.cls_token" in src)
     head = src.get("head.proj.weight")
     if head is not None:
         own["num_classes"] = head.shape[0]

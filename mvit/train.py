@@ -211,12 +211,10 @@ def resolve_recipe(args: argparse.Namespace) -> dict:
 
 
 def _image_task(args: argparse.Namespace) -> bool:
+    """Images (--image-folders or an image preset); an unknown preset is a ValueError naming it."""
     from .presets import get_preset
 
-    try:
-        return bool(args.image_folders or get_preset(args.preset).patch_2d)
-    except ValueError:  # an unknown preset: reported where the model is built
-        return bool(args.image_folders)
+    return bool(args.image_folders or get_preset(args.preset).patch_2d)
 
 
 # Data options only some tasks read, and their defaults. They default to None in the parser, so
@@ -265,9 +263,7 @@ def _unused_options(args: argparse.Namespace, recipe: dict, image: bool) -> list
 def check_options_used(args: argparse.Namespace, recipe: dict) -> None:
     """Raise ValueError for options the task would ignore: a run must not differ silently from
     what its command line says."""
-    from .presets import get_preset
-
-    image = bool(args.image_folders or get_preset(args.preset).patch_2d)
+    image = _image_task(args)
     if recipe["synthetic"] and args.val_csv:
         raise ValueError("--val-csv needs the training data too (--train-csv or --data-root); without them "
                          "the built-in synthetic task runs, with its own validation clips")
@@ -622,6 +618,18 @@ def _fmt(metrics: dict) -> str:
 SEMANTIC_FIELDS = ("pool_norm_eps", "residual_pooling_cls")
 
 
+def _finetune_layout(weights: dict) -> str:
+    """Whose key layout a --finetune state_dict has: "torchvision", "timm", "pytorchvideo" or
+    "pyslowfast" (pySlowFast's and facebookresearch/mvit's, and this project's own)."""
+    if "conv_proj.weight" in weights or any(k.startswith("pos_encoding.") for k in weights):
+        return "torchvision"
+    if any(k.startswith("stages.") for k in weights):
+        return "timm"
+    if "patch_embed.patch_model.weight" in weights:
+        return "pytorchvideo"
+    return "pyslowfast"
+
+
 def _finetune_semantics(raw: dict, cfg) -> dict:
     """The config fields of :data:`SEMANTIC_FIELDS` under which the --finetune checkpoint's model
     computed, where its layout says so without doubt, and where they differ from ``cfg``'s (the
@@ -629,15 +637,16 @@ def _finetune_semantics(raw: dict, cfg) -> dict:
     norms (eps 1e-5); timm's class-token models (q added to the class row too). pySlowFast's and
     facebookresearch/mvit's share one layout but not the class row's rule: those keep ``cfg``'s."""
     from .config import MViTConfig
-    from .convert import _unwrap
+    from .convert import PYTORCHVIDEO_POOL_NORM_EPS, _unwrap
 
     saved = raw.get("model_config")
     weights = _unwrap(raw)
+    layout = _finetune_layout(weights)
     if isinstance(saved, MViTConfig):
         wanted = {f: getattr(saved, f) for f in SEMANTIC_FIELDS}
-    elif "patch_embed.patch_model.weight" in weights:
-        wanted = {"pool_norm_eps": 1e-5}
-    elif any(k.startswith("stages.") for k in weights):
+    elif layout == "pytorchvideo":
+        wanted = {"pool_norm_eps": PYTORCHVIDEO_POOL_NORM_EPS}
+    elif layout == "timm":
         wanted = {"residual_pooling_cls": "cls_token" in weights}
     else:
         wanted = {}
@@ -663,11 +672,12 @@ def _load_finetune(model, path: str, verbose: bool, raw: Optional[dict] = None) 
     if not weights:
         raise ValueError(f"--finetune {path} holds no weights (no tensors, nor a 'model_state', 'model' or "
                          "'state_dict' of them)")
-    if "conv_proj.weight" in weights or any(k.startswith("pos_encoding.") for k in weights):
+    layout = _finetune_layout(weights)
+    if layout == "torchvision":
         weights = convert_torchvision(weights)
-    elif any(k.startswith("stages.") for k in weights):
+    elif layout == "timm":
         weights = convert_timm(weights, model.cfg)
-    elif "patch_embed.patch_model.weight" in weights:  # pytorchvideo's (mvit train: its norms' eps too)
+    elif layout == "pytorchvideo":
         weights = convert_pytorchvideo(weights, model.cfg)
     else:  # pySlowFast's names; this project's own pass through unchanged
         weights = convert_pyslowfast(weights, model.cfg)
