@@ -173,13 +173,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(args: argparse.Namespace) -> dict:
+def check_view_args(args: argparse.Namespace, *more: tuple) -> None:
+    """The view options mvit eval and predict share (and ``more`` (option, value, minimum)):
+    an impossible value is an error naming the option."""
     for name, value, lo in (("--test-clips", args.test_clips, 1), ("--sampling-rate", args.sampling_rate, 1),
-                            ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+                            *more):
         if value is not None and value < lo:
             raise ValueError(f"{name} must be >= {lo}, got {value}")
     if args.target_fps is not None and not args.target_fps > 0:
         raise ValueError(f"--target-fps must be > 0, got {args.target_fps}")
+
+
+def main(args: argparse.Namespace) -> dict:
+    check_view_args(args, ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0))
     if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     if args.source != "mvit_kernels" and not (args.val_csv or args.data_root):

@@ -86,17 +86,11 @@ def main(args: argparse.Namespace) -> list[dict]:
     from .data import eval_views
     from .data.image import IMAGE_EXTENSIONS
     from .data.video import VIDEO_EXTENSIONS
-    from .evaluate import aggregate_views, load_model
+    from .evaluate import aggregate_views, check_view_args, load_model
     from .train import _autocast
     from .training import distributed as dist_utils
 
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
-    for name, value in (("--test-clips", args.test_clips), ("--sampling-rate", args.sampling_rate)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if args.target_fps is not None and not args.target_fps > 0:
-        raise ValueError(f"--target-fps must be > 0, got {args.target_fps}")
+    check_view_args(args, ("--top-k", args.top_k, 1))
     kinds = []
     for path in args.inputs:
         if not os.path.isfile(path):
@@ -111,7 +105,6 @@ def main(args: argparse.Namespace) -> list[dict]:
     if cfg.patch_2d and not all(kinds):
         raise ValueError(f"{cfg.name} is an image model: {args.inputs[kinds.index(False)]} is a video")
     names = class_names(args, state)
-    multi = bool((state.get("args") or {}).get("multi_label"))
     info = dist_utils.init(args.device)
     model.to(info.device).eval()
     autocast, _ = _autocast(info.device, args.precision)
@@ -125,7 +118,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             raise ValueError(f"cannot read {path}: {exc}") from None
         with torch.no_grad(), (autocast or contextlib.nullcontext)():
             logits = model(views.to(info.device))
-        probs = aggregate_views(logits[None], multi)[0].cpu()
+        probs = aggregate_views(logits[None], dataset.multi_label)[0].cpu()
         top = probs.topk(min(args.top_k, probs.numel()))
         ranked = [{"class": int(i), "label": names[int(i)] if names else None, "prob": float(p)}
                   for p, i in zip(top.values, top.indices)]
