@@ -12,9 +12,9 @@ crop, pySlowFast's rule for its other models and Something-Something), horizonta
 normalization, random erasing. ``temporal_sampling="segments"``: pySlowFast's Something-Something
 frames instead, one from each of T equal segments of the whole video (random in training, the
 middle in testing; :func:`~mvit.data.samplers.segment_frame_indices`).
-Test views: K uniformly spaced clips (segments: the one clip) x 1 or 3 crops. One crop: the short side scaled to
-``jitter[0]`` (256 for 224 crops) and the centre crop; three: the short side scaled to the crop
-size and left/centre/right crops (pySlowFast's two test rules).
+Test views: K uniformly spaced clips (segments: the one clip) x 1 or 3 crops. One crop: the short
+side scaled to ``jitter[0]`` (256 for 224 crops) and the centre crop; three: the short side scaled
+to the crop size and left/centre/right crops (pySlowFast's two test rules).
 """
 
 from __future__ import annotations
