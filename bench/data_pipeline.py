@@ -33,33 +33,37 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mvit.data.image import ImageFolderDataset  # noqa: E402
 from mvit.data.rand_augment import parse  # noqa: E402
 from mvit.data.video import ClipSpec, VideoDataset, _spec  # noqa: E402
+from mvit.presets import get_preset  # noqa: E402
 from mvit.train import IMAGE_RECIPE, PAPER_RECIPE, SSV2_RECIPE  # noqa: E402
 
-# (row name, recipe, frames, crop, frame height, frame width, temporal views x crops at test)
+# (row name, recipe, preset (its frames and crop), frame height, frame width)
 CASES = [
-    ("Kinetics, MViT-B 16x4", PAPER_RECIPE, 16, 224, 320, 427),
-    ("Kinetics, MViT-B 32x3", PAPER_RECIPE, 32, 224, 320, 427),
-    ("Something-Something v2, MViTv2-S 16x4", SSV2_RECIPE, 16, 224, 240, 427),
-    ("ImageNet, MViTv2 image", IMAGE_RECIPE, 1, 224, 375, 500),
+    ("Kinetics, MViT-B 16x4", PAPER_RECIPE, "mvit_b_16x4", 320, 427),
+    ("Kinetics, MViT-B 32x3", PAPER_RECIPE, "mvit_b_32x3", 320, 427),
+    ("Something-Something v2, MViTv2-S 16x4", SSV2_RECIPE, "mvitv2_s_16x4", 240, 427),
+    ("ImageNet, MViTv2 image", IMAGE_RECIPE, "mvitv2_s_image", 375, 500),
 ]
 
 
-def _dataset(recipe: dict, frames: int, crop: int, train: bool):
+def _dataset(recipe: dict, cfg, train: bool):
+    crop = cfg.input_size[1]
     if recipe is IMAGE_RECIPE:
         return ImageFolderDataset([], crop, train, parse(recipe["rand_augment"]) if train else None,
                                   recipe["random_erasing"] if train else 0.0, recipe["flip"])
-    args = SimpleNamespace(num_frames=frames, crop_size=crop, jitter_scales=None, sampling_rate=4, target_fps=30.0)
+    args = SimpleNamespace(num_frames=None, crop_size=None, jitter_scales=None, sampling_rate=cfg.sampling_rate,
+                           target_fps=30.0)
     if train:
-        return VideoDataset([], _spec(args, recipe, None, True, 1, 1), True, 400)
+        return VideoDataset([], _spec(args, recipe, cfg, True, 1, 1), True, 400)
     # the papers' test views for the recipe: Kinetics 5 clips x 1 crop, SSv2 1 x 3 (one clip's frames here)
     segments = recipe["temporal_sampling"] == "segments"
-    spec = ClipSpec(frames=frames, crop=crop, temporal_sampling=recipe["temporal_sampling"],
+    spec = ClipSpec(frames=cfg.input_size[0], crop=crop, temporal_sampling=recipe["temporal_sampling"],
                     test_clips=1, test_crops=3 if segments else 1)
     return VideoDataset([], spec, False, 400)
 
 
-def time_case(recipe, frames, crop, h, w, train: bool, repeats: int) -> list[float]:
-    ds = _dataset(recipe, frames, crop, train)
+def time_case(recipe, cfg, h, w, train: bool, repeats: int) -> list[float]:
+    frames = cfg.input_size[0]
+    ds = _dataset(recipe, cfg, train)
     g = torch.Generator().manual_seed(0)
     raw = torch.randint(0, 256, (frames, 3, h, w), dtype=torch.uint8, generator=g)
     out = []
@@ -80,9 +84,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for name, recipe, frames, crop, h, w in CASES:
+    for name, recipe, preset, h, w in CASES:
+        cfg = get_preset(preset)
+        frames = cfg.input_size[0]
         for train in (True, False):
-            ms = time_case(recipe, frames, crop, h, w, train, args.repeats)
+            ms = time_case(recipe, cfg, h, w, train, args.repeats)
             q = statistics.quantiles(ms, n=4)
             row = dict(case=name, mode="train" if train else "test view", frames=frames, frame=f"{h}x{w}",
                        median_ms=statistics.median(ms), q1_ms=q[0], q3_ms=q[2], max_ms=max(ms),

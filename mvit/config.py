@@ -20,6 +20,14 @@ Triple = tuple[int, int, int]
 PoolMode = Literal["conv", "avg", "max"]
 
 
+#: pySlowFast's DATA.MEAN / DATA.STD for Kinetics (and every video dataset here, by default).
+KINETICS_MEAN = (0.45, 0.45, 0.45)
+KINETICS_STD = (0.225, 0.225, 0.225)
+#: ImageNet's, for the image models and for video models fine-tuned from ImageNet-21K weights.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 def round_width(width: float, multiplier: float, min_width: int = 1, divisor: int = 1) -> int:
     """pySlowFast's channel rounding: nearest multiple of ``divisor``, never below 90%."""
     if not multiplier:
@@ -140,6 +148,16 @@ class MViTConfig:
     # Blocks whose K/V pooling is switched off even though the grammar gives it (old pySlowFast
     # checkpoints built kernel = stride + 1, so stride-1 blocks had no K/V pooling; SlowFast#456).
     no_kv_pool_blocks: tuple[int, ...] = ()
+    # Frames of the source video (at the data's target fps, 30 by default) from one of a clip's
+    # frames to the next: pySlowFast's DATA.SAMPLING_RATE, the 4 of "16x4" and the 3 of "32x3".
+    # What the weights were trained on; video runs and evaluations sample at it unless told.
+    sampling_rate: int = 4
+    # The per-channel mean and std (RGB, of pixels in [0, 1]) the weights expect their input
+    # normalized with (pySlowFast's DATA.MEAN / DATA.STD). None: the data pipeline's defaults,
+    # Kinetics' 0.45 / 0.225 for video and ImageNet's for images. MViTv2-L 40x3, fine-tuned from
+    # ImageNet-21K weights, was trained and released with ImageNet's.
+    input_mean: Optional[tuple[float, float, float]] = None
+    input_std: Optional[tuple[float, float, float]] = None
 
     def replace(self, **changes) -> "MViTConfig":
         unknown = set(changes) - set(field_names())
@@ -170,12 +188,19 @@ class MViTConfig:
         """Token grid after patch embedding at the preset's ``input_size``."""
         return self.grid_for(self.input_size)
 
+    def normalization(self, image: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) to normalize input pixels in [0, 1] with: the config's, else ImageNet's for
+        image data and Kinetics' for video."""
+        if self.input_mean is not None and self.input_std is not None:
+            return tuple(self.input_mean), tuple(self.input_std)
+        return (IMAGENET_MEAN, IMAGENET_STD) if image else (KINETICS_MEAN, KINETICS_STD)
+
     @property
     def head_pool(self) -> str:
         return "cls" if self.cls_embed else "mean"
 
     def validate(self) -> None:
-        for name in ("depth", "num_classes", "in_chans", "embed_dim", "num_heads"):
+        for name in ("depth", "num_classes", "in_chans", "embed_dim", "num_heads", "sampling_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -224,6 +249,17 @@ class MViTConfig:
         for i in self.no_kv_pool_blocks:
             if not _is_int(i) or not 0 <= i < self.depth:
                 raise ValueError(f"no_kv_pool_blocks entries must be block indices in 0..{self.depth - 1}, got {i!r}")
+        for name in ("input_mean", "input_std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (not isinstance(value, (tuple, list)) or len(value) != 3
+                    or not all(_is_number(v) and math.isfinite(v) for v in value)):
+                raise ValueError(f"{name} must be None or three finite numbers (R, G, B), got {value!r}")
+            if name == "input_std" and not all(v > 0 for v in value):
+                raise ValueError(f"input_std entries must be > 0, got {value!r}")
+        if (self.input_mean is None) != (self.input_std is None):
+            raise ValueError("input_mean and input_std go together: set both or neither")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if any(s < 1 for s in self.patch_grid):

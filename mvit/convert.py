@@ -270,7 +270,11 @@ def _as_preset(cfg: MViTConfig, **own) -> MViTConfig:
         for preset in PRESETS.values():
             if same_size and preset.input_size != cfg.input_size:
                 continue
-            if preset.replace(name=cfg.name, drop_path_rate=cfg.drop_path_rate, head_dropout=cfg.head_dropout, **own) == cfg:
+            # the same architecture: training settings and what the data's clips are (their stride and
+            # normalization: the preset's, the published weights') aside
+            same = dict(name=cfg.name, drop_path_rate=cfg.drop_path_rate, head_dropout=cfg.head_dropout,
+                        sampling_rate=cfg.sampling_rate, input_mean=cfg.input_mean, input_std=cfg.input_std)
+            if preset.replace(**same, **own) == cfg:
                 return preset.replace(**own)
     return cfg
 

@@ -146,8 +146,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--test-clips", type=int, default=None,
                    help="temporal views K (default 5 video, as the MViT papers; 1 synthetic)")
     p.add_argument("--test-crops", type=int, default=None, choices=(1, 3),
-                   help="spatial views (default 1 video, as the MViT papers)")
-    p.add_argument("--sampling-rate", type=int, default=None)
+                   help="spatial views (default 1 video, as the MViT papers; 3 for MViTv2-L 40x3)")
+    p.add_argument("--sampling-rate", type=int, default=None,
+                   help="videos: default the run's, else the model's (4 for 16x4, 3 for 32x3)")
     p.add_argument("--temporal-sampling", choices=TEMPORAL_SAMPLING, default=None,
                    help="videos: default the run's, else 'stride'; 'segments' (Something-Something) tests 1 clip "
                         "x 3 crops by default")

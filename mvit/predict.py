@@ -36,8 +36,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--test-clips", type=int, default=None, help="videos: temporal views (default 5; segments 1)")
     p.add_argument("--test-crops", type=int, default=None, choices=(1, 3),
-                   help="videos: spatial views (default 1; segments 3)")
-    p.add_argument("--sampling-rate", type=int, default=None, help="videos: default the run's, else 4")
+                   help="videos: spatial views (default 1, MViTv2-L 40x3 3; segments 3)")
+    p.add_argument("--sampling-rate", type=int, default=None,
+                   help="videos: default the run's, else the model's (4 for 16x4, 3 for 32x3)")
     p.add_argument("--temporal-sampling", choices=TEMPORAL_SAMPLING, default=None,
                    help="videos: default the run's, else 'stride' ('segments': 1 clip x 3 crops by default)")
     p.add_argument("--target-fps", type=float, default=None, help="videos: default the run's, else 30")

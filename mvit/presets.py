@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .config import MViTConfig
+from .config import IMAGENET_MEAN, IMAGENET_STD, MViTConfig
 
 
 def _q_stride_every_block(depth: int, pooled: dict[int, tuple[int, int, int]]):
@@ -83,16 +83,20 @@ def mvitv2_image(name: str, depths: tuple[int, ...], **fields) -> MViTConfig:
 
 
 _B24_MUL = ((2, 2.0), (5, 2.0), (21, 2.0))
+_L_MUL = ((2, 2.0), (8, 2.0), (44, 2.0))
 
 PRESETS: dict[str, MViTConfig] = {
     "mvit_b_16x4": _V1_VIDEO,
-    "mvit_b_32x3": _V1_VIDEO.replace(name="mvit_b_32x3", input_size=(32, 224, 224), drop_path_rate=0.3),
-    "mvit_b_64x3": _V1_VIDEO.replace(name="mvit_b_64x3", input_size=(64, 224, 224), drop_path_rate=0.3),
+    "mvit_b_32x3": _V1_VIDEO.replace(name="mvit_b_32x3", input_size=(32, 224, 224), sampling_rate=3,
+                                     drop_path_rate=0.3),
+    "mvit_b_64x3": _V1_VIDEO.replace(name="mvit_b_64x3", input_size=(64, 224, 224), sampling_rate=3,
+                                     drop_path_rate=0.3),
     # pySlowFast configs/Kinetics/MVIT_B_32x3_CONV.yaml (DEPTH 24): MViT-B-24, Kinetics-600.
     "mvit_b24_32x3": _V1_VIDEO.replace(
         name="mvit_b24_32x3",
         num_classes=600,
         input_size=(32, 224, 224),
+        sampling_rate=3,
         depth=24,
         dim_mul=_B24_MUL,
         head_mul=_B24_MUL,
@@ -135,11 +139,31 @@ PRESETS: dict[str, MViTConfig] = {
     "mvitv2_b_32x3": _V2_VIDEO.replace(
         name="mvitv2_b_32x3",
         input_size=(32, 224, 224),
+        sampling_rate=3,
         depth=24,
         dim_mul=_B24_MUL,
         head_mul=_B24_MUL,
         pool_q_stride=_q_stride_every_block(24, {2: (1, 2, 2), 5: (1, 2, 2), 21: (1, 2, 2)}),
         drop_path_rate=0.3,
+    ),
+    # pySlowFast configs/Kinetics/MVITv2_L_40x3_test.yaml: the released Kinetics-400 MViTv2-L, 40
+    # frames at 312x312, fine-tuned from ImageNet-21K weights and normalized with ImageNet's mean
+    # and std (mmaction2's port of the weights uses Kinetics' and reports 85.4 top-1 to the paper's
+    # 86.1). Channels grow in attention (DIM_MUL_IN_ATT), as in timm's mvitv2_large_cls: 213.4 M
+    # parameters, mmaction2's 213 M for the same weights.
+    "mvitv2_l_40x3": _V2_VIDEO.replace(
+        name="mvitv2_l_40x3",
+        input_size=(40, 312, 312),
+        sampling_rate=3,
+        depth=48,
+        embed_dim=144,
+        num_heads=2,
+        dim_mul=_L_MUL,
+        head_mul=_L_MUL,
+        pool_q_stride=_q_stride_every_block(48, {i: (1, 2, 2) for i, _ in _L_MUL}),
+        drop_path_rate=0.75,
+        input_mean=IMAGENET_MEAN,
+        input_std=IMAGENET_STD,
     ),
     # facebookresearch/mvit configs/MVITv2_{T,S,B}.yaml and configs/test/MVITv2_L_test.yaml
     # (the L model expands channels in the MLP, not in attention); timm mvitv2_{tiny,...,large}.
@@ -148,6 +172,13 @@ PRESETS: dict[str, MViTConfig] = {
     "mvitv2_b_image": mvitv2_image("mvitv2_b_image", (2, 3, 16, 3), drop_path_rate=0.3),
     "mvitv2_l_image": mvitv2_image(
         "mvitv2_l_image", (2, 6, 36, 4), embed_dim=144, num_heads=2, dim_mul_in_att=False, drop_path_rate=0.5
+    ),
+    # MViTv2-H, released only as ImageNet-21K weights (timm mvitv2_huge_cls): a class token, which
+    # the residual pooling connection adds to as well (facebookresearch/mvit, timm), and channels
+    # grown in attention. Its drop path rate is not published; 0.5 is MViTv2-L's.
+    "mvitv2_h_image": mvitv2_image(
+        "mvitv2_h_image", (4, 8, 60, 8), embed_dim=192, num_heads=3, cls_embed=True, residual_pooling_cls=True,
+        drop_path_rate=0.5,
     ),
     # Not a paper model: small enough to train on two CPU cores in minutes (the built-in task),
     # yet every MViT mechanism is present (Q pooling twice, adaptive K/V strides, skip pooling,
@@ -190,6 +221,9 @@ PAPER_FIGURES: dict[str, PaperFigures] = {
     "mvit_b16_image": PaperFigures(7.8, 37.0, "MViT paper, Table 10 (IN-1K)"),
     "mvitv2_s_16x4": PaperFigures(64.0, 34.5, "MViTv2 paper, Table 5 (K400); torchvision mvit_v2_s", 34_537_744, 64.224),
     "mvitv2_b_32x3": PaperFigures(225.0, 51.2, "MViTv2 paper, Table 5 (K400)"),
+    # The paper's 217.6 M is the count with channels grown in the MLP (217.7 M; 2900 GFLOPs); the
+    # released config and checkpoint grow them in attention (tests/test_presets.py).
+    "mvitv2_l_40x3": PaperFigures(2828.0, 217.6, "MViTv2 paper, Table 5 (K400, 312 px)"),
     "mvitv2_t_image": PaperFigures(4.7, 24.0, "MViTv2 paper, Table 2 (IN-1K)"),
     "mvitv2_s_image": PaperFigures(7.0, 35.0, "MViTv2 paper, Table 2 (IN-1K)"),
     # The paper rounds 51.5 M up to 52; timm's model card for the authors' weights gives 51.5 M.
@@ -197,7 +231,12 @@ PAPER_FIGURES: dict[str, PaperFigures] = {
     # The released model has the paper's parameters but 43.71 GFLOPs, in timm's count too; the
     # paper's 42.1 fits the class-token variant with channels grown in attention (tests/test_presets.py).
     "mvitv2_l_image": PaperFigures(42.1, 218.0, "MViTv2 paper, Table 2 (IN-1K); timm mvitv2_large: 217.99 M, 43.71 G"),
+    "mvitv2_h_image": PaperFigures(120.6, 667.0, "MViTv2 paper, Table 3 (IN-21K); timm mvitv2_huge_cls"),
 }
+
+#: (clips, crops) of the papers' test views where they are not Kinetics' usual 5 x 1: MViTv2-L's
+#: "x3x5" (MViTv2 paper, Table 5; TEST.NUM_SPATIAL_CROPS 3 in its config).
+PAPER_TEST_VIEWS: dict[str, tuple[int, int]] = {"mvitv2_l_40x3": (5, 3)}
 
 
 def get_preset(name: str) -> MViTConfig:

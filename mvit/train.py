@@ -114,7 +114,8 @@ def add_parser(subparsers) -> None:
                    help="labels are comma-separated class ids (Charades): BCE loss, mAP")
     d.add_argument("--num-classes", type=int, help="default: from the data")
     d.add_argument("--num-frames", type=int, help="frames per clip T (default: the preset's)")
-    d.add_argument("--sampling-rate", type=int, help="tau: frames between samples (default 4)")
+    d.add_argument("--sampling-rate", type=int,
+                   help="tau: frames between samples (default: the preset's, 4 for 16x4 and 3 for 32x3 / 40x3)")
     d.add_argument("--target-fps", type=float, help="frame rate tau is counted at (default 30)")
     d.add_argument("--crop-size", type=int, help="default: the preset's")
     d.add_argument("--temporal-sampling", choices=TEMPORAL_SAMPLING,
@@ -219,7 +220,8 @@ def _image_task(args: argparse.Namespace) -> bool:
 
 # Data options only some tasks read, and their defaults. They default to None in the parser, so
 # that an option given to a task that does not read it is an error rather than silently unused.
-DATA_DEFAULTS = dict(sampling_rate=4, target_fps=30.0, test_clips=1, test_crops=1,
+# (--sampling-rate defaults to the preset's: MViTConfig.sampling_rate.)
+DATA_DEFAULTS = dict(target_fps=30.0, test_clips=1, test_crops=1,
                      synthetic_size=(SYNTHETIC_TRAIN_LENGTH, SYNTHETIC_VAL_LENGTH))
 
 
@@ -276,6 +278,10 @@ def check_options_used(args: argparse.Namespace, recipe: dict) -> None:
     for name, value in DATA_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.sampling_rate is None:
+        from .presets import get_preset
+
+        args.sampling_rate = get_preset(args.preset).sampling_rate
 
 
 def check_values(args: argparse.Namespace, recipe: dict) -> None:
@@ -402,6 +408,8 @@ def train(args: argparse.Namespace) -> dict:
     overrides = {"num_classes": data.num_classes}
     if data.input_size is not None:
         overrides["input_size"] = data.input_size
+    if data.sampling_rate is not None:  # the model records what its clips were sampled at
+        overrides["sampling_rate"] = data.sampling_rate
     if recipe["drop_path"] is not None:
         overrides["drop_path_rate"] = recipe["drop_path"]
     # The initial weights come from the global RNG, which torch seeds differently in every
@@ -844,9 +852,10 @@ def _check_same_run(path: str, obj: dict, model, args, recipe: dict) -> list[str
 
     saved = obj.get("model_config")
     if saved is not None:
-        # drop_path_rate changes no parameter: it may change like the other regularization settings
+        # drop_path_rate changes no parameter, sampling_rate only the data: they may change like the
+        # other regularization and data settings
         diff = [f"{f.name} {getattr(saved, f.name)} in the checkpoint, {getattr(model.cfg, f.name)} now"
-                for f in dataclasses.fields(model.cfg) if f.name != "drop_path_rate"
+                for f in dataclasses.fields(model.cfg) if f.name not in ("drop_path_rate", "sampling_rate")
                 and getattr(saved, f.name, None) != getattr(model.cfg, f.name)]
         if diff:
             raise ValueError(f"--resume {path}: the checkpoint's model differs from this run's ({'; '.join(diff)}): "
@@ -872,5 +881,8 @@ def _check_same_run(path: str, obj: dict, model, args, recipe: dict) -> list[str
         flag = "--zero-decay-pos-cls" if old_zero else "--no-zero-decay-pos-cls"
         raise ValueError(f"--resume {path}: the run was started with {flag} (the optimizer's parameter groups "
                          f"differ): give {flag}, or start a new run from it with --finetune")
-    return [f"--{k.replace('_', '-')} {old_recipe[k]} -> {v}" for k, v in recipe.items()
-            if k in old_recipe and old_recipe[k] != v]
+    changed = [f"--{k.replace('_', '-')} {old_recipe[k]} -> {v}" for k, v in recipe.items()
+               if k in old_recipe and old_recipe[k] != v]
+    if saved is not None and saved.sampling_rate != model.cfg.sampling_rate:
+        changed.append(f"--sampling-rate {saved.sampling_rate} -> {model.cfg.sampling_rate}")
+    return changed

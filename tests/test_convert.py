@@ -220,15 +220,15 @@ def test_timm_mvitv2_gives_the_same_outputs(make, size, name, fused):
 @pytest.mark.parametrize(
     "timm_name, preset",
     [("mvitv2_tiny", "mvitv2_t_image"), ("mvitv2_small", "mvitv2_s_image"), ("mvitv2_base", "mvitv2_b_image"),
-     ("mvitv2_large", "mvitv2_l_image"), ("mvitv2_base_cls", None), ("mvitv2_huge_cls", None)],
+     ("mvitv2_large", "mvitv2_l_image"), ("mvitv2_base_cls", None), ("mvitv2_huge_cls", "mvitv2_h_image")],
 )
 def test_timm_architectures_are_read_from_the_weights(timm_name, preset):
     """Every registered timm MViTv2 (weights on the meta device: shapes only) maps to a config
-    with exactly its parameters; the IN-1K ones are this project's presets."""
+    with exactly its parameters; the IN-1K ones and MViTv2-H (its IN-21K head) are this project's presets."""
     source = timm.create_model(timm_name, device="meta")
     cfg = timm_config(source.state_dict())
     if preset is not None:
-        assert cfg == get_preset(preset)
+        assert cfg == get_preset(preset).replace(num_classes=source.num_classes)
     else:
         assert cfg.cls_embed and cfg.name.startswith("mvitv2_image_")
     assert count_model(cfg).params == sum(p.numel() for p in source.parameters())

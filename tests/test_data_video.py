@@ -143,6 +143,43 @@ def test_test_views_scale_the_short_side_as_pyslowfast():
         assert torch.equal(views, torch.stack(expected))
 
 
+def test_eval_views_follow_the_published_models_settings(tmp_path):
+    """mvit eval / predict of published weights (no run's settings): the preset's frame stride
+    (3 for the x3 models), normalization (ImageNet's for MViTv2-L 40x3) and views (its 5 x 3); a
+    run's own stride wins over its preset's."""
+    import argparse
+
+    from mvit.config import IMAGENET_MEAN, IMAGENET_STD, KINETICS_MEAN
+    from mvit.data import eval_views
+    from mvit.presets import get_preset
+
+    path = make_video(tmp_path / "v.mkv", num_frames=40)
+    args = argparse.Namespace(crop_fraction=None, test_clips=None, test_crops=None, sampling_rate=None,
+                              target_fps=None, temporal_sampling=None)
+
+    def views_of(preset, **state):
+        cfg = get_preset(preset).replace(input_size=(4, 16, 16))
+        ds = eval_views(args, {"model_config": cfg, **state}, [(path, 0)], image=False)
+        return ds.spec, ds[0][0]
+
+    spec, views = views_of("mvitv2_l_40x3")
+    assert (spec.stride, spec.test_clips, spec.test_crops) == (3, 5, 3) and views.shape == (15, 3, 4, 16, 16)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
+    pixels = (views * std + mean) * 255.0  # the video is gray: every channel the same value
+    assert (pixels - pixels.mean(1, keepdim=True)).abs().max() < 0.01
+    ids = [[int(round(float(v[0, t].mean()) / STEP)) for t in range(4)] for v in pixels]
+    # span 3 * 4 = 12 frames; the 5 clips start at k * floor((40 - 12) / 4) (pySlowFast's offsets)
+    assert ids == [[s, s + 3, s + 7, s + 11] for s in (0, 7, 14, 21, 28) for _ in range(3)]
+
+    spec, views = views_of("mvitv2_b_32x3")
+    assert (spec.stride, spec.test_clips, spec.test_crops, spec.mean) == (3, 5, 1, KINETICS_MEAN)
+    assert [frame_ids(v) for v in views][1] == [7, 10, 14, 18]
+    spec, _ = views_of("mvitv2_b_32x3", args={"sampling_rate": 4})  # a run trained at stride 4
+    assert spec.stride == 4
+    spec, _ = views_of("mvitv2_s_16x4")
+    assert (spec.stride, spec.test_clips, spec.test_crops) == (4, 5, 1)
+
+
 def test_corrupt_video_is_logged_and_replaced(tmp_path, caplog):
     good = make_video(tmp_path / "good.mkv", num_frames=12)
     bad = tmp_path / "bad.mkv"

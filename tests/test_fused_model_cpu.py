@@ -44,6 +44,29 @@ def test_fused_model_matches_reference(overrides):
         torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-8, msg=lambda m: f"{name}: {m}")
 
 
+def test_mvitv2_l_at_312_px_pools_grids_its_tables_were_not_sized_for():
+    """MViTv2-L 40x3's 78x78 grid pools to 39, 20 and 10, where the reference code sizes the rel-pos
+    tables by floor division (19 at blocks 44-47): those tables are interpolated at run time. The
+    preset's grid rules at 312 px, narrowed to 8 channels and 2 frames, fused against reference."""
+    torch.manual_seed(0)
+    ref = build_model("mvitv2_l_40x3", input_size=(2, 312, 312), embed_dim=8, num_classes=5,
+                      drop_path_rate=0.0).double().train()
+    fused = copy.deepcopy(ref).set_fused(True)
+    assert ref.blocks[44].attn.rel_pos_h.shape[0] == 37  # 2 * 19 - 1, while k covers 20 rows there
+    assert reference.rel_pos_table_length(10, 20) == 39
+    video = torch.randn(1, 3, 2, 312, 312, dtype=torch.float64)
+    results = []
+    for model in (ref, fused):
+        torch.manual_seed(1)
+        logits = model(video)
+        results.append((logits, torch.autograd.grad(logits.square().sum(), list(model.parameters()))))
+    (logits_ref, grads_ref), (logits, grads) = results
+    torch.testing.assert_close(logits, logits_ref, atol=1e-8, rtol=1e-8)
+    for (name, _), g, g_ref in zip(ref.named_parameters(), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-8, msg=lambda m: f"{name}: {m}")
+    assert grads[[n for n, _ in ref.named_parameters()].index("blocks.44.attn.rel_pos_h")].abs().sum() > 0
+
+
 @pytest.mark.parametrize("overrides", [dict(), V2], ids=["v1", "v2-relpos-residual"])
 def test_fused_model_float32_eval(overrides):
     torch.manual_seed(0)

@@ -208,3 +208,24 @@ def test_image_runs_default_to_the_image_recipe_and_videos_to_kinetics():
 def test_options_the_recipe_makes_unused(argv, message, tmp_path, capsys):
     assert main(["train", *argv, "--output-dir", str(tmp_path / "run")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_video_runs_sample_frames_at_their_presets_stride():
+    """pySlowFast's SAMPLING_RATE of each model: 3 for the 32x3 / 40x3 presets, 4 for 16x4; the run's
+    --sampling-rate wins. (A default of 4 for every preset trained MViT-B 32x3 on 4/3 its span.)"""
+    import argparse
+
+    import mvit.train
+    from mvit.train import check_options_used, resolve_recipe
+
+    parser = argparse.ArgumentParser()
+    mvit.train.add_parser(parser.add_subparsers())
+
+    def rate(*argv):
+        args = parser.parse_args(["train", "--data-root", ".", *argv])
+        check_options_used(args, resolve_recipe(args))
+        return args.sampling_rate
+
+    assert [rate("--preset", p) for p in ("mvit_b_32x3", "mvitv2_b_32x3", "mvitv2_l_40x3", "mvit_b_64x3")] == [3] * 4
+    assert rate("--preset", "mvit_b_16x4") == rate("--preset", "mvitv2_s_16x4") == 4
+    assert rate("--preset", "mvitv2_b_32x3", "--sampling-rate", "2") == 2

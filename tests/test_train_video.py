@@ -90,6 +90,8 @@ def test_val_csv_with_class_folders(video_root, tmp_path, capsys):
                  "--output-dir", str(out)] + SMALL) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["val"]["videos"] == 2  # not the 6 of val/
+    [ck] = ckpt.list_checkpoints(str(out))
+    assert ckpt.load(ck)["model_config"].sampling_rate == 2  # the model records its clips' stride
     # `mvit eval` checks a list's labels against the checkpoint's classes
     val_csv.write_text("val/spin/0.mkv 2\nval/pull/1.mkv 3\n")
     capsys.readouterr()
@@ -148,3 +150,16 @@ def test_something_something_download_layout(tmp_path, capsys):
     assert main(["predict", ck, str(tmp_path / "100.webm"), "--json", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["views"] == 3 and {r["label"] for r in result["top"]} == set(labels)
+
+
+def test_resume_may_change_the_sampling_rate_and_says_so(video_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data-root", str(video_root), "--workers", "0", "--output-dir", str(out)] + SMALL) == 0
+    capsys.readouterr()
+    again = [a if a != "2" or SMALL[i - 1] != "--max-steps" else "3" for i, a in enumerate(SMALL)]
+    again[again.index("--sampling-rate") + 1] = "3"
+    assert main(["train", "--data-root", str(video_root), "--workers", "0", "--output-dir", str(out),
+                 "--resume", "auto"] + again) == 0
+    assert "--sampling-rate 2 -> 3" in capsys.readouterr().err
+    newest = ckpt.list_checkpoints(str(out))[0]
+    assert ckpt.load(newest)["model_config"].sampling_rate == 3

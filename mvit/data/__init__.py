@@ -28,6 +28,7 @@ class DataBundle:
     multi_label: bool
     input_size: Optional[tuple]  # (T, H, W) the model should be built for, or None for the preset's
     workers: int
+    sampling_rate: Optional[int] = None  # the frame stride of the clips, where they are strided videos
 
 
 class SingleView(Dataset):
@@ -127,6 +128,7 @@ def eval_views(args, state: dict, items: list, image: bool) -> Dataset:
     ``args.test_crops``, ``args.sampling_rate``, ``args.target_fps``, ``args.temporal_sampling``;
     unset: the checkpoint's run's sampling and the papers' views for it). An option the input
     does not use is an error."""
+    from ..presets import PAPER_TEST_VIEWS
     from .image import CROP_FRACTION, ImageFolderDataset
     from .video import ClipSpec, VideoDataset, default_jitter
 
@@ -136,25 +138,30 @@ def eval_views(args, state: dict, items: list, image: bool) -> Dataset:
     if image:  # one centre crop of one frame per image
         _reject_unused("an image checkpoint's evaluation", _clip_options(args))
         fraction = CROP_FRACTION if args.crop_fraction is None else args.crop_fraction
+        mean, std = cfg.normalization(image=True)
         return ImageFolderDataset(items, cfg.input_size[1], False, num_classes=cfg.num_classes,
-                                  multi_label=multi, crop_fraction=fraction)
+                                  multi_label=multi, crop_fraction=fraction, mean=mean, std=std)
     # unset: the training run's settings (an older run's stored target_fps of 0 meant the source rate)
     fps = args.target_fps if args.target_fps is not None else train_args.get("target_fps", 30.0)
-    stride = args.sampling_rate if args.sampling_rate is not None else train_args.get("sampling_rate") or 4
+    stride = (args.sampling_rate if args.sampling_rate is not None
+              else train_args.get("sampling_rate") or cfg.sampling_rate)  # the model's: the published weights
     sampling = (getattr(args, "temporal_sampling", None) or (state.get("recipe") or {}).get("temporal_sampling")
                 or "stride")
     segments = sampling == "segments"
     _reject_unused("a video checkpoint's evaluation", [("--crop-fraction", args.crop_fraction is not None)] + (
         [("--sampling-rate", args.sampling_rate is not None), ("--target-fps", args.target_fps is not None)]
         if segments else []))
-    # The MViT papers' views: Kinetics 5 clips x 1 crop, the short side scaled as in training (256
-    # for 224 crops) before the centre crop; Something-Something (segments) 1 clip x 3 crops.
+    # The MViT papers' views: Kinetics 5 clips x 1 crop (MViTv2-L 5 x 3: PAPER_TEST_VIEWS), the short
+    # side scaled as in training (256 for 224 crops) before the centre crop, or to the crop for 3
+    # crops; Something-Something (segments) 1 clip x 3 crops.
     crop = cfg.input_size[1]
     jitter = train_args.get("jitter_scales") or default_jitter(crop)
+    clips, crops = (1, 3) if segments else PAPER_TEST_VIEWS.get(cfg.name, (5, 1))
+    mean, std = cfg.normalization(image=False)
     spec = ClipSpec(frames=cfg.input_size[0], crop=crop, stride=stride, target_fps=fps or None,
-                    jitter=tuple(jitter), temporal_sampling=sampling,
-                    test_clips=(1 if segments else 5) if args.test_clips is None else args.test_clips,
-                    test_crops=(3 if segments else 1) if args.test_crops is None else args.test_crops)
+                    jitter=tuple(jitter), temporal_sampling=sampling, mean=mean, std=std,
+                    test_clips=clips if args.test_clips is None else args.test_clips,
+                    test_crops=crops if args.test_crops is None else args.test_crops)
     return VideoDataset(items, spec, False, cfg.num_classes, multi)
 
 

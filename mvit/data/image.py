@@ -16,16 +16,21 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
+from ..config import IMAGENET_MEAN, IMAGENET_STD
 from . import transforms as T
 from .rand_augment import RandAugmentSpec, rand_augment
 from .video import label_target
 
 log = logging.getLogger("mvit.data")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-#: timm's ``img_mean`` fill for RandAugment's geometric ops: the mean in 0..255.
-IMAGENET_FILL = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)
+
+
+def mean_fill(mean) -> tuple[int, ...]:
+    """timm's ``img_mean`` fill for RandAugment's geometric ops: the normalization mean in 0..255."""
+    return tuple(min(255, round(255 * m)) for m in mean)
+
+
+IMAGENET_FILL = mean_fill(IMAGENET_MEAN)
 #: facebookresearch/mvit's ``DATA.VAL_CROP_RATIO`` (timm's model cards say 0.9 for the same weights).
 CROP_FRACTION = 0.875
 
@@ -48,7 +53,7 @@ class ImageFolderDataset(Dataset):
     def __init__(self, items, crop: int, train: bool, rand_augment: Optional[RandAugmentSpec] = None,
                  erasing: float = 0.0, flip: bool = True, max_retries: int = 10, num_classes: Optional[int] = None,
                  multi_label: bool = False, crop_scale: tuple[float, float] = (0.08, 1.0),
-                 crop_fraction: float = CROP_FRACTION):
+                 crop_fraction: float = CROP_FRACTION, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         if multi_label and not num_classes:
             raise ValueError("multi-label images need num_classes")
         if not 0.0 < crop_fraction <= 1.0:
@@ -57,6 +62,7 @@ class ImageFolderDataset(Dataset):
         self.crop_scale, self.crop_fraction = tuple(crop_scale), crop_fraction
         self.num_classes, self.multi_label = num_classes, multi_label
         self.rand_augment, self.erasing, self.flip, self.max_retries = rand_augment, erasing, flip, max_retries
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -84,15 +90,15 @@ class ImageFolderDataset(Dataset):
     def _transform(self, img: torch.Tensor, gen, seed: int) -> torch.Tensor:
         if not self.train:
             img = T.short_side_scale(img, int(self.crop / self.crop_fraction), "bicubic", antialias=True)
-            return T.normalize(T.center_crop(img, self.crop), IMAGENET_MEAN, IMAGENET_STD)
+            return T.normalize(T.center_crop(img, self.crop), self.mean, self.std)
         img = T.random_resized_crop(img, self.crop, self.crop_scale, (3 / 4, 4 / 3), gen, "bicubic", antialias=True)
         if self.flip:
             img = T.random_flip(img, 0.5, gen)
         if self.rand_augment:
-            img = rand_augment(img, self.rand_augment, gen, IMAGENET_FILL)
+            img = rand_augment(img, self.rand_augment, gen, mean_fill(self.mean))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # torchvision's RandomErasing draws from the global RNG
-            return T.random_erasing(T.normalize(img, IMAGENET_MEAN, IMAGENET_STD), self.erasing)
+            return T.random_erasing(T.normalize(img, self.mean, self.std), self.erasing)
 
 
 def build_image_datasets(args, recipe: dict, cfg, workers: int):
@@ -111,7 +117,9 @@ def build_image_datasets(args, recipe: dict, cfg, workers: int):
         raise ValueError(f"--random-erasing is a probability in [0, 1], got {erasing}")
     crop_scale = tuple(recipe.get("crop_scale") or (0.08, 1.0))
     check_crop_scale(crop_scale, (3 / 4, 4 / 3))
+    mean, std = cfg.normalization(image=True)
     train = ImageFolderDataset(train_items, crop, True, ra, erasing, bool(recipe.get("flip", True)),
-                               num_classes=num_classes, multi_label=multi, crop_scale=crop_scale)
-    val = ImageFolderDataset(val_items, crop, False, num_classes=num_classes, multi_label=multi) if val_items else None
+                               num_classes=num_classes, multi_label=multi, crop_scale=crop_scale, mean=mean, std=std)
+    val = ImageFolderDataset(val_items, crop, False, num_classes=num_classes, multi_label=multi, mean=mean,
+                             std=std) if val_items else None
     return DataBundle(train, val, num_classes, classes, multi, (1, crop, crop), workers)

@@ -22,14 +22,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..config import KINETICS_MEAN, KINETICS_STD
+
 CLASSES = ("right", "left", "down", "up")
 # unit motion per class as (dy, dx) in pixels per frame
 _DIRECTIONS = {0: (0, 1), 1: (0, -1), 2: (1, 0), 3: (-1, 0)}
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
-# Kinetics mean/std (pySlowFast DATA.MEAN / DATA.STD), used for every video dataset here
-MEAN = (0.45, 0.45, 0.45)
-STD = (0.225, 0.225, 0.225)
+# Kinetics mean/std (pySlowFast DATA.MEAN / DATA.STD): the synthetic clips' normalization
+MEAN, STD = KINETICS_MEAN, KINETICS_STD
 
 
 # The moving square is up to 10 pixels wide and moves up to 3 pixels a frame, and its whole path

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from . import transforms as T
 from .rand_augment import VIDEO_FILL, RandAugmentSpec, rand_augment
 from .samplers import clip_frame_indices, segment_frame_indices
-from .synthetic import MEAN, STD
+from ..config import KINETICS_MEAN, KINETICS_STD
 
 log = logging.getLogger("mvit.data")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
@@ -232,6 +232,8 @@ class ClipSpec:
     erasing: float = 0.0
     test_clips: int = 1
     test_crops: int = 1
+    mean: tuple[float, ...] = KINETICS_MEAN  # the normalization the model expects (MViTConfig.normalization)
+    std: tuple[float, ...] = KINETICS_STD
 
     def check(self, train: bool) -> None:
         """Raise ValueError (naming the command-line option) for settings no video could satisfy.
@@ -342,7 +344,7 @@ class VideoDataset(Dataset):
                 clip = T.random_flip(clip, 0.5, gen)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # torchvision's RandomErasing draws from the global RNG
-                clip = T.normalize(clip, MEAN, STD)
+                clip = T.normalize(clip, s.mean, s.std)
                 clip = T.random_erasing(clip, s.erasing)
             return clip.permute(1, 0, 2, 3).contiguous()  # (C, T, H, W)
 
@@ -350,7 +352,7 @@ class VideoDataset(Dataset):
         for clip in frames.split(s.frames):
             clip = T.short_side_scale(clip, s.jitter[0] if s.test_crops == 1 else s.crop)
             for c in ([1] if s.test_crops == 1 else [0, 1, 2]):
-                views.append(T.normalize(T.uniform_crop(clip, s.crop, c), MEAN, STD).permute(1, 0, 2, 3))
+                views.append(T.normalize(T.uniform_crop(clip, s.crop, c), s.mean, s.std).permute(1, 0, 2, 3))
         return torch.stack(views)
 
 
@@ -385,8 +387,9 @@ def _spec(args, recipe: dict, cfg, train: bool, test_clips: int, test_crops: int
     crop = args.crop_size or cfg.input_size[1]
     jitter = tuple(args.jitter_scales) if getattr(args, "jitter_scales", None) else default_jitter(crop)
     crop_scale = recipe.get("crop_scale")
+    mean, std = cfg.normalization(image=False)
     return ClipSpec(frames=frames, stride=args.sampling_rate, target_fps=args.target_fps or None, crop=crop,
-                    jitter=jitter, crop_scale=tuple(crop_scale) if crop_scale else None,
+                    mean=mean, std=std, jitter=jitter, crop_scale=tuple(crop_scale) if crop_scale else None,
                     inverse_uniform=bool(recipe.get("inverse_uniform_jitter", False)),
                     temporal_sampling=recipe.get("temporal_sampling") or "stride",
                     flip=bool(recipe.get("flip", True)),
@@ -404,7 +407,8 @@ def build_video_datasets(args, recipe: dict, cfg, workers: int):
     val = (VideoDataset(val_items, _spec(args, recipe, cfg, False, args.test_clips, args.test_crops), False,
                         num_classes, multi) if val_items else None)
     spec = train.spec
-    return DataBundle(train, val, num_classes, classes, multi, (spec.frames, spec.crop, spec.crop), workers)
+    return DataBundle(train, val, num_classes, classes, multi, (spec.frames, spec.crop, spec.crop), workers,
+                      spec.stride if spec.temporal_sampling == "stride" else None)
 
 
 def labelled_items(args, extensions) -> tuple[list, Optional[list], Optional[list[str]], int]:
