@@ -67,7 +67,7 @@ IMAGE_RECIPE = dict(
 )
 
 # pySlowFast's Something-Something v2 configs (SSv2/MVITv2_S_16x4.yaml; MVITv2_B_32x3 differs only
-# in its LR, 0.0015 per 16 clips: PRESET_BASE_LR): one frame from each of T segments of the video,
+# in its LR, 0.0015 per 16 clips: PRESET_RECIPE): one frame from each of T segments of the video,
 # no flips (the labels name directions), a short-side jitter drawn inverse-uniformly and a random
 # crop, SGD with Nesterov momentum at 0.0025 per 16 clips (from 1e-4, down to 1e-6), weight decay
 # 1e-4, 100 epochs, 3 of
@@ -80,8 +80,15 @@ SSV2_RECIPE = dict(
     eval_every=2, clip_grad=0.0,
 )
 
-#: Where a preset's config sets another LR than its recipe's (per 512 clips; pySlowFast's per 16).
-PRESET_BASE_LR = {("ssv2", "mvitv2_b_32x3"): 0.0015 * 512 / 16}
+#: Where a preset's own config for a recipe sets other values (LRs per 512 clips; pySlowFast's per
+#: its batch: 16 clips for B, 8 for L). MViTv2-L on SSv2 (SSv2/MVITv2_L_40x3.yaml): 40 epochs,
+#: warmup from and cosine to 1e-6 per 8, clipping at 2.0, no mixup or cutmix (MIXUP.PROB 0), its own
+#: stochastic depth of 0.75. (Its Kinetics training config is not published.)
+PRESET_RECIPE = {
+    ("ssv2", "mvitv2_b_32x3"): dict(base_lr=0.0015 * 512 / 16),
+    ("ssv2", "mvitv2_l_40x3"): dict(epochs=40, warmup_start_lr=1e-6 * 512 / 8, min_lr=1e-6 * 512 / 8, clip_grad=2.0,
+                                    mixup_prob=0.0, drop_path=0.75),
+}
 
 #: --recipe choices; without it, image runs take "imagenet" and video runs "kinetics".
 RECIPES = {"kinetics": PAPER_RECIPE, "imagenet": IMAGE_RECIPE, "ssv2": SSV2_RECIPE}
@@ -201,8 +208,10 @@ def resolve_recipe(args: argparse.Namespace) -> dict:
     name = getattr(args, "recipe", None) or ("imagenet" if _image_task(args) else "kinetics")
     base = SYNTHETIC_RECIPE if synthetic else RECIPES[name]
     recipe = {k: (getattr(args, k, None) if getattr(args, k, None) is not None else v) for k, v in base.items()}
-    if not synthetic and getattr(args, "base_lr", None) is None:
-        recipe["base_lr"] = PRESET_BASE_LR.get((name, getattr(args, "preset", None)), recipe["base_lr"])
+    if not synthetic:
+        for key, value in PRESET_RECIPE.get((name, getattr(args, "preset", None)), {}).items():
+            if getattr(args, key, None) is None:  # flags given explicitly still win
+                recipe[key] = value
     recipe["synthetic"] = synthetic
     if getattr(args, "jitter_scales", None) is not None:
         if getattr(args, "crop_scale", None) is not None:

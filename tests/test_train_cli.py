@@ -195,6 +195,11 @@ def test_image_runs_default_to_the_image_recipe_and_videos_to_kinetics():
     assert recipe("--preset", "mvitv2_b_32x3", "--data-root", ".", "--recipe", "ssv2", "--base-lr", "0.01")[
         "base_lr"] == 0.01
     assert recipe("--preset", "mvitv2_b_32x3", "--data-root", ".")["base_lr"] == PAPER_RECIPE["base_lr"]
+    large = recipe("--preset", "mvitv2_l_40x3", "--data-root", ".", "--recipe", "ssv2")  # SSv2/MVITv2_L_40x3.yaml
+    assert (large["epochs"], large["clip_grad"], large["mixup_prob"], large["drop_path"]) == (40, 2.0, 0.0, 0.75)
+    assert large["base_lr"] == pytest.approx(0.00125 * 512 / 8) and large["min_lr"] == pytest.approx(1e-6 * 512 / 8)
+    assert recipe("--preset", "mvitv2_l_40x3", "--data-root", ".", "--recipe", "ssv2", "--epochs", "5")["epochs"] == 5
+    assert recipe("--preset", "mvitv2_l_40x3", "--data-root", ".")["epochs"] == PAPER_RECIPE["epochs"]
     assert recipe("--preset", "mvitv2_s_image", "--data-root", ".", "--recipe", "kinetics")["epochs"] == 200
 
 
