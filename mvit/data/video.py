@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..config import KINETICS_MEAN, KINETICS_STD
 from . import transforms as T
 from .rand_augment import VIDEO_FILL, RandAugmentSpec, rand_augment
 from .samplers import clip_frame_indices, segment_frame_indices
-from ..config import KINETICS_MEAN, KINETICS_STD
 
 log = logging.getLogger("mvit.data")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
