@@ -148,12 +148,15 @@ def convert_pyslowfast(state: Mapping[str, torch.Tensor], cfg: Optional[MViTConf
 
 
 def pyslowfast_config(state: Mapping[str, torch.Tensor], cfg: MViTConfig) -> MViTConfig:
-    """Adapt a preset to what a pySlowFast checkpoint holds: the number of classes, and the
-    blocks of old checkpoints that have no K/V pooling (SlowFast#456)."""
+    """Adapt a preset to what a pySlowFast checkpoint holds: the number of classes, where the
+    channels grow, and the blocks of old checkpoints that have no K/V pooling (SlowFast#456)."""
     src = _unwrap(state)
     head = src.get("head.projection.weight")
     if head is not None and head.shape[0] != cfg.num_classes:
         cfg = cfg.replace(num_classes=head.shape[0])
+    in_att = _channels_grow_in_attention(src, cfg)
+    if in_att is not None and in_att != cfg.dim_mul_in_att:
+        cfg = cfg.replace(dim_mul_in_att=in_att)
     # A block that exists in the checkpoint but has no pool_k although the grammar gives it K/V
     # pooling was built by the old kernel = stride + 1 rule (stride 1 -> no pooling). Only a
     # stride-1 block can be one; elsewhere a missing pool_k is a checkpoint that does not fit,
@@ -170,6 +173,21 @@ def pyslowfast_config(state: Mapping[str, torch.Tensor], cfg: MViTConfig) -> MVi
     if no_kv:
         cfg = cfg.replace(no_kv_pool_blocks=tuple(sorted(set(cfg.no_kv_pool_blocks) | set(no_kv))))
     return cfg
+
+
+def _channels_grow_in_attention(src: Mapping[str, torch.Tensor], cfg: MViTConfig) -> Optional[bool]:
+    """Whether a checkpoint widens the stream in attention at each stage's first block
+    (DIM_MUL_IN_ATT) or in the MLP of the block before it, from which blocks hold the shortcut
+    projection (``blocks.i.proj``): facebookresearch/mvit's MViTv2-L is released both ways (IN-1K
+    in the MLP, IN-21K in attention). None where the keys do not say (no widening block found)."""
+    votes = set()
+    for i, mul in cfg.dim_mul:
+        if mul == 1.0 or not 0 < i < cfg.depth:
+            continue
+        at_stage, before = f"blocks.{i}.proj.weight" in src, f"blocks.{i - 1}.proj.weight" in src
+        if at_stage != before:
+            votes.add(at_stage)
+    return votes.pop() if len(votes) == 1 else None
 
 
 # --- timm ---------------------------------------------------------------------------------------
@@ -364,8 +382,9 @@ def from_pretrained(
     source: "mvit_kernels" (this project's own checkpoints, e.g. from ``mvit train``),
     "torchvision" (``mvit_v1_b`` / ``mvit_v2_s``; the preset is inferred), "pyslowfast" or
     "mvit" (facebookresearch/mvit image models): these two need ``preset`` naming the
-    architecture (e.g. "mvit_b_16x4", "mvitv2_s_image"); the class count is read from the head,
-    and for "mvit" whether there is a class token (its IN-21K models have one).
+    architecture (e.g. "mvit_b_16x4", "mvitv2_s_image"); the class count and where channels grow
+    are read from the weights, and for "mvit" whether there is a class token (its IN-21K models
+    have one).
     "timm" (timm ``mvitv2_*``) and "pytorchvideo" (its MViT-B models): the architecture is read
     from the weights unless ``preset`` names it. A path ending in ``.safetensors`` is read with
     safetensors (timm's weights on the hub).

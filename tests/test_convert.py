@@ -278,6 +278,28 @@ def test_mvit_repository_checkpoint_with_a_class_token():
     assert loaded.cfg.cls_embed and not loaded.cfg.residual_pooling_cls
 
 
+@pytest.mark.parametrize("expand_attn", [True, False], ids=["in-attention", "in-the-mlp"])
+def test_mvit_repository_checkpoints_say_where_channels_grow(expand_attn):
+    """facebookresearch/mvit releases MViTv2-L twice: IN-1K growing channels in the MLP (the
+    mvitv2_l_image preset), IN-21K in attention (timm's mvitv2_large_cls). The shortcut
+    projections' blocks say which; the preset names the rest."""
+    torch.manual_seed(8)
+    source = _randomize(MultiScaleVit(MultiScaleVitCfg(**_TIMM_SMALL, use_cls_token=True, expand_attn=expand_attn),
+                                      img_size=64, num_classes=6))
+    ours = from_pretrained(source.state_dict(), source="timm")
+    assert ours.cfg.dim_mul_in_att == expand_attn
+    checkpoint = _to_pyslowfast_layout(ours)
+    state = checkpoint["model_state"]
+    for key in [k for k in state if k.endswith(("pool_q.weight", "pool_k.weight", "pool_v.weight"))]:
+        state[key] = state[key].squeeze(2)
+    preset = ours.cfg.replace(dim_mul_in_att=not expand_attn)  # the other release's architecture
+    model = from_pretrained(checkpoint, source="mvit", preset=preset).eval()
+    assert model.cfg.dim_mul_in_att == expand_attn
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (source(x) - model(x)).abs().max().item() <= ATOL
+
+
 # --- pytorchvideo: its MViT-B models (Kinetics 16x4 and 32x3, ImageNet) ---------------------------
 
 
