@@ -151,6 +151,14 @@ def pyslowfast_config(state: Mapping[str, torch.Tensor], cfg: MViTConfig) -> MVi
     """Adapt a preset to what a pySlowFast checkpoint holds: the number of classes, where the
     channels grow, and the blocks of old checkpoints that have no K/V pooling (SlowFast#456)."""
     src = _unwrap(state)
+    blocks = {int(m.group(1)) for k in src for m in [re.match(r"^blocks\.(\d+)\.", k)] if m}
+    if blocks and len(blocks) != cfg.depth:
+        # a wrong guess from the file's name (pySlowFast's MVIT_B_32x3_CONV config is 24 blocks
+        # deep: mvit_b24_32x3, not mvit_b_32x3): name the presets that have the checkpoint's depth
+        fits = sorted(name for name, p in PRESETS.items() if p.depth == len(blocks) and p.patch_2d == cfg.patch_2d)
+        raise CheckpointMismatchError(
+            f"the checkpoint has {len(blocks)} blocks, preset {cfg.name} has {cfg.depth}"
+            + (f": try {' or '.join(fits)}" if fits else ""))
     head = src.get("head.projection.weight")
     if head is not None and head.shape[0] != cfg.num_classes:
         cfg = cfg.replace(num_classes=head.shape[0])

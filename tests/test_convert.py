@@ -100,6 +100,14 @@ def test_old_pyslowfast_checkpoints_without_kv_pooling_in_the_last_blocks():
         assert (source(x) - model(x)).abs().max().item() <= ATOL
 
 
+def test_a_preset_of_another_depth_names_the_presets_that_fit():
+    checkpoint = _to_pyslowfast_layout(build_model("mvit_tiny", depth=24, dim_mul=((2, 2.0),), head_mul=((2, 2.0),),
+                                                   pool_q_stride=((2, 1, 2, 2),)))
+    with pytest.raises(CheckpointMismatchError, match=r"^the checkpoint has 24 blocks, preset mvit_b_32x3 has 16: "
+                                                      r"try mvit_b24_32x3 or mvitv2_b_32x3$"):
+        from_pretrained(checkpoint, source="pyslowfast", preset="mvit_b_32x3")
+
+
 def test_missing_kv_pooling_of_a_strided_block_is_an_error_not_another_architecture():
     # Only stride-1 blocks can be SlowFast#456's; mvit_tiny's block 0 has K/V stride (1, 2, 2).
     # Its missing pool_k/pool_v loaded as a block without K/V pooling, outputs 0.05 off, silently.
