@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -24,10 +24,25 @@ from .data.video import TEMPORAL_SAMPLING
 from .training import distributed as dist_utils
 
 
-def aggregate_views(view_logits: torch.Tensor, multi_label: bool = False) -> torch.Tensor:
-    """(videos, views, classes) logits -> (videos, classes) mean of per-view probabilities."""
+#: How a video's views are combined (pySlowFast's DATA.ENSEMBLE_METHOD): the mean (its "sum") of the
+#: views' softmax for single-label tasks, as the Kinetics and SSv2 configs; each class's largest
+#: sigmoid for multi-label ones, as its Charades configs.
+ENSEMBLES = ("mean", "max")
+
+
+def default_ensemble(multi_label: bool) -> str:
+    return "max" if multi_label else "mean"
+
+
+def aggregate_views(view_logits: torch.Tensor, multi_label: bool = False,
+                    ensemble: Optional[str] = None) -> torch.Tensor:
+    """(videos, views, classes) logits -> (videos, classes) per-view probabilities (softmax, or
+    sigmoid for multi-label), combined over the views by ``ensemble`` (default: ``default_ensemble``)."""
+    ensemble = ensemble or default_ensemble(multi_label)
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
     probs = view_logits.float().sigmoid() if multi_label else view_logits.float().softmax(-1)
-    return probs.mean(1)
+    return probs.mean(1) if ensemble == "mean" else probs.amax(1)
 
 
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict:
@@ -85,7 +100,8 @@ class _Indexed(torch.utils.data.Dataset):
 @torch.no_grad()
 def score_videos(model: Callable, dataset, rank: int, world_size: int, device, batch_size: int = 8,
                  workers: int = 0, multi_label: bool = False, autocast=None,
-                 shuffle_frames: bool = False) -> list[tuple[int, np.ndarray, object]]:
+                 shuffle_frames: bool = False,
+                 ensemble: Optional[str] = None) -> list[tuple[int, np.ndarray, object]]:
     """This rank's (video index, aggregated scores, label) triples."""
     from .data.samplers import shard_indices
 
@@ -97,7 +113,7 @@ def score_videos(model: Callable, dataset, rank: int, world_size: int, device, b
         b, v = views.shape[:2]
         with ctx():
             logits = model(views.flatten(0, 1).to(device, non_blocking=True))
-        scores = aggregate_views(logits.view(b, v, -1), multi_label).cpu().numpy()
+        scores = aggregate_views(logits.view(b, v, -1), multi_label, ensemble).cpu().numpy()
         for i, s, y in zip(idx, scores, labels):
             out.append((i, s, y.numpy() if torch.is_tensor(y) else int(y)))
     return out
@@ -118,13 +134,14 @@ def metrics_from_scores(triples: list, multi_label: bool) -> dict:
 
 
 def evaluate(model: torch.nn.Module, dataset, info, batch_size: int = 8, workers: int = 0,
-             multi_label: bool = False, autocast=None, shuffle_frames: bool = False) -> dict:
+             multi_label: bool = False, autocast=None, shuffle_frames: bool = False,
+             ensemble: Optional[str] = None) -> dict:
     """Scores ``dataset`` across all ranks; every rank gets the same metrics."""
     was_training = model.training
     model.eval()
     try:
         mine = score_videos(model, dataset, info.rank, info.world_size, info.device, batch_size, workers,
-                            multi_label, autocast, shuffle_frames)
+                            multi_label, autocast, shuffle_frames, ensemble)
     finally:
         model.train(was_training)
     gathered = dist_utils.all_gather_object(mine)
@@ -157,6 +174,9 @@ def add_parser(subparsers) -> None:
                    help="images: the centre crop's share of the resized short side (default 0.875, as "
                         "facebookresearch/mvit; timm evaluates the same weights at 0.9)")
     p.add_argument("--shuffle-frames", action="store_true", help="shuffle each view's frames")
+    p.add_argument("--ensemble", choices=ENSEMBLES, default=None,
+                   help="how a video's views combine: the mean of their softmax (default, single-label) or each "
+                        "class's largest sigmoid (default for multi-label, as pySlowFast's Charades configs)")
     p.add_argument("--ema", action="store_true",
                    help="evaluate the EMA weights stored in the checkpoint (those a run with --ema-decay validated: "
                         "its result.json says \"ema\": true)")
@@ -249,9 +269,12 @@ def _score(args: argparse.Namespace, model, state: dict, info) -> dict:
     model.to(info.device).eval()
     dataset, multi_label, workers = build_eval_dataset(args, state)
     autocast, _ = _autocast(info.device, args.precision)
-    metrics = evaluate(model, dataset, info, args.batch_size, workers, multi_label, autocast, args.shuffle_frames)
+    ensemble = args.ensemble or default_ensemble(multi_label)
+    metrics = evaluate(model, dataset, info, args.batch_size, workers, multi_label, autocast, args.shuffle_frames,
+                       ensemble)
     report = {"checkpoint": os.path.abspath(args.checkpoint), "shuffle_frames": args.shuffle_frames,
-              "ema": args.ema, "views_per_video": getattr(dataset, "views_per_video", 1), **metrics}
+              "ema": args.ema, "views_per_video": getattr(dataset, "views_per_video", 1), "ensemble": ensemble,
+              **metrics}
     if args.source != "mvit_kernels":
         report.update(source=args.source, model=model.cfg.name)
     if info.is_main:

@@ -21,6 +21,7 @@ import torch
 
 from .convert import SOURCES
 from .data.video import TEMPORAL_SAMPLING
+from .evaluate import ENSEMBLES
 
 
 def add_parser(subparsers) -> None:
@@ -43,6 +44,8 @@ def add_parser(subparsers) -> None:
                    help="videos: default the run's, else 'stride' ('segments': 1 clip x 3 crops by default)")
     p.add_argument("--target-fps", type=float, default=None, help="videos: default the run's, else 30")
     p.add_argument("--crop-fraction", type=float, default=None, help="images: default 0.875")
+    p.add_argument("--ensemble", choices=ENSEMBLES, default=None,
+                   help="how views combine (as mvit eval): mean softmax, or for multi-label models the largest sigmoid")
     p.add_argument("--ema", action="store_true", help="the EMA weights of a `mvit train` checkpoint")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
@@ -119,7 +122,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             raise ValueError(f"cannot read {path}: {exc}") from None
         with torch.no_grad(), (autocast or contextlib.nullcontext)():
             logits = model(views.to(info.device))
-        probs = aggregate_views(logits[None], dataset.multi_label)[0].cpu()
+        probs = aggregate_views(logits[None], dataset.multi_label, args.ensemble)[0].cpu()
         top = probs.topk(min(args.top_k, probs.numel()))
         ranked = [{"class": int(i), "label": names[int(i)] if names else None, "prob": float(p)}
                   for p, i in zip(top.values, top.indices)]

@@ -16,8 +16,16 @@ def test_average_of_softmax_over_views_by_hand():
                            [[0.0, 0.0], [0.0, math.log(4.0)]]])            # (.5,.5), (.2,.8)
     probs = aggregate_views(logits)
     assert torch.allclose(probs, torch.tensor([[0.5, 0.5], [0.35, 0.65]]))
-    sig = aggregate_views(torch.zeros(1, 3, 2), multi_label=True)
-    assert torch.allclose(sig, torch.full((1, 2), 0.5))
+    assert torch.allclose(aggregate_views(logits, ensemble="max"), torch.tensor([[0.75, 0.75], [0.5, 0.8]]))
+
+
+def test_multi_label_views_combine_by_their_largest_sigmoid_as_pyslowfast_charades():
+    # sigmoid(log 3) = .75, sigmoid(-log 3) = .25, sigmoid(0) = .5
+    logits = torch.tensor([[[math.log(3.0), -math.log(3.0)], [0.0, 0.0], [-math.log(3.0), -math.log(3.0)]]])
+    assert torch.allclose(aggregate_views(logits, multi_label=True), torch.tensor([[0.75, 0.5]]))
+    assert torch.allclose(aggregate_views(logits, multi_label=True, ensemble="mean"), torch.tensor([[0.5, 1 / 3]]))
+    with pytest.raises(ValueError, match="ensemble must be one of"):
+        aggregate_views(logits, ensemble="sum")
 
 
 def test_topk_by_hand():

@@ -79,6 +79,14 @@ def test_multi_label_csv(video_root, tmp_path):
                  "--multi-label", "--workers", "0", "--output-dir", str(out)] + SMALL_PAPER_CROP) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["val"]["videos"] == 2 and 0 <= result["val"]["mAP"] <= 100
+    # multi-view eval of a multi-label run combines the views' sigmoids by their max (pySlowFast's
+    # Charades configs); --ensemble mean is there too
+    report = tmp_path / "eval.json"
+    for flag, ensemble in (([], "max"), (["--ensemble", "mean"], "mean")):
+        assert main(["eval", str(out), "--val-csv", str(val_csv), "--data-root", str(video_root), "--workers", "0",
+                     "--test-clips", "2", "--report", str(report)] + flag) == 0
+        ev = json.loads(report.read_text())
+        assert ev["ensemble"] == ensemble and ev["views_per_video"] == 2 and 0 <= ev["mAP"] <= 100
 
 
 def test_val_csv_with_class_folders(video_root, tmp_path, capsys):
