@@ -40,10 +40,15 @@ def rows(tmp_path_factory):
 def test_every_dispatchable_config_was_compiled(rows):
     from mvit_kernels.triton import aot
 
-    compiled = {(r["kernel"], r["dtype"], r["precision"], r["partials"], r.get("mode"), r["d_pad"], r["target"]) for r in rows}
-    wanted = {(e["kernel"], e["dtype"], e["precision"], e["partials"], e.get("mode"), e["d_pad"], f"sm_{e['cc']}")
-              for e in aot.all_configs()}
+    compiled = {(r["kernel"], r["dtype"], r["precision"], r["partials"], r.get("mode"), r["d_pad"], r["target"],
+                 r.get("head_dim")) for r in rows}
+    wanted = {(e["kernel"], e["dtype"], e["precision"], e["partials"], e.get("mode"), e["d_pad"], f"sm_{e['cc']}",
+               e.get("head_dim")) for e in aot.all_configs()}
     assert wanted == compiled
+    # MViTv2-L's head 72 (no multiple of 16, compiled in as a constant): every kernel, dtype and target again
+    unaligned = {(k, d, t) for k, d, *_, t, h in compiled if h == 72}
+    assert {k for k, _, _ in unaligned} == {"fwd", "bwd_delta", "bwd_dkdv", "bwd_dq", "proj", "proj_bwd"}
+    assert {t for *_, t in unaligned} == {"sm_80", "sm_86", "sm_90"} and len({d for _, d, _ in unaligned}) == 3
     assert {r["target"] for r in rows} == {"sm_80", "sm_86", "sm_90"}
     # The pooled projection: every dtype, padded head dim and pooling mode (a constexpr).
     proj = {(r["dtype"], r["precision"], r["d_pad"], r["mode"]) for r in rows if r["kernel"] == "proj"}
@@ -75,11 +80,12 @@ def test_config_rule_matches_compiled_tiles(rows):
                 cfg = projection.select_config(dtype, r["d_pad"], cc, r["precision"])
             else:
                 cfg = projection.select_bwd_config(dtype, r["d_pad"], cc, r["precision"], r["mode"])
+            # a constant head dim of the projection takes the same tiles
             assert (cfg.block_m, cfg.block_k, cfg.num_warps, cfg.num_stages) == (
                 r["block_m"], r["block_k"], r["num_warps"], r["num_stages"]
             )
             continue
-        cfg = kernels.select_config(r["kernel"], dtype, r["d_pad"], cc, r["precision"])
+        cfg = kernels.select_config(r["kernel"], dtype, r["d_pad"], cc, r["precision"], aligned=not r.get("head_dim"))
         assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) == (
             r["block_m"], r["block_n"], r["num_warps"], r["num_stages"]
         )

@@ -80,6 +80,7 @@ CASES = [
     (1, 1, 8, (1, 1, 1), (1, 1, 1), True, "thw", True),      # one grid token, head 8 -> 16
     (1, 2, 48, (1, 7, 7), (1, 4, 4), False, "hw", True),     # MViTv2 image presets' pattern, head 48 -> 64
     (1, 1, 24, (2, 3, 3), (2, 2, 2), True, "thw", False),    # head 24, not a multiple of 16 (-> 32)
+    (1, 2, 72, (2, 5, 5), (2, 3, 3), True, "thw", True),     # MViTv2-L's head 72 (-> 128, its own tiles)
 ]
 
 
@@ -271,6 +272,8 @@ def test_config_rule_covers_every_dtype_and_head_pad():
                 cfg = kernels.select_config(kernel, dtype, d_pad)
                 assert cfg.block_m >= 16 and cfg.block_n >= 16
     assert kernels.next_pow2(96) == 128 and kernels.next_pow2(8) == 16
+    # head dims that are no multiple of 16 are compiled in (MViTv2-L's 72); the others stay runtime
+    assert [kernels.head_dim_constexpr(d) for d in (16, 64, 72, 96, 128, 24, 8)] == [0, 0, 72, 0, 0, 24, 8]
 
 
 @pytest.mark.parametrize("capability, smem_optin, rule", [
@@ -292,22 +295,27 @@ def test_tile_rule_by_device(capability, smem_optin, rule):
         assert kernels.RULES[rule] <= smem_optin
 
 
-def _tile_choices(d_pad):
+def _tile_choices(d_pad, head_dim):
     """Every distinct set of (fwd, bwd_dkdv, bwd_dq) tiles a rule picks at this head pad, over
-    rules, dtypes and dot precisions."""
+    rules, dtypes and dot precisions, for a head dim that is a multiple of 16 or not (MViTv2-L's
+    72 takes tiles of its own)."""
     choices = {}
     for rule in kernels.RULES:
         for dtype in kernels.DTYPES:
             for precision in ("tf32", "ieee") if dtype == torch.float32 else ("tf32",):
-                tiles = {k: kernels.select_config(k, dtype, d_pad, rule, precision) for k in ("fwd", "bwd_dkdv", "bwd_dq")}
+                tiles = {k: kernels.select_config(k, dtype, d_pad, rule, precision, aligned=head_dim % 16 == 0)
+                         for k in ("fwd", "bwd_dkdv", "bwd_dq")}
                 key = tuple((c.block_m, c.block_n) for c in tiles.values())
-                choices.setdefault(key, (f"rule{rule}-{str(dtype)[6:]}-{precision}", tiles))
+                choices.setdefault(key, (f"rule{rule}-{str(dtype)[6:]}-{precision}-head{head_dim}", tiles, head_dim))
     return list(choices.values())
 
 
+TILE_CHOICES = _tile_choices(128, 96) + _tile_choices(128, 72)
+
+
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter runs any tile shape on fp32 data")
-@pytest.mark.parametrize("name, tiles", _tile_choices(128), ids=lambda v: v if isinstance(v, str) else "")
-def test_every_rules_tiles_run_correctly(monkeypatch, name, tiles):
+@pytest.mark.parametrize("name, tiles, head_dim", TILE_CHOICES, ids=[c[0] for c in TILE_CHOICES])
+def test_every_rules_tiles_run_correctly(monkeypatch, name, tiles, head_dim):
     # The fp32 interpreter tests run the sm_90 rule's fp32 tiles; the tiles of the other rules and
     # of 16-bit inputs (128-row queries, 16- to 64-key tiles) are compiled by test_triton_aot.py
     # but would otherwise never run. The kernels are generic in dtype, so fp32 data through each
@@ -315,7 +323,7 @@ def test_every_rules_tiles_run_correctly(monkeypatch, name, tiles):
     original = kernels.select_config
     monkeypatch.setattr(kernels, "select_config",
                         lambda kernel, *args, **kw: tiles.get(kernel) or original(kernel, *args, **kw))
-    q, k, v, tables = make_inputs(1, 2, 96, (3, 7, 7), (3, 3, 2), True, "thw")
+    q, k, v, tables = make_inputs(1, 2, head_dim, (3, 7, 7), (3, 3, 2), True, "thw")
     check_against_reference(q, k, v, tables, (3, 7, 7), (3, 3, 2), True, True)
 
 

@@ -33,10 +33,17 @@ TARGETS = tuple(sorted(RULES))
 STACK_LIMIT = 16
 
 #: The configs with no tile free of stack use under every Triton release the project supports,
-#: and the stack they may use: IEEE fp32 (TF32 off, an accuracy mode) conv at head 128 on sm_80
-#: puts 32 B there under Triton 3.6 with the one tile clean under 3.8; every other tile tried
-#: spilled 100-800 B under one of them.
-STACK_EXCEPTIONS = {("proj_bwd", "conv", "float32", "ieee", 128, "sm_80"): 32}
+#: and the stack they may use, by (kernel, mode, dtype, dot, d_pad, target, constant head dim):
+#: IEEE fp32 (TF32 off, an accuracy mode) conv at head 128 on sm_80 puts 32 B there under Triton
+#: 3.6 with the one tile clean under 3.8; every other tile tried spilled 100-800 B under one of
+#: them. At MViTv2-L's head 72 the same config takes 56 B under 3.8 (one to three stages, 4 or 8
+#: warps: 56-488 B).
+STACK_EXCEPTIONS = {("proj_bwd", "conv", "float32", "ieee", 128, "sm_80", None): 32,
+                    ("proj_bwd", "conv", "float32", "ieee", 128, "sm_80", 72): 56}
+#: The head dims that are no multiple of 16 (compiled in as HEAD_DIM, pooling_attention.
+#: head_dim_constexpr) which the AOT check compiles: MViTv2-L's, at its padded tile, with no
+#: stride known to be a multiple of 16 (the worst case of its layouts).
+UNALIGNED_HEAD_DIMS = {72: 128}
 
 _TL_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -117,7 +124,30 @@ def all_configs(kernels=None):
                                 out.append(dict(kernel=kernel, dtype=str(dtype).replace("torch.", ""), d_pad=d_pad,
                                                 precision=precision, partials=partial, r_pad=r_pad, cc=cc, **vars(cfg)))
     out += projection_configs()
+    out += unaligned_configs(out)
     return [e for e in out if kernels is None or e["kernel"] in kernels]
+
+
+def unaligned_configs(aligned: list) -> list:
+    """The configs of ``aligned`` at each UNALIGNED_HEAD_DIMS padded tile again, for that head dim
+    as a constant, with the tiles select_config gives a head dim that is no multiple of 16."""
+    import torch
+
+    from . import pooled_projection as p
+    from . import pooling_attention as k
+
+    out = []
+    for head_dim, d_pad in UNALIGNED_HEAD_DIMS.items():
+        for e in aligned:
+            if e["d_pad"] != d_pad:
+                continue
+            dtype = getattr(torch, e["dtype"])
+            if e["kernel"] in k.KERNELS:
+                cfg = vars(k.select_config(e["kernel"], dtype, d_pad, e["cc"], e["precision"], aligned=False))
+            else:  # the projection's tiles do not depend on it
+                cfg = {f: e[f] for f in ("block_m", "block_k", "num_warps", "num_stages")}
+            out.append(dict(e, head_dim=head_dim, **cfg))
+    return out
 
 
 def projection_configs():
@@ -164,15 +194,17 @@ def compile_one(entry: dict, cc: int) -> dict:
         else:
             signature[param.name] = "i32"
     # What the launcher specializes at MViT shapes: 16-byte aligned pointers, strides and
-    # _ALIGNED_INTS multiples of 16.
+    # _ALIGNED_INTS multiples of 16; with a constant head dim that is none, neither D nor any stride.
+    head_dim = entry.get("head_dim")
     for i, name in enumerate(fn.arg_names):
-        if signature[name].startswith("*") or name.startswith("stride") or name in _ALIGNED_INTS:
+        unaligned = head_dim is not None and (name == "D" or name.startswith("stride"))
+        if signature[name].startswith("*") or (not unaligned and (name.startswith("stride") or name in _ALIGNED_INTS)):
             attrs[(i,)] = [["tt.divisibility", 16]]
     constexprs = dict(
         HAS_CLS=True, HAS_REL=True, HAS_T=True, HAS_HW=True, RESIDUAL=True, STORE_REL=True, STORE_OATTN=True,
         BLOCK_M=entry["block_m"], BLOCK_N=entry.get("block_n"), D_PAD=entry["d_pad"], R_PAD=entry.get("r_pad"),
         DOT_PRECISION=entry["precision"], MODE=entry.get("mode"), HAS_BIAS=True, HAS_NORM=True,
-        BLOCK_K=entry.get("block_k"),
+        BLOCK_K=entry.get("block_k"), HEAD_DIM=head_dim or 0,
     )
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -220,7 +252,7 @@ def check(row: dict) -> list[str]:
     if row["local"] > 0:
         problems.append(f"spills: LOCAL={row['local']}")
     limit = STACK_EXCEPTIONS.get((row["kernel"], row.get("mode"), row["dtype"], row["precision"], row["d_pad"],
-                                  row["target"]), STACK_LIMIT)
+                                  row["target"], row.get("head_dim")), STACK_LIMIT)
     if row["stack"] > limit:
         problems.append(f"STACK={row['stack']} > {limit}")
     if smem > SMEM_LIMIT[cc]:
@@ -234,13 +266,14 @@ def markdown(rows: list[dict]) -> str:
         "",
         "Every config `select_config` can pick, compiled without a GPU (`python -m mvit_kernels.triton.aot`),",
         "all features on, at every rel tile width R_PAD, with the channels and head dims of MViT (multiples",
-        "of 16) specialized as the launchers do. REG/STACK/LOCAL/SHARED from `cuobjdump",
+        "of 16) specialized as the launchers do; and at d_pad 128 again for head 72 (MViTv2-L; column",
+        "`head`), compiled in as a constant with no stride a multiple of 16. REG/STACK/LOCAL/SHARED from `cuobjdump",
         "--dump-resource-usage`; shared is the larger of cuobjdump's static figure and Triton's dynamic",
         f"`metadata.shared`. Limits: LOCAL 0, STACK <= {STACK_LIMIT} B (but STACK_EXCEPTIONS), shared <= "
         + " / ".join(f"{SMEM_LIMIT[cc] // 1024} KB (sm_{cc})" for cc in TARGETS) + ".",
         "",
-        "| kernel | dtype | dot | partials | d_pad | R_PAD | BLOCK_M | BLOCK_N | warps | stages | target | REG | STACK | LOCAL | shared (B) | ok |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | dtype | dot | partials | d_pad | head | R_PAD | BLOCK_M | BLOCK_N | warps | stages | target | REG | STACK | LOCAL | shared (B) | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["kernel"] in ("proj", "proj_bwd"):
@@ -248,7 +281,7 @@ def markdown(rows: list[dict]) -> str:
         smem = max(r["shared"], r["shared_triton"])
         ok = "; ".join(check(r)) or "yes"
         lines.append(
-            f"| {r['kernel']} | {r['dtype']} | {r['precision']} | {'yes' if r['partials'] else ''} | {r['d_pad']} | {r.get('r_pad') or ''} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | "
+            f"| {r['kernel']} | {r['dtype']} | {r['precision']} | {'yes' if r['partials'] else ''} | {r['d_pad']} | {r.get('head_dim') or ''} | {r.get('r_pad') or ''} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | "
             f"{r['num_stages']} | {r['target']} | {r['reg']} | {r['stack']} | {r['local']} | {smem} | {ok} |"
         )
     for kernel, name in (("proj", "pooled_projection_fwd_kernel"), ("proj_bwd", "pooled_projection_bwd_kernel")):
@@ -259,14 +292,15 @@ def markdown(rows: list[dict]) -> str:
             "",
             f"## Pooled projection (`{name}`): class token, bias and LayerNorm on",
             "",
-            "| mode | dtype | dot | d_pad | BLOCK_M | BLOCK_K | warps | stages | target | REG | STACK | LOCAL | shared (B) | ok |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| mode | dtype | dot | d_pad | head | BLOCK_M | BLOCK_K | warps | stages | target | REG | STACK | LOCAL | shared (B) | ok |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in proj:
             smem = max(r["shared"], r["shared_triton"])
             ok = "; ".join(check(r)) or "yes"
             lines.append(
-                f"| {r['mode']} | {r['dtype']} | {r['precision']} | {r['d_pad']} | {r['block_m']} | {r['block_k']} | "
+                f"| {r['mode']} | {r['dtype']} | {r['precision']} | {r['d_pad']} | {r.get('head_dim') or ''} | "
+                f"{r['block_m']} | {r['block_k']} | "
                 f"{r['num_warps']} | {r['num_stages']} | {r['target']} | {r['reg']} | {r['stack']} | {r['local']} | {smem} | {ok} |"
             )
     return "\n".join(lines) + "\n"

@@ -54,7 +54,7 @@ import triton.language as tl
 
 from ..checks import pool_output_size, pool_output_thw
 from .pooling_attention import (D_PADS, DTYPES, MMA_SYNC_RULES, _check_last_dim, _check_rule, _dummy, _head_tile,
-                                device_cc, dot_precision, next_pow2)
+                                device_cc, dot_precision, head_dim_constexpr, next_pow2)
 
 MODES = ("conv", "avg", "max")
 #: The fused kernel is picked up to this recompute factor: the byte/FLOP model's crossover at
@@ -166,7 +166,10 @@ def pooled_projection_fwd_kernel(
     inv_count, eps,
     MODE: tl.constexpr, HAS_CLS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr = 0,
 ):
+    if HEAD_DIM:  # a head dim that is not a multiple of 16 (head_dim_constexpr)
+        D = HEAD_DIM
     pid_bh, b, h, offs_m, offs_d, d_mask = _head_tile(H, D, BLOCK_M, D_PAD)
     row_ok, is_cls, grid_row, ot, oh, ow = _output_rows(offs_m, N_OUT, HO, WO, HAS_CLS)
     offs_k = tl.arange(0, BLOCK_K)
@@ -200,10 +203,13 @@ def pooled_projection_bwd_kernel(
     inv_count, eps,
     MODE: tl.constexpr, HAS_CLS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr = 0,
 ):
     """Backward of every mode (see the module docstring). DX (B, N, C) contiguous, DW
     (3A, C), DBias (3A,), DPW (d, prod(kernel)), DNW and DNB (d,): fp32, zeroed by the launcher,
     accumulated with atomics."""
+    if HEAD_DIM:  # a head dim that is not a multiple of 16 (head_dim_constexpr)
+        D = HEAD_DIM
     pid_bh, b, h, offs_m, offs_d, d_mask = _head_tile(H, D, BLOCK_M, D_PAD)
     row_ok, is_cls, grid_row, ot, oh, ow = _output_rows(offs_m, N_OUT, HO, WO, HAS_CLS)
     offs_k = tl.arange(0, BLOCK_K)
@@ -417,7 +423,7 @@ def forward(x, weight, bias, which_index: int, num_heads: int, thw, kernel, stri
         1.0 / math.prod(kernel), float(eps),
         MODE=mode, HAS_CLS=bool(has_cls), HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None,
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, D_PAD=g.d_pad, DOT_PRECISION=g.precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEAD_DIM=head_dim_constexpr(D), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
 
@@ -453,7 +459,7 @@ def backward(grad_y, x, weight, bias, which_index: int, num_heads: int, thw, ker
         1.0 / math.prod(kernel), float(eps),
         MODE=mode, HAS_CLS=bool(has_cls), HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None,
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, D_PAD=g.d_pad, DOT_PRECISION=g.precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEAD_DIM=head_dim_constexpr(D), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return (
         dx.to(x.dtype),

@@ -127,8 +127,10 @@ def pooling_attention_fwd_kernel(
     HAS_CLS: tl.constexpr, HAS_REL: tl.constexpr, HAS_T: tl.constexpr, HAS_HW: tl.constexpr,
     RESIDUAL: tl.constexpr, STORE_REL: tl.constexpr, STORE_OATTN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr = 0,
 ):
+    if HEAD_DIM:  # a head dim that is not a multiple of 16 (head_dim_constexpr)
+        D = HEAD_DIM
     pid_bh, b, h, offs_m, offs_d, d_mask = _head_tile(H, D, BLOCK_M, D_PAD)
     m_mask = offs_m < N_Q
     q = tl.load(
@@ -180,10 +182,12 @@ def pooling_attention_fwd_kernel(
 @triton.jit
 def pooling_attention_bwd_delta_kernel(
     DO, OA, Delta, H, N_Q, D,
-    BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr = 0,
 ):
     """delta[b, h, m] = dO[b, m, h, :] . O_attn[b, m, h, :] in fp32, both in the (B, N_q, heads*d)
     layout: one pass over the two, instead of torch's casts, product, sum and transposed copy."""
+    if HEAD_DIM:  # a head dim that is not a multiple of 16 (head_dim_constexpr)
+        D = HEAD_DIM
     pid_bh, b, h, offs_m, offs_d, d_mask = _head_tile(H, D, BLOCK_M, D_PAD)
     m_mask = offs_m < N_Q
     mask = m_mask[:, None] & d_mask[None, :]
@@ -203,12 +207,14 @@ def pooling_attention_bwd_dkdv_kernel(
     KT, KH, KW, M_PER_SPLIT,
     HAS_CLS: tl.constexpr, HAS_REL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr = 0,
 ):
     """One program per (key tile, query split); loops over the split's query tiles. With one
     split DK/DV are the gradients; with several (long queries against few keys: MViT-B's first
     block has 7 key tiles per head and 25,089 queries) they are fp32 partials, one slab per
     split, summed by the launcher."""
+    if HEAD_DIM:  # a head dim that is not a multiple of 16 (head_dim_constexpr)
+        D = HEAD_DIM
     pid_s = tl.program_id(2)
     pid_bh, b, h, offs_n, offs_d, d_mask = _head_tile(H, D, BLOCK_N, D_PAD)
     n_mask = offs_n < N_KV
@@ -260,9 +266,11 @@ def pooling_attention_bwd_dq_kernel(
     HAS_CLS: tl.constexpr, HAS_REL: tl.constexpr, HAS_T: tl.constexpr, HAS_HW: tl.constexpr,
     RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr = 0,
 ):
     """One program per query tile: dq (attention + rel-pos + residual terms) and d rel."""
+    if HEAD_DIM:  # a head dim that is not a multiple of 16 (head_dim_constexpr)
+        D = HEAD_DIM
     pid_bh, b, h, offs_m, offs_d, d_mask = _head_tile(H, D, BLOCK_M, D_PAD)
     m_mask = offs_m < N_Q
     qm_mask = m_mask[:, None] & d_mask[None, :]
@@ -363,7 +371,18 @@ def next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90, precision: str = "tf32") -> AttentionConfig:
+def head_dim_constexpr(head_dim: int) -> int:
+    """The kernels' HEAD_DIM: 0 where the head dim is a multiple of 16 (MViT-B's 96, MViTv2-H's 64),
+    passed as the runtime D that Triton specializes as such; else the head dim itself, compiled
+    in as a constant (MViTv2-L's 72). With a runtime D of no known divisibility every load and
+    store along d is masked element by element: at head 72 the forward put 800-1,264 B per thread
+    on the stack and dq 144-240 B (AOT, every target), 0-120 B with the constant (and none with
+    the tiles select_config gives it)."""
+    return 0 if head_dim % 16 == 0 else head_dim
+
+
+def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90, precision: str = "tf32",
+                  aligned: bool = True) -> AttentionConfig:
     """The one rule that picks tiles, by kernel, dtype, padded head dim and compute capability
     (no autotune: the interpreter cannot run it, and the AOT test compiles exactly what this
     returns for each rule's target, sm_80, sm_86 and sm_90; the interpreter uses the sm_90
@@ -379,6 +398,11 @@ def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90, pre
     IEEE fp32 dots (fp32 with TF32 off: an accuracy mode, not a fast one) are FMA loops that
     hold whole operand tiles in registers: 16x16 tiles over 8 warps are the largest the AOT
     figures showed free of stack use at every head dim.
+
+    ``aligned``: whether the head dim is a multiple of 16. Others (:func:`head_dim_constexpr`)
+    take narrower 16-bit tiles at head 128 where the AOT figures at head 72 showed stack use
+    with these: forward 32-key tiles on sm_90 (64: 32-80 B), 16 on sm_80 (32: 32 B) and 64-row
+    tiles on sm_86 (128: 8-24 B); dq 32x32 tiles on sm_90 (64x64: 112-120 B).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -396,6 +420,10 @@ def select_config(kernel: str, dtype: torch.dtype, d_pad: int, cc: int = 90, pre
         if kernel == "bwd_dkdv" and cc == 86 and d_pad >= 128:
             return AttentionConfig(16, 32, 4, 1)  # 32x32 takes 104 KB of shared memory
         return AttentionConfig(32, 32, 4, 1)
+    if not aligned and d_pad >= 128 and kernel == "fwd":
+        return AttentionConfig(64 if cc == 86 else 128, {90: 32, 80: 16}.get(cc, 64), 8, 2)
+    if not aligned and d_pad >= 128 and kernel == "bwd_dq" and cc == 90:
+        return AttentionConfig(32, 32, 8, 2)
     if kernel == "fwd":
         # sm_80 at head 128: 32-key tiles (64 put 24 B on the stack once the forward also
         # stores the pre-residual output); sm_86: 16 (32 put 24 B there, and 64-row tiles
@@ -621,7 +649,7 @@ def forward(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, re
     tabs = tabs or RelTables(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w)
     d_pad = next_pow2(D)
     precision = dot_precision(q)
-    cfg = select_config("fwd", q.dtype, d_pad, device_cc(q), precision)
+    cfg = select_config("fwd", q.dtype, d_pad, device_cc(q), precision, aligned=D % 16 == 0)
     out = torch.empty(B, n_q, H * D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, n_q, device=q.device, dtype=torch.float32)
     store_oattn = bool(store_rel and residual_pooling)
@@ -637,7 +665,7 @@ def forward(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w, re
         HAS_CLS=bool(has_cls), HAS_REL=tabs.has_rel, HAS_T=tabs.has_t, HAS_HW=tabs.has_hw,
         RESIDUAL=bool(residual_pooling), STORE_REL=store_rel, STORE_OATTN=store_oattn,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_PAD=d_pad, R_PAD=tabs.r_pad,
-        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=precision, HEAD_DIM=head_dim_constexpr(D), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse, rel, o_attn
 
@@ -658,7 +686,8 @@ def backward(dout, q, k, v, o_attn, lse, rel, thw_q, thw_kv, has_cls, rel_pos_t,
     cfg = select_config("bwd_delta", q.dtype, d_pad, device_cc(q))
     pooling_attention_bwd_delta_kernel[(triton.cdiv(n_q, cfg.block_m), B * H)](
         dout, o_attn.contiguous(), delta, H, n_q, D,
-        BLOCK_M=cfg.block_m, D_PAD=d_pad, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m, D_PAD=d_pad, HEAD_DIM=head_dim_constexpr(D), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     dq = torch.empty(B, H, n_q, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, H, n_kv, D, device=q.device, dtype=k.dtype)
@@ -668,8 +697,10 @@ def backward(dout, q, k, v, o_attn, lse, rel, thw_q, thw_kv, has_cls, rel_pos_t,
         rel = drel
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     precision = dot_precision(q)
-    flags = dict(HAS_CLS=bool(has_cls), HAS_REL=tabs.has_rel, D_PAD=d_pad, R_PAD=tabs.r_pad, DOT_PRECISION=precision)
-    cfg = select_config("bwd_dkdv", q.dtype, d_pad, device_cc(q), precision)
+    flags = dict(HAS_CLS=bool(has_cls), HAS_REL=tabs.has_rel, D_PAD=d_pad, R_PAD=tabs.r_pad, DOT_PRECISION=precision,
+                 HEAD_DIM=head_dim_constexpr(D))
+    aligned = D % 16 == 0
+    cfg = select_config("bwd_dkdv", q.dtype, d_pad, device_cc(q), precision, aligned)
     n_tiles = triton.cdiv(n_kv, cfg.block_n)
     splits = query_splits(n_tiles * B * H, triton.cdiv(n_q, cfg.block_m), q)
     m_per_split = triton.cdiv(triton.cdiv(n_q, cfg.block_m), splits) * cfg.block_m
@@ -687,7 +718,7 @@ def backward(dout, q, k, v, o_attn, lse, rel, thw_q, thw_kv, has_cls, rel_pos_t,
     if splits > 1:
         torch.sum(dk_buf, 0, out=dk) if dk.dtype == torch.float32 else dk.copy_(dk_buf.sum(0))
         torch.sum(dv_buf, 0, out=dv) if dv.dtype == torch.float32 else dv.copy_(dv_buf.sum(0))
-    cfg = select_config("bwd_dq", q.dtype, d_pad, device_cc(q), precision)
+    cfg = select_config("bwd_dq", q.dtype, d_pad, device_cc(q), precision, aligned)
     pooling_attention_bwd_dq_kernel[(triton.cdiv(n_q, cfg.block_m), B * H)](
         q, k, v, dout, lse, delta, rel, tabs.table, *tabs.idx, dq, drel, *strides,
         H, n_q, n_kv, D, D**-0.5, thw_q[1], thw_q[2], *thw_kv,
