@@ -94,13 +94,21 @@ def check_against_reference(q, k, v, tables, thw_q, thw_kv, has_cls, residual):
     expected = reference.pooling_attention(*args, residual_pooling=residual)
     got = pa.triton_pooling_attention(*args, residual_pooling=residual)
     torch.testing.assert_close(got, expected, **TOL)
-    grad_out = torch.randn_like(expected)
+    # seeded: the global RNG's state depends on which tests ran before
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(expected)
     inputs = [t for t in (q, k, v, *tables) if t is not None]
     names = [n for n, t in zip("q k v rel_pos_t rel_pos_h rel_pos_w".split(), (q, k, v, *tables)) if t is not None]
     want = torch.autograd.grad(expected, inputs, grad_out)
     have = torch.autograd.grad(got, inputs, grad_out)
     for name, w, h in zip(names, want, have):
-        torch.testing.assert_close(h, w, **TOL, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(h, w, **grad_tol(w), msg=lambda m: f"grad of {name}: {m}")
+
+
+def grad_tol(want: torch.Tensor) -> dict:
+    """TOL, with atol grown to 1e-5 of the largest entry past 10: a rel-pos table's gradient sums
+    over every query row that uses a row of it (entries up to ~40 here), and two fp32 sums of
+    those terms in different orders differ by up to ~3e-6 of the largest (1.1e-4 measured)."""
+    return dict(rtol=TOL["rtol"], atol=max(TOL["atol"], 1e-5 * float(want.abs().max())))
 
 
 def _skip_narrow_heads_on_cuda(d):
