@@ -144,7 +144,9 @@ def unaligned_configs(aligned: list) -> list:
             dtype = getattr(torch, e["dtype"])
             if e["kernel"] in k.KERNELS:
                 cfg = vars(k.select_config(e["kernel"], dtype, d_pad, e["cc"], e["precision"], aligned=False))
-            else:  # the projection's tiles do not depend on it
+            elif e["kernel"] == "proj_bwd":
+                cfg = vars(p.select_bwd_config(dtype, d_pad, e["cc"], e["precision"], e["mode"], aligned=False))
+            else:  # the projection forward's tiles do not depend on it
                 cfg = {f: e[f] for f in ("block_m", "block_k", "num_warps", "num_stages")}
             out.append(dict(e, head_dim=head_dim, **cfg))
     return out

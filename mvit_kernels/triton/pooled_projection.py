@@ -309,7 +309,7 @@ def select_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: str =
 
 
 def select_bwd_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: str = "tf32",
-                      mode: str = "conv") -> ProjectionConfig:
+                      mode: str = "conv", aligned: bool = True) -> ProjectionConfig:
     """Tiles of :func:`pooled_projection_bwd_kernel`, the same kind of rule as
     :func:`select_config`, also by pooling mode (a constexpr: each mode is its own kernel). A
     program holds more fp32 tiles than the forward's (the pre-norm accumulator then d pooled,
@@ -326,7 +326,10 @@ def select_bwd_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: s
     chunks spilled 600-720 B under 3.9). Conv at head 128 is narrower still (below): those
     figures came from compiles without MViT's channel counts specialized, and with them (as the
     GPU runs them; the AOT check now compiles that case) the 32-row conv tiles spilled. The
-    conv rows below were checked under 3.6 and 3.8 only."""
+    conv rows below were checked under 3.6 and 3.8 only. A head dim that is no multiple of 16
+    (``aligned`` False; MViTv2-L's 72, compiled in as a constant) takes three stages for IEEE fp32
+    avg and max at head 128 on sm_90: two put 32 B on the stack under 3.6 (three: none under 3.6
+    and 3.8)."""
     if d_pad not in D_PADS:
         raise ValueError(f"d_pad must be one of {D_PADS}, got {d_pad}")
     if mode not in MODES:
@@ -342,6 +345,8 @@ def select_bwd_config(dtype: torch.dtype, d_pad: int, cc: int = 90, precision: s
     if precision == "ieee":
         if mode == "conv":
             stages = ({90: 3, 86: 3}.get(cc, 1) if d_pad >= 128 else 2 if (cc == 90 and d_pad >= 64) else 1)
+        elif not aligned and d_pad >= 128 and cc == 90:
+            stages = 3
         else:  # sm_80: two stages put 24 B on the stack under 3.6 with MViT's channels, one none
             stages = 2 if (d_pad >= 128 and cc != 80) else 1
         return ProjectionConfig(16, 16, 4, stages)
@@ -437,7 +442,7 @@ def backward(grad_y, x, weight, bias, which_index: int, num_heads: int, thw, ker
     x, weight, D, n_out = g.x, g.weight, g.D, g.n_out
     grad_y = grad_y.contiguous()
     B, N, C = x.shape
-    cfg = select_bwd_config(x.dtype, g.d_pad, g.cc, g.precision, mode)
+    cfg = select_bwd_config(x.dtype, g.d_pad, g.cc, g.precision, mode, aligned=D % 16 == 0)
     f32 = dict(device=x.device, dtype=torch.float32)
     dx = torch.zeros(B, N, C, **f32)
     dw = torch.zeros(weight.shape[0], C, **f32)
