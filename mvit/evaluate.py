@@ -174,6 +174,7 @@ def add_parser(subparsers) -> None:
                    help="images: the centre crop's share of the resized short side (default 0.875, as "
                         "facebookresearch/mvit; timm evaluates the same weights at 0.9)")
     p.add_argument("--shuffle-frames", action="store_true", help="shuffle each view's frames")
+    add_input_args(p)
     p.add_argument("--ensemble", choices=ENSEMBLES, default=None,
                    help="how a video's views combine: the mean of their softmax (default, single-label) or each "
                         "class's largest sigmoid (default for multi-label, as pySlowFast's Charades configs)")
@@ -222,12 +223,33 @@ def main(args: argparse.Namespace) -> dict:
     return _score(args, model, state, info)
 
 
+def add_input_args(p: argparse.ArgumentParser) -> None:
+    """--input-mean / --input-std, for mvit eval and predict."""
+    for name, what in (("mean", "0.406 0.456 0.485"), ("std", "0.225 0.224 0.229")):
+        p.add_argument(f"--input-{name}", type=float, nargs=3, metavar=("R", "G", "B"), default=None,
+                       help=f"the input normalization's {name} the weights expect, where their config does not "
+                            f"say it (default: the model's; pySlowFast's SSv2 MViTv2-L weights need {what})")
+
+
 def load_model(args: argparse.Namespace):
     """The model ``args`` name (``checkpoint``, ``source``, ``preset``, ``ema``, ``fused``) and
     its state: a checkpoint of `mvit train` (or a run folder: its latest), with its run's
     ``args``, ``recipe`` and ``classes``; with ``--source``, another implementation's weights,
     converted as :func:`mvit.convert.from_pretrained` does. ``args.checkpoint`` becomes the file
-    read. Returns (model, state); the state holds at least ``model_config``."""
+    read. Returns (model, state); the state holds at least ``model_config``, with the input
+    normalization of ``args.input_mean`` / ``args.input_std`` where given."""
+    model, state = _load_model(args)
+    mean, std = getattr(args, "input_mean", None), getattr(args, "input_std", None)
+    if (mean is None) != (std is None):
+        raise ValueError("--input-mean and --input-std go together: give both")
+    if mean is not None:
+        cfg = state["model_config"].replace(input_mean=tuple(mean), input_std=tuple(std))
+        cfg.validate()
+        state = dict(state, model_config=cfg)
+    return model, state
+
+
+def _load_model(args: argparse.Namespace):
     from . import MViT
     from .training import checkpoint as ckpt
 

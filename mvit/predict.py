@@ -21,7 +21,7 @@ import torch
 
 from .convert import SOURCES
 from .data.video import TEMPORAL_SAMPLING
-from .evaluate import ENSEMBLES
+from .evaluate import ENSEMBLES, add_input_args
 
 
 def add_parser(subparsers) -> None:
@@ -44,6 +44,7 @@ def add_parser(subparsers) -> None:
                    help="videos: default the run's, else 'stride' ('segments': 1 clip x 3 crops by default)")
     p.add_argument("--target-fps", type=float, default=None, help="videos: default the run's, else 30")
     p.add_argument("--crop-fraction", type=float, default=None, help="images: default 0.875")
+    add_input_args(p)
     p.add_argument("--ensemble", choices=ENSEMBLES, default=None,
                    help="how views combine (as mvit eval): mean softmax, or for multi-label models the largest sigmoid")
     p.add_argument("--ema", action="store_true", help="the EMA weights of a `mvit train` checkpoint")

@@ -75,6 +75,40 @@ def test_video_top_classes_are_the_mean_softmax_over_the_papers_views(synthetic_
     assert out[0] == clip and len(out) == 3 and out[1].split()[1] in SyntheticMotion.classes
 
 
+def test_input_normalization_for_weights_whose_config_does_not_say_it(synthetic_run, tmp_path, capsys):
+    """pySlowFast's SSv2 MViTv2-L weights expect ImageNet's mean and std in reverse channel order:
+    --input-mean / --input-std replace the model's normalization in the views it scores."""
+    import argparse
+
+    from mvit.data import eval_views
+    from mvit.evaluate import load_model
+
+    clip = _video(tmp_path / "clip.mkv")
+    mean, std = (0.406, 0.456, 0.485), (0.225, 0.224, 0.229)
+    args = argparse.Namespace(checkpoint=str(synthetic_run), source="mvit_kernels", preset=None, ema=False,
+                              fused=False, input_mean=list(mean), input_std=list(std), crop_fraction=None,
+                              test_clips=1, test_crops=None, sampling_rate=None, target_fps=None,
+                              temporal_sampling=None)
+    _, state = load_model(args)
+    views = eval_views(args, state, [(clip, 0)], image=False)
+    assert (views.spec.mean, views.spec.std) == (mean, std)
+    default = eval_views(args, dict(state, model_config=state["model_config"].replace(input_mean=None, input_std=None)),
+                         [(clip, 0)], image=False)
+    m, s = torch.tensor(mean).view(3, 1, 1, 1), torch.tensor(std).view(3, 1, 1, 1)
+    k = torch.tensor(0.45), torch.tensor(0.225)
+    torch.testing.assert_close(views[0][0][0] * s + m, default[0][0][0] * k[1] + k[0])  # the same pixels
+    capsys.readouterr()
+    base = ["predict", str(synthetic_run), clip, "--json", "--device", "cpu", "--test-clips", "1"]
+    assert main(base + ["--input-mean", *map(str, mean), "--input-std", *map(str, std)]) == 0
+    assert main(base) == 0
+    given, plain = (json.loads(line)["top"] for line in capsys.readouterr().out.strip().splitlines())
+    assert [r["prob"] for r in given] != [r["prob"] for r in plain]
+    assert main(base + ["--input-mean", "0.4", "0.4", "0.4"]) == 2
+    assert "--input-mean and --input-std go together" in capsys.readouterr().err
+    assert main(base + ["--input-mean", "0.4", "0.4", "0.4", "--input-std", "0", "1", "1"]) == 2
+    assert "input_std entries must be > 0" in capsys.readouterr().err
+
+
 def test_image_weights_get_imagenet_names(tmp_path, capsys):
     from safetensors.torch import save_file
     from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg

@@ -94,7 +94,9 @@ def build_eval_dataset(args, state: dict):
         # one view per synthetic clip, rendered at the model's size
         _reject_unused("the synthetic task's evaluation",
                        _clip_options(args) + [("--image-folders", args.image_folders),
-                                              ("--crop-fraction", args.crop_fraction is not None)])
+                                              ("--crop-fraction", args.crop_fraction is not None),
+                                              ("--input-mean", getattr(args, "input_mean", None) is not None),
+                                              ("--input-std", getattr(args, "input_std", None) is not None)])
         from ..train import SYNTHETIC_VAL_LENGTH
 
         t, s = cfg.input_size[0], cfg.input_size[1]
