@@ -206,12 +206,8 @@ def resolve_recipe(args: argparse.Namespace) -> dict:
     """Flags given explicitly win; the rest come from the synthetic or the paper recipe."""
     synthetic = not (args.train_csv or args.data_root)
     name = getattr(args, "recipe", None) or ("imagenet" if _image_task(args) else "kinetics")
-    base = SYNTHETIC_RECIPE if synthetic else RECIPES[name]
+    base = SYNTHETIC_RECIPE if synthetic else dict(RECIPES[name], **PRESET_RECIPE.get((name, args.preset), {}))
     recipe = {k: (getattr(args, k, None) if getattr(args, k, None) is not None else v) for k, v in base.items()}
-    if not synthetic:
-        for key, value in PRESET_RECIPE.get((name, getattr(args, "preset", None)), {}).items():
-            if getattr(args, key, None) is None:  # flags given explicitly still win
-                recipe[key] = value
     recipe["synthetic"] = synthetic
     if getattr(args, "jitter_scales", None) is not None:
         if getattr(args, "crop_scale", None) is not None:
