@@ -151,43 +151,57 @@ def evaluate(model: torch.nn.Module, dataset, info, batch_size: int = 8, workers
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="multi-view evaluation of a checkpoint",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--val-csv", help="pySlowFast list (default: the synthetic task if trained on it)")
+    p.add_argument("--data-root", help="class folders ROOT/val/<class>/ (or prefix of CSV paths)")
+    p.add_argument("--image-folders", action="store_true")
+    add_view_args(p)
+    p.add_argument("--shuffle-frames", action="store_true", help="shuffle each view's frames")
+    p.add_argument("--batch-size", type=int, default=8, help="videos per batch per rank")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--report", help="JSON report path (default: next to the checkpoint)")
+    p.set_defaults(func=run)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The options of mvit eval and predict that name the model and where it runs."""
     p.add_argument("checkpoint", help="a checkpoint written by `mvit train`, or a run folder (its latest one); "
                    "with --source, weights of another implementation")
     p.add_argument("--source", choices=SOURCES, default="mvit_kernels",
                    help="whose weights: torchvision's, pySlowFast's, facebookresearch/mvit's (these two with "
                         "--preset), timm's or pytorchvideo's (see mvit.convert.from_pretrained)")
     p.add_argument("--preset", help="with --source: the architecture, where the weights do not say it")
-    p.add_argument("--val-csv", help="pySlowFast list (default: the synthetic task if trained on it)")
-    p.add_argument("--data-root", help="class folders ROOT/val/<class>/ (or prefix of CSV paths)")
-    p.add_argument("--image-folders", action="store_true")
+    p.add_argument("--ema", action="store_true",
+                   help="the EMA weights stored in a `mvit train` checkpoint (those a run with --ema-decay "
+                        "validated: its result.json says \"ema\": true)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
+    p.add_argument("--fused", action="store_true")
+
+
+def add_view_args(p: argparse.ArgumentParser) -> None:
+    """The options of mvit eval and predict that say how inputs become views and how their
+    scores combine (checked by :func:`check_view_args`, applied by :func:`mvit.data.eval_views`)."""
     p.add_argument("--test-clips", type=int, default=None,
-                   help="temporal views K (default 5 video, as the MViT papers; 1 synthetic)")
+                   help="videos: temporal views K (default 5, as the MViT papers; segments 1)")
     p.add_argument("--test-crops", type=int, default=None, choices=(1, 3),
-                   help="spatial views (default 1 video, as the MViT papers; 3 for MViTv2-L 40x3)")
+                   help="videos: spatial views (default 1, as the MViT papers; 3 for MViTv2-L 40x3 and segments)")
     p.add_argument("--sampling-rate", type=int, default=None,
                    help="videos: default the run's, else the model's (4 for 16x4, 3 for 32x3)")
     p.add_argument("--temporal-sampling", choices=TEMPORAL_SAMPLING, default=None,
                    help="videos: default the run's, else 'stride'; 'segments' (Something-Something) tests 1 clip "
                         "x 3 crops by default")
-    p.add_argument("--target-fps", type=float, default=None)
+    p.add_argument("--target-fps", type=float, default=None, help="videos: default the run's, else 30")
     p.add_argument("--crop-fraction", type=float, default=None,
                    help="images: the centre crop's share of the resized short side (default 0.875, as "
                         "facebookresearch/mvit; timm evaluates the same weights at 0.9)")
-    p.add_argument("--shuffle-frames", action="store_true", help="shuffle each view's frames")
-    add_input_args(p)
+    for name, what in (("mean", "0.406 0.456 0.485"), ("std", "0.225 0.224 0.229")):
+        p.add_argument(f"--input-{name}", type=float, nargs=3, metavar=("R", "G", "B"), default=None,
+                       help=f"the input normalization's {name} the weights expect, where their config does not "
+                            f"say it (default: the model's; pySlowFast's SSv2 MViTv2-L weights need {what})")
     p.add_argument("--ensemble", choices=ENSEMBLES, default=None,
                    help="how a video's views combine: the mean of their softmax (default, single-label) or each "
                         "class's largest sigmoid (default for multi-label, as pySlowFast's Charades configs)")
-    p.add_argument("--ema", action="store_true",
-                   help="evaluate the EMA weights stored in the checkpoint (those a run with --ema-decay validated: "
-                        "its result.json says \"ema\": true)")
-    p.add_argument("--batch-size", type=int, default=8, help="videos per batch per rank")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
-    p.add_argument("--fused", action="store_true")
-    p.add_argument("--report", help="JSON report path (default: next to the checkpoint)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -221,14 +235,6 @@ def main(args: argparse.Namespace) -> dict:
         print("note: the checkpoint also holds EMA weights, which its run validated: --ema evaluates those",
               file=sys.stderr)
     return _score(args, model, state, info)
-
-
-def add_input_args(p: argparse.ArgumentParser) -> None:
-    """--input-mean / --input-std, for mvit eval and predict."""
-    for name, what in (("mean", "0.406 0.456 0.485"), ("std", "0.225 0.224 0.229")):
-        p.add_argument(f"--input-{name}", type=float, nargs=3, metavar=("R", "G", "B"), default=None,
-                       help=f"the input normalization's {name} the weights expect, where their config does not "
-                            f"say it (default: the model's; pySlowFast's SSv2 MViTv2-L weights need {what})")
 
 
 def load_model(args: argparse.Namespace):

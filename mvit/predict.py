@@ -19,38 +19,18 @@ from typing import Optional
 
 import torch
 
-from .convert import SOURCES
-from .data.video import TEMPORAL_SAMPLING
-from .evaluate import ENSEMBLES, add_input_args
+from .evaluate import add_model_args, add_view_args
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("predict", help="top classes of video / image files",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint written by `mvit train`, or a run folder (its latest one); "
-                   "with --source, weights of another implementation")
+    add_model_args(p)
     p.add_argument("inputs", nargs="+", metavar="FILE", help="videos or images")
-    p.add_argument("--source", choices=SOURCES, default="mvit_kernels", help="whose weights (as mvit eval)")
-    p.add_argument("--preset", help="with --source: the architecture, where the weights do not say it")
     p.add_argument("--labels", help="class names, one per line in class order; or JSON: a list of names, or "
                    "{name: number} (Something-Something v2's labels file)")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--test-clips", type=int, default=None, help="videos: temporal views (default 5; segments 1)")
-    p.add_argument("--test-crops", type=int, default=None, choices=(1, 3),
-                   help="videos: spatial views (default 1, MViTv2-L 40x3 3; segments 3)")
-    p.add_argument("--sampling-rate", type=int, default=None,
-                   help="videos: default the run's, else the model's (4 for 16x4, 3 for 32x3)")
-    p.add_argument("--temporal-sampling", choices=TEMPORAL_SAMPLING, default=None,
-                   help="videos: default the run's, else 'stride' ('segments': 1 clip x 3 crops by default)")
-    p.add_argument("--target-fps", type=float, default=None, help="videos: default the run's, else 30")
-    p.add_argument("--crop-fraction", type=float, default=None, help="images: default 0.875")
-    add_input_args(p)
-    p.add_argument("--ensemble", choices=ENSEMBLES, default=None,
-                   help="how views combine (as mvit eval): mean softmax, or for multi-label models the largest sigmoid")
-    p.add_argument("--ema", action="store_true", help="the EMA weights of a `mvit train` checkpoint")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
-    p.add_argument("--fused", action="store_true")
+    add_view_args(p)
     p.add_argument("--json", action="store_true", help="one JSON object per file instead of text")
     p.set_defaults(func=run)
 
