@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 from typing import Optional, Sequence
 
@@ -26,14 +27,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def finite_float(text: str) -> float:
+    """argparse type of every float option: ``inf`` and ``nan`` parse as floats but no option can
+    use them (an infinite LR trained a NaN model to the end and reported success)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of an error raised in a DataLoader worker without the worker's traceback,
+    which the loader puts into the message it raises again in the main process."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]  # "module.ErrorType: message"
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        # Bad arguments and missing files are the user's to fix: one line, no traceback.
-        print(f"mvit {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:
+        # Bad arguments and unusable files (missing, unreadable, a folder where a file is due)
+        # are the user's to fix: one line, no traceback.
+        print(f"mvit {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     return int(result or 0)
 

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .cli import finite_float
 from .convert import SOURCES
 from .data.video import TEMPORAL_SAMPLING
 from .training import distributed as dist_utils
@@ -191,12 +192,12 @@ def add_view_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temporal-sampling", choices=TEMPORAL_SAMPLING, default=None,
                    help="videos: default the run's, else 'stride'; 'segments' (Something-Something) tests 1 clip "
                         "x 3 crops by default")
-    p.add_argument("--target-fps", type=float, default=None, help="videos: default the run's, else 30")
-    p.add_argument("--crop-fraction", type=float, default=None,
+    p.add_argument("--target-fps", type=finite_float, default=None, help="videos: default the run's, else 30")
+    p.add_argument("--crop-fraction", type=finite_float, default=None,
                    help="images: the centre crop's share of the resized short side (default 0.875, as "
                         "facebookresearch/mvit; timm evaluates the same weights at 0.9)")
     for name, what in (("mean", "0.406 0.456 0.485"), ("std", "0.225 0.224 0.229")):
-        p.add_argument(f"--input-{name}", type=float, nargs=3, metavar=("R", "G", "B"), default=None,
+        p.add_argument(f"--input-{name}", type=finite_float, nargs=3, metavar=("R", "G", "B"), default=None,
                        help=f"the input normalization's {name} the weights expect, where their config does not "
                             f"say it (default: the model's; pySlowFast's SSv2 MViTv2-L weights need {what})")
     p.add_argument("--ensemble", choices=ENSEMBLES, default=None,

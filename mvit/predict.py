@@ -41,13 +41,17 @@ def class_names(args: argparse.Namespace, state: dict) -> Optional[list[str]]:
     if args.labels:
         if not os.path.isfile(args.labels):
             raise FileNotFoundError(f"--labels not found: {args.labels}")
-        with open(args.labels, encoding="utf-8") as f:
-            if args.labels.endswith(".json"):  # a list of names, or {name: number} as Something-Something's
-                loaded = json.load(f)
-                names = ([n for n, _ in sorted(loaded.items(), key=lambda kv: int(kv[1]))]
-                         if isinstance(loaded, dict) else [str(n) for n in loaded])
-            else:
-                names = [line.strip() for line in f if line.strip()]
+        try:
+            with open(args.labels, encoding="utf-8") as f:
+                if args.labels.endswith(".json"):  # a list of names, or {name: number} as Something-Something's
+                    loaded = json.load(f)
+                    names = ([n for n, _ in sorted(loaded.items(), key=lambda kv: int(kv[1]))]
+                             if isinstance(loaded, dict) else [str(n) for n in loaded])
+                else:
+                    names = [line.strip() for line in f if line.strip()]
+        except (ValueError, TypeError, AttributeError) as exc:  # not UTF-8 text, or not JSON of names
+            raise ValueError(f"--labels {args.labels} is not a list of class names, one per line, or a JSON "
+                             f"list or {{name: number}} ({type(exc).__name__}: {exc})") from None
         if len(names) != num_classes:
             raise ValueError(f"--labels {args.labels} names {len(names)} classes; the model has {num_classes}")
         return names
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 def main(args: argparse.Namespace) -> list[dict]:
     from .data import eval_views
     from .data.image import IMAGE_EXTENSIONS
-    from .data.video import VIDEO_EXTENSIONS
+    from .data.video import VIDEO_EXTENSIONS, UnreadableSampleError
     from .evaluate import aggregate_views, check_view_args, load_model
     from .train import _autocast
     from .training import distributed as dist_utils
@@ -96,11 +100,11 @@ def main(args: argparse.Namespace) -> list[dict]:
     results = []
     for path, image in zip(args.inputs, kinds):
         dataset = eval_views(args, state, [(path, 0)], image)
-        dataset.max_retries = 0  # one file: an unreadable one is an error, not replaced by another
         try:
-            views, _ = dataset[0]
+            views, _ = dataset[0]  # test views: an unreadable file raises, it is never replaced
         except Exception as exc:  # the decoders' many error types
-            raise ValueError(f"cannot read {path}: {exc}") from None
+            cause = exc.__cause__ if isinstance(exc, UnreadableSampleError) else exc
+            raise ValueError(f"cannot read {path}: {cause}") from None
         with torch.no_grad(), (autocast or contextlib.nullcontext)():
             logits = model(views.to(info.device))
         probs = aggregate_views(logits[None], dataset.multi_label, args.ensemble)[0].cpu()

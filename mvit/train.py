@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import mvit_kernels
 
+from .cli import finite_float
 from .training import checkpoint as ckpt
 from .training import distributed as dist_utils
 from .training.ema import ModelEMA
@@ -123,7 +124,7 @@ def add_parser(subparsers) -> None:
     d.add_argument("--num-frames", type=int, help="frames per clip T (default: the preset's)")
     d.add_argument("--sampling-rate", type=int,
                    help="tau: frames between samples (default: the preset's, 4 for 16x4 and 3 for 32x3 / 40x3)")
-    d.add_argument("--target-fps", type=float, help="frame rate tau is counted at (default 30)")
+    d.add_argument("--target-fps", type=finite_float, help="frame rate tau is counted at (default 30)")
     d.add_argument("--crop-size", type=int, help="default: the preset's")
     d.add_argument("--temporal-sampling", choices=TEMPORAL_SAMPLING,
                    help="videos: 'stride' (T frames every --sampling-rate frames; Kinetics) or 'segments' (one "
@@ -131,7 +132,7 @@ def add_parser(subparsers) -> None:
     d.add_argument("--inverse-uniform-jitter", action=argparse.BooleanOptionalAction, default=None,
                    help="with --jitter-scales: draw the short side as 1 / uniform(1 / MAX, 1 / MIN) (pySlowFast's "
                         "INV_UNIFORM_SAMPLE)")
-    d.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+    d.add_argument("--crop-scale", type=finite_float, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="random resized crop: fractions of the area (default 0.08 1.0, the papers')")
     d.add_argument("--jitter-scales", type=int, nargs=2, default=None,
                    help="videos: a random short-side scale in this range and a random crop instead of the "
@@ -145,11 +146,11 @@ def add_parser(subparsers) -> None:
 
     m = p.add_argument_group("model")
     m.add_argument("--preset", default="mvit_tiny")
-    m.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the preset's)")
+    m.add_argument("--drop-path", type=finite_float, help="stochastic depth rate (default: the preset's)")
     m.add_argument("--finetune", help="initialize from this checkpoint (mvit train's, pySlowFast's, torchvision's, "
                    "pytorchvideo's or timm's, .safetensors included); "
                    "position tables are interpolated to the input size, a head of another size is re-made")
-    m.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise LR decay (1 = off)")
+    m.add_argument("--layer-decay", type=finite_float, default=1.0, help="layer-wise LR decay (1 = off)")
     m.add_argument("--fused", action="store_true", help="use the fused kernels (needs the built extension)")
     m.add_argument("--compile", action="store_true", help="torch.compile the model")
     m.add_argument("--checkpoint-activations", action="store_true", help="recompute blocks in backward")
@@ -161,28 +162,28 @@ def add_parser(subparsers) -> None:
                         "for image runs, else kinetics)")
     o.add_argument("--optimizer", choices=OPTIMIZERS)
     o.add_argument("--epochs", type=int)
-    o.add_argument("--warmup-epochs", type=float)
+    o.add_argument("--warmup-epochs", type=finite_float)
     o.add_argument("--batch-size", type=int, help="global clips per optimizer step (all ranks, all micro-batches)")
     o.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation micro-batches")
-    o.add_argument("--base-lr", type=float, help="LR for a global batch of 512 (scaled linearly)")
-    o.add_argument("--min-lr", type=float, help="the cosine's last LR, per 512 as --base-lr")
-    o.add_argument("--warmup-start-lr", type=float, help="the warmup's first LR, per 512 as --base-lr")
-    o.add_argument("--weight-decay", type=float)
+    o.add_argument("--base-lr", type=finite_float, help="LR for a global batch of 512 (scaled linearly)")
+    o.add_argument("--min-lr", type=finite_float, help="the cosine's last LR, per 512 as --base-lr")
+    o.add_argument("--warmup-start-lr", type=finite_float, help="the warmup's first LR, per 512 as --base-lr")
+    o.add_argument("--weight-decay", type=finite_float)
     o.add_argument("--zero-decay-pos-cls", action=argparse.BooleanOptionalAction, default=None,
                    help="exempt position tables and the class token from weight decay (pySlowFast's "
                         "MVIT.ZERO_DECAY_POS_CLS; the papers' configs: no)")
-    o.add_argument("--label-smoothing", type=float)
-    o.add_argument("--mixup", type=float, help="mixup alpha (0 = off)")
-    o.add_argument("--cutmix", type=float, help="cutmix alpha (0 = off)")
-    o.add_argument("--mixup-prob", type=float)
-    o.add_argument("--mixup-switch-prob", type=float)
+    o.add_argument("--label-smoothing", type=finite_float)
+    o.add_argument("--mixup", type=finite_float, help="mixup alpha (0 = off)")
+    o.add_argument("--cutmix", type=finite_float, help="cutmix alpha (0 = off)")
+    o.add_argument("--mixup-prob", type=finite_float)
+    o.add_argument("--mixup-switch-prob", type=finite_float)
     o.add_argument("--rand-augment", help="timm's form, e.g. 'rand-m7-n4-mstd0.5-inc1' (magnitude of 10, ops, "
                    "magnitude noise, increasing ops), or 'none'")
-    o.add_argument("--random-erasing", type=float, help="probability (0 = off)")
+    o.add_argument("--random-erasing", type=finite_float, help="probability (0 = off)")
     o.add_argument("--repeated-aug", type=int, help="repeated augmentation copies (1 = off)")
-    o.add_argument("--clip-grad", type=float, help="max gradient L2 norm (0 = off)")
+    o.add_argument("--clip-grad", type=finite_float, help="max gradient L2 norm (0 = off)")
     o.add_argument("--no-flip", dest="flip", action="store_const", const=False, default=None)
-    o.add_argument("--ema-decay", type=float, default=0.0,
+    o.add_argument("--ema-decay", type=finite_float, default=0.0,
                    help="EMA of weights, in [0, 1): each step moves it 1 - decay of the way (0 = off), e.g. 0.9999")
     o.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="autocast dtype (auto: bf16 on GPU, fp32 on CPU); fp16 uses a GradScaler")
@@ -197,7 +198,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda (cuda:N single-process)")
     r.add_argument("--threads", type=int, help="torch CPU threads per rank (default: torch's)")
-    r.add_argument("--dist-timeout", type=float, default=600.0, help="seconds before a collective fails")
+    r.add_argument("--dist-timeout", type=finite_float, default=600.0, help="seconds before a collective fails")
     r.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -321,6 +322,7 @@ def check_values(args: argparse.Namespace, recipe: dict) -> None:
         at_least("max_steps", 0), at_least("ckpt_every", 0), at_least("keep_ckpts", 0), at_least("threads", 1),
         at_least("workers", 0), above("dist_timeout", 0), at_least("num_classes", 1), at_least("num_frames", 1),
         at_least("crop_size", 1), at_least("sampling_rate", 1), above("target_fps", 0), at_least("test_clips", 1),
+        within("seed", 0, 2**32 - 1),  # numpy's and the samplers' seeds are derived from it
     ]
     if not 0 < args.layer_decay <= 1:
         checks.append((False, f"--layer-decay must be in (0, 1], got {args.layer_decay}"))

@@ -83,6 +83,24 @@ def test_image_lists_multi_label_and_eval(image_root, tmp_path):
     assert main(["eval", str(out), "--val-csv", str(val_csv), "--data-root", str(image_root), "--test-crops", "3"]) == 2
 
 
+def test_an_unreadable_test_image_stops_evaluation_naming_it(image_root, tmp_path, capsys):
+    # It was replaced by another image, with that image's label: the metric counted one image
+    # twice and reported the listed count. Training still replaces it (broken.png is in train/).
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "mvitv2_t_image", "--data-root", str(image_root), "--crop-size", "64",
+                 "--batch-size", "4", "--max-steps", "1", "--workers", "0", "--threads", "1", "--no-progress",
+                 "--output-dir", str(out)]) == 0
+    val_csv = tmp_path / "val.csv"
+    val_csv.write_text("val/cat/0.png 0\ntrain/dog/broken.png 1\nval/dog/1.png 1\n")
+    capsys.readouterr()
+    # --workers 1: the error comes from a DataLoader worker, whose traceback the CLI leaves out
+    assert main(["eval", str(out), "--val-csv", str(val_csv), "--data-root", str(image_root), "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"cannot read the image {image_root / 'train' / 'dog' / 'broken.png'} (" in err, err
+    assert "fix the file or remove it from the list" in err
+
+
 def test_num_classes_below_the_class_folders(image_root, tmp_path, capsys):
     # was a cryptic one_hot error ("Class values must be smaller than num_classes") in the first step
     assert main(["train", "--preset", "mvitv2_t_image", "--data-root", str(image_root), "--num-classes", "1",

@@ -12,7 +12,8 @@ from mvit.data.samplers import TrainSampler, clip_frame_indices, segment_frame_i
 from mvit.data.synthetic import MEAN, STD
 
 av = pytest.importorskip("av")
-from mvit.data.video import ClipSpec, VideoDataset, class_folders, decode_frames, read_csv  # noqa: E402
+from mvit.data.video import (ClipSpec, UnreadableSampleError, VideoDataset, class_folders, decode_frames,  # noqa: E402
+                             read_csv)
 
 STEP = 6  # pixel value = STEP * frame index
 
@@ -190,6 +191,20 @@ def test_corrupt_video_is_logged_and_replaced(tmp_path, caplog):
         clip, label = ds[(0, 5)]
     assert label == 1 and clip.shape == (3, 4, 16, 16)
     assert "unreadable video" in caplog.text and "bad.mkv" in caplog.text
+
+
+def test_a_corrupt_test_video_is_an_error_naming_it(tmp_path):
+    # Test views stand for their own video: another one in its place was scored under the broken
+    # one's label, counting a video twice.
+    good = make_video(tmp_path / "good.mkv", num_frames=12)
+    bad = tmp_path / "bad.mkv"
+    bad.write_bytes(b"\x1aE\xdf\xa3 not really a video" * 10)
+    spec = ClipSpec(frames=4, stride=1, target_fps=None, crop=16, jitter=(16, 16), flip=False)
+    ds = VideoDataset([(good, 1), (str(bad), 0)], spec, train=False, num_classes=2)
+    assert ds[0][0].shape == (1, 3, 4, 16, 16)
+    with pytest.raises(UnreadableSampleError, match=rf"cannot read the video {bad} \(.*\); every listed video is "
+                                                    r"scored, so fix the file or remove it from the list"):
+        ds[1]
 
 
 def test_lists_and_class_folders(tmp_path):

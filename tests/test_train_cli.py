@@ -50,6 +50,13 @@ def listed_videos(tmp_path):
     (["--data-root", ".", "--val-csv", "val.csv"], {"val.csv": "val/a/0.mp4 3\n"},
      "val.csv:1: label 3 is outside [0, 3) (3 class folders in --data-root)"),
     (["--data-root", ".", "--num-classes", "2"], {}, "--num-classes 2 is smaller than the 3 class folders"),
+    # "label -1 is outside >= 0 (--num-classes None)"
+    (["--train-csv", "neg.csv"], {"neg.csv": "train/a/0.mp4 0\ntrain/b/0.mp4 -1\n"},
+     "neg.csv:2: label -1 is negative; class ids count from 0"),
+    # a classifier of 10^20 classes failed inside nn.Linear, with a traceback
+    (["--train-csv", "big.csv"], {"big.csv": "train/a/0.mp4 0\ntrain/b/0.mp4 99999999999999999999\n"},
+     "the largest label in --train-csv big.csv is 99999999999999999999, which would make a classifier of "
+     "100000000000000000000 classes; give --num-classes if that is meant"),
     (["--data-root", ".", "--multi-label"], {}, "--multi-label needs --train-csv"),
 ])
 def test_labels_are_checked_against_the_classes(listed_videos, extra, files, message, capsys, monkeypatch):
@@ -129,6 +136,8 @@ def _short(argv):
     (["--layer-decay", "0"], "--layer-decay must be in (0, 1], got 0.0"),
     (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1), got 1.5"),
     (["--base-lr", "0"], "--base-lr must be > 0, got 0.0"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),  # torch's "expected non-negative integer"
+    (["--seed", str(2**64)], "--seed must be in [0, 4294967295]"),  # "Overflow when unpacking long long"
     # mixup/cutmix of a one-clip micro-batch mixed each clip with itself
     (["--batch-size", "8", "--accum-steps", "8", "--cutmix", "1.0"],
      "leaves 1 clip per micro-batch: give --mixup 0 --cutmix 0, or a larger --batch-size"),
@@ -139,6 +148,36 @@ def test_values_out_of_range(argv, message, capsys, tmp_path):
     assert message in err, err
     assert "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("flag", ["--base-lr", "--min-lr", "--weight-decay", "--mixup", "--warmup-epochs",
+                                  "--target-fps"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_float_options_must_be_finite(flag, value, capsys, tmp_path):
+    # --base-lr inf trained a NaN model to the end and reported success; --warmup-epochs inf an
+    # OverflowError traceback; --mixup inf a NaN loss after the first step.
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", f"{flag}={value}", "--output-dir", str(tmp_path / "run")])  # "-inf" alone reads as an option
+    assert exit_.value.code == 2
+    assert f"argument {flag}: expected a finite number, got '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_files_that_cannot_be_used_are_one_line_errors(capsys, tmp_path):
+    # IsADirectoryError / FileExistsError / a UnicodeDecodeError without the path, as tracebacks
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    binary = tmp_path / "train.csv"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    for argv, message in [
+        (["--train-csv", str(folder), "--output-dir", str(tmp_path / "run")], "Is a directory"),
+        (["--train-csv", str(binary), "--output-dir", str(tmp_path / "run")],
+         f"{binary} is not a text list of 'path label' lines"),
+        (["--output-dir", str(binary)] + _short([]), str(binary)),
+    ]:
+        assert main(["train"] + argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
 
 
 def test_one_clip_micro_batches_without_mixing_are_fine(tmp_path):

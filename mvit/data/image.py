@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from ..config import IMAGENET_MEAN, IMAGENET_STD
 from . import transforms as T
 from .rand_augment import RandAugmentSpec, rand_augment
-from .video import label_target
+from .video import UnreadableSampleError, label_target
 
 log = logging.getLogger("mvit.data")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -78,6 +78,8 @@ class ImageFolderDataset(Dataset):
                 img = read_image(path)
                 break
             except Exception as exc:
+                if not self.train:
+                    raise UnreadableSampleError.of("image", path, exc) from exc
                 log.warning("unreadable image %s (%s); using another sample", path, exc)
                 index = int(torch.randint(0, len(self.items), (1,), generator=gen))
         else:

@@ -1,8 +1,10 @@
 """Video datasets: pySlowFast ``path label`` lists or class folders, decoded with PyAV.
 
 PyAV is an optional extra (``pip install -e .[video]``) imported only when a video is decoded.
-Decoding happens in DataLoader workers. A video that cannot be read is logged and replaced by
-another sample (chosen from the sample's seed, so the run stays reproducible).
+Decoding happens in DataLoader workers. In training, a video that cannot be read is logged and
+replaced by another sample (chosen from the sample's seed, so the run stays reproducible). In
+testing it is an error naming the file (:class:`UnreadableSampleError`): another video in its
+place would be scored twice under the wrong name.
 
 Training clip, as pySlowFast trains MViT on Kinetics: T frames every tau frames at ``target_fps``
 from a random start (:func:`~mvit.data.samplers.clip_frame_indices`), RandAugment on the decoded
@@ -38,6 +40,16 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 #: clip_frame_indices (Kinetics: T frames tau apart) or segment_frame_indices (Something-Something)
 TEMPORAL_SAMPLING = ("stride", "segments")
 Label = Union[int, tuple[int, ...]]
+
+
+class UnreadableSampleError(OSError):
+    """A test sample (video or image) that cannot be read. Evaluation scores every listed sample,
+    so it stops instead of substituting another one, as training does."""
+
+    @classmethod
+    def of(cls, kind: str, path: str, exc: BaseException) -> "UnreadableSampleError":
+        return cls(f"cannot read the {kind} {path} ({type(exc).__name__}: {exc}); every listed {kind} is "
+                   f"scored, so fix the file or remove it from the list")
 
 
 def _av():
@@ -105,27 +117,32 @@ def read_csv(path: str, root: Optional[str] = None, multi_label: bool = False,
     if not os.path.exists(path):
         raise FileNotFoundError(f"list file not found: {path}")
     items = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.rsplit(None, 1)
-            if len(parts) != 2:
-                raise ValueError(f"{path}:{n}: expected 'path label', got {line!r}")
-            vid, lab = parts
-            try:
-                label: Label = tuple(int(c) for c in lab.split(",")) if multi_label else int(lab)
-            except ValueError:
-                hint = "" if multi_label or "," not in lab else " (comma-separated labels need --multi-label)"
-                raise ValueError(f"{path}:{n}: label {lab!r} is not an integer{hint}") from None
-            for c in (label if multi_label else (label,)):
-                if c < 0 or (num_classes is not None and c >= num_classes):
-                    bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
-                    raise ValueError(f"{path}:{n}: label {c} is outside {bound}{classes_from}")
-            if root and not os.path.isabs(vid):
-                vid = os.path.join(root, vid)
-            items.append((vid, label))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not a text list of 'path label' lines ({exc})") from None
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{n}: expected 'path label', got {line!r}")
+        vid, lab = parts
+        try:
+            label: Label = tuple(int(c) for c in lab.split(",")) if multi_label else int(lab)
+        except ValueError:
+            hint = "" if multi_label or "," not in lab else " (comma-separated labels need --multi-label)"
+            raise ValueError(f"{path}:{n}: label {lab!r} is not an integer{hint}") from None
+        for c in (label if multi_label else (label,)):
+            if c < 0:
+                raise ValueError(f"{path}:{n}: label {c} is negative; class ids count from 0")
+            if num_classes is not None and c >= num_classes:
+                raise ValueError(f"{path}:{n}: label {c} is outside [0, {num_classes}){classes_from}")
+        if root and not os.path.isabs(vid):
+            vid = os.path.join(root, vid)
+        items.append((vid, label))
     if not items:
         raise ValueError(f"{path} lists no files")
     return items
@@ -182,6 +199,11 @@ def read_list(path: str, root: Optional[str] = None, multi_label: bool = False, 
     if num_classes is not None and len(classes) > num_classes:
         raise ValueError(f"{path}: {len(classes)} classes in {SSV2_LABELS}, more than {num_classes}{classes_from}")
     return items, classes
+
+
+#: The most classes taken from the largest label without --num-classes (ImageNet-21K has 21,841):
+#: a label of 10**20 must not become a classifier layer of that width.
+MAX_INFERRED_CLASSES = 100_000
 
 
 def max_label(items: list, multi_label: bool = False) -> int:
@@ -307,6 +329,8 @@ class VideoDataset(Dataset):
             try:
                 frames = self._decode(path, gen)
             except _decode_errors() as exc:
+                if not self.train:
+                    raise UnreadableSampleError.of("video", path, exc) from exc
                 # Only decoding is retried: a bad setting must fail, not pass for a bad video.
                 log.warning("unreadable video %s (%s: %s); using another sample", path, type(exc).__name__, exc)
                 index = int(torch.randint(0, len(self.items), (1,), generator=gen))
@@ -421,6 +445,9 @@ def labelled_items(args, extensions) -> tuple[list, Optional[list], Optional[lis
     if args.train_csv:
         train_items, classes = read_list(args.train_csv, args.data_root, multi, given, f" (--num-classes {given})")
         num_classes = given or (len(classes) if classes else max_label(train_items, multi) + 1)
+        if num_classes > MAX_INFERRED_CLASSES and not given:
+            raise ValueError(f"the largest label in --train-csv {args.train_csv} is {num_classes - 1}, which would "
+                             f"make a classifier of {num_classes} classes; give --num-classes if that is meant")
         why = (f" (--num-classes {given})" if given else f" ({num_classes} classes in {SSV2_LABELS})" if classes else
                f" ({num_classes} classes, from the largest label in --train-csv {args.train_csv}; "
                "give --num-classes if there are more)")
