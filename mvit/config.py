@@ -204,8 +204,12 @@ class MViTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        for f in dataclasses.fields(self):
+            # the type-hinted bools: a string such as "False" is truthy and built the opposite model
+            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"{f.name} must be True or False, got {getattr(self, f.name)!r}")
+        if not _is_number(self.mlp_ratio) or not self.mlp_ratio > 0 or not math.isfinite(self.mlp_ratio):
+            raise ValueError(f"mlp_ratio must be > 0 (a finite number), got {self.mlp_ratio!r}")
         if not 0.0 <= self.head_dropout < 1.0:
             raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
         for name, value in (("norm_eps", self.norm_eps), ("pool_norm_eps", self.pool_norm_eps)):
@@ -215,14 +219,15 @@ class MViTConfig:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
         for name in ("input_size", "patch_kernel", "patch_stride", "patch_padding"):
             value = getattr(self, name)
-            if len(value) != 3:
-                raise ValueError(f"{name} must be a (t, h, w) triple, got {value!r}")
+            if not isinstance(value, (tuple, list)) or len(value) != 3 or not all(_is_int(v) for v in value):
+                raise ValueError(f"{name} must be a (t, h, w) triple of ints, got {value!r}")
             least = 0 if name == "patch_padding" else 1
             if any(v < least for v in value):
                 raise ValueError(f"{name} entries must be >= {least}, got {value!r}")
         for name in ("pool_kvq_kernel", "pool_kv_stride_adaptive"):
             value = getattr(self, name)
-            if value is not None and (len(value) != 3 or any(v < 1 for v in value)):
+            if value is not None and (not isinstance(value, (tuple, list)) or len(value) != 3
+                                      or not all(_is_int(v) and v >= 1 for v in value)):
                 raise ValueError(f"{name} must be None or a (t, h, w) triple of ints >= 1, got {value!r}")
         if self.patch_2d and (self.input_size[0] != 1 or self.patch_kernel[0] != 1 or self.patch_stride[0] != 1):
             raise ValueError("patch_2d models need input_size, patch_kernel and patch_stride with t = 1")
@@ -239,9 +244,14 @@ class MViTConfig:
                     raise ValueError(f"{name} entries must be (block: int, multiplier > 0) pairs, got {entry!r}")
                 if not 0 <= entry[0] <= self.depth:
                     raise ValueError(f"{name} block index {entry[0]} outside 0..{self.depth}")
-        for entry in list(self.pool_q_stride) + list(self.pool_kv_stride):
-            if len(entry) != 4 or not 0 <= entry[0] < self.depth or any(s < 1 for s in entry[1:]):
-                raise ValueError(f"pool stride entry {entry!r} must be (block < {self.depth}, t, h, w), strides >= 1")
+            _check_one_entry_per_block(name, getattr(self, name))
+        for name in ("pool_q_stride", "pool_kv_stride"):
+            for entry in getattr(self, name):
+                if (not isinstance(entry, (tuple, list)) or len(entry) != 4 or not all(_is_int(v) for v in entry)
+                        or not 0 <= entry[0] < self.depth or any(s < 1 for s in entry[1:])):
+                    raise ValueError(f"{name} entry {entry!r} must be (block < {self.depth}, t, h, w), ints, "
+                                     f"strides >= 1")
+            _check_one_entry_per_block(name, getattr(self, name))
         if self.pool_kv_stride and self.pool_kv_stride_adaptive is not None:
             # The adaptive rule wins in block_specs: the explicit strides were dropped, silently.
             raise ValueError("pool_kv_stride and pool_kv_stride_adaptive are exclusive: "
@@ -317,6 +327,9 @@ class MViTConfig:
             else:
                 dim_out = round_width(embed_dim, dim_mul[i + 1], divisor=round_width(num_heads, head_mul[i + 1]))
             attn_dim = dim_out if self.dim_mul_in_att else embed_dim
+            if int(attn_dim * self.mlp_ratio) < 1:
+                raise ValueError(f"block {i}: mlp_ratio {self.mlp_ratio} gives its MLP (width {attn_dim}) no hidden "
+                                 f"units")
             if attn_dim % num_heads:
                 raise ValueError(f"block {i}: attention dim {attn_dim} is not divisible by {num_heads} heads")
             specs.append(
@@ -346,6 +359,14 @@ class MViTConfig:
         q_size = size // spec.stride_q[1]
         kv_size = size // spec.stride_kv[1]
         return 2 * max(q_size, kv_size) - 1, 2 * t - 1
+
+
+def _check_one_entry_per_block(name: str, entries) -> None:
+    """A second entry for a block replaced the first without a word."""
+    seen = [entry[0] for entry in entries]
+    repeated = sorted({i for i in seen if seen.count(i) > 1})
+    if repeated:
+        raise ValueError(f"{name} gives block {repeated[0]} more than one entry: {list(entries)!r}")
 
 
 def _is_int(value) -> bool:

@@ -26,7 +26,7 @@ import torch
 from .config import MViTConfig
 from .model import MViT
 from .presets import PRESETS, get_preset, mvitv2_image
-from .training.checkpoint import load as load_checkpoint
+from .training.checkpoint import load_checked
 
 StateDict = dict[str, torch.Tensor]
 SOURCES = ("mvit_kernels", "torchvision", "pyslowfast", "mvit", "timm", "pytorchvideo")
@@ -399,10 +399,11 @@ def from_pretrained(
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if preset is not None and not isinstance(preset, (str, MViTConfig)):
+        raise TypeError(f"preset must be a preset name, an MViTConfig or None, got {preset!r}")
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        if not os.path.exists(path_or_state_dict):
-            raise FileNotFoundError(f"checkpoint not found: {path_or_state_dict}")
-        raw = load_checkpoint(os.fspath(path_or_state_dict))
+        # a missing file, one that is no checkpoint, or a pickle of something else: errors naming it
+        raw = load_checked(os.fspath(path_or_state_dict), "", required=())
     else:
         raw = path_or_state_dict
     if not isinstance(raw, Mapping):

@@ -281,6 +281,9 @@ class MViT(nn.Module):
 
     def __init__(self, cfg: MViTConfig, fused: bool = False, checkpoint_activations: bool = False):
         super().__init__()
+        if not isinstance(cfg, MViTConfig):
+            raise TypeError(f"cfg must be an MViTConfig, got {type(cfg).__name__}")
+        _check_switch("checkpoint_activations", checkpoint_activations)
         self.cfg = cfg
         self.specs = cfg.block_specs()
         self.fused = False
@@ -323,6 +326,7 @@ class MViT(nn.Module):
 
     def set_fused(self, fused: bool) -> "MViT":
         """Switch between the fused kernels and the reference ops; parameters are untouched."""
+        _check_switch("fused", fused)
         if fused:
             mvit_kernels.require_fused()
         self.fused = bool(fused)
@@ -349,6 +353,10 @@ class MViT(nn.Module):
             raise ValueError(f"input must have {cfg.in_chans} channels in dim 1, got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError("input batch is empty")
+        size = (1, *x.shape[2:]) if cfg.patch_2d else tuple(x.shape[2:])
+        if any(g < 1 for g in cfg.grid_for(size)):
+            raise ValueError(f"input of {'(H, W)' if cfg.patch_2d else '(T, H, W)'} = {tuple(x.shape[2:])} is smaller "
+                             f"than the patch embedding's kernel {cfg.patch_kernel} (padding {cfg.patch_padding})")
         if not x.is_floating_point():
             raise TypeError(
                 f"input must be a floating-point tensor (normalized pixels), got {x.dtype}; "
@@ -430,6 +438,12 @@ class ClassificationHead(nn.Module):
         return self.projection(self.dropout(x))
 
 
+def _check_switch(name: str, value) -> None:
+    # bool("no") is True: a string or a number here switched on what it meant to switch off
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def build_model(
     preset: str | MViTConfig,
     *,
@@ -441,6 +455,8 @@ def build_model(
     e.g. ``build_model("mvit_b_16x4", num_classes=10, input_size=(16, 256, 256))``."""
     from .presets import get_preset
 
+    if not isinstance(preset, (str, MViTConfig)):
+        raise TypeError(f"preset must be a preset name or an MViTConfig, got {preset!r}")
     cfg = get_preset(preset) if isinstance(preset, str) else preset
     if overrides:
         cfg = cfg.replace(**overrides)

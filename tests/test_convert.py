@@ -153,6 +153,21 @@ def test_pyslowfast_needs_a_preset_and_sources_are_checked(tmp_path):
         from_pretrained({}, source="detectron2")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         from_pretrained(tmp_path / "nope.pyth", source="pyslowfast", preset="mvit_tiny")
+    # AttributeError: 'int' object has no attribute 'block_specs'
+    with pytest.raises(TypeError, match=r"preset must be a preset name, an MViTConfig or None, got 3"):
+        from_pretrained({}, source="pyslowfast", preset=3)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint\n", b"PK\x03\x04 torn zip"], ids=["empty", "text", "torn"])
+def test_a_file_that_is_no_checkpoint_is_named(tmp_path, content):
+    # An empty file raised EOFError with no message, a text file KeyError: 101: neither named it.
+    path = tmp_path / "weights.pyth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{path} cannot be read as a checkpoint \("):
+        from_pretrained(path, source="pyslowfast", preset="mvit_tiny")
+    torch.save([torch.ones(1)], path)
+    with pytest.raises(ValueError, match=rf"{path} holds a list, not a state_dict or a checkpoint dict"):
+        from_pretrained(path, source="torchvision")
 
 
 def test_image_repository_layout_with_2d_convs():

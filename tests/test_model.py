@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mvit import build_model
+from mvit.model import MViT
 from mvit.presets import get_preset
 
 V2_TINY = dict(
@@ -136,6 +137,19 @@ def test_input_dtype_and_device_errors_name_the_fix():
                                           r"\(1, 2, 2\) gives 5 tokens on axis t of the \(4, 8, 8\) grid"),
         (dict(pool_kvq_kernel=(3, 3, 3), pool_q_stride=((1, 1, 3, 3),), input_size=(8, 36, 36)),
          r"block 1: .* must be even"),
+        # Built the opposite model: nn.Linear(bias="False") has a bias, "False" being truthy.
+        (dict(qkv_bias="False"), r"qkv_bias must be True or False, got 'False'"),
+        (dict(rel_pos_spatial=1), r"rel_pos_spatial must be True or False, got 1"),
+        # Failed in forward, deep in an op ("has_cls must be a bool"), not naming the field.
+        (dict(cls_embed="no"), r"cls_embed must be True or False, got 'no'"),
+        # A TypeError from torch.zeros; a warning and an MLP without hidden units.
+        (dict(input_size=(8.5, 32, 32)), r"input_size must be a \(t, h, w\) triple of ints, got \(8.5, 32, 32\)"),
+        (dict(mlp_ratio=0.001), r"block 0: mlp_ratio 0.001 gives its MLP \(width 32\) no hidden units"),
+        (dict(mlp_ratio=float("inf")), r"mlp_ratio must be > 0 \(a finite number\), got inf"),
+        # The second entry for a block replaced the first, silently.
+        (dict(pool_q_stride=((1, 1, 2, 2), (1, 1, 1, 1))), r"pool_q_stride gives block 1 more than one entry"),
+        (dict(dim_mul=((1, 2.0), (1, 3.0))), r"dim_mul gives block 1 more than one entry"),
+        (dict(pool_q_stride=((1, 1, 2.0, 2),)), r"pool_q_stride entry \(1, 1, 2.0, 2\) must be .* ints"),
     ],
 )
 def test_bad_configs_fail_at_build_time(overrides, match):
@@ -143,6 +157,34 @@ def test_bad_configs_fail_at_build_time(overrides, match):
     # inside nn.Linear's init.
     with pytest.raises(ValueError, match=match):
         build_model("mvit_tiny", **overrides)
+
+
+def test_switches_and_arguments_of_the_wrong_type_are_refused():
+    # bool("no") is True: MViT(cfg, fused="no") ran the fused kernels.
+    cfg = build_model("mvit_tiny").cfg
+    with pytest.raises(TypeError, match=r"fused must be True or False, got 'no'"):
+        MViT(cfg, fused="no")
+    with pytest.raises(TypeError, match=r"fused must be True or False, got 0"):
+        build_model("mvit_tiny").set_fused(0)
+    with pytest.raises(TypeError, match=r"checkpoint_activations must be True or False, got 'yes'"):
+        build_model("mvit_tiny", checkpoint_activations="yes")
+    # AttributeError: 'NoneType' object has no attribute 'block_specs'
+    with pytest.raises(TypeError, match=r"preset must be a preset name or an MViTConfig, got None"):
+        build_model(None)
+    with pytest.raises(TypeError, match=r"cfg must be an MViTConfig, got dict"):
+        MViT(cfg.to_dict())
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 0, 32, 32), (1, 3, 8, 0, 32), (1, 3, 8, 32, 0)])
+def test_inputs_smaller_than_the_patch_kernel_are_named(shape):
+    # torch's convolution error ("Calculated padded input size per channel: (2 x 36 x 36). Kernel
+    # size: (3 x 5 x 5)") did not say which input or which size.
+    model = build_model("mvit_tiny").eval()
+    with pytest.raises(ValueError, match=r"input of \(T, H, W\) = .* is smaller than the patch embedding's kernel"):
+        model(torch.randn(shape))
+    image = build_model("mvitv2_t_image", num_classes=3).eval()
+    with pytest.raises(ValueError, match=r"input of \(H, W\) = \(0, 32\) is smaller"):
+        image(torch.randn(1, 3, 0, 32))
 
 
 def test_q_kernels_that_give_the_skips_grid_build_and_run():

@@ -128,7 +128,8 @@ def load_checked(path: str, what: str, required=TRAINING_KEYS) -> dict:
     except Exception as exc:  # pickle, zip and I/O errors alike: the file is not a checkpoint
         raise ValueError(f"{what}{path} cannot be read as a checkpoint ({_first_line(exc)})") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{what}{path} holds a {type(state).__name__}, not a checkpoint written by `mvit train`")
+        expected = "a checkpoint written by `mvit train`" if required else "a state_dict or a checkpoint dict"
+        raise ValueError(f"{what}{path} holds a {type(state).__name__}, not {expected}")
     missing = [k for k in required if k not in state]
     if missing:
         raise ValueError(f"{what}{path} is not a checkpoint written by `mvit train` (it has no "
