@@ -20,10 +20,18 @@ PoolGeom make_pool_geom(at::IntArrayRef thw, at::IntArrayRef kernel, at::IntArra
   TORCH_CHECK(stride.size() == 3, op, ": stride must have 3 entries (t, h, w), got ", stride.size());
   TORCH_CHECK(padding.size() == 3, op, ": padding must have 3 entries (t, h, w), got ", padding.size());
   const char* axes = "thw";
+  // Products bounded as they are formed: thw = (2^32, 2^32, 1) wrapped to 0 tokens in int64, and
+  // a kernel of 2^61 reached the 32-bit window loops as 0 (a division by zero).
+  int64_t grid = 1, taps = 1;
   for (int a = 0; a < 3; ++a) {
     TORCH_CHECK(thw[a] >= 1, op, ": thw must be positive, got ", thw);
+    TORCH_CHECK(thw[a] <= INT32_MAX / grid, op, ": thw must hold at most 2^31 - 1 positions, got ", thw);
+    grid *= thw[a];
     TORCH_CHECK(kernel[a] >= 1, op, ": kernel[", axes[a], "] must be >= 1, got ", kernel[a]);
-    TORCH_CHECK(stride[a] >= 1, op, ": stride[", axes[a], "] must be >= 1, got ", stride[a]);
+    TORCH_CHECK(kernel[a] <= INT32_MAX / taps, op, ": kernel must have at most 2^31 - 1 taps, got ", kernel);
+    taps *= kernel[a];
+    TORCH_CHECK(stride[a] >= 1 && stride[a] <= INT32_MAX, op, ": stride[", axes[a], "] must be in [1, 2^31 - 1], got ",
+                stride[a]);
     TORCH_CHECK(padding[a] >= 0 && 2 * padding[a] <= kernel[a], op, ": padding[", axes[a],
                 "] must be in [0, kernel//2], got ", padding[a]);
     TORCH_CHECK(thw[a] + 2 * padding[a] >= kernel[a], op, ": kernel[", axes[a],
@@ -67,7 +75,7 @@ at::Tensor check_pool3d_tensors(const at::Tensor& x, PoolMode mode, const c10::o
   if (mode == kConv) {
     TORCH_CHECK(weight.has_value() && weight->defined(), op, ": mode='conv' needs weight of shape (d, 1, kT, kH, kW)");
     const std::vector<int64_t> expected{d, 1, g.kT, g.kH, g.kW};
-    TORCH_CHECK(weight->sizes() == at::IntArrayRef(expected), op, ": weight must have shape ", expected,
+    TORCH_CHECK(weight->sizes() == at::IntArrayRef(expected), op, ": weight must have shape ", at::IntArrayRef(expected),
                 " (d, 1, *kernel), got ", weight->sizes());
     check_like(*weight, x, "weight", op);
   } else {
@@ -94,7 +102,7 @@ void check_pool_residual_add_tensors(const at::Tensor& x, const at::Tensor& bran
   TORCH_CHECK(x.dim() == 3, op, ": x must be a 3-D tensor (B, N, C), got ", x.sizes());
   check_float(x, op);
   const std::vector<int64_t> expected{x.size(0), out_tokens(g), x.size(2)};
-  TORCH_CHECK(branch.sizes() == at::IntArrayRef(expected), op, ": branch must have shape ", expected,
+  TORCH_CHECK(branch.sizes() == at::IntArrayRef(expected), op, ": branch must have shape ", at::IntArrayRef(expected),
               " (the pooled x), got ", branch.sizes());
   check_like(branch, x, "branch", op);
   if (scale.has_value() && scale->defined()) {

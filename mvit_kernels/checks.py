@@ -16,6 +16,7 @@ import torch
 
 POOL_MODES = ("max", "avg", "conv")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+INT32_MAX = 2**31 - 1
 
 
 def _as_int(value) -> int:
@@ -52,8 +53,8 @@ def triple(value, name: str) -> tuple[int, int, int]:
 def check_flag(value, name: str) -> bool:
     """A bool argument (Python or NumPy bool): a string such as "False" or a tensor would
     otherwise be read by its truth value, silently."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
-        return bool(value)
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")):
+        return bool(value)  # NumPy 2 names its bool type "bool", NumPy 1 "bool_"
     raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
@@ -87,6 +88,11 @@ def check_window(kernel, stride, padding) -> tuple[tuple[int, int, int], ...]:
             raise ValueError(f"stride[{axis}] must be >= 1, got {s}")
         if p < 0 or 2 * p > k:
             raise ValueError(f"padding[{axis}] must be in [0, kernel//2] = [0, {k // 2}], got {p}")
+        if s > INT32_MAX:
+            raise ValueError(f"stride[{axis}] must be at most 2^31 - 1, got {s}")
+    if not isinstance(kernel[0], torch.SymInt) and kernel[0] * kernel[1] * kernel[2] > INT32_MAX:
+        # the C++ kernels count a window's taps in 32 bits (a kernel of 2^61 divided by zero there)
+        raise ValueError(f"kernel must have at most 2^31 - 1 taps, got {kernel}")
     return kernel, stride, padding
 
 
@@ -95,6 +101,9 @@ def check_thw(thw: Sequence[int], num_tokens: int, has_cls: bool, name: str = "x
     thw = triple(thw, "thw")
     if any(s < 1 for s in thw):
         raise ValueError(f"thw must be positive, got {thw}")
+    if not isinstance(thw[0], torch.SymInt) and thw[0] * thw[1] * thw[2] > INT32_MAX:
+        raise ValueError(f"thw must hold at most 2^31 - 1 positions (the kernels index a sample's grid in 32 "
+                         f"bits), got {thw}")
     expected = thw[0] * thw[1] * thw[2] + (1 if has_cls else 0)
     if num_tokens != expected:
         cls = " + 1 class token" if has_cls else ""
@@ -352,3 +361,44 @@ def check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, 
                 raise ValueError(f"{name} must have shape (L, {d}) with L >= 1, got {tuple(t.shape)}")
             check_same(t, q, name, "q")
     return thw_q, thw_kv
+
+
+def check_interpolated_tables(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w) -> None:
+    """The registered attention ops take the rel-pos tables already interpolated to
+    2 max(Q_a, K_a) - 1 rows (the kernels index them without bounds)."""
+    from .reference import rel_pos_table_length  # reference imports this module
+
+    for axis, (t, name) in enumerate(((rel_pos_t, "rel_pos_t"), (rel_pos_h, "rel_pos_h"), (rel_pos_w, "rel_pos_w"))):
+        if t is not None:
+            rows = rel_pos_table_length(thw_q[axis], thw_kv[axis])
+            if t.shape[0] != rows:
+                raise ValueError(f"{name} must have {rows} rows (2 max(q, kv) - 1 along its axis, interpolated), "
+                                 f"got {tuple(t.shape)}")
+
+
+def check_rel_pos_mask_args(q, table_t, table_h, table_w, thw_q, thw_kv, has_cls, row0, out) -> None:
+    """``mvit_kernels::rel_pos_mask``'s checks (csrc/cpu/rel_pos_mask_cpu.cpp), for its fake."""
+    _check_tensor(q, "q")
+    _check_tensor(out, "out")
+    if q.dim() != 4 or out.dim() != 4:
+        raise ValueError(f"q must be (B, heads, N_q, d) and out (B, heads, rows, N_kv), got {tuple(q.shape)} "
+                         f"and {tuple(out.shape)}")
+    check_float(q, "q")
+    check_same(out, q, "out", "q")
+    thw_q = check_thw(thw_q, q.shape[2], check_flag(has_cls, "has_cls"), "q")
+    thw_kv = triple(thw_kv, "thw_kv")
+    n_kv = math.prod(thw_kv) + (1 if has_cls else 0)
+    if tuple(out.shape[:2]) != tuple(q.shape[:2]) or out.shape[3] != n_kv:
+        raise ValueError(f"out must be ({q.shape[0]}, {q.shape[1]}, rows, {n_kv}), got {tuple(out.shape)}")
+    if not 0 <= row0 <= row0 + out.shape[2] <= q.shape[2]:
+        raise ValueError(f"rows [{row0}, {row0 + out.shape[2]}) are outside the {q.shape[2]} query rows")
+    if (table_h is None) != (table_w is None) or (table_t is None and table_h is None):
+        raise ValueError("needs table_t, or table_h and table_w, or all three")
+    for axis, (t, name) in enumerate(((table_t, "table_t"), (table_h, "table_h"), (table_w, "table_w"))):
+        if t is not None:
+            _check_tensor(t, name)
+            expected = (thw_q[axis], thw_kv[axis], q.shape[3])
+            if tuple(t.shape) != expected:
+                raise ValueError(f"{name} must be the gathered table {expected}, got {tuple(t.shape)}")
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device} but q is on {q.device}")

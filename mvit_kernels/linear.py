@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import autocast, reference
 from ._dispatch import intercepted, needs_grad
-from .checks import check_linear_args, check_mlp_args
+from .checks import as_op_error, check_linear_args, check_mlp_args
 
 
 def _onednn_linear_available() -> bool:
@@ -52,12 +52,20 @@ def _run_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool) -
 @torch.library.custom_op("mvit_kernels::linear_onednn", mutates_args=())
 def _linear_onednn_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool) -> Tensor:
     """The oneDNN inference linear as torch.compile sees it (no autograd: only used without grad)."""
+    _check_op(x, weight, bias)
     return _run_onednn(x, weight, bias, gelu)
 
 
 @_linear_onednn_op.register_fake
 def _linear_onednn_fake(x, weight, bias, gelu):
+    _check_op(x, weight, bias)
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _check_op(x, weight, bias) -> None:
+    # oneDNN reads a weight of another rank as the 2-D one, silently (see check_linear_args)
+    with as_op_error("mvit_kernels.linear_onednn"):
+        check_linear_args(x, weight, bias)
 
 
 def uses_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:

@@ -49,7 +49,8 @@ from torch.utils.flop_counter import register_flop_formula
 from . import _extension, autocast, reference, tuning
 from ._autograd import first_order_only
 from ._dispatch import cached_constant, in_functorch_transform, traced_or_intercepted
-from .checks import PROJECTION_SLICES, check_pooled_projection_args, pool_output_size, pool_output_thw as _out_thw
+from .checks import (PROJECTION_SLICES, as_op_error, check_grad_shape, check_pooled_projection_args, pool_output_size,
+                     pool_output_thw as _out_thw)
 from .linear import linear as _linear
 from .pool3d import pool3d as _pool3d
 
@@ -99,6 +100,8 @@ def _fwd_op(
     eps: float,
 ) -> Tensor:
     """y (B, heads, N_out, d), contiguous."""
+    _check_op("mvit_kernels.pooled_projection_triton", x, weight, bias, pool_weight, norm_weight, norm_bias, which,
+              num_heads, thw, kernel, stride, padding, mode, has_cls, eps)
     return _launch(x, weight, bias, pool_weight, norm_weight, norm_bias, which, num_heads, thw, kernel, stride,
                    padding, mode, has_cls, eps)
 
@@ -106,9 +109,23 @@ def _fwd_op(
 @_fwd_op.register_fake
 def _fwd_fake(x, weight, bias, pool_weight, norm_weight, norm_bias, which, num_heads, thw, kernel, stride, padding,
               mode, has_cls, eps):
-    t, h, w = _out_thw(thw, kernel, stride, padding)
-    A = weight.shape[0] // 3
-    return x.new_empty(x.shape[0], num_heads, t * h * w + (1 if has_cls else 0), A // num_heads)
+    return x.new_empty(_check_op("mvit_kernels.pooled_projection_triton", x, weight, bias, pool_weight, norm_weight,
+                                 norm_bias, which, num_heads, thw, kernel, stride, padding, mode, has_cls, eps))
+
+
+def _check_op(op: str, x, weight, bias, pool_weight, norm_weight, norm_bias, which, num_heads, thw, kernel, stride,
+              padding, mode, has_cls, eps, grad_y=None) -> tuple[int, int, int, int]:
+    """The registered ops' own checks, in their bodies and fakes (torch.compile, torch.export and
+    direct callers reach them without :func:`pooled_projection`'s); returns y's shape."""
+    with as_op_error(op):
+        thw, kernel, stride, padding = check_pooled_projection_args(
+            x, weight, bias, which, num_heads, thw, kernel, stride, padding, mode, pool_weight, has_cls, norm_weight,
+            norm_bias, eps)
+        t, h, w = _out_thw(thw, kernel, stride, padding)
+        shape = (x.shape[0], num_heads, t * h * w + (1 if has_cls else 0), weight.shape[0] // 3 // num_heads)
+        if grad_y is not None:
+            check_grad_shape(grad_y, shape, "grad_y", x)
+    return shape
 
 
 def _launch_backward(grad_y, x, weight, bias, pool_weight, norm_weight, norm_bias, which, num_heads, thw, kernel,
@@ -142,6 +159,8 @@ def _bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dx, dweight (3A, C), dbias, dpool_weight, dnorm_weight, dnorm_bias); an absent
     input's gradient (and dpool_weight outside mode conv) is an empty (0,) tensor."""
+    _check_op("mvit_kernels.pooled_projection_triton_backward", x, weight, bias, pool_weight, norm_weight, norm_bias,
+              which, num_heads, thw, kernel, stride, padding, mode, has_cls, eps, grad_y)
     grads = _launch_backward(grad_y, x, weight, bias, pool_weight, norm_weight, norm_bias, which, num_heads, thw,
                              kernel, stride, padding, mode, has_cls, eps)
     return tuple(x.new_empty(0) if g is None else g for g in grads)
@@ -150,6 +169,9 @@ def _bwd_op(
 @_bwd_op.register_fake
 def _bwd_fake(grad_y, x, weight, bias, pool_weight, norm_weight, norm_bias, which, num_heads, thw, kernel, stride,
               padding, mode, has_cls, eps):
+    _check_op("mvit_kernels.pooled_projection_triton_backward", x, weight, bias, pool_weight, norm_weight, norm_bias,
+              which, num_heads, thw, kernel, stride, padding, mode, has_cls, eps, grad_y)
+
     def like(t, used=True):
         return torch.empty_like(t, memory_format=torch.contiguous_format) if (t is not None and used) else x.new_empty(0)
 

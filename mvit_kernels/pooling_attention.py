@@ -20,7 +20,7 @@ softmax(q k^T d^-1/2 + rel-pos bias) v (+ q), merged to (B, N_q, heads*d).
 
 Registration: ``torch.library.custom_op`` (not ``triton_op`` + ``wrap_triton``). Both trace under
 ``torch.compile`` on a GPU, but only ``custom_op`` also compiles under the Triton interpreter
-(DESIGN.md §3: with ``triton_op`` fake tensors reach the interpreter), so only ``custom_op`` lets
+(with ``triton_op`` fake tensors reach the interpreter), so only ``custom_op`` lets
 the CPU CI prove ``torch.compile(fullgraph=True)``, ``opcheck`` and the FLOP formulas. The cost
 is that Inductor sees the kernel as an opaque op instead of fusing around it, which it would not
 do for an attention kernel anyway.
@@ -38,7 +38,7 @@ from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_
 from . import _extension, autocast, reference, tuning
 from ._autograd import first_order_only
 from ._dispatch import in_functorch_transform, needs_grad, traced_or_intercepted
-from .checks import check_attention_args
+from .checks import as_op_error, check_attention_args, check_grad_shape, check_interpolated_tables, check_rel_pos_mask_args
 
 try:
     from .triton import pooling_attention as _kernels
@@ -150,11 +150,15 @@ def _sdpa_rel_pos_inference_op(q: Tensor, k: Tensor, v: Tensor, rel_pos_t: Optio
     """:func:`_sdpa_rel_pos_inference` as torch.compile sees it (no autograd): Dynamo rejects the
     strided ``out=``, and Inductor's own loop for the mask's sum was 3x slower on CPU (MViTv2-S
     16x4: 0.80 vs 0.64 s a clip compiled vs eager)."""
+    _check_op("mvit_kernels.sdpa_rel_pos_inference", q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls,
+              residual_pooling)
     return _sdpa_rel_pos_inference(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling)
 
 
 @_sdpa_rel_pos_inference_op.register_fake
 def _sdpa_rel_pos_inference_fake(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling):
+    _check_op("mvit_kernels.sdpa_rel_pos_inference", q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls,
+              residual_pooling)
     B, heads, n_q, d = q.shape
     return q.new_empty(B, n_q, heads * d)
 
@@ -163,6 +167,9 @@ if _extension.load():
 
     @torch.library.register_fake("mvit_kernels::rel_pos_mask")
     def _rel_pos_mask_fake(q, table_t, table_h, table_w, thw_q, thw_kv, has_cls, row0, out):
+        # Also what runs when one argument is on the meta device: unchecked, out stayed unwritten.
+        with as_op_error("mvit_kernels.rel_pos_mask"):
+            check_rel_pos_mask_args(q, table_t, table_h, table_w, thw_q, thw_kv, has_cls, row0, out)
         return None
 
     @register_flop_formula(torch.ops.mvit_kernels.rel_pos_mask)
@@ -220,6 +227,18 @@ def _sdpa_with_reference_mask(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_po
 # ------------------------------------------------------------------------------------------
 
 
+def _check_op(op: str, q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling,
+              interpolated: bool = False) -> None:
+    """The registered ops' own checks, in their bodies and fakes: torch.compile, torch.export and
+    direct callers reach them without the public functions' checks, and the kernels index
+    without bounds."""
+    with as_op_error(op):
+        thw_q, thw_kv = check_attention_args(q, k, v, thw_q, thw_kv, has_cls, rel_pos_t, rel_pos_h, rel_pos_w,
+                                             residual_pooling)
+        if interpolated:
+            check_interpolated_tables(q, thw_q, thw_kv, rel_pos_t, rel_pos_h, rel_pos_w)
+
+
 def _rel_pad(q: Tensor, thw_kv: Sequence[int]) -> int:
     """The rel tile's width the launcher picks (``RelTables``), for the fakes' shapes."""
     return _kernels.select_r_pad(sum(thw_kv), q.dtype, _kernels.device_cc(q))
@@ -242,6 +261,8 @@ def _fwd_op(
     """Returns (out (B, N_q, heads*d), lse (B, heads, N_q) fp32, rel (B, heads, N_q, R_PAD) fp32
     or empty, o_attn (B, N_q, heads*d) or empty); lse, rel and o_attn (the output before the
     residual pooling term) are what the backward needs, written only when for_backward."""
+    _check_op("mvit_kernels.pooling_attention_triton", q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv,
+              has_cls, residual_pooling, interpolated=True)
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
         return _kernels.forward(
             q, k, v, list(thw_q), list(thw_kv), has_cls, rel_pos_t, rel_pos_h, rel_pos_w, residual_pooling, for_backward
@@ -250,6 +271,8 @@ def _fwd_op(
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling, for_backward):
+    _check_op("mvit_kernels.pooling_attention_triton", q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv,
+              has_cls, residual_pooling, interpolated=True)
     B, H, n_q, D = q.shape
     has_rel = rel_pos_t is not None or rel_pos_h is not None
     out = q.new_empty(B, n_q, H * D)
@@ -257,6 +280,14 @@ def _fwd_fake(q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, 
     rel_shape = (B, H, n_q, _rel_pad(q, thw_kv)) if (for_backward and has_rel) else (0,)
     o_attn = q.new_empty((B, n_q, H * D) if (for_backward and residual_pooling) else (0,))
     return out, lse, q.new_empty(rel_shape, dtype=torch.float32), o_attn
+
+
+def _check_backward_op(dout, q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling):
+    op = "mvit_kernels.pooling_attention_triton_backward"
+    _check_op(op, q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling, interpolated=True)
+    B, H, n_q, D = q.shape
+    with as_op_error(op):
+        check_grad_shape(dout, (B, n_q, H * D), "dout", q)
 
 
 @torch.library.custom_op("mvit_kernels::pooling_attention_triton_backward", mutates_args=())
@@ -278,6 +309,7 @@ def _bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, d rel); the tables' gradients are formed from d rel in torch.
     o_attn is the forward's output before the residual pooling term (its out without one)."""
+    _check_backward_op(dout, q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling)
     return _launch_backward(
         dout, q, k, v, o_attn, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, list(thw_q), list(thw_kv), has_cls, residual_pooling
     )
@@ -285,6 +317,7 @@ def _bwd_op(
 
 @_bwd_op.register_fake
 def _bwd_fake(dout, q, k, v, o_attn, lse, rel, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling):
+    _check_backward_op(dout, q, k, v, rel_pos_t, rel_pos_h, rel_pos_w, thw_q, thw_kv, has_cls, residual_pooling)
     B, H, n_q, D = q.shape
     has_rel = rel_pos_t is not None or rel_pos_h is not None
     drel_shape = (B, H, n_q, _rel_pad(q, thw_kv)) if has_rel else (0,)

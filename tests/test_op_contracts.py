@@ -146,3 +146,18 @@ def test_the_cpp_backward_ops_name_themselves_in_their_errors(op, call):
     x = torch.randn(2, 2, 1 + 2 * 5 * 5, 4)
     with pytest.raises(RuntimeError, match=rf"^mvit_kernels\.{op}: (weight|branch) must have shape"):
         call(x, torch.randn(2, 2, 1 + 2 * 3 * 3, 4))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_numpy_bools_are_taken_as_bools(path):
+    # NumPy 2 names its bool type "bool", not "bool_": has_cls=np.True_ was refused with "has_cls
+    # must be a bool, got bool True".
+    import numpy as np
+
+    x = torch.randn(1, 2, 1 + 2 * 4 * 4, 4, dtype=torch.float64)
+    with _grad_mode(path):
+        want = reference.pool3d(x, (2, 4, 4), 3, (1, 2, 2), 1, "max", has_cls=True)[0]
+        got = _ops(path).pool3d(x, (2, 4, 4), 3, (1, 2, 2), 1, "max", has_cls=np.bool_(True))[0]
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(TypeError, match=r"has_cls must be a bool, got int8"):
+        _ops(path).pool3d(x, (2, 4, 4), 3, (1, 2, 2), 1, "max", has_cls=np.int8(1))

@@ -243,7 +243,32 @@ BAD_ARGS = [
     ("pool_residual_add", lambda a: a.__setitem__(5, a[5][:, :5]), r"branch must have shape"),
     ("pool_residual_add", lambda a: a.__setitem__(6, torch.ones(3)), r"scale must have shape"),
     ("pool_residual_add_backward", lambda a: a.__setitem__(0, a[0][:, :5]), r"grad_out must have shape"),
+    # sizes whose products overflowed: thw wrapped to 0 tokens in int64 (a segfault), a kernel
+    # of 2^61 reached the 32-bit window loops as 0 (a division by zero)
+    ("pool3d", lambda a: a.__setitem__(1, [2**32, 2**32, 1]), r"thw must hold at most 2\^31 - 1 positions"),
+    ("pool3d", lambda a: (a.__setitem__(2, [2**61, 1, 1]), a.__setitem__(4, [2**60, 0, 0])),
+     r"kernel must have at most 2\^31 - 1 taps"),
+    ("pool_residual_add", lambda a: a.__setitem__(2, [1, 2**40, 2**40]), r"kernel must have at most 2\^31 - 1 taps"),
+    ("rel_pos_mask", lambda a: a.__setitem__(8, torch.empty(1, 2, 7, 3)), r"out must be \(1, 2, rows, 9\)"),
+    # The ops registered in Python checked nothing: wrong arguments gave an output (on a GPU, the
+    # kernels read out of bounds).
+    ("sdpa_rel_pos_inference", lambda a: a.__setitem__(6, [8, 1]), r"thw must have 3 entries"),
+    ("linear_onednn", lambda a: a.__setitem__(1, a[1].reshape(6, 4, 2)), r"weight must be 2-D"),
+    ("pooling_attention_triton", lambda a: a.__setitem__(7, [3, 3, 3]), r"k has 9 tokens but thw=\(3, 3, 3\)"),
+    ("pooling_attention_triton", lambda a: (a.__setitem__(1, a[1][..., :8]), a.__setitem__(2, a[2][..., :8])),
+     r"must agree on batch, heads and head_dim"),
+    ("pooling_attention_triton", lambda a: a.__setitem__(4, torch.randn(7, 16)), r"rel_pos_h must have 5 rows"),
+    ("pooling_attention_triton_backward", lambda a: a.__setitem__(0, a[0][:, :5]), r"dout must have shape"),
+    ("pooled_projection_triton", lambda a: a.__setitem__(12, "sum"), r"mode must be one of"),
+    ("pooled_projection_triton", lambda a: a.__setitem__(6, "z"), r"which must be one of"),
+    ("pooled_projection_triton", lambda a: a.__setitem__(1, a[1][:, :4]), r"weight has 4 input channels"),
+    ("pooled_projection_triton", lambda a: a.__setitem__(8, [4, 5, 5]), r"x has 51 tokens but thw=\(4, 5, 5\)"),
+    ("pooled_projection_triton_backward", lambda a: a.__setitem__(0, a[0][:, :, :5]), r"grad_y must have shape"),
 ]
+
+
+def test_every_registered_op_has_a_bad_argument_case():
+    assert {name for name, *_ in CASES} - {name for name, *_ in BAD_ARGS} == set()
 
 
 @pytest.mark.parametrize("name, change, match", BAD_ARGS, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_ARGS)])
