@@ -348,7 +348,7 @@ def test_the_cpp_op_checks_its_arguments_too():
     with pytest.raises(RuntimeError, match=r"x has 49 tokens but thw="):
         op(x, [3, 4, 5], [3, 3, 3], [1, 1, 1], [1, 1, 1], "max", None, True, None, None, 1e-6)
     # The kernels index a sample's tokens in 32 bits; said before the token count is compared.
-    with pytest.raises(RuntimeError, match=r"at most 2\^31 - 1 tokens per sample"):
+    with pytest.raises(RuntimeError, match=r"thw must hold at most 2\^31 - 1 positions"):
         op(x, [2048, 1024, 1024], [3, 3, 3], [1, 1, 1], [1, 1, 1], "max", None, True, None, None, 1e-6)
     with pytest.raises(RuntimeError, match=r"x must be float32, float64, bfloat16 or float16"):
         op(x.int(), [3, 4, 4], [3, 3, 3], [1, 1, 1], [1, 1, 1], "max", None, True, None, None, 1e-6)

@@ -199,9 +199,12 @@ def test_public_op_composed_path_matches_reference():
 
 
 def op_args(mode="conv", has_cls=True, norm=True):
-    inputs = make_inputs(1, 2, 16, 8, (1, 4, 4), K3, mode, has_cls, norm, seed=4)
+    # avg pooling needs the grid at least the kernel on every axis (torch's avg_pool3d rule, which
+    # the registered ops now check too): a (1, 3, 3) window on the one-frame grid
+    kernel, padding = ((1, 3, 3), (0, 1, 1)) if mode == "avg" else (K3, P1)
+    inputs = make_inputs(1, 2, 16, 8, (1, 4, 4), kernel, mode, has_cls, norm, seed=4)
     return (inputs["x"], inputs["weight"], inputs["bias"], inputs["pool_weight"], inputs["norm_weight"],
-            inputs["norm_bias"], "k", 2, [1, 4, 4], list(K3), [1, 4, 4], list(P1), mode, has_cls, 1e-6)
+            inputs["norm_bias"], "k", 2, [1, 4, 4], list(kernel), [1, 4, 4], list(padding), mode, has_cls, 1e-6)
 
 
 @pytest.mark.parametrize("mode", ["conv", "max"])
