@@ -287,7 +287,8 @@ def check_options_used(args: argparse.Namespace, recipe: dict) -> None:
     if args.sampling_rate is None:
         from .presets import get_preset
 
-        args.sampling_rate = get_preset(args.preset).sampling_rate
+        # the synthetic clips are consecutive frames; what the run's args record, eval and predict read
+        args.sampling_rate = 1 if recipe["synthetic"] else get_preset(args.preset).sampling_rate
 
 
 def check_values(args: argparse.Namespace, recipe: dict) -> None:
