@@ -13,7 +13,7 @@ NCDHW copy, which reach different kernels on CUDA); the ratio is against the fas
 is what per-shape tuning would run in the op's place. On CPU the threads are fixed (default 2). On a GPU, CUDA
 events time it and the achieved bandwidth (the minimum bytes each pass must move: inputs read
 once, outputs written once) is reported against the GPU's copy bandwidth from --ceilings
-(bench/ceilings.py), else against the H100's 3.0 TB/s (DESIGN.md §6).
+(bench/ceilings.py), else against the H100's 3.0 TB/s (the issues' figure).
 
     python bench/bench_pool_ops.py [--device cpu|cuda] [--threads 2] [--repeats 5] [--dtype float32]
                                    [--ceilings ceilings.json]

@@ -4,9 +4,10 @@ measured on the GPU at hand, next to the H100 figures the issues state their tar
 
     python bench/ceilings.py [--out DIR]      # on a GPU: measures, writes DIR/ceilings.json
 
-bench_attention.py and bench_pool_ops.py compute their floors from the H100 figures (DESIGN.md
-§6) unless given ``--ceilings FILE``, the JSON written here. Why measure: the lent machines are
-H200s, which copy at ~4.3 TB/s (KINDS.md) against the H100's 3.0, with the same matrix rate;
+bench_attention.py and bench_pool_ops.py compute their floors from the H100 figures the issues'
+targets are stated with (3.0 TB/s, 790 TFLOP/s bf16) unless given ``--ceilings FILE``, the JSON
+written here. Why measure: the lent machines may be H200s, which copy at ~4.3 TB/s against the
+H100's 3.0, with the same matrix rate;
 against H100 figures a memory-bound kernel's floor would be ~1.4x too high there, and its
 "within 2x of the floor" would flatter it.
 """
@@ -36,8 +37,8 @@ class Ceilings:
         return f"{self.device}: {self.bandwidth / 1e12:.2f} TB/s, {self.peak_flops / 1e12:.0f} TFLOP/s bf16"
 
 
-#: The figures the issues' targets are stated with (measured on the H100 of 2026-11-24, DESIGN.md §6).
-H100 = Ceilings("H100 (DESIGN.md §6)", 3.0e12, 790e12)
+#: The figures the issues' targets are stated with (the project's design notes, measured on an H100).
+H100 = Ceilings("H100 (the issues' figures)", 3.0e12, 790e12)
 
 
 def load(path: Optional[str]) -> Ceilings:

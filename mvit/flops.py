@@ -137,10 +137,13 @@ def format_count(count: ModelCount) -> str:
     lines.append(f"  {'':>5}  {'stem+head':>7}  {'':>9}  {'':>5}  {'':>5}  {'':>10}  {rest:>8.3f}")
     figures = PAPER_FIGURES.get(count.name)
     if figures is not None:
+        # the published figures are for the preset's input: say so beside a count at another size
+        t, h, w = get_preset(count.name).input_size
+        at = "" if tuple(count.input_size) == (t, h, w) else f" (for {t}x{h}x{w}, not this input)"
         lines.append("")
-        lines.append(f"  paper: {figures.gflops} GFLOPs, {figures.params_m} M params ({figures.source})")
+        lines.append(f"  paper{at}: {figures.gflops} GFLOPs, {figures.params_m} M params ({figures.source})")
         if figures.exact_params is not None:
-            lines.append(f"  torchvision: {figures.exact_gflops} GFLOPs, {figures.exact_params:,} params")
+            lines.append(f"  torchvision{at}: {figures.exact_gflops} GFLOPs, {figures.exact_params:,} params")
     return "\n".join(lines)
 
 

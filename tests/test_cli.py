@@ -24,6 +24,11 @@ def test_flops_other_input_size_and_json(capsys):
     assert result["input_size"] == [32, 256, 256]
     assert result["params"] == 36_610_672  # parameters do not depend on the input size
     assert result["gflops"] > 2 * 70.599
+    # the published figures stand beside it, saying which input they are for
+    assert main(["flops", "--preset", "mvit_b_16x4", "--input-size", "32", "256", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "paper (for 16x224x224, not this input): 70.5 GFLOPs" in out
+    assert "torchvision (for 16x224x224, not this input): 70.599 GFLOPs" in out
 
 
 def test_unknown_preset_exits_2_with_one_line(capsys):

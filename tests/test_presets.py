@@ -1,4 +1,4 @@
-"""Every preset against the papers' parameter and FLOP counts (DESIGN.md §4).
+"""Every preset against the papers' parameter and FLOP counts.
 
 torchvision's counts are matched exactly where it has the model; the papers' rounded figures
 within 1% otherwise. Counting runs on the meta device, so this file is fast.
@@ -58,7 +58,7 @@ def test_gflops_within_one_percent_of_paper(counts, name):
 
 
 def test_mvit_b_block_table_matches_design():
-    """DESIGN.md §4: dims, heads, Q strides and adaptive K/V strides of MViT-B 16x4."""
+    """The papers' layout: dims, heads, Q strides and adaptive K/V strides of MViT-B 16x4."""
     specs = get_preset("mvit_b_16x4").block_specs()
     assert [(s.dim_in, s.dim_out, s.num_heads) for s in specs[:4]] == [
         (96, 192, 1),
