@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 from typing import Callable, Optional
@@ -23,6 +24,8 @@ from .cli import finite_float
 from .convert import SOURCES
 from .data.video import TEMPORAL_SAMPLING
 from .training import distributed as dist_utils
+
+log = logging.getLogger("mvit.eval")
 
 
 #: How a video's views are combined (pySlowFast's DATA.ENSEMBLE_METHOD): the mean (its "sum") of the
@@ -77,22 +80,37 @@ def shuffle_views(views: torch.Tensor, video_index: int, seed: int = 0) -> torch
 
 
 def _collate(batch):
-    idx = [b[0] for b in batch]
-    views = torch.stack([b[1] for b in batch])
-    labels = [b[2] for b in batch]
-    return idx, views, labels
+    """(indices, stacked views or None, labels) of the readable samples, and (index, path) of the
+    ones :class:`_Indexed` skipped."""
+    read = [b for b in batch if b[1] is not None]
+    idx = [b[0] for b in read]
+    views = torch.stack([b[1] for b in read]) if read else None
+    labels = [b[2] for b in read]
+    return idx, views, labels, [(b[0], b[2]) for b in batch if b[1] is None]
 
 
 class _Indexed(torch.utils.data.Dataset):
-    def __init__(self, dataset, indices, shuffle_frames: bool):
+    """(index, views, label) of the dataset's samples at ``indices``; with ``skip_unreadable``, a
+    sample that cannot be read is (index, None, its path) instead of an error."""
+
+    def __init__(self, dataset, indices, shuffle_frames: bool, skip_unreadable: bool = False):
         self.dataset, self.indices, self.shuffle_frames = dataset, indices, shuffle_frames
+        self.skip_unreadable = skip_unreadable
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, i):
+        from .data.video import UnreadableSampleError
+
         j = self.indices[i]
-        views, label = self.dataset[j]
+        try:
+            views, label = self.dataset[j]
+        except UnreadableSampleError as exc:
+            if not self.skip_unreadable:
+                raise
+            log.warning("skipping %s", exc)
+            return j, None, exc.path
         if self.shuffle_frames:
             views = shuffle_views(views, j)
         return j, views, label
@@ -101,16 +119,22 @@ class _Indexed(torch.utils.data.Dataset):
 @torch.no_grad()
 def score_videos(model: Callable, dataset, rank: int, world_size: int, device, batch_size: int = 8,
                  workers: int = 0, multi_label: bool = False, autocast=None,
-                 shuffle_frames: bool = False,
-                 ensemble: Optional[str] = None) -> list[tuple[int, np.ndarray, object]]:
-    """This rank's (video index, aggregated scores, label) triples."""
+                 shuffle_frames: bool = False, ensemble: Optional[str] = None,
+                 skipped: Optional[list] = None) -> list[tuple[int, np.ndarray, object]]:
+    """This rank's (video index, aggregated scores, label) triples. Given a ``skipped`` list, a
+    video that cannot be read is appended to it as (index, path) and left out, instead of
+    stopping the evaluation."""
     from .data.samplers import shard_indices
 
-    subset = _Indexed(dataset, shard_indices(len(dataset), rank, world_size), shuffle_frames)
+    subset = _Indexed(dataset, shard_indices(len(dataset), rank, world_size), shuffle_frames, skipped is not None)
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     out = []
     ctx = autocast or contextlib.nullcontext
-    for idx, views, labels in loader:
+    for idx, views, labels, unreadable in loader:
+        if skipped is not None:
+            skipped.extend(unreadable)
+        if views is None:
+            continue
         b, v = views.shape[:2]
         with ctx():
             logits = model(views.flatten(0, 1).to(device, non_blocking=True))
@@ -136,17 +160,23 @@ def metrics_from_scores(triples: list, multi_label: bool) -> dict:
 
 def evaluate(model: torch.nn.Module, dataset, info, batch_size: int = 8, workers: int = 0,
              multi_label: bool = False, autocast=None, shuffle_frames: bool = False,
-             ensemble: Optional[str] = None) -> dict:
-    """Scores ``dataset`` across all ranks; every rank gets the same metrics."""
+             ensemble: Optional[str] = None, skip_unreadable: bool = False) -> dict:
+    """Scores ``dataset`` across all ranks; every rank gets the same metrics. With
+    ``skip_unreadable``, videos that cannot be read are left out of the metrics and listed under
+    ``"unreadable"``; without, the first one stops the evaluation (UnreadableSampleError)."""
     was_training = model.training
     model.eval()
+    skipped = [] if skip_unreadable else None
     try:
         mine = score_videos(model, dataset, info.rank, info.world_size, info.device, batch_size, workers,
-                            multi_label, autocast, shuffle_frames, ensemble)
+                            multi_label, autocast, shuffle_frames, ensemble, skipped)
     finally:
         model.train(was_training)
-    gathered = dist_utils.all_gather_object(mine)
-    return metrics_from_scores([t for part in gathered for t in part], multi_label)
+    gathered = dist_utils.all_gather_object((mine, skipped or []))
+    metrics = metrics_from_scores([t for part, _ in gathered for t in part], multi_label)
+    if skip_unreadable:
+        metrics["unreadable"] = [path for _, path in sorted(s for _, part in gathered for s in part)]
+    return metrics
 
 
 def add_parser(subparsers) -> None:
@@ -158,6 +188,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--image-folders", action="store_true")
     add_view_args(p)
     p.add_argument("--shuffle-frames", action="store_true", help="shuffle each view's frames")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="leave videos / images that cannot be decoded out of the metrics and list them in the "
+                        "report (default: the first one is an error naming it)")
     p.add_argument("--batch-size", type=int, default=8, help="videos per batch per rank")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--report", help="JSON report path (default: next to the checkpoint)")
@@ -300,7 +333,10 @@ def _score(args: argparse.Namespace, model, state: dict, info) -> dict:
     autocast, _ = _autocast(info.device, args.precision)
     ensemble = args.ensemble or default_ensemble(multi_label)
     metrics = evaluate(model, dataset, info, args.batch_size, workers, multi_label, autocast, args.shuffle_frames,
-                       ensemble)
+                       ensemble, args.skip_unreadable)
+    if metrics.get("unreadable") and info.is_main:
+        print(f"note: {len(metrics['unreadable'])} unreadable file(s) left out of the metrics (--skip-unreadable; "
+              f"listed in the report)", file=sys.stderr)
     report = {"checkpoint": os.path.abspath(args.checkpoint), "shuffle_frames": args.shuffle_frames,
               "ema": args.ema, "views_per_video": getattr(dataset, "views_per_video", 1), "ensemble": ensemble,
               **metrics}

@@ -97,8 +97,24 @@ def test_an_unreadable_test_image_stops_evaluation_naming_it(image_root, tmp_pat
     assert main(["eval", str(out), "--val-csv", str(val_csv), "--data-root", str(image_root), "--workers", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert f"cannot read the image {image_root / 'train' / 'dog' / 'broken.png'} (" in err, err
-    assert "fix the file or remove it from the list" in err
+    broken = str(image_root / "train" / "dog" / "broken.png")
+    assert f"cannot read the image {broken} (" in err, err
+    assert "fix the file, remove it from the list, or pass --skip-unreadable" in err
+
+    # --skip-unreadable: the metrics of the readable ones, as if the list lacked the broken line,
+    # and the report lists what was left out
+    clean_csv = tmp_path / "clean.csv"
+    clean_csv.write_text("val/cat/0.png 0\nval/dog/1.png 1\n")
+    reports = {}
+    for name, csv, extra in (("skip", val_csv, ["--skip-unreadable"]), ("clean", clean_csv, [])):
+        reports[name] = tmp_path / f"{name}.json"
+        assert main(["eval", str(out), "--val-csv", str(csv), "--data-root", str(image_root), "--workers", "1",
+                     "--batch-size", "2", "--report", str(reports[name])] + extra) == 0
+    skipped, clean = (json.loads(reports[n].read_text()) for n in ("skip", "clean"))
+    assert skipped["unreadable"] == [broken] and "unreadable" not in clean
+    assert skipped["videos"] == clean["videos"] == 2
+    assert (skipped["top1"], skipped["top5"]) == (clean["top1"], clean["top5"])
+    assert "1 unreadable file(s) left out of the metrics" in capsys.readouterr().err
 
 
 def test_num_classes_below_the_class_folders(image_root, tmp_path, capsys):

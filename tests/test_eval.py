@@ -114,6 +114,8 @@ def test_eval_of_a_synthetic_run_refuses_video_view_options(tmp_path, capsys):
     assert "does not use --crop-fraction" in capsys.readouterr().err
     assert main(["eval", str(run), "--input-mean", "0.4", "0.4", "0.4", "--input-std", "0.2", "0.2", "0.2"]) == 2
     assert "does not use --input-mean, --input-std" in capsys.readouterr().err
+    assert main(["eval", str(run), "--skip-unreadable"]) == 2  # rendered clips: nothing to skip
+    assert "does not use --skip-unreadable" in capsys.readouterr().err
 
 
 def test_a_run_with_ema_says_its_validation_scored_the_ema_weights(tmp_path, capsys):

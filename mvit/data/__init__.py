@@ -98,7 +98,8 @@ def build_eval_dataset(args, state: dict):
                        _clip_options(args) + [("--image-folders", args.image_folders),
                                               ("--crop-fraction", args.crop_fraction is not None),
                                               ("--input-mean", getattr(args, "input_mean", None) is not None),
-                                              ("--input-std", getattr(args, "input_std", None) is not None)])
+                                              ("--input-std", getattr(args, "input_std", None) is not None),
+                                              ("--skip-unreadable", getattr(args, "skip_unreadable", False))])
         from ..train import SYNTHETIC_VAL_LENGTH
 
         t, s = cfg.input_size[0], cfg.input_size[1]

@@ -46,10 +46,14 @@ class UnreadableSampleError(OSError):
     """A test sample (video or image) that cannot be read. Evaluation scores every listed sample,
     so it stops instead of substituting another one, as training does."""
 
+    path: str = ""
+
     @classmethod
     def of(cls, kind: str, path: str, exc: BaseException) -> "UnreadableSampleError":
-        return cls(f"cannot read the {kind} {path} ({type(exc).__name__}: {exc}); every listed {kind} is "
-                   f"scored, so fix the file or remove it from the list")
+        err = cls(f"cannot read the {kind} {path} ({type(exc).__name__}: {exc}); every listed {kind} is "
+                  f"scored, so fix the file, remove it from the list, or pass --skip-unreadable")
+        err.path = path
+        return err
 
 
 def _av():
