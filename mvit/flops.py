@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -78,6 +79,11 @@ def count_model(
         raise ValueError(f"input_size: {cfg.name} is an image model, T must be 1, got {t}")
     if min(t, h, w) < 1 or min(cfg.grid_for((t, h, w))) < 1:
         raise ValueError(f"input_size {(t, h, w)} is too small for {cfg.name}'s patch embedding")
+    tokens = math.prod(cfg.grid_for((t, h, w)))
+    if tokens > 2**31 - 1:
+        # the kernels index a sample's tokens in 32 bits; the attention matrix's size overflowed
+        # int64 in torch ("Storage size calculation overflowed") a little above this
+        raise ValueError(f"input_size {(t, h, w)} gives {tokens:,} tokens, more than 2^31 - 1")
     with torch.device(device):
         model = MViT(cfg, fused=fused)
     model.eval()

@@ -31,6 +31,13 @@ def test_flops_other_input_size_and_json(capsys):
     assert "torchvision (for 16x224x224, not this input): 70.599 GFLOPs" in out
 
 
+def test_flops_of_an_input_too_large_to_index_is_one_line(capsys):
+    # a traceback: "RuntimeError: Storage size calculation overflowed"
+    assert main(["flops", "--preset", "mvit_tiny", "--input-size", "8", "100000", "100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "mvit flops: error: input_size (8, 100000, 100000) gives 2,500,000,000 tokens, more than 2^31 - 1"
+
+
 def test_unknown_preset_exits_2_with_one_line(capsys):
     assert main(["flops", "--preset", "mvit_xl"]) == 2
     err = capsys.readouterr().err
