@@ -265,11 +265,17 @@ def test_train_sampler_sharding_repeats_and_resume():
     for s in samplers:
         s.set_epoch(3)
     parts = [s.epoch_items() for s in samplers]
-    assert all(len(p) == 5 for p in parts)  # one pass of the data per epoch over all ranks
+    # every sample twice per epoch over all ranks, as pySlowFast's AUG.NUM_SAMPLE 2 (DeiT's count,
+    # 5 a rank here, read only half the videos each epoch)
+    assert all(len(p) == 10 for p in parts)
+    assert sorted(i for p in parts for i, _ in p) == sorted(list(range(n)) * 2)
     seeds = [seed for p in parts for _, seed in p]
     assert len(set(seeds)) == len(seeds)  # repeated copies get different augmentation seeds
     samplers[0].set_epoch(3, start=2)
-    assert list(samplers[0]) == parts[0][2:] and len(samplers[0]) == 3
+    assert list(samplers[0]) == parts[0][2:] and len(samplers[0]) == 8
+    # an odd count pads the last round as before: 7 samples x 2 copies on 3 ranks, 5 items each
+    odd = [TrainSampler(7, r, 3, repeats=2, seed=1).epoch_items() for r in range(3)]
+    assert [len(p) for p in odd] == [5, 5, 5] and set(i for p in odd for i, _ in p) == set(range(7))
     samplers[0].set_epoch(4)
     assert samplers[0].epoch_items() != parts[0]
     # repeats=1: a permutation of the whole set split across ranks

@@ -1,10 +1,12 @@
 """Which samples each rank reads (and in which order), and which frames each clip takes.
 
 ``TrainSampler``: a per-epoch permutation (seeded by ``seed + epoch``, identical on all ranks),
-each index repeated ``repeats`` times (repeated augmentation: the copies land on different ranks
-and get different augmentations), padded to a multiple of the world size and dealt round-robin.
-Each rank then keeps ``ceil(len(dataset) / world)`` items so an epoch stays one pass over the data
-(DeiT's RASampler keeps the same count). It yields ``(index, sample_seed)`` pairs; datasets draw a
+each index repeated ``repeats`` times (repeated augmentation: the copies get different
+augmentations), padded to a multiple of the world size and dealt round-robin. Every copy is kept:
+an epoch reads each sample ``repeats`` times, ``repeats * len(dataset)`` clips in all, as
+pySlowFast's ``AUG.NUM_SAMPLE`` loads every video once per epoch and gives that many clips of it
+(DeiT's RASampler instead keeps one pass's count, so only 1 / repeats of the samples each epoch:
+half the Kinetics recipe's clips). It yields ``(index, sample_seed)`` pairs; datasets draw a
 sample's augmentation from its seed alone, so results do not depend on which DataLoader worker
 loads it, and ``start`` skips the items already consumed (mid-epoch resume).
 
@@ -36,7 +38,7 @@ class TrainSampler(Sampler):
         self.length, self.rank, self.world_size = length, rank, world_size
         self.repeats, self.seed, self.shuffle = repeats, seed, shuffle
         self.epoch, self.start = 0, 0
-        self.per_rank = math.ceil(length / world_size)
+        self.per_rank = math.ceil(length * repeats / world_size)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -46,9 +48,9 @@ class TrainSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.length, generator=g) if self.shuffle else torch.arange(self.length)
         order = order.repeat_interleave(self.repeats).tolist()
-        total = math.ceil(len(order) / self.world_size) * self.world_size
+        total = self.per_rank * self.world_size
         order += order[: total - len(order)]
-        mine = list(range(self.rank, total, self.world_size))[: self.per_rank]
+        mine = range(self.rank, total, self.world_size)
         # the sample seed is the global position in this epoch's list: unique per copy and epoch
         return [(order[p], (self.seed, self.epoch, p).__hash__() & 0x7FFFFFFF) for p in mine]
 
