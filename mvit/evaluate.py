@@ -209,7 +209,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="the EMA weights stored in a `mvit train` checkpoint (those a run with --ema-decay "
                         "validated: its result.json says \"ema\": true)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="autocast (default: the checkpoint's run's --precision; else bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--fused", action="store_true")
 
 
@@ -323,6 +324,14 @@ def _load_model(args: argparse.Namespace):
     return model, state
 
 
+def scoring_precision(args: argparse.Namespace, state: dict) -> str:
+    """--precision, or with ``auto`` the one the checkpoint's run trained and validated at (its
+    result.json's numbers come from that autocast: a bf16 run scored again in fp32 could differ)."""
+    if args.precision != "auto":
+        return args.precision
+    return (state.get("args") or {}).get("precision") or "auto"
+
+
 def _score(args: argparse.Namespace, model, state: dict, info) -> dict:
     """Evaluate ``model`` on the data the arguments (and the checkpoint's run) name, write the report."""
     from .data import build_eval_dataset
@@ -330,7 +339,8 @@ def _score(args: argparse.Namespace, model, state: dict, info) -> dict:
 
     model.to(info.device).eval()
     dataset, multi_label, workers = build_eval_dataset(args, state)
-    autocast, _ = _autocast(info.device, args.precision)
+    precision = scoring_precision(args, state)
+    autocast, _ = _autocast(info.device, precision)
     ensemble = args.ensemble or default_ensemble(multi_label)
     metrics = evaluate(model, dataset, info, args.batch_size, workers, multi_label, autocast, args.shuffle_frames,
                        ensemble, args.skip_unreadable)
@@ -339,6 +349,7 @@ def _score(args: argparse.Namespace, model, state: dict, info) -> dict:
               f"listed in the report)", file=sys.stderr)
     report = {"checkpoint": os.path.abspath(args.checkpoint), "shuffle_frames": args.shuffle_frames,
               "ema": args.ema, "views_per_video": getattr(dataset, "views_per_video", 1), "ensemble": ensemble,
+              "precision": precision,
               **metrics}
     if args.source != "mvit_kernels":
         report.update(source=args.source, model=model.cfg.name)

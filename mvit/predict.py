@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     from .data import eval_views
     from .data.image import IMAGE_EXTENSIONS
     from .data.video import VIDEO_EXTENSIONS, UnreadableSampleError
-    from .evaluate import aggregate_views, check_view_args, load_model
+    from .evaluate import aggregate_views, check_view_args, load_model, scoring_precision
     from .train import _autocast
     from .training import distributed as dist_utils
 
@@ -96,7 +96,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     names = class_names(args, state)
     info = dist_utils.init(args.device)
     model.to(info.device).eval()
-    autocast, _ = _autocast(info.device, args.precision)
+    autocast, _ = _autocast(info.device, scoring_precision(args, state))
     results = []
     for path, image in zip(args.inputs, kinds):
         dataset = eval_views(args, state, [(path, 0)], image)

@@ -144,6 +144,26 @@ def test_a_run_with_ema_says_its_validation_scored_the_ema_weights(tmp_path, cap
     assert json.loads(report.read_text())["ema"] is False
 
 
+def test_eval_scores_at_the_runs_precision_unless_told(tmp_path, capsys):
+    # A bf16 run validated (result.json) in bf16, and `mvit eval RUN` scored it again in fp32 (its
+    # own "auto" on a CPU): the README says eval scores those weights again.
+    import json
+
+    from mvit.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--synthetic-size", "16", "24", "--batch-size", "8", "--epochs", "1", "--precision", "bf16",
+                 "--threads", "1", "--no-progress", "--output-dir", str(run)]) == 0
+    result = json.loads((run / "result.json").read_text())
+    report = tmp_path / "eval.json"
+    for flag, expected in ([], "bf16"), (["--precision", "fp32"], "fp32"):
+        assert main(["eval", str(run), "--report", str(report)] + flag) == 0
+        scored = json.loads(report.read_text())
+        assert scored["precision"] == expected
+        if expected == "bf16":
+            assert (scored["top1"], scored["top5"]) == (result["val"]["top1"], result["val"]["top5"])
+
+
 def test_eval_of_timm_weights_scores_what_timm_scores(tmp_path, capsys):
     """mvit eval WEIGHTS --source timm: the converted model on image folders gives the metrics
     timm's own model gives on the same preprocessed images."""
