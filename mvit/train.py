@@ -38,7 +38,7 @@ from .cli import finite_float
 from .training import checkpoint as ckpt
 from .training import distributed as dist_utils
 from .training.ema import ModelEMA
-from .training.logs import JsonLog, plot_curves
+from .training.logs import JsonLog, plot_curves, truncate_after as truncate_log_after
 from .training.mixup import MixupCutmix, soft_target_cross_entropy
 from .data.video import TEMPORAL_SAMPLING
 from .training.optim import OPTIMIZERS, WarmupCosine, build_optimizer
@@ -265,6 +265,10 @@ def _unused_options(args: argparse.Namespace, recipe: dict, image: bool) -> list
                  "--sampling-rate": segments and args.sampling_rate is not None,
                  "--target-fps": segments and args.target_fps is not None,
                  "--inverse-uniform-jitter": recipe.get("crop_scale") is not None and args.inverse_uniform_jitter}
+    # how often and which of mixup / cutmix: nothing to choose between with both off
+    no_mixing = recipe["mixup"] == 0 and recipe["cutmix"] == 0
+    given |= {"--mixup-prob": no_mixing and args.mixup_prob is not None,
+              "--mixup-switch-prob": no_mixing and args.mixup_switch_prob is not None}
     return [name for name, used in given.items() if used]
 
 
@@ -466,6 +470,8 @@ def train(args: argparse.Namespace) -> dict:
     resumed = _maybe_resume(args, recipe, out_dir, model, optimizer, scaler, ema, state, info)
     if info.is_main and not resumed and os.path.exists(os.path.join(out_dir, "log.jsonl")):
         os.unlink(os.path.join(out_dir, "log.jsonl"))
+    elif info.is_main and resumed:
+        truncate_log_after(os.path.join(out_dir, "log.jsonl"), state.step)
 
     net = model
     if args.compile:
@@ -709,10 +715,18 @@ def _load_finetune(model, path: str, verbose: bool, raw: Optional[dict] = None) 
     model.load_state_dict(fitting, strict=False)
     if verbose:
         fresh = sorted(set(own) - set(fitting))
+        # what the model did not take: a head of another size, or (another architecture's
+        # checkpoint, matched by name) whole blocks, which would otherwise go unmentioned
+        unused = sorted(set(weights) - set(fitting))
+        other = (f" (the checkpoint's model is {saved_cfg.name}, depth {saved_cfg.depth}; this one {model.cfg.name}, "
+                 f"depth {model.cfg.depth}: tensors are matched by name)"
+                 if getattr(saved_cfg, "depth", model.cfg.depth) != model.cfg.depth else "")
         print(f"fine-tuning from {path}: loaded {len(fitting)} of the model's {len(own)} tensors"
               + (f", interpolated {interpolated} to this input size" if interpolated else "")
               + (f", inflated {len(inflated)} image convolutions over time" if inflated else "")
-              + f"; re-initialized {fresh}", file=sys.stderr)
+              + f"; re-initialized {fresh}"
+              + (f"; left unused {len(unused)} of the checkpoint's {len(weights)} tensors: "
+                 f"{unused[:8]}{' ...' if len(unused) > 8 else ''}{other}" if unused else ""), file=sys.stderr)
 
 
 def _inflate_image_convs(weights: dict, own: dict) -> list[str]:
@@ -804,6 +818,14 @@ def _maybe_resume(args, recipe: dict, out_dir: str, model, optimizer, scaler, em
                 print(f"--resume auto: no checkpoint in {out_dir}, starting fresh", file=sys.stderr)
             return False
         path, obj = found
+        if info.is_main:
+            # Newer files that do not load would still count among the --keep-ckpts newest, so
+            # pruning would delete good ones in their place (and eval would skip them each time).
+            for torn in ckpt.list_checkpoints(out_dir):
+                if ckpt.step_of(torn) > obj["step"]:
+                    os.replace(torn, torn + ".unreadable")
+                    print(f"--resume auto: renamed the unreadable {os.path.basename(torn)} to "
+                          f"{os.path.basename(torn)}.unreadable", file=sys.stderr)
     else:
         path, obj = args.resume, ckpt.load_checked(args.resume, "--resume")
         later = [p for p in ckpt.list_checkpoints(out_dir)
@@ -832,7 +854,10 @@ def _maybe_resume(args, recipe: dict, out_dir: str, model, optimizer, scaler, em
                          f"({exc})") from None
     for group, values in zip(optimizer.param_groups, current):
         group.update(values)
-    scaler.load_state_dict(obj["scaler"])
+    if scaler.is_enabled() and obj.get("scaler"):
+        scaler.load_state_dict(obj["scaler"])
+    # else: a run that was not fp16 saved a disabled scaler's empty state ("The source state dict is
+    # empty" when loaded); going to fp16 starts a fresh scaler, leaving it drops the old one (listed)
     if ema is not None:
         # without EMA weights in the checkpoint the average starts from the resumed weights (it was
         # copied from the initial ones when built)
@@ -889,8 +914,29 @@ def _check_same_run(path: str, obj: dict, model, args, recipe: dict) -> list[str
         flag = "--zero-decay-pos-cls" if old_zero else "--no-zero-decay-pos-cls"
         raise ValueError(f"--resume {path}: the run was started with {flag} (the optimizer's parameter groups "
                          f"differ): give {flag}, or start a new run from it with --finetune")
+    # drop_path: the recipe's None means the preset's rate; the configs hold the rates used
     changed = [f"--{k.replace('_', '-')} {old_recipe[k]} -> {v}" for k, v in recipe.items()
-               if k in old_recipe and old_recipe[k] != v]
-    if saved is not None and saved.sampling_rate != model.cfg.sampling_rate:
-        changed.append(f"--sampling-rate {saved.sampling_rate} -> {model.cfg.sampling_rate}")
+               if k in old_recipe and old_recipe[k] != v and k != "drop_path"]
+    new_args = vars(args)
+    changed += [f"--{k.replace('_', '-')} {old_args[k]} -> {new_args[k]}" for k in RESUME_LISTED_ARGS
+                if k in old_args and k not in recipe and _plain(new_args.get(k)) != _plain(old_args[k])]
+    if saved is not None:
+        for field, flag in (("drop_path_rate", "--drop-path"), ("sampling_rate", "--sampling-rate")):
+            if getattr(saved, field) != getattr(model.cfg, field):
+                changed.append(f"{flag} {getattr(saved, field)} -> {getattr(model.cfg, field)}")
     return changed
+
+
+#: Arguments besides the recipe's whose change a resume lists: the data, the seed (it orders the
+#: rest of the epoch and seeds every later step), EMA (0 drops the run's average from the next
+#: checkpoint on), micro-batching and precision. Model and optimizer changes are refused instead.
+RESUME_LISTED_ARGS = (
+    "train_csv", "val_csv", "data_root", "image_folders", "multi_label", "target_fps", "temporal_sampling",
+    "inverse_uniform_jitter", "crop_scale", "jitter_scales", "test_clips", "test_crops", "synthetic_size",
+    "seed", "ema_decay", "accum_steps", "precision",
+)
+
+
+def _plain(value):
+    """Sequences compared as lists (argparse gives lists, a recipe tuples)."""
+    return list(value) if isinstance(value, (tuple, list)) else value

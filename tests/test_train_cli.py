@@ -96,6 +96,8 @@ def test_labels_are_checked_against_the_classes(listed_videos, extra, files, mes
     (["--num-frames", "16"], "the synthetic task needs --crop-size >= 3 * (--num-frames - 1) + 10 = 55 at 16 frames; "
                              "got 32 (the preset's)"),
     (["--num-frames", "4", "--crop-size", "16"], "= 19 at 4 frames; got 16"),
+    # the synthetic recipe mixes nothing: these chose between two things that were both off
+    (["--mixup-prob", "0.5", "--mixup-switch-prob", "0.2"], "does not use --mixup-prob, --mixup-switch-prob"),
 ])
 def test_options_a_task_would_ignore(argv, message, capsys, tmp_path):
     if "--data-root" not in argv:  # a short run, should the check be missing

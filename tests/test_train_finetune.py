@@ -71,6 +71,20 @@ def test_finetune_from_pyslowfast_layout_on_the_command_line(tmp_path, capsys):
     n = len(source.state_dict())
     assert f"loaded {n - 2} of the model's {n} tensors, interpolated ['pos_embed_spatial']" in err, err
     assert "re-initialized ['head.projection.bias', 'head.projection.weight']" in err, err
+    # the checkpoint's 6-class head is what the 4-class model left unused
+    assert f"left unused 2 of the checkpoint's {n} tensors: ['head.projection.bias', 'head.projection.weight']" in err
+
+
+def test_a_checkpoint_of_a_deeper_model_says_what_it_left_unused(tmp_path, capsys):
+    # Matched by name, a 4-block model took a 6-block checkpoint's first blocks without a word
+    # about blocks 4 and 5.
+    source = _random_model(0, depth=6)
+    path = str(tmp_path / "deep.pt")
+    torch.save({"model": source.state_dict(), "model_config": source.cfg}, path)
+    _load_finetune(_random_model(1), path, verbose=True)
+    err = capsys.readouterr().err
+    assert "left unused" in err and "blocks.4." in err, err
+    assert f"the checkpoint's model is {source.cfg.name}, depth 6; this one" in err and "depth 4" in err, err
 
 
 def test_a_checkpoint_that_fits_nothing_is_an_error(tmp_path, capsys):

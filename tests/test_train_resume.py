@@ -121,6 +121,56 @@ def test_resume_follows_a_changed_schedule_and_says_so(tmp_path, capsys):
     assert lrs[5] > 5e-5  # the 2-epoch schedule had ended at min_lr (2.5e-6)
 
 
+def test_resume_lists_changes_of_data_seed_ema_and_precision(tmp_path, capsys):
+    # They applied without a word: --ema-decay 0 dropped the run's average from every later
+    # checkpoint, another --seed reordered the rest of the epoch, --precision fp16 failed loading
+    # the scaler state a bf16/fp32 run had saved ("The source state dict is empty").
+    out = str(tmp_path / "run")
+    assert main(SHORT + ["--epochs", "1", "--ema-decay", "0.9", "--drop-path", "0.3", "--output-dir", out]) == 0
+    capsys.readouterr()
+    assert main(SHORT + ["--epochs", "2", "--seed", "5", "--precision", "fp16", "--accum-steps", "2",
+                         "--output-dir", out, "--resume", "auto"]) == 0
+    err = capsys.readouterr().err
+    for change in ("--epochs 1 -> 2", "--seed 0 -> 5", "--ema-decay 0.9 -> 0.0", "--accum-steps 1 -> 2",
+                   "--precision auto -> fp16", "--drop-path 0.3 -> 0.1"):  # back to mvit_tiny's rate
+        assert change in err, (change, err)
+    # the preset's own rate, given by value, is no change (the checkpoint's recipe says None)
+    out2 = str(tmp_path / "run2")
+    assert main(SHORT + ["--epochs", "1", "--output-dir", out2]) == 0
+    capsys.readouterr()
+    preset_rate = ckpt.load(ckpt.list_checkpoints(out2)[0])["model_config"].drop_path_rate
+    assert main(SHORT + ["--epochs", "2", "--drop-path", str(preset_rate), "--output-dir", out2,
+                         "--resume", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert "--drop-path" not in err, err
+
+
+def test_a_resume_logs_each_step_once_and_sets_torn_checkpoints_aside(tmp_path, capsys):
+    # Steps logged after the checkpoint a run resumes from were logged again (and plotted twice);
+    # a newer checkpoint that does not load held one of the --keep-ckpts places, so pruning
+    # deleted a good one instead.
+    out = tmp_path / "run"
+    argv = SHORT + ["--epochs", "2", "--output-dir", str(out)]
+    assert main(argv) == 0  # 2 epochs of 2 steps, a checkpoint after each epoch
+    whole = _losses(out)
+    paths = ckpt.list_checkpoints(str(out))
+    assert [ckpt.step_of(p) for p in paths] == [4, 2]
+    os.unlink(paths[0])  # killed after logging steps 3 and 4, before the epoch's checkpoint
+    torn = out / "checkpoint_e0009_s00000009.pt"
+    torn.write_bytes(b"torn")
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*checkpoint_e0009_s00000009.pt"):
+        assert main(argv + ["--resume", "auto", "--keep-ckpts", "2"]) == 0
+    assert "renamed the unreadable checkpoint_e0009_s00000009.pt" in capsys.readouterr().err
+    assert os.path.exists(f"{torn}.unreadable") and not torn.exists()
+    assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(str(out))] == [4, 2]  # the good one kept
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]  # once each
+    assert [r["step"] for r in records if r["kind"] == "val"] == [2, 4]
+    assert _losses(out) == whole  # and replayed as the uninterrupted run
+    assert [r["kind"] for r in records].count("result") == 1
+
+
 def test_warmup_start_and_end_lrs_scale_with_the_batch_like_the_base_lr(tmp_path):
     """pySlowFast scales BASE_LR, WARMUP_START_LR and COSINE_END_LR alike with the machines; all
     three are per 512 clips here. 32 clips / batch 16 = 2 steps an epoch, 1 warmup epoch, 3 epochs."""

@@ -24,6 +24,21 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def truncate_after(path: str, step: int) -> None:
+    """Drop the records of steps after ``step``, and the run's result: a run resumed from its
+    checkpoint at ``step`` logs those steps again (they were logged twice, and plotted twice)."""
+    if not os.path.exists(path):
+        return
+    records = read_jsonl(path)
+    kept = [r for r in records if r.get("kind") != "result" and r.get("step", 0) <= step]
+    if len(kept) == len(records):
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)
+
+
 def plot_curves(log_path: str, out_png: str) -> None:
     import matplotlib
 
