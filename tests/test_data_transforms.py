@@ -25,11 +25,30 @@ def test_rand_augment_and_erasing_are_consistent_across_frames():
         changed += not torch.equal(out, clip)
     assert changed >= 4  # P(no op applies) = 1/8 per clip
     x = T.normalize(clip, (0.5,) * 3, (0.25,) * 3)
-    torch.manual_seed(1)
-    erased = T.random_erasing(x, prob=1.0)
+    erased = T.random_erasing(x, 1.0, torch.Generator().manual_seed(1))
     changed = (erased != x).any(0).any(0)  # (H, W) mask of the erased box, union over frames
     assert changed.any()
     assert all(((erased[t] != x[t]).any(0) == changed).all() for t in range(6))  # the same box on every frame
+    # pySlowFast's _erase_cube draws the noise per frame (torchvision's froze one patch on all)
+    box = erased[:, :, changed]
+    assert not torch.equal(box[0], box[1])
+    assert abs(float(box.mean())) < 0.3 and 0.7 < float(box.std()) < 1.3  # standard normal noise
+
+
+def test_random_erasing_boxes_as_timm():
+    # 2%-1/3 of the area, aspect log-uniform in [0.3, 3.33]; probability as given
+    x = torch.zeros(1, 3, 40, 60)
+    areas, hits = [], 0
+    for seed in range(300):
+        out = T.random_erasing(x, 0.5, torch.Generator().manual_seed(seed))
+        mask = (out != 0).any(0).any(0)
+        if mask.any():
+            hits += 1
+            rows, cols = mask.any(1).sum().item(), mask.any(0).sum().item()
+            assert mask.sum().item() == rows * cols  # one rectangle
+            areas.append(rows * cols / (40 * 60))
+    assert 120 < hits < 180
+    assert min(areas) > 0.01 and max(areas) < 0.36 and 0.1 < sum(areas) / len(areas) < 0.25
 
 
 def test_geometry_helpers():

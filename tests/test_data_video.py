@@ -138,10 +138,33 @@ def test_test_views_scale_the_short_side_as_pyslowfast():
     for crops, short in ((1, 20), (3, 16)):
         spec = ClipSpec(frames=4, crop=16, jitter=(20, 25), test_clips=1, test_crops=crops)
         views = VideoDataset([], spec, train=False, num_classes=1)._transform(frames, None, 0)
-        scaled = T.short_side_scale(frames, short)
+        scaled = T.short_side_scale(frames, short, "bilinear", antialias=True)  # as FFmpeg's scaler decodes
         expected = [T.normalize(T.uniform_crop(scaled, 16, c), MEAN, STD).permute(1, 0, 2, 3)
                     for c in ([1] if crops == 1 else [0, 1, 2])]
         assert torch.equal(views, torch.stack(expected))
+
+
+@pytest.mark.parametrize("crop_scale", [(0.08, 1.0), None], ids=["resized-crop", "jitter"])
+def test_training_clips_are_cut_from_frames_decoded_at_the_smallest_scale(crop_scale):
+    # pySlowFast decodes Kinetics frames to a short side of TRAIN_JITTER_SCALES[0] before any
+    # augmentation; the crops here were cut from the raw frames (1080p: a 5x shrink, aliased).
+    from mvit.data import transforms as T
+
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (4, 3, 90, 160), dtype=torch.uint8, generator=g)
+    spec = ClipSpec(frames=4, crop=16, jitter=(20, 25), crop_scale=crop_scale, flip=False)
+    clip = VideoDataset([], spec, train=True, num_classes=1)._transform(frames, torch.Generator().manual_seed(5), 0)
+    scaled = T.short_side_scale(frames, 20, "bilinear", antialias=True)
+    assert scaled.shape[-2:] == (20, 35)
+    gen = torch.Generator().manual_seed(5)
+    if crop_scale is None:
+        cut = T.random_crop(T.random_short_side_scale(scaled, 20, 25, gen=gen), 16, gen)
+    else:
+        cut = T.random_resized_crop(scaled, 16, crop_scale, spec.crop_ratio, gen)
+    assert torch.equal(clip, T.normalize(cut, MEAN, STD).permute(1, 0, 2, 3))
+    # Something-Something's frames are read at their own size, as pySlowFast reads them
+    segments = ClipSpec(frames=4, crop=16, jitter=(20, 25), temporal_sampling="segments")
+    assert VideoDataset([], segments, train=True, num_classes=1).decode_scale() is None
 
 
 def test_eval_views_follow_the_published_models_settings(tmp_path):
@@ -203,7 +226,7 @@ def test_a_corrupt_test_video_is_an_error_naming_it(tmp_path):
     ds = VideoDataset([(good, 1), (str(bad), 0)], spec, train=False, num_classes=2)
     assert ds[0][0].shape == (1, 3, 4, 16, 16)
     with pytest.raises(UnreadableSampleError, match=rf"cannot read the video {bad} \(.*\); every listed video is "
-                                                    r"scored, so fix the file or remove it from the list"):
+                                                    r"scored, so fix the file, remove it from the list, or pass --skip-unreadable"):
         ds[1]
 
 

@@ -98,9 +98,7 @@ class ImageFolderDataset(Dataset):
             img = T.random_flip(img, 0.5, gen)
         if self.rand_augment:
             img = rand_augment(img, self.rand_augment, gen, mean_fill(self.mean))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # torchvision's RandomErasing draws from the global RNG
-            return T.random_erasing(T.normalize(img, self.mean, self.std), self.erasing)
+        return T.random_erasing(T.normalize(img, self.mean, self.std), self.erasing, gen)
 
 
 def build_image_datasets(args, recipe: dict, cfg, workers: int):

@@ -116,11 +116,27 @@ def center_crop(clip: torch.Tensor, size: int) -> torch.Tensor:
     return clip[..., y : y + size, x : x + size]
 
 
-def random_erasing(clip: torch.Tensor, prob: float) -> torch.Tensor:
-    """torchvision RandomErasing (random values) on normalized (T, C, H, W): one box for all frames."""
-    from torchvision.transforms import v2
-
-    return v2.RandomErasing(p=prob, value="random")(clip) if prob > 0 else clip
+def random_erasing(clip: torch.Tensor, prob: float, gen: Optional[torch.Generator] = None) -> torch.Tensor:
+    """With probability ``prob``, one box of normalized (T, C, H, W) replaced by standard normal
+    noise: timm's RandomErasing as pySlowFast (``_erase_cube``, mode pixel, one box) and
+    facebookresearch/mvit apply it. The box covers 2%-1/3 of the area with an aspect ratio
+    log-uniform in [0.3, 1/0.3] (up to 100 draws) and is the same on every frame; the noise is
+    drawn per frame (it stayed frozen across frames with torchvision's RandomErasing)."""
+    if prob <= 0 or float(torch.rand((), generator=gen)) >= prob:
+        return clip
+    frames, channels, h, w = clip.shape
+    log_ratio = (math.log(0.3), math.log(1 / 0.3))
+    for _ in range(100):
+        area = h * w * (0.02 + (1 / 3 - 0.02) * float(torch.rand((), generator=gen)))
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * float(torch.rand((), generator=gen)))
+        eh, ew = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if ew < w and eh < h:
+            top, left = _randint(0, h - eh, gen), _randint(0, w - ew, gen)
+            out = clip.clone()
+            out[:, :, top:top + eh, left:left + ew] = torch.randn(
+                (frames, channels, eh, ew), generator=gen, dtype=clip.dtype, device=clip.device)
+            return out
+    return clip
 
 
 def normalize(clip_uint8: torch.Tensor, mean, std) -> torch.Tensor:

@@ -358,8 +358,24 @@ class VideoDataset(Dataset):
         frames, _ = decode_frames(path, wanted)
         return torch.from_numpy(frames).permute(0, 3, 1, 2)
 
+    def decode_scale(self) -> Optional[int]:
+        """The short side frames are scaled to as they are decoded, before any augmentation:
+        pySlowFast decodes Kinetics videos with FFmpeg's scaler at ``max_spatial_scale``, the
+        smallest scale the transforms use (TRAIN_JITTER_SCALES[0], 256 for 224 crops; in testing
+        the 1-crop views' 256, or the crop size for 3 crops). RandAugment and the crops then work
+        on 256-line frames: from raw 720p-1080p frames the crop's resize to 224 aliased (no
+        antialiasing in it) and RandAugment cost up to 20x more. Something-Something (segments)
+        is read at its own resolution, as pySlowFast reads its frames."""
+        s = self.spec
+        if s.temporal_sampling == "segments":
+            return None
+        return s.jitter[0] if self.train or s.test_crops == 1 else s.crop
+
     def _transform(self, frames: torch.Tensor, gen: torch.Generator, seed: int) -> torch.Tensor:
         s = self.spec
+        scale = self.decode_scale()
+        if scale is not None:  # antialiased, as FFmpeg's (area-averaging) scaler shrinks frames
+            frames = T.short_side_scale(frames, scale, "bilinear", antialias=True)
         if self.train:
             # pySlowFast: RandAugment on the decoded frames, then the crop
             clip = rand_augment(frames, s.rand_augment, gen, VIDEO_FILL) if s.rand_augment else frames
@@ -370,10 +386,7 @@ class VideoDataset(Dataset):
                 clip = T.random_crop(clip, s.crop, gen)
             if s.flip:
                 clip = T.random_flip(clip, 0.5, gen)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)  # torchvision's RandomErasing draws from the global RNG
-                clip = T.normalize(clip, s.mean, s.std)
-                clip = T.random_erasing(clip, s.erasing)
+            clip = T.random_erasing(T.normalize(clip, s.mean, s.std), s.erasing, gen)
             return clip.permute(1, 0, 2, 3).contiguous()  # (C, T, H, W)
 
         views = []
