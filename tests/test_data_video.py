@@ -216,6 +216,26 @@ def test_corrupt_video_is_logged_and_replaced(tmp_path, caplog):
     assert "unreadable video" in caplog.text and "bad.mkv" in caplog.text
 
 
+def test_copies_of_a_video_take_the_same_frames_augmented_differently(monkeypatch):
+    # Each copy drew its own clip start: pySlowFast decodes one clip and augments it twice.
+    from mvit.data import video
+
+    taken = []
+
+    def fake_decode(path, indices_for):
+        wanted = indices_for(300, 30.0)
+        taken.append(wanted)
+        frame = np.random.default_rng(len(taken)).integers(0, 255, (1, 40, 48, 3), dtype=np.uint8)
+        return np.repeat(frame, len(wanted), axis=0), wanted
+
+    monkeypatch.setattr(video, "decode_frames", fake_decode)
+    spec = ClipSpec(frames=4, stride=4, crop=32, jitter=(40, 48), crop_scale=(0.08, 1.0))
+    ds = VideoDataset([("a.mp4", 0)], spec, train=True, num_classes=1)
+    first, second, other = ds[(0, 11, 7)], ds[(0, 12, 7)], ds[(0, 11, 8)]
+    assert taken[0] == taken[1] != taken[2]  # one clip seed, one clip
+    assert not torch.equal(first[0], second[0])  # augmented by their own seeds
+
+
 def test_a_corrupt_test_video_is_an_error_naming_it(tmp_path):
     # Test views stand for their own video: another one in its place was scored under the broken
     # one's label, counting a video twice.
@@ -291,19 +311,24 @@ def test_train_sampler_sharding_repeats_and_resume():
     # every sample twice per epoch over all ranks, as pySlowFast's AUG.NUM_SAMPLE 2 (DeiT's count,
     # 5 a rank here, read only half the videos each epoch)
     assert all(len(p) == 10 for p in parts)
-    assert sorted(i for p in parts for i, _ in p) == sorted(list(range(n)) * 2)
-    seeds = [seed for p in parts for _, seed in p]
+    assert sorted(i for p in parts for i, _, _ in p) == sorted(list(range(n)) * 2)
+    seeds = [seed for p in parts for _, seed, _ in p]
     assert len(set(seeds)) == len(seeds)  # repeated copies get different augmentation seeds
+    # and one clip seed: the same frames, as pySlowFast augments one decoded clip NUM_SAMPLE times
+    clip_seeds = {}
+    for i, _, clip_seed in (item for p in parts for item in p):
+        clip_seeds.setdefault(i, set()).add(clip_seed)
+    assert all(len(c) == 1 for c in clip_seeds.values()) and len({c.pop() for c in clip_seeds.values()}) == n
     samplers[0].set_epoch(3, start=2)
     assert list(samplers[0]) == parts[0][2:] and len(samplers[0]) == 8
     # an odd count pads the last round as before: 7 samples x 2 copies on 3 ranks, 5 items each
     odd = [TrainSampler(7, r, 3, repeats=2, seed=1).epoch_items() for r in range(3)]
-    assert [len(p) for p in odd] == [5, 5, 5] and set(i for p in odd for i, _ in p) == set(range(7))
+    assert [len(p) for p in odd] == [5, 5, 5] and set(i for p in odd for i, _, _ in p) == set(range(7))
     samplers[0].set_epoch(4)
     assert samplers[0].epoch_items() != parts[0]
     # repeats=1: a permutation of the whole set split across ranks
     plain = [TrainSampler(n, r, world, repeats=1, seed=1).epoch_items() for r in range(world)]
-    assert sorted(i for p in plain for i, _ in p) == list(range(n))
+    assert sorted(i for p in plain for i, _, _ in p) == list(range(n))
     assert sorted(shard_indices(7, 0, 3) + shard_indices(7, 1, 3) + shard_indices(7, 2, 3)) == list(range(7))
 
 

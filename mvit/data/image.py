@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from ..config import IMAGENET_MEAN, IMAGENET_STD
 from . import transforms as T
 from .rand_augment import RandAugmentSpec, rand_augment
+from .samplers import split_key
 from .video import UnreadableSampleError, label_target
 
 log = logging.getLogger("mvit.data")
@@ -68,9 +69,7 @@ class ImageFolderDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, key):
-        from .video import index_seed
-
-        index, seed = key if isinstance(key, tuple) else (key, index_seed(key))
+        index, seed, _ = split_key(key)  # one image: no clip to place
         gen = torch.Generator().manual_seed(seed)
         for _ in range(self.max_retries + 1):
             path, label = self.items[index]

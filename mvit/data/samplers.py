@@ -6,9 +6,12 @@ augmentations), padded to a multiple of the world size and dealt round-robin. Ev
 an epoch reads each sample ``repeats`` times, ``repeats * len(dataset)`` clips in all, as
 pySlowFast's ``AUG.NUM_SAMPLE`` loads every video once per epoch and gives that many clips of it
 (DeiT's RASampler instead keeps one pass's count, so only 1 / repeats of the samples each epoch:
-half the Kinetics recipe's clips). It yields ``(index, sample_seed)`` pairs; datasets draw a
-sample's augmentation from its seed alone, so results do not depend on which DataLoader worker
-loads it, and ``start`` skips the items already consumed (mid-epoch resume).
+half the Kinetics recipe's clips). It yields ``(index, sample_seed, clip_seed)`` triples
+(:func:`split_key`): datasets draw a sample's augmentation from its sample seed and the clip's
+place in the video from its clip seed, which the copies of a sample share in an epoch, so they are
+the same frames augmented differently, as pySlowFast decodes one clip and augments it
+NUM_SAMPLE times. Results do not depend on which DataLoader worker loads an item, and ``start``
+skips the items already consumed (mid-epoch resume).
 
 ``shard_indices``: evaluation sharding without padding, so every video is counted exactly once.
 
@@ -51,14 +54,31 @@ class TrainSampler(Sampler):
         total = self.per_rank * self.world_size
         order += order[: total - len(order)]
         mine = range(self.rank, total, self.world_size)
-        # the sample seed is the global position in this epoch's list: unique per copy and epoch
-        return [(order[p], (self.seed, self.epoch, p).__hash__() & 0x7FFFFFFF) for p in mine]
+        # the sample seed hashes the global position in this epoch's list (unique per copy and
+        # epoch), the clip seed the sample's index (shared by its copies; a 4-tuple, apart from the
+        # 3-tuples). Hashes of int tuples do not depend on PYTHONHASHSEED.
+        return [(order[p], hash((self.seed, self.epoch, p)) & 0x7FFFFFFF,
+                 hash((self.seed, self.epoch, order[p], 1)) & 0x7FFFFFFF) for p in mine]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter(self.epoch_items()[self.start:])
 
     def __len__(self) -> int:
         return max(0, self.per_rank - self.start)
+
+
+def index_seed(index: int) -> int:
+    """The seed of a sample read by its index alone (evaluation, a plain DataLoader)."""
+    return (index * 2_654_435_761) & 0x7FFFFFFF
+
+
+def split_key(key) -> tuple[int, int, int]:
+    """A dataset key as (index, sample_seed, clip_seed): the TrainSampler's triple, an
+    ``(index, seed)`` pair (both seeds the one), or an index (seeds from it)."""
+    if isinstance(key, tuple):
+        return key if len(key) == 3 else (key[0], key[1], key[1])
+    seed = index_seed(key)
+    return key, seed, seed
 
 
 def shard_indices(length: int, rank: int, world_size: int) -> list[int]:

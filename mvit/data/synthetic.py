@@ -119,7 +119,7 @@ class SyntheticMotion(Dataset):
         return index % self.num_classes
 
     def __getitem__(self, key):
-        index, sample_seed = key if isinstance(key, tuple) else (key, None)
+        index, sample_seed = key[:2] if isinstance(key, tuple) else (key, None)  # (index, seed[, clip seed])
         entropy = [self.seed, _SPLIT_IDS[self.split], index] + ([] if sample_seed is None else [sample_seed])
         rng = np.random.default_rng(entropy)
         label = self.label(index)

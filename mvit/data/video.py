@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from ..config import KINETICS_MEAN, KINETICS_STD
 from . import transforms as T
 from .rand_augment import VIDEO_FILL, RandAugmentSpec, rand_augment
-from .samplers import clip_frame_indices, segment_frame_indices
+from .samplers import clip_frame_indices, segment_frame_indices, split_key
 
 log = logging.getLogger("mvit.data")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
@@ -326,12 +326,13 @@ class VideoDataset(Dataset):
         return label_target(label, self.num_classes, self.multi_label)
 
     def __getitem__(self, key):
-        index, seed = key if isinstance(key, tuple) else (key, index_seed(key))
+        index, seed, clip_seed = split_key(key)
         gen = torch.Generator().manual_seed(seed)
+        clip_gen = torch.Generator().manual_seed(clip_seed)  # where the clip starts: shared by copies
         for attempt in range(self.max_retries + 1):
             path, label = self.items[index]
             try:
-                frames = self._decode(path, gen)
+                frames = self._decode(path, clip_gen)
             except _decode_errors() as exc:
                 if not self.train:
                     raise UnreadableSampleError.of("video", path, exc) from exc
@@ -410,10 +411,6 @@ def label_target(label: Label, num_classes: Optional[int], multi_label: bool):
     t = torch.zeros(num_classes)
     t[list(label)] = 1.0
     return t
-
-
-def index_seed(index: int) -> int:
-    return (index * 2_654_435_761) & 0x7FFFFFFF
 
 
 def default_jitter(crop: int) -> tuple[int, int]:
