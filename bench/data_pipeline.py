@@ -70,7 +70,7 @@ def time_case(recipe, cfg, h, w, train: bool, repeats: int) -> list[float]:
     for i in range(repeats + 2):
         gen = torch.Generator().manual_seed(i)
         t0 = time.perf_counter()
-        ds._transform(raw, gen, i)
+        ds._transform(raw, gen)
         if i >= 2:  # two warm-up samples
             out.append((time.perf_counter() - t0) * 1e3)
     return out

@@ -137,7 +137,7 @@ def test_test_views_scale_the_short_side_as_pyslowfast():
     frames = frames.expand(4, 3, h, w).contiguous()
     for crops, short in ((1, 20), (3, 16)):
         spec = ClipSpec(frames=4, crop=16, jitter=(20, 25), test_clips=1, test_crops=crops)
-        views = VideoDataset([], spec, train=False, num_classes=1)._transform(frames, None, 0)
+        views = VideoDataset([], spec, train=False, num_classes=1)._transform(frames, None)
         scaled = T.short_side_scale(frames, short, "bilinear", antialias=True)  # as FFmpeg's scaler decodes
         expected = [T.normalize(T.uniform_crop(scaled, 16, c), MEAN, STD).permute(1, 0, 2, 3)
                     for c in ([1] if crops == 1 else [0, 1, 2])]
@@ -153,7 +153,7 @@ def test_training_clips_are_cut_from_frames_decoded_at_the_smallest_scale(crop_s
     g = torch.Generator().manual_seed(0)
     frames = torch.randint(0, 256, (4, 3, 90, 160), dtype=torch.uint8, generator=g)
     spec = ClipSpec(frames=4, crop=16, jitter=(20, 25), crop_scale=crop_scale, flip=False)
-    clip = VideoDataset([], spec, train=True, num_classes=1)._transform(frames, torch.Generator().manual_seed(5), 0)
+    clip = VideoDataset([], spec, train=True, num_classes=1)._transform(frames, torch.Generator().manual_seed(5))
     scaled = T.short_side_scale(frames, 20, "bilinear", antialias=True)
     assert scaled.shape[-2:] == (20, 35)
     gen = torch.Generator().manual_seed(5)

@@ -83,12 +83,12 @@ class ImageFolderDataset(Dataset):
                 index = int(torch.randint(0, len(self.items), (1,), generator=gen))
         else:
             raise RuntimeError(f"{self.max_retries + 1} images in a row could not be read")
-        x = self._transform(img[None], gen, seed)  # (1, 3, H, W)
+        x = self._transform(img[None], gen)  # (1, 3, H, W)
         x = x.permute(1, 0, 2, 3).contiguous()  # (3, 1, H, W)
         target = label_target(label, self.num_classes, self.multi_label)
         return (x, target) if self.train else (x[None], target)
 
-    def _transform(self, img: torch.Tensor, gen, seed: int) -> torch.Tensor:
+    def _transform(self, img: torch.Tensor, gen) -> torch.Tensor:
         if not self.train:
             img = T.short_side_scale(img, int(self.crop / self.crop_fraction), "bicubic", antialias=True)
             return T.normalize(T.center_crop(img, self.crop), self.mean, self.std)

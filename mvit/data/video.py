@@ -340,7 +340,7 @@ class VideoDataset(Dataset):
                 log.warning("unreadable video %s (%s: %s); using another sample", path, type(exc).__name__, exc)
                 index = int(torch.randint(0, len(self.items), (1,), generator=gen))
                 continue
-            return self._transform(frames, gen, seed), self._target(label)
+            return self._transform(frames, gen), self._target(label)
         raise RuntimeError(f"{self.max_retries + 1} videos in a row could not be read; last: {path}")
 
     def _decode(self, path: str, gen: torch.Generator) -> torch.Tensor:
@@ -372,7 +372,7 @@ class VideoDataset(Dataset):
             return None
         return s.jitter[0] if self.train or s.test_crops == 1 else s.crop
 
-    def _transform(self, frames: torch.Tensor, gen: torch.Generator, seed: int) -> torch.Tensor:
+    def _transform(self, frames: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         s = self.spec
         scale = self.decode_scale()
         if scale is not None:  # antialiased, as FFmpeg's (area-averaging) scaler shrinks frames
