@@ -163,7 +163,8 @@ def evaluate(model: torch.nn.Module, dataset, info, batch_size: int = 8, workers
              ensemble: Optional[str] = None, skip_unreadable: bool = False) -> dict:
     """Scores ``dataset`` across all ranks; every rank gets the same metrics. With
     ``skip_unreadable``, videos that cannot be read are left out of the metrics and listed under
-    ``"unreadable"``; without, the first one stops the evaluation (UnreadableSampleError)."""
+    ``"unreadable"`` (absent when there are none); without, the first one stops the evaluation
+    (UnreadableSampleError)."""
     was_training = model.training
     model.eval()
     skipped = [] if skip_unreadable else None
@@ -174,8 +175,9 @@ def evaluate(model: torch.nn.Module, dataset, info, batch_size: int = 8, workers
         model.train(was_training)
     gathered = dist_utils.all_gather_object((mine, skipped or []))
     metrics = metrics_from_scores([t for part, _ in gathered for t in part], multi_label)
-    if skip_unreadable:
-        metrics["unreadable"] = [path for _, path in sorted(s for _, part in gathered for s in part)]
+    unreadable = [path for _, path in sorted(s for _, part in gathered for s in part)]
+    if unreadable:
+        metrics["unreadable"] = unreadable
     return metrics
 
 

@@ -583,8 +583,10 @@ def train(args: argparse.Namespace) -> dict:
         finished = state.epoch >= recipe["epochs"] or state.step >= max_steps
         if data.val is not None and (finished or (epoch_done and state.epoch % recipe["eval_every"] == 0)):
             eval_model = ema.module if ema else model
+            # An unreadable validation video is left out and listed (log, result.json, the line
+            # below), not an error: it would end the run here, before this epoch's checkpoint.
             last_metrics = evaluate(eval_model, data.val, info, batch_size=max(1, micro), workers=data.workers,
-                                    multi_label=multi_label, autocast=autocast)
+                                    multi_label=multi_label, autocast=autocast, skip_unreadable=True)
             if info.is_main:
                 log.write(kind="val", epoch=state.epoch, step=state.step,
                           time=round(run_seconds(), 2),
@@ -599,7 +601,8 @@ def train(args: argparse.Namespace) -> dict:
             print(f"nothing left to train (epoch {state.epoch} of {recipe['epochs']}, step {state.step}): "
                   "evaluating the checkpoint", file=sys.stderr, flush=True)
         last_metrics = evaluate(ema.module if ema else model, data.val, info, batch_size=max(1, micro),
-                                workers=data.workers, multi_label=multi_label, autocast=autocast)
+                                workers=data.workers, multi_label=multi_label, autocast=autocast,
+                                skip_unreadable=True)
     # with --ema-decay the EMA weights are validated, and `mvit eval` scores them with --ema only
     result = {"val": last_metrics, "ema": ema is not None, "steps": state.step, "epochs": state.epoch}
     if recipe["synthetic"] and data.val is not None:
@@ -631,9 +634,10 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def _fmt(metrics: dict) -> str:
+    left_out = f"; {len(metrics['unreadable'])} unreadable left out" if metrics.get("unreadable") else ""
     if "mAP" in metrics:
-        return f"mAP {metrics['mAP']:.2f} ({metrics['videos']} videos)"
-    return f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% ({metrics['videos']} videos)"
+        return f"mAP {metrics['mAP']:.2f} ({metrics['videos']} videos{left_out})"
+    return f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% ({metrics['videos']} videos{left_out})"
 
 
 #: Config fields that change what given weights compute, and that a checkpoint's layout can say.

@@ -117,6 +117,24 @@ def test_an_unreadable_test_image_stops_evaluation_naming_it(image_root, tmp_pat
     assert "1 unreadable file(s) left out of the metrics" in capsys.readouterr().err
 
 
+def test_training_validation_leaves_an_unreadable_file_out_and_lists_it(image_root, tmp_path, capsys):
+    # As an error it ended the run at its first validation, before that epoch's checkpoint.
+    train_csv, val_csv = tmp_path / "train.csv", tmp_path / "val.csv"
+    train_csv.write_text("".join(f"train/{c}/{i}.png {k}\n" for k, c in enumerate(("cat", "dog")) for i in range(3)))
+    val_csv.write_text("val/cat/0.png 0\ntrain/dog/broken.png 1\nval/dog/1.png 1\n")
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "mvitv2_t_image", "--train-csv", str(train_csv), "--val-csv", str(val_csv),
+                 "--data-root", str(image_root), "--crop-size", "64", "--batch-size", "2", "--max-steps", "1",
+                 "--workers", "0", "--threads", "1", "--no-progress", "--output-dir", str(out)]) == 0
+    broken = str(image_root / "train" / "dog" / "broken.png")
+    result = json.loads((out / "result.json").read_text())
+    assert result["val"]["videos"] == 2 and result["val"]["unreadable"] == [broken]
+    assert "(2 videos; 1 unreadable left out)" in capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["kind"] == "val"]
+    assert val and val[-1]["unreadable"] == [broken]
+
+
 def test_num_classes_below_the_class_folders(image_root, tmp_path, capsys):
     # was a cryptic one_hot error ("Class values must be smaller than num_classes") in the first step
     assert main(["train", "--preset", "mvitv2_t_image", "--data-root", str(image_root), "--num-classes", "1",
