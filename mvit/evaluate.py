@@ -22,7 +22,7 @@ import torch
 
 from .cli import finite_float
 from .convert import SOURCES
-from .data.video import TEMPORAL_SAMPLING
+from .data.video import TEMPORAL_SAMPLING, UnreadableSampleError
 from .training import distributed as dist_utils
 
 log = logging.getLogger("mvit.eval")
@@ -101,8 +101,6 @@ class _Indexed(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i):
-        from .data.video import UnreadableSampleError
-
         j = self.indices[i]
         try:
             views, label = self.dataset[j]

@@ -77,9 +77,10 @@ def count_model(
     if cfg.patch_2d and t != 1:
         # The image model reads (B, C, H, W): the count would be one frame's under a header of T.
         raise ValueError(f"input_size: {cfg.name} is an image model, T must be 1, got {t}")
-    if min(t, h, w) < 1 or min(cfg.grid_for((t, h, w))) < 1:
+    grid = cfg.grid_for((t, h, w))
+    if min(t, h, w) < 1 or min(grid) < 1:
         raise ValueError(f"input_size {(t, h, w)} is too small for {cfg.name}'s patch embedding")
-    tokens = math.prod(cfg.grid_for((t, h, w)))
+    tokens = math.prod(grid)
     if tokens > 2**31 - 1:
         # the kernels index a sample's tokens in 32 bits; the attention matrix's size overflowed
         # int64 in torch ("Storage size calculation overflowed") a little above this

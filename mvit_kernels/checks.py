@@ -90,7 +90,8 @@ def check_window(kernel, stride, padding) -> tuple[tuple[int, int, int], ...]:
             raise ValueError(f"padding[{axis}] must be in [0, kernel//2] = [0, {k // 2}], got {p}")
         if s > INT32_MAX:
             raise ValueError(f"stride[{axis}] must be at most 2^31 - 1, got {s}")
-    if not isinstance(kernel[0], torch.SymInt) and kernel[0] * kernel[1] * kernel[2] > INT32_MAX:
+    taps = kernel[0] * kernel[1] * kernel[2]
+    if not isinstance(taps, torch.SymInt) and taps > INT32_MAX:
         # the C++ kernels count a window's taps in 32 bits (a kernel of 2^61 divided by zero there)
         raise ValueError(f"kernel must have at most 2^31 - 1 taps, got {kernel}")
     return kernel, stride, padding
@@ -101,10 +102,11 @@ def check_thw(thw: Sequence[int], num_tokens: int, has_cls: bool, name: str = "x
     thw = triple(thw, "thw")
     if any(s < 1 for s in thw):
         raise ValueError(f"thw must be positive, got {thw}")
-    if not isinstance(thw[0], torch.SymInt) and thw[0] * thw[1] * thw[2] > INT32_MAX:
+    grid = thw[0] * thw[1] * thw[2]
+    if not isinstance(grid, torch.SymInt) and grid > INT32_MAX:
         raise ValueError(f"thw must hold at most 2^31 - 1 positions (the kernels index a sample's grid in 32 "
                          f"bits), got {thw}")
-    expected = thw[0] * thw[1] * thw[2] + (1 if has_cls else 0)
+    expected = grid + (1 if has_cls else 0)
     if num_tokens != expected:
         cls = " + 1 class token" if has_cls else ""
         raise ValueError(
