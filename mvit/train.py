@@ -467,7 +467,7 @@ def train(args: argparse.Namespace) -> dict:
         return state.wall_before + time.time() - t_start
 
     log = JsonLog(os.path.join(out_dir, "log.jsonl") if info.is_main else None)
-    resumed = _maybe_resume(args, recipe, out_dir, model, optimizer, scaler, ema, state, info)
+    resumed = _maybe_resume(args, recipe, out_dir, model, optimizer, scaler, ema, state, info, steps_per_epoch)
     if info.is_main and not resumed and os.path.exists(os.path.join(out_dir, "log.jsonl")):
         os.unlink(os.path.join(out_dir, "log.jsonl"))
     elif info.is_main and resumed:
@@ -492,6 +492,7 @@ def train(args: argparse.Namespace) -> dict:
                 "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
                 "epoch": state.epoch, "step": state.step, "sampler": {"epoch": state.epoch, "position": state.epoch_pos},
                 "rng": rngs, "world_size": info.world_size, "preset": args.preset,
+                "steps_per_epoch": steps_per_epoch,
                 "wall_s": run_seconds(),
                 "num_classes": data.num_classes, "model_config": model.cfg, "classes": data.classes,
                 "args": vars(args) | {"func": None}, "recipe": recipe,
@@ -806,7 +807,7 @@ def _fit_position_tables(weights: dict, model, source_grid) -> list[str]:
 
 
 def _maybe_resume(args, recipe: dict, out_dir: str, model, optimizer, scaler, ema, state: TrainState,
-                  info) -> bool:
+                  info, steps_per_epoch: int) -> bool:
     """Restore model, optimizer, EMA, position and RNGs from ``--resume``. The LR schedule is not
     restored: it is built from the current --epochs / --warmup-epochs / --base-lr / --min-lr, so a
     run can be extended; changed settings are listed. A change of model or batch size is refused."""
@@ -839,7 +840,7 @@ def _maybe_resume(args, recipe: dict, out_dir: str, model, optimizer, scaler, em
             raise ValueError(f"--resume {path} is at step {obj['step']}, but --output-dir {out_dir} holds later "
                              f"checkpoints ({os.path.basename(later[0])}): resume the latest (--resume auto), move "
                              "them away, or give another --output-dir")
-    changed = _check_same_run(path, obj, model, args, recipe)
+    changed = _check_same_run(path, obj, model, args, recipe, steps_per_epoch)
     if changed and info.is_main:
         print(f"resuming with changed settings, which apply from here on (the LR schedule follows them): "
               f"{', '.join(changed)}", file=sys.stderr)
@@ -882,9 +883,10 @@ def _maybe_resume(args, recipe: dict, out_dir: str, model, optimizer, scaler, em
     return True
 
 
-def _check_same_run(path: str, obj: dict, model, args, recipe: dict) -> list[str]:
+def _check_same_run(path: str, obj: dict, model, args, recipe: dict, steps_per_epoch: int) -> list[str]:
     """Refuse a resume whose model or batch size differs from the checkpoint's; return the other
-    settings that changed (they apply from the resumed step on), as '--name old -> new'."""
+    settings that changed (they apply from the resumed step on), as '--name old -> new', and the
+    epoch's length in steps where it changed."""
     import dataclasses
 
     saved = obj.get("model_config")
@@ -928,6 +930,12 @@ def _check_same_run(path: str, obj: dict, model, args, recipe: dict) -> list[str
         for field, flag in (("drop_path_rate", "--drop-path"), ("sampling_rate", "--sampling-rate")):
             if getattr(saved, field) != getattr(model.cfg, field):
                 changed.append(f"{flag} {getattr(saved, field)} -> {getattr(model.cfg, field)}")
+    # The epoch's length follows the data, the repeats, the batch and the number of processes, and
+    # the sampler's rules (a list whose file kept its name, a code update): listed whatever the cause,
+    # as it moves every later epoch boundary and the schedule's length in steps.
+    old_steps = obj.get("steps_per_epoch")
+    if old_steps is not None and old_steps != steps_per_epoch:
+        changed.append(f"steps per epoch {old_steps} -> {steps_per_epoch}")
     return changed
 
 

@@ -145,6 +145,25 @@ def test_resume_lists_changes_of_data_seed_ema_and_precision(tmp_path, capsys):
     assert "--drop-path" not in err, err
 
 
+def test_resume_lists_a_changed_epoch_length(tmp_path, capsys):
+    # A change in the sampler's rules (the repeated-augmentation epoch became N x repeats long) or
+    # a list edited under the same name changes the epoch's length with every argument unchanged;
+    # the checkpoint records the length, so a resume says so.
+    out = str(tmp_path / "run")
+    assert main(SHORT + ["--epochs", "1", "--output-dir", out]) == 0
+    capsys.readouterr()
+    path = ckpt.list_checkpoints(out)[0]
+    obj = ckpt.load(path)
+    assert obj["steps_per_epoch"] == 2  # 32 videos, batches of 16
+    assert main(SHORT + ["--epochs", "1", "--output-dir", out, "--resume", "auto"]) == 0
+    assert "changed settings" not in capsys.readouterr().err  # nothing changed, nothing listed
+    obj["steps_per_epoch"] = 1  # as saved by code whose sampler gave half the epoch
+    ckpt.atomic_save(obj, path)
+    assert main(SHORT + ["--epochs", "2", "--output-dir", out, "--resume", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming with changed settings" in err and "steps per epoch 1 -> 2" in err, err
+
+
 def test_a_resume_logs_each_step_once_and_sets_torn_checkpoints_aside(tmp_path, capsys):
     # Steps logged after the checkpoint a run resumes from were logged again (and plotted twice);
     # a newer checkpoint that does not load held one of the --keep-ckpts places, so pruning
