@@ -64,7 +64,7 @@ def pool3d(
     else:
         tokens = x
     grid = tokens.reshape(B * heads, *thw, d).permute(0, 4, 1, 2, 3)
-    if contiguous_grid:
+    if contiguous_grid or (mode == "conv" and _cpu_bf16_conv_weight_grad(grid, weight)):
         grid = grid.contiguous()
     if mode == "max":
         pooled = F.max_pool3d(grid, kernel, stride, padding)
@@ -80,6 +80,18 @@ def pool3d(
     if norm_weight is not None:
         y = F.layer_norm(y, (d,), norm_weight, norm_bias, eps)
     return y, thw_out  # type: ignore[return-value]
+
+
+def _cpu_bf16_conv_weight_grad(grid: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
+    """Whether a depthwise conv3d of ``grid`` runs in bf16 on the CPU with a weight gradient to come.
+    PyTorch's CPU bf16 conv3d backward (2.11-2.14 at least) leaves the weight gradient of taps that
+    read only padding unwritten on the channels-last view (whatever memory held: 1e30s, NaNs); on a
+    contiguous grid it is right, and slower (~3-15x in fp32 at MViT-B's shapes), so only then."""
+    if grid.device.type != "cpu" or weight is None or not (weight.requires_grad and torch.is_grad_enabled()):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return grid.dtype == torch.bfloat16
 
 
 def pooled_projection(

@@ -246,6 +246,34 @@ def test_pool3d_contiguous_grid_changes_the_layout_not_the_result(mode, has_cls)
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "fp32-autocast-bf16"])
+def test_pool3d_conv_bf16_weight_grad_of_padding_only_taps_is_zero_on_cpu(autocast):
+    # PyTorch's CPU bf16 conv3d backward left the weight gradient of taps that read only padding
+    # unwritten on the channels-last view (1e30s and NaNs from whatever memory held: a NaN update
+    # of the reference model under bf16 autocast). The reference pools a contiguous grid then.
+    g = torch.Generator().manual_seed(11)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    thw, kernel, stride, padding = (1, 8, 3), (1, 4, 5), (1, 3, 4), (0, 2, 2)  # w taps 0, 1 read padding only
+    x = torch.randn(12, 2, 1 + 24, 2, generator=g).to(dtype)
+    w = torch.randn(2, 1, *kernel, generator=g)
+    gy = torch.randn(12, 2, 1 + 3, 2, generator=g)
+    expected = None
+    for _ in range(5):  # garbage depends on what the allocator hands back: fill memory first
+        junk = torch.full((1 << 16,), 1e30, dtype=torch.bfloat16)
+        del junk
+        wi = w.to(dtype).requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            y, thw_out = reference.pool3d(x, thw, kernel, stride, padding, "conv", wi)
+        assert thw_out == (1, 3, 1)
+        (grad,) = torch.autograd.grad(y, wi, gy.to(y.dtype))
+        assert torch.equal(grad[..., :2], torch.zeros_like(grad[..., :2]))
+        if expected is None:  # the taps that read tokens, against float64
+            w64 = w.double().requires_grad_()
+            y64, _ = reference.pool3d(x.double(), thw, kernel, stride, padding, "conv", w64)
+            (expected,) = torch.autograd.grad(y64, w64, gy.double())
+        torch.testing.assert_close(grad.double(), expected, atol=0.05 * expected.abs().max().item(), rtol=0.02)
+
+
 def test_pool_residual_add_contiguous_grid_same_result():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 1 + 2 * 5 * 5, 6, generator=g, dtype=torch.float64)
