@@ -347,9 +347,19 @@ class MViTConfig:
                 )
             )
             if stride_q[i] is not None:
-                _check_q_grid_is_the_skips(i, thw, kernel_q[i], stride_q[i])
+                check_q_grid_is_the_skips(i, thw, kernel_q[i], stride_q[i])
                 thw = tuple(max(s // st, 1) for s, st in zip(thw, stride_q[i]))  # type: ignore[assignment]
             embed_dim = dim_out
+        if self.rel_pos_spatial:
+            for i, spec in enumerate(specs):
+                length = self.rel_pos_lengths(spec)[0]
+                if length < 1:  # the reference code's zeros(-1, d) would fail with no word of why
+                    raise ValueError(
+                        f"block {i}: rel_pos_spatial sizes its tables from max(H, W) = {max(spec.input_thw[1:])} "
+                        f"of its {spec.input_thw} grid divided by the q and kv strides along h ({spec.stride_q[1]}, "
+                        f"{spec.stride_kv[1]}), as the reference code does: both are 0, a table of {length} "
+                        "entries; use a larger input_size or smaller strides"
+                    )
         return specs
 
     def rel_pos_lengths(self, spec: BlockSpec) -> tuple[int, int]:
@@ -377,9 +387,11 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_q_grid_is_the_skips(block: int, thw: Triple, kernel: Triple, stride: Triple) -> None:
+def check_q_grid_is_the_skips(block: int, thw: Triple, kernel: Triple, stride: Triple) -> None:
     """The pooled q and the max-pooled skip (kernel stride + 1 where stride > 1, padding kernel // 2)
     must give the same grid, or the residual add fails in forward with an error about its branch.
+    Checked for the config's input_size when blocks are built, and by each block in forward for
+    the grid it gets (another input size may give another parity).
     (n + 2 * (k // 2) - k) // s + 1 depends on k only through its parity: an even q kernel where
     the skip's is odd (or the reverse) gives another grid wherever s divides n."""
     for axis, n, k, s in zip("thw", thw, kernel, stride):

@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 import mvit_kernels
 from mvit_kernels import reference
 
-from .config import BlockSpec, MViTConfig, Triple
+from .config import BlockSpec, MViTConfig, Triple, check_q_grid_is_the_skips
 
 
 def _ops(fused: bool) -> ModuleType:
@@ -197,9 +197,10 @@ class MultiScaleBlock(nn.Module):
     v2 (dim_mul_in_att): attention expands channels and its skip is Linear(norm1(x)), pooled.
     """
 
-    def __init__(self, spec: BlockSpec, cfg: MViTConfig):
+    def __init__(self, spec: BlockSpec, cfg: MViTConfig, index: int):
         super().__init__()
         self.spec = spec
+        self.index = index  # for errors
         self.has_cls = cfg.cls_embed
         self.dim_mul_in_att = cfg.dim_mul_in_att
         self.drop_path = spec.drop_path
@@ -213,6 +214,9 @@ class MultiScaleBlock(nn.Module):
         """(output (B, N', dim_out), pooled grid). ``cls_only``: the class token's output alone,
         (B, 1, dim_out), row 0 of the whole output (see :meth:`MViT.forward_features`)."""
         spec = self.spec
+        if spec.pool_skip:
+            # before any work: with cls_only the skip is never pooled, and the mismatch would pass
+            check_q_grid_is_the_skips(self.index, thw, spec.kernel_q, spec.stride_q)
         x_norm = self.norm1(x)
         x_attn, thw_new = self.attn(x_norm, thw, fused, cls_only)
         if cls_only:
@@ -301,7 +305,7 @@ class MViT(nn.Module):
                 self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, C))
         elif cfg.abs_pos == "joint":
             self.pos_embed = nn.Parameter(torch.zeros(1, t * h * w + int(cfg.cls_embed), C))
-        self.blocks = nn.ModuleList(MultiScaleBlock(spec, cfg) for spec in self.specs)
+        self.blocks = nn.ModuleList(MultiScaleBlock(spec, cfg, i) for i, spec in enumerate(self.specs))
         dim = self.specs[-1].dim_out
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.head = ClassificationHead(dim, cfg.num_classes, cfg.head_dropout)

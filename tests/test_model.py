@@ -150,6 +150,11 @@ def test_input_dtype_and_device_errors_name_the_fix():
         (dict(pool_q_stride=((1, 1, 2, 2), (1, 1, 1, 1))), r"pool_q_stride gives block 1 more than one entry"),
         (dict(dim_mul=((1, 2.0), (1, 3.0))), r"dim_mul gives block 1 more than one entry"),
         (dict(pool_q_stride=((1, 1, 2.0, 2),)), r"pool_q_stride entry \(1, 1, 2.0, 2\) must be .* ints"),
+        # "zeros: Dimension size must be non-negative" from the table's nn.Parameter
+        (dict(input_size=(8, 8, 8), rel_pos_spatial=True, pool_q_stride=((1, 1, 4, 4), (2, 1, 2, 2)),
+              pool_kv_stride_adaptive=None, pool_kv_stride=((2, 1, 2, 2),)),
+         r"block 2: rel_pos_spatial sizes its tables from max\(H, W\) = 1 of its \(4, 1, 1\) grid divided by the "
+         r"q and kv strides along h \(2, 2\), as the reference code does: both are 0"),
     ],
 )
 def test_bad_configs_fail_at_build_time(overrides, match):
@@ -157,6 +162,22 @@ def test_bad_configs_fail_at_build_time(overrides, match):
     # inside nn.Linear's init.
     with pytest.raises(ValueError, match=match):
         build_model("mvit_tiny", **overrides)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_q_grid_against_the_skip_is_checked_for_the_input_it_gets(fused):
+    # Built for 6 frames (patch grid 3: the even q kernel and the skip's give 2 rows along t), then
+    # given 8 (grid 4: 3 rows against 2). The reference failed in the skip's add with an error
+    # about its branch; the fused path's class-token-only last block pools no skip and returned logits.
+    torch.manual_seed(0)
+    model = build_model("mvit_tiny", depth=1, dim_mul=(), head_mul=(), pool_q_stride=((0, 2, 1, 1),),
+                        pool_kvq_kernel=(2, 3, 3), pool_kv_stride_adaptive=(1, 1, 1), input_size=(6, 32, 32),
+                        drop_path_rate=0.0).set_fused(fused).eval()
+    assert model(torch.randn(1, 3, 6, 32, 32)).shape == (1, model.cfg.num_classes)
+    with pytest.raises(ValueError, match=r"block 0: q pooling with kernel \(2, 3, 3\) \(pool_kvq_kernel\) and stride "
+                                         r"\(2, 1, 1\) gives 3 tokens on axis t of the \(4, 8, 8\) grid, the skip's "
+                                         r"pooling \(kernel 3\) 2"):
+        model(torch.randn(1, 3, 8, 32, 32))
 
 
 def test_switches_and_arguments_of_the_wrong_type_are_refused():
