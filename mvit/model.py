@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 
 import mvit_kernels
 from mvit_kernels import reference
+from mvit_kernels._dispatch import in_functorch_transform
 
 from .config import BlockSpec, MViTConfig, Triple, check_q_grid_is_the_skips
 
@@ -145,11 +146,12 @@ class MultiScaleAttention(nn.Module):
             # The class token's row takes no rel-pos bias, and the residual pooling connection only
             # where the config asks (reference.pooling_attention): plain attention of one query
             # over every key.
-            if fused:
+            if fused and not in_functorch_transform():
                 out = F.scaled_dot_product_attention(q[:, :, :1], k, v)
             else:
                 # The reference's own ops: SDPA's CPU kernel has no double backward, and the
-                # reference path has every order (a gradient penalty, create_graph=True).
+                # reference path has every order (a gradient penalty, create_graph=True); so has
+                # a torch.func transform, which torch.compile differentiates again when it traces.
                 out = ((q[:, :, :1] * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
             if self.residual_cls:
                 out = out + q[:, :, :1]

@@ -17,12 +17,12 @@ def intercepted(t: Tensor) -> bool:
 
 
 def in_functorch_transform() -> bool:
-    """True inside a torch.func transform (grad, vjp, jacrev, vmap, ...) run eagerly. The fused
-    ops' kernels cannot run there: their autograd (the eager Functions and torch.library's
-    registered one alike) has no setup_context, which torch.func requires, and the C++/Triton ops
-    have no batching rules. The fused ops then run their references, plain torch ops, which have
-    both."""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    """True inside a torch.func transform (grad, vjp, jacrev, vmap, ...), eager or traced by
+    torch.compile (Dynamo reads the transform stack as it traces). The fused ops' kernels cannot
+    run there: their autograd (the eager Functions and torch.library's registered one alike) has
+    no setup_context, which torch.func requires, and the C++/Triton ops have no batching rules.
+    The fused ops then run their references, plain torch ops, which have both."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def needs_grad(values) -> bool:

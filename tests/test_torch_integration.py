@@ -323,6 +323,39 @@ def test_torch_func_grad_and_vmap_of_the_fused_model(v2):
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_compiled_torch_func_transforms_of_the_fused_model(v2):
+    # Before: the fallback to the references was skipped while Dynamo traced, so
+    # torch.compile(fullgraph=True) of grad / vmap of a fused model failed ("In order to use an
+    # autograd.Function with functorch transforms ...", SDPA's mask "cannot have requires_grad"),
+    # and the class-token row's SDPA had no double backward for AOTAutograd's joint graph.
+    from torch.func import functional_call, grad, vmap
+
+    ref, fused = _pair(V2 if v2 else {})
+    x = torch.randn(2, 3, 8, 32, 32, dtype=torch.float64)
+    params = {k: v.detach() for k, v in ref.named_parameters()}
+
+    def per_sample_head_grads(model):
+        def loss(p, clip):
+            return functional_call(model, p, (clip[None],)).square().sum()
+
+        return vmap(grad(loss), in_dims=(None, 0))(params, x)["head.projection.weight"]
+
+    def input_grad(model):  # parameters require grad: the joint graph differentiates the backward
+        return grad(lambda c: model(c).square().sum())(x)
+
+    for fn in (per_sample_head_grads, input_grad):
+        torch._dynamo.reset()
+        want = fn(ref)
+        got = torch.compile(lambda: fn(fused), backend="aot_eager", fullgraph=True)()
+        torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8, msg=lambda m: f"{fn.__name__}: {m}")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        batched = torch.compile(lambda c: vmap(lambda clip: fused(clip))(c), backend="aot_eager", fullgraph=True)
+        got = batched(x[:, None])[:, 0]
+        torch.testing.assert_close(got, ref(x), atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 def test_state_dict_deepcopy_and_save_across_fused(v2):
     ref, fused = _pair(V2 if v2 else {}, torch.float32)
     x = torch.randn(2, 3, 8, 32, 32)
