@@ -84,13 +84,13 @@ def pool3d(
 
 def _cpu_bf16_conv_weight_grad(grid: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
     """Whether a depthwise conv3d of ``grid`` runs in bf16 on the CPU with a weight gradient to come.
-    PyTorch's CPU bf16 conv3d backward (2.11-2.14 at least) leaves the weight gradient of taps that
+    PyTorch's CPU bf16 conv3d backward (2.11 and 2.14 checked) leaves the weight gradient of taps that
     read only padding unwritten on the channels-last view (whatever memory held: 1e30s, NaNs); on a
     contiguous grid it is right, and slower (~3-15x in fp32 at MViT-B's shapes), so only then."""
     if grid.device.type != "cpu" or weight is None or not (weight.requires_grad and torch.is_grad_enabled()):
         return False
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if torch.is_autocast_enabled("cpu") and grid.dtype in (torch.float32, torch.bfloat16):
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16  # autocast leaves float64 alone
     return grid.dtype == torch.bfloat16
 
 
