@@ -460,19 +460,23 @@ def test_cuda_matches_cpu(mode, geometry):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_zero_channels_and_empty_batch():
-    # Nothing to compute: empty outputs and gradients, and no launch (a 0-wide block would be
-    # a division by zero on the host).
-    for B, d in ((2, 0), (0, 8)):
-        x = torch.randn(B, 2, 1 + 2 * 3 * 3, d, device="cuda", requires_grad=True)
-        w = torch.randn(d, 1, 3, 3, 3, device="cuda", requires_grad=True)
-        y, _ = mvit_kernels.pool3d(x, (2, 3, 3), 3, (1, 2, 2), 1, "conv", w, True)
-        y.sum().backward()
-        assert y.shape == (B, 2, 9, d) and x.grad.shape == x.shape and not w.grad.any()
-        xr = torch.randn(B, 1 + 2 * 3 * 3, d, device="cuda", requires_grad=True)
-        out = mvit_kernels.pool_residual_add(xr, (2, 3, 3), (1, 3, 3), (1, 2, 2), (0, 1, 1),
-                                             torch.randn(B, 9, d, device="cuda"))
-        out.sum().backward()
-        assert out.shape == (B, 9, d) and xr.grad.shape == xr.shape
+    # Zero channels are refused by name on every device (test_op_contracts), before the CUDA op.
+    x = torch.randn(2, 2, 1 + 2 * 3 * 3, 0, device="cuda")
+    with pytest.raises(ValueError, match="x must have d >= 1 channels"):
+        mvit_kernels.pool3d(x, (2, 3, 3), 3, (1, 2, 2), 1, "conv", torch.randn(0, 1, 3, 3, 3, device="cuda"), True)
+    # An empty batch: nothing to compute, empty outputs and gradients, and no launch (a 0-wide
+    # grid would be a division by zero on the host).
+    B, d = 0, 8
+    x = torch.randn(B, 2, 1 + 2 * 3 * 3, d, device="cuda", requires_grad=True)
+    w = torch.randn(d, 1, 3, 3, 3, device="cuda", requires_grad=True)
+    y, _ = mvit_kernels.pool3d(x, (2, 3, 3), 3, (1, 2, 2), 1, "conv", w, True)
+    y.sum().backward()
+    assert y.shape == (B, 2, 9, d) and x.grad.shape == x.shape and not w.grad.any()
+    xr = torch.randn(B, 1 + 2 * 3 * 3, d, device="cuda", requires_grad=True)
+    out = mvit_kernels.pool_residual_add(xr, (2, 3, 3), (1, 3, 3), (1, 2, 2), (0, 1, 1),
+                                         torch.randn(B, 9, d, device="cuda"))
+    out.sum().backward()
+    assert out.shape == (B, 9, d) and xr.grad.shape == xr.shape
 
 
 def test_cpu_default_isa_path_matches_reference():

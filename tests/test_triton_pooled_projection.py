@@ -308,8 +308,9 @@ def test_dispatch_rule():
     w = torch.randn(48, 16)
     # CPU tensors never take Triton in the public op.
     assert not pp.uses_triton(x, w, 1, (8, 16, 16), K3, (1, 8, 8), P1)
-    with pytest.raises(ValueError, match="does not cover"):
-        pp.triton_pooled_projection(x.double(), w.double(), None, "k", 1, (8, 16, 16), K3, (1, 8, 8), P1, "max")
+    with pytest.raises(ValueError, match="does not cover"):  # on DEVICE: a CPU tensor is refused first off the interpreter
+        pp.triton_pooled_projection(x.double().to(DEVICE), w.double().to(DEVICE), None, "k", 1, (8, 16, 16), K3,
+                                    (1, 8, 8), P1, "max")
 
 
 def test_config_rule_covers_every_dtype_and_head_pad():
