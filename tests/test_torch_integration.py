@@ -296,17 +296,27 @@ def _pair(overrides, dtype=torch.float64, **extra):
     return ref, copy.deepcopy(ref).set_fused(True)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-def test_torch_func_grad_and_vmap_of_the_fused_model(v2):
+def test_torch_func_grad_and_vmap_of_the_fused_model(v2, compiled):
     # Before: the fused ops' autograd (the eager Functions, torch.library's registered autograd)
     # has no setup_context, so torch.func.grad / vmap of a fused model failed inside torch ("In
     # order to use an autograd.Function with functorch transforms ..."). Under a transform the
     # fused ops now run their references: per-sample gradients equal the reference model's.
+    # Compiled, the fallback was skipped while Dynamo traced (the same error; SDPA's mask "cannot
+    # have requires_grad"), and the class-token row's SDPA had no double backward for
+    # AOTAutograd's joint graph.
     from torch.func import functional_call, grad, vmap
 
     ref, fused = _pair(V2 if v2 else {})
     x = torch.randn(2, 3, 8, 32, 32, dtype=torch.float64)
     params = {k: v.detach() for k, v in ref.named_parameters()}
+
+    def run(fn):
+        if not compiled:
+            return fn()
+        torch._dynamo.reset()
+        return torch.compile(fn, backend="aot_eager", fullgraph=True)()
 
     def per_sample_grads(model):
         def loss(p, clip):
@@ -314,45 +324,17 @@ def test_torch_func_grad_and_vmap_of_the_fused_model(v2):
 
         return vmap(grad(loss), in_dims=(None, 0))(params, x)
 
-    want, got = per_sample_grads(ref), per_sample_grads(fused)
+    def input_grad(model):  # parameters require grad: a compiled joint graph differentiates the backward
+        return grad(lambda c: model(c).square().sum())(x)
+
+    want, got = per_sample_grads(ref), run(lambda: per_sample_grads(fused))
     assert want.keys() == got.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-8, rtol=1e-8, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(run(lambda: input_grad(fused)), input_grad(ref), atol=1e-8, rtol=1e-8)
     with torch.no_grad():
-        torch.testing.assert_close(vmap(fused)(x[:, None])[:, 0], ref(x), atol=1e-8, rtol=1e-8)
-
-
-@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-def test_compiled_torch_func_transforms_of_the_fused_model(v2):
-    # Before: the fallback to the references was skipped while Dynamo traced, so
-    # torch.compile(fullgraph=True) of grad / vmap of a fused model failed ("In order to use an
-    # autograd.Function with functorch transforms ...", SDPA's mask "cannot have requires_grad"),
-    # and the class-token row's SDPA had no double backward for AOTAutograd's joint graph.
-    from torch.func import functional_call, grad, vmap
-
-    ref, fused = _pair(V2 if v2 else {})
-    x = torch.randn(2, 3, 8, 32, 32, dtype=torch.float64)
-    params = {k: v.detach() for k, v in ref.named_parameters()}
-
-    def per_sample_head_grads(model):
-        def loss(p, clip):
-            return functional_call(model, p, (clip[None],)).square().sum()
-
-        return vmap(grad(loss), in_dims=(None, 0))(params, x)["head.projection.weight"]
-
-    def input_grad(model):  # parameters require grad: the joint graph differentiates the backward
-        return grad(lambda c: model(c).square().sum())(x)
-
-    for fn in (per_sample_head_grads, input_grad):
-        torch._dynamo.reset()
-        want = fn(ref)
-        got = torch.compile(lambda: fn(fused), backend="aot_eager", fullgraph=True)()
-        torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8, msg=lambda m: f"{fn.__name__}: {m}")
-    torch._dynamo.reset()
-    with torch.no_grad():
-        batched = torch.compile(lambda c: vmap(lambda clip: fused(clip))(c), backend="aot_eager", fullgraph=True)
-        got = batched(x[:, None])[:, 0]
-        torch.testing.assert_close(got, ref(x), atol=1e-8, rtol=1e-8)
+        batched = run(lambda: vmap(lambda clip: fused(clip))(x[:, None]))
+        torch.testing.assert_close(batched[:, 0], ref(x), atol=1e-8, rtol=1e-8)
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
