@@ -319,7 +319,10 @@ class MViTConfig:
         specs = []
         embed_dim = self.embed_dim
         num_heads = self.num_heads
-        thw = self.patch_grid
+        # thw: pySlowFast's floor(n / stride) grids, which size the rel-pos tables (as its
+        # checkpoints have them); grid: the grids the poolings give (n + 2 (k // 2) - k) // s + 1,
+        # which the checks of what forward will do need (they differ where a stride does not divide)
+        thw = grid = self.patch_grid
         for i in range(depth):
             num_heads = round_width(num_heads, head_mul[i])
             if self.dim_mul_in_att:
@@ -346,8 +349,11 @@ class MViTConfig:
                     drop_path=drop_path[i],
                 )
             )
+            if self.pool_mode == "avg":
+                _check_avg_windows(i, grid, specs[-1])
             if stride_q[i] is not None:
-                check_q_grid_is_the_skips(i, thw, kernel_q[i], stride_q[i])
+                check_q_grid_is_the_skips(i, grid, kernel_q[i], stride_q[i])
+                grid = tuple(_pooled_length(n, k, st) for n, k, st in zip(grid, kernel_q[i], stride_q[i]))  # type: ignore[assignment]
                 thw = tuple(max(s // st, 1) for s, st in zip(thw, stride_q[i]))  # type: ignore[assignment]
             embed_dim = dim_out
         if self.rel_pos_spatial:
@@ -387,6 +393,26 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _pooled_length(n: int, kernel: int, stride: int) -> int:
+    """Length of an axis of n tokens pooled with padding kernel // 2, as the model pools."""
+    return (n + 2 * (kernel // 2) - kernel) // stride + 1
+
+
+def _check_avg_windows(block: int, grid: Triple, spec: BlockSpec) -> None:
+    """Average pooling (count_include_pad, torch's avg_pool3d) refuses a grid smaller than its
+    kernel on some axis, where conv and max pooling pad it: fail when blocks are built at the
+    config's input_size, naming the block, not in forward."""
+    for what, pooled, kernel in (("q", spec.pool_q, spec.kernel_q), ("k/v", spec.pool_kv, spec.kernel_kv)):
+        small = [(axis, n, k) for axis, n, k in zip("thw", grid, kernel) if n < k] if pooled else []
+        if small:
+            axis, n, k = small[0]
+            raise ValueError(
+                f"block {block}: avg pooling of {what} with kernel {tuple(kernel)} on its {tuple(grid)} grid (axis "
+                f"{axis}: {n} < {k}): average pooling needs the grid at least the kernel on every axis; use "
+                "pool_mode 'conv' or 'max', a smaller pool_kvq_kernel or a larger input_size"
+            )
+
+
 def check_q_grid_is_the_skips(block: int, thw: Triple, kernel: Triple, stride: Triple) -> None:
     """The pooled q and the max-pooled skip (kernel stride + 1 where stride > 1, padding kernel // 2)
     must give the same grid, or the residual add fails in forward with an error about its branch.
@@ -396,7 +422,7 @@ def check_q_grid_is_the_skips(block: int, thw: Triple, kernel: Triple, stride: T
     the skip's is odd (or the reverse) gives another grid wherever s divides n."""
     for axis, n, k, s in zip("thw", thw, kernel, stride):
         k_skip = s + 1 if s > 1 else s
-        q_len, skip_len = ((n + 2 * (kk // 2) - kk) // s + 1 for kk in (k, k_skip))
+        q_len, skip_len = (_pooled_length(n, kk, s) for kk in (k, k_skip))
         if q_len != skip_len:
             raise ValueError(
                 f"block {block}: q pooling with kernel {tuple(kernel)} (pool_kvq_kernel) and stride {tuple(stride)} "

@@ -150,6 +150,11 @@ def test_input_dtype_and_device_errors_name_the_fix():
         (dict(pool_q_stride=((1, 1, 2, 2), (1, 1, 1, 1))), r"pool_q_stride gives block 1 more than one entry"),
         (dict(dim_mul=((1, 2.0), (1, 3.0))), r"dim_mul gives block 1 more than one entry"),
         (dict(pool_q_stride=((1, 1, 2.0, 2),)), r"pool_q_stride entry \(1, 1, 2.0, 2\) must be .* ints"),
+        # Built, then failed in forward: "mode='avg' needs thw[t]=1 >= kernel[t]=3" (conv and max pad)
+        (dict(pool_mode="avg", input_size=(2, 32, 32)),
+         r"block 0: avg pooling of k/v with kernel \(3, 3, 3\) on its \(1, 8, 8\) grid \(axis t: 1 < 3\)"),
+        (dict(pool_mode="avg", input_size=(8, 16, 16), no_kv_pool_blocks=(2, 3)),
+         r"block 3: avg pooling of q with kernel \(3, 3, 3\) on its \(4, 2, 2\) grid \(axis h: 2 < 3\)"),
         # "zeros: Dimension size must be non-negative" from the table's nn.Parameter
         (dict(input_size=(8, 8, 8), rel_pos_spatial=True, pool_q_stride=((1, 1, 4, 4), (2, 1, 2, 2)),
               pool_kv_stride_adaptive=None, pool_kv_stride=((2, 1, 2, 2),)),
@@ -178,6 +183,30 @@ def test_q_grid_against_the_skip_is_checked_for_the_input_it_gets(fused):
                                          r"\(2, 1, 1\) gives 3 tokens on axis t of the \(4, 8, 8\) grid, the skip's "
                                          r"pooling \(kernel 3\) 2"):
         model(torch.randn(1, 3, 8, 32, 32))
+
+
+def _two_block_config(width, kernel):
+    """A 1 x width/4 x width/4 patch grid, q pooled with stride 2 at block 0 and 3 at block 1."""
+    from mvit.config import MViTConfig
+
+    return MViTConfig(input_size=(1, width, width), patch_kernel=(1, 4, 4), patch_stride=(1, 4, 4),
+                      patch_padding=(0, 0, 0), depth=2, embed_dim=8, num_heads=1, dim_mul=(), head_mul=(),
+                      pool_q_stride=((0, 1, 2, 2), (1, 1, 3, 3)), pool_kvq_kernel=kernel,
+                      pool_kv_stride_adaptive=None)
+
+
+def test_q_grid_against_the_skip_is_checked_on_the_grids_pooling_gives():
+    # The build-time check ran on pySlowFast's floor(n / stride) grids (which size the rel-pos
+    # tables), not on the grids pooling gives: 5 -> 2 by floor, 3 by pooling. A grid of 5 built
+    # and then failed in forward; one of 7 (3 by floor, 4 by pooling) was refused and runs.
+    with pytest.raises(ValueError, match=r"block 1: q pooling with kernel \(1, 3, 3\) \(pool_kvq_kernel\) and stride "
+                                         r"\(1, 3, 3\) gives 1 tokens on axis h of the \(1, 3, 3\) grid"):
+        MViT(_two_block_config(20, (1, 3, 3)))
+    cfg = _two_block_config(28, (1, 3, 3))
+    assert [spec.input_thw for spec in cfg.block_specs()] == [(1, 7, 7), (1, 3, 3)]  # the tables' floor grids
+    for fused in (False, True):
+        model = MViT(cfg, fused=fused)
+        model(torch.randn(2, 3, 1, 28, 28)).sum().backward()
 
 
 def test_switches_and_arguments_of_the_wrong_type_are_refused():
