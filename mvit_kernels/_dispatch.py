@@ -8,12 +8,13 @@ from torch import Tensor
 
 def intercepted(t: Tensor) -> bool:
     """True when a dispatch mode (FlopCounterMode, fake tensors) must see every op, a torch.func
-    transform is active (:func:`in_functorch_transform`), or t is not a plain CPU/CUDA tensor
-    (meta, subclasses)."""
+    transform is active (:func:`in_functorch_transform`), torch.jit.trace is recording (it cannot
+    record the oneDNN linear's Scalar? list), or t is not a plain CPU/CUDA tensor (meta,
+    subclasses)."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    return (_get_current_dispatch_mode() is not None or in_functorch_transform() or type(t) is not torch.Tensor
-            or t.device.type not in ("cuda", "cpu"))
+    return (_get_current_dispatch_mode() is not None or in_functorch_transform() or torch.jit.is_tracing()
+            or type(t) is not torch.Tensor or t.device.type not in ("cuda", "cpu"))
 
 
 def in_functorch_transform() -> bool:

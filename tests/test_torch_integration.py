@@ -337,6 +337,28 @@ def test_torch_func_grad_and_vmap_of_the_fused_model(v2, compiled):
         torch.testing.assert_close(batched[:, 0], ref(x), atol=1e-8, rtol=1e-8)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # sizes read as Python values, as on the reference path
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_torch_jit_trace_of_the_fused_model(v2):
+    # Before: "unsupported input list type: Scalar?" from the oneDNN linear's op while tracing.
+    # Traced, the fused ops take their plain paths, the C++ pool ops recorded as themselves. The
+    # trace serves other batch sizes (not other input sizes, like the reference path's).
+    ref, fused = _pair(V2 if v2 else {}, torch.float32)
+    with torch.no_grad():
+        traced = torch.jit.trace(fused, torch.randn(1, 3, 8, 32, 32), check_trace=False)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+        buf.seek(0)
+        loaded = torch.jit.load(buf)
+        for batch in (1, 3):
+            x = torch.randn(batch, 3, 8, 32, 32)
+            want = ref(x)
+            for module in (traced, loaded):
+                torch.testing.assert_close(module(x), want, atol=1e-5, rtol=1e-5)
+    recorded = {n.kind() for n in traced.inlined_graph.nodes() if n.kind().startswith("mvit_kernels::")}
+    assert {"mvit_kernels::pool3d", "mvit_kernels::pool_residual_add"} <= recorded
+
+
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 def test_state_dict_deepcopy_and_save_across_fused(v2):
     ref, fused = _pair(V2 if v2 else {}, torch.float32)
