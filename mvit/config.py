@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from mvit_kernels.checks import pool_output_size
+
 Triple = tuple[int, int, int]
 PoolMode = Literal["conv", "avg", "max"]
 
@@ -394,8 +396,8 @@ def _is_number(value) -> bool:
 
 
 def _pooled_length(n: int, kernel: int, stride: int) -> int:
-    """Length of an axis of n tokens pooled with padding kernel // 2, as the model pools."""
-    return (n + 2 * (kernel // 2) - kernel) // stride + 1
+    """Length of an axis of n tokens pooled as the model pools (padding kernel // 2)."""
+    return pool_output_size(n, kernel, stride, kernel // 2)
 
 
 def _check_avg_windows(block: int, grid: Triple, spec: BlockSpec) -> None:
@@ -403,14 +405,13 @@ def _check_avg_windows(block: int, grid: Triple, spec: BlockSpec) -> None:
     kernel on some axis, where conv and max pooling pad it: fail when blocks are built at the
     config's input_size, naming the block, not in forward."""
     for what, pooled, kernel in (("q", spec.pool_q, spec.kernel_q), ("k/v", spec.pool_kv, spec.kernel_kv)):
-        small = [(axis, n, k) for axis, n, k in zip("thw", grid, kernel) if n < k] if pooled else []
-        if small:
-            axis, n, k = small[0]
-            raise ValueError(
-                f"block {block}: avg pooling of {what} with kernel {tuple(kernel)} on its {tuple(grid)} grid (axis "
-                f"{axis}: {n} < {k}): average pooling needs the grid at least the kernel on every axis; use "
-                "pool_mode 'conv' or 'max', a smaller pool_kvq_kernel or a larger input_size"
-            )
+        for axis, n, k in zip("thw", grid, kernel):
+            if pooled and n < k:
+                raise ValueError(
+                    f"block {block}: avg pooling of {what} with kernel {tuple(kernel)} on its {tuple(grid)} grid "
+                    f"(axis {axis}: {n} < {k}): average pooling needs the grid at least the kernel on every axis; "
+                    "use pool_mode 'conv' or 'max', a smaller pool_kvq_kernel or a larger input_size"
+                )
 
 
 def check_q_grid_is_the_skips(block: int, thw: Triple, kernel: Triple, stride: Triple) -> None:

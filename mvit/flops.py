@@ -24,6 +24,8 @@ from typing import Optional, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mvit_kernels.checks import INT32_MAX
+
 from .config import MViTConfig
 from .model import MViT
 from .presets import PAPER_FIGURES, PRESETS, get_preset
@@ -81,7 +83,7 @@ def count_model(
     if min(t, h, w) < 1 or min(grid) < 1:
         raise ValueError(f"input_size {(t, h, w)} is too small for {cfg.name}'s patch embedding")
     tokens = math.prod(grid)
-    if tokens > 2**31 - 1:
+    if tokens > INT32_MAX:
         # the kernels index a sample's tokens in 32 bits; the attention matrix's size overflowed
         # int64 in torch ("Storage size calculation overflowed") a little above this
         raise ValueError(f"input_size {(t, h, w)} gives {tokens:,} tokens, more than 2^31 - 1")
