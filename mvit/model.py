@@ -21,6 +21,7 @@ import torch.utils.checkpoint
 import mvit_kernels
 from mvit_kernels import reference
 from mvit_kernels._dispatch import in_functorch_transform
+from mvit_kernels.checks import check_flag
 
 from .config import BlockSpec, MViTConfig, Triple, check_q_grid_is_the_skips
 
@@ -289,7 +290,7 @@ class MViT(nn.Module):
         super().__init__()
         if not isinstance(cfg, MViTConfig):
             raise TypeError(f"cfg must be an MViTConfig, got {type(cfg).__name__}")
-        _check_switch("checkpoint_activations", checkpoint_activations)
+        check_flag(checkpoint_activations, "checkpoint_activations")
         self.cfg = cfg
         self.specs = cfg.block_specs()
         self.fused = False
@@ -332,7 +333,7 @@ class MViT(nn.Module):
 
     def set_fused(self, fused: bool) -> "MViT":
         """Switch between the fused kernels and the reference ops; parameters are untouched."""
-        _check_switch("fused", fused)
+        check_flag(fused, "fused")
         if fused:
             mvit_kernels.require_fused()
         self.fused = bool(fused)
@@ -442,12 +443,6 @@ class ClassificationHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection(self.dropout(x))
-
-
-def _check_switch(name: str, value) -> None:
-    # bool("no") is True: a string or a number here switched on what it meant to switch off
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def build_model(

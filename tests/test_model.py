@@ -212,11 +212,11 @@ def test_q_grid_against_the_skip_is_checked_on_the_grids_pooling_gives():
 def test_switches_and_arguments_of_the_wrong_type_are_refused():
     # bool("no") is True: MViT(cfg, fused="no") ran the fused kernels.
     cfg = build_model("mvit_tiny").cfg
-    with pytest.raises(TypeError, match=r"fused must be True or False, got 'no'"):
+    with pytest.raises(TypeError, match=r"fused must be a bool, got str 'no'"):
         MViT(cfg, fused="no")
-    with pytest.raises(TypeError, match=r"fused must be True or False, got 0"):
+    with pytest.raises(TypeError, match=r"fused must be a bool, got int 0"):
         build_model("mvit_tiny").set_fused(0)
-    with pytest.raises(TypeError, match=r"checkpoint_activations must be True or False, got 'yes'"):
+    with pytest.raises(TypeError, match=r"checkpoint_activations must be a bool, got str 'yes'"):
         build_model("mvit_tiny", checkpoint_activations="yes")
     # AttributeError: 'NoneType' object has no attribute 'block_specs'
     with pytest.raises(TypeError, match=r"preset must be a preset name or an MViTConfig, got None"):
