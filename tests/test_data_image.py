@@ -37,6 +37,23 @@ def test_image_dataset_shapes(image_root):
     assert read_image(items[0][0]).shape == (3, 40, 52)
 
 
+def test_unreadable_training_images_are_replaced_and_named(image_root, tmp_path, caplog):
+    good = str(image_root / "train" / "cat" / "0.png")
+    broken = str(image_root / "train" / "dog" / "broken.png")
+    truncated = tmp_path / "truncated.png"  # a valid header, half of the data: Pillow fails on load
+    truncated.write_bytes((image_root / "train" / "cat" / "1.png").read_bytes()[:300])
+    items = [(broken, 1), (str(truncated), 1), (good, 0)]
+    data = ImageFolderDataset(items, 32, train=True, max_retries=50)
+    with caplog.at_level("WARNING", logger="mvit.data"):
+        for seed in range(4):
+            x, y = data[(seed % 2, seed)]
+            assert x.shape == (3, 1, 32, 32) and y == 0  # only the good image can come back
+    assert f"unreadable image {broken} (UnidentifiedImageError" in caplog.text
+    assert f"unreadable image {truncated} (OSError" in caplog.text
+    with pytest.raises(RuntimeError, match=r"3 images in a row could not be read; last: .*(broken|truncated)"):
+        ImageFolderDataset(items[:2], 32, train=True, max_retries=2)[(0, 0)]
+
+
 def test_train_image_preset(image_root, tmp_path):
     out = tmp_path / "img"
     assert main(["train", "--preset", "mvitv2_t_image", "--data-root", str(image_root), "--crop-size", "64",

@@ -10,7 +10,6 @@ Val: the short side resized to int(crop / crop_fraction) (bicubic, antialiased a
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
@@ -20,9 +19,8 @@ from ..config import IMAGENET_MEAN, IMAGENET_STD
 from . import transforms as T
 from .rand_augment import RandAugmentSpec, rand_augment
 from .samplers import split_key
-from .video import UnreadableSampleError, label_target
+from .video import label_target, read_with_retries
 
-log = logging.getLogger("mvit.data")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -50,6 +48,15 @@ def read_image(path: str) -> torch.Tensor:
         return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
 
+def _image_errors() -> tuple[type, ...]:
+    """What a missing, truncated or corrupt image raises in Pillow: OSError (UnidentifiedImageError
+    and truncated files among them), SyntaxError (some plugins' "broken PNG file"), ValueError,
+    EOFError, and the decompression-bomb error (an Exception of its own)."""
+    from PIL import Image
+
+    return (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
 class ImageFolderDataset(Dataset):
     def __init__(self, items, crop: int, train: bool, rand_augment: Optional[RandAugmentSpec] = None,
                  erasing: float = 0.0, flip: bool = True, max_retries: int = 10, num_classes: Optional[int] = None,
@@ -71,18 +78,8 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, key):
         index, seed, _ = split_key(key)  # one image: no clip to place
         gen = torch.Generator().manual_seed(seed)
-        for _ in range(self.max_retries + 1):
-            path, label = self.items[index]
-            try:
-                img = read_image(path)
-                break
-            except Exception as exc:
-                if not self.train:
-                    raise UnreadableSampleError.of("image", path, exc) from exc
-                log.warning("unreadable image %s (%s); using another sample", path, exc)
-                index = int(torch.randint(0, len(self.items), (1,), generator=gen))
-        else:
-            raise RuntimeError(f"{self.max_retries + 1} images in a row could not be read")
+        img, label = read_with_retries(self.items, index, read_image, _image_errors(), kind="image",
+                                       train=self.train, max_retries=self.max_retries, gen=gen)
         x = self._transform(img[None], gen)  # (1, 3, H, W)
         x = x.permute(1, 0, 2, 3).contiguous()  # (3, 1, H, W)
         target = label_target(label, self.num_classes, self.multi_label)

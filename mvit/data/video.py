@@ -56,6 +56,24 @@ class UnreadableSampleError(OSError):
         return err
 
 
+def read_with_retries(items, index: int, read, errors: tuple[type, ...], *, kind: str, train: bool,
+                      max_retries: int, gen: torch.Generator):
+    """``(read(path), label)`` of ``items[index]``. A sample that raises one of ``errors`` is, in
+    training, replaced by another drawn with ``gen`` (at most ``max_retries`` times, each logged);
+    in testing it is an :class:`UnreadableSampleError`. Only reading is retried, and only on those
+    errors: a bad setting must fail, not pass for a bad file."""
+    for _ in range(max_retries + 1):
+        path, label = items[index]
+        try:
+            return read(path), label
+        except errors as exc:
+            if not train:
+                raise UnreadableSampleError.of(kind, path, exc) from exc
+            log.warning("unreadable %s %s (%s: %s); using another sample", kind, path, type(exc).__name__, exc)
+            index = int(torch.randint(0, len(items), (1,), generator=gen))
+    raise RuntimeError(f"{max_retries + 1} {kind}s in a row could not be read; last: {path}")
+
+
 def _av():
     try:
         import av
@@ -329,19 +347,10 @@ class VideoDataset(Dataset):
         index, seed, clip_seed = split_key(key)
         gen = torch.Generator().manual_seed(seed)
         clip_gen = torch.Generator().manual_seed(clip_seed)  # where the clip starts: shared by copies
-        for attempt in range(self.max_retries + 1):
-            path, label = self.items[index]
-            try:
-                frames = self._decode(path, clip_gen)
-            except _decode_errors() as exc:
-                if not self.train:
-                    raise UnreadableSampleError.of("video", path, exc) from exc
-                # Only decoding is retried: a bad setting must fail, not pass for a bad video.
-                log.warning("unreadable video %s (%s: %s); using another sample", path, type(exc).__name__, exc)
-                index = int(torch.randint(0, len(self.items), (1,), generator=gen))
-                continue
-            return self._transform(frames, gen), self._target(label)
-        raise RuntimeError(f"{self.max_retries + 1} videos in a row could not be read; last: {path}")
+        frames, label = read_with_retries(
+            self.items, index, lambda path: self._decode(path, clip_gen), _decode_errors(),
+            kind="video", train=self.train, max_retries=self.max_retries, gen=gen)
+        return self._transform(frames, gen), self._target(label)
 
     def _decode(self, path: str, gen: torch.Generator) -> torch.Tensor:
         """The frames of one training clip, or of every test clip one after another: (N, C, H, W) uint8."""
