@@ -323,6 +323,37 @@ def test_mvit_repository_checkpoints_say_where_channels_grow(expand_attn):
         assert (source(x) - model(x)).abs().max().item() <= ATOL
 
 
+@pytest.mark.parametrize(
+    "cfg", [dict(), dict(use_cls_token=True), dict(expand_attn=False), dict(expand_attn=False, use_cls_token=True,
+                                                                          use_abs_pos=True)],
+    ids=["plain", "cls_token", "mlp_grows_channels", "cls_abs_pos_mlp_grows"])
+def test_the_hand_built_repository_layout_is_the_one_timm_reads(cfg):
+    """The tests above write facebookresearch/mvit's key layout by hand (_to_pyslowfast_layout).
+    timm ships its own converter for the authors' files (checkpoint_filter_fn): it must load that
+    hand-built file into timm's model strictly and give the source's outputs, so the layout the
+    converter is tested on is not only this project's reading of the authors' code."""
+    from timm.models.mvitv2 import checkpoint_filter_fn
+
+    def make():
+        return MultiScaleVit(MultiScaleVitCfg(**_TIMM_SMALL, **cfg), img_size=64, num_classes=5).eval()
+
+    torch.manual_seed(9)
+    source = _randomize(make())
+    ours = from_pretrained(source.state_dict(), source="timm").eval()
+    # As the authors' files hold it: no DDP "module." prefix, Conv2d pooling weights.
+    state = {k.removeprefix("module."): v for k, v in _to_pyslowfast_layout(ours)["model_state"].items()}
+    for key in [k for k in state if k.endswith(("pool_q.weight", "pool_k.weight", "pool_v.weight"))]:
+        state[key] = state[key].squeeze(2)
+    timm_model = make()
+    timm_model.load_state_dict(checkpoint_filter_fn({"model_state": dict(state)}, timm_model), strict=True)
+    loaded = from_pretrained({"model_state": state}, source="mvit", preset=ours.cfg).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = source(x)
+        assert torch.equal(timm_model(x), expected)
+        assert (loaded(x) - expected).abs().max().item() <= ATOL
+
+
 # --- pytorchvideo: its MViT-B models (Kinetics 16x4 and 32x3, ImageNet) ---------------------------
 
 
