@@ -193,7 +193,8 @@ def add_parser(subparsers) -> None:
                         "report (default: the first one is an error naming it)")
     p.add_argument("--batch-size", type=int, default=8, help="videos per batch per rank")
     p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--report", help="JSON report path (default: next to the checkpoint)")
+    p.add_argument("--report", help="JSON report path (default: next to the checkpoint, "
+                   "CHECKPOINT_eval[_ema][_shuffled].json; other views or precisions overwrite it)")
     p.set_defaults(func=run)
 
 
@@ -339,8 +340,8 @@ def _score(args: argparse.Namespace, model, state: dict, info) -> dict:
 
     model.to(info.device).eval()
     dataset, multi_label, workers = build_eval_dataset(args, state)
-    precision = scoring_precision(args, state)
-    autocast, _ = _autocast(info.device, precision)
+    # the precision scored at: a run trained with "auto" resolves here, on this device
+    autocast, precision = _autocast(info.device, scoring_precision(args, state))
     ensemble = args.ensemble or default_ensemble(multi_label)
     metrics = evaluate(model, dataset, info, args.batch_size, workers, multi_label, autocast, args.shuffle_frames,
                        ensemble, args.skip_unreadable)
@@ -354,8 +355,9 @@ def _score(args: argparse.Namespace, model, state: dict, info) -> dict:
     if args.source != "mvit_kernels":
         report.update(source=args.source, model=model.cfg.name)
     if info.is_main:
-        path = args.report or os.path.splitext(args.checkpoint)[0] + (
-            "_eval_shuffled.json" if args.shuffle_frames else "_eval.json")
+        # the EMA's and the shuffled-frame scores get files of their own beside the plain one
+        path = args.report or (os.path.splitext(args.checkpoint)[0] + "_eval" + ("_ema" if args.ema else "")
+                               + ("_shuffled" if args.shuffle_frames else "") + ".json")
         with open(path, "w") as f:
             json.dump(report, f, indent=2)
         print(json.dumps(report))

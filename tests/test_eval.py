@@ -142,6 +142,14 @@ def test_a_run_with_ema_says_its_validation_scored_the_ema_weights(tmp_path, cap
     assert "the checkpoint also holds EMA weights, which its run validated: --ema evaluates those" in \
         capsys.readouterr().err
     assert json.loads(report.read_text())["ema"] is False
+    # Default report paths: the EMA's and the shuffled-frame scores do not overwrite the plain one.
+    (ck,) = run.glob("checkpoint_*.pt")
+    for flags in ([], ["--ema"], ["--shuffle-frames"], ["--ema", "--shuffle-frames"]):
+        assert main(["eval", str(run)] + flags) == 0
+    for suffix, ema, shuffled in (("", False, False), ("_ema", True, False), ("_shuffled", False, True),
+                                  ("_ema_shuffled", True, True)):
+        written = json.loads(ck.with_name(f"{ck.stem}_eval{suffix}.json").read_text())
+        assert (written["ema"], written["shuffle_frames"]) == (ema, shuffled)
 
 
 def test_eval_scores_at_the_runs_precision_unless_told(tmp_path, capsys):
@@ -162,6 +170,12 @@ def test_eval_scores_at_the_runs_precision_unless_told(tmp_path, capsys):
         assert scored["precision"] == expected
         if expected == "bf16":
             assert (scored["top1"], scored["top5"]) == (result["val"]["top1"], result["val"]["top5"])
+    # A run trained at the default "auto": the report names what it resolved to here (it said "auto").
+    auto_run = tmp_path / "auto_run"
+    assert main(["train", "--synthetic-size", "16", "24", "--batch-size", "8", "--epochs", "1", "--threads", "1",
+                 "--no-progress", "--output-dir", str(auto_run)]) == 0
+    assert main(["eval", str(auto_run), "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["precision"] == "fp32"
 
 
 def test_eval_of_timm_weights_scores_what_timm_scores(tmp_path, capsys):
