@@ -93,6 +93,10 @@ def main(args: argparse.Namespace) -> list[dict]:
     cfg = state["model_config"]
     if cfg.patch_2d and not all(kinds):
         raise ValueError(f"{cfg.name} is an image model: {args.inputs[kinds.index(False)]} is a video")
+    if not cfg.patch_2d and any(kinds):
+        # allowed (a still clip), but far from the clips the model was trained on: say so
+        print(f"note: {cfg.name} is a video model: {args.inputs[kinds.index(True)]} is scored as a "
+              f"one-frame clip", file=sys.stderr)
     names = class_names(args, state)
     info = dist_utils.init(args.device)
     model.to(info.device).eval()

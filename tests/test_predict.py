@@ -173,3 +173,14 @@ def test_a_video_for_an_image_model_is_an_error(tmp_path, capsys):
     clip = _video(tmp_path / "clip.mkv")
     assert main(["predict", str(path), clip]) == 2
     assert "mvitv2_t_image is an image model: " in capsys.readouterr().err
+
+
+def test_an_image_for_a_video_model_is_scored_with_a_note(synthetic_run, tmp_path, capsys):
+    # Allowed (a one-frame clip), but it printed predictions as if nothing were unusual.
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(photo)
+    capsys.readouterr()
+    assert main(["predict", str(synthetic_run), str(photo), "--device", "cpu", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "is a video model: " in captured.err and "scored as a one-frame clip" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["views"] == 1
