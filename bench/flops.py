@@ -76,7 +76,7 @@ def _fused_cuda_gflops(name: str, gflops: float):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     parser.add_argument("--out", default=RESULTS, help="results folder")
     return parser
 

@@ -250,7 +250,7 @@ def cross_check_lines(out: str) -> list[str]:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     parser.add_argument("--plan", default="lease", choices=list(PLANS),
                         help="lease (default): one call sized for a lent machine; all: every step, no deadline")
     parser.add_argument("--steps", nargs="+", default=None, choices=list(STEPS),

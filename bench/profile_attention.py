@@ -75,7 +75,7 @@ def profile_module(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     parser.add_argument("--preset", default="mvit_b_16x4")
     parser.add_argument("--block", type=int, default=15)
     parser.add_argument("--batch", type=int, default=1)

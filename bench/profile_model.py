@@ -157,7 +157,7 @@ def to_markdown(rows, device_name, what) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     parser.add_argument("--preset", default="mvit_b_16x4")
     parser.add_argument("--batch", type=int, default=None, help="default 8 on GPU, 1 on CPU")
     parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["infer", "train"])

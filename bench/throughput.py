@@ -321,7 +321,7 @@ def _error_row(name, label, mode, batch, exc) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     parser.add_argument("--models", nargs="+", default=["mvit_b_16x4", "mvitv2_s_16x4", "mvit_b16_image"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None)
     parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
