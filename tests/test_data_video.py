@@ -43,6 +43,14 @@ def test_index_math():
     # span = 4 frames x stride 2 x (30 / 15) = 16 source frames
     assert clip_frame_indices(100, 4, 2, 30, 15, 0, 1) == [42, 47, 52, 57]
     assert [clip_frame_indices(100, 4, 2, 30, 15, k, 3)[0] for k in range(3)] == [0, 42, 84]
+    # pySlowFast's test clips with USE_OFFSET_SAMPLING (the MViT configs): the start of clip k of
+    # K is k * floor(delta / (K - 1)), one clip floor(delta / 2). delta = 101 - 16 = 85: clip 4
+    # of 5 starts at 84, not 85; one clip at 42.
+    assert clip_frame_indices(101, 4, 2, 30, 15, 4, 5) == [84, 89, 94, 99]
+    assert [clip_frame_indices(101, 4, 2, 30, 15, k, 5)[0] for k in range(5)] == [0, 21, 42, 63, 84]
+    assert clip_frame_indices(102, 4, 2, 30, 15, 0, 1) == [43, 48, 53, 58]  # floor(86 / 2)
+    # a span of fractional frames (source 25 fps to 30): delta = 100 - 13.33 = 86.67, floor(43.33) = 43
+    assert clip_frame_indices(100, 4, 4, 25, 30, 0, 1)[0] == 43
     # short video: indices clamp (and repeat)
     assert clip_frame_indices(5, 4, 4, 30, 30, 0, 1) == [0, 4, 4, 4]
     g = torch.Generator().manual_seed(0)
@@ -84,6 +92,82 @@ def test_decoder_reads_the_frames_asked_for(tmp_path):
     frames, wanted = decode_frames(path, lambda n, fps: [0, 3, 39])
     assert wanted == [0, 3, 39]
     assert [int(round(f.mean() / STEP)) for f in frames] == [0, 3, 39]
+
+
+def test_a_file_without_a_video_stream_is_unreadable(tmp_path, caplog):
+    # It raised IndexError from streams.video[0], which neither training's replacement nor
+    # eval's --skip-unreadable catches: the run stopped with a traceback.
+    sound = tmp_path / "sound.mkv"
+    with av.open(str(sound), "w") as container:
+        stream = container.add_stream("mp2", rate=16000)
+        for i in range(10):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1152), dtype=np.int16), format="s16", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1152
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    with pytest.raises(ValueError, match="has no video stream"):
+        decode_frames(str(sound), lambda n, fps: [0])
+    good = make_video(tmp_path / "good.mkv", num_frames=12)
+    spec = ClipSpec(frames=4, stride=1, target_fps=None, crop=16, jitter=(16, 16), flip=False)
+    with caplog.at_level(logging.WARNING, logger="mvit.data"):
+        clip, label = VideoDataset([(str(sound), 0), (good, 1)], spec, train=True, num_classes=2)[(0, 5)]
+    assert label == 1 and "unreadable video" in caplog.text and "has no video stream" in caplog.text
+    with pytest.raises(UnreadableSampleError, match="sound.mkv"):
+        VideoDataset([(str(sound), 0)], ClipSpec(frames=4, crop=16, test_clips=1), train=False, num_classes=1)[0]
+
+
+def test_a_container_that_overstates_its_frames_is_sampled_over_the_frames_it_has(tmp_path):
+    # An AVI cut short keeps its header's count (40): frames past the cut were clamped to the
+    # last one decoded, so later test clips repeated one frame. pySlowFast samples the frames
+    # it decoded; so does the re-ask here.
+    whole = tmp_path / "whole.avi"
+    rng = np.random.default_rng(0)
+    with av.open(str(whole), "w") as container:
+        stream = container.add_stream("mjpeg", rate=30)  # every frame its own, kilobytes of noise
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for _ in range(40):
+            img = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    with av.open(str(whole)) as container:  # cut where frame 20's chunk starts: 20 whole frames left
+        starts = [packet.pos for packet in container.demux(video=0) if packet.size]
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(whole.read_bytes()[: starts[20]])
+    with av.open(str(cut)) as container:
+        stated = container.streams.video[0].frames
+        every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert stated == 40 and len(every) == 20
+    seen = []
+    frames, wanted = decode_frames(str(cut), lambda n, fps: seen.append(n) or [0, n // 2, n - 1])
+    assert seen == [40, len(every)] and wanted == [0, len(every) // 2, len(every) - 1]
+    for frame, i in zip(frames, wanted):
+        assert np.array_equal(frame, every[i])
+
+
+def test_a_size_change_mid_stream_is_scaled_to_the_first_frames_size(tmp_path):
+    # Two MPEG-TS segments of different sizes, joined (as a stream switching resolution does):
+    # np.stack failed on the mixed shapes and the file counted as unreadable.
+    def segment(path, w, h, level):
+        with av.open(str(path), "w", format="mpegts") as container:
+            stream = container.add_stream("mpeg2video", rate=25)
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            for _ in range(6):
+                img = np.full((h, w, 3), level, dtype=np.uint8)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode(None):
+                container.mux(packet)
+        return path.read_bytes()
+
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(segment(tmp_path / "a.ts", 64, 48, 40) + segment(tmp_path / "b.ts", 96, 80, 200))
+    frames, wanted = decode_frames(str(joined), lambda n, fps: list(range(n)))
+    assert frames.shape[1:] == (48, 64, 3) and len(wanted) >= 10
+    assert abs(float(frames[0].mean()) - 40) < 8 and abs(float(frames[-1].mean()) - 200) < 8
 
 
 def test_test_views_take_exactly_these_frames(tmp_path):

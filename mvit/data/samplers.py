@@ -93,9 +93,11 @@ def clip_frame_indices(num_frames: int, frames: int, stride: int, source_fps: fl
 
     The clip spans ``frames * stride * source_fps / target_fps`` source frames (pySlowFast
     ``get_start_end_idx``). ``clip_idx == -1``: random start (training); otherwise clip
-    ``clip_idx`` of ``num_clips`` uniformly spaced clips from the first to the last possible
-    start (one clip: the centre). Indices are ``linspace(start, end, frames)`` truncated and
-    clamped to the video, so short videos repeat frames.
+    ``clip_idx`` of ``num_clips`` uniformly spaced clips, as the MViT configs' offset sampling
+    (``DATA.USE_OFFSET_SAMPLING``) spaces them: starts ``k * floor(delta / (num_clips - 1))``,
+    one clip ``floor(delta / 2)``, where ``delta`` is the video's length less the span. Indices
+    are ``linspace(start, end, frames)`` truncated and clamped to the video, so short videos
+    repeat frames.
     """
     if num_frames < 1:
         raise ValueError("video has no frames")
@@ -105,9 +107,9 @@ def clip_frame_indices(num_frames: int, frames: int, stride: int, source_fps: fl
     if clip_idx == -1:
         start = float(torch.rand((), generator=rng)) * delta
     elif num_clips == 1:
-        start = delta / 2.0
+        start = float(math.floor(delta / 2.0))
     else:
-        start = delta * clip_idx / (num_clips - 1)
+        start = float(clip_idx * math.floor(delta / (num_clips - 1)))
     end = start + span - 1.0
     idx = torch.linspace(start, end, frames).long().clamp_(0, num_frames - 1)
     return idx.tolist()

@@ -102,32 +102,56 @@ def _to_rgb(frame) -> np.ndarray:
 
 
 def decode_frames(path: str, indices_for: "callable") -> tuple[np.ndarray, list[int]]:
-    """Decode the frames ``indices_for(num_frames, fps)`` asks for, as uint8 (len, H, W, 3).
+    """Decode the frames ``indices_for(num_frames, fps)`` asks for, as uint8 RGB (len, H, W, 3),
+    and those indices.
 
-    The frame count comes from the container when it knows it (then decoding stops at the last
-    needed frame), otherwise from a full decode.
+    The frame count comes from the container when it states one; decoding then stops at the last
+    frame needed. A count that overstates the frames (a truncated or trimmed file) shows when
+    decoding ends early: the indices are asked again for the frames the file has, as pySlowFast
+    samples from the frames it decoded (one that understates them, which some AVI writers
+    leave, is not noticed: the frames past it are never sampled). Without a count every frame is
+    decoded first. Only the frames asked for are converted to RGB or kept; a frame whose size
+    changes mid-stream is scaled to the size of the first one asked for.
     """
     av = _av()
     with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 30)
-        n = stream.frames
-        frames: list[np.ndarray] = []
-        if n and n > 0:
-            wanted = indices_for(n, fps)
-            last = max(wanted)
-            for i, frame in enumerate(container.decode(stream)):
-                frames.append(_to_rgb(frame))
-                if i >= last:
-                    break
+        stated = stream.frames if stream.frames and stream.frames > 0 else 0
+        if stated:
+            wanted = indices_for(stated, fps)
+            kept, count = _keep_frames(container.decode(stream), wanted)
         else:
-            frames = [_to_rgb(f) for f in container.decode(stream)]
-            wanted = indices_for(len(frames), fps)
-    if not frames:
+            every = list(container.decode(stream))  # in the decoder's format, not RGB
+            count = len(every)
+            wanted = [min(i, count - 1) for i in indices_for(count, fps)] if count else []
+            kept = {i: every[i] for i in set(wanted)}
+    if not count:
         raise ValueError(f"no frames decoded from {path}")
-    # the container may overstate its frame count: clamp to what was decoded
-    wanted = [min(i, len(frames) - 1) for i in wanted]
-    return np.stack([frames[i] for i in wanted]), wanted
+    if stated and count <= max(wanted):  # the container overstated its frame count
+        with av.open(path) as container:
+            wanted = indices_for(count, fps)
+            kept, _ = _keep_frames(container.decode(container.streams.video[0]), wanted)
+    first = kept[min(wanted)]
+    size = (first.width, first.height)
+    rgb = {i: _to_rgb(f if (f.width, f.height) == size else f.reformat(width=size[0], height=size[1]))
+           for i, f in kept.items()}
+    return np.stack([rgb[i] for i in wanted]), list(wanted)
+
+
+def _keep_frames(frames, wanted: Sequence[int]) -> tuple[dict, int]:
+    """The frames of ``wanted`` indices from an iterator of decoded frames, and how many frames
+    were decoded: ``max(wanted) + 1`` unless the iterator ended first."""
+    want, last, kept, count = set(wanted), max(wanted), {}, 0
+    for i, frame in enumerate(frames):
+        count = i + 1
+        if i in want:
+            kept[i] = frame
+        if i >= last:
+            break
+    return kept, count
 
 
 def read_csv(path: str, root: Optional[str] = None, multi_label: bool = False,
