@@ -107,7 +107,10 @@ class _Indexed(torch.utils.data.Dataset):
         except UnreadableSampleError as exc:
             if not self.skip_unreadable:
                 raise
-            log.warning("skipping %s", exc)
+            # exc's own message asks for --skip-unreadable, which is what is happening here
+            cause = exc.__cause__
+            log.warning("skipping the unreadable file %s (%s)", exc.path,
+                        f"{type(cause).__name__}: {cause}" if cause is not None else exc)
             return j, None, exc.path
         if self.shuffle_frames:
             views = shuffle_views(views, j)

@@ -215,3 +215,15 @@ def test_train_images_fill_with_the_imagenet_mean(tmp_path, monkeypatch):
     x, _ = ds[(0, 3)]
     assert seen == {"fill": IMAGENET_FILL, "shape": (1, 3, 32, 32)}  # after the crop, as timm
     assert torch.equal(x, ds[(0, 3)][0]) and not torch.equal(x, ds[(0, 4)][0])
+
+
+def test_a_skipped_test_image_is_logged_without_the_advice_to_skip_it(image_root, caplog):
+    # The warning repeated the error's advice ("... or pass --skip-unreadable") while skipping.
+    from mvit.evaluate import _Indexed
+
+    broken = str(image_root / "train" / "dog" / "broken.png")
+    data = ImageFolderDataset([(broken, 1)], 32, train=False)
+    with caplog.at_level("WARNING", logger="mvit.eval"):
+        assert _Indexed(data, [0], shuffle_frames=False, skip_unreadable=True)[0] == (0, None, broken)
+    assert f"skipping the unreadable file {broken} (UnidentifiedImageError: " in caplog.text
+    assert "--skip-unreadable" not in caplog.text
