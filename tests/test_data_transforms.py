@@ -109,3 +109,16 @@ def test_inverse_uniform_jitter_leans_to_the_small_sizes():
     uni = sorted(T.random_short_side_scale(clip, 16, 64, g).shape[-1] for _ in range(300))
     assert 16 <= inv[0] and inv[-1] <= 64 and 16 <= uni[0] and uni[-1] <= 64
     assert 22 <= inv[150] <= 30 and 35 <= uni[150] <= 45
+
+
+@pytest.mark.parametrize("mode, antialias", [("bilinear", True), ("bilinear", False), ("bicubic", True)])
+def test_resize_in_chunks_of_frames_equals_one_resize(mode, antialias):
+    # resize works through a long clip RESIZE_FRAMES frames at a time (memory): the frames must
+    # come out as one call over the whole clip gives them.
+    g = torch.Generator().manual_seed(3)
+    clip = torch.randint(0, 256, (T.RESIZE_FRAMES * 2 + 3, 3, 37, 52), dtype=torch.uint8, generator=g)
+    whole = torch.nn.functional.interpolate(clip.float(), size=(20, 29), mode=mode, align_corners=False,
+                                            antialias=antialias).round_().clamp_(0, 255).to(torch.uint8)
+    out = T.resize(clip, (20, 29), mode, antialias)
+    assert out.dtype == torch.uint8 and torch.equal(out, whole)
+    assert torch.equal(T.resize(clip[:1], (20, 29), mode, antialias), whole[:1])

@@ -16,6 +16,10 @@ import torch
 import torch.nn.functional as F
 
 
+#: frames resized together by :func:`resize` (bounds its float working memory)
+RESIZE_FRAMES = 8
+
+
 def _randint(lo: int, hi: int, gen: Optional[torch.Generator]) -> int:
     """Uniform integer in [lo, hi]."""
     return int(torch.randint(lo, hi + 1, (1,), generator=gen))
@@ -25,9 +29,17 @@ def resize(clip: torch.Tensor, size: tuple[int, int], mode: str = "bilinear", an
     """(T, C, H, W) to ``size`` = (H', W'), keeping uint8 uint8 (rounded, clamped: bicubic overshoots)."""
     if tuple(clip.shape[-2:]) == tuple(size):
         return clip
-    dtype = clip.dtype
-    out = F.interpolate(clip.float(), size=size, mode=mode, align_corners=False, antialias=antialias)
-    return out.round_().clamp_(0, 255).to(dtype) if dtype == torch.uint8 else out
+    if clip.dtype != torch.uint8:
+        return F.interpolate(clip.float(), size=size, mode=mode, align_corners=False, antialias=antialias)
+    # A few frames at a time: the float copy of all of a video's test clips at its own size
+    # (80 frames of 1080p: 2 GB) never exists at once. Frames are resized independently, so
+    # the result is the same.
+    out = clip.new_empty((*clip.shape[:2], *size))
+    for i in range(0, clip.shape[0], RESIZE_FRAMES):
+        part = F.interpolate(clip[i:i + RESIZE_FRAMES].float(), size=size, mode=mode, align_corners=False,
+                             antialias=antialias)
+        out[i:i + RESIZE_FRAMES] = part.round_().clamp_(0, 255)
+    return out
 
 
 def short_side_scale(clip: torch.Tensor, size: int, mode: str = "bilinear", antialias: bool = False) -> torch.Tensor:
