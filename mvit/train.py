@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import sys
@@ -921,8 +922,8 @@ def _check_same_run(path: str, obj: dict, model, args, recipe: dict, steps_per_e
         raise ValueError(f"--resume {path}: the run was started with {flag} (the optimizer's parameter groups "
                          f"differ): give {flag}, or start a new run from it with --finetune")
     # drop_path: the recipe's None means the preset's rate; the configs hold the rates used
-    changed = [f"--{k.replace('_', '-')} {old_recipe[k]} -> {v}" for k, v in recipe.items()
-               if k in old_recipe and old_recipe[k] != v and k != "drop_path"]
+    changed = [f"--{k.replace('_', '-')} {_shown(old_recipe[k])} -> {_shown(v)}" for k, v in recipe.items()
+               if k in old_recipe and not _same(old_recipe[k], v) and k != "drop_path"]
     new_args = vars(args)
     changed += [f"--{k.replace('_', '-')} {old_args[k]} -> {new_args[k]}" for k in RESUME_LISTED_ARGS
                 if k in old_args and k not in recipe and _plain(new_args.get(k)) != _plain(old_args[k])]
@@ -952,3 +953,15 @@ RESUME_LISTED_ARGS = (
 def _plain(value):
     """Sequences compared as lists (argparse gives lists, a recipe tuples)."""
     return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _shown(value) -> str:
+    """A float to 6 significant digits (one converted from an older unit shows no rounding tail)."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _same(old, new) -> bool:
+    """A recipe value unchanged: floats to rounding (LRs converted from older checkpoints' units)."""
+    if isinstance(old, float) and isinstance(new, float):
+        return math.isclose(old, new, rel_tol=1e-9, abs_tol=0.0)
+    return _plain(old) == _plain(new)

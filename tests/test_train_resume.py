@@ -164,6 +164,45 @@ def test_resume_lists_a_changed_epoch_length(tmp_path, capsys):
     assert "resuming with changed settings" in err and "steps per epoch 1 -> 2" in err, err
 
 
+def test_checkpoints_of_earlier_versions_read_in_todays_terms(tmp_path, capsys):
+    # A checkpoint rewritten as earlier versions of `mvit train` wrote it: no steps_per_epoch, the
+    # recipe's min_lr absolute and no warmup_start_lr, a config from before sampling_rate, and (a
+    # synthetic run before 2026-12-07) the preset's stride 4 in its args. A resume listed
+    # "--min-lr 1e-05 -> 8e-05" for an unchanged schedule and no change of the epoch's length;
+    # mvit predict sampled its rendered-style clips every 4th frame.
+    out = str(tmp_path / "run")
+    assert main(SHORT + ["--epochs", "1", "--output-dir", out]) == 0
+    capsys.readouterr()
+    path = ckpt.list_checkpoints(out)[0]
+    obj = ckpt.load(path)
+    assert (obj["recipe"]["min_lr"], obj["recipe"]["warmup_start_lr"], obj["steps_per_epoch"]) == (8e-5, 8e-6, 2)
+    del obj["steps_per_epoch"]
+    obj["scheduler"]["total_steps"] = 1  # as if its epoch had been 1 step long (1 epoch)
+    per_512 = 512 / obj["recipe"]["batch_size"]
+    obj["recipe"]["min_lr"] /= per_512  # absolute, as before 2026-12-07
+    obj["scheduler"]["start_lr"] = obj["recipe"].pop("warmup_start_lr") / per_512
+    obj["args"]["sampling_rate"] = 4
+    vars(obj["model_config"]).pop("sampling_rate")  # pickled before the field existed
+    ckpt.atomic_save(obj, path)
+
+    upgraded = ckpt.load_checked(path, "")
+    assert upgraded["model_config"].sampling_rate == 1 and upgraded["args"]["sampling_rate"] == 1
+    assert upgraded["steps_per_epoch"] == 1
+    assert upgraded["recipe"]["min_lr"] == pytest.approx(8e-5) and upgraded["recipe"]["warmup_start_lr"] == pytest.approx(8e-6)
+    assert main(SHORT + ["--epochs", "2", "--output-dir", out, "--resume", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert "steps per epoch 1 -> 2" in err and "--epochs 1 -> 2" in err, err
+    assert "--min-lr" not in err and "--warmup-start-lr" not in err and "--sampling-rate" not in err, err
+
+    # A run on real data whose config predates sampling_rate: the run's --sampling-rate, not the default 4.
+    real = dict(obj, recipe=dict(obj["recipe"], synthetic=False), args=dict(obj["args"], sampling_rate=2))
+    assert ckpt.upgrade(real)["model_config"].sampling_rate == 2
+    # Published weights and today's checkpoints pass unchanged.
+    assert ckpt.upgrade({"model": {}}) == {"model": {}}
+    today = ckpt.load(os.path.join(out, ckpt.checkpoint_name(2, 4)))  # written by the resumed run
+    assert ckpt.upgrade(dict(today)) == today
+
+
 def test_a_resume_logs_each_step_once_and_sets_torn_checkpoints_aside(tmp_path, capsys):
     # Steps logged after the checkpoint a run resumes from were logged again (and plotted twice);
     # a newer checkpoint that does not load held one of the --keep-ckpts places, so pruning

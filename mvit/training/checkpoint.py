@@ -134,6 +134,41 @@ def load_checked(path: str, what: str, required=TRAINING_KEYS) -> dict:
     if missing:
         raise ValueError(f"{what}{path} is not a checkpoint written by `mvit train` (it has no "
                          f"{', '.join(repr(k) for k in missing)})")
+    return upgrade(state)
+
+
+def upgrade(state: dict) -> dict:
+    """A checkpoint of an earlier `mvit train` in today's terms, so that eval, predict, resume and
+    ``from_pretrained`` read it as the run meant it (published weights pass unchanged):
+
+    - configs from before ``MViTConfig.sampling_rate`` read the class default (4): the run's
+      ``--sampling-rate`` where it recorded one;
+    - synthetic runs recorded the preset's stride (until 2026-12-07) though their clips are
+      consecutive frames: 1;
+    - ``steps_per_epoch`` (recorded since 2026-12-07): the schedule's length over its epochs;
+    - recipes from before the warmup's start LR and the cosine's end LR were per 512 clips
+      (2026-12-07) held an absolute ``min_lr`` and no ``warmup_start_lr`` (the schedule's start
+      LR): both per 512, for resume's list of changed settings.
+    """
+    import dataclasses
+
+    from ..config import MViTConfig
+
+    cfg, args, recipe = state.get("model_config"), state.get("args"), state.get("recipe")
+    if isinstance(cfg, MViTConfig) and isinstance(args, dict) and isinstance(recipe, dict):
+        stride = 1 if recipe.get("synthetic") else (None if "sampling_rate" in vars(cfg) else args.get("sampling_rate"))
+        if stride is not None and stride != cfg.sampling_rate:
+            state["model_config"] = dataclasses.replace(cfg, sampling_rate=stride)
+        if recipe.get("synthetic") and args.get("sampling_rate") not in (None, 1):
+            state["args"] = dict(args, sampling_rate=1)
+    schedule = state.get("scheduler")
+    if isinstance(recipe, dict) and isinstance(schedule, dict):
+        if "steps_per_epoch" not in state and schedule.get("total_steps") and recipe.get("epochs"):
+            state["steps_per_epoch"] = schedule["total_steps"] // recipe["epochs"]
+        if "warmup_start_lr" not in recipe and recipe.get("batch_size") and "start_lr" in schedule:
+            per_512 = 512 / recipe["batch_size"]
+            state["recipe"] = dict(recipe, warmup_start_lr=schedule["start_lr"] * per_512,
+                                   **({"min_lr": recipe["min_lr"] * per_512} if "min_lr" in recipe else {}))
     return state
 
 
