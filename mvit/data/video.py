@@ -132,7 +132,7 @@ def decode_frames(path: str, indices_for: "callable") -> tuple[np.ndarray, list[
         raise ValueError(f"no frames decoded from {path}")
     if stated and count <= max(wanted):  # the container overstated its frame count
         with av.open(path) as container:
-            wanted = indices_for(count, fps)
+            wanted = [min(i, count - 1) for i in indices_for(count, fps)]
             kept, _ = _keep_frames(container.decode(container.streams.video[0]), wanted)
     first = kept[min(wanted)]
     size = (first.width, first.height)
