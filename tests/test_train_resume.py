@@ -145,15 +145,20 @@ def test_resume_lists_changes_of_data_seed_ema_and_precision(tmp_path, capsys):
     assert "--drop-path" not in err, err
 
 
-def test_resume_lists_a_changed_epoch_length(tmp_path, capsys):
-    # A change in the sampler's rules (the repeated-augmentation epoch became N x repeats long) or
-    # a list edited under the same name changes the epoch's length with every argument unchanged;
-    # the checkpoint records the length, so a resume says so.
+def _one_epoch_run(tmp_path, capsys):
+    """A one-epoch synthetic run: its folder, its checkpoint's path and the checkpoint."""
     out = str(tmp_path / "run")
     assert main(SHORT + ["--epochs", "1", "--output-dir", out]) == 0
     capsys.readouterr()
     path = ckpt.list_checkpoints(out)[0]
-    obj = ckpt.load(path)
+    return out, path, ckpt.load(path)
+
+
+def test_resume_lists_a_changed_epoch_length(tmp_path, capsys):
+    # A change in the sampler's rules (the repeated-augmentation epoch became N x repeats long) or
+    # a list edited under the same name changes the epoch's length with every argument unchanged;
+    # the checkpoint records the length, so a resume says so.
+    out, path, obj = _one_epoch_run(tmp_path, capsys)
     assert obj["steps_per_epoch"] == 2  # 32 videos, batches of 16
     assert main(SHORT + ["--epochs", "1", "--output-dir", out, "--resume", "auto"]) == 0
     assert "changed settings" not in capsys.readouterr().err  # nothing changed, nothing listed
@@ -170,11 +175,7 @@ def test_checkpoints_of_earlier_versions_read_in_todays_terms(tmp_path, capsys):
     # synthetic run before 2026-12-07) the preset's stride 4 in its args. A resume listed
     # "--min-lr 1e-05 -> 8e-05" for an unchanged schedule and no change of the epoch's length;
     # mvit predict sampled its rendered-style clips every 4th frame.
-    out = str(tmp_path / "run")
-    assert main(SHORT + ["--epochs", "1", "--output-dir", out]) == 0
-    capsys.readouterr()
-    path = ckpt.list_checkpoints(out)[0]
-    obj = ckpt.load(path)
+    out, path, obj = _one_epoch_run(tmp_path, capsys)
     assert (obj["recipe"]["min_lr"], obj["recipe"]["warmup_start_lr"], obj["steps_per_epoch"]) == (8e-5, 8e-6, 2)
     del obj["steps_per_epoch"]
     obj["scheduler"]["total_steps"] = 1  # as if its epoch had been 1 step long (1 epoch)
