@@ -108,9 +108,7 @@ class _Indexed(torch.utils.data.Dataset):
             if not self.skip_unreadable:
                 raise
             # exc's own message asks for --skip-unreadable, which is what is happening here
-            cause = exc.__cause__
-            log.warning("skipping the unreadable file %s (%s)", exc.path,
-                        f"{type(cause).__name__}: {cause}" if cause is not None else exc)
+            log.warning("skipping the unreadable file %s (%s)", exc.path, exc.reason)
             return j, None, exc.path
         if self.shuffle_frames:
             views = shuffle_views(views, j)

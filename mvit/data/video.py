@@ -47,12 +47,14 @@ class UnreadableSampleError(OSError):
     so it stops instead of substituting another one, as training does."""
 
     path: str = ""
+    reason: str = ""  # the decoder's error, "Type: message"
 
     @classmethod
     def of(cls, kind: str, path: str, exc: BaseException) -> "UnreadableSampleError":
-        err = cls(f"cannot read the {kind} {path} ({type(exc).__name__}: {exc}); every listed {kind} is "
+        reason = f"{type(exc).__name__}: {exc}"
+        err = cls(f"cannot read the {kind} {path} ({reason}); every listed {kind} is "
                   f"scored, so fix the file, remove it from the list, or pass --skip-unreadable")
-        err.path = path
+        err.path, err.reason = path, reason
         return err
 
 
@@ -433,7 +435,8 @@ class VideoDataset(Dataset):
 
 def _decode_errors() -> tuple[type, ...]:
     """What a missing, corrupt or empty video raises: PyAV's errors, OS errors, and the
-    ValueErrors of :func:`decode_frames` / :func:`clip_frame_indices` for videos without frames."""
+    ValueErrors of :func:`decode_frames` / :func:`clip_frame_indices` for files without a video
+    stream or without frames."""
     return (_av().FFmpegError, OSError, EOFError, ValueError)
 
 
