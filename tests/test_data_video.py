@@ -18,13 +18,15 @@ from mvit.data.video import (ClipSpec, UnreadableSampleError, VideoDataset, clas
 STEP = 6  # pixel value = STEP * frame index
 
 
-def make_video(path, num_frames=40, fps=30, h=24, w=32, codec="ffv1"):
-    with av.open(str(path), "w") as container:
+def make_video(path, num_frames=40, fps=30, h=24, w=32, codec="ffv1", pix_fmt=None, container_format=None,
+               images=None):
+    """Frame i a solid STEP * i, or ``images[i]`` (h, w, 3 uint8) where given."""
+    with av.open(str(path), "w", format=container_format) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = w, h
-        stream.pix_fmt = "yuv444p" if codec == "ffv1" else "yuv420p"
+        stream.pix_fmt = pix_fmt or ("yuv444p" if codec == "ffv1" else "yuv420p")
         for i in range(num_frames):
-            img = np.full((h, w, 3), STEP * i, dtype=np.uint8)
+            img = np.full((h, w, 3), STEP * i, dtype=np.uint8) if images is None else images[i]
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
@@ -123,16 +125,9 @@ def test_a_container_that_overstates_its_frames_is_sampled_over_the_frames_it_ha
     # last one decoded, so later test clips repeated one frame. pySlowFast samples the frames
     # it decoded; so does the re-ask here.
     whole = tmp_path / "whole.avi"
-    rng = np.random.default_rng(0)
-    with av.open(str(whole), "w") as container:
-        stream = container.add_stream("mjpeg", rate=30)  # every frame its own, kilobytes of noise
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
-        for _ in range(40):
-            img = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+    noise = np.random.default_rng(0).integers(0, 256, (40, 48, 64, 3), dtype=np.uint8)
+    # mjpeg: every frame its own, kilobytes of noise
+    make_video(whole, num_frames=40, h=48, w=64, codec="mjpeg", pix_fmt="yuvj420p", images=noise)
     with av.open(str(whole)) as container:  # cut where frame 20's chunk starts: 20 whole frames left
         starts = [packet.pos for packet in container.demux(video=0) if packet.size]
     cut = tmp_path / "cut.avi"
@@ -152,15 +147,8 @@ def test_a_size_change_mid_stream_is_scaled_to_the_first_frames_size(tmp_path):
     # Two MPEG-TS segments of different sizes, joined (as a stream switching resolution does):
     # np.stack failed on the mixed shapes and the file counted as unreadable.
     def segment(path, w, h, level):
-        with av.open(str(path), "w", format="mpegts") as container:
-            stream = container.add_stream("mpeg2video", rate=25)
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            for _ in range(6):
-                img = np.full((h, w, 3), level, dtype=np.uint8)
-                for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode(None):
-                container.mux(packet)
+        make_video(path, num_frames=6, fps=25, h=h, w=w, codec="mpeg2video", container_format="mpegts",
+                   images=[np.full((h, w, 3), level, dtype=np.uint8)] * 6)
         return path.read_bytes()
 
     joined = tmp_path / "joined.ts"
