@@ -24,6 +24,7 @@ from .cli import finite_float
 from .convert import SOURCES
 from .data.video import TEMPORAL_SAMPLING, UnreadableSampleError
 from .training import distributed as dist_utils
+from .training.signals import dataloader_worker_init
 
 log = logging.getLogger("mvit.eval")
 
@@ -126,7 +127,10 @@ def score_videos(model: Callable, dataset, rank: int, world_size: int, device, b
     from .data.samplers import shard_indices
 
     subset = _Indexed(dataset, shard_indices(len(dataset), rank, world_size), shuffle_frames, skipped is not None)
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    # a stop signal to the whole process group leaves the workers serving the main process until it
+    # stops (training's evaluation; see mvit.training.signals)
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                                         worker_init_fn=dataloader_worker_init)
     out = []
     ctx = autocast or contextlib.nullcontext
     for idx, views, labels, unreadable in loader:

@@ -14,6 +14,10 @@ the same run, and resuming from a mid-epoch checkpoint replays exactly the losse
 uninterrupted run. The RNG states are saved in checkpoints too (per rank) and restored on
 resume. Bitwise replay also needs the same number of CPU threads (it changes how reductions
 are split), so the replay tests pin ``--threads 1``.
+
+Preemption: SIGTERM or SIGUSR1 (SLURM, Kubernetes, torchrun's shutdown) ends the run after the
+step in progress with a checkpoint of it, and the exit code 128 + the signal; ``--resume auto``
+continues it (``mvit.training.signals``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +48,7 @@ from .training.logs import JsonLog, plot_curves, truncate_after as truncate_log_
 from .training.mixup import MixupCutmix, soft_target_cross_entropy
 from .data.video import TEMPORAL_SAMPLING
 from .training.optim import OPTIMIZERS, WarmupCosine, build_optimizer
+from .training.signals import StopSignals, dataloader_worker_init
 
 # The papers' Kinetics recipe (MViT paper A.1 / MViTv2 paper, pySlowFast's MVIT_B_16x4_CONV and
 # MVITv2_S_16x4 configs): AUG.AA_TYPE rand-m7-n4-mstd0.5-inc1, random resized crops of 8-100% of
@@ -377,8 +383,9 @@ def _autocast(device: torch.device, precision: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    dist_utils.run_guarded(lambda: train(args))
-    return 0
+    result = dist_utils.run_guarded(lambda: train(args))
+    # stopped by a signal: the shell's code for "killed by it", so job scripts see the run unfinished
+    return 128 + result["stopped"] if "stopped" in result else 0
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -510,91 +517,125 @@ def train(args: argparse.Namespace) -> dict:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    while state.epoch < recipe["epochs"] and state.step < max_steps:
-        model.train()
-        sampler.set_epoch(state.epoch, state.epoch_pos)
-        loader = torch.utils.data.DataLoader(
-            data.train, batch_size=micro, sampler=sampler, num_workers=data.workers, drop_last=True,
-            pin_memory=info.device.type == "cuda", persistent_workers=False)
-        remaining = (len(sampler) // micro) // args.accum_steps
-        bar = tqdm(total=remaining, desc=f"epoch {state.epoch + 1}/{recipe['epochs']}", leave=True,
-                   dynamic_ncols=True, file=sys.stderr) if show and tqdm else None
-        it = iter(loader)
-        t_last, clips_since = time.time(), 0
-        for _ in range(remaining):
-            if state.step >= max_steps:
-                break
-            torch.manual_seed(_step_seed(args.seed, info.rank, state.step))
-            cur_lr = sched.apply(optimizer, state.step)
-            loss_sum = 0.0
-            for k in range(args.accum_steps):
-                x, y = next(it)
-                x = x.to(info.device, non_blocking=True)
-                y = y.to(info.device, non_blocking=True)
-                x, target, _, _ = mix(x, y)
-                sync = k == args.accum_steps - 1 or not info.distributed
-                ctx = contextlib.nullcontext() if sync else net.no_sync()
-                with ctx:
-                    with autocast():
-                        logits = net(x)
-                    if multi_label:
-                        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
-                    else:
-                        loss = soft_target_cross_entropy(logits, target)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss is {loss.item()} at step {state.step}")
-                    scaler.scale(loss / args.accum_steps).backward()
-                loss_sum += loss.item() / args.accum_steps
-            if info.distributed:
-                # the logged loss is the whole global batch's, as in one process (rank 0's own was
-                # the loss of 1 / world size of it)
-                loss_t = torch.tensor([loss_sum], dtype=torch.float64, device=info.device)
-                loss_sum = dist_utils.all_reduce_sum(loss_t).item() / info.world_size
-            if recipe["clip_grad"] > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip_grad"])
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema:
-                ema.update(model)
-            state.step += 1
-            state.epoch_pos += micro * args.accum_steps
-            clips_since += global_batch
-            if info.is_main:
-                log.write(kind="train", epoch=state.epoch, step=state.step, loss=loss_sum, lr=cur_lr,
-                          time=round(run_seconds(), 2))
+    # SIGTERM / SIGUSR1 stop the run after the step in progress, with a checkpoint (signals.py)
+    stop = StopSignals()
+    stopping = saved_at = None
+    with stop:
+        while state.epoch < recipe["epochs"] and state.step < max_steps:
+            model.train()
+            sampler.set_epoch(state.epoch, state.epoch_pos)
+            loader = torch.utils.data.DataLoader(
+                data.train, batch_size=micro, sampler=sampler, num_workers=data.workers, drop_last=True,
+                pin_memory=info.device.type == "cuda", persistent_workers=False,
+                worker_init_fn=dataloader_worker_init)
+            remaining = (len(sampler) // micro) // args.accum_steps
+            bar = tqdm(total=remaining, desc=f"epoch {state.epoch + 1}/{recipe['epochs']}", leave=True,
+                       dynamic_ncols=True, file=sys.stderr) if show and tqdm else None
+            it = iter(loader)
+            t_last, clips_since = time.time(), 0
+            for _ in range(remaining):
+                if state.step >= max_steps:
+                    break
+                torch.manual_seed(_step_seed(args.seed, info.rank, state.step))
+                cur_lr = sched.apply(optimizer, state.step)
+                loss_sum = 0.0
+                for k in range(args.accum_steps):
+                    x, y = next(it)
+                    x = x.to(info.device, non_blocking=True)
+                    y = y.to(info.device, non_blocking=True)
+                    x, target, _, _ = mix(x, y)
+                    sync = k == args.accum_steps - 1 or not info.distributed
+                    ctx = contextlib.nullcontext() if sync else net.no_sync()
+                    with ctx:
+                        with autocast():
+                            logits = net(x)
+                        if multi_label:
+                            loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+                        else:
+                            loss = soft_target_cross_entropy(logits, target)
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"loss is {loss.item()} at step {state.step}")
+                        scaler.scale(loss / args.accum_steps).backward()
+                    loss_sum += loss.item() / args.accum_steps
+                if info.distributed:
+                    # the logged loss is the whole global batch's, as in one process (rank 0's own was
+                    # the loss of 1 / world size of it). A stop signal rides along: the ranks that got
+                    # it at different steps stop after the same one.
+                    reduced = torch.tensor([loss_sum, float(stop.requested)], dtype=torch.float64, device=info.device)
+                    loss_sum, stops = dist_utils.all_reduce_sum(reduced).tolist()
+                    loss_sum /= info.world_size
+                    stopping = stops > 0
+                else:
+                    stopping = stop.requested
+                if recipe["clip_grad"] > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip_grad"])
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if ema:
+                    ema.update(model)
+                state.step += 1
+                state.epoch_pos += micro * args.accum_steps
+                clips_since += global_batch
+                if info.is_main:
+                    log.write(kind="train", epoch=state.epoch, step=state.step, loss=loss_sum, lr=cur_lr,
+                              time=round(run_seconds(), 2))
+                if bar:
+                    now = time.time()
+                    bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{cur_lr:.2e}",
+                                    clips_s=f"{clips_since / max(now - t_last, 1e-9):.0f}")
+                    if now - t_last > 5:
+                        t_last, clips_since = now, 0
+                    bar.update(1)
+                if args.ckpt_every and state.step % args.ckpt_every == 0:
+                    save(state.epoch)
+                    saved_at = state.step
+                if stopping:
+                    break
             if bar:
-                now = time.time()
-                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{cur_lr:.2e}",
-                                clips_s=f"{clips_since / max(now - t_last, 1e-9):.0f}")
-                if now - t_last > 5:
-                    t_last, clips_since = now, 0
-                bar.update(1)
-            if args.ckpt_every and state.step % args.ckpt_every == 0:
-                save(state.epoch)
-        if bar:
-            bar.close()
-        del it, loader
-        # done when no full step is left: a position that is no multiple of a step must end the
-        # epoch too, not start it again and again with nothing to train
-        epoch_done = sampler.per_rank - state.epoch_pos < micro * args.accum_steps
-        if epoch_done:
-            state.epoch += 1
-            state.epoch_pos = 0
-        finished = state.epoch >= recipe["epochs"] or state.step >= max_steps
-        if data.val is not None and (finished or (epoch_done and state.epoch % recipe["eval_every"] == 0)):
-            eval_model = ema.module if ema else model
-            # An unreadable validation video is left out and listed (log, result.json, the line
-            # below), not an error: it would end the run here, before this epoch's checkpoint.
-            last_metrics = evaluate(eval_model, data.val, info, batch_size=max(1, micro), workers=data.workers,
-                                    multi_label=multi_label, autocast=autocast, skip_unreadable=True)
-            if info.is_main:
-                log.write(kind="val", epoch=state.epoch, step=state.step,
-                          time=round(run_seconds(), 2),
-                          ema=ema is not None, **last_metrics)
-                print(f"epoch {state.epoch}: " + _fmt(last_metrics), file=sys.stderr, flush=True)
-        save(state.epoch)
+                bar.close()
+            del it, loader
+            # done when no full step is left: a position that is no multiple of a step must end the
+            # epoch too, not start it again and again with nothing to train
+            epoch_done = sampler.per_rank - state.epoch_pos < micro * args.accum_steps
+            if epoch_done:
+                state.epoch += 1
+                state.epoch_pos = 0
+            if stopping:
+                if saved_at != state.step:
+                    save(state.epoch)
+                break
+            # The checkpoint comes before the evaluation, which can take minutes: a stop signal or a
+            # failure during it loses that evaluation, not the epoch. A signal that came during the
+            # checkpoint skips the evaluation; one during the evaluation stops the next step.
+            save(state.epoch)
+            stopping = _all_agree_to_stop(stop.requested, info)
+            if stopping:
+                break
+            finished = state.epoch >= recipe["epochs"] or state.step >= max_steps
+            if data.val is not None and (finished or (epoch_done and state.epoch % recipe["eval_every"] == 0)):
+                eval_model = ema.module if ema else model
+                # An unreadable validation video is left out and listed (log, result.json, the line
+                # below), not an error: it would end the run here.
+                last_metrics = evaluate(eval_model, data.val, info, batch_size=max(1, micro), workers=data.workers,
+                                        multi_label=multi_label, autocast=autocast, skip_unreadable=True)
+                if info.is_main:
+                    log.write(kind="val", epoch=state.epoch, step=state.step,
+                              time=round(run_seconds(), 2),
+                              ema=ema is not None, **last_metrics)
+                    print(f"epoch {state.epoch}: " + _fmt(last_metrics), file=sys.stderr, flush=True)
+
+    if stopping:
+        name = ckpt.checkpoint_name(state.epoch, state.step)
+        if info.is_main:
+            log.write(kind="stop", signal=stop.name, epoch=state.epoch, step=state.step,
+                      time=round(run_seconds(), 2))
+            print(f"stopped by a signal{' (' + stop.name + ')' if stop.name else ' on another rank'} after step "
+                  f"{state.step}: {os.path.join(out_dir, name)} holds the run; continue it with --resume auto",
+                  file=sys.stderr, flush=True)
+        dist_utils.cleanup()
+        return {"stopped": stop.signum or int(signal.SIGTERM), "steps": state.step, "epochs": state.epoch}
 
     if data.val is not None and not last_metrics:
         # Resumed at the end of its run (or past a shortened --epochs / --max-steps): nothing was
@@ -633,6 +674,14 @@ def train(args: argparse.Namespace) -> dict:
         print(f"checkpoints, log.jsonl, curves.png, result.json in {out_dir}")
     dist_utils.cleanup()
     return result
+
+
+def _all_agree_to_stop(local: bool, info) -> bool:
+    """Whether any rank got a stop signal (every rank must call this at the same point)."""
+    if not info.distributed:
+        return local
+    flag = torch.tensor([float(local)], dtype=torch.float64, device=info.device)
+    return dist_utils.all_reduce_sum(flag).item() > 0
 
 
 def _fmt(metrics: dict) -> str:

@@ -1,0 +1,222 @@
+"""Stop signals (SIGTERM, SIGUSR1): training ends after the step in progress with a checkpoint,
+exits 128 + the signal, and ``--resume auto`` continues it as if it had not stopped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import mvit.train
+from mvit.cli import main
+from mvit.training import checkpoint as ckpt
+from mvit.training import signals
+
+from test_train_ddp import REPO, _torchrun, _train_losses
+from test_train_resume import COMMON, _losses
+
+
+def _signal_at(monkeypatch, step: int, sig=signal.SIGTERM, rank: int = 0):
+    """Send ``sig`` to this process as step ``step`` + 1 starts (its seed is drawn)."""
+    draw = mvit.train._step_seed
+
+    def step_seed(seed, r, s):
+        if r == rank and s == step:
+            os.kill(os.getpid(), sig)
+        return draw(seed, r, s)
+
+    monkeypatch.setattr(mvit.train, "_step_seed", step_seed)
+
+
+def _records(folder):
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_saves_the_step_and_resume_continues_the_run(tmp_path, monkeypatch, capsys, sig):
+    full = str(tmp_path / "full")
+    assert main(COMMON + ["--output-dir", full]) == 0
+    reference = _losses(full)
+
+    handlers = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
+    stopped = str(tmp_path / "stopped")
+    _signal_at(monkeypatch, 3, sig)  # during step 4 of 8 in epoch 0
+    assert main(COMMON + ["--output-dir", stopped]) == 128 + sig
+    monkeypatch.undo()
+    assert {s: signal.getsignal(s) for s in signals.STOP_SIGNALS} == handlers  # put back
+    err = capsys.readouterr().err
+    assert f"stopped by a signal ({signal.Signals(sig).name}) after step 4" in err and "--resume auto" in err
+    [saved] = ckpt.list_checkpoints(stopped)
+    assert saved.endswith(ckpt.checkpoint_name(0, 4))
+    state = ckpt.load(saved)
+    assert (state["step"], state["epoch"], state["sampler"]["position"]) == (4, 0, 32)
+    assert not os.path.exists(os.path.join(stopped, "result.json"))  # the run is not over
+    records = _records(stopped)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert records[-1]["kind"] == "stop" and records[-1]["signal"] == signal.Signals(sig).name
+
+    assert main(COMMON + ["--output-dir", stopped, "--resume", "auto"]) == 0
+    again = _losses(stopped)
+    assert sorted(again) == list(range(1, 13))
+    for step, loss in again.items():
+        assert loss == pytest.approx(reference[step], abs=1e-6), step
+    with open(os.path.join(full, "result.json")) as f, open(os.path.join(stopped, "result.json")) as g:
+        assert json.load(f)["val"] == json.load(g)["val"]
+
+
+def test_a_signal_during_the_epochs_checkpoint_skips_its_evaluation(tmp_path, monkeypatch, capsys):
+    # The epoch's checkpoint is written before its evaluation (minutes on Kinetics), so a signal
+    # that comes while it is written stops the run there, and one during the evaluation loses
+    # only the evaluation.
+    out = str(tmp_path / "run")
+    save = ckpt.atomic_save
+
+    def save_then_signal(obj, path):
+        save(obj, path)
+        if obj["step"] == 8:  # the end of epoch 0
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ckpt, "atomic_save", save_then_signal)
+    assert main(COMMON + ["--output-dir", out]) == 128 + signal.SIGTERM
+    records = _records(out)
+    assert not [r for r in records if r["kind"] == "val"]
+    assert records[-1]["kind"] == "stop" and records[-1]["step"] == 8
+    [saved] = ckpt.list_checkpoints(out)
+    state = ckpt.load(saved)
+    assert (state["step"], state["epoch"], state["sampler"]["position"]) == (8, 1, 0)
+    assert "after step 8" in capsys.readouterr().err
+
+
+def test_a_stop_at_a_periodic_checkpoint_writes_it_once(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    written = []
+    save = ckpt.atomic_save
+    monkeypatch.setattr(ckpt, "atomic_save", lambda obj, path: (written.append(obj["step"]), save(obj, path)))
+    _signal_at(monkeypatch, 5)
+    assert main(COMMON + ["--output-dir", out, "--ckpt-every", "3"]) == 128 + signal.SIGTERM
+    assert written == [3, 6]
+
+
+def test_the_signal_to_the_whole_process_group_leaves_the_workers_serving(tmp_path):
+    # SLURM signals every process of the job, DataLoader workers included: killed at once, they
+    # made the main process fail at its next batch, before it could save.
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "mvit", "train", "--synthetic-size", "256", "16", "--batch-size", "8",
+           "--epochs", "50", "--workers", "2", "--threads", "1", "--no-progress", "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while not (out / "log.jsonl").exists() or '"kind": "train"' not in (out / "log.jsonl").read_text():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "stopped by a signal (SIGTERM)" in err, err[-3000:]
+    logged = max(r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+                 if r["kind"] == "train")
+    [saved] = ckpt.list_checkpoints(str(out))
+    assert ckpt.load(saved)["step"] == logged
+    deadline = time.time() + 30  # and no worker is left behind
+    while True:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.time() < deadline, "processes of the run are still alive"
+        time.sleep(0.1)
+
+
+def test_the_dataloader_worker_grace_ends_with_sigalrm(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, time
+        from mvit.training import signals
+        signals.WORKER_GRACE_S = 1
+        signals.dataloader_worker_init(0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("still serving", flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)  # a second signal does not restart the countdown
+        time.sleep(0.6)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        print("not reached", flush=True)
+    """))
+    start = time.time()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == -signal.SIGALRM
+    assert proc.stdout == "still serving\n"
+    assert time.time() - start < 4.5
+
+
+JOB = """
+import os, signal, sys
+import mvit.train
+from mvit.cli import main
+draw = mvit.train._step_seed
+def step_seed(seed, rank, step):
+    if rank == 1 and step == 2:  # rank 1 alone is signalled, during step 3
+        os.kill(os.getpid(), signal.SIGTERM)
+    return draw(seed, rank, step)
+mvit.train._step_seed = step_seed
+sys.exit(main(sys.argv[1:]))
+"""
+
+DDP_ARGS = ["train", "--synthetic-size", "96", "16", "--batch-size", "16", "--epochs", "2", "--drop-path", "0",
+            "--threads", "1", "--no-progress"]
+
+
+def test_ranks_signalled_apart_stop_after_the_same_step(tmp_path):
+    # Rank 0 never gets the signal; without agreeing, it went on into step 4's all-reduce, which
+    # rank 1 never joined.
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    out = tmp_path / "run"
+    proc = _torchrun([str(script)] + DDP_ARGS + ["--output-dir", str(out)], tmp_path)
+    assert proc.returncode != 0  # torchrun reports the ranks' exit code 143 as a failure
+    assert "stopped by a signal on another rank after step 3" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(_train_losses(out)) == [1, 2, 3]
+    [saved] = ckpt.list_checkpoints(str(out))
+    state = ckpt.load(saved)
+    assert (state["step"], state["world_size"], len(state["rng"])) == (3, 2, 2)
+
+    # the stopped run continues under torchrun from that checkpoint
+    proc = _torchrun(["-m", "mvit"] + DDP_ARGS + ["--output-dir", str(out), "--resume", "auto"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(_train_losses(out)) == list(range(1, 13))
+
+
+def test_torchrun_forwards_sigterm_and_every_rank_saves_before_it_exits(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", "-m", "mvit"] + DDP_ARGS + [
+           "--epochs", "50", "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (out / "log.jsonl").exists() or '"kind": "train"' not in (out / "log.jsonl").read_text():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # to torchrun alone, as Kubernetes does
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "stopped by a signal (SIGTERM)" in err, err[-3000:]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["kind"] == "stop"
+    [saved] = ckpt.list_checkpoints(str(out))
+    assert ckpt.load(saved)["step"] == records[-1]["step"] == max(r["step"] for r in records if r["kind"] == "train")
