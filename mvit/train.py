@@ -389,6 +389,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> dict:
+    with contextlib.ExitStack() as held:  # the output folder's lock, for as long as the run
+        return _train(args, held)
+
+
+def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
     from .data import build_datasets
     from .evaluate import evaluate
     from .presets import get_preset
@@ -474,6 +479,8 @@ def train(args: argparse.Namespace) -> dict:
     def run_seconds() -> float:  # the run's wall time over its processes (resumes)
         return state.wall_before + time.time() - t_start
 
+    if info.is_main:  # before the first write into the folder
+        held.enter_context(ckpt.hold_output_dir(out_dir))
     log = JsonLog(os.path.join(out_dir, "log.jsonl") if info.is_main else None)
     resumed = _maybe_resume(args, recipe, out_dir, model, optimizer, scaler, ema, state, info, steps_per_epoch)
     if info.is_main and not resumed and os.path.exists(os.path.join(out_dir, "log.jsonl")):

@@ -109,3 +109,30 @@ def test_a_file_that_pickles_a_call_is_refused_unrun(tmp_path, capsys):
                  "--no-progress", "--output-dir", str(run)]) == 0
     state = ckpt.load(ckpt.list_checkpoints(str(run))[0])
     assert state["model_config"].name == "mvit_tiny" and state["rng"]
+
+
+def test_a_folder_that_cannot_be_locked_warns_and_goes_on(tmp_path, monkeypatch):
+    # some NFS mounts answer flock with ENOLCK: a run there must still train
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock .*No locks available.*nothing keeps a second run"):
+        with ckpt.hold_output_dir(str(tmp_path / "run")):
+            pass
+    assert os.path.isdir(tmp_path / "run")
+
+
+def test_the_lock_names_its_holder_and_ends_with_the_block(tmp_path):
+    out = str(tmp_path / "run")
+    with ckpt.hold_output_dir(out):
+        with open(os.path.join(out, ckpt.LOCK_NAME)) as f:
+            assert f.read() == f"pid {os.getpid()} on {__import__('socket').gethostname()}\n"
+        with pytest.raises(ValueError, match="another run is training in it"):
+            with ckpt.hold_output_dir(out):
+                pass
+    with ckpt.hold_output_dir(out):  # released
+        pass

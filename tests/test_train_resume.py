@@ -96,6 +96,24 @@ def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path, capsys):
     _one_line_error(capsys, "is at step 2, but --output-dir", "holds later checkpoints (checkpoint_e0002_s00000004.pt)")
 
 
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, capsys, monkeypatch):
+    # Two jobs given one --output-dir (or srun starting N copies of a command meant for torchrun)
+    # both passed the check above before either had a checkpoint, then wrote the same names,
+    # pruned each other's checkpoints and interleaved one log.
+    out = str(tmp_path / "run")
+    with ckpt.hold_output_dir(out):  # another run holds the folder (flock: any second open conflicts)
+        assert main(SHORT + ["--output-dir", out, "--resume", "auto"]) == 2
+        _one_line_error(capsys, f"--output-dir {out}: another run is training in it (pid {os.getpid()} on ")
+        monkeypatch.setenv("SLURM_NTASKS", "4")
+        assert main(SHORT + ["--output-dir", out]) == 2
+        _one_line_error(capsys, "SLURM_NTASKS is 4 and torchrun did not start this process",
+                        "Run torchrun under srun, one task per node")
+        assert os.listdir(out) == [ckpt.LOCK_NAME]  # nothing written
+    monkeypatch.delenv("SLURM_NTASKS")
+    assert main(SHORT + ["--output-dir", out]) == 0  # free again, and after each run
+    assert main(SHORT + ["--epochs", "2", "--output-dir", out, "--resume", "auto"]) == 0
+
+
 def _lrs(folder):
     with open(os.path.join(folder, "log.jsonl")) as f:
         return {r["step"]: r["lr"] for r in map(json.loads, f) if r["kind"] == "train"}

@@ -220,3 +220,40 @@ def test_torchrun_forwards_sigterm_and_every_rank_saves_before_it_exits(tmp_path
     assert records[-1]["kind"] == "stop"
     [saved] = ckpt.list_checkpoints(str(out))
     assert ckpt.load(saved)["step"] == records[-1]["step"] == max(r["step"] for r in records if r["kind"] == "train")
+
+
+ELASTIC_JOB = """
+import os, sys
+import mvit.train
+from mvit.cli import main
+draw = mvit.train._step_seed
+def step_seed(seed, rank, step):
+    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and rank == 1 and step == 5:
+        raise RuntimeError("injected failure in step 6")
+    return draw(seed, rank, step)
+mvit.train._step_seed = step_seed
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_restarts_a_failed_run_and_resume_auto_continues_it(tmp_path):
+    # The README's recipe for failures and requeued jobs: --resume auto from the first launch,
+    # so the same command starts the run and continues it.
+    reference = tmp_path / "reference"
+    proc = _torchrun(["-m", "mvit"] + DDP_ARGS + ["--max-steps", "8", "--output-dir", str(reference)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    script = tmp_path / "job.py"
+    script.write_text(ELASTIC_JOB)
+    out = tmp_path / "run"
+    proc = _torchrun(["--max-restarts=1", str(script)] + DDP_ARGS + [
+        "--max-steps", "8", "--ckpt-every", "4", "--output-dir", str(out), "--resume", "auto"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "injected failure in step 6" in proc.stderr  # the first attempt failed
+    assert f"--resume auto: no checkpoint in {out}, starting fresh" in proc.stderr
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == list(range(1, 9))  # 5 was logged by the failed attempt, then dropped
+    want = _train_losses(reference)
+    for step, loss in _train_losses(out).items():  # the restart replays the uninterrupted run
+        assert loss == pytest.approx(want[step], abs=1e-6), step

@@ -6,16 +6,26 @@ rename itself survives a crash. A process killed mid-save therefore leaves at wo
 ``*.tmp`` file: every ``checkpoint_*.pt`` on disk is complete. ``latest_valid`` still loads
 candidates newest first and skips (with a warning) any that fail to load, e.g. a file truncated by
 a full disk or copied partially.
+
+One folder holds one run: :func:`hold_output_dir` keeps a second process from training into a
+folder a run is using.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
+import socket
 import tempfile
 import warnings
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows
+    fcntl = None
 
 import torch
 
@@ -45,6 +55,51 @@ def atomic_save(obj: Any, path: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+#: The lock file of :func:`hold_output_dir`, which names the process holding it.
+LOCK_NAME = ".mvit-train.lock"
+
+
+@contextlib.contextmanager
+def hold_output_dir(folder: str) -> Iterator[None]:
+    """An exclusive lock on ``folder`` for the ``with`` block (``flock`` on its lock file; the
+    system drops it when the process ends, however it ends). Two runs in one folder would write
+    the same checkpoint names, prune each other's checkpoints and interleave one log. That
+    happens with two jobs given the same ``--output-dir``, or with ``srun`` starting several
+    copies of a command that was meant for ``torchrun``. A file system without locks (some NFS
+    mounts) gets a warning and no lock."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    if fcntl is None:
+        yield
+        return
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process"
+            hint = ""
+            if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "WORLD_SIZE" not in os.environ:
+                hint = (f". SLURM_NTASKS is {os.environ['SLURM_NTASKS']} and torchrun did not start this process: "
+                        "srun starts that many copies of the command, each training alone. Run torchrun under "
+                        "srun, one task per node (see the README)")
+            raise ValueError(f"--output-dir {folder}: another run is training in it ({holder}, holding "
+                             f"{path}){hint}") from None
+        except OSError as exc:
+            warnings.warn(f"--output-dir {folder}: cannot lock {path} ({exc}); nothing keeps a second run "
+                          "from training into this folder")
+            yield
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # and with it the lock
 
 
 def list_checkpoints(folder: str) -> list[str]:
