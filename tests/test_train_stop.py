@@ -92,6 +92,23 @@ def test_a_signal_during_the_epochs_checkpoint_skips_its_evaluation(tmp_path, mo
     assert "after step 8" in capsys.readouterr().err
 
 
+def test_a_signal_during_an_evaluation_lets_it_finish_and_stops_after_the_next_step(tmp_path, monkeypatch):
+    import mvit.evaluate
+
+    out = str(tmp_path / "run")
+    evaluate = mvit.evaluate.evaluate
+
+    def evaluate_with_a_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(mvit.evaluate, "evaluate", evaluate_with_a_signal)
+    assert main(COMMON + ["--output-dir", out, "--keep-ckpts", "0"]) == 128 + signal.SIGTERM
+    records = _records(out)
+    assert [(r["kind"], r["step"]) for r in records if r["kind"] in ("val", "stop")] == [("val", 8), ("stop", 9)]
+    assert [ckpt.load(p)["step"] for p in ckpt.list_checkpoints(out)] == [9, 8]
+
+
 def test_a_stop_at_a_periodic_checkpoint_writes_it_once(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     written = []
