@@ -205,7 +205,7 @@ MVIT_HD MVIT_FORCE_INLINE inline void covering_range(int64_t i, int64_t k, int64
   // 2^31, see make_pool_geom): on the GPU a 64-bit division is a call of ~70 instructions.
   const int a = static_cast<int>(i + p - k + 1);  // o*s >= a
   const int s32 = static_cast<int>(s);
-  const int l = a <= 0 ? 0 : (a + s32 - 1) / s32;
+  const int l = a <= 0 ? 0 : (a - 1) / s32 + 1;  // ceil(a / s); a + s - 1 could pass 2^31
   int h = static_cast<int>(i + p) / s32;  // i + p >= 0 always
   if (h > n_out - 1) h = static_cast<int>(n_out - 1);
   *lo = l;

@@ -2,6 +2,7 @@
 // (declared in pool_args.h). The schemas that use them are registered in ops.cpp.
 #include "pool_args.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace mvit {
@@ -37,10 +38,24 @@ PoolGeom make_pool_geom(at::IntArrayRef thw, at::IntArrayRef kernel, at::IntArra
     TORCH_CHECK(thw[a] + 2 * padding[a] >= kernel[a], op, ": kernel[", axes[a],
                 "] is larger than the padded input");
   }
+  // The window loops form offsets from a window's first position, which may lie in the padding,
+  // in 32 bits: the padded grid bounds them all. (A kernel of 2^21 padded by 2^20 on a 64 x 64
+  // frame overflowed them.)
+  int64_t padded = 1;
+  for (int a = 0; a < 3; ++a) {
+    const int64_t extent = thw[a] + 2 * padding[a];
+    TORCH_CHECK(extent <= INT32_MAX / padded, op, ": the padded input must hold at most 2^31 - 1 positions, got thw=",
+                thw, " and padding=", padding);
+    padded *= extent;
+  }
   PoolGeom g;
   g.T = thw[0]; g.H = thw[1]; g.W = thw[2];
   g.kT = kernel[0]; g.kH = kernel[1]; g.kW = kernel[2];
-  g.sT = stride[0]; g.sH = stride[1]; g.sW = stride[2];
+  // A stride past the padded axis leaves one output, whose window does not depend on it. Clamped
+  // to the axis, a stride never meets the 32-bit arithmetic near 2^31.
+  g.sT = std::min<int64_t>(stride[0], g.T + 2 * padding[0]);
+  g.sH = std::min<int64_t>(stride[1], g.H + 2 * padding[1]);
+  g.sW = std::min<int64_t>(stride[2], g.W + 2 * padding[2]);
   g.pT = padding[0]; g.pH = padding[1]; g.pW = padding[2];
   g.To = pool_out_size(g.T, g.kT, g.sT, g.pT);
   g.Ho = pool_out_size(g.H, g.kH, g.sH, g.pH);

@@ -97,6 +97,20 @@ def check_window(kernel, stride, padding) -> tuple[tuple[int, int, int], ...]:
     return kernel, stride, padding
 
 
+def check_padded_input(thw, kernel, padding) -> None:
+    """Every kernel fits its padded axis, and the padded grid holds at most 2^31 - 1 positions:
+    the kernels form offsets from a window's first position, which may lie in the padding, in 32
+    bits."""
+    padded = 1
+    for axis, size, k, p in zip("thw", thw, kernel, padding):
+        if size + 2 * p < k:
+            raise ValueError(f"kernel[{axis}]={k} is larger than the padded input ({size} + 2*{p}); no output")
+        padded *= size + 2 * p
+    if not isinstance(padded, torch.SymInt) and padded > INT32_MAX:
+        raise ValueError(f"the padded input must hold at most 2^31 - 1 positions, got thw={tuple(thw)} and "
+                         f"padding={tuple(padding)}")
+
+
 def check_thw(thw: Sequence[int], num_tokens: int, has_cls: bool, name: str = "x") -> tuple[int, int, int]:
     check_flag(has_cls, "has_cls")
     thw = triple(thw, "thw")
@@ -214,11 +228,8 @@ def check_pool3d_args(
         raise ValueError(f"mode must be one of {POOL_MODES}, got {mode!r}")
     kernel, stride, padding = check_window(kernel, stride, padding)
     thw = check_thw(thw, x.shape[2], has_cls)
-    for axis, size, k, p in zip("thw", thw, kernel, padding):
-        if size + 2 * p < k:
-            raise ValueError(
-                f"kernel[{axis}]={k} is larger than the padded input ({size} + 2*{p}); no output"
-            )
+    check_padded_input(thw, kernel, padding)
+    for axis, size, k in zip("thw", thw, kernel):
         if mode == "avg" and size < k:
             # torch's avg_pool3d (the reference) refuses this even when padding makes room.
             raise ValueError(f"mode='avg' needs thw[{axis}]={size} >= kernel[{axis}]={k}, as torch's avg_pool3d does")
@@ -315,9 +326,7 @@ def check_pool_residual_add_args(x, thw, kernel, stride, padding, branch, scale,
         raise ValueError(f"x must have C >= 1 channels, got shape {tuple(x.shape)}")
     kernel, stride, padding = check_window(kernel, stride, padding)
     thw = check_thw(thw, x.shape[1], has_cls)
-    for axis, size, k, p in zip("thw", thw, kernel, padding):
-        if size + 2 * p < k:
-            raise ValueError(f"kernel[{axis}]={k} is larger than the padded input ({size} + 2*{p})")
+    check_padded_input(thw, kernel, padding)
     out_thw = pool_output_thw(thw, kernel, stride, padding)
     n_out = out_thw[0] * out_thw[1] * out_thw[2] + (1 if has_cls else 0)
     expected = (x.shape[0], n_out, x.shape[2])

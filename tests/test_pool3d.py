@@ -368,6 +368,49 @@ def test_the_cpp_op_checks_its_arguments_too():
             op(x, [3, 4, 4], [3, 3, 3], [1, 1, 1], [1, 1, 1], "max", None, True, torch.ones(8), torch.zeros(8), eps)
 
 
+def test_a_padded_input_past_32_bits_is_refused():
+    # The window loops form offsets from a window's padded start in 32 bits: a kernel of 2^21
+    # padded by 2^20 on a 64 x 64 frame overflowed them (the sanitizers found it).
+    x = torch.randn(1, 1, 64 * 64, 2)
+    geometry = ((1, 64, 64), (2**21, 1, 1), (1, 1, 1), (2**20, 0, 0))
+    with pytest.raises(ValueError, match=r"the padded input must hold at most 2\^31 - 1 positions, got "
+                                         r"thw=\(1, 64, 64\) and padding=\(1048576, 0, 0\)"):
+        mvit_kernels.pool3d(x, *geometry, "max", has_cls=False)
+    with pytest.raises(RuntimeError, match=r"the padded input must hold at most 2\^31 - 1 positions"):
+        torch.ops.mvit_kernels.pool3d(x, *map(list, geometry), "max", None, False, None, None, 1e-6)
+    with pytest.raises(ValueError, match=r"the padded input must hold at most 2\^31 - 1 positions"):
+        mvit_kernels.pool_residual_add(x[:, 0], *geometry, x[:, 0, :1], None, False)
+
+
+@pytest.mark.parametrize("mode", ["avg", "max", "conv"])
+def test_a_stride_past_the_padded_axis_pools_like_the_reference(mode):
+    # A stride of 2^31 - 1 leaves one output along its axis. The backward's covering range
+    # computed a + s - 1 in 32 bits, which wrapped: inputs no window covers took gradient (avg),
+    # or read the conv weight far out of bounds (a segfault; the sanitizers found it).
+    g = torch.Generator().manual_seed(7)
+    thw, kernel, stride, padding = (2, 5, 10), (1, 3, 3), (1, 2, 2**31 - 1), (0, 1, 1)
+    x = torch.randn(2, 3, 1 + 100, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 1, *kernel, generator=g, dtype=torch.float64, requires_grad=True) if mode == "conv" else None
+    args = (thw, kernel, stride, padding, mode, w, True)
+    y, thw_out = mvit_kernels.pool3d(x, *args)
+    want, thw_want = reference.pool3d(x, *args)
+    assert y.shape == want.shape == (2, 3, 1 + 2 * 3 * 1, 4) and thw_out == thw_want == (2, 3, 1)
+    torch.testing.assert_close(y, want)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    inputs = (x,) if w is None else (x, w)
+    for got, expected in zip(torch.autograd.grad(y, inputs, gy), torch.autograd.grad(want, inputs, gy)):
+        torch.testing.assert_close(got, expected)
+
+
+def test_the_cpp_backward_of_zero_channels_is_empty():
+    # The Python API refuses d = 0; the C++ op divided by it (SIGFPE) in its backward.
+    x = torch.randn(1, 1, 8, 0)
+    args = ([2, 2, 2], [1, 1, 1], [1, 1, 1], [0, 0, 0], "avg", None, False, None, None, 1e-5)
+    y = torch.ops.mvit_kernels.pool3d(x, *args)
+    grads = torch.ops.mvit_kernels.pool3d_backward(torch.ones_like(y), x, *args)
+    assert grads[0].shape == x.shape
+
+
 def test_cuda_build_flag_is_registered():
     assert isinstance(torch.ops.mvit_kernels.built_with_cuda(), bool)
     assert mvit_kernels.has_cuda_kernels() == torch.ops.mvit_kernels.built_with_cuda()

@@ -123,6 +123,9 @@ def _args(thw_q=(2, 4, 6), thw_kv=(2, 2, 3), has_cls=True, rows=None, dtype=torc
     (lambda a: a.__setitem__(4, [2, 4, 5]), r"q has 49 tokens, thw_q \[2, 4, 5\] plus the class token asks for 41"),
     (lambda a: a.__setitem__(4, [2, 4]), r"thw_q must have 3 sizes"),
     (lambda a: a.__setitem__(5, [2, 0, 3]), r"thw_kv sizes must be >= 1"),
+    # the product wrapped to 0 in int64, and a 1-column mask passed the shape check
+    (lambda a: (a.__setitem__(5, [2**62, 2, 2]), a.__setitem__(1, None), a.__setitem__(8, a[8][..., :1].contiguous())),
+     r"thw_kv must hold at most 2\^31 - 1 positions, got \[4611686018427387904, 2, 2\]"),
     (lambda a: a.__setitem__(2, a[2][:, :-1]), r"table_h must be the gathered table \(4, 2, 24\)"),
     (lambda a: a.__setitem__(3, None), r"table_h and table_w come together"),
     (lambda a: (a.__setitem__(1, None), a.__setitem__(2, None), a.__setitem__(3, None)), r"needs table_t or"),

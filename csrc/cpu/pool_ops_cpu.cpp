@@ -594,7 +594,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool3d_backward_cpu(
   at::Tensor grad_w = mode == kConv ? at::zeros_like(*weight, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
   at::Tensor grad_nw = norm ? at::zeros({d}, x.options()) : at::empty({0}, x.options());
   at::Tensor grad_nb = norm ? at::zeros({d}, x.options()) : at::empty({0}, x.options());
-  if (B * heads == 0) return {grad_x, grad_w, grad_nw, grad_nb};
+  if (B * heads == 0 || d == 0) return {grad_x, grad_w, grad_nw, grad_nb};  // empty or zero
   const Rows xr{x.stride(0), x.stride(1), x.stride(2)};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mvit_pool3d_backward_cpu", [&] {

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -156,8 +157,13 @@ at::Tensor table_arg(const c10::optional<at::Tensor>& table, const char* name, i
 
 int64_t grid_size(at::IntArrayRef thw, const char* name) {
   TORCH_CHECK(thw.size() == 3, "rel_pos_mask: ", name, " must have 3 sizes (T, H, W), got ", thw.size());
-  for (int64_t s : thw) TORCH_CHECK(s >= 1, "rel_pos_mask: ", name, " sizes must be >= 1, got ", thw);
-  return thw[0] * thw[1] * thw[2];
+  int64_t grid = 1;  // bounded as it is formed: (2^62, 2, 2) wrapped to 0
+  for (int64_t s : thw) {
+    TORCH_CHECK(s >= 1, "rel_pos_mask: ", name, " sizes must be >= 1, got ", thw);
+    TORCH_CHECK(s <= INT32_MAX / grid, "rel_pos_mask: ", name, " must hold at most 2^31 - 1 positions, got ", thw);
+    grid *= s;
+  }
+  return grid;
 }
 
 // A gathered float table (Q_a, K_a, d) as key blocks (AxisTables::blocks); empty without a table.
