@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -72,12 +73,115 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    from .data import eval_views
-    from .data.image import IMAGE_EXTENSIONS
-    from .data.video import VIDEO_EXTENSIONS, UnreadableSampleError
-    from .evaluate import aggregate_views, check_view_args, load_model, scoring_precision
-    from .train import _autocast
+    from .evaluate import load_model
     from .training import distributed as dist_utils
+
+    kinds = _input_kinds(args)
+    model, state = load_model(args)
+    info = dist_utils.init(args.device)
+    results = _score(args, model, state, kinds, info.device, show=True)
+    dist_utils.cleanup()
+    return results
+
+
+class _ArgumentError(argparse.ArgumentParser):
+    """A parser whose errors raise ValueError (a Python call must not exit the interpreter)."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def predict(model, inputs, labels=None, **options) -> list[dict]:
+    """Python form of ``mvit predict``: the top classes of video / image files, scored as ``mvit
+    eval`` scores them (the model's test views, decoding, sampling and normalization).
+
+    model: a :class:`mvit.MViT` (it stays on its device unless ``device`` is given), a checkpoint
+    or run folder of ``mvit train``, or another implementation's weights file with ``source=``.
+    inputs: a path or a list of paths. labels: class names (a list), or a file of them as
+    ``--labels`` takes. options: the command's other flags by name, ``top_k=5``,
+    ``test_clips=10``, ``source="timm"``, ``input_mean=(0.406, 0.456, 0.485)``, ... (see ``mvit
+    predict --help``), checked as the command checks them.
+
+    Returns one dict per input: ``{"input": path, "views": n, "top": [{"class": i, "label": name
+    or None, "prob": p}, ...]}``. Unlike the command, it prints nothing and leaves any process
+    group alone.
+    """
+    from . import MViT
+    from .evaluate import load_model
+
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not inputs:
+        raise ValueError("inputs: give at least one file")
+    given = isinstance(model, MViT)
+    argv = ["predict", "unused" if given else os.fspath(model), *map(os.fspath, inputs)]
+    names = None
+    if labels is not None and not isinstance(labels, (str, os.PathLike)):
+        names = [str(n) for n in labels]
+    elif labels is not None:
+        argv += ["--labels", os.fspath(labels)]
+    parser = _ArgumentError(prog="mvit")
+    add_parser(parser.add_subparsers())
+    known = set(vars(parser.parse_args(["predict", "model", "input"]))) - {"inputs", "checkpoint", "json", "func"}
+    for key, value in options.items():
+        if key not in known or key == "labels":
+            raise TypeError(f"predict() got an unexpected keyword argument {key!r}")
+        if value is None or value is False:  # the flag's default
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    try:
+        args = parser.parse_args(argv)
+    except ValueError as exc:
+        raise ValueError(f"predict(): {exc}") from None
+    kinds = _input_kinds(args)
+    if given:
+        for flag in ("source", "preset", "ema", "fused"):
+            if options.get(flag):
+                raise ValueError(f"predict(): {flag}= reads weights from a file; the model is given")
+        state = {"model_config": model.cfg}
+        if args.input_mean is not None or args.input_std is not None:
+            if args.input_mean is None or args.input_std is None:
+                raise ValueError("predict(): input_mean and input_std go together: give both")
+            cfg = model.cfg.replace(input_mean=tuple(args.input_mean), input_std=tuple(args.input_std))
+            cfg.validate()
+            state["model_config"] = cfg
+        device = next(model.parameters()).device if "device" not in options else _device(args.device)
+    else:
+        model, state = load_model(args)
+        device = _device(args.device)
+    if names is not None:
+        if len(names) != state["model_config"].num_classes:
+            raise ValueError(f"predict(): labels names {len(names)} classes; the model has "
+                             f"{state['model_config'].num_classes}")
+        state = dict(state, classes=names)
+    return _score(args, model, state, kinds, device, show=False)
+
+
+def _device(name: str) -> torch.device:
+    """--device without a process group: auto, cpu, cuda or cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name} requested but no CUDA device is available")
+    return device
+
+
+def _input_kinds(args: argparse.Namespace) -> list[bool]:
+    """Whether each input is an image (else a video); missing files and unknown kinds are errors."""
+    from .data.image import IMAGE_EXTENSIONS
+    from .data.video import VIDEO_EXTENSIONS
+    from .evaluate import check_view_args
 
     check_view_args(args, ("--top-k", args.top_k, 1))
     kinds = []
@@ -89,18 +193,37 @@ def main(args: argparse.Namespace) -> list[dict]:
             raise ValueError(f"{path}: not a video ({', '.join(VIDEO_EXTENSIONS)}) or image "
                              f"({', '.join(IMAGE_EXTENSIONS)}) file name")
         kinds.append(ext in IMAGE_EXTENSIONS)
-    model, state = load_model(args)
+    return kinds
+
+
+def _score(args: argparse.Namespace, model, state: dict, kinds: list[bool], device: torch.device,
+           show: bool) -> list[dict]:
     cfg = state["model_config"]
     if cfg.patch_2d and not all(kinds):
         raise ValueError(f"{cfg.name} is an image model: {args.inputs[kinds.index(False)]} is a video")
     if not cfg.patch_2d and any(kinds):
         # allowed (a still clip), but far from the clips the model was trained on: say so
-        print(f"note: {cfg.name} is a video model: {args.inputs[kinds.index(True)]} is scored as a "
-              f"one-frame clip", file=sys.stderr)
+        note = f"{cfg.name} is a video model: {args.inputs[kinds.index(True)]} is scored as a one-frame clip"
+        if show:
+            print(f"note: {note}", file=sys.stderr)
+        else:
+            warnings.warn(note)
     names = class_names(args, state)
-    info = dist_utils.init(args.device)
-    model.to(info.device).eval()
-    autocast, _ = _autocast(info.device, scoring_precision(args, state))
+    training = model.training  # a model given to predict() is left as it came
+    model.to(device).eval()
+    try:
+        return _score_each(args, model, state, kinds, device, names, show)
+    finally:
+        model.train(training)
+
+
+def _score_each(args, model, state, kinds, device, names, show) -> list[dict]:
+    from .data import eval_views
+    from .data.video import UnreadableSampleError
+    from .evaluate import aggregate_views, scoring_precision
+    from .train import _autocast
+
+    autocast, _ = _autocast(device, scoring_precision(args, state))
     results = []
     for path, image in zip(args.inputs, kinds):
         dataset = eval_views(args, state, [(path, 0)], image)
@@ -110,14 +233,14 @@ def main(args: argparse.Namespace) -> list[dict]:
             cause = exc.__cause__ if isinstance(exc, UnreadableSampleError) else exc
             raise ValueError(f"cannot read {path}: {cause}") from None
         with torch.no_grad(), (autocast or contextlib.nullcontext)():
-            logits = model(views.to(info.device))
+            logits = model(views.to(device))
         probs = aggregate_views(logits[None], dataset.multi_label, args.ensemble)[0].cpu()
         top = probs.topk(min(args.top_k, probs.numel()))
         ranked = [{"class": int(i), "label": names[int(i)] if names else None, "prob": float(p)}
                   for p, i in zip(top.values, top.indices)]
         results.append({"input": path, "views": views.shape[0], "top": ranked})
-        _print(results[-1], args.json)
-    dist_utils.cleanup()
+        if show:
+            _print(results[-1], args.json)
     return results
 
 

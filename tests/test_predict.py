@@ -184,3 +184,61 @@ def test_an_image_for_a_video_model_is_scored_with_a_note(synthetic_run, tmp_pat
     captured = capsys.readouterr()
     assert "is a video model: " in captured.err and "scored as a one-frame clip" in captured.err
     assert json.loads(captured.out.strip().splitlines()[-1])["views"] == 1
+
+
+def test_the_python_api_scores_as_the_command_does(synthetic_run, tmp_path, capsys):
+    from mvit.evaluate import load_model
+    from mvit.predict import predict
+    from mvit.training import checkpoint as ckpt
+
+    clips = [_video(tmp_path / "a.mkv", seed=1), _video(tmp_path / "b.mkv", seed=2)]
+    capsys.readouterr()
+    assert main(["predict", str(synthetic_run), *clips, "--top-k", "3", "--test-clips", "2", "--json",
+                 "--device", "cpu"]) == 0
+    command = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    # a run folder, as the command takes it; nothing printed
+    assert predict(synthetic_run, clips, top_k=3, test_clips=2, device="cpu") == command
+    assert capsys.readouterr().out == ""
+
+    # a model object: its views come from its config, and it is left on its device, in its mode
+    [path] = ckpt.list_checkpoints(str(synthetic_run))
+    model, _ = load_model(argparse.Namespace(checkpoint=path, source="mvit_kernels", preset=None, ema=False,
+                                             fused=False))
+    model.train()
+    names = [f"class {i}" for i in range(model.cfg.num_classes)]
+    got = predict(model, clips[0], labels=names, top_k=3, test_clips=2)
+    assert model.training
+    assert [r["label"] for r in got[0]["top"]] == [names[r["class"]] for r in command[0]["top"]]
+    for mine, theirs in zip(got[0]["top"], command[0]["top"]):
+        assert mine["class"] == theirs["class"] and mine["prob"] == pytest.approx(theirs["prob"], abs=1e-6)
+
+
+def test_the_python_api_checks_its_options_as_the_command_does(synthetic_run, tmp_path):
+    from mvit import build_model
+    from mvit.predict import predict
+
+    clip = _video(tmp_path / "clip.mkv")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'top'"):
+        predict(synthetic_run, clip, top=3)  # argparse would have taken it for --top-k
+    with pytest.raises(TypeError, match="unexpected keyword argument 'json'"):
+        predict(synthetic_run, clip, json=True)
+    with pytest.raises(ValueError, match=r"predict\(\): argument --test-crops: invalid choice"):
+        predict(synthetic_run, clip, test_crops=2)
+    with pytest.raises(ValueError, match="--top-k must be >= 1"):
+        predict(synthetic_run, clip, top_k=0)
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        predict(synthetic_run, str(tmp_path / "missing.mp4"))
+    with pytest.raises(ValueError, match="inputs: give at least one file"):
+        predict(synthetic_run, [])
+    model = build_model("mvit_tiny", num_classes=4, input_size=(8, 32, 32))
+    with pytest.raises(ValueError, match=r"labels names 2 classes; the model has 4"):
+        predict(model, clip, labels=["a", "b"])
+    with pytest.raises(ValueError, match=r"source= reads weights from a file; the model is given"):
+        predict(model, clip, source="timm")
+    with pytest.raises(ValueError, match="input_mean and input_std go together"):
+        predict(model, clip, input_mean=(0.4, 0.4, 0.4))
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(photo)
+    with pytest.warns(UserWarning, match="is a video model: .* is scored as a one-frame clip"):
+        [result] = predict(model, photo, input_mean=(0.5, 0.5, 0.5), input_std=(0.2, 0.2, 0.2))
+    assert result["views"] == 1 and result["top"][0]["label"] is None
