@@ -108,6 +108,7 @@ def predict(model, inputs, labels=None, **options) -> list[dict]:
     """
     from . import MViT
     from .evaluate import load_model
+    from .training.distributed import parse_device
 
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not inputs:
@@ -150,31 +151,18 @@ def predict(model, inputs, labels=None, **options) -> list[dict]:
             cfg = model.cfg.replace(input_mean=tuple(args.input_mean), input_std=tuple(args.input_std))
             cfg.validate()
             state["model_config"] = cfg
-        device = next(model.parameters()).device if "device" not in options else _device(args.device)
+        device = next(model.parameters()).device if "device" not in options else parse_device(args.device)
     else:
         model, state = load_model(args)
-        device = _device(args.device)
+        device = parse_device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if names is not None:
         if len(names) != state["model_config"].num_classes:
             raise ValueError(f"predict(): labels names {len(names)} classes; the model has "
                              f"{state['model_config'].num_classes}")
         state = dict(state, classes=names)
     return _score(args, model, state, kinds, device, show=False)
-
-
-def _device(name: str) -> torch.device:
-    """--device without a process group: auto, cpu, cuda or cuda:N."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name} requested but no CUDA device is available")
-    return device
 
 
 def _input_kinds(args: argparse.Namespace) -> list[bool]:

@@ -35,10 +35,9 @@ class DistInfo:
         return self.rank == 0
 
 
-def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+def parse_device(device: str) -> torch.device:
+    """--device as a torch.device: auto (CUDA where there is one), cpu, cuda or cuda:N, checked
+    against the machine. ``cuda`` stays without an index (the caller picks it)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -50,6 +49,18 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device} requested but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: CUDA device {dev.index} requested, but there are only "
+                             f"{torch.cuda.device_count()}")
+    return torch.device("cpu") if dev.type == "cpu" else dev
+
+
+def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = parse_device(device)
+    if dev.type == "cuda":
         if dev.index is not None and world > 1:
             raise ValueError(f"--device {device}: under torchrun every rank takes the GPU of its LOCAL_RANK; "
                              "give --device cuda")
@@ -59,8 +70,6 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
                              f"{torch.cuda.device_count()}")
         torch.cuda.set_device(index)
         dev = torch.device("cuda", index)
-    else:
-        dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
