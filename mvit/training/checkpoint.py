@@ -76,13 +76,14 @@ def hold_output_dir(folder: str) -> Iterator[None]:
         return
     f = open(path, "a+")
     try:
+        locked = True
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "a process"
             hint = ""
-            if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "WORLD_SIZE" not in os.environ:
+            if os.environ.get("SLURM_NTASKS", "1") not in ("", "1") and "WORLD_SIZE" not in os.environ:
                 hint = (f". SLURM_NTASKS is {os.environ['SLURM_NTASKS']} and torchrun did not start this process: "
                         "srun starts that many copies of the command, each training alone. Run torchrun under "
                         "srun, one task per node (see the README)")
@@ -91,13 +92,13 @@ def hold_output_dir(folder: str) -> Iterator[None]:
         except OSError as exc:
             warnings.warn(f"--output-dir {folder}: cannot lock {path} ({exc}); nothing keeps a second run "
                           "from training into this folder")
-            yield
-            return
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        yield
+            locked = False
+        if locked:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+        yield  # outside the except blocks: an error of the run is not shown as raised while handling them
     finally:
         f.close()  # and with it the lock
 
