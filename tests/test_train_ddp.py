@@ -10,8 +10,8 @@ import textwrap
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _torchrun(args, tmp_path, timeout=240):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+def _torchrun(args, tmp_path, timeout=240, **env_vars):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **env_vars)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
            "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0"] + args
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(tmp_path), env=env)

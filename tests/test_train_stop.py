@@ -263,10 +263,14 @@ def test_torchrun_restarts_a_failed_run_and_resume_auto_continues_it(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(ELASTIC_JOB)
     out = tmp_path / "run"
+    # The store not shared, as the README says: shared, 3 of 6 restarts read the failed attempt's
+    # addresses (pytorch/pytorch#135712)
     proc = _torchrun(["--max-restarts=1", str(script)] + DDP_ARGS + [
-        "--max-steps", "8", "--ckpt-every", "4", "--output-dir", str(out), "--resume", "auto"], tmp_path)
+        "--max-steps", "8", "--ckpt-every", "4", "--output-dir", str(out), "--resume", "auto"], tmp_path,
+        TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "injected failure in step 6" in proc.stderr  # the first attempt failed
+    assert "pytorch/pytorch#135712" not in proc.stderr  # no warning: the store is not shared
     assert f"--resume auto: no checkpoint in {out}, starting fresh" in proc.stderr
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if r["kind"] == "train"]
@@ -274,3 +278,18 @@ def test_torchrun_restarts_a_failed_run_and_resume_auto_continues_it(tmp_path):
     want = _train_losses(reference)
     for step, loss in _train_losses(out).items():  # the restart replays the uninterrupted run
         assert loss == pytest.approx(want[step], abs=1e-6), step
+
+
+def test_a_restartable_run_with_the_shared_store_is_warned(monkeypatch):
+    from mvit.training import distributed
+
+    for name in ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_MAX_RESTARTS"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.restart_hazard() == ""  # not under torchrun
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    assert distributed.restart_hazard() == ""  # never restarted
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in distributed.restart_hazard()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what torchrun sets with the variable
+    assert distributed.restart_hazard() == ""

