@@ -286,14 +286,19 @@ def load_model(args: argparse.Namespace):
     read. Returns (model, state); the state holds at least ``model_config``, with the input
     normalization of ``args.input_mean`` / ``args.input_std`` where given."""
     model, state = _load_model(args)
+    return model, with_normalization(state, args)
+
+
+def with_normalization(state: dict, args: argparse.Namespace) -> dict:
+    """``state`` with its model config taking ``args.input_mean`` / ``args.input_std`` where given."""
     mean, std = getattr(args, "input_mean", None), getattr(args, "input_std", None)
     if (mean is None) != (std is None):
         raise ValueError("--input-mean and --input-std go together: give both")
-    if mean is not None:
-        cfg = state["model_config"].replace(input_mean=tuple(mean), input_std=tuple(std))
-        cfg.validate()
-        state = dict(state, model_config=cfg)
-    return model, state
+    if mean is None:
+        return state
+    cfg = state["model_config"].replace(input_mean=tuple(mean), input_std=tuple(std))
+    cfg.validate()
+    return dict(state, model_config=cfg)
 
 
 def _load_model(args: argparse.Namespace):

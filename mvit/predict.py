@@ -84,7 +84,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-class _ArgumentError(argparse.ArgumentParser):
+class _RaisingParser(argparse.ArgumentParser):
     """A parser whose errors raise ValueError (a Python call must not exit the interpreter)."""
 
     def error(self, message):
@@ -107,7 +107,7 @@ def predict(model, inputs, labels=None, **options) -> list[dict]:
     group alone.
     """
     from . import MViT
-    from .evaluate import load_model
+    from .evaluate import load_model, with_normalization
     from .training.distributed import parse_device
 
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
@@ -120,7 +120,7 @@ def predict(model, inputs, labels=None, **options) -> list[dict]:
         names = [str(n) for n in labels]
     elif labels is not None:
         argv += ["--labels", os.fspath(labels)]
-    parser = _ArgumentError(prog="mvit")
+    parser = _RaisingParser(prog="mvit")
     add_parser(parser.add_subparsers())
     known = set(vars(parser.parse_args(["predict", "model", "input"]))) - {"inputs", "checkpoint", "json", "func"}
     for key, value in options.items():
@@ -144,13 +144,7 @@ def predict(model, inputs, labels=None, **options) -> list[dict]:
         for flag in ("source", "preset", "ema", "fused"):
             if options.get(flag):
                 raise ValueError(f"predict(): {flag}= reads weights from a file; the model is given")
-        state = {"model_config": model.cfg}
-        if args.input_mean is not None or args.input_std is not None:
-            if args.input_mean is None or args.input_std is None:
-                raise ValueError("predict(): input_mean and input_std go together: give both")
-            cfg = model.cfg.replace(input_mean=tuple(args.input_mean), input_std=tuple(args.input_std))
-            cfg.validate()
-            state["model_config"] = cfg
+        state = with_normalization({"model_config": model.cfg}, args)
         device = next(model.parameters()).device if "device" not in options else parse_device(args.device)
     else:
         model, state = load_model(args)

@@ -235,7 +235,7 @@ def test_the_python_api_checks_its_options_as_the_command_does(synthetic_run, tm
         predict(model, clip, labels=["a", "b"])
     with pytest.raises(ValueError, match=r"source= reads weights from a file; the model is given"):
         predict(model, clip, source="timm")
-    with pytest.raises(ValueError, match="input_mean and input_std go together"):
+    with pytest.raises(ValueError, match="--input-mean and --input-std go together"):
         predict(model, clip, input_mean=(0.4, 0.4, 0.4))
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(photo)
