@@ -120,10 +120,11 @@ class _Indexed(torch.utils.data.Dataset):
 def score_videos(model: Callable, dataset, rank: int, world_size: int, device, batch_size: int = 8,
                  workers: int = 0, multi_label: bool = False, autocast=None,
                  shuffle_frames: bool = False, ensemble: Optional[str] = None,
-                 skipped: Optional[list] = None) -> list[tuple[int, np.ndarray, object]]:
+                 skipped: Optional[list] = None,
+                 stop: Optional[Callable[[], bool]] = None) -> Optional[list[tuple[int, np.ndarray, object]]]:
     """This rank's (video index, aggregated scores, label) triples. Given a ``skipped`` list, a
     video that cannot be read is appended to it as (index, path) and left out, instead of
-    stopping the evaluation."""
+    stopping the evaluation. None when ``stop()`` turned true before a batch."""
     from .data.samplers import shard_indices
 
     subset = _Indexed(dataset, shard_indices(len(dataset), rank, world_size), shuffle_frames, skipped is not None)
@@ -134,6 +135,8 @@ def score_videos(model: Callable, dataset, rank: int, world_size: int, device, b
     out = []
     ctx = autocast or contextlib.nullcontext
     for idx, views, labels, unreadable in loader:
+        if stop is not None and stop():
+            return None
         if skipped is not None:
             skipped.extend(unreadable)
         if views is None:
@@ -163,20 +166,25 @@ def metrics_from_scores(triples: list, multi_label: bool) -> dict:
 
 def evaluate(model: torch.nn.Module, dataset, info, batch_size: int = 8, workers: int = 0,
              multi_label: bool = False, autocast=None, shuffle_frames: bool = False,
-             ensemble: Optional[str] = None, skip_unreadable: bool = False) -> dict:
+             ensemble: Optional[str] = None, skip_unreadable: bool = False,
+             stop: Optional[Callable[[], bool]] = None) -> Optional[dict]:
     """Scores ``dataset`` across all ranks; every rank gets the same metrics. With
     ``skip_unreadable``, videos that cannot be read are left out of the metrics and listed under
     ``"unreadable"`` (absent when there are none); without, the first one stops the evaluation
-    (UnreadableSampleError)."""
+    (UnreadableSampleError). ``stop`` (training's stop signal) is asked before each batch: when it
+    turns true on any rank, that rank stops scoring and every rank returns None, no metrics. The
+    gather of the scores is where they agree, so this costs no collective."""
     was_training = model.training
     model.eval()
     skipped = [] if skip_unreadable else None
     try:
         mine = score_videos(model, dataset, info.rank, info.world_size, info.device, batch_size, workers,
-                            multi_label, autocast, shuffle_frames, ensemble, skipped)
+                            multi_label, autocast, shuffle_frames, ensemble, skipped, stop=stop)
     finally:
         model.train(was_training)
     gathered = dist_utils.all_gather_object((mine, skipped or []))
+    if any(part is None for part, _ in gathered):
+        return None
     metrics = metrics_from_scores([t for part, _ in gathered for t in part], multi_label)
     unreadable = [path for _, path in sorted(s for _, part in gathered for s in part)]
     if unreadable:

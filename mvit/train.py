@@ -479,8 +479,16 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
     def run_seconds() -> float:  # the run's wall time over its processes (resumes)
         return state.wall_before + time.time() - t_start
 
-    if info.is_main:  # before the first write into the folder
-        held.enter_context(ckpt.hold_output_dir(out_dir))
+    # Before the first write into the folder. Every rank learns whether rank 0 holds it: alone,
+    # rank 0's error left the others to fail in their next collective with a gloo traceback.
+    refused = None
+    if info.is_main:
+        try:
+            held.enter_context(ckpt.hold_output_dir(out_dir))
+        except ValueError as exc:
+            refused = exc
+    if dist_utils.any_rank(refused is not None, info.device):
+        raise refused or ValueError(f"--output-dir {out_dir}: rank 0 could not hold it (see its error)")
     log = JsonLog(os.path.join(out_dir, "log.jsonl") if info.is_main else None)
     resumed = _maybe_resume(args, recipe, out_dir, model, optimizer, scaler, ema, state, info, steps_per_epoch)
     if info.is_main and not resumed and os.path.exists(os.path.join(out_dir, "log.jsonl")):
@@ -524,114 +532,140 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    # SIGTERM / SIGUSR1 stop the run after the step in progress, with a checkpoint (signals.py)
-    stop = StopSignals()
+    # SIGTERM / SIGUSR1 stop the run after the step in progress, with a checkpoint (signals.py);
+    # the handlers stay until the run returns, so a signal in its last evaluations stops it too
+    stop = held.enter_context(StopSignals())
     stopping = saved_at = None
-    with stop:
-        while state.epoch < recipe["epochs"] and state.step < max_steps:
-            model.train()
-            sampler.set_epoch(state.epoch, state.epoch_pos)
-            loader = torch.utils.data.DataLoader(
-                data.train, batch_size=micro, sampler=sampler, num_workers=data.workers, drop_last=True,
-                pin_memory=info.device.type == "cuda", persistent_workers=False,
-                worker_init_fn=dataloader_worker_init)
-            remaining = (len(sampler) // micro) // args.accum_steps
-            bar = tqdm(total=remaining, desc=f"epoch {state.epoch + 1}/{recipe['epochs']}", leave=True,
-                       dynamic_ncols=True, file=sys.stderr) if show and tqdm else None
-            it = iter(loader)
-            t_last, clips_since = time.time(), 0
-            for _ in range(remaining):
-                if state.step >= max_steps:
-                    break
-                torch.manual_seed(_step_seed(args.seed, info.rank, state.step))
-                cur_lr = sched.apply(optimizer, state.step)
-                loss_sum = 0.0
-                for k in range(args.accum_steps):
-                    x, y = next(it)
-                    x = x.to(info.device, non_blocking=True)
-                    y = y.to(info.device, non_blocking=True)
-                    x, target, _, _ = mix(x, y)
-                    sync = k == args.accum_steps - 1 or not info.distributed
-                    ctx = contextlib.nullcontext() if sync else net.no_sync()
-                    with ctx:
-                        with autocast():
-                            logits = net(x)
-                        if multi_label:
-                            loss = F.binary_cross_entropy_with_logits(logits.float(), target)
-                        else:
-                            loss = soft_target_cross_entropy(logits, target)
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"loss is {loss.item()} at step {state.step}")
-                        scaler.scale(loss / args.accum_steps).backward()
-                    loss_sum += loss.item() / args.accum_steps
-                if info.distributed:
-                    # the logged loss is the whole global batch's, as in one process (rank 0's own was
-                    # the loss of 1 / world size of it). A stop signal rides along: the ranks that got
-                    # it at different steps stop after the same one.
-                    reduced = torch.tensor([loss_sum, float(stop.requested)], dtype=torch.float64, device=info.device)
-                    loss_sum, stops = dist_utils.all_reduce_sum(reduced).tolist()
-                    loss_sum /= info.world_size
-                    stopping = stops > 0
-                else:
-                    stopping = stop.requested
-                if recipe["clip_grad"] > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip_grad"])
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if ema:
-                    ema.update(model)
-                state.step += 1
-                state.epoch_pos += micro * args.accum_steps
-                clips_since += global_batch
-                if info.is_main:
-                    log.write(kind="train", epoch=state.epoch, step=state.step, loss=loss_sum, lr=cur_lr,
-                              time=round(run_seconds(), 2))
-                if bar:
-                    now = time.time()
-                    bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{cur_lr:.2e}",
-                                    clips_s=f"{clips_since / max(now - t_last, 1e-9):.0f}")
-                    if now - t_last > 5:
-                        t_last, clips_since = now, 0
-                    bar.update(1)
-                if args.ckpt_every and state.step % args.ckpt_every == 0:
-                    save(state.epoch)
-                    saved_at = state.step
-                if stopping:
-                    break
+
+    def stop_requested() -> bool:  # evaluations end early on it (every rank then returns None)
+        return stop.requested
+
+    while state.epoch < recipe["epochs"] and state.step < max_steps:
+        model.train()
+        sampler.set_epoch(state.epoch, state.epoch_pos)
+        loader = torch.utils.data.DataLoader(
+            data.train, batch_size=micro, sampler=sampler, num_workers=data.workers, drop_last=True,
+            pin_memory=info.device.type == "cuda", persistent_workers=False,
+            worker_init_fn=dataloader_worker_init)
+        remaining = (len(sampler) // micro) // args.accum_steps
+        bar = tqdm(total=remaining, desc=f"epoch {state.epoch + 1}/{recipe['epochs']}", leave=True,
+                   dynamic_ncols=True, file=sys.stderr) if show and tqdm else None
+        it = iter(loader)
+        t_last, clips_since = time.time(), 0
+        for _ in range(remaining):
+            if state.step >= max_steps:
+                break
+            torch.manual_seed(_step_seed(args.seed, info.rank, state.step))
+            cur_lr = sched.apply(optimizer, state.step)
+            loss_sum = 0.0
+            for k in range(args.accum_steps):
+                x, y = next(it)
+                x = x.to(info.device, non_blocking=True)
+                y = y.to(info.device, non_blocking=True)
+                x, target, _, _ = mix(x, y)
+                sync = k == args.accum_steps - 1 or not info.distributed
+                ctx = contextlib.nullcontext() if sync else net.no_sync()
+                with ctx:
+                    with autocast():
+                        logits = net(x)
+                    if multi_label:
+                        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+                    else:
+                        loss = soft_target_cross_entropy(logits, target)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss.item()} at step {state.step}")
+                    scaler.scale(loss / args.accum_steps).backward()
+                loss_sum += loss.item() / args.accum_steps
+            if info.distributed:
+                # the logged loss is the whole global batch's, as in one process (rank 0's own was
+                # the loss of 1 / world size of it). A stop signal rides along: the ranks that got
+                # it at different steps stop after the same one.
+                reduced = torch.tensor([loss_sum, float(stop.requested)], dtype=torch.float64, device=info.device)
+                loss_sum, stops = dist_utils.all_reduce_sum(reduced).tolist()
+                loss_sum /= info.world_size
+                stopping = stops > 0
+            else:
+                stopping = stop.requested
+            if recipe["clip_grad"] > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip_grad"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema:
+                ema.update(model)
+            state.step += 1
+            state.epoch_pos += micro * args.accum_steps
+            clips_since += global_batch
+            if info.is_main:
+                log.write(kind="train", epoch=state.epoch, step=state.step, loss=loss_sum, lr=cur_lr,
+                          time=round(run_seconds(), 2))
             if bar:
-                bar.close()
-            del it, loader
-            # done when no full step is left: a position that is no multiple of a step must end the
-            # epoch too, not start it again and again with nothing to train
-            epoch_done = sampler.per_rank - state.epoch_pos < micro * args.accum_steps
-            if epoch_done:
-                state.epoch += 1
-                state.epoch_pos = 0
-            if stopping:
-                if saved_at != state.step:
-                    save(state.epoch)
-                break
-            # The checkpoint comes before the evaluation, which can take minutes: a stop signal or a
-            # failure during it loses that evaluation, not the epoch. A signal that came during the
-            # checkpoint skips the evaluation; one during the evaluation stops the next step.
-            save(state.epoch)
-            stopping = _all_agree_to_stop(stop.requested, info)
+                now = time.time()
+                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{cur_lr:.2e}",
+                                clips_s=f"{clips_since / max(now - t_last, 1e-9):.0f}")
+                if now - t_last > 5:
+                    t_last, clips_since = now, 0
+                bar.update(1)
+            if args.ckpt_every and state.step % args.ckpt_every == 0:
+                save(state.epoch)
+                saved_at = state.step
             if stopping:
                 break
-            finished = state.epoch >= recipe["epochs"] or state.step >= max_steps
-            if data.val is not None and (finished or (epoch_done and state.epoch % recipe["eval_every"] == 0)):
-                eval_model = ema.module if ema else model
-                # An unreadable validation video is left out and listed (log, result.json, the line
-                # below), not an error: it would end the run here.
-                last_metrics = evaluate(eval_model, data.val, info, batch_size=max(1, micro), workers=data.workers,
-                                        multi_label=multi_label, autocast=autocast, skip_unreadable=True)
-                if info.is_main:
-                    log.write(kind="val", epoch=state.epoch, step=state.step,
-                              time=round(run_seconds(), 2),
-                              ema=ema is not None, **last_metrics)
-                    print(f"epoch {state.epoch}: " + _fmt(last_metrics), file=sys.stderr, flush=True)
+        if bar:
+            bar.close()
+        del it, loader
+        # done when no full step is left: a position that is no multiple of a step must end the
+        # epoch too, not start it again and again with nothing to train
+        epoch_done = sampler.per_rank - state.epoch_pos < micro * args.accum_steps
+        if epoch_done:
+            state.epoch += 1
+            state.epoch_pos = 0
+        if stopping:
+            if saved_at != state.step:
+                save(state.epoch)
+            break
+        # The checkpoint comes before the evaluation, which can take minutes: a stop signal or a
+        # failure during it loses that evaluation, not the epoch.
+        save(state.epoch)
+        stopping = dist_utils.any_rank(stop.requested, info.device)
+        if stopping:
+            break
+        finished = state.epoch >= recipe["epochs"] or state.step >= max_steps
+        if data.val is not None and (finished or (epoch_done and state.epoch % recipe["eval_every"] == 0)):
+            eval_model = ema.module if ema else model
+            # An unreadable validation video is left out and listed (log, result.json, the line
+            # below), not an error: it would end the run here.
+            last_metrics = evaluate(eval_model, data.val, info, batch_size=max(1, micro), workers=data.workers,
+                                    multi_label=multi_label, autocast=autocast, skip_unreadable=True,
+                                    stop=stop_requested)
+            if last_metrics is None:  # a stop signal ended it; the checkpoint above holds the run
+                stopping, last_metrics = True, {}
+                break
+            if info.is_main:
+                log.write(kind="val", epoch=state.epoch, step=state.step,
+                          time=round(run_seconds(), 2),
+                          ema=ema is not None, **last_metrics)
+                print(f"epoch {state.epoch}: " + _fmt(last_metrics), file=sys.stderr, flush=True)
+
+    if not stopping and data.val is not None and not last_metrics:
+        # Resumed at the end of its run (or past a shortened --epochs / --max-steps): nothing was
+        # trained, so evaluate the checkpoint rather than report no metrics.
+        if info.is_main:
+            print(f"nothing left to train (epoch {state.epoch} of {recipe['epochs']}, step {state.step}): "
+                  "evaluating the checkpoint", file=sys.stderr, flush=True)
+        last_metrics = evaluate(ema.module if ema else model, data.val, info, batch_size=max(1, micro),
+                                workers=data.workers, multi_label=multi_label, autocast=autocast,
+                                skip_unreadable=True, stop=stop_requested)
+        stopping = last_metrics is None
+    # with --ema-decay the EMA weights are validated, and `mvit eval` scores them with --ema only
+    result = {"val": last_metrics, "ema": ema is not None, "steps": state.step, "epochs": state.epoch}
+    if not stopping and recipe["synthetic"] and data.val is not None:
+        shuffled = evaluate(ema.module if ema else model, data.val, info, batch_size=max(1, micro),
+                            workers=data.workers, multi_label=False, autocast=autocast, shuffle_frames=True,
+                            stop=stop_requested)
+        stopping = shuffled is None
+        result["val_shuffled_frames"] = shuffled
 
     if stopping:
         name = ckpt.checkpoint_name(state.epoch, state.step)
@@ -644,21 +678,6 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
         dist_utils.cleanup()
         return {"stopped": stop.signum or int(signal.SIGTERM), "steps": state.step, "epochs": state.epoch}
 
-    if data.val is not None and not last_metrics:
-        # Resumed at the end of its run (or past a shortened --epochs / --max-steps): nothing was
-        # trained, so evaluate the checkpoint rather than report no metrics.
-        if info.is_main:
-            print(f"nothing left to train (epoch {state.epoch} of {recipe['epochs']}, step {state.step}): "
-                  "evaluating the checkpoint", file=sys.stderr, flush=True)
-        last_metrics = evaluate(ema.module if ema else model, data.val, info, batch_size=max(1, micro),
-                                workers=data.workers, multi_label=multi_label, autocast=autocast,
-                                skip_unreadable=True)
-    # with --ema-decay the EMA weights are validated, and `mvit eval` scores them with --ema only
-    result = {"val": last_metrics, "ema": ema is not None, "steps": state.step, "epochs": state.epoch}
-    if recipe["synthetic"] and data.val is not None:
-        shuffled = evaluate(ema.module if ema else model, data.val, info, batch_size=max(1, micro),
-                            workers=data.workers, multi_label=False, autocast=autocast, shuffle_frames=True)
-        result["val_shuffled_frames"] = shuffled
     # the whole run's, over resumes (a finished run resumed to evaluate it again kept only the
     # evaluation's seconds)
     result["wall_s"] = round(run_seconds(), 1)
@@ -681,14 +700,6 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
         print(f"checkpoints, log.jsonl, curves.png, result.json in {out_dir}")
     dist_utils.cleanup()
     return result
-
-
-def _all_agree_to_stop(local: bool, info) -> bool:
-    """Whether any rank got a stop signal (every rank must call this at the same point)."""
-    if not info.distributed:
-        return local
-    flag = torch.tensor([float(local)], dtype=torch.float64, device=info.device)
-    return dist_utils.all_reduce_sum(flag).item() > 0
 
 
 def _fmt(metrics: dict) -> str:

@@ -136,3 +136,29 @@ def test_the_lock_names_its_holder_and_ends_with_the_block(tmp_path):
                 pass
     with ckpt.hold_output_dir(out):  # released
         pass
+
+
+def _set_and_sleep(event):
+    event.set()
+    __import__("time").sleep(60)
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    # DataLoader workers are forked, and a forked child shares an flock while it keeps the
+    # descriptor: a rank that died left its workers holding the folder for a few seconds, and
+    # torchrun's restart of the run was refused.
+    import multiprocessing
+
+    out = str(tmp_path / "run")
+    fork = multiprocessing.get_context("fork")
+    started = fork.Event()
+    with ckpt.hold_output_dir(out):
+        child = fork.Process(target=_set_and_sleep, args=(started,))
+        child.start()
+        assert started.wait(60)  # running its own code: whatever it does at fork is done
+    try:
+        with ckpt.hold_output_dir(out):  # free, though the child still runs
+            assert child.is_alive()
+    finally:
+        child.kill()
+        child.join()

@@ -92,21 +92,56 @@ def test_a_signal_during_the_epochs_checkpoint_skips_its_evaluation(tmp_path, mo
     assert "after step 8" in capsys.readouterr().err
 
 
-def test_a_signal_during_an_evaluation_lets_it_finish_and_stops_after_the_next_step(tmp_path, monkeypatch):
+def test_a_signal_during_an_evaluation_ends_it_without_scores_and_stops_the_run(tmp_path, monkeypatch, capsys):
+    # An evaluation takes minutes on Kinetics: let run to its end, its workers' grace ran out and
+    # the run died with a traceback. The epoch's checkpoint is already written.
+    import mvit.evaluate
+
+    out = str(tmp_path / "run")
+    batches = []
+    score_videos = mvit.evaluate.score_videos
+
+    def score_with_a_signal(*args, stop=None, **kwargs):
+        def signalled_then_asked():
+            if not batches:
+                os.kill(os.getpid(), signal.SIGTERM)
+            batches.append(stop())
+            return batches[-1]
+        return score_videos(*args, stop=signalled_then_asked, **kwargs)
+
+    monkeypatch.setattr(mvit.evaluate, "score_videos", score_with_a_signal)
+    assert main(COMMON + ["--output-dir", out, "--keep-ckpts", "0"]) == 128 + signal.SIGTERM
+    assert batches == [True]  # stopped before its first batch
+    records = _records(out)
+    assert [(r["kind"], r["step"]) for r in records if r["kind"] in ("val", "stop")] == [("stop", 8)]
+    assert [ckpt.load(p)["step"] for p in ckpt.list_checkpoints(out)] == [8]
+    assert "after step 8" in capsys.readouterr().err
+
+
+def test_a_signal_in_the_last_evaluations_stops_the_run_and_resume_evaluates(tmp_path, monkeypatch):
+    # After the training loop: the synthetic task's shuffled-frames evaluation (and a finished
+    # run's "nothing left to train" one). The handlers were put back before them, so a signal
+    # killed the run there, with no stop record.
     import mvit.evaluate
 
     out = str(tmp_path / "run")
     evaluate = mvit.evaluate.evaluate
 
-    def evaluate_with_a_signal(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
+    def signal_in_the_shuffled_one(*args, **kwargs):
+        if kwargs.get("shuffle_frames"):
+            os.kill(os.getpid(), signal.SIGTERM)
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(mvit.evaluate, "evaluate", evaluate_with_a_signal)
-    assert main(COMMON + ["--output-dir", out, "--keep-ckpts", "0"]) == 128 + signal.SIGTERM
-    records = _records(out)
-    assert [(r["kind"], r["step"]) for r in records if r["kind"] in ("val", "stop")] == [("val", 8), ("stop", 9)]
-    assert [ckpt.load(p)["step"] for p in ckpt.list_checkpoints(out)] == [9, 8]
+    monkeypatch.setattr(mvit.evaluate, "evaluate", signal_in_the_shuffled_one)
+    argv = COMMON + ["--output-dir", out, "--max-steps", "8"]
+    assert main(argv) == 128 + signal.SIGTERM
+    assert not os.path.exists(os.path.join(out, "result.json"))
+    assert _records(out)[-1]["kind"] == "stop"
+    monkeypatch.undo()
+    assert main(argv + ["--resume", "auto"]) == 0  # nothing left to train: it evaluates
+    with open(os.path.join(out, "result.json")) as f:
+        result = json.load(f)
+    assert result["steps"] == 8 and result["val"]["videos"] == 16 and result["val_shuffled_frames"]["videos"] == 16
 
 
 def test_a_stop_at_a_periodic_checkpoint_writes_it_once(tmp_path, monkeypatch):
@@ -265,9 +300,11 @@ def test_torchrun_restarts_a_failed_run_and_resume_auto_continues_it(tmp_path):
     out = tmp_path / "run"
     # The store not shared, as the README says: shared, 3 of 6 restarts read the failed attempt's
     # addresses (pytorch/pytorch#135712)
+    # DataLoader workers too: forked, they kept the dead rank's lock on the folder, and the restart
+    # was refused
     proc = _torchrun(["--max-restarts=1", str(script)] + DDP_ARGS + [
-        "--max-steps", "8", "--ckpt-every", "4", "--output-dir", str(out), "--resume", "auto"], tmp_path,
-        TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+        "--max-steps", "8", "--ckpt-every", "4", "--workers", "2", "--output-dir", str(out), "--resume", "auto"],
+        tmp_path, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "injected failure in step 6" in proc.stderr  # the first attempt failed
     assert "pytorch/pytorch#135712" not in proc.stderr  # no warning: the store is not shared
@@ -293,3 +330,15 @@ def test_a_restartable_run_with_the_shared_store_is_warned(monkeypatch):
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in distributed.restart_hazard()
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what torchrun sets with the variable
     assert distributed.restart_hazard() == ""
+
+
+def test_every_rank_says_why_when_the_folder_is_held(tmp_path):
+    # Rank 0 alone checked the lock: its error left rank 1 to fail in its next collective with a
+    # gloo traceback.
+    out = tmp_path / "run"
+    with ckpt.hold_output_dir(str(out)):
+        proc = _torchrun(["-m", "mvit"] + DDP_ARGS + ["--output-dir", str(out)], tmp_path)
+    assert proc.returncode != 0
+    assert f"[rank 0] failed: ValueError: --output-dir {out}: another run is training in it" in proc.stderr
+    assert f"[rank 1] failed: ValueError: --output-dir {out}: rank 0 could not hold it" in proc.stderr
+    assert "gloo" not in proc.stderr and "pair.cc" not in proc.stderr, proc.stderr[-3000:]  # torchrun's own remains

@@ -60,6 +60,24 @@ def atomic_save(obj: Any, path: str) -> None:
 #: The lock file of :func:`hold_output_dir`, which names the process holding it.
 LOCK_NAME = ".mvit-train.lock"
 
+# Descriptors of the held locks. A forked child (a DataLoader worker) shares an flock while it
+# keeps the descriptor: a rank that died left its workers holding the folder for a few seconds,
+# and torchrun's restart of the run was refused. Forked children close them at once.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in _HELD_LOCKS:
+        try:
+            os.close(fd)  # not LOCK_UN, which would unlock the parent's lock too
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
 
 @contextlib.contextmanager
 def hold_output_dir(folder: str) -> Iterator[None]:
@@ -74,14 +92,14 @@ def hold_output_dir(folder: str) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    f = open(path, "a+")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)  # CLOEXEC: spawned children
+    _HELD_LOCKS.add(fd)
     try:
         locked = True
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "a process"
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process"
             hint = ""
             if os.environ.get("SLURM_NTASKS", "1") not in ("", "1") and "WORLD_SIZE" not in os.environ:
                 hint = (f". SLURM_NTASKS is {os.environ['SLURM_NTASKS']} and torchrun did not start this process: "
@@ -94,13 +112,12 @@ def hold_output_dir(folder: str) -> Iterator[None]:
                           "from training into this folder")
             locked = False
         if locked:
-            f.seek(0)
-            f.truncate()
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            f.flush()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield  # outside the except blocks: an error of the run is not shown as raised while handling them
     finally:
-        f.close()  # and with it the lock
+        _HELD_LOCKS.discard(fd)
+        os.close(fd)  # and with it the lock
 
 
 def list_checkpoints(folder: str) -> list[str]:

@@ -124,6 +124,15 @@ def all_gather_object(obj: Any) -> list:
     return out
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any rank (every rank must call this at the same point)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)

@@ -58,7 +58,9 @@ class StopSignals:
         self._previous.clear()
 
     def _record(self, signum: int, frame) -> None:
-        if self.signum is None:  # the first signal names the stop
+        # The first signal handled names the stop (CPython handles signals that arrive together in
+        # number order, so SIGTERM and SIGUSR1 at once name SIGUSR1).
+        if self.signum is None:
             self.signum = signum
 
     @property
