@@ -122,9 +122,10 @@ def predict(model, inputs, labels=None, **options) -> list[dict]:
         argv += ["--labels", os.fspath(labels)]
     parser = _RaisingParser(prog="mvit")
     add_parser(parser.add_subparsers())
+    # the flags by name; labels is predict()'s own argument, so never among the options
     known = set(vars(parser.parse_args(["predict", "model", "input"]))) - {"inputs", "checkpoint", "json", "func"}
     for key, value in options.items():
-        if key not in known or key == "labels":
+        if key not in known:
             raise TypeError(f"predict() got an unexpected keyword argument {key!r}")
         if value is None or value is False:  # the flag's default
             continue

@@ -154,13 +154,10 @@ def test_a_stop_at_a_periodic_checkpoint_writes_it_once(tmp_path, monkeypatch):
     assert written == [3, 6]
 
 
-def test_the_signal_to_the_whole_process_group_leaves_the_workers_serving(tmp_path):
-    # SLURM signals every process of the job, DataLoader workers included: killed at once, they
-    # made the main process fail at its next batch, before it could save.
-    out = tmp_path / "run"
+def _signal_after_a_step(cmd, out, tmp_path, send):
+    """Start ``cmd`` in a session of its own, wait until it logs a training step into ``out``,
+    ``send(proc)`` the signal and wait for it to end; (proc, its stderr)."""
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "mvit", "train", "--synthetic-size", "256", "16", "--batch-size", "8",
-           "--epochs", "50", "--workers", "2", "--threads", "1", "--no-progress", "--output-dir", str(out)]
     proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -168,15 +165,24 @@ def test_the_signal_to_the_whole_process_group_leaves_the_workers_serving(tmp_pa
         while not (out / "log.jsonl").exists() or '"kind": "train"' not in (out / "log.jsonl").read_text():
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGTERM)
+        send(proc)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    return proc, err
+
+
+def test_the_signal_to_the_whole_process_group_leaves_the_workers_serving(tmp_path):
+    # SLURM signals every process of the job, DataLoader workers included: killed at once, they
+    # made the main process fail at its next batch, before it could save.
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mvit", "train", "--synthetic-size", "256", "16", "--batch-size", "8",
+           "--epochs", "50", "--workers", "2", "--threads", "1", "--no-progress", "--output-dir", str(out)]
+    proc, err = _signal_after_a_step(cmd, out, tmp_path, lambda p: os.killpg(p.pid, signal.SIGTERM))
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err and "stopped by a signal (SIGTERM)" in err, err[-3000:]
-    logged = max(r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
-                 if r["kind"] == "train")
+    logged = max(r["step"] for r in _records(out) if r["kind"] == "train")
     [saved] = ckpt.list_checkpoints(str(out))
     assert ckpt.load(saved)["step"] == logged
     deadline = time.time() + 30  # and no worker is left behind
@@ -212,18 +218,24 @@ def test_the_dataloader_worker_grace_ends_with_sigalrm(tmp_path):
     assert time.time() - start < 4.5
 
 
-JOB = """
-import os, signal, sys
-import mvit.train
-from mvit.cli import main
-draw = mvit.train._step_seed
-def step_seed(seed, rank, step):
-    if rank == 1 and step == 2:  # rank 1 alone is signalled, during step 3
-        os.kill(os.getpid(), signal.SIGTERM)
-    return draw(seed, rank, step)
-mvit.train._step_seed = step_seed
-sys.exit(main(sys.argv[1:]))
-"""
+def _job(when: str, then: str) -> str:
+    """A torchrun job script: ``mvit`` with its argv, which runs ``then`` as a step starts where
+    ``when`` holds (``rank``; ``step``: the steps done)."""
+    return textwrap.dedent(f"""
+        import os, signal, sys
+        import mvit.train
+        from mvit.cli import main
+        draw = mvit.train._step_seed
+        def step_seed(seed, rank, step):
+            if {when}:
+                {then}
+            return draw(seed, rank, step)
+        mvit.train._step_seed = step_seed
+        sys.exit(main(sys.argv[1:]))
+    """)
+
+
+JOB = _job("rank == 1 and step == 2", "os.kill(os.getpid(), signal.SIGTERM)")  # rank 1 alone, during step 3
 
 DDP_ARGS = ["train", "--synthetic-size", "96", "16", "--batch-size", "16", "--epochs", "2", "--drop-path", "0",
             "--threads", "1", "--no-progress"]
@@ -251,41 +263,20 @@ def test_ranks_signalled_apart_stop_after_the_same_step(tmp_path):
 
 def test_torchrun_forwards_sigterm_and_every_rank_saves_before_it_exits(tmp_path):
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
            "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", "-m", "mvit"] + DDP_ARGS + [
            "--epochs", "50", "--output-dir", str(out)]
-    proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while not (out / "log.jsonl").exists() or '"kind": "train"' not in (out / "log.jsonl").read_text():
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)  # to torchrun alone, as Kubernetes does
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    # to torchrun alone, as Kubernetes does
+    _, err = _signal_after_a_step(cmd, out, tmp_path, lambda p: p.send_signal(signal.SIGTERM))
     assert "stopped by a signal (SIGTERM)" in err, err[-3000:]
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    records = _records(out)
     assert records[-1]["kind"] == "stop"
     [saved] = ckpt.list_checkpoints(str(out))
     assert ckpt.load(saved)["step"] == records[-1]["step"] == max(r["step"] for r in records if r["kind"] == "train")
 
 
-ELASTIC_JOB = """
-import os, sys
-import mvit.train
-from mvit.cli import main
-draw = mvit.train._step_seed
-def step_seed(seed, rank, step):
-    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and rank == 1 and step == 5:
-        raise RuntimeError("injected failure in step 6")
-    return draw(seed, rank, step)
-mvit.train._step_seed = step_seed
-sys.exit(main(sys.argv[1:]))
-"""
+ELASTIC_JOB = _job('os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and rank == 1 and step == 5',
+                   'raise RuntimeError("injected failure in step 6")')
 
 
 def test_torchrun_restarts_a_failed_run_and_resume_auto_continues_it(tmp_path):

@@ -95,7 +95,6 @@ def hold_output_dir(folder: str) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)  # CLOEXEC: spawned children
     _HELD_LOCKS.add(fd)
     try:
-        locked = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -110,8 +109,7 @@ def hold_output_dir(folder: str) -> Iterator[None]:
         except OSError as exc:
             warnings.warn(f"--output-dir {folder}: cannot lock {path} ({exc}); nothing keeps a second run "
                           "from training into this folder")
-            locked = False
-        if locked:
+        else:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield  # outside the except blocks: an error of the run is not shown as raised while handling them

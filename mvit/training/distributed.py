@@ -62,7 +62,7 @@ def restart_hazard() -> str:
     job and hands it to every attempt, which sets up its process group under the same keys as
     the failed one. A restarted rank can then read a dead rank's address: gloo fails with
     "connectFullMesh failed ... Connection refused" and NCCL can hang (pytorch/pytorch#135712).
-    Here 3 of 6 restarts of a 2-rank gloo run failed that way, and none of 6 with the store
+    Here 3 of 6 restarts of a 2-rank gloo run failed that way, and none of 10 with the store
     not shared (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which the launcher must see)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return ""
