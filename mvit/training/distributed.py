@@ -90,7 +90,7 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
             raise ValueError(f"--device {device}: under torchrun every rank takes the GPU of its LOCAL_RANK; "
                              "give --device cuda")
         index = local_rank if dev.index is None else dev.index
-        if index >= torch.cuda.device_count():
+        if index >= torch.cuda.device_count():  # LOCAL_RANK's (parse_device checked a given index)
             raise ValueError(f"--device {device}: CUDA device {index} requested, but there are only "
                              f"{torch.cuda.device_count()}")
         torch.cuda.set_device(index)
