@@ -44,7 +44,7 @@ from .cli import finite_float
 from .training import checkpoint as ckpt
 from .training import distributed as dist_utils
 from .training.ema import ModelEMA
-from .training.logs import JsonLog, plot_curves, truncate_after as truncate_log_after
+from .training.logs import JsonLog, plot_curves, read_jsonl, truncate_after as truncate_log_after
 from .training.mixup import MixupCutmix, soft_target_cross_entropy
 from .data.video import TEMPORAL_SAMPLING
 from .training.optim import OPTIMIZERS, WarmupCosine, build_optimizer
@@ -540,7 +540,29 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
     def stop_requested() -> bool:  # evaluations end early on it (every rank then returns None)
         return stop.requested
 
-    while state.epoch < recipe["epochs"] and state.step < max_steps:
+    def validate() -> Optional[dict]:
+        """The epoch-end evaluation, logged; None when a stop signal ended it."""
+        # An unreadable validation video is left out and listed (log, result.json, the line
+        # below), not an error: it would end the run here.
+        metrics = evaluate(ema.module if ema else model, data.val, info, batch_size=max(1, micro),
+                           workers=data.workers, multi_label=multi_label, autocast=autocast,
+                           skip_unreadable=True, stop=stop_requested)
+        if metrics is not None and info.is_main:
+            log.write(kind="val", epoch=state.epoch, step=state.step, time=round(run_seconds(), 2),
+                      ema=ema is not None, **metrics)
+            print(f"epoch {state.epoch}: " + _fmt(metrics), file=sys.stderr, flush=True)
+        return metrics
+
+    # Resumed from an epoch's checkpoint whose evaluation a stop cut short (or never started):
+    # that evaluation comes first, on the same weights, so every epoch keeps its scores.
+    if resumed and data.val is not None and dist_utils.any_rank(
+            info.is_main and _evaluation_missed(os.path.join(out_dir, "log.jsonl"), state, recipe, max_steps),
+            info.device):
+        last_metrics = validate()
+        stopping = last_metrics is None
+        last_metrics = last_metrics or {}
+
+    while not stopping and state.epoch < recipe["epochs"] and state.step < max_steps:
         model.train()
         sampler.set_epoch(state.epoch, state.epoch_pos)
         loader = torch.utils.data.DataLoader(
@@ -632,21 +654,11 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
         if stopping:
             break
         finished = state.epoch >= recipe["epochs"] or state.step >= max_steps
-        if data.val is not None and (finished or (epoch_done and state.epoch % recipe["eval_every"] == 0)):
-            eval_model = ema.module if ema else model
-            # An unreadable validation video is left out and listed (log, result.json, the line
-            # below), not an error: it would end the run here.
-            last_metrics = evaluate(eval_model, data.val, info, batch_size=max(1, micro), workers=data.workers,
-                                    multi_label=multi_label, autocast=autocast, skip_unreadable=True,
-                                    stop=stop_requested)
+        if data.val is not None and (finished or (epoch_done and _evaluated_after(state.epoch, recipe))):
+            last_metrics = validate()
             if last_metrics is None:  # a stop signal ended it; the checkpoint above holds the run
                 stopping, last_metrics = True, {}
                 break
-            if info.is_main:
-                log.write(kind="val", epoch=state.epoch, step=state.step,
-                          time=round(run_seconds(), 2),
-                          ema=ema is not None, **last_metrics)
-                print(f"epoch {state.epoch}: " + _fmt(last_metrics), file=sys.stderr, flush=True)
 
     if not stopping and data.val is not None and not last_metrics:
         # Resumed at the end of its run (or past a shortened --epochs / --max-steps): nothing was
@@ -700,6 +712,23 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
         print(f"checkpoints, log.jsonl, curves.png, result.json in {out_dir}")
     dist_utils.cleanup()
     return result
+
+
+def _evaluated_after(epoch: int, recipe: dict) -> bool:
+    """Whether the run evaluates at the end of epoch ``epoch`` (counted from 1) before its last."""
+    return epoch % recipe["eval_every"] == 0
+
+
+def _evaluation_missed(log_path: str, state: TrainState, recipe: dict, max_steps: int) -> bool:
+    """Whether a run resumed at ``state`` owes the evaluation of the epoch that just ended: its
+    checkpoint is an epoch's end (written before the evaluation), one was due there, and the log
+    has no scores for that step. A finished run is evaluated at its end anyway."""
+    if state.epoch_pos or not state.epoch or state.epoch >= recipe["epochs"] or state.step >= max_steps:
+        return False
+    if not _evaluated_after(state.epoch, recipe):
+        return False
+    records = read_jsonl(log_path) if os.path.exists(log_path) else []
+    return not any(r.get("kind") == "val" and r.get("step") == state.step for r in records)
 
 
 def _fmt(metrics: dict) -> str:

@@ -69,10 +69,35 @@ def test_a_stop_signal_saves_the_step_and_resume_continues_the_run(tmp_path, mon
         assert json.load(f)["val"] == json.load(g)["val"]
 
 
-def test_a_signal_during_the_epochs_checkpoint_skips_its_evaluation(tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The log records of COMMON's run, not stopped."""
+    out = str(tmp_path_factory.mktemp("uninterrupted"))
+    assert main(COMMON + ["--output-dir", out]) == 0
+    return _records(out)
+
+
+def _scores(records):
+    """(step, scores) of every epoch-end evaluation in a log."""
+    return [(r["step"], {k: v for k, v in r.items() if k != "time"}) for r in records if r["kind"] == "val"]
+
+
+def _resume_has_every_evaluation(out, uninterrupted, capsys):
+    # the evaluation the stop cut short is made on resume, before training goes on, and gives
+    # the uninterrupted run's scores: each epoch keeps its scores, once
+    capsys.readouterr()
+    assert main(COMMON + ["--output-dir", out, "--resume", "auto"]) == 0
+    records = _records(out)
+    assert _scores(records) == _scores(uninterrupted) and [s for s, _ in _scores(records)] == [8, 12]
+    first_val = next(i for i, r in enumerate(records) if r["kind"] == "val")
+    assert all(r["step"] <= 8 for r in records[:first_val] if r["kind"] == "train")
+    assert "epoch 1: " in capsys.readouterr().err
+
+
+def test_a_signal_during_the_epochs_checkpoint_skips_its_evaluation(tmp_path, monkeypatch, capsys, uninterrupted):
     # The epoch's checkpoint is written before its evaluation (minutes on Kinetics), so a signal
     # that comes while it is written stops the run there, and one during the evaluation loses
-    # only the evaluation.
+    # only the evaluation (made again on resume).
     out = str(tmp_path / "run")
     save = ckpt.atomic_save
 
@@ -90,9 +115,20 @@ def test_a_signal_during_the_epochs_checkpoint_skips_its_evaluation(tmp_path, mo
     state = ckpt.load(saved)
     assert (state["step"], state["epoch"], state["sampler"]["position"]) == (8, 1, 0)
     assert "after step 8" in capsys.readouterr().err
+    monkeypatch.undo()
+    _resume_has_every_evaluation(out, uninterrupted, capsys)
 
 
-def test_a_signal_during_an_evaluation_ends_it_without_scores_and_stops_the_run(tmp_path, monkeypatch, capsys):
+def test_an_epoch_evaluated_before_the_stop_is_not_evaluated_again(tmp_path, uninterrupted):
+    out = str(tmp_path / "run")
+    assert main(COMMON + ["--output-dir", out, "--keep-ckpts", "0"]) == 0
+    os.unlink(os.path.join(out, ckpt.checkpoint_name(1, 12)))  # as if killed before it was written
+    assert main(COMMON + ["--output-dir", out, "--resume", "auto"]) == 0
+    assert _scores(_records(out)) == _scores(uninterrupted)
+
+
+def test_a_signal_during_an_evaluation_ends_it_without_scores_and_stops_the_run(tmp_path, monkeypatch, capsys,
+                                                                                 uninterrupted):
     # An evaluation takes minutes on Kinetics: let run to its end, its workers' grace ran out and
     # the run died with a traceback. The epoch's checkpoint is already written.
     import mvit.evaluate
@@ -116,6 +152,8 @@ def test_a_signal_during_an_evaluation_ends_it_without_scores_and_stops_the_run(
     assert [(r["kind"], r["step"]) for r in records if r["kind"] in ("val", "stop")] == [("stop", 8)]
     assert [ckpt.load(p)["step"] for p in ckpt.list_checkpoints(out)] == [8]
     assert "after step 8" in capsys.readouterr().err
+    monkeypatch.undo()
+    _resume_has_every_evaluation(out, uninterrupted, capsys)
 
 
 def test_a_signal_in_the_last_evaluations_stops_the_run_and_resume_evaluates(tmp_path, monkeypatch):
@@ -235,30 +273,34 @@ def _job(when: str, then: str) -> str:
     """)
 
 
-JOB = _job("rank == 1 and step == 2", "os.kill(os.getpid(), signal.SIGTERM)")  # rank 1 alone, during step 3
+# rank 1 alone, during step 6 of 6 in epoch 0
+JOB = _job("rank == 1 and step == 5", "os.kill(os.getpid(), signal.SIGTERM)")
 
 DDP_ARGS = ["train", "--synthetic-size", "96", "16", "--batch-size", "16", "--epochs", "2", "--drop-path", "0",
             "--threads", "1", "--no-progress"]
 
 
 def test_ranks_signalled_apart_stop_after_the_same_step(tmp_path):
-    # Rank 0 never gets the signal; without agreeing, it went on into step 4's all-reduce, which
+    # Rank 0 never gets the signal; without agreeing, it went on into the next collective, which
     # rank 1 never joined.
     script = tmp_path / "job.py"
     script.write_text(JOB)
     out = tmp_path / "run"
     proc = _torchrun([str(script)] + DDP_ARGS + ["--output-dir", str(out)], tmp_path)
     assert proc.returncode != 0  # torchrun reports the ranks' exit code 143 as a failure
-    assert "stopped by a signal on another rank after step 3" in proc.stderr, proc.stderr[-3000:]
-    assert sorted(_train_losses(out)) == [1, 2, 3]
+    assert "stopped by a signal on another rank after step 6" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(_train_losses(out)) == [1, 2, 3, 4, 5, 6]
     [saved] = ckpt.list_checkpoints(str(out))
     state = ckpt.load(saved)
-    assert (state["step"], state["world_size"], len(state["rng"])) == (3, 2, 2)
+    assert (state["step"], state["epoch"], state["world_size"], len(state["rng"])) == (6, 1, 2, 2)
+    assert not [r for r in _records(out) if r["kind"] == "val"]  # stopped before the epoch's evaluation
 
-    # the stopped run continues under torchrun from that checkpoint
+    # the stopped run continues under torchrun from that checkpoint, with the evaluation it missed
     proc = _torchrun(["-m", "mvit"] + DDP_ARGS + ["--output-dir", str(out), "--resume", "auto"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(_train_losses(out)) == list(range(1, 13))
+    evaluations = [(r["epoch"], r["step"], r["videos"]) for r in _records(out) if r["kind"] == "val"]
+    assert evaluations == [(1, 6, 16), (2, 12, 16)]
 
 
 def test_torchrun_forwards_sigterm_and_every_rank_saves_before_it_exits(tmp_path):
