@@ -680,6 +680,9 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
         result["val_shuffled_frames"] = shuffled
 
     if stopping:
+        # every rank exits with the same code, that of a signal one of them got (the ranks that
+        # got none stop with the others)
+        signum = max(dist_utils.all_gather_object(stop.signum or 0)) or int(signal.SIGTERM)
         name = ckpt.checkpoint_name(state.epoch, state.step)
         if info.is_main:
             log.write(kind="stop", signal=stop.name, epoch=state.epoch, step=state.step,
@@ -688,7 +691,7 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
                   f"{state.step}: {os.path.join(out_dir, name)} holds the run; continue it with --resume auto",
                   file=sys.stderr, flush=True)
         dist_utils.cleanup()
-        return {"stopped": stop.signum or int(signal.SIGTERM), "steps": state.step, "epochs": state.epoch}
+        return {"stopped": signum, "steps": state.step, "epochs": state.epoch}
 
     # the whole run's, over resumes (a finished run resumed to evaluate it again kept only the
     # evaluation's seconds)

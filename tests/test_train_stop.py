@@ -3,6 +3,7 @@ exits 128 + the signal, and ``--resume auto`` continues it as if it had not stop
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -269,12 +270,15 @@ def _job(when: str, then: str) -> str:
                 {then}
             return draw(seed, rank, step)
         mvit.train._step_seed = step_seed
-        sys.exit(main(sys.argv[1:]))
+        code = main(sys.argv[1:])
+        # before the interpreter's teardown, in which torchrun's SIGTERM may already end it
+        print(f"rank {{os.environ['RANK']}} exits with {{code}}", file=sys.stderr, flush=True)
+        sys.exit(code)
     """)
 
 
 # rank 1 alone, during step 6 of 6 in epoch 0
-JOB = _job("rank == 1 and step == 5", "os.kill(os.getpid(), signal.SIGTERM)")
+JOB = _job("rank == 1 and step == 5", "os.kill(os.getpid(), signal.SIGUSR1)")
 
 DDP_ARGS = ["train", "--synthetic-size", "96", "16", "--batch-size", "16", "--epochs", "2", "--drop-path", "0",
             "--threads", "1", "--no-progress"]
@@ -287,7 +291,10 @@ def test_ranks_signalled_apart_stop_after_the_same_step(tmp_path):
     script.write_text(JOB)
     out = tmp_path / "run"
     proc = _torchrun([str(script)] + DDP_ARGS + ["--output-dir", str(out)], tmp_path)
-    assert proc.returncode != 0  # torchrun reports the ranks' exit code 143 as a failure
+    assert proc.returncode != 0  # torchrun reports the ranks' exit codes as failures
+    # both ranks exit with rank 1's signal's code (rank 0's was SIGTERM's, a signal it never got)
+    codes = sorted(re.findall(r"rank (\d) exits with (\d+)", proc.stderr))
+    assert codes == [("0", str(128 + signal.SIGUSR1)), ("1", str(128 + signal.SIGUSR1))], proc.stderr[-3000:]
     assert "stopped by a signal on another rank after step 6" in proc.stderr, proc.stderr[-3000:]
     assert sorted(_train_losses(out)) == [1, 2, 3, 4, 5, 6]
     [saved] = ckpt.list_checkpoints(str(out))
