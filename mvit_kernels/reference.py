@@ -71,7 +71,10 @@ def pool3d(
     elif mode == "avg":
         pooled = F.avg_pool3d(grid, kernel, stride, padding, count_include_pad=True)
     else:
-        pooled = F.conv3d(grid, weight, None, stride, padding, groups=d)
+        # through a view: the convolution's weight gradient follows the channels-last grid, with
+        # strides (27, 1, 9, 3, 1) for a (d, 1, 3, 3, 3) weight, and DDP copies and warns on a
+        # gradient strided unlike its parameter; the view's backward gives it the usual strides
+        pooled = F.conv3d(grid, weight.view(weight.shape), None, stride, padding, groups=d)
     thw_out = tuple(int(s) for s in pooled.shape[2:])
     t, h, w = thw_out
     y = pooled.reshape(B, heads, d, t * h * w).transpose(2, 3)  # sizes spelled out: B may be 0

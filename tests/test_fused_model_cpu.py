@@ -9,6 +9,7 @@ random stream in both runs.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -94,6 +95,21 @@ def _rel_case(thw_q, thw_kv, axes, has_cls, B=2, heads=3, d=8, seed=3):
     tables = [torch.randn(2 * max(a, b) - 1 + (2 if i == 1 else 0), d, generator=g, dtype=torch.float64)
               if "thw"[i] in axes else None for i, (a, b) in enumerate(zip(thw_q, thw_kv))]
     return q, k, v, tables
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("contiguous_grid", [False, True])
+def test_every_gradient_has_its_parameters_strides(fused, contiguous_grid, monkeypatch):
+    # DDP copies a gradient whose strides differ from its parameter's and warns in every run ("Grad
+    # strides do not match bucket view strides"); the conv pooling's weight gradient came back from
+    # the channels-last grid with strides (27, 1, 9, 3, 1) for its (d, 1, 3, 3, 3) weight
+    monkeypatch.setattr(reference, "pool3d", functools.partial(reference.pool3d, contiguous_grid=contiguous_grid))
+    torch.manual_seed(0)
+    model = build_model("mvit_tiny", fused=fused, **V2).train()
+    assert model.cfg.pool_mode == "conv"
+    model(torch.randn(2, 3, 8, 32, 32)).square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.stride() == p.stride(), name
 
 
 @pytest.mark.parametrize("thw_q, thw_kv, axes, has_cls", REL_CASES)
