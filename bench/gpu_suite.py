@@ -303,11 +303,13 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 rc = "timeout"
         elapsed = time.time() - start
-        tail = open(log_path).read().strip().splitlines()[-1:] or [""]
-        summary.append({"step": name, "rc": rc, "seconds": round(elapsed, 1), "last_line": tail[0][:120]})
+        with open(log_path) as f:
+            lines = f.read().strip().splitlines()
+        last_line = lines[-1][:120] if lines else ""
+        summary.append({"step": name, "rc": rc, "seconds": round(elapsed, 1), "last_line": last_line})
         print(f"gpu_suite: {name}: rc={rc} in {elapsed:.0f} s", flush=True)
         if rc != 0:
-            print("\n".join(open(log_path).read().splitlines()[-40:]), flush=True)
+            print("\n".join(lines[-40:]), flush=True)
         _save(out, device, stamp, summary, archive, versions)  # after every step: a killed run keeps what it did
         if name == "build" and rc != 0:
             break
@@ -320,7 +322,8 @@ def main(argv=None) -> int:
     for name in shown + ["profile_model_gpu.md", "pool_ops_cuda_bfloat16.md"]:
         path = os.path.join(out, name)
         if os.path.exists(path):
-            print("\n" + open(path).read())
+            with open(path) as f:
+                print("\n" + f.read())
     print(f"\n# GPU suite on {device}, {stamp}, plan {args.plan} (results in {out})\n")
     print(versions_line + "\n")
     ceilings = os.path.join(out, "ceilings.json")

@@ -51,6 +51,7 @@ def test_kill_during_save_leaves_previous_loadable(tmp_path):
     assert proc.stdout.readline().strip() == "writing"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proc.stdout.close()
     assert [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path))] == [ckpt.checkpoint_name(0, 1)]
     path, state = ckpt.latest_valid(str(tmp_path))
     assert state["step"] == 1
