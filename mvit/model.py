@@ -388,7 +388,8 @@ class MViT(nn.Module):
             # and its weights sum to one along every axis.
             pos = (temporal[:, :, None, :] + spatial[:, None, :, :]).reshape(1, -1, spatial.shape[-1])
             if self.pos_embed_class is not None:
-                pos = torch.cat((self.pos_embed_class, pos), dim=1)
+                # alone, the class entry's gradient would be a (1, 1, C) slice of the whole table's
+                pos = torch.cat((reference.with_dense_grad(self.pos_embed_class), pos), dim=1)
             return pos
         if self.pos_embed is not None:
             s = int(self.cfg.cls_embed)
@@ -410,7 +411,9 @@ class MViT(nn.Module):
         x = self._check_input(x)
         x, thw = self.patch_embed(x)
         if self.cls_token is not None:
-            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
+            # (at batch 1 the token's gradient would be a slice of the whole input's)
+            cls_token = reference.with_dense_grad(self.cls_token).expand(x.shape[0], -1, -1)
+            x = torch.cat((cls_token.to(x.dtype), x), dim=1)
         pos = self._position_embedding(thw)
         if pos is not None:
             x = x + pos.to(x.dtype)

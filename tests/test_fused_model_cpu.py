@@ -99,15 +99,20 @@ def _rel_case(thw_q, thw_kv, axes, has_cls, B=2, heads=3, d=8, seed=3):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
 @pytest.mark.parametrize("contiguous_grid", [False, True])
-def test_every_gradient_has_its_parameters_strides(fused, contiguous_grid, monkeypatch):
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_every_gradient_has_its_parameters_strides(fused, contiguous_grid, v2, batch, monkeypatch):
     # DDP copies a gradient whose strides differ from its parameter's and warns in every run ("Grad
-    # strides do not match bucket view strides"); the conv pooling's weight gradient came back from
-    # the channels-last grid with strides (27, 1, 9, 3, 1) for its (d, 1, 3, 3, 3) weight
+    # strides do not match bucket view strides"). The conv pooling's weight gradient came back from
+    # the channels-last grid with strides (27, 1, 9, 3, 1) for its (d, 1, 3, 3, 3) weight, and the
+    # class token's position entry's as a slice of the whole table's gradient, and at batch 1 the
+    # class token's as a slice of the input's.
     monkeypatch.setattr(reference, "pool3d", functools.partial(reference.pool3d, contiguous_grid=contiguous_grid))
     torch.manual_seed(0)
-    model = build_model("mvit_tiny", fused=fused, **V2).train()
+    model = build_model("mvit_tiny", fused=fused, **(V2 if v2 else {})).train()
+    assert (model.pos_embed_class is None) == v2
     assert model.cfg.pool_mode == "conv"
-    model(torch.randn(2, 3, 8, 32, 32)).square().sum().backward()
+    model(torch.randn(batch, 3, 8, 32, 32)).square().sum().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.stride() == p.stride(), name
 

@@ -277,13 +277,16 @@ def test_torch_compile_fullgraph():
 
 
 def outputs_and_gradients(models, x):
-    """Each model's output for x and its parameters' gradients of sum(output^2)."""
+    """Each model's output for x and its parameters' gradients of sum(output^2), each strided as
+    its parameter (DDP copies and warns otherwise)."""
     outs, grads = [], []
     for model in models:
         out = model(x)
         out.square().sum().backward()
         outs.append(out.detach())
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        for name, p in model.named_parameters():
+            assert p.grad is None or p.grad.stride() == p.stride(), name
     return outs, grads
 
 

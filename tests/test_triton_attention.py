@@ -381,6 +381,8 @@ def test_tiny_mvitv2_through_the_triton_attention(monkeypatch):
     monkeypatch.setattr(model_module.reference, "pooling_attention", triton_attention)
     got, got_grads = run()
     assert len(calls) == len(model.blocks)
+    for name, p in model.named_parameters():  # as DDP wants them (it copies and warns otherwise)
+        assert p.grad is None or p.grad.stride() == p.stride(), name
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert got_grads.keys() == want_grads.keys()
     for name in want_grads:
