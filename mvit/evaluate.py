@@ -22,7 +22,7 @@ import torch
 
 from .cli import finite_float
 from .convert import SOURCES
-from .data.video import TEMPORAL_SAMPLING, UnreadableSampleError
+from .data.video import ORIENTATIONS, TEMPORAL_SAMPLING, UnreadableSampleError
 from .training import distributed as dist_utils
 from .training.signals import dataloader_worker_init
 
@@ -241,6 +241,10 @@ def add_view_args(p: argparse.ArgumentParser) -> None:
                    help="videos: default the run's, else 'stride'; 'segments' (Something-Something) tests 1 clip "
                         "x 3 crops by default")
     p.add_argument("--target-fps", type=finite_float, default=None, help="videos: default the run's, else 30")
+    p.add_argument("--orientation", choices=ORIENTATIONS, default=None,
+                   help="files stored sideways that ask to be shown turned (a phone video's display matrix, a "
+                        "photo's EXIF orientation): read as 'stored' (the reference pipelines; mvit eval's default: "
+                        "the run's, else stored) or as players 'display' them (mvit predict's default)")
     p.add_argument("--crop-fraction", type=finite_float, default=None,
                    help="images: the centre crop's share of the resized short side (default 0.875, as "
                         "facebookresearch/mvit; timm evaluates the same weights at 0.9)")

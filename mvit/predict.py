@@ -33,7 +33,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=5)
     add_view_args(p)
     p.add_argument("--json", action="store_true", help="one JSON object per file instead of text")
-    p.set_defaults(func=run)
+    # a phone's portrait video or photo is stored sideways: scored as stored, it is scored on its side
+    p.set_defaults(func=run, orientation="display")
 
 
 def class_names(args: argparse.Namespace, state: dict) -> Optional[list[str]]:

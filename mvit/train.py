@@ -46,7 +46,7 @@ from .training import distributed as dist_utils
 from .training.ema import ModelEMA
 from .training.logs import JsonLog, plot_curves, read_jsonl, truncate_after as truncate_log_after
 from .training.mixup import MixupCutmix, soft_target_cross_entropy
-from .data.video import TEMPORAL_SAMPLING
+from .data.video import ORIENTATIONS, TEMPORAL_SAMPLING
 from .training.optim import OPTIMIZERS, WarmupCosine, build_optimizer
 from .training.signals import StopSignals, dataloader_worker_init
 
@@ -136,6 +136,10 @@ def add_parser(subparsers) -> None:
     d.add_argument("--temporal-sampling", choices=TEMPORAL_SAMPLING,
                    help="videos: 'stride' (T frames every --sampling-rate frames; Kinetics) or 'segments' (one "
                         "frame from each of T segments of the video; Something-Something)")
+    d.add_argument("--orientation", choices=ORIENTATIONS,
+                   help="videos and images stored sideways that ask to be shown turned (a phone's display matrix, "
+                        "EXIF): 'stored' reads their pixels as stored, as the reference pipelines do (default); "
+                        "'display' as players show them")
     d.add_argument("--inverse-uniform-jitter", action=argparse.BooleanOptionalAction, default=None,
                    help="with --jitter-scales: draw the short side as 1 / uniform(1 / MAX, 1 / MIN) (pySlowFast's "
                         "INV_UNIFORM_SAMPLE)")
@@ -262,6 +266,7 @@ def _unused_options(args: argparse.Namespace, recipe: dict, image: bool) -> list
             "--random-erasing": recipe["random_erasing"] > 0,
             "--crop-scale": args.crop_scale is not None,
             "--recipe": args.recipe is not None,
+            "--orientation": args.orientation is not None,
         }
     elif image:  # one frame, one centre crop per image
         given = video_only | {"--num-frames": args.num_frames not in (None, 1),

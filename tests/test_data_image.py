@@ -63,6 +63,30 @@ def test_train_image_preset(image_root, tmp_path):
     assert result["val"]["videos"] == 6
 
 
+@pytest.mark.parametrize("orientation, shown", [
+    (6, lambda a: a.transpose(1, 0, 2)[:, ::-1]),  # turned 90 degrees clockwise to show: phones held upright
+    (8, lambda a: a.transpose(1, 0, 2)[::-1]),  # counter-clockwise
+    (3, lambda a: a[::-1, ::-1]),
+    (2, lambda a: a[:, ::-1]),  # mirrored
+    (1, lambda a: a),
+])
+def test_exif_orientation_with_display_orientation(tmp_path, orientation, shown):
+    import numpy as np
+
+    stored = np.random.default_rng(orientation).integers(0, 255, (9, 14, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the EXIF Orientation tag
+    path = tmp_path / "photo.png"  # lossless, with an eXIf chunk
+    Image.fromarray(stored).save(path, exif=exif)
+    as_stored = read_image(str(path)).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(as_stored, stored)  # the default, as torchvision's and timm's loaders
+    np.testing.assert_array_equal(read_image(str(path), display=True).permute(1, 2, 0).numpy(), shown(stored))
+    views = ImageFolderDataset([(str(path), 0)], 8, False, crop_fraction=1.0, orientation="display")
+    assert views[0][0].shape == (1, 3, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"--orientation must be one of"):
+        ImageFolderDataset([(str(path), 0)], 8, False, orientation="exif")
+
+
 def test_16_bit_grayscale_png_is_scaled_to_8_bits(tmp_path):
     # convert("RGB") clipped every 16-bit value above 255: such images loaded almost white
     import numpy as np
@@ -227,3 +251,20 @@ def test_a_skipped_test_image_is_logged_without_the_advice_to_skip_it(image_root
         assert _Indexed(data, [0], shuffle_frames=False, skip_unreadable=True)[0] == (0, None, broken)
     assert f"skipping the unreadable file {broken} (UnidentifiedImageError: " in caplog.text
     assert "--skip-unreadable" not in caplog.text
+
+
+@pytest.mark.parametrize("flag, expected", [([], "stored"), (["--orientation", "display"], "display")])
+def test_image_training_and_validation_read_the_orientation_asked_for(image_root, flag, expected):
+    import argparse
+
+    import mvit.train
+    from mvit.data import build_datasets
+    from mvit.train import check_options_used, resolve_recipe
+
+    parser = argparse.ArgumentParser()
+    mvit.train.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["train", "--preset", "mvitv2_t_image", "--data-root", str(image_root), *flag])
+    recipe = resolve_recipe(args)
+    check_options_used(args, recipe)
+    data = build_datasets(args, recipe)
+    assert data.train.orientation == data.val.orientation == expected

@@ -19,12 +19,15 @@ STEP = 6  # pixel value = STEP * frame index
 
 
 def make_video(path, num_frames=40, fps=30, h=24, w=32, codec="ffv1", pix_fmt=None, container_format=None,
-               images=None):
-    """Frame i a solid STEP * i, or ``images[i]`` (h, w, 3 uint8) where given."""
+               images=None, display_rotation=None):
+    """Frame i a solid STEP * i, or ``images[i]`` (h, w, 3 uint8) where given; ``display_rotation``:
+    a display matrix turning it that many degrees counter-clockwise, as phones write."""
     with av.open(str(path), "w", format=container_format) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = w, h
         stream.pix_fmt = pix_fmt or ("yuv444p" if codec == "ffv1" else "yuv420p")
+        if display_rotation is not None:
+            stream.set_display_rotation(display_rotation)
         for i in range(num_frames):
             img = np.full((h, w, 3), STEP * i, dtype=np.uint8) if images is None else images[i]
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
@@ -294,7 +297,7 @@ def test_copies_of_a_video_take_the_same_frames_augmented_differently(monkeypatc
 
     taken = []
 
-    def fake_decode(path, indices_for):
+    def fake_decode(path, indices_for, display=False):
         wanted = indices_for(300, 30.0)
         taken.append(wanted)
         frame = np.random.default_rng(len(taken)).integers(0, 255, (1, 40, 48, 3), dtype=np.uint8)
@@ -502,3 +505,75 @@ def test_validation_class_folders_must_be_training_classes(tmp_path):
     _, classes = class_folders(str(tmp_path), "train")
     with pytest.raises(ValueError, match="class folders the training classes lack: swim"):
         class_folders(str(tmp_path), "val", classes=classes)  # its videos were skipped silently
+
+
+def _turned(stored, degrees):
+    """(T, H, W, 3) frames as shown after a turn of ``degrees`` counter-clockwise, pixel by pixel."""
+    t, h, w, _ = stored.shape
+    if degrees % 360 == 0:
+        return stored
+    if degrees % 360 == 180:  # shown[i, j] = stored[h-1-i, w-1-j]
+        return stored[:, ::-1, ::-1]
+    shown = np.empty((t, w, h, 3), stored.dtype)
+    for i in range(w):
+        for j in range(h):
+            # clockwise (-90, a phone held upright): the stored frame's bottom-left corner shows at the top left
+            shown[:, i, j] = stored[:, h - 1 - j, i] if degrees % 360 == 270 else stored[:, j, w - 1 - i]
+    return shown
+
+
+@pytest.mark.parametrize("degrees", [-90, 90, 180, 0])
+def test_display_orientation_turns_frames_as_players_show_them(tmp_path, degrees):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (24, 32, 3), dtype=np.uint8) for _ in range(3)]
+    path = make_video(tmp_path / "phone.mkv", num_frames=3, images=images, display_rotation=degrees)
+    every = lambda n, fps: list(range(n))  # noqa: E731
+    stored, _ = decode_frames(path, every)  # the default: as stored, as pySlowFast reads it
+    # (RGB -> YUV -> RGB rounds by up to 2)
+    np.testing.assert_allclose(stored.astype(int), np.stack(images).astype(int), atol=2)
+    shown, _ = decode_frames(path, every, display=True)
+    np.testing.assert_array_equal(shown, _turned(stored, degrees))
+
+
+def test_the_older_rotate_tag_counts_clockwise():
+    from types import SimpleNamespace
+
+    from mvit.data.video import _display_quarter_turns
+
+    untagged = SimpleNamespace()  # a PyAV without VideoFrame.rotation
+    assert [_display_quarter_turns(untagged, tag) for tag in ("90", "180", "270", "0", None)] == [3, 2, 1, 0, 0]
+    assert _display_quarter_turns(SimpleNamespace(rotation=-90), None) == 3
+    assert _display_quarter_turns(SimpleNamespace(rotation=0), "90") == 3  # no display matrix on the frame
+
+
+def test_a_portrait_video_gives_portrait_test_views_with_display_orientation(tmp_path):
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (24, 32, 3), dtype=np.uint8) for _ in range(8)]
+    path = make_video(tmp_path / "phone.mkv", num_frames=8, images=images, display_rotation=-90)
+    spec = dict(frames=2, stride=1, crop=16, jitter=(16, 20), test_clips=1, test_crops=3)
+    stored = VideoDataset([(path, 0)], ClipSpec(**spec), False, 3)._decode(path, torch.Generator())
+    shown = VideoDataset([(path, 0)], ClipSpec(**spec, orientation="display"), False, 3)._decode(
+        path, torch.Generator())
+    assert stored.shape[-2:] == (24, 32) and shown.shape[-2:] == (32, 24)
+    torch.testing.assert_close(shown, torch.from_numpy(_turned(stored.permute(0, 2, 3, 1).numpy(), -90).copy())
+                               .permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match=r"--orientation must be one of \('stored', 'display'\), got 'upright'"):
+        VideoDataset([(path, 0)], ClipSpec(**spec, orientation="upright"), False, 3)
+
+
+def test_eval_reads_as_its_run_did_unless_told():
+    from mvit import build_model
+    from mvit.cli import build_parser
+    from mvit.data import eval_views
+
+    cfg = build_model("mvit_tiny").cfg
+
+    def orientation(run_args, *argv):
+        args = build_parser().parse_args(["eval", "run", *argv])
+        return eval_views(args, {"model_config": cfg, "args": run_args}, [("clip.mp4", 0)], False).spec.orientation
+
+    assert orientation({}) == "stored"  # the reference pipelines' reading, and older runs'
+    assert orientation({"orientation": None}) == "stored"
+    assert orientation({"orientation": "display"}) == "display"  # a run trained on phone videos read upright
+    assert orientation({"orientation": "display"}, "--orientation", "stored") == "stored"
+    assert build_parser().parse_args(["predict", "run", "clip.mp4"]).orientation == "display"

@@ -13,13 +13,16 @@ from PIL import Image  # noqa: E402
 from mvit.cli import main  # noqa: E402
 
 
-def _video(path, frames=40, h=36, w=44, seed=0):
+def _video(path, frames=40, h=36, w=44, seed=0, images=None, display_rotation=None):
     rng = np.random.default_rng(seed)
+    images = rng.integers(0, 255, (frames, h, w, 3), dtype=np.uint8) if images is None else images
     with av.open(str(path), "w") as c:
         s = c.add_stream("ffv1", rate=30)
-        s.width, s.height, s.pix_fmt = w, h, "yuv444p"
-        for _ in range(frames):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), format="rgb24")
+        s.width, s.height, s.pix_fmt = images.shape[2], images.shape[1], "yuv444p"
+        if display_rotation is not None:
+            s.set_display_rotation(display_rotation)
+        for image in images:
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             for p in s.encode(frame):
                 c.mux(p)
         for p in s.encode(None):
@@ -242,3 +245,17 @@ def test_the_python_api_checks_its_options_as_the_command_does(synthetic_run, tm
     with pytest.warns(UserWarning, match="is a video model: .* is scored as a one-frame clip"):
         [result] = predict(model, photo, input_mean=(0.5, 0.5, 0.5), input_std=(0.2, 0.2, 0.2))
     assert result["views"] == 1 and result["top"][0]["label"] is None
+
+
+def test_a_phone_video_is_scored_as_players_show_it(synthetic_run, tmp_path):
+    # A phone held upright stores its frames on their side, with a display matrix that turns
+    # them clockwise. Scored as stored, the model saw the scene on its side.
+    from mvit.predict import predict
+
+    landscape = np.random.default_rng(3).integers(0, 255, (40, 36, 44, 3), dtype=np.uint8)
+    phone = _video(tmp_path / "phone.mkv", images=landscape, display_rotation=-90)
+    upright = _video(tmp_path / "upright.mkv", images=np.ascontiguousarray(landscape.transpose(0, 2, 1, 3)[:, :, ::-1]))
+    shown = predict(synthetic_run, phone, top_k=3, device="cpu")[0]["top"]
+    assert shown == predict(synthetic_run, upright, top_k=3, device="cpu")[0]["top"]
+    as_stored = predict(synthetic_run, phone, top_k=3, device="cpu", orientation="stored")[0]["top"]
+    assert [r["prob"] for r in as_stored] != pytest.approx([r["prob"] for r in shown], abs=1e-3)

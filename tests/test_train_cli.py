@@ -250,6 +250,8 @@ def test_image_runs_default_to_the_image_recipe_and_videos_to_kinetics():
     (["--data-root", ".", "--inverse-uniform-jitter"], "a video run does not use --inverse-uniform-jitter"),
     (["--preset", "mvitv2_t_image", "--data-root", ".", "--temporal-sampling", "segments"],
      "an image run does not use --temporal-sampling"),
+    (["--orientation", "display"], "the built-in synthetic task (no --train-csv or --data-root) does not use "
+                                   "--orientation"),
 ])
 def test_options_the_recipe_makes_unused(argv, message, tmp_path, capsys):
     assert main(["train", *argv, "--output-dir", str(tmp_path / "run")]) == 2

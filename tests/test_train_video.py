@@ -171,3 +171,20 @@ def test_resume_may_change_the_sampling_rate_and_says_so(video_root, tmp_path, c
     assert "--sampling-rate 2 -> 3" in capsys.readouterr().err
     newest = ckpt.list_checkpoints(str(out))[0]
     assert ckpt.load(newest)["model_config"].sampling_rate == 3
+
+
+@pytest.mark.parametrize("flag, expected", [([], "stored"), (["--orientation", "display"], "display")])
+def test_training_and_validation_read_the_orientation_asked_for(video_root, flag, expected):
+    import argparse
+
+    import mvit.train
+    from mvit.data import build_datasets
+    from mvit.train import check_options_used, resolve_recipe
+
+    parser = argparse.ArgumentParser()
+    mvit.train.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["train", "--data-root", str(video_root), *flag, *SMALL])
+    recipe = resolve_recipe(args)
+    check_options_used(args, recipe)
+    data = build_datasets(args, recipe)
+    assert data.train.spec.orientation == data.val.spec.orientation == expected

@@ -99,7 +99,8 @@ def build_eval_dataset(args, state: dict):
                                               ("--crop-fraction", args.crop_fraction is not None),
                                               ("--input-mean", getattr(args, "input_mean", None) is not None),
                                               ("--input-std", getattr(args, "input_std", None) is not None),
-                                              ("--skip-unreadable", getattr(args, "skip_unreadable", False))])
+                                              ("--skip-unreadable", getattr(args, "skip_unreadable", False)),
+                                              ("--orientation", getattr(args, "orientation", None) is not None)])
         from ..train import SYNTHETIC_VAL_LENGTH
 
         t, s = cfg.input_size[0], cfg.input_size[1]
@@ -131,8 +132,9 @@ def eval_views(args, state: dict, items: list, image: bool) -> Dataset:
     """The test views of ``items`` ((path, label) pairs) for ``mvit eval`` and ``mvit predict``:
     an image's centre crop (``args.crop_fraction``), or a video's clips x crops (``args.test_clips``,
     ``args.test_crops``, ``args.sampling_rate``, ``args.target_fps``, ``args.temporal_sampling``;
-    unset: the checkpoint's run's sampling and the papers' views for it). An option the input
-    does not use is an error."""
+    unset: the checkpoint's run's sampling and the papers' views for it), read as
+    ``args.orientation`` says (unset: the run's, else as stored). An option the input does not
+    use is an error."""
     from ..presets import PAPER_TEST_VIEWS
     from .image import CROP_FRACTION, ImageFolderDataset
     from .video import ClipSpec, VideoDataset, default_jitter
@@ -140,12 +142,14 @@ def eval_views(args, state: dict, items: list, image: bool) -> Dataset:
     cfg = state["model_config"]
     train_args = state.get("args") or {}
     multi = bool(train_args.get("multi_label"))
+    orientation = getattr(args, "orientation", None) or train_args.get("orientation") or "stored"
     if image:  # one centre crop of one frame per image
         _reject_unused("an image checkpoint's evaluation", _clip_options(args))
         fraction = CROP_FRACTION if args.crop_fraction is None else args.crop_fraction
         mean, std = cfg.normalization(image=True)
         return ImageFolderDataset(items, cfg.input_size[1], False, num_classes=cfg.num_classes,
-                                  multi_label=multi, crop_fraction=fraction, mean=mean, std=std)
+                                  multi_label=multi, crop_fraction=fraction, mean=mean, std=std,
+                                  orientation=orientation)
     # unset: the training run's settings (an older run's stored target_fps of 0 meant the source rate)
     fps = args.target_fps if args.target_fps is not None else train_args.get("target_fps", 30.0)
     stride = (args.sampling_rate if args.sampling_rate is not None
@@ -166,7 +170,7 @@ def eval_views(args, state: dict, items: list, image: bool) -> Dataset:
     spec = ClipSpec(frames=cfg.input_size[0], crop=crop, stride=stride, target_fps=fps or None,
                     jitter=tuple(jitter), temporal_sampling=sampling, mean=mean, std=std,
                     test_clips=clips if args.test_clips is None else args.test_clips,
-                    test_crops=crops if args.test_crops is None else args.test_crops)
+                    test_crops=crops if args.test_crops is None else args.test_crops, orientation=orientation)
     return VideoDataset(items, spec, False, cfg.num_classes, multi)
 
 

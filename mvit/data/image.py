@@ -19,7 +19,7 @@ from ..config import IMAGENET_MEAN, IMAGENET_STD
 from . import transforms as T
 from .rand_augment import RandAugmentSpec, rand_augment
 from .samplers import split_key
-from .video import label_target, read_with_retries
+from .video import check_orientation, label_target, read_with_retries
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -34,11 +34,14 @@ IMAGENET_FILL = mean_fill(IMAGENET_MEAN)
 CROP_FRACTION = 0.875
 
 
-def read_image(path: str) -> torch.Tensor:
+def read_image(path: str, display: bool = False) -> torch.Tensor:
+    """An image as (3, H, W) uint8 RGB; ``display``: turned and mirrored as its EXIF orientation
+    says viewers show it, else as stored (as torchvision's and timm's loaders read it)."""
     import numpy as np
-    from PIL import Image  # Pillow comes with matplotlib
+    from PIL import Image, ImageOps  # Pillow comes with matplotlib
 
-    with Image.open(path) as img:
+    with Image.open(path) as stored:
+        img = ImageOps.exif_transpose(stored) if display else stored
         if img.mode.startswith("I;16") or img.mode == "I":
             # 16-bit grayscale (PNG; older Pillow opens it as "I"): convert("RGB") clips every
             # value above 255 to white, so scale 0..65535 to 0..255 first.
@@ -61,7 +64,9 @@ class ImageFolderDataset(Dataset):
     def __init__(self, items, crop: int, train: bool, rand_augment: Optional[RandAugmentSpec] = None,
                  erasing: float = 0.0, flip: bool = True, max_retries: int = 10, num_classes: Optional[int] = None,
                  multi_label: bool = False, crop_scale: tuple[float, float] = (0.08, 1.0),
-                 crop_fraction: float = CROP_FRACTION, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 crop_fraction: float = CROP_FRACTION, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 orientation: str = "stored"):
+        check_orientation(orientation)
         if multi_label and not num_classes:
             raise ValueError("multi-label images need num_classes")
         if not 0.0 < crop_fraction <= 1.0:
@@ -71,6 +76,7 @@ class ImageFolderDataset(Dataset):
         self.num_classes, self.multi_label = num_classes, multi_label
         self.rand_augment, self.erasing, self.flip, self.max_retries = rand_augment, erasing, flip, max_retries
         self.mean, self.std = tuple(mean), tuple(std)
+        self.orientation = orientation
 
     def __len__(self) -> int:
         return len(self.items)
@@ -78,8 +84,9 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, key):
         index, seed, _ = split_key(key)  # one image: no clip to place
         gen = torch.Generator().manual_seed(seed)
-        img, label = read_with_retries(self.items, index, read_image, _image_errors(), kind="image",
-                                       train=self.train, max_retries=self.max_retries, gen=gen)
+        display = self.orientation == "display"
+        img, label = read_with_retries(self.items, index, lambda path: read_image(path, display), _image_errors(),
+                                       kind="image", train=self.train, max_retries=self.max_retries, gen=gen)
         x = self._transform(img[None], gen)  # (1, 3, H, W)
         x = x.permute(1, 0, 2, 3).contiguous()  # (3, 1, H, W)
         target = label_target(label, self.num_classes, self.multi_label)
@@ -115,7 +122,8 @@ def build_image_datasets(args, recipe: dict, cfg, workers: int):
     check_crop_scale(crop_scale, (3 / 4, 4 / 3))
     mean, std = cfg.normalization(image=True)
     train = ImageFolderDataset(train_items, crop, True, ra, erasing, bool(recipe.get("flip", True)),
-                               num_classes=num_classes, multi_label=multi, crop_scale=crop_scale, mean=mean, std=std)
+                               num_classes=num_classes, multi_label=multi, crop_scale=crop_scale, mean=mean, std=std,
+                               orientation=args.orientation or "stored")
     val = ImageFolderDataset(val_items, crop, False, num_classes=num_classes, multi_label=multi, mean=mean,
-                             std=std) if val_items else None
+                             std=std, orientation=args.orientation or "stored") if val_items else None
     return DataBundle(train, val, num_classes, classes, multi, (1, crop, crop), workers)

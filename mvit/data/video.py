@@ -39,6 +39,11 @@ log = logging.getLogger("mvit.data")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 #: clip_frame_indices (Kinetics: T frames tau apart) or segment_frame_indices (Something-Something)
 TEMPORAL_SAMPLING = ("stride", "segments")
+#: How files that ask to be shown rotated (a video's display matrix, a photo's EXIF orientation)
+#: are read: as their pixels are stored (what pySlowFast, torchvision and timm read, and what the
+#: published models were trained and scored on) or as players and viewers show them (a phone's
+#: portrait video is stored sideways with a display matrix of -90 degrees).
+ORIENTATIONS = ("stored", "display")
 Label = Union[int, tuple[int, ...]]
 
 
@@ -103,9 +108,10 @@ def _to_rgb(frame) -> np.ndarray:
         return frame.to_ndarray(**_RGB)
 
 
-def decode_frames(path: str, indices_for: "callable") -> tuple[np.ndarray, list[int]]:
+def decode_frames(path: str, indices_for: "callable", display: bool = False) -> tuple[np.ndarray, list[int]]:
     """Decode the frames ``indices_for(num_frames, fps)`` asks for, as uint8 RGB (len, H, W, 3),
-    and those indices.
+    and those indices. ``display``: turned as the video's display matrix says players show it
+    (quarter turns; its mirroring, which no camera writes, is left out), else as stored.
 
     The frame count comes from the container when it states one; decoding then stops at the last
     frame needed. A count that overstates the frames (a truncated or trimmed file) shows when
@@ -120,6 +126,7 @@ def decode_frames(path: str, indices_for: "callable") -> tuple[np.ndarray, list[
         if not container.streams.video:
             raise ValueError(f"{path} has no video stream")
         stream = container.streams.video[0]
+        rotate_tag = stream.metadata.get("rotate")  # where the frames carry no display matrix
         fps = float(stream.average_rate or stream.guessed_rate or 30)
         stated = stream.frames if stream.frames and stream.frames > 0 else 0
         if stated:
@@ -140,7 +147,24 @@ def decode_frames(path: str, indices_for: "callable") -> tuple[np.ndarray, list[
     size = (first.width, first.height)
     rgb = {i: _to_rgb(f if (f.width, f.height) == size else f.reformat(width=size[0], height=size[1]))
            for i, f in kept.items()}
-    return np.stack([rgb[i] for i in wanted]), list(wanted)
+    frames = np.stack([rgb[i] for i in wanted])
+    turns = _display_quarter_turns(first, rotate_tag) if display else 0
+    if turns:
+        frames = np.ascontiguousarray(np.rot90(frames, turns, axes=(1, 2)))
+    return frames, list(wanted)
+
+
+def _display_quarter_turns(frame, rotate_tag: Optional[str]) -> int:
+    """Counter-clockwise quarter turns that show ``frame`` as players do: its display matrix's
+    angle (PyAV >= 14 reads it; counter-clockwise degrees), else the stream's older ``rotate``
+    tag (clockwise degrees). Angles between quarter turns go to the nearest one."""
+    degrees = getattr(frame, "rotation", None)
+    if not degrees and rotate_tag:
+        try:
+            degrees = -float(rotate_tag)
+        except ValueError:
+            degrees = 0
+    return round((degrees or 0) / 90) % 4
 
 
 def _keep_frames(frames, wanted: Sequence[int]) -> tuple[dict, int]:
@@ -304,6 +328,7 @@ class ClipSpec:
     test_crops: int = 1
     mean: tuple[float, ...] = KINETICS_MEAN  # the normalization the model expects (MViTConfig.normalization)
     std: tuple[float, ...] = KINETICS_STD
+    orientation: str = "stored"  # one of ORIENTATIONS
 
     def check(self, train: bool) -> None:
         """Raise ValueError (naming the command-line option) for settings no video could satisfy.
@@ -313,6 +338,7 @@ class ClipSpec:
         if self.temporal_sampling not in TEMPORAL_SAMPLING:
             raise ValueError(f"--temporal-sampling must be one of {TEMPORAL_SAMPLING}, "
                              f"got {self.temporal_sampling!r}")
+        check_orientation(self.orientation)
         if self.stride < 1:
             raise ValueError(f"--sampling-rate must be >= 1, got {self.stride}")
         if self.target_fps is not None and not self.target_fps > 0:
@@ -391,7 +417,7 @@ class VideoDataset(Dataset):
             def wanted(n, fps):
                 return [i for k in range(s.test_clips)
                         for i in clip_frame_indices(n, s.frames, s.stride, fps, s.target_fps, k, s.test_clips)]
-        frames, _ = decode_frames(path, wanted)
+        frames, _ = decode_frames(path, wanted, display=s.orientation == "display")
         return torch.from_numpy(frames).permute(0, 3, 1, 2)
 
     def decode_scale(self) -> Optional[int]:
@@ -440,6 +466,11 @@ def _decode_errors() -> tuple[type, ...]:
     return (_av().FFmpegError, OSError, EOFError, ValueError)
 
 
+def check_orientation(orientation: str) -> None:
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"--orientation must be one of {ORIENTATIONS}, got {orientation!r}")
+
+
 def label_target(label: Label, num_classes: Optional[int], multi_label: bool):
     """An int class id, or for multi-label a (num_classes,) 0/1 float vector."""
     if not multi_label:
@@ -469,7 +500,7 @@ def _spec(args, recipe: dict, cfg, train: bool, test_clips: int, test_crops: int
                     flip=bool(recipe.get("flip", True)),
                     rand_augment=parse(recipe.get("rand_augment")) if train else None,
                     erasing=recipe.get("random_erasing", 0.0) if train else 0.0,
-                    test_clips=test_clips, test_crops=test_crops)
+                    test_clips=test_clips, test_crops=test_crops, orientation=args.orientation or "stored")
 
 
 def build_video_datasets(args, recipe: dict, cfg, workers: int):
