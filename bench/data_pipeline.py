@@ -51,7 +51,7 @@ def _dataset(recipe: dict, cfg, train: bool):
         return ImageFolderDataset([], crop, train, parse(recipe["rand_augment"]) if train else None,
                                   recipe["random_erasing"] if train else 0.0, recipe["flip"])
     args = SimpleNamespace(num_frames=None, crop_size=None, jitter_scales=None, sampling_rate=cfg.sampling_rate,
-                           target_fps=30.0)
+                           target_fps=30.0, orientation=None)
     if train:
         return VideoDataset([], _spec(args, recipe, cfg, True, 1, 1), True, 400)
     # the papers' test views for the recipe: Kinetics 5 clips x 1 crop, SSv2 1 x 3 (one clip's frames here)
