@@ -24,7 +24,7 @@ from .cli import finite_float
 from .convert import SOURCES
 from .data.video import ORIENTATIONS, TEMPORAL_SAMPLING, UnreadableSampleError
 from .training import distributed as dist_utils
-from .training.signals import dataloader_worker_init
+from .training.signals import close_batches, dataloader_worker_init
 
 log = logging.getLogger("mvit.eval")
 
@@ -134,19 +134,23 @@ def score_videos(model: Callable, dataset, rank: int, world_size: int, device, b
                                          worker_init_fn=dataloader_worker_init)
     out = []
     ctx = autocast or contextlib.nullcontext
-    for idx, views, labels, unreadable in loader:
-        if stop is not None and stop():
-            return None
-        if skipped is not None:
-            skipped.extend(unreadable)
-        if views is None:
-            continue
-        b, v = views.shape[:2]
-        with ctx():
-            logits = model(views.flatten(0, 1).to(device, non_blocking=True))
-        scores = aggregate_views(logits.view(b, v, -1), multi_label, ensemble).cpu().numpy()
-        for i, s, y in zip(idx, scores, labels):
-            out.append((i, s, y.numpy() if torch.is_tensor(y) else int(y)))
+    batches = iter(loader)
+    try:
+        for idx, views, labels, unreadable in batches:
+            if stop is not None and stop():
+                return None
+            if skipped is not None:
+                skipped.extend(unreadable)
+            if views is None:
+                continue
+            b, v = views.shape[:2]
+            with ctx():
+                logits = model(views.flatten(0, 1).to(device, non_blocking=True))
+            scores = aggregate_views(logits.view(b, v, -1), multi_label, ensemble).cpu().numpy()
+            for i, s, y in zip(idx, scores, labels):
+                out.append((i, s, y.numpy() if torch.is_tensor(y) else int(y)))
+    finally:
+        close_batches(batches)
     return out
 
 

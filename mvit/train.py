@@ -48,7 +48,7 @@ from .training.logs import JsonLog, plot_curves, read_jsonl, truncate_after as t
 from .training.mixup import MixupCutmix, soft_target_cross_entropy
 from .data.video import ORIENTATIONS, TEMPORAL_SAMPLING
 from .training.optim import OPTIMIZERS, WarmupCosine, build_optimizer
-from .training.signals import StopSignals, dataloader_worker_init
+from .training.signals import StopSignals, close_batches, dataloader_worker_init
 
 # The papers' Kinetics recipe (MViT paper A.1 / MViTv2 paper, pySlowFast's MVIT_B_16x4_CONV and
 # MVITv2_S_16x4 configs): AUG.AA_TYPE rand-m7-n4-mstd0.5-inc1, random resized crops of 8-100% of
@@ -579,66 +579,69 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
                    dynamic_ncols=True, file=sys.stderr) if show and tqdm else None
         it = iter(loader)
         t_last, clips_since = time.time(), 0
-        for _ in range(remaining):
-            if state.step >= max_steps:
-                break
-            torch.manual_seed(_step_seed(args.seed, info.rank, state.step))
-            cur_lr = sched.apply(optimizer, state.step)
-            loss_sum = 0.0
-            for k in range(args.accum_steps):
-                x, y = next(it)
-                x = x.to(info.device, non_blocking=True)
-                y = y.to(info.device, non_blocking=True)
-                x, target, _, _ = mix(x, y)
-                sync = k == args.accum_steps - 1 or not info.distributed
-                ctx = contextlib.nullcontext() if sync else net.no_sync()
-                with ctx:
-                    with autocast():
-                        logits = net(x)
-                    if multi_label:
-                        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
-                    else:
-                        loss = soft_target_cross_entropy(logits, target)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss is {loss.item()} at step {state.step}")
-                    scaler.scale(loss / args.accum_steps).backward()
-                loss_sum += loss.item() / args.accum_steps
-            if info.distributed:
-                # the logged loss is the whole global batch's, as in one process (rank 0's own was
-                # the loss of 1 / world size of it). A stop signal rides along: the ranks that got
-                # it at different steps stop after the same one.
-                reduced = torch.tensor([loss_sum, float(stop.requested)], dtype=torch.float64, device=info.device)
-                loss_sum, stops = dist_utils.all_reduce_sum(reduced).tolist()
-                loss_sum /= info.world_size
-                stopping = stops > 0
-            else:
-                stopping = stop.requested
-            if recipe["clip_grad"] > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip_grad"])
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema:
-                ema.update(model)
-            state.step += 1
-            state.epoch_pos += micro * args.accum_steps
-            clips_since += global_batch
-            if info.is_main:
-                log.write(kind="train", epoch=state.epoch, step=state.step, loss=loss_sum, lr=cur_lr,
-                          time=round(run_seconds(), 2))
-            if bar:
-                now = time.time()
-                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{cur_lr:.2e}",
-                                clips_s=f"{clips_since / max(now - t_last, 1e-9):.0f}")
-                if now - t_last > 5:
-                    t_last, clips_since = now, 0
-                bar.update(1)
-            if args.ckpt_every and state.step % args.ckpt_every == 0:
-                save(state.epoch)
-                saved_at = state.step
-            if stopping:
-                break
+        try:
+            for _ in range(remaining):
+                if state.step >= max_steps:
+                    break
+                torch.manual_seed(_step_seed(args.seed, info.rank, state.step))
+                cur_lr = sched.apply(optimizer, state.step)
+                loss_sum = 0.0
+                for k in range(args.accum_steps):
+                    x, y = next(it)
+                    x = x.to(info.device, non_blocking=True)
+                    y = y.to(info.device, non_blocking=True)
+                    x, target, _, _ = mix(x, y)
+                    sync = k == args.accum_steps - 1 or not info.distributed
+                    ctx = contextlib.nullcontext() if sync else net.no_sync()
+                    with ctx:
+                        with autocast():
+                            logits = net(x)
+                        if multi_label:
+                            loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+                        else:
+                            loss = soft_target_cross_entropy(logits, target)
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"loss is {loss.item()} at step {state.step}")
+                        scaler.scale(loss / args.accum_steps).backward()
+                    loss_sum += loss.item() / args.accum_steps
+                if info.distributed:
+                    # the logged loss is the whole global batch's, as in one process (rank 0's own was
+                    # the loss of 1 / world size of it). A stop signal rides along: the ranks that got
+                    # it at different steps stop after the same one.
+                    reduced = torch.tensor([loss_sum, float(stop.requested)], dtype=torch.float64, device=info.device)
+                    loss_sum, stops = dist_utils.all_reduce_sum(reduced).tolist()
+                    loss_sum /= info.world_size
+                    stopping = stops > 0
+                else:
+                    stopping = stop.requested
+                if recipe["clip_grad"] > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip_grad"])
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if ema:
+                    ema.update(model)
+                state.step += 1
+                state.epoch_pos += micro * args.accum_steps
+                clips_since += global_batch
+                if info.is_main:
+                    log.write(kind="train", epoch=state.epoch, step=state.step, loss=loss_sum, lr=cur_lr,
+                              time=round(run_seconds(), 2))
+                if bar:
+                    now = time.time()
+                    bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{cur_lr:.2e}",
+                                    clips_s=f"{clips_since / max(now - t_last, 1e-9):.0f}")
+                    if now - t_last > 5:
+                        t_last, clips_since = now, 0
+                    bar.update(1)
+                if args.ckpt_every and state.step % args.ckpt_every == 0:
+                    save(state.epoch)
+                    saved_at = state.step
+                if stopping:
+                    break
+        finally:
+            close_batches(it)
         if bar:
             bar.close()
         del it, loader

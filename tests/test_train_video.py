@@ -188,3 +188,38 @@ def test_training_and_validation_read_the_orientation_asked_for(video_root, flag
     check_options_used(args, recipe)
     data = build_datasets(args, recipe)
     assert data.train.spec.orientation == data.val.spec.orientation == expected
+
+
+def _exit_of(tmp_path, argv):
+    """(exit code, seconds, stderr) of ``mvit`` in a process of its own whose DataLoader workers
+    outlast SIGTERM for 10 minutes, as they do for a minute after a stop signal."""
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys; import mvit.training.signals as s; s.WORKER_GRACE_S = 600; "
+              "from mvit.cli import main; sys.exit(main(sys.argv[1:]))")
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__))))
+    return proc.returncode, time.time() - start, proc.stderr
+
+
+def test_an_error_with_dataloader_workers_exits_without_waiting_out_their_grace(video_root, tmp_path):
+    # The error's traceback kept the batch iterator alive until the interpreter's exit, where
+    # multiprocessing stopped the workers with SIGTERM and waited: the stop signals' grace held
+    # every such exit for a minute (here ten).
+    run = tmp_path / "run"
+    assert main(["train", "--data-root", str(video_root), "--output-dir", str(run), "--epochs", "1",
+                 "--workers", "0"] + SMALL) == 0
+    bad = tmp_path / "bad"
+    for split in ("train", "val"):
+        for cls in ("push", "pull", "spin"):
+            os.makedirs(bad / split / cls)
+            for i in range(2):
+                (bad / split / cls / f"{i}.mkv").write_bytes(b"not a video")
+    code, seconds, err = _exit_of(tmp_path, ["eval", str(run), "--data-root", str(bad), "--workers", "2"])
+    assert code == 2 and "cannot read the video" in err and seconds < 120, err[-2000:]
+    code, seconds, err = _exit_of(tmp_path, ["train", "--data-root", str(bad), "--output-dir", str(tmp_path / "r2"),
+                                             "--workers", "2"] + SMALL)
+    assert code == 1 and "could not be read" in err and seconds < 120, err[-2000:]

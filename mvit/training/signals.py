@@ -84,3 +84,13 @@ def dataloader_worker_init(worker_id: int) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, _worker_stop_signal)
         signal.siginterrupt(sig, False)  # a video decoder's read is restarted, not failed
+
+
+def close_batches(batches) -> None:
+    """Shut a DataLoader iterator's workers down now, as its ``__del__`` would. An error that
+    leaves a loop keeps the iterator alive in its traceback, often until the interpreter exits;
+    there multiprocessing stops the workers with SIGTERM and waits for them, and their grace
+    (:func:`dataloader_worker_init`) held an error's exit for ``WORKER_GRACE_S`` seconds."""
+    shut_down = getattr(batches, "_shutdown_workers", None)  # none without workers
+    if shut_down is not None:
+        shut_down()
