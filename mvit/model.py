@@ -278,6 +278,22 @@ def _resize_grid(table: torch.Tensor, src: Triple, dst: Triple, mode: str) -> to
     return grid.permute(0, 2, 3, 4, 1).reshape(1, -1, C)
 
 
+def _strided_as_param(grad: torch.Tensor) -> Optional[torch.Tensor]:
+    """A gradient hook: the gradient in the usual strides of its shape, those of the parameters.
+    Autograd keeps a gradient whose strides differ from its parameter's only in size-1
+    dimensions, and DDP then copies it every step and warns ("Grad strides do not match bucket
+    view strides"): the class token's and its position entry's came back as slices of larger
+    gradients (at batch 1, or always), a conv pooling weight's (d, 1, 3, 3, 3) in the
+    channels-last grid's strides, (27, 1, 9, 3, 1), eager or compiled."""
+    strides, step = [], 1
+    for size in reversed(grad.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    if grad.stride() == tuple(reversed(strides)):
+        return None
+    return grad.clone(memory_format=torch.contiguous_format)
+
+
 class MViT(nn.Module):
     """Multiscale Vision Transformer (v1 and v2), video or image.
 
@@ -313,7 +329,18 @@ class MViT(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.head = ClassificationHead(dim, cfg.num_classes, cfg.head_dropout)
         self._init_weights()
+        self._keep_gradients_strided_as_parameters()
         self.set_fused(fused)
+
+    def _keep_gradients_strided_as_parameters(self) -> None:
+        for p in self.parameters():
+            if 1 in p.shape:  # only there can a gradient's strides differ unseen (_strided_as_param)
+                p.register_hook(_strided_as_param)
+
+    def __setstate__(self, state) -> None:
+        # copy.deepcopy and pickle make new parameters, without hooks
+        super().__setstate__(state)
+        self._keep_gradients_strided_as_parameters()
 
     def _init_weights(self) -> None:
         # As the reference repositories (facebookresearch/mvit, torchvision): truncated-normal
@@ -388,8 +415,7 @@ class MViT(nn.Module):
             # and its weights sum to one along every axis.
             pos = (temporal[:, :, None, :] + spatial[:, None, :, :]).reshape(1, -1, spatial.shape[-1])
             if self.pos_embed_class is not None:
-                # alone, the class entry's gradient would be a (1, 1, C) slice of the whole table's
-                pos = torch.cat((reference.with_dense_grad(self.pos_embed_class), pos), dim=1)
+                pos = torch.cat((self.pos_embed_class, pos), dim=1)
             return pos
         if self.pos_embed is not None:
             s = int(self.cfg.cls_embed)
@@ -411,9 +437,7 @@ class MViT(nn.Module):
         x = self._check_input(x)
         x, thw = self.patch_embed(x)
         if self.cls_token is not None:
-            # (at batch 1 the token's gradient would be a slice of the whole input's)
-            cls_token = reference.with_dense_grad(self.cls_token).expand(x.shape[0], -1, -1)
-            x = torch.cat((cls_token.to(x.dtype), x), dim=1)
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
         pos = self._position_embedding(thw)
         if pos is not None:
             x = x + pos.to(x.dtype)

@@ -71,9 +71,7 @@ def pool3d(
     elif mode == "avg":
         pooled = F.avg_pool3d(grid, kernel, stride, padding, count_include_pad=True)
     else:
-        # the convolution's weight gradient follows the channels-last grid: (27, 1, 9, 3, 1) for
-        # a (d, 1, 3, 3, 3) weight
-        pooled = F.conv3d(grid, with_dense_grad(weight), None, stride, padding, groups=d)
+        pooled = F.conv3d(grid, weight, None, stride, padding, groups=d)
     thw_out = tuple(int(s) for s in pooled.shape[2:])
     t, h, w = thw_out
     y = pooled.reshape(B, heads, d, t * h * w).transpose(2, 3)  # sizes spelled out: B may be 0
@@ -82,15 +80,6 @@ def pool3d(
     if norm_weight is not None:
         y = F.layer_norm(y, (d,), norm_weight, norm_bias, eps)
     return y, thw_out  # type: ignore[return-value]
-
-
-def with_dense_grad(param: torch.Tensor) -> torch.Tensor:
-    """``param`` through a view, whose backward reshapes the gradient that comes back to the
-    usual strides of ``param``'s shape. Where an op gives a gradient strided otherwise (a
-    convolution's follows its input's memory format, a concatenation's is a slice of the whole
-    one), autograd keeps it as it is when only size-1 dimensions differ, and DDP then copies it
-    and warns in every run that its strides do not match the parameter's."""
-    return param.view(param.shape)
 
 
 def _cpu_bf16_conv_weight_grad(grid: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:

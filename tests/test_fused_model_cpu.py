@@ -117,6 +117,20 @@ def test_every_gradient_has_its_parameters_strides(fused, contiguous_grid, v2, b
         assert p.grad is not None and p.grad.stride() == p.stride(), name
 
 
+def test_compiled_gradients_have_their_parameters_strides():
+    # Under torch.compile the class token's, its position entry's and the conv pooling weights'
+    # gradients came back strided otherwise too
+    torch.manual_seed(0)
+    model = build_model("mvit_tiny").train()
+    torch.compile(model)(torch.randn(1, 3, 8, 32, 32)).square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.stride() == p.stride(), name
+    double = copy.deepcopy(model).double()  # the hooks belong to the parameters: a copy has its own
+    double(torch.randn(1, 3, 8, 32, 32, dtype=torch.float64)).sum().backward()
+    for name, p in double.named_parameters():
+        assert p.grad.stride() == p.stride(), name
+
+
 @pytest.mark.parametrize("thw_q, thw_kv, axes, has_cls", REL_CASES)
 def test_rel_pos_mask_written_in_chunks_matches_the_reference_bias(thw_q, thw_kv, axes, has_cls):
     # The inference mask, written chunk by chunk of query rows into buffers of the chunk's shape
