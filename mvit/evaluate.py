@@ -334,13 +334,7 @@ def _load_model(args: argparse.Namespace):
         return model, {"model_config": model.cfg}
     if args.preset:
         raise ValueError("--preset goes with --source: a checkpoint of `mvit train` holds its model's config")
-    if os.path.isdir(args.checkpoint):
-        found = ckpt.latest_valid(args.checkpoint, ckpt.MODEL_KEYS)
-        if found is None:
-            raise FileNotFoundError(f"no readable checkpoint in {args.checkpoint}")
-        args.checkpoint, state = found
-    else:
-        state = ckpt.load_checked(args.checkpoint, "", ckpt.MODEL_KEYS)
+    args.checkpoint, state = ckpt.load_file_or_run(args.checkpoint, "")
     model = MViT(state["model_config"], fused=args.fused)
     if args.ema:
         if not state.get("ema"):

@@ -158,8 +158,8 @@ def add_parser(subparsers) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--preset", default="mvit_tiny")
     m.add_argument("--drop-path", type=finite_float, help="stochastic depth rate (default: the preset's)")
-    m.add_argument("--finetune", help="initialize from this checkpoint (mvit train's, pySlowFast's, torchvision's, "
-                   "pytorchvideo's or timm's, .safetensors included); "
+    m.add_argument("--finetune", help="initialize from this checkpoint (mvit train's, or its run folder's newest; "
+                   "pySlowFast's, torchvision's, pytorchvideo's or timm's, .safetensors included); "
                    "position tables are interpolated to the input size, a head of another size is re-made")
     m.add_argument("--layer-decay", type=finite_float, default=1.0, help="layer-wise LR decay (1 = off)")
     m.add_argument("--fused", action="store_true", help="use the fused kernels (needs the built extension)")
@@ -445,7 +445,9 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
     # The initial weights come from the global RNG, which torch seeds differently in every
     # process: without this, --seed fixed the data but not the starting point. Same seed on every
     # rank, so the replicas also start equal before DDP's broadcast.
-    finetune = ckpt.load_checked(args.finetune, "--finetune", required=()) if args.finetune else None
+    finetune = None
+    if args.finetune:  # a file, or a run folder (its newest checkpoint) as eval and predict take
+        args.finetune, finetune = ckpt.load_file_or_run(args.finetune, "--finetune", required=())
     if finetune is not None:
         semantics = _finetune_semantics(finetune, get_preset(args.preset).replace(**overrides))
         if semantics and info.is_main:

@@ -219,3 +219,26 @@ def test_image_weights_inflate_into_a_video_model(tmp_path, layout, capsys):
         tokens_2d = image.patch_embed.proj(frame)
         tokens_3d = target.patch_embed.proj(frame.unsqueeze(2).expand(1, 3, 4, 64, 64))
     torch.testing.assert_close(tokens_3d[:, :, 1], tokens_2d, rtol=1e-5, atol=1e-5)
+
+
+def test_finetune_from_a_run_folder_takes_its_newest_checkpoint(tmp_path, capsys):
+    # eval and predict took a run folder; --finetune failed on it with "Is a directory"
+    from mvit.training import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    common = ["--synthetic-size", "16", "0", "--batch-size", "8", "--threads", "1", "--no-progress"]
+    assert main(["train", *common, "--max-steps", "2", "--ckpt-every", "1", "--keep-ckpts", "5",
+                 "--output-dir", str(run)]) == 0
+    newest = ckpt.list_checkpoints(str(run))[0]
+    assert ckpt.step_of(newest) == 2
+    for name, source in (("from_folder", run), ("from_file", newest)):
+        assert main(["train", *common, "--max-steps", "1", "--finetune", str(source),
+                     "--output-dir", str(tmp_path / name)]) == 0
+    [a], [b] = ckpt.list_checkpoints(str(tmp_path / "from_folder")), ckpt.list_checkpoints(str(tmp_path / "from_file"))
+    a, b = ckpt.load(a), ckpt.load(b)
+    assert a["args"]["finetune"] == b["args"]["finetune"] == newest  # the file it read, recorded
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    capsys.readouterr()
+    assert main(["train", *common, "--finetune", str(tmp_path), "--output-dir", str(tmp_path / "none")]) == 2
+    assert f"--finetune no readable checkpoint in {tmp_path}" in capsys.readouterr().err

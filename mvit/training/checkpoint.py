@@ -253,6 +253,17 @@ def latest_valid(folder: str, required=("model",)) -> Optional[tuple[str, dict]]
     return None
 
 
+def load_file_or_run(path: str, what: str, required=MODEL_KEYS) -> tuple[str, dict]:
+    """A checkpoint file, or a run folder's newest readable checkpoint, as eval, predict and
+    --finetune take them: (the file's path, its contents); errors as :func:`load_checked`'s."""
+    if not os.path.isdir(path):
+        return path, load_checked(path, what, required)
+    found = latest_valid(path, required)
+    if found is None:
+        raise FileNotFoundError(f"{what + ' ' if what else ''}no readable checkpoint in {path}")
+    return found
+
+
 def step_of(path: str) -> int:
     """The optimizer step in a checkpoint's file name."""
     return int(_NAME.search(path).group(2))
