@@ -547,6 +547,8 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
     def stop_requested() -> bool:  # evaluations end early on it (every rank then returns None)
         return stop.requested
 
+    unit = "images" if _image_task(args) else "videos"  # what the scores count, for the lines printed
+
     def validate() -> Optional[dict]:
         """The epoch-end evaluation, logged; None when a stop signal ended it."""
         # An unreadable validation video is left out and listed (log, result.json, the line
@@ -557,7 +559,9 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
         if metrics is not None and info.is_main:
             log.write(kind="val", epoch=state.epoch, step=state.step, time=round(run_seconds(), 2),
                       ema=ema is not None, **metrics)
-            print(f"epoch {state.epoch}: " + _fmt(metrics), file=sys.stderr, flush=True)
+            # a run ended by --max-steps within an epoch is scored part way through it
+            at = f"epoch {state.epoch}" if not state.epoch_pos else f"step {state.step} (in epoch {state.epoch + 1})"
+            print(f"{at}: " + _fmt(metrics, unit), file=sys.stderr, flush=True)
         return metrics
 
     # Resumed from an epoch's checkpoint whose evaluation a stop cut short (or never started):
@@ -718,7 +722,7 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
             print(f"warning: could not plot curves: {exc}", file=sys.stderr)
         line = f"done: {state.epoch} epochs, {state.step} steps, {result['wall_s']:.0f} s"
         if last_metrics:
-            line += "; validation " + ("of the EMA weights " if ema else "") + _fmt(last_metrics)
+            line += "; validation " + ("of the EMA weights " if ema else "") + _fmt(last_metrics, unit)
         if "val_shuffled_frames" in result:
             line += "; with frames shuffled " + _fmt(result["val_shuffled_frames"])
         print(line)
@@ -744,11 +748,14 @@ def _evaluation_missed(log_path: str, state: TrainState, recipe: dict, max_steps
     return not any(r.get("kind") == "val" and r.get("step") == state.step for r in records)
 
 
-def _fmt(metrics: dict) -> str:
+def _fmt(metrics: dict, unit: str = "videos") -> str:
+    """One line of scores; ``unit``: what was scored ("videos" or "images"; the metrics' key is
+    "videos" for both)."""
     left_out = f"; {len(metrics['unreadable'])} unreadable left out" if metrics.get("unreadable") else ""
+    scored = f"({metrics['videos']} {unit}{left_out})"
     if "mAP" in metrics:
-        return f"mAP {metrics['mAP']:.2f} ({metrics['videos']} videos{left_out})"
-    return f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% ({metrics['videos']} videos{left_out})"
+        return f"mAP {metrics['mAP']:.2f} {scored}"
+    return f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% {scored}"
 
 
 #: Config fields that change what given weights compute, and that a checkpoint's layout can say.

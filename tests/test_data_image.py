@@ -54,13 +54,15 @@ def test_unreadable_training_images_are_replaced_and_named(image_root, tmp_path,
         ImageFolderDataset(items[:2], 32, train=True, max_retries=2)[(0, 0)]
 
 
-def test_train_image_preset(image_root, tmp_path):
+def test_train_image_preset(image_root, tmp_path, capsys):
     out = tmp_path / "img"
     assert main(["train", "--preset", "mvitv2_t_image", "--data-root", str(image_root), "--crop-size", "64",
                  "--batch-size", "4", "--max-steps", "2", "--workers", "0", "--threads", "1", "--no-progress",
                  "--output-dir", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
-    assert result["val"]["videos"] == 6
+    assert result["val"]["videos"] == 6  # the key's name for both
+    err = capsys.readouterr().err
+    assert "(6 images)" in err and "videos" not in err
 
 
 @pytest.mark.parametrize("orientation, shown", [
