@@ -209,7 +209,7 @@ def add_parser(subparsers) -> None:
                    help="leave videos / images that cannot be decoded out of the metrics and list them in the "
                         "report (default: the first one is an error naming it)")
     p.add_argument("--batch-size", type=int, default=8, help="videos per batch per rank")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4, or the CPUs where fewer)")
     p.add_argument("--report", help="JSON report path (default: next to the checkpoint, "
                    "CHECKPOINT_eval[_ema][_shuffled].json; other views or precisions overwrite it)")
     p.set_defaults(func=run)

@@ -153,7 +153,7 @@ def add_parser(subparsers) -> None:
     d.add_argument("--synthetic-size", type=int, nargs=2, metavar=("TRAIN", "VAL"),
                    help=f"clips per epoch and validation clips of the synthetic task (default "
                         f"{SYNTHETIC_TRAIN_LENGTH} {SYNTHETIC_VAL_LENGTH}; VAL 0: no validation)")
-    d.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4; 0 synthetic)")
+    d.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4, or the CPUs per rank where fewer; 0 synthetic)")
 
     m = p.add_argument_group("model")
     m.add_argument("--preset", default="mvit_tiny")

@@ -50,3 +50,20 @@ def test_python_dash_m_entry_point():
     )
     assert proc.returncode == 0, proc.stderr
     assert "GFLOPs (multiply-adds): 64.224" in proc.stdout
+
+
+def test_default_workers_fit_the_cpus_of_each_rank(monkeypatch):
+    import os
+
+    from mvit.data import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun, 8 GPUs on 16 CPUs
+    assert default_workers() == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # this CI's VM
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert default_workers() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_workers() == 1  # never 0: decoding in the training process would stall it

@@ -45,6 +45,17 @@ class SingleView(Dataset):
         return x.unsqueeze(0), y
 
 
+def default_workers() -> int:
+    """DataLoader workers when --workers is not given: 4, or fewer where the CPUs this process may
+    use, shared by the ranks on the machine (torchrun's LOCAL_WORLD_SIZE), are fewer; at least 1.
+    More workers than CPUs only contend (DataLoader warns of it)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
 def build_datasets(args, recipe: dict) -> DataBundle:
     from ..presets import get_preset
 
@@ -70,7 +81,7 @@ def build_datasets(args, recipe: dict) -> DataBundle:
         return DataBundle(train, val, SyntheticMotion.num_classes, SyntheticMotion.classes, False,
                           (t, s, s), 0 if args.workers is None else args.workers, sampling_rate=1)
 
-    workers = 4 if args.workers is None else args.workers
+    workers = default_workers() if args.workers is None else args.workers
     if args.image_folders or cfg.patch_2d:
         from .image import build_image_datasets
 
@@ -89,7 +100,7 @@ def build_eval_dataset(args, state: dict):
     cfg = state["model_config"]
     train_args = state.get("args") or {}
     recipe = state.get("recipe") or {}
-    workers = 4 if args.workers is None else args.workers
+    workers = default_workers() if args.workers is None else args.workers
     if not (args.val_csv or args.data_root):
         if not recipe.get("synthetic"):
             raise ValueError("give --val-csv or --data-root (the checkpoint was not trained on the synthetic task)")
