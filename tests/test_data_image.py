@@ -172,7 +172,7 @@ def test_training_validation_leaves_an_unreadable_file_out_and_lists_it(image_ro
     broken = str(image_root / "train" / "dog" / "broken.png")
     result = json.loads((out / "result.json").read_text())
     assert result["val"]["videos"] == 2 and result["val"]["unreadable"] == [broken]
-    assert "(2 videos; 1 unreadable left out)" in capsys.readouterr().err
+    assert "(2 images; 1 unreadable left out)" in capsys.readouterr().err
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     val = [r for r in records if r["kind"] == "val"]
     assert val and val[-1]["unreadable"] == [broken]
