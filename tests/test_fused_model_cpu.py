@@ -97,24 +97,29 @@ def _rel_case(thw_q, thw_kv, axes, has_cls, B=2, heads=3, d=8, seed=3):
     return q, k, v, tables
 
 
+def assert_gradients_strided_as_parameters(model):
+    """DDP copies a gradient whose strides differ from its parameter's and warns in every run
+    ("Grad strides do not match bucket view strides")."""
+    for name, p in model.named_parameters():
+        assert p.grad is None or p.grad.stride() == p.stride(), name
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
 @pytest.mark.parametrize("contiguous_grid", [False, True])
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_every_gradient_has_its_parameters_strides(fused, contiguous_grid, v2, batch, monkeypatch):
-    # DDP copies a gradient whose strides differ from its parameter's and warns in every run ("Grad
-    # strides do not match bucket view strides"). The conv pooling's weight gradient came back from
-    # the channels-last grid with strides (27, 1, 9, 3, 1) for its (d, 1, 3, 3, 3) weight, and the
-    # class token's position entry's as a slice of the whole table's gradient, and at batch 1 the
-    # class token's as a slice of the input's.
+    # The conv pooling's weight gradient came back from the channels-last grid with strides
+    # (27, 1, 9, 3, 1) for its (d, 1, 3, 3, 3) weight, the class token's position entry's as a
+    # slice of the whole table's gradient, and at batch 1 the class token's as a slice of the input's.
     monkeypatch.setattr(reference, "pool3d", functools.partial(reference.pool3d, contiguous_grid=contiguous_grid))
     torch.manual_seed(0)
     model = build_model("mvit_tiny", fused=fused, **(V2 if v2 else {})).train()
     assert (model.pos_embed_class is None) == v2
     assert model.cfg.pool_mode == "conv"
     model(torch.randn(batch, 3, 8, 32, 32)).square().sum().backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.stride() == p.stride(), name
+    assert all(p.grad is not None for p in model.parameters())
+    assert_gradients_strided_as_parameters(model)
 
 
 def test_compiled_gradients_have_their_parameters_strides():
@@ -123,12 +128,10 @@ def test_compiled_gradients_have_their_parameters_strides():
     torch.manual_seed(0)
     model = build_model("mvit_tiny").train()
     torch.compile(model)(torch.randn(1, 3, 8, 32, 32)).square().sum().backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.stride() == p.stride(), name
+    assert_gradients_strided_as_parameters(model)
     double = copy.deepcopy(model).double()  # the hooks belong to the parameters: a copy has its own
     double(torch.randn(1, 3, 8, 32, 32, dtype=torch.float64)).sum().backward()
-    for name, p in double.named_parameters():
-        assert p.grad.stride() == p.stride(), name
+    assert_gradients_strided_as_parameters(double)
 
 
 @pytest.mark.parametrize("thw_q, thw_kv, axes, has_cls", REL_CASES)

@@ -23,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mvit_kernels import reference
+from test_fused_model_cpu import assert_gradients_strided_as_parameters
 
 # The module, not the function of the same name that mvit_kernels exports.
 pp = importlib.import_module("mvit_kernels.pooled_projection")
@@ -285,8 +286,7 @@ def outputs_and_gradients(models, x):
         out.square().sum().backward()
         outs.append(out.detach())
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-        for name, p in model.named_parameters():
-            assert p.grad is None or p.grad.stride() == p.stride(), name
+        assert_gradients_strided_as_parameters(model)
     return outs, grads
 
 

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mvit_kernels import reference
 from mvit_kernels.triton import pooling_attention as kernels
+from test_fused_model_cpu import assert_gradients_strided_as_parameters
 
 # The module, not the function of the same name that mvit_kernels exports.
 pa = importlib.import_module("mvit_kernels.pooling_attention")
@@ -381,8 +382,7 @@ def test_tiny_mvitv2_through_the_triton_attention(monkeypatch):
     monkeypatch.setattr(model_module.reference, "pooling_attention", triton_attention)
     got, got_grads = run()
     assert len(calls) == len(model.blocks)
-    for name, p in model.named_parameters():  # as DDP wants them (it copies and warns otherwise)
-        assert p.grad is None or p.grad.stride() == p.stride(), name
+    assert_gradients_strided_as_parameters(model)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert got_grads.keys() == want_grads.keys()
     for name in want_grads:
