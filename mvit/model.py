@@ -294,6 +294,11 @@ def _strided_as_param(grad: torch.Tensor) -> Optional[torch.Tensor]:
     return grad.clone(memory_format=torch.contiguous_format)
 
 
+def _rehook_after_load(model: "MViT", incompatible_keys) -> None:
+    """A load_state_dict post-hook: assign=True replaces the parameters, and their hooks with them."""
+    model._keep_gradients_strided_as_parameters()
+
+
 class MViT(nn.Module):
     """Multiscale Vision Transformer (v1 and v2), video or image.
 
@@ -333,14 +338,25 @@ class MViT(nn.Module):
         self.set_fused(fused)
 
     def _keep_gradients_strided_as_parameters(self) -> None:
+        # Hooks belong to parameter objects, so this runs again wherever parameters can be
+        # replaced: _apply (to_empty from the meta device), load_state_dict(assign=True), copy and
+        # pickle. It hooks only where the hook is missing, so calling it again adds nothing.
+        if _rehook_after_load not in self._load_state_dict_post_hooks.values():
+            self.register_load_state_dict_post_hook(_rehook_after_load)
         for p in self.parameters():
-            if 1 in p.shape:  # only there can a gradient's strides differ unseen (_strided_as_param)
+            # only in a size-1 dimension can a gradient's strides differ unseen (_strided_as_param)
+            if 1 in p.shape and _strided_as_param not in (p._backward_hooks or {}).values():
                 p.register_hook(_strided_as_param)
 
     def __setstate__(self, state) -> None:
         # copy.deepcopy and pickle make new parameters, without hooks
         super().__setstate__(state)
         self._keep_gradients_strided_as_parameters()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._keep_gradients_strided_as_parameters()
+        return self
 
     def _init_weights(self) -> None:
         # As the reference repositories (facebookresearch/mvit, torchvision): truncated-normal

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import pickle
 
 import pytest
 import torch
@@ -132,6 +133,59 @@ def test_compiled_gradients_have_their_parameters_strides():
     double = copy.deepcopy(model).double()  # the hooks belong to the parameters: a copy has its own
     double(torch.randn(1, 3, 8, 32, 32, dtype=torch.float64)).sum().backward()
     assert_gradients_strided_as_parameters(double)
+
+
+def _from_meta_assigned(state):
+    with torch.device("meta"):
+        model = build_model("mvit_tiny")
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def _from_meta_emptied(state):
+    with torch.device("meta"):
+        model = build_model("mvit_tiny")
+    model.to_empty(device="cpu").load_state_dict(state)
+    return model
+
+
+def _wrapped_and_assigned(state):
+    # load_state_dict called on a module that holds the model, not on the model
+    with torch.device("meta"):
+        wrapper = torch.nn.Sequential(build_model("mvit_tiny"))
+    wrapper.load_state_dict({f"0.{k}": v for k, v in state.items()}, assign=True)
+    return wrapper[0]
+
+
+def _pickled(state):
+    model = build_model("mvit_tiny")
+    model.load_state_dict(state)
+    return pickle.loads(pickle.dumps(model))
+
+
+def _converted_back_and_forth(state):
+    model = build_model("mvit_tiny")
+    model.load_state_dict(state)
+    for _ in range(3):
+        model.double().float()
+    return model
+
+
+@pytest.mark.parametrize(
+    "make", [_from_meta_assigned, _from_meta_emptied, _wrapped_and_assigned, _pickled, _converted_back_and_forth]
+)
+def test_gradients_keep_their_strides_wherever_the_parameters_are_replaced(make):
+    # The stride hooks belong to parameter objects; building on the meta device and then
+    # assigning the weights (or to_empty) makes new ones, which had none.
+    torch.manual_seed(0)
+    state = build_model("mvit_tiny").state_dict()
+    model = make(state).train()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, state[name], rtol=0, atol=0, msg=name)
+        if 1 in p.shape:  # hooked once, however often the parameters were converted or loaded
+            assert len(p._backward_hooks) == 1, name
+    model(torch.randn(1, 3, 8, 32, 32)).square().sum().backward()
+    assert_gradients_strided_as_parameters(model)
 
 
 @pytest.mark.parametrize("thw_q, thw_kv, axes, has_cls", REL_CASES)
