@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .autocast import autocast_dtype
+
 POOL_MODES = ("max", "avg", "conv")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 INT32_MAX = 2**31 - 1
@@ -181,10 +183,11 @@ def _check_weight_bias(weight: torch.Tensor, bias: Optional[torch.Tensor], w_nam
 
 def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       names: Sequence[str] = ("x", "weight", "bias")) -> None:
-    """Shapes of a linear layer's arguments: weight (out_features, in_features), bias None or
-    (out_features,), x (..., in_features). oneDNN's fused path would otherwise read a weight of
-    another rank as the 2-D one silently, and fail on a bias of the wrong length with an error
-    that names neither. Dtypes and devices are left to F.linear (autocast mixes dtypes on purpose)."""
+    """A linear layer's arguments: weight (out_features, in_features), bias None or
+    (out_features,), x (..., in_features); floating dtypes, one device, one dtype unless autocast
+    is on for x's device (it mixes them on purpose). oneDNN's fused path would otherwise read a
+    weight of another rank as the 2-D one silently, fail on a bias of the wrong length with an
+    error that names neither, and return uninitialized memory for a weight on the meta device."""
     x_name, w_name, b_name = names
     _check_tensor(x, x_name)
     _check_weight_bias(weight, bias, w_name, b_name)
@@ -192,12 +195,27 @@ def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         raise ValueError(f"{x_name} must be (..., in_features), got a 0-d tensor")
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"{x_name} has {x.shape[-1]} features but {w_name} expects {weight.shape[1]}")
+    check_float(x, x_name)
+    _check_parameters_like(x, x_name, (weight, w_name), (bias, b_name))
+
+
+def _check_parameters_like(x: torch.Tensor, x_name: str, *named) -> None:
+    """(tensor or None, name) pairs: floating, on x's device, in x's dtype unless autocast is on."""
+    for t, name in named:
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}")
+        check_float(t, name)
+        if t.dtype != x.dtype and autocast_dtype(x) is None:
+            raise TypeError(f"{name} has dtype {t.dtype} but {x_name} has dtype {x.dtype} (and autocast is off)")
 
 
 def check_mlp_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) -> None:
     """The MLP's two linear layers (:func:`check_linear_args`), fc2 reading fc1's output."""
     check_linear_args(x, fc1_weight, fc1_bias, ("x", "fc1_weight", "fc1_bias"))
     _check_weight_bias(fc2_weight, fc2_bias, "fc2_weight", "fc2_bias")
+    _check_parameters_like(x, "x", (fc2_weight, "fc2_weight"), (fc2_bias, "fc2_bias"))
     if fc2_weight.shape[1] != fc1_weight.shape[0]:
         raise ValueError(f"fc2_weight expects {fc2_weight.shape[1]} features but fc1_weight gives {fc1_weight.shape[0]}")
 

@@ -66,6 +66,9 @@ def _check_op(x, weight, bias) -> None:
     # oneDNN reads a weight of another rank as the 2-D one, silently (see check_linear_args)
     with as_op_error("mvit_kernels.linear_onednn"):
         check_linear_args(x, weight, bias)
+        for t, name in ((x, "x"), (weight, "weight"), (bias, "bias")):
+            if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+                raise TypeError(f"{name} must be a float32 CPU tensor (the oneDNN path's), got {t.dtype} on {t.device}")
 
 
 def uses_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:

@@ -114,21 +114,43 @@ def _bad_linear_args():
         # oneDNN failed with "could not create a primitive descriptor"
         ("bias length", (x, w, b[:3]), r"bias must have shape \(4,\) to match weight, got \(3,\)"),
         ("bias rank", (x, w, b[None]), r"bias must have shape \(4,\) to match weight, got \(1, 4\)"),
+        # these two returned uninitialized memory on every path (F.linear's own behaviour)
+        ("weight on meta", (x, w.to("meta"), b), "weight is on meta but x is on cpu"),
+        ("bias on meta", (x, w, b.to("meta")), "bias is on meta but x is on cpu"),
+        # F.linear's own errors named no argument ("mat1 and mat2 must have the same dtype")
+        ("x integer", (x.long(), w, b), "x must be float32, float64, bfloat16 or float16, got torch.int64", TypeError),
+        ("weight dtype", (x, w.double(), b), "weight has dtype torch.float64 but x has dtype torch.float32", TypeError),
+        ("bias dtype", (x, w, b.half()), "bias has dtype torch.float16 but x has dtype torch.float32", TypeError),
     ]
 
 
 @pytest.mark.parametrize("case", _bad_linear_args(), ids=lambda c: c[0])
 @pytest.mark.parametrize("path", ["reference", "fused", "fused-inference"])
-def test_bad_shapes_name_the_argument_on_every_path(case, path):
+def test_bad_input_names_the_argument_on_every_path(case, path):
     """The same error, naming the argument, on the reference, on the fused op with gradients (the
     reference's ops) and on its oneDNN inference path."""
-    _, args, message = case
+    _, args, message, *error = case
     fn = reference.linear if path == "reference" else mvit_kernels.linear
     ctx = torch.inference_mode() if path == "fused-inference" else contextlib.nullcontext()
-    if path == "fused":
-        args = (args[0].requires_grad_(), *args[1:])
-    with ctx, pytest.raises(ValueError, match=message):
+    if path == "fused":  # gradients wanted for the weight: x may be an integer tensor
+        args = (args[0], args[1].requires_grad_(), *args[2:])
+    with ctx, pytest.raises(error[0] if error else ValueError, match=message):
         fn(*args)
+
+
+def test_the_oneDNN_op_takes_float32_cpu_tensors_only():
+    # Called directly (as a compiled graph calls it): a float64 x reached oneDNN, whose error
+    # ("itensor_view_from_dense expects float/bfloat16/half ...") named no argument.
+    x, w, b = _inputs((2, 3), 8, 4)
+    op = torch.ops.mvit_kernels.linear_onednn
+    with pytest.raises(RuntimeError, match="linear_onednn: x must be a float32 CPU tensor .* got torch.float64 on cpu"):
+        op(x.double(), w.double(), b.double(), False)
+    with pytest.raises(RuntimeError, match="linear_onednn: bias is on meta but x is on cpu"):
+        op(x, w, b.to("meta"), False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's mixed dtypes: F.linear's path
+        with pytest.raises(RuntimeError, match="linear_onednn: weight must be a float32 CPU tensor .* got torch.bfloat16"):
+            op(x, w.bfloat16(), b, False)
+        assert mvit_kernels.linear(x, w.bfloat16(), b).dtype == torch.bfloat16
 
 
 def _compiled_graph_ops(fn, *args):
@@ -244,6 +266,10 @@ def test_mlp_gradients_and_bad_shapes(monkeypatch):
                 fn(x, w1.detach(), b1, w2[None], b2)
             with pytest.raises(ValueError, match="x has 11 features but fc1_weight expects 12"):
                 fn(x[..., :11], w1.detach(), b1, w2, b2)
+            with pytest.raises(ValueError, match="fc2_weight is on meta but x is on cpu"):
+                fn(x, w1.detach(), b1, w2.to("meta"), b2)
+            with pytest.raises(TypeError, match="fc2_bias has dtype torch.float64 but x has dtype torch.float32"):
+                fn(x, w1.detach(), b1, w2, b2.double())
 
 
 def test_fused_model_with_chunked_mlps_matches_reference(monkeypatch):
