@@ -131,6 +131,8 @@ def _args(thw_q=(2, 4, 6), thw_kv=(2, 2, 3), has_cls=True, rows=None, dtype=torc
     (lambda a: (a.__setitem__(1, None), a.__setitem__(2, None), a.__setitem__(3, None)), r"needs table_t or"),
     (lambda a: a.__setitem__(0, a[0][0]), r"q must be \(B, heads, N_q, d\)"),
     (lambda a: (a.__setitem__(0, a[0].long()), a.__setitem__(8, a[8].long())), r"q must be float32, float64"),
+    # an integer table was cast and read (another floating dtype is: autocast leaves tables float32)
+    (lambda a: a.__setitem__(1, a[1].long()), r"table_t must be float32, float64, bfloat16 or float16, got Long"),
 ])
 def test_bad_arguments_are_named(change, match):
     args = _args()

@@ -149,6 +149,9 @@ at::Tensor table_arg(const c10::optional<at::Tensor>& table, const char* name, i
                      int64_t d, at::ScalarType acc) {
   if (!table.has_value() || !table->defined()) return at::Tensor();
   TORCH_CHECK(table->device().is_cpu(), "rel_pos_mask: ", name, " must be a CPU tensor, got ", table->device());
+  // Another floating dtype than q's is read in q's accumulation type (autocast leaves the tables float32).
+  TORCH_CHECK(at::isFloatingType(table->scalar_type()), "rel_pos_mask: ", name,
+              " must be float32, float64, bfloat16 or float16, got ", table->scalar_type());
   TORCH_CHECK(table->dim() == 3 && table->size(0) == q_size && table->size(1) == k_size && table->size(2) == d,
               "rel_pos_mask: ", name, " must be the gathered table (", q_size, ", ", k_size, ", ", d, "), got ",
               table->sizes());
