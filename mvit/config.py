@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -173,6 +174,8 @@ class MViTConfig:
 
     @classmethod
     def from_dict(cls, data) -> "MViTConfig":
+        if not isinstance(data, Mapping):
+            raise TypeError(f"an MViTConfig is read from a mapping of its fields, got {type(data).__name__}")
         unknown = set(data) - set(field_names())
         if unknown:
             raise ValueError(f"unknown MViTConfig field(s): {', '.join(sorted(unknown))}")
@@ -212,13 +215,13 @@ class MViTConfig:
                 raise ValueError(f"{f.name} must be True or False, got {getattr(self, f.name)!r}")
         if not _is_number(self.mlp_ratio) or not self.mlp_ratio > 0 or not math.isfinite(self.mlp_ratio):
             raise ValueError(f"mlp_ratio must be > 0 (a finite number), got {self.mlp_ratio!r}")
-        if not 0.0 <= self.head_dropout < 1.0:
-            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        if not _is_number(self.head_dropout) or not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"head_dropout must be a number in [0, 1), got {self.head_dropout!r}")
         for name, value in (("norm_eps", self.norm_eps), ("pool_norm_eps", self.pool_norm_eps)):
             if value is None and name == "pool_norm_eps":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+            if not _is_number(value) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         for name in ("input_size", "patch_kernel", "patch_stride", "patch_padding"):
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)) or len(value) != 3 or not all(_is_int(v) for v in value):
@@ -226,6 +229,10 @@ class MViTConfig:
             least = 0 if name == "patch_padding" else 1
             if any(v < least for v in value):
                 raise ValueError(f"{name} entries must be >= {least}, got {value!r}")
+        if any(p >= k for p, k in zip(self.patch_padding, self.patch_kernel)):
+            # the border patches would read padding alone
+            raise ValueError(f"patch_padding {self.patch_padding} must be below patch_kernel {self.patch_kernel} "
+                             f"on every axis")
         for name in ("pool_kvq_kernel", "pool_kv_stride_adaptive"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (tuple, list)) or len(value) != 3
@@ -239,11 +246,14 @@ class MViTConfig:
             raise ValueError(f"abs_pos must be 'separate', 'joint' or 'none', got {self.abs_pos!r}")
         if self.residual_pooling_cls and not self.residual_pooling:
             raise ValueError("residual_pooling_cls=True needs residual_pooling=True (it says which rows that connection adds to)")
+        for name in ("dim_mul", "head_mul", "pool_q_stride", "pool_kv_stride", "no_kv_pool_blocks"):
+            if not isinstance(getattr(self, name), (tuple, list)):
+                raise ValueError(f"{name} must be a list (one entry per block it changes), got {getattr(self, name)!r}")
         for name in ("dim_mul", "head_mul"):
             for entry in getattr(self, name):
                 if (not isinstance(entry, (tuple, list)) or len(entry) != 2 or not _is_int(entry[0])
-                        or not _is_number(entry[1]) or not entry[1] > 0):
-                    raise ValueError(f"{name} entries must be (block: int, multiplier > 0) pairs, got {entry!r}")
+                        or not _is_number(entry[1]) or not 0 < entry[1] < math.inf):
+                    raise ValueError(f"{name} entries must be (block: int, finite multiplier > 0) pairs, got {entry!r}")
                 if not 0 <= entry[0] <= self.depth:
                     raise ValueError(f"{name} block index {entry[0]} outside 0..{self.depth}")
             _check_one_entry_per_block(name, getattr(self, name))
@@ -272,8 +282,8 @@ class MViTConfig:
                 raise ValueError(f"input_std entries must be > 0, got {value!r}")
         if (self.input_mean is None) != (self.input_std is None):
             raise ValueError("input_mean and input_std go together: set both or neither")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if not _is_number(self.drop_path_rate) or not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be a number in [0, 1), got {self.drop_path_rate!r}")
         if any(s < 1 for s in self.patch_grid):
             raise ValueError(f"input_size {self.input_size} is too small for the patch embedding")
 

@@ -240,6 +240,8 @@ PAPER_TEST_VIEWS: dict[str, tuple[int, int]] = {"mvitv2_l_40x3": (5, 3)}
 
 
 def get_preset(name: str) -> MViTConfig:
+    if not isinstance(name, str):
+        raise TypeError(f"preset name must be a str, got {type(name).__name__} {name!r}")
     try:
         return PRESETS[name]
     except KeyError:

@@ -115,9 +115,9 @@ def test_input_dtype_and_device_errors_name_the_fix():
         (dict(num_heads=0), r"num_heads must be an int >= 1"),
         (dict(embed_dim=2.5), r"embed_dim must be an int >= 1, got 2.5"),
         (dict(mlp_ratio=0.0), r"mlp_ratio must be > 0"),
-        (dict(head_dropout=1.0), r"head_dropout must be in \[0, 1\)"),
-        (dict(norm_eps=0.0), r"norm_eps must be a number > 0, got 0.0"),
-        (dict(pool_norm_eps=-1e-5), r"pool_norm_eps must be a number > 0, got -1e-05"),
+        (dict(head_dropout=1.0), r"head_dropout must be a number in \[0, 1\)"),
+        (dict(norm_eps=0.0), r"norm_eps must be a finite number > 0, got 0.0"),
+        (dict(pool_norm_eps=-1e-5), r"pool_norm_eps must be a finite number > 0, got -1e-05"),
         (dict(residual_pooling_cls=True), r"residual_pooling_cls=True needs residual_pooling=True"),
         (dict(patch_stride=(2, 0, 4)), r"patch_stride entries must be >= 1"),
         (dict(patch_padding=(1, -1, 3)), r"patch_padding entries must be >= 0"),
@@ -129,9 +129,19 @@ def test_input_dtype_and_device_errors_name_the_fix():
         (dict(no_kv_pool_blocks=(-1,)), r"no_kv_pool_blocks entries must be block indices in 0..3, got -1"),
         (dict(no_kv_pool_blocks=(7,)), r"no_kv_pool_blocks entries must be block indices in 0..3, got 7"),
         # Unpacking errors ("too many values to unpack") and a TypeError.
-        (dict(dim_mul=((1, 2.0, 5),)), r"dim_mul entries must be \(block: int, multiplier > 0\) pairs, got \(1, 2.0, 5\)"),
-        (dict(head_mul=((1.5, 2.0),)), r"head_mul entries must be \(block: int, multiplier > 0\) pairs"),
+        (dict(dim_mul=((1, 2.0, 5),)), r"dim_mul entries must be \(block: int, finite multiplier > 0\) pairs, got \(1, 2.0, 5\)"),
+        (dict(head_mul=((1.5, 2.0),)), r"head_mul entries must be \(block: int, finite multiplier > 0\) pairs"),
         (dict(dim_mul=((1, 0.0),)), r"dim_mul entries must be"),
+        # Python's own TypeErrors and OverflowErrors, naming no field; norm_eps=inf failed in forward.
+        (dict(drop_path_rate="0.1"), r"drop_path_rate must be a number in \[0, 1\), got '0.1'"),
+        (dict(head_dropout=None), r"head_dropout must be a number in \[0, 1\), got None"),
+        (dict(norm_eps=float("inf")), r"norm_eps must be a finite number > 0, got inf"),
+        (dict(dim_mul=None), r"dim_mul must be a list \(one entry per block it changes\), got None"),
+        (dict(pool_q_stride=None), r"pool_q_stride must be a list"),
+        (dict(no_kv_pool_blocks=1), r"no_kv_pool_blocks must be a list .* got 1"),
+        (dict(dim_mul=((1, float("inf")),)), r"dim_mul entries must be \(block: int, finite multiplier > 0\) pairs"),
+        # Built: the border patches read padding alone.
+        (dict(patch_padding=(1, 5, 2)), r"patch_padding \(1, 5, 2\) must be below patch_kernel \(3, 5, 5\) on every axis"),
         # Built, then failed in forward: "branch must have shape (1, 65, 64) (the pooled x)".
         (dict(pool_kvq_kernel=(2, 2, 2)), r"block 1: q pooling with kernel \(2, 2, 2\) \(pool_kvq_kernel\) and stride "
                                           r"\(1, 2, 2\) gives 5 tokens on axis t of the \(4, 8, 8\) grid"),
@@ -364,6 +374,8 @@ def test_forward_runs_the_last_block_for_the_class_token_on_the_fused_path():
     assert nocls(_video()).shape == (2, 4)  # mean pooling reads every token: the whole last block
     with pytest.raises(ValueError, match="cls_only needs a class token; mvit_tiny has none"):
         nocls.forward_features(_video(), cls_only=True)
+    with pytest.raises(TypeError, match="cls_only must be a bool, got str 'no'"):  # was read as True
+        fused(x, cls_only="no")
 
 
 @pytest.mark.parametrize("overrides", [dict(), V2_TINY], ids=["v1", "v2"])

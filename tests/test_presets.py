@@ -131,6 +131,8 @@ def test_round_width_follows_reference_rule():
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown preset 'mvit_z'.*mvit_b_16x4"):
         get_preset("mvit_z")
+    with pytest.raises(TypeError, match=r"preset name must be a str, got list \['mvit_tiny'\]"):  # was "unhashable type"
+        get_preset(["mvit_tiny"])
 
 
 def test_bad_config_fields_are_rejected():
@@ -149,3 +151,5 @@ def test_config_round_trips_through_dict():
     for name in ("mvit_b_16x4", "mvitv2_b_image"):
         cfg = get_preset(name)
         assert MViTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(TypeError, match="an MViTConfig is read from a mapping of its fields, got NoneType"):
+        MViTConfig.from_dict(None)  # was "'NoneType' object is not iterable"
