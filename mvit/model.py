@@ -448,6 +448,7 @@ class MViT(nn.Module):
         whole output. :meth:`forward` asks for it on the fused path: the other tokens of the last
         block take 2.32 of the 69.11 GFLOPs the fused MViT-B 16x4 would otherwise execute a clip
         (MViTv2-S 16x4: 2.32 of 63.17)."""
+        cls_only = check_flag(cls_only, "cls_only")  # "no" would be read as True
         if cls_only and not self.cfg.cls_embed:
             raise ValueError(f"cls_only needs a class token; {self.cfg.name} has none (cls_embed=False)")
         x = self._check_input(x)
