@@ -173,7 +173,11 @@ def load(path: str) -> dict:
         except pickle.UnpicklingError as exc:
             found = re.search(r"GLOBAL ([\w.]+)", str(exc))
             if found is None:
-                raise
+                # torch's message opens with advice to load with weights_only=False, which runs the
+                # file's code and is no answer for a file that is no checkpoint (a log, a text file)
+                detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
+                raise pickle.UnpicklingError(
+                    f"weights-only unpickling refused it: {detail.group(1) if detail else str(exc).strip()}") from None
             raise UnsafeCheckpointError(
                 f"{path} pickles {found.group(1)}, which loading would have to run: refused. If you trust "
                 "the file, torch.load(path, weights_only=False) it yourself and pass the dict "
