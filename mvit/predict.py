@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Iterable
 from typing import Optional
 
 import torch
@@ -111,10 +112,21 @@ def predict(model, inputs, labels=None, **options) -> list[dict]:
     from .evaluate import load_model, with_normalization
     from .training.distributed import parse_device
 
-    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    given = isinstance(model, MViT)
+    if not given and not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be an MViT or the path of a checkpoint or run folder, got {type(model).__name__}")
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    elif isinstance(inputs, Iterable) and not isinstance(inputs, torch.Tensor):
+        inputs = list(inputs)
+    if not isinstance(inputs, list):
+        raise TypeError(f"inputs must be a path or a list of paths (of video or image files), got "
+                        f"{type(inputs).__name__}")
+    for i, path in enumerate(inputs):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"inputs[{i}] must be a path (of a video or image file), got {type(path).__name__}")
     if not inputs:
         raise ValueError("inputs: give at least one file")
-    given = isinstance(model, MViT)
     argv = ["predict", "unused" if given else os.fspath(model), *map(os.fspath, inputs)]
     names = None
     if labels is not None and not isinstance(labels, (str, os.PathLike)):
@@ -170,6 +182,8 @@ def _input_kinds(args: argparse.Namespace) -> list[bool]:
     check_view_args(args, ("--top-k", args.top_k, 1))
     kinds = []
     for path in args.inputs:
+        if os.path.isdir(path):
+            raise ValueError(f"input {path} is a folder: give the video or image files in it")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"input not found: {path}")
         ext = os.path.splitext(path)[1].lower()

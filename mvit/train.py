@@ -426,6 +426,7 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
             "--mixup 0 --cutmix 0, or a larger --batch-size (or fewer --accum-steps)")
 
     out_dir = args.output_dir or os.path.join("runs", args.preset + ("_synthetic" if recipe["synthetic"] else ""))
+    ckpt.check_output_dir(out_dir)
     existing = ckpt.list_checkpoints(out_dir)
     if existing and not args.resume:
         # Pruning keeps the highest steps and eval / --resume auto take the newest: the two runs'

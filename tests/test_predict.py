@@ -153,6 +153,7 @@ def test_bad_inputs_are_one_line_errors(synthetic_run, tmp_path, capsys):
     labels.write_text("a\nb\n")
     for argv, message in (
         ([str(tmp_path / "missing.mp4")], "input not found"),
+        ([str(tmp_path)], f"input {tmp_path} is a folder: give the video or image files in it"),  # was "not found"
         ([str(tmp_path / "notes.txt")], "not a video (.mp4"),
         ([clip, "--top-k", "0"], "--top-k must be >= 1"),
         ([clip, "--labels", str(labels)], "names 2 classes; the model has 4"),
@@ -233,6 +234,14 @@ def test_the_python_api_checks_its_options_as_the_command_does(synthetic_run, tm
         predict(synthetic_run, str(tmp_path / "missing.mp4"))
     with pytest.raises(ValueError, match="inputs: give at least one file"):
         predict(synthetic_run, [])
+    # os.fspath's and list()'s TypeErrors named neither argument
+    with pytest.raises(TypeError, match="model must be an MViT or the path of a checkpoint or run folder, got NoneType"):
+        predict(None, clip)
+    with pytest.raises(TypeError, match=r"inputs must be a path or a list of paths \(of video or image files\), got NoneType"):
+        predict(synthetic_run, None)
+    with pytest.raises(TypeError, match=r"inputs\[1\] must be a path \(of a video or image file\), got Tensor"):
+        predict(synthetic_run, [clip, torch.zeros(3)])
+    assert len(predict(synthetic_run, (p for p in [clip]))) == 1  # any iterable of paths
     model = build_model("mvit_tiny", num_classes=4, input_size=(8, 32, 32))
     with pytest.raises(ValueError, match=r"labels names 2 classes; the model has 4"):
         predict(model, clip, labels=["a", "b"])

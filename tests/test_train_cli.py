@@ -175,7 +175,11 @@ def test_files_that_cannot_be_used_are_one_line_errors(capsys, tmp_path):
         (["--train-csv", str(folder), "--output-dir", str(tmp_path / "run")], "Is a directory"),
         (["--train-csv", str(binary), "--output-dir", str(tmp_path / "run")],
          f"{binary} is not a text list of 'path label' lines"),
-        (["--output-dir", str(binary)] + _short([]), str(binary)),
+        # "[Errno 17] File exists", naming no option
+        (["--output-dir", str(binary)] + _short([]), f"--output-dir {binary} is a file, not a folder"),
+        (["--output-dir", str(binary / "run")] + _short([]), f"--output-dir {binary / 'run'}: cannot create it (Not a directory)"),
+        # "--data-root not found", of a path that is there
+        (["--data-root", str(binary), "--output-dir", str(tmp_path / "run")], f"--data-root {binary} is a file, not a folder"),
     ]:
         assert main(["train"] + argv) == 2
         err = capsys.readouterr().err.strip()

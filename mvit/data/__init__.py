@@ -123,14 +123,13 @@ def build_eval_dataset(args, state: dict):
     multi = bool(train_args.get("multi_label"))
     image = args.image_folders or cfg.patch_2d
     from .image import IMAGE_EXTENSIONS
-    from .video import VIDEO_EXTENSIONS, class_folders, read_list
+    from .video import VIDEO_EXTENSIONS, check_data_root, class_folders, read_list
 
     if args.val_csv:
         items = read_list(args.val_csv, args.data_root, multi, cfg.num_classes,
                           f" (the checkpoint's model has {cfg.num_classes} classes)")[0]
     else:
-        if not os.path.isdir(args.data_root):
-            raise FileNotFoundError(f"--data-root not found: {args.data_root}")
+        check_data_root(args.data_root)
         items, classes = class_folders(args.data_root, "val", IMAGE_EXTENSIONS if image else VIDEO_EXTENSIONS,
                                        state.get("classes"))
         if len(classes) > cfg.num_classes:

@@ -282,6 +282,14 @@ def max_label(items: list, multi_label: bool = False) -> int:
     return max(c for _, lab in items for c in (lab if multi_label else (lab,)))
 
 
+def check_data_root(path: str) -> None:
+    """--data-root, the folder of the class folders: one line when missing or a file."""
+    if os.path.isfile(path):
+        raise ValueError(f"--data-root {path} is a file, not a folder (of train/ and val/ class folders)")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--data-root not found: {path}")
+
+
 def class_folders(root: str, split: str, extensions=VIDEO_EXTENSIONS,
                   classes: Optional[Sequence[str]] = None) -> tuple[list[tuple[str, int]], list[str]]:
     """ROOT/<split>/<class>/<file> -> items and the sorted class names."""
@@ -536,8 +544,7 @@ def labelled_items(args, extensions) -> tuple[list, Optional[list], Optional[lis
         if multi:
             raise ValueError("--multi-label needs --train-csv (and --val-csv) lists: class folders give one "
                              "label per file")
-        if not os.path.isdir(args.data_root):
-            raise FileNotFoundError(f"--data-root not found: {args.data_root}")
+        check_data_root(args.data_root)
         train_items, classes = class_folders(args.data_root, "train", extensions)
         if given is not None and given < len(classes):
             raise ValueError(f"--num-classes {given} is smaller than the {len(classes)} class folders in "

@@ -79,6 +79,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
+def check_output_dir(folder: str) -> None:
+    """A file where the run's folder should be: one line naming the option (makedirs said
+    "[Errno 17] File exists")."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--output-dir {folder} is a file, not a folder")
+
+
 @contextlib.contextmanager
 def hold_output_dir(folder: str) -> Iterator[None]:
     """An exclusive lock on ``folder`` for the ``with`` block (``flock`` on its lock file; the
@@ -87,7 +94,11 @@ def hold_output_dir(folder: str) -> Iterator[None]:
     happens with two jobs given the same ``--output-dir``, or with ``srun`` starting several
     copies of a command that was meant for ``torchrun``. A file system without locks (some NFS
     mounts) gets a warning and no lock."""
-    os.makedirs(folder, exist_ok=True)
+    check_output_dir(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:  # read-only, no permission, a file on the way
+        raise ValueError(f"--output-dir {folder}: cannot create it ({exc.strerror or exc})") from None
     path = os.path.join(folder, LOCK_NAME)
     if fcntl is None:
         yield
