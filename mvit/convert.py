@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Mapping, Optional, Union
 
 import torch
@@ -46,6 +47,16 @@ def _unwrap(checkpoint: Mapping) -> StateDict:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _shape(src: Mapping[str, torch.Tensor], key: str, ndim: int, source: str) -> tuple:
+    """The shape of ``src[key]``, which must have ``ndim`` dimensions of at least 1 (a tensor of
+    another rank failed later with an IndexError or a ZeroDivisionError, naming no key)."""
+    shape = tuple(src[key].shape)
+    if len(shape) != ndim or 0 in shape:
+        raise CheckpointMismatchError(f"not a {source} state_dict: {key} has shape {shape}, expected {ndim} "
+                                      "non-empty dimensions")
+    return shape
 
 
 # --- torchvision ------------------------------------------------------------------------------
@@ -82,6 +93,9 @@ def convert_torchvision(state: Mapping[str, torch.Tensor]) -> StateDict:
     for key, value in _unwrap(state).items():
         if key in _TV_POS:
             # torchvision keeps (C,) / (L, C) tables; here they are (1, 1, C) / (1, L, C).
+            if value.dim() not in (1, 2) or value.numel() == 0:
+                raise CheckpointMismatchError(f"not a torchvision MViT state_dict: {key} has shape "
+                                              f"{tuple(value.shape)}, expected (C,) or (L, C)")
             out[_TV_POS[key]] = value.reshape(1, -1, value.shape[-1])
         else:
             out[_rename(key, _TV_RULES)] = value
@@ -93,16 +107,14 @@ def torchvision_config(state: Mapping[str, torch.Tensor]) -> MViTConfig:
     state = _unwrap(state)
     name = "mvitv2_s_16x4" if any("rel_pos" in k for k in state) else "mvit_b_16x4"
     cfg = get_preset(name)
-    head = state.get("head.1.weight")
-    if head is not None:
-        cfg = cfg.replace(num_classes=head.shape[0])
-    spatial = state.get("pos_encoding.spatial_pos")
-    temporal = state.get("pos_encoding.temporal_pos")
-    if spatial is not None and temporal is not None:
-        side = int(round(spatial.shape[0] ** 0.5))
+    if "head.1.weight" in state:
+        cfg = cfg.replace(num_classes=_shape(state, "head.1.weight", 2, "torchvision MViT")[0])
+    if "pos_encoding.spatial_pos" in state and "pos_encoding.temporal_pos" in state:
+        side = _square_side(_shape(state, "pos_encoding.spatial_pos", 2, "torchvision MViT")[0])
+        frames = _shape(state, "pos_encoding.temporal_pos", 2, "torchvision MViT")[0]
         t, h, w = cfg.patch_grid
-        if (temporal.shape[0], side) != (t, h):
-            cfg = cfg.replace(input_size=(temporal.shape[0] * 2, side * 4, side * 4))
+        if (frames, side) != (t, h):
+            cfg = cfg.replace(input_size=(frames * 2, side * 4, side * 4))
     return cfg
 
 
@@ -159,9 +171,10 @@ def pyslowfast_config(state: Mapping[str, torch.Tensor], cfg: MViTConfig) -> MVi
         raise CheckpointMismatchError(
             f"the checkpoint has {len(blocks)} blocks, preset {cfg.name} has {cfg.depth}"
             + (f": try {' or '.join(fits)}" if fits else ""))
-    head = src.get("head.projection.weight")
-    if head is not None and head.shape[0] != cfg.num_classes:
-        cfg = cfg.replace(num_classes=head.shape[0])
+    if "head.projection.weight" in src:
+        classes = _shape(src, "head.projection.weight", 2, "pySlowFast MViT")[0]
+        if classes != cfg.num_classes:
+            cfg = cfg.replace(num_classes=classes)
     in_att = _channels_grow_in_attention(src, cfg)
     if in_att is not None and in_att != cfg.dim_mul_in_att:
         cfg = cfg.replace(dim_mul_in_att=in_att)
@@ -248,13 +261,13 @@ def timm_config(state: Mapping[str, torch.Tensor]) -> MViTConfig:
     src = _unwrap(state)
     depths = _timm_stage_depths(src)
 
-    def shape(key):
+    def shape(key, ndim):
         if key not in src:
             raise CheckpointMismatchError(f"not a timm MViTv2 state_dict: no {key}")
-        return tuple(src[key].shape)
+        return _shape(src, key, ndim, "timm MViTv2")
 
-    embed_dim = shape("patch_embed.proj.weight")[0]
-    head_dim = shape("stages.0.blocks.0.attn.pool_q.weight")[0]
+    embed_dim = shape("patch_embed.proj.weight", 4)[0]
+    head_dim = shape("stages.0.blocks.0.attn.pool_q.weight", 4)[0]
     if embed_dim % head_dim:
         raise CheckpointMismatchError(f"width {embed_dim} is not a multiple of the head dim {head_dim}")
     fields = dict(
@@ -268,13 +281,13 @@ def timm_config(state: Mapping[str, torch.Tensor]) -> MViTConfig:
         abs_pos="joint" if "pos_embed" in src else "none",
     )
     if "head.fc.weight" in src:
-        fields["num_classes"] = shape("head.fc.weight")[0]
+        fields["num_classes"] = shape("head.fc.weight", 2)[0]
     rel = src.get("stages.0.blocks.0.attn.rel_pos_h")
     if rel is not None:  # 2 * side - 1 rows at block 0 (queries unpooled there), side = size / 4
-        side = (rel.shape[0] + 1) // 2
+        side = (shape("stages.0.blocks.0.attn.rel_pos_h", 2)[0] + 1) // 2
         fields["input_size"] = (1, side * 4, side * 4)
     elif "pos_embed" in src:  # one row per token (and the class token's)
-        side = _square_side(shape("pos_embed")[1] - int(fields["cls_embed"]))
+        side = _square_side(shape("pos_embed", 3)[1] - int(fields["cls_embed"]))
         fields["input_size"] = (1, side * 4, side * 4)
     fields["rel_pos_spatial"] = rel is not None
     cfg = mvitv2_image("mvitv2_image_" + "-".join(map(str, depths)), tuple(depths), **fields)
@@ -344,14 +357,12 @@ def pytorchvideo_config(state: Mapping[str, torch.Tensor]) -> MViTConfig:
         raise CheckpointMismatchError("not a pytorchvideo MViT state_dict: no patch_embed.patch_model.weight")
     cfg = get_preset("mvit_b16_image" if patch.dim() == 4 else "mvit_b_16x4")
     own = dict(pool_norm_eps=PYTORCHVIDEO_POOL_NORM_EPS, cls_embed="cls_positional_encoding.cls_token" in src)
-    head = src.get("head.proj.weight")
-    if head is not None:
-        own["num_classes"] = head.shape[0]
-    spatial = src.get("cls_positional_encoding.pos_embed_spatial")
-    temporal = src.get("cls_positional_encoding.pos_embed_temporal")
-    if spatial is not None and temporal is not None:
-        side = _square_side(spatial.shape[1]) * cfg.patch_stride[1]
-        frames = 1 if cfg.patch_2d else temporal.shape[1] * cfg.patch_stride[0]
+    if "head.proj.weight" in src:
+        own["num_classes"] = _shape(src, "head.proj.weight", 2, "pytorchvideo MViT")[0]
+    spatial, temporal = "cls_positional_encoding.pos_embed_spatial", "cls_positional_encoding.pos_embed_temporal"
+    if spatial in src and temporal in src:
+        side = _square_side(_shape(src, spatial, 3, "pytorchvideo MViT")[1]) * cfg.patch_stride[1]
+        frames = 1 if cfg.patch_2d else _shape(src, temporal, 3, "pytorchvideo MViT")[1] * cfg.patch_stride[0]
         own["input_size"] = (frames, side, side)
     cfg = cfg.replace(**own)
     # Another frame count is another preset (mvit_b_32x3): its name and training settings.
@@ -361,18 +372,33 @@ def pytorchvideo_config(state: Mapping[str, torch.Tensor]) -> MViTConfig:
 # --- checking and loading ---------------------------------------------------------------------
 
 def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise one error listing every missing, unexpected and mis-shaped key."""
+    """Raise one error listing every missing, unexpected, mis-shaped and mis-typed key (a value
+    that is no tensor, one on the meta device, which holds no values, or an integer tensor where
+    the model has floats: load_state_dict would have cast it silently)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
+    common = set(expected) & set(state)
+    mistyped = sorted(
+        f"{k}: {type(state[k]).__name__ if not isinstance(state[k], torch.Tensor) else 'meta tensor'}"
+        for k in common
+        if not isinstance(state[k], torch.Tensor) or state[k].is_meta
+    )
+    mistyped += sorted(
+        f"{k}: checkpoint {state[k].dtype} vs model {expected[k].dtype}"
+        for k in common
+        if isinstance(state[k], torch.Tensor) and not state[k].is_meta
+        and expected[k].is_floating_point() and not state[k].is_floating_point()
+    )
     misshaped = sorted(
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(state)
-        if tuple(expected[k].shape) != tuple(state[k].shape)
+        for k in common
+        if isinstance(state[k], torch.Tensor) and tuple(expected[k].shape) != tuple(state[k].shape)
     )
-    if missing or unexpected or misshaped:
+    if missing or unexpected or misshaped or mistyped:
         parts = [f"{source} checkpoint does not fit the model {getattr(model, 'cfg', None) and model.cfg.name}:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)):
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped),
+                             ("mis-typed keys", mistyped)):
             if items:
                 parts.append(f"  {title} ({len(items)}): " + ", ".join(items))
         raise CheckpointMismatchError("\n".join(parts))
@@ -448,5 +474,9 @@ def from_pretrained(
         cfg = cfg.replace(**overrides)
     model = MViT(cfg, fused=fused)
     check_state_dict(model, state, source)
+    not_finite = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if not_finite:  # a diverged run's checkpoint, or a corrupted download: the logits will be NaN
+        warnings.warn(f"{source} checkpoint: {len(not_finite)} tensor(s) hold NaN or inf values: "
+                      f"{', '.join(not_finite[:5])}{', ...' if len(not_finite) > 5 else ''}")
     model.load_state_dict(state)
     return model

@@ -11,10 +11,12 @@ from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 from mvit import build_model, get_preset
 from mvit.convert import (
     CheckpointMismatchError,
+    check_state_dict,
     convert_torchvision,
     from_pretrained,
     pytorchvideo_config,
     timm_config,
+    torchvision_config,
 )
 from mvit.flops import count_model
 
@@ -144,6 +146,50 @@ def test_pyslowfast_errors_list_every_bad_key():
     assert "missing keys (1): norm.weight" in message
     assert "unexpected keys (1): extra.weight" in message
     assert "blocks.0.mlp.fc1.weight: checkpoint (3, 3)" in message
+
+
+def test_values_that_are_no_weights_are_listed_and_non_finite_ones_warned():
+    # load_state_dict cast an integer tensor silently, copied nothing useful from meta tensors
+    # ("Cannot copy out of meta tensor" among torch's lines) and failed on a number with an
+    # AttributeError; NaN weights loaded without a word and gave NaN logits.
+    source = build_model("mvit_tiny")
+    state = dict(source.state_dict())
+    state["head.projection.weight"] = state["head.projection.weight"].long()
+    state["norm.weight"] = state["norm.weight"].to("meta")
+    state["norm.bias"] = 0.0
+    checkpoint = {"model": state, "model_config": source.cfg}
+    with pytest.raises(CheckpointMismatchError) as info:
+        from_pretrained(checkpoint)
+    message = str(info.value)
+    assert "missing keys (1): norm.bias" in message, message  # a checkpoint's non-tensors are not read
+    assert ("mis-typed keys (2): norm.weight: meta tensor, head.projection.weight: checkpoint torch.int64 vs "
+            "model torch.float32") in message, message
+    with pytest.raises(CheckpointMismatchError, match=r"mis-typed keys \(3\): norm.bias: float, norm.weight: meta"):
+        check_state_dict(source, state, "the")  # given directly, they are named
+    state = dict(source.state_dict())
+    state["cls_token"] = state["cls_token"].clone()
+    state["cls_token"][0, 0, 3] = float("nan")
+    with pytest.warns(UserWarning, match=r"mvit_kernels checkpoint: 1 tensor\(s\) hold NaN or inf values: cls_token$"):
+        from_pretrained({"model": state, "model_config": source.cfg})
+
+
+@pytest.mark.parametrize("convert, state, match", [
+    # ZeroDivisionError, IndexError, a 50-token table read as a 7x7 grid: none named the key
+    (timm_config, {"stages.0.blocks.0.attn.pool_q.weight": torch.randn(0, 1, 3, 3),
+                   "patch_embed.proj.weight": torch.randn(96, 3, 7, 7)},
+     r"not a timm MViTv2 state_dict: stages.0.blocks.0.attn.pool_q.weight has shape \(0, 1, 3, 3\), expected 4 "
+     r"non-empty dimensions"),
+    (timm_config, {"stages.0.blocks.0.attn.pool_q.weight": torch.randn(96, 1, 3, 3),
+                   "patch_embed.proj.weight": torch.randn(96, 3, 7, 7), "pos_embed": torch.randn(5)},
+     r"pos_embed has shape \(5,\), expected 3 non-empty dimensions"),
+    (convert_torchvision, {"pos_encoding.class_token": torch.tensor(1.0)},
+     r"not a torchvision MViT state_dict: pos_encoding.class_token has shape \(\), expected \(C,\) or \(L, C\)"),
+    (torchvision_config, {"pos_encoding.spatial_pos": torch.randn(50, 96), "pos_encoding.temporal_pos": torch.randn(8, 96)},
+     r"a position table of 50 tokens is not a square grid"),
+])
+def test_malformed_tensors_are_named(convert, state, match):
+    with pytest.raises(CheckpointMismatchError, match=match):
+        convert(state)
 
 
 def test_pyslowfast_needs_a_preset_and_sources_are_checked(tmp_path):
