@@ -134,9 +134,14 @@ def test_every_op_at_every_magnitude_keeps_the_clip_shape_and_range():
             assert torch.equal(out[0], out[1]), name  # the same op on every frame
 
 
-def test_rand_augment_rejects_float_clips():
-    with pytest.raises(ValueError, match="uint8 \\(T, C, H, W\\)"):
+def test_rand_augment_and_its_ops_reject_float_clips_and_unknown_ops():
+    with pytest.raises(ValueError, match="rand_augment needs a uint8 \\(T, C, H, W\\) clip, got torch.float32"):
         ra.rand_augment(torch.rand(2, 3, 8, 8), ra.parse("rand-m7-n2"))
+    # one op alone read a [0, 1] float clip as 0..255 values and answered
+    with pytest.raises(ValueError, match="apply_op needs a uint8 \\(T, C, H, W\\) clip, got torch.float32"):
+        ra.apply_op(torch.rand(2, 3, 8, 8), "Solarize", 5)
+    with pytest.raises(ValueError, match="unknown RandAugment op 'Blur'; choose one of: AutoContrast"):  # a KeyError
+        ra.apply_op(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "Blur", 5)
 
 
 def test_fast_paths_equal_the_general_ones():

@@ -326,9 +326,20 @@ RAND_INCREASING_OPS = _COMMON + (
     "BrightnessIncreasing", "SharpnessIncreasing") + _GEOMETRY
 
 
+def _check_clip(clip, caller: str) -> None:
+    # the ops compute on 0..255 values: a float clip in [0, 1] came back wrong, silently
+    if not isinstance(clip, torch.Tensor) or clip.dtype != torch.uint8 or clip.dim() != 4:
+        got = f"{clip.dtype} {tuple(clip.shape)}" if isinstance(clip, torch.Tensor) else type(clip).__name__
+        raise ValueError(f"{caller} needs a uint8 (T, C, H, W) clip, got {got}")
+
+
 def apply_op(clip: torch.Tensor, name: str, magnitude: float, fill: Sequence[int] = VIDEO_FILL,
              gen: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One op at one magnitude (0..10), as timm's ``AugmentOp`` with prob 1 and no noise."""
+    """One op at one magnitude (0..10), as timm's ``AugmentOp`` with prob 1 and no noise, on a
+    uint8 (T, C, H, W) clip."""
+    _check_clip(clip, "apply_op")
+    if name not in OPS:
+        raise ValueError(f"unknown RandAugment op {name!r}; choose one of: {', '.join(OPS)}")
     op, level = OPS[name]
     if level is None:
         return op(clip, fill=fill)
@@ -338,8 +349,7 @@ def apply_op(clip: torch.Tensor, name: str, magnitude: float, fill: Sequence[int
 def rand_augment(clip: torch.Tensor, spec: RandAugmentSpec, gen: Optional[torch.Generator] = None,
                  fill: Sequence[int] = VIDEO_FILL) -> torch.Tensor:
     """RandAugment of a uint8 (T, C, H, W) clip (T = 1 for an image), all randomness from ``gen``."""
-    if clip.dtype != torch.uint8 or clip.dim() != 4:
-        raise ValueError(f"rand_augment needs a uint8 (T, C, H, W) clip, got {clip.dtype} {tuple(clip.shape)}")
+    _check_clip(clip, "rand_augment")
     names = RAND_INCREASING_OPS if spec.increasing else RAND_OPS
     picks = torch.randint(len(names), (spec.num_ops,), generator=gen).tolist()  # with replacement, as timm
     for i in picks:
