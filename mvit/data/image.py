@@ -121,9 +121,9 @@ def build_image_datasets(args, recipe: dict, cfg, workers: int):
     crop_scale = tuple(recipe.get("crop_scale") or (0.08, 1.0))
     check_crop_scale(crop_scale, (3 / 4, 4 / 3))
     mean, std = cfg.normalization(image=True)
+    shared = dict(num_classes=num_classes, multi_label=multi, mean=mean, std=std,
+                  orientation=args.orientation or "stored")
     train = ImageFolderDataset(train_items, crop, True, ra, erasing, bool(recipe.get("flip", True)),
-                               num_classes=num_classes, multi_label=multi, crop_scale=crop_scale, mean=mean, std=std,
-                               orientation=args.orientation or "stored")
-    val = ImageFolderDataset(val_items, crop, False, num_classes=num_classes, multi_label=multi, mean=mean,
-                             std=std, orientation=args.orientation or "stored") if val_items else None
+                               crop_scale=crop_scale, **shared)
+    val = ImageFolderDataset(val_items, crop, False, **shared) if val_items else None
     return DataBundle(train, val, num_classes, classes, multi, (1, crop, crop), workers)
